@@ -1,0 +1,60 @@
+"""Parameter and multiply-accumulate (MAC) counts that include the recurrent layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Per time step and direction, a cell does its gate matmuls (gates x hidden x (input + hidden)) plus the
+# element-wise products that update its state: LSTM c = f*c + i*g and h = o*tanh(c); GRU n = tanh(x + r*h),
+# h = (1-z)*n + z*h; the tanh RNN none.
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_STATE_PRODUCTS = {"LSTM": 3, "GRU": 3, "RNN_TANH": 0, "RNN_RELU": 0}
+
+
+def rnn_macs(module: nn.RNNBase, batch: int, steps: int) -> int:
+    """MACs of one call of a single-layer nn.LSTM / nn.GRU / nn.RNN on `batch` sequences of `steps` steps."""
+    gates, hidden = _GATES[module.mode], module.hidden_size
+    directions = 2 if module.bidirectional else 1
+    per_step = gates * hidden * (module.input_size + hidden) + _STATE_PRODUCTS[module.mode] * hidden
+    return directions * batch * steps * per_step * module.num_layers
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> int:
+    """MACs of one forward pass on one image: convolutions, linear layers and recurrent layers."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        total += output.numel() * kernel
+
+    def linear_hook(module: nn.Linear, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    def rnn_hook(module: nn.RNNBase, inputs: tuple, _output: object) -> None:
+        nonlocal total
+        x = inputs[0]
+        batch, steps = (x.shape[0], x.shape[1]) if module.batch_first else (x.shape[1], x.shape[0])
+        total += rnn_macs(module, batch, steps)
+
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(linear_hook))
+        elif isinstance(module, nn.RNNBase):
+            hooks.append(module.register_forward_hook(rnn_hook))
+    was_training = model.training
+    try:
+        model.eval()
+        param = next(model.parameters())
+        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return total

@@ -1,0 +1,150 @@
+"""Reading and writing weights: the authors' key format, timm's, and our own (timm's layout plus metadata)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model it is loaded into."""
+
+
+def read_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a .pth / .pth.tar / .safetensors file (or an http(s) URL) into a dict, on the CPU."""
+    path = str(path)
+    if path.startswith(("http://", "https://")):
+        return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Checkpoints written by timm's train.py pickle an argparse.Namespace beside the weights.
+        _logger.warning("%s holds more than tensors; loading it with pickle (only do this for files you trust)", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def extract_state_dict(obj: dict[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Unwrap `model` / `state_dict` / `state_dict_ema` and strip DDP's `module.` prefix."""
+    order = ("state_dict_ema", "model_ema", *WRAPPERS) if use_ema else WRAPPERS
+    for key in order:
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"no state dict of tensors found; top-level keys: {sorted(obj)[:10]}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def from_authors_format(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the authors' keys (`blocks.{stage}.{j}`, `head`) to ours (`stages.{stage}.blocks.{j}`, `head.fc`)."""
+    if not any(k.startswith("blocks.") for k in state_dict):
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        # The authors append the downsampling to the end of a stage; it starts the next stage in ours.
+        key = re.sub(r"^blocks\.(\d+)\.\d+\.down\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample.down.", key)
+        key = re.sub(r"^blocks\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", key)
+        key = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", key)
+        out[key] = value
+    return out
+
+
+def to_authors_format(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename our keys to the authors' layout (the inverse of `from_authors_format`)."""
+    depths: dict[int, int] = {}
+    for key in state_dict:
+        if m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", key):
+            depths[int(m.group(1))] = max(depths.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(
+            r"^stages\.(\d+)\.downsample\.down\.",
+            lambda m: f"blocks.{int(m.group(1)) - 1}.{depths[int(m.group(1)) - 1]}.down.",
+            key,
+        )
+        key = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"blocks.\1.\2.", key)
+        key = re.sub(r"^head\.fc\.", "head.", key)
+        out[key] = value
+    return out
+
+
+def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load weights in any supported key format; a head of another size is re-initialised, with a warning."""
+    state_dict = from_authors_format(extract_state_dict(state_dict))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = sorted(
+        k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape and not k.startswith("head.fc.")
+    )
+    if strict and (missing or unexpected or mismatched):
+        lines = [f"checkpoint does not fit {type(model).__name__} ({len(own)} keys in the model, {len(state_dict)} in the file):"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                lines.append(f"  {label} keys ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        for k in mismatched[:8]:
+            lines.append(f"  shape mismatch for {k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}")
+        raise CheckpointError("\n".join(lines))
+    head = [k for k in state_dict if k.startswith("head.fc.") and k in own and own[k].shape != state_dict[k].shape]
+    if head:
+        classes = state_dict["head.fc.weight"].shape[0]
+        _logger.warning(
+            "checkpoint head has %d classes, model has %d: the classifier head is re-initialised (transfer learning)",
+            classes,
+            own["head.fc.weight"].shape[0],
+        )
+        state_dict = {k: v for k, v in state_dict.items() if k not in head}
+        state_dict.update({k: own[k] for k in head})
+    model.load_state_dict(state_dict, strict=strict)
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, use_ema: bool = False) -> None:
+    """Load a checkpoint file (authors', timm's or ours, possibly wrapped) into `model`, strictly."""
+    obj = read_file(path)
+    load_state_dict(model, extract_state_dict(obj, use_ema=use_ema))
+    _logger.info("loaded weights from %s", path)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside `path`, then rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import save
+
+                f.write(save(obj["state_dict"], metadata=obj.get("metadata")))
+            else:
+                torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's weights in our format: .safetensors (with metadata) or a torch .pth file."""
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    name = getattr(model, "model_name", type(model).__name__)
+    metadata = {"model_name": name, "num_classes": str(getattr(model, "num_classes", ""))}
+    atomic_save({"state_dict": state_dict, "metadata": metadata, "model_name": name}, path)

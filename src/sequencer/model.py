@@ -1,0 +1,481 @@
+"""Sequencer: Deep LSTM for Image Classification (Tatsunami & Taki, NeurIPS 2022), in one file.
+
+Read top to bottom: the 2D recurrent token mixer (BiLSTM2D), the vanilla 1D mixer, the block, the stem and the
+downsampling, the network, then the table of official variants and the registry (`create_model`, `list_models`).
+
+Tensors inside the network are channels-last, (B, H, W, C), as in the authors' code; the input and the
+`features_only` outputs are NCHW. Parameter names follow timm's layout (`stages.{i}.blocks.{j}...`) so that timm's
+checkpoints load as they are; the authors' layout (`blocks.{stage}.{j}...`) is converted by `sequencer.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, lecun_normal_, trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+UNIONS = ("cat", "add", "vertical", "horizontal")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token mixers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RNN2D(nn.Module):
+    """BiLSTM2D: a recurrent net down every column and another along every row, united and projected back to C."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_size: int,
+        cell: str = "lstm",
+        bidirectional: bool = True,
+        union: str = "cat",
+        with_fc: bool = True,
+    ) -> None:
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"unknown cell {cell!r}; expected one of {sorted(CELLS)}")
+        if union not in UNIONS:
+            raise ValueError(f"unknown union {union!r}; expected one of {UNIONS}")
+        self.union = union
+        axis_dim = hidden_size * (2 if bidirectional else 1)
+        mixed_dim = 2 * axis_dim if union == "cat" else axis_dim
+        rnn = CELLS[cell]
+        # Shared by all columns (rnn_v) and by all rows (rnn_h): the axis sequences are folded into the batch.
+        self.rnn_v = None if union == "horizontal" else rnn(dim, hidden_size, batch_first=True, bidirectional=bidirectional)
+        self.rnn_h = None if union == "vertical" else rnn(dim, hidden_size, batch_first=True, bidirectional=bidirectional)
+        if with_fc:
+            self.fc = nn.Linear(mixed_dim, dim)
+        elif mixed_dim != dim:
+            raise ValueError(f"without fc the mixer must output the block width: {mixed_dim} channels != dim {dim}")
+        else:
+            self.fc = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v, h = self._reference(x)
+        if v is not None and h is not None:
+            x = torch.cat([v, h], dim=-1) if self.union == "cat" else v + h
+        elif v is not None:
+            x = v
+        elif h is not None:
+            x = h
+        return self.fc(x)
+
+    def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The authors' formulation: two library RNN calls on permuted copies of the map."""
+        B, H, W, C = x.shape
+        v: torch.Tensor | None = None
+        h: torch.Tensor | None = None
+        if self.rnn_v is not None:
+            v = self.rnn_v(x.transpose(1, 2).reshape(B * W, H, C))[0]
+            v = v.reshape(B, W, H, -1).transpose(1, 2)
+        if self.rnn_h is not None:
+            h = self.rnn_h(x.reshape(B * H, W, C))[0].reshape(B, H, W, -1)
+        return v, h
+
+
+class RNN1D(nn.Module):
+    """The vanilla Sequencer mixer: one bidirectional LSTM over the flattened H*W raster, no projection."""
+
+    def __init__(self, dim: int, hidden_size: int, cell: str = "lstm", bidirectional: bool = True) -> None:
+        super().__init__()
+        out_dim = hidden_size * (2 if bidirectional else 1)
+        if out_dim != dim:
+            raise ValueError(f"the 1D mixer has no fc: its {out_dim} output channels must equal dim {dim}")
+        self.rnn = CELLS[cell](dim, hidden_size, batch_first=True, bidirectional=bidirectional)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        return self.rnn(x.reshape(B, H * W, C))[0].reshape(B, H, W, -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block, stem, downsampling, stage
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Mlp(nn.Module):
+    """Channel MLP: Linear C -> rC, GELU, Linear rC -> C."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SequencerBlock(nn.Module):
+    """Pre-norm block: x + DropPath(mixer(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: float, drop: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.rnn_tokens = mixer
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp_channels = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.rnn_tokens(self.norm1(x)))
+        return x + self.drop_path(self.mlp_channels(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Stem: non-overlapping patches (kernel = stride = patch) to channels-last tokens."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class Downsample(nn.Module):
+    """Between stages: a conv with kernel = stride = the next stage's patch size, on channels-last maps."""
+
+    def __init__(self, dim: int, dim_out: int, patch_size: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(dim, dim_out, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class SequencerStage(nn.Module):
+    """An optional downsampling followed by a run of blocks of one width."""
+
+    def __init__(self, downsample: nn.Module, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Head(nn.Module):
+    """Mean over H and W, dropout, linear classifier (`head.fc`, as in timm)."""
+
+    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(x.mean(dim=(1, 2)))
+        return x if pre_logits else self.fc(x)
+
+
+class Sequencer(nn.Module):
+    """Sequencer2D (mixer="2d") or vanilla Sequencer (mixer="1d"): stem, four stages, LayerNorm, pooled head."""
+
+    def __init__(
+        self,
+        layers: tuple[int, ...] = (4, 3, 8, 3),
+        patch_sizes: tuple[int, ...] = (7, 2, 1, 1),
+        embed_dims: tuple[int, ...] = (192, 384, 384, 384),
+        hidden_sizes: tuple[int, ...] = (48, 96, 96, 96),
+        mlp_ratio: float = 3.0,
+        mixer: str = "2d",
+        cell: str = "lstm",
+        bidirectional: bool = True,
+        union: str = "cat",
+        with_fc: bool = True,
+        pos_embed: bool = False,
+        img_size: int = 224,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not len(layers) == len(patch_sizes) == len(embed_dims) == len(hidden_sizes):
+            raise ValueError("layers, patch_sizes, embed_dims and hidden_sizes need one entry per stage")
+        if mixer not in ("1d", "2d"):
+            raise ValueError(f"unknown mixer {mixer!r}; expected '1d' or '2d'")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = embed_dims[-1]
+        self.min_input_size = math.prod(patch_sizes)
+        self.stem = PatchEmbed(in_chans, embed_dims[0], patch_sizes[0])
+        # A learned (1, h, w, C) position table for the default input size; other sizes interpolate it.
+        grid = img_size // patch_sizes[0]
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dims[0])) if pos_embed else None
+
+        # Stochastic depth grows linearly from 0 to drop_path_rate over all blocks, as in the authors' code.
+        total = sum(layers)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        stages, reduction, first = [], 1, 0
+        self.feature_info: list[dict[str, Any]] = []
+        for i, depth in enumerate(layers):
+            dim = embed_dims[i]
+            blocks = []
+            for j in range(depth):
+                if mixer == "2d":
+                    token_mixer: nn.Module = RNN2D(dim, hidden_sizes[i], cell, bidirectional, union, with_fc)
+                else:
+                    token_mixer = RNN1D(dim, hidden_sizes[i], cell, bidirectional)
+                blocks.append(SequencerBlock(dim, token_mixer, mlp_ratio, drop_rate, rates[first + j]))
+            downsample = Downsample(embed_dims[i - 1], dim, patch_sizes[i]) if i > 0 else nn.Identity()
+            stages.append(SequencerStage(downsample, blocks))
+            first += depth
+            reduction *= patch_sizes[i]
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
+        self.head = Head(embed_dims[-1], num_classes, drop_rate)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The authors' initialisation (xavier linears, lecun convs, zero head, uniform recurrent weights)."""
+        for name, module in self.named_modules():
+            _init_module(name, module)
+        if self.absolute_pos_embed is not None:
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh zero-initialised one for `num_classes` (0 removes it)."""
+        self.num_classes = num_classes
+        self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        _init_module("head.fc", self.head.fc)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming what was expected when `x` cannot go through the network."""
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D (batch, channels, height, width) tensor, got shape {x.shape}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {x.shape})")
+        if x.shape[2] < self.min_input_size or x.shape[3] < self.min_input_size:
+            raise ValueError(
+                f"input {x.shape[2]}x{x.shape[3]} is smaller than the {self.min_input_size}x{self.min_input_size} "
+                "that the stem and downsampling patches need"
+            )
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Patchify and add the (resized) position embedding: NCHW image to NHWC tokens."""
+        self.check_input(x)
+        x = self.stem(x)
+        if self.absolute_pos_embed is not None:
+            pos = self.absolute_pos_embed
+            if pos.shape[1] != x.shape[1] or pos.shape[2] != x.shape[2]:
+                pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(x.shape[1], x.shape[2]), mode="bicubic")
+                pos = pos.permute(0, 2, 3, 1)
+            x = x + pos
+        return x
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's output map, NCHW, for detection and segmentation necks."""
+        x = self.forward_stem(x)
+        maps = []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x.permute(0, 3, 1, 2))
+        return maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) to normalised tokens (B, h, w, D)."""
+        return self.norm(self.stages(self.forward_stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, h, w, D) to logits, or to pooled features with `pre_logits`."""
+        return self.head(x, pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class SequencerFeatures(nn.Module):
+    """Backbone mode (`features_only=True`): returns the chosen stages' maps (NCHW) instead of logits."""
+
+    def __init__(self, model: Sequencer, out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> None:
+        super().__init__()
+        n = len(model.stages)
+        if not out_indices or any(not -n <= i < n for i in out_indices):
+            raise ValueError(f"out_indices {out_indices} must name stages among 0..{n - 1}")
+        self.out_indices = sorted(i % n for i in out_indices)
+        # Drop what no requested map needs: later stages, the final norm and the classifier.
+        model.stages = model.stages[: self.out_indices[-1] + 1]
+        model.norm = nn.Identity()
+        model.reset_classifier(0)
+        self.model = model
+        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+        self.pretrained_cfg = self.default_cfg = model.pretrained_cfg
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = self.model.forward_intermediates(x)
+        return [maps[i] for i in self.out_indices]
+
+
+def _init_module(name: str, module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        if name.startswith("head"):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+            return
+        nn.init.xavier_uniform_(module.weight)
+        if "mlp" in name:
+            nn.init.normal_(module.bias, std=1e-6)
+        else:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        lecun_normal_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.RNNBase):
+        bound = 1.0 / math.sqrt(module.hidden_size)
+        for weight in module.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Official variants, as data: each entry overrides the Sequencer2D-S defaults of `Sequencer.__init__`.
+# ----------------------------------------------------------------------------------------------------------------
+
+_S, _M, _L = (4, 3, 8, 3), (4, 3, 14, 3), (8, 8, 16, 4)
+_H2X = (96, 192, 192, 192)
+RELEASES = "https://github.com/okojoalg/sequencer/releases/download/weights"
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sequencer2d_s": dict(layers=_S),
+    "sequencer2d_m": dict(layers=_M),
+    "sequencer2d_l": dict(layers=_L),
+    "sequencer2d_s_392": dict(layers=_S, img_size=392),
+    "sequencer2d_m_392": dict(layers=_M, img_size=392),
+    "sequencer2d_l_392": dict(layers=_L, img_size=392),
+    "sequencer2d_s_unidirectional": dict(layers=_S, bidirectional=False),
+    "sequencer2d_s_add": dict(layers=_S, union="add"),
+    "sequencer2d_s_h2x": dict(layers=_S, hidden_sizes=_H2X),
+    "sequencer2d_s_without_fc": dict(layers=_S, with_fc=False),
+    "sequencer2d_vertical": dict(layers=_S, hidden_sizes=_H2X, union="vertical", with_fc=False),
+    "sequencer2d_s_horizontal": dict(layers=_S, hidden_sizes=_H2X, union="horizontal", with_fc=False),
+    "gru_sequencer2d_s": dict(layers=_S, cell="gru"),
+    "rnn_sequencer2d_s": dict(layers=_S, cell="rnn"),
+    "sequencer2d_l_d4_3x": dict(layers=_L, embed_dims=(256, 512, 512, 512), hidden_sizes=(64, 128, 128, 128)),
+    "v_sequencer_s": dict(
+        mixer="1d", patch_sizes=(14, 1, 1, 1), embed_dims=(384,) * 4, hidden_sizes=(192,) * 4
+    ),
+    "v_sequencer_s_h": dict(mixer="1d", hidden_sizes=_H2X),
+    "v_sequencer_s_pe": dict(
+        mixer="1d", patch_sizes=(14, 1, 1, 1), embed_dims=(384,) * 4, hidden_sizes=(192,) * 4, pos_embed=True
+    ),
+    # Not in the paper: a ~0.6M-parameter model for 32x32 inputs, CPU demos and tests.
+    "sequencer2d_tiny": dict(
+        layers=(1, 1, 2, 1), patch_sizes=(4, 2, 1, 1), embed_dims=(64, 128, 128, 128),
+        hidden_sizes=(16, 32, 32, 32), img_size=32,
+    ),
+}
+# The authors named the vertical-only ablation without "_s"; the consistent name is an alias.
+ALIASES = {"sequencer2d_s_vertical": "sequencer2d_vertical"}
+WEIGHTS = {name: f"{RELEASES}/{name}.pth" for name in ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")}
+WEIGHTS.update({f"{name}_392": url for name, url in WEIGHTS.items()})
+
+
+def default_cfg(name: str) -> dict[str, Any]:
+    """The preprocessing a variant expects, in timm's `pretrained_cfg` keys."""
+    size = VARIANTS[ALIASES.get(name, name)].get("img_size", 224)
+    return dict(
+        architecture=name,
+        url=WEIGHTS.get(name, ""),
+        num_classes=1000,
+        input_size=(3, size, size),
+        crop_pct=1.0 if size == 32 else 0.875,
+        crop_mode="center",
+        interpolation="bicubic",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        first_conv="stem.proj",
+        classifier="head.fc",
+    )
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered variant names (aliases included) matching a shell-style pattern, sorted."""
+    return sorted(n for n in [*VARIANTS, *ALIASES] if fnmatch.fnmatch(n, pattern))
+
+
+def create_model(
+    name: str,
+    pretrained: str | bool | None = None,
+    num_classes: int = 1000,
+    drop_path_rate: float = 0.0,
+    in_chans: int = 3,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] = (0, 1, 2, 3),
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered variant, optionally with weights (a file path, or True for the released ones)."""
+    base = name.split(".")[0]  # accept timm-style tags such as "sequencer2d_s.in1k"
+    canonical = ALIASES.get(base, base)
+    if canonical not in VARIANTS:
+        close = difflib.get_close_matches(base, list_models(), n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
+        raise ValueError(f"unknown model {name!r}{hint}")
+    args = {**VARIANTS[canonical], **overrides}
+    model = Sequencer(num_classes=num_classes, drop_path_rate=drop_path_rate, in_chans=in_chans, **args)
+    cfg = default_cfg(base)
+    if "img_size" in overrides:
+        cfg["input_size"] = (in_chans, overrides["img_size"], overrides["img_size"])
+    cfg.update(num_classes=num_classes, input_size=(in_chans, *cfg["input_size"][1:]))
+    model.pretrained_cfg = model.default_cfg = cfg
+    model.model_name = base
+    if pretrained:
+        from sequencer.checkpoint import load_pretrained
+
+        if pretrained is True:
+            if not cfg["url"]:
+                raise ValueError(f"no released weights for {base!r}; pass pretrained=PATH to a checkpoint file")
+            pretrained = cfg["url"]
+        load_pretrained(model, pretrained)
+    if features_only:
+        return SequencerFeatures(model, tuple(out_indices))
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "RNN1D", "RNN2D", "Sequencer", "SequencerBlock", "SequencerFeatures", "VARIANTS", "ALIASES",
+    "count_parameters", "create_model", "default_cfg", "list_models",
+]

@@ -1,0 +1,39 @@
+"""Option groups shared by the subcommands, so each flag is defined once."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_options(parser: argparse.ArgumentParser, default_model: str = "sequencer2d_s") -> None:
+    """--model, --checkpoint / --pretrained, --num-classes, --in-chans."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default_model, help="model name (see `sequencer summary`)")
+    group.add_argument("--checkpoint", default="", help="weights file (.pth, .pth.tar, .safetensors)")
+    group.add_argument("--num-classes", type=int, default=None, help="classes of the head (default: the data's)")
+    group.add_argument("--in-chans", type=int, default=3, help="input channels")
+    group.add_argument("--use-ema", action="store_true", help="load the EMA weights of a training checkpoint")
+
+
+def add_input_options(parser: argparse.ArgumentParser) -> None:
+    """--img-size, --input-size, --crop-pct, --mean, --std, --interpolation (default: the model's config)."""
+    group = parser.add_argument_group("input")
+    group.add_argument("--img-size", type=int, default=None, help="square input size")
+    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                       help="input size C H W (overrides --img-size)")
+    group.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction for evaluation")
+    group.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean")
+    group.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std")
+    group.add_argument("--interpolation", default="", help="resize interpolation (bicubic, bilinear, ...)")
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --amp, --amp-dtype, -b, -j, --threads."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    group.add_argument("--amp", "--native-amp", dest="amp", action="store_true",
+                       help="automatic mixed precision (float16 on GPU, bfloat16 on CPU)")
+    group.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"], help="override the AMP dtype")
+    group.add_argument("-b", "--batch-size", type=int, default=32, help="batch size (per process)")
+    group.add_argument("-j", "--workers", type=int, default=2, help="data-loading worker processes")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
