@@ -96,7 +96,8 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
         k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape and not k.startswith("head.fc.")
     )
     if strict and (missing or unexpected or mismatched):
-        lines = [f"checkpoint does not fit {type(model).__name__} ({len(own)} keys in the model, {len(state_dict)} in the file):"]
+        name = type(model).__name__
+        lines = [f"checkpoint does not fit {name} ({len(own)} keys in the model, {len(state_dict)} in the file):"]
         for label, keys in (("missing", missing), ("unexpected", unexpected)):
             if keys:
                 lines.append(f"  {label} keys ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")

@@ -52,10 +52,12 @@ class RNN2D(nn.Module):
         self.union = union
         axis_dim = hidden_size * (2 if bidirectional else 1)
         mixed_dim = 2 * axis_dim if union == "cat" else axis_dim
-        rnn = CELLS[cell]
+        def make_rnn() -> nn.RNNBase:
+            return CELLS[cell](dim, hidden_size, batch_first=True, bidirectional=bidirectional)
+
         # Shared by all columns (rnn_v) and by all rows (rnn_h): the axis sequences are folded into the batch.
-        self.rnn_v = None if union == "horizontal" else rnn(dim, hidden_size, batch_first=True, bidirectional=bidirectional)
-        self.rnn_h = None if union == "vertical" else rnn(dim, hidden_size, batch_first=True, bidirectional=bidirectional)
+        self.rnn_v = None if union == "horizontal" else make_rnn()
+        self.rnn_h = None if union == "vertical" else make_rnn()
         if with_fc:
             self.fc = nn.Linear(mixed_dim, dim)
         elif mixed_dim != dim:
@@ -476,6 +478,15 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "RNN1D", "RNN2D", "Sequencer", "SequencerBlock", "SequencerFeatures", "VARIANTS", "ALIASES",
-    "count_parameters", "create_model", "default_cfg", "list_models",
+    "ALIASES",
+    "RNN1D",
+    "RNN2D",
+    "VARIANTS",
+    "Sequencer",
+    "SequencerBlock",
+    "SequencerFeatures",
+    "count_parameters",
+    "create_model",
+    "default_cfg",
+    "list_models",
 ]

@@ -1,0 +1,37 @@
+"""Device, precision and thread choices shared by every command."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """The named device, or CUDA when available, else the CPU; a clear error for an unusable name."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def amp_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    """The autocast dtype: float16 on GPUs, bfloat16 on CPUs (where float16 autocast is slow), unless given."""
+    if dtype:
+        return getattr(torch, dtype)
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def autocast(device: torch.device, enabled: bool, dtype: str | None = None) -> contextlib.AbstractContextManager:
+    """torch.autocast for the device when `enabled`, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype(device, dtype))
+
+
+def set_threads(threads: int | None) -> None:
+    """Limit torch's CPU threads when asked."""
+    if threads:
+        torch.set_num_threads(threads)
