@@ -90,11 +90,12 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
     """Load weights in any supported key format; a head of another size is re-initialised, with a warning."""
     state_dict = from_authors_format(extract_state_dict(state_dict))
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = sorted(
-        k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape and not k.startswith("head.fc.")
-    )
+    # Listed in the model's own order, so the first lines point at the earliest layer that does not fit.
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        k for k in own if k in state_dict and own[k].shape != state_dict[k].shape and not k.startswith("head.fc.")
+    ]
     if strict and (missing or unexpected or mismatched):
         name = type(model).__name__
         lines = [f"checkpoint does not fit {name} ({len(own)} keys in the model, {len(state_dict)} in the file):"]

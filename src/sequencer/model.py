@@ -236,7 +236,7 @@ class Sequencer(nn.Module):
         total = sum(layers)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         stages, reduction, first = [], 1, 0
-        self.feature_info: list[dict[str, Any]] = []
+        self.feature_info = []
         for i, depth in enumerate(layers):
             dim = embed_dims[i]
             blocks = []

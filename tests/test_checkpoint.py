@@ -1,0 +1,143 @@
+"""Checkpoints: the authors' format, timm's format, wrappers, our own format, and clear errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import sequencer
+from sequencer.checkpoint import CheckpointError, atomic_save, to_authors_format
+
+torch.set_num_threads(2)
+
+
+def _randomised(name: str, **kwargs) -> nn.Module:
+    """A model whose every parameter is random (the zero head would hide a wrongly loaded head)."""
+    torch.manual_seed(0)
+    model = sequencer.create_model(name, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def _logits(model: nn.Module, size: int = 64) -> torch.Tensor:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        return model(torch.randn(2, 3, size, size))
+
+
+def test_authors_layout_is_what_the_spec_describes() -> None:
+    keys = to_authors_format(sequencer.create_model("sequencer2d_s").state_dict())
+    assert "stem.proj.weight" in keys and "head.weight" in keys and "norm.weight" in keys
+    assert "blocks.0.0.rnn_tokens.rnn_v.weight_ih_l0_reverse" in keys
+    assert "blocks.2.7.mlp_channels.fc2.bias" in keys and "blocks.1.0.rnn_tokens.fc.weight" in keys
+    for down in ("blocks.0.4.down.weight", "blocks.1.3.down.weight", "blocks.2.8.down.weight"):
+        assert down in keys
+    assert not any(k.startswith(("stages.", "head.fc")) for k in keys)
+
+
+@pytest.mark.parametrize("name", ["sequencer2d_s", "v_sequencer_s_pe", "gru_sequencer2d_s"])
+def test_authors_and_timm_formats_load_to_the_same_logits(tmp_path: Path, name: str) -> None:
+    source = _randomised(name)
+    ours = source.state_dict()
+    torch.save({"model": to_authors_format(ours)}, tmp_path / "authors.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ours.items()}}, tmp_path / "timm.pth.tar")
+    a = sequencer.create_model(name, pretrained=tmp_path / "authors.pth").eval()
+    b = sequencer.create_model(name, pretrained=str(tmp_path / "timm.pth.tar")).eval()
+    expected = _logits(source)
+    torch.testing.assert_close(_logits(a), expected, atol=0, rtol=0)
+    torch.testing.assert_close(_logits(b), expected, atol=0, rtol=0)
+
+
+def test_timm_own_model_and_ours_agree_on_the_same_weights() -> None:
+    torch.manual_seed(0)
+    reference = timm.create_model("sequencer2d_s").eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.05)
+    ours = sequencer.create_model("sequencer2d_s")
+    sequencer.checkpoint.load_state_dict(ours, reference.state_dict())
+    torch.testing.assert_close(_logits(ours.eval()), _logits(reference), atol=1e-5, rtol=1e-5)
+
+
+def test_ema_wrapper_and_safetensors(tmp_path: Path) -> None:
+    source = _randomised("sequencer2d_tiny")
+    other = _randomised("sequencer2d_tiny")
+    torch.save({"state_dict": other.state_dict(), "state_dict_ema": source.state_dict()}, tmp_path / "ckpt.pth.tar")
+    only_ema = tmp_path / "ema_only.pth"
+    torch.save({"state_dict_ema": source.state_dict()}, only_ema)
+    sequencer.save_weights(source, tmp_path / "w.safetensors")
+
+    ema = sequencer.create_model("sequencer2d_tiny")
+    sequencer.load_pretrained(ema, tmp_path / "ckpt.pth.tar", use_ema=True)
+    torch.testing.assert_close(_logits(ema.eval()), _logits(source))
+    plain = sequencer.create_model("sequencer2d_tiny")
+    sequencer.load_pretrained(plain, tmp_path / "ckpt.pth.tar")
+    torch.testing.assert_close(_logits(plain.eval()), _logits(other))
+    for path in (only_ema, tmp_path / "w.safetensors"):
+        loaded = sequencer.create_model("sequencer2d_tiny", pretrained=path).eval()
+        torch.testing.assert_close(_logits(loaded), _logits(source))
+
+
+def test_our_pth_format_round_trips_with_metadata(tmp_path: Path) -> None:
+    source = _randomised("sequencer2d_tiny", num_classes=10)
+    sequencer.save_weights(source, tmp_path / "w.pth")
+    saved = torch.load(tmp_path / "w.pth", weights_only=True)
+    assert saved["model_name"] == "sequencer2d_tiny"
+    loaded = sequencer.create_model("sequencer2d_tiny", num_classes=10, pretrained=tmp_path / "w.pth").eval()
+    torch.testing.assert_close(_logits(loaded), _logits(source))
+
+
+def test_another_class_count_reinitialises_only_the_head(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    source = _randomised("sequencer2d_tiny")
+    sequencer.save_weights(source, tmp_path / "w.safetensors")
+    with caplog.at_level(logging.WARNING):
+        model = sequencer.create_model("sequencer2d_tiny", num_classes=10, pretrained=tmp_path / "w.safetensors")
+    assert "re-initialised" in caplog.text and "1000" in caplog.text
+    assert model.head.fc.out_features == 10 and torch.count_nonzero(model.head.fc.weight) == 0
+    for key, value in model.state_dict().items():
+        if not key.startswith("head.fc"):
+            assert torch.equal(value, source.state_dict()[key]), key
+
+
+def test_keys_that_do_not_fit_are_named(tmp_path: Path) -> None:
+    state = sequencer.create_model("sequencer2d_tiny").state_dict()
+    del state["norm.weight"]
+    state["blocks.extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="missing keys") as info:
+        sequencer.create_model("sequencer2d_tiny", pretrained=tmp_path / "bad.pth")
+    assert "norm.weight" in str(info.value) and "unexpected keys" in str(info.value)
+    assert "blocks.extra.weight" in str(info.value)
+    with pytest.raises(CheckpointError, match=r"shape mismatch for stem\.proj\.weight"):
+        sequencer.create_model("sequencer2d_s", pretrained=tmp_path / "bad.pth")
+
+
+def test_missing_file_and_non_checkpoint_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
+        sequencer.create_model("sequencer2d_tiny", pretrained=tmp_path / "nope.pth")
+    torch.save({"epoch": 3}, tmp_path / "not_weights.pth")
+    with pytest.raises(CheckpointError, match="no state dict"):
+        sequencer.create_model("sequencer2d_tiny", pretrained=tmp_path / "not_weights.pth")
+    with pytest.raises(ValueError, match="no released weights"):
+        sequencer.create_model("sequencer2d_tiny", pretrained=True)
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "last.pth.tar"
+    atomic_save({"a": torch.ones(2)}, target)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"a": Unpicklable()}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth.tar"]

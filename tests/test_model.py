@@ -1,0 +1,258 @@
+"""The model library: variants, sizes, initialisation, resolutions, errors and backbone use."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sequencer
+from sequencer.analysis.complexity import count_macs
+from sequencer.model import RNN2D, SequencerBlock
+
+torch.set_num_threads(2)
+
+# The authors' code at 1000 classes, to the unit (SEQUENCER.md).
+PARAMS = {
+    "sequencer2d_s": 27_651_688,
+    "sequencer2d_m": 38_307_688,
+    "sequencer2d_l": 54_298_216,
+    "sequencer2d_s_392": 27_651_688,
+    "sequencer2d_m_392": 38_307_688,
+    "sequencer2d_l_392": 54_298_216,
+    "sequencer2d_s_unidirectional": 20_991_592,
+    "sequencer2d_s_add": 26_545_768,
+    "sequencer2d_s_h2x": 45_395_560,
+    "sequencer2d_s_without_fc": 25_433_704,
+    "sequencer2d_vertical": 27_645_544,
+    "sequencer2d_s_vertical": 27_645_544,
+    "sequencer2d_s_horizontal": 27_645_544,
+    "gru_sequencer2d_s": 24_874_600,
+    "rnn_sequencer2d_s": 19_320_424,
+    "sequencer2d_l_d4_3x": 96_252_392,
+    "v_sequencer_s": 33_016_552,
+    "v_sequencer_s_h": 27_645_544,
+    "v_sequencer_s_pe": 33_114_856,
+}
+
+
+@pytest.fixture(scope="module")
+def small_s() -> nn.Module:
+    return sequencer.create_model("sequencer2d_s").eval()
+
+
+def test_every_official_variant_is_registered_with_exact_parameter_count() -> None:
+    assert set(PARAMS) <= set(sequencer.list_models())
+    for name, expected in PARAMS.items():
+        with torch.device("meta"):
+            model = sequencer.create_model(name)
+        assert sequencer.count_parameters(model) == expected, name
+
+
+def test_published_sizes_s_m_l() -> None:
+    for name, millions in (("sequencer2d_s", 27.65), ("sequencer2d_m", 38.31), ("sequencer2d_l", 54.30)):
+        assert round(PARAMS[name] / 1e6, 2) == millions
+
+
+@pytest.mark.parametrize(("name", "gmacs"), [("sequencer2d_s", 8.4), ("sequencer2d_m", 11.1), ("sequencer2d_l", 16.6)])
+def test_macs_count_the_recurrent_layers_and_match_the_paper(name: str, gmacs: float) -> None:
+    macs = count_macs(sequencer.create_model(name), (3, 224, 224)) / 1e9
+    assert abs(macs - gmacs) / gmacs < 0.03, macs
+
+
+def test_list_models_filters_and_unknown_names_suggest_close_ones() -> None:
+    assert sequencer.list_models("sequencer2d_?") == ["sequencer2d_l", "sequencer2d_m", "sequencer2d_s"]
+    assert "sequencer2d_tiny" in sequencer.list_models()
+    with pytest.raises(ValueError, match="sequencer2d_s") as info:
+        sequencer.create_model("sequencer2d_ss")
+    assert "did you mean" in str(info.value)
+
+
+def test_alias_builds_the_same_network_as_the_authors_name() -> None:
+    torch.manual_seed(0)
+    a = sequencer.create_model("sequencer2d_vertical")
+    b = sequencer.create_model("sequencer2d_s_vertical")
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(blk.rnn_tokens.rnn_h is None for blk in a.modules() if isinstance(blk, SequencerBlock))
+
+
+def test_default_config_of_each_model() -> None:
+    cfg = sequencer.create_model("sequencer2d_s").pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224)
+    assert cfg["crop_pct"] == 0.875
+    assert cfg["interpolation"] == "bicubic"
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    assert sequencer.create_model("sequencer2d_l_392").pretrained_cfg["input_size"] == (3, 392, 392)
+    assert sequencer.create_model("sequencer2d_tiny", num_classes=10).pretrained_cfg["num_classes"] == 10
+
+
+def test_authors_initialisation() -> None:
+    torch.manual_seed(0)
+    model = sequencer.create_model("sequencer2d_s")
+    assert torch.count_nonzero(model.head.fc.weight) == 0 and torch.count_nonzero(model.head.fc.bias) == 0
+    block = model.stages[2].blocks[0]
+    assert torch.equal(block.norm1.weight, torch.ones(384)) and torch.equal(block.norm1.bias, torch.zeros(384))
+    assert 0 < block.mlp_channels.fc1.bias.abs().max() < 1e-4  # N(0, 1e-6), not zero
+    assert torch.count_nonzero(block.rnn_tokens.fc.bias) == 0
+    fc1 = block.mlp_channels.fc1.weight
+    assert fc1.abs().max() <= math.sqrt(6 / sum(fc1.shape)) + 1e-6  # xavier-uniform bound
+    bound = 1 / math.sqrt(96)
+    for p in block.rnn_tokens.rnn_v.parameters():
+        assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
+    stem_std = model.stem.proj.weight.std().item()
+    assert abs(stem_std - 1 / math.sqrt(3 * 7 * 7)) < 0.02  # lecun-normal (truncated)
+
+
+def test_stochastic_depth_grows_linearly_over_all_blocks() -> None:
+    model = sequencer.create_model("sequencer2d_s", drop_path_rate=0.1)
+    rates = [
+        getattr(b.drop_path, "drop_prob", 0.0) for b in model.modules() if isinstance(b, SequencerBlock)
+    ]
+    assert len(rates) == 18
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
+    assert rates == pytest.approx([0.1 * i / 17 for i in range(18)])
+
+
+def _plain_2d(mixer: RNN2D, x: torch.Tensor) -> torch.Tensor:
+    """The definition, sequence by sequence: each column through rnn_v, each row through rnn_h, unite, project."""
+    H, W = x.shape[1], x.shape[2]
+    parts = []
+    if mixer.rnn_v is not None:
+        columns = [mixer.rnn_v(x[:, :, w, :])[0] for w in range(W)]  # each (B, H, D')
+        parts.append(torch.stack(columns, dim=2))
+    if mixer.rnn_h is not None:
+        rows = [mixer.rnn_h(x[:, h, :, :])[0] for h in range(H)]  # each (B, W, D')
+        parts.append(torch.stack(rows, dim=1))
+    if len(parts) == 2:
+        y = torch.cat(parts, dim=-1) if mixer.union == "cat" else parts[0] + parts[1]
+    else:
+        y = parts[0]
+    return mixer.fc(y)
+
+
+MIXER_CASES = [
+    dict(cell=cell, union=union, bidirectional=bi, with_fc=True)
+    for cell in ("lstm", "gru", "rnn")
+    for union in ("cat", "add", "vertical", "horizontal")
+    for bi in (True, False)
+] + [dict(cell="lstm", union="cat", bidirectional=True, with_fc=False)]
+
+
+@pytest.mark.parametrize("case", MIXER_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_2d_mixer_equals_the_plain_column_and_row_formulation(case: dict) -> None:
+    torch.manual_seed(0)
+    dim, hidden = 16, (4 if not case["with_fc"] else 6)
+    mixer = RNN2D(dim, hidden, **case).double()
+    x = torch.randn(2, 5, 7, dim, dtype=torch.float64, requires_grad=True)
+    y = mixer(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = _plain_2d(mixer, x_ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
+    grad_out = torch.randn_like(y)
+    params = list(mixer.parameters())
+    grads = torch.autograd.grad(y, [x, *params], grad_out)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *params], grad_out)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=0)
+
+
+def test_vanilla_mixer_runs_one_lstm_over_the_raster() -> None:
+    torch.manual_seed(0)
+    model = sequencer.create_model("v_sequencer_s_h").eval()
+    mixer = model.stages[0].blocks[0].rnn_tokens
+    x = torch.randn(2, 3, 4, 192)
+    expected = mixer.rnn(x.reshape(2, 12, 192))[0].reshape(2, 3, 4, 192)
+    torch.testing.assert_close(mixer(x), expected)
+
+
+def test_any_resolution_with_the_same_weights(small_s: nn.Module) -> None:
+    with torch.no_grad():
+        for size in ((224, 224), (320, 320), (392, 392), (448, 448), (224, 320), (97, 150)):
+            out = small_s(torch.randn(1, 3, *size))
+            assert out.shape == (1, 1000) and torch.isfinite(out).all(), size
+
+
+def test_position_embedding_is_resized_for_other_inputs() -> None:
+    model = sequencer.create_model("v_sequencer_s_pe").eval()
+    assert model.absolute_pos_embed.shape == (1, 16, 16, 384)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 392, 280)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((3, 224, 224), "4-D"),
+        ((1, 1, 224, 224), "3 input channels"),
+        ((1, 3, 10, 224), "smaller than the 14x14"),
+    ],
+)
+def test_impossible_inputs_raise_a_clear_error(small_s: nn.Module, shape: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        small_s(torch.randn(*shape))
+
+
+def test_forward_features_and_head(small_s: nn.Module) -> None:
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        feats = small_s.forward_features(x)
+        assert feats.shape == (2, 16, 16, 384)
+        pooled = small_s.forward_head(feats, pre_logits=True)
+        assert pooled.shape == (2, 384)
+        torch.testing.assert_close(small_s.forward_head(feats), small_s.head.fc(pooled))
+
+
+def test_reset_classifier() -> None:
+    model = sequencer.create_model("sequencer2d_tiny")
+    model.reset_classifier(7)
+    assert model.get_classifier().out_features == 7 and model.num_classes == 7
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 128)
+
+
+def test_features_only_returns_every_stage_as_nchw() -> None:
+    torch.manual_seed(0)
+    full = sequencer.create_model("sequencer2d_s").eval()
+    backbone = sequencer.create_model("sequencer2d_s", features_only=True).eval()
+    backbone.model.load_state_dict(full.state_dict(), strict=False)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        maps = backbone(x)
+        expected = full.forward_intermediates(x)
+    assert [tuple(m.shape) for m in maps] == [(1, 192, 32, 32), (1, 384, 16, 16), (1, 384, 16, 16), (1, 384, 16, 16)]
+    assert [f["reduction"] for f in backbone.feature_info] == [7, 14, 14, 14]
+    assert [f["num_chs"] for f in backbone.feature_info] == [192, 384, 384, 384]
+    for got, want in zip(maps, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    picked = sequencer.create_model("sequencer2d_tiny", features_only=True, out_indices=(1, -1))
+    assert len(picked(torch.randn(1, 3, 32, 32))) == 2
+    assert not hasattr(picked.model.head, "fc") or isinstance(picked.model.head.fc, nn.Identity)
+    with pytest.raises(ValueError, match="out_indices"):
+        sequencer.create_model("sequencer2d_tiny", features_only=True, out_indices=(4,))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = sequencer.create_model("sequencer2d_tiny", num_classes=5, drop_rate=0.0)
+    nn.init.normal_(model.head.fc.weight)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for g, p in zip(plain, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_torchscript_gives_the_same_logits() -> None:
+    torch.manual_seed(0)
+    model = sequencer.create_model("sequencer2d_tiny", num_classes=10).eval()
+    nn.init.normal_(model.head.fc.weight)
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 40, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
