@@ -10,8 +10,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sequencer.train", "train or fine-tune a model (timm-style flags; works under torchrun)"),
     "validate": ("sequencer.validate", "top-1 / top-5 / loss / images per second on a labelled folder"),
-    "predict": ("sequencer.predict", "classify images or folders with a model's own preprocessing"),
-    "export": ("sequencer.export", "export to ONNX, TorchScript or an ExportedProgram and check it"),
+    "predict": ("sequencer.inference", "classify images or folders with a model's own preprocessing"),
+    "export": ("sequencer.deploy", "export to ONNX, TorchScript or an ExportedProgram and check it"),
     "bench": ("sequencer.bench", "throughput and peak memory against timm and other models"),
     "summary": ("sequencer.analysis.summary", "parameters and MACs of every variant"),
     "erf": ("sequencer.analysis.erf", "effective receptive field maps per stage"),

@@ -1,0 +1,123 @@
+"""`sequencer export` / `sequencer.export`: every format written, reloaded by its own runtime, and matching PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import sequencer
+from sequencer import deploy
+
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+
+
+def run_export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    deploy.add_arguments(parser)
+    return deploy.run(parser.parse_args(argv))
+
+
+def tiny_with_head() -> torch.nn.Module:
+    """sequencer2d_tiny with a random head: the zero-initialised one would make every logit 0 and the check vacuous."""
+    torch.manual_seed(0)
+    model = sequencer.create_model("sequencer2d_tiny")
+    torch.nn.init.normal_(model.head.fc.weight, std=0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    sequencer.save_weights(tiny_with_head(), path)
+    return path
+
+
+def stored_config(path: Path, fmt: str) -> dict:
+    """The preprocessing config the export wrote into the file, read with each format's own tools."""
+    if fmt == "onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        return json.loads(props[deploy.CONFIG_KEY])
+    if fmt == "torchscript":
+        extra = {deploy.CONFIG_FILE: ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
+            torch.jit.load(str(path), _extra_files=extra)
+        return json.loads(extra[deploy.CONFIG_FILE])
+    with zipfile.ZipFile(path) as archive:
+        [name] = [n for n in archive.namelist() if n.endswith(deploy.CONFIG_FILE)]
+        return json.loads(archive.read(name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(SUFFIX))
+def test_dynamic_batch_export_reloads_and_matches(fmt: str, checkpoint: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / f"tiny{SUFFIX[fmt]}"
+    argv = ["--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "--format", fmt, "-o", str(path)]
+    assert run_export([*argv, "--dynamic-batch"]) == 0
+    out = capsys.readouterr().out
+    assert "passed" in out and "at batch 1" in out and "at batch 5" in out
+
+    # Independently of the command's own check: a batch size it did not try, through the format's own runtime.
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = tiny_with_head()(x)
+        actual = deploy.load_exported(path, fmt)(x)
+    assert actual.shape == (3, 1000) and (actual - expected).abs().max().item() <= 1e-4
+    config = stored_config(path, fmt)
+    assert config["model_name"] == "sequencer2d_tiny" and config["input_size"] == [3, 32, 32]
+    assert config["crop_pct"] == 1.0 and config["interpolation"] == "bicubic"
+
+
+def test_static_export_is_fixed_to_its_batch_and_img_size(checkpoint: Path, tmp_path: Path) -> None:
+    path = tmp_path / "tiny.pt2"
+    result = sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint, img_size=48, batch_size=2)
+    assert result.passed and list(result.max_abs_diff) == [2] and result.input_size == (3, 48, 48)
+    assert not result.trivial
+    program = deploy.load_exported(path)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert (program(x) - tiny_with_head()(x)).abs().max().item() <= 1e-4
+    with pytest.raises(AssertionError, match=r"size\(\)\[0\] == 2"):
+        program(torch.randn(3, 3, 48, 48))
+
+
+@pytest.mark.slow
+def test_other_code_paths_export_to_onnx(tmp_path: Path) -> None:
+    # The vanilla 1D mixer, a GRU cell and the learned position embedding, in a small module passed directly.
+    model = sequencer.create_model(
+        "v_sequencer_s_pe", num_classes=7, cell="gru", layers=(1, 1, 1, 1), patch_sizes=(4, 2, 1, 1),
+        embed_dims=(32,) * 4, hidden_sizes=(16,) * 4, img_size=32,
+    )
+    torch.nn.init.normal_(model.head.fc.weight)
+    model.train()
+    result = sequencer.export(model, tmp_path / "v.onnx", dynamic_batch=True)
+    assert result.passed and not result.trivial and sorted(result.max_abs_diff) == [1, 2, 5]
+    assert model.training  # the caller's module is left as it was
+
+
+def test_untrained_model_warns_and_says_the_check_is_trivial(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="no checkpoint given"):
+        result = sequencer.export("sequencer2d_tiny", tmp_path / "tiny.pt", batch_size=1)
+    assert result.passed and result.trivial and "all reference logits are zero" in result.summary()
+
+
+def test_bad_requests_give_clear_errors(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint)]
+    assert run_export([*base, "-o", str(tmp_path / "model.bin")]) == 2
+    assert "cannot tell the export format" in capsys.readouterr().err
+    assert run_export([*base, "-o", str(tmp_path / "model.pt"), "--img-size", "4"]) == 2
+    assert "smaller than the 8x8" in capsys.readouterr().err
+    assert run_export([*base, "-o", str(tmp_path / "model.onnx"), "--dynamic-batch", "-b", "1"]) == 2
+    assert "batch_size must be >= 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"\*\.pt2"):
+        sequencer.export("sequencer2d_tiny", tmp_path / "model.pt", "exported-program", checkpoint=checkpoint)
+    assert not list(tmp_path.iterdir())  # nothing half-written

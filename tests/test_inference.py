@@ -1,0 +1,175 @@
+"""`sequencer predict` / `sequencer.predict`: the model's preprocessing, top-k labels, outputs, unreadable files."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import sequencer
+from sequencer import inference
+from sequencer.checkpoint import CheckpointError
+
+
+def run_predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    inference.add_arguments(parser)
+    return inference.run(parser.parse_args(argv))
+
+
+def tiny_with_head(num_classes: int = 1000) -> torch.nn.Module:
+    """sequencer2d_tiny with a random (not zero-initialised) head, so that its predictions differ between images."""
+    torch.manual_seed(0)
+    model = sequencer.create_model("sequencer2d_tiny", num_classes=num_classes)
+    torch.nn.init.normal_(model.head.fc.weight, std=0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    sequencer.save_weights(tiny_with_head(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three random images of different sizes and formats (one nested), a garbage .jpg and a non-image file."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "nested").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(root / "a.png")
+    Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(root / "nested" / "b.jpg")
+    Image.fromarray(rng.integers(0, 256, (36, 36), dtype=np.uint8)).save(root / "c.jpeg")  # greyscale
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG" * 8)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def expected_top(model: torch.nn.Module, path: Path, k: int) -> list[int]:
+    """Top-k classes computed by hand with the public preprocessing, one image at a time."""
+    transform = sequencer.create_transform(model)
+    with Image.open(path) as image:
+        x = transform(image.convert("RGB")).unsqueeze(0)
+    with torch.no_grad():
+        return model(x).topk(k).indices[0].tolist()
+
+
+def test_folder_with_a_corrupt_file_reports_it_and_classifies_the_rest(checkpoint: Path, image_folder: Path) -> None:
+    # batch_size 2 puts the corrupt file in a batch with a good one, so results must map back to the right files.
+    predictions = sequencer.predict(image_folder, "sequencer2d_tiny", checkpoint, topk=3, batch_size=2)
+    by_name = {Path(p.path).name: p for p in predictions}
+    assert sorted(by_name) == ["a.png", "b.jpg", "c.jpeg", "corrupt.jpg"]  # notes.txt is not an image
+    assert "corrupt.jpg" in by_name["corrupt.jpg"].path and by_name["corrupt.jpg"].error
+    assert by_name["corrupt.jpg"].top == []
+    model = tiny_with_head()
+    names = inference.imagenet_class_names()
+    for name in ("a.png", "b.jpg", "c.jpeg"):
+        prediction = by_name[name]
+        assert prediction.error is None
+        assert [s.index for s in prediction.top] == expected_top(model, Path(prediction.path), 3)
+        assert [s.label for s in prediction.top] == [names[s.index] for s in prediction.top]
+        probabilities = [s.probability for s in prediction.top]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-6
+
+
+def test_imagenet_class_names_are_the_standard_short_names() -> None:
+    from torchvision.models import ResNet50_Weights
+
+    names = inference.imagenet_class_names()
+    assert len(names) == 1000 and len(set(names)) == 1000
+    assert (names[0], names[1], names[999]) == ("tench", "goldfish", "toilet tissue")
+    assert names[134] == "crane (n02012849)" and names[517] == "crane (n03126707)"
+    # torchvision's hand-edited list agrees everywhere but where it renamed the two repeated lemmas.
+    torchvision_names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    differ = [i for i, (ours, theirs) in enumerate(zip(names, torchvision_names, strict=True)) if ours != theirs]
+    assert set(differ) <= {134, 517, 638, 639}
+
+
+def test_cli_writes_csv_json_and_table(checkpoint: Path, image_folder: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    common = [str(image_folder), "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-j", "0"]
+    assert run_predict([*common, "--topk", "2", "-o", str(tmp_path / "out.csv")]) == 0
+    with open(tmp_path / "out.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "error", "index_1", "label_1", "probability_1", "index_2", "label_2",
+                             "probability_2"]
+    bad = [r for r in rows if r["path"].endswith("corrupt.jpg")]
+    assert len(rows) == 4 and len(bad) == 1 and bad[0]["error"] and bad[0]["label_1"] == ""
+    names = inference.imagenet_class_names()
+    assert all(r["label_1"] == names[int(r["index_1"])] for r in rows if not r["error"])
+
+    assert run_predict([*common, "--topk", "4", "-o", str(tmp_path / "out.json")]) == 0
+    records = json.loads((tmp_path / "out.json").read_text())
+    assert {len(r["top"]) for r in records if r["error"] is None} == {4}
+    assert [r["path"] for r in records if r["error"]] == [str(image_folder / "corrupt.jpg")]
+
+    capsys.readouterr()
+    assert run_predict([*common, "--topk", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 classified, 1 unreadable" in out and f"unreadable: {image_folder / 'corrupt.jpg'}" in out
+
+
+def test_cli_fails_when_nothing_can_be_read(checkpoint: Path, image_folder: Path) -> None:
+    argv = [str(image_folder / "corrupt.jpg"), "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint)]
+    assert run_predict([*argv, "-j", "0", "--format", "json"]) == 1
+
+
+def test_class_map_and_num_classes(tmp_path: Path, image_folder: Path) -> None:
+    weights = tmp_path / "ten.pth"
+    sequencer.save_weights(tiny_with_head(num_classes=10), weights)
+    image = image_folder / "a.png"
+    # The head size comes from the checkpoint; without a class map the labels are the indices.
+    [plain] = sequencer.predict(image, "sequencer2d_tiny", weights, topk=10)
+    assert sorted(s.label for s in plain.top) == sorted(str(i) for i in range(10))
+
+    names = [f"class {chr(ord('a') + i)}" for i in range(10)]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    [mapped] = sequencer.predict(image, "sequencer2d_tiny", weights, topk=3, class_map=tmp_path / "names.txt")
+    assert [s.label for s in mapped.top] == [names[s.index] for s in plain.top[:3]]
+
+    (tmp_path / "names.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}))
+    [from_json] = sequencer.predict(image, "sequencer2d_tiny", weights, topk=3, class_map=tmp_path / "names.json")
+    assert [s.label for s in from_json.top] == [s.label for s in mapped.top]
+
+    (tmp_path / "short.txt").write_text("\n".join(names[:9]))
+    with pytest.raises(ValueError, match="has 9 names but the model has 10 classes"):
+        sequencer.predict(image, "sequencer2d_tiny", weights, class_map=tmp_path / "short.txt")
+    with pytest.raises(CheckpointError, match="10-class head but 1000 classes"):
+        sequencer.predict(image, "sequencer2d_tiny", weights, num_classes=1000)
+
+
+def test_bad_input_gives_clear_errors(tmp_path: Path, image_folder: Path) -> None:
+    with pytest.raises(ValueError, match="no images found"):
+        sequencer.predict(tmp_path, "sequencer2d_tiny")
+    with pytest.raises(ValueError, match="topk must be at least 1"):
+        sequencer.predict(image_folder, "sequencer2d_tiny", topk=0)
+    with pytest.warns(UserWarning, match="no checkpoint given"):
+        [prediction] = sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", topk=1)
+    assert prediction.error is None
+
+
+def test_create_transform_resizes_by_crop_pct_and_centre_crops() -> None:
+    model = sequencer.create_model("sequencer2d_s")  # 224 px, crop_pct 0.875, bicubic
+    transform = sequencer.create_transform(model, train=False)
+    resize = next(t for t in transform.transforms if isinstance(t, transforms.Resize))
+    assert resize.size == 256 and resize.interpolation == transforms.InterpolationMode.BICUBIC
+    x = transform(Image.new("RGB", (400, 300), (124, 116, 104)))  # ImageNet's mean colour normalises to ~0
+    assert x.shape == (3, 224, 224) and x.abs().max() < 0.02
+
+
+def test_cli_commands_point_at_these_modules() -> None:
+    import importlib
+
+    from sequencer import cli, deploy
+
+    assert importlib.import_module(cli.COMMANDS["predict"][0]) is inference
+    assert importlib.import_module(cli.COMMANDS["export"][0]) is deploy
+    assert callable(sequencer.predict) and callable(sequencer.export)
