@@ -37,3 +37,11 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-b", "--batch-size", type=int, default=32, help="batch size (per process)")
     group.add_argument("-j", "--workers", type=int, default=2, help="data-loading worker processes")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_compare_options(parser: argparse.ArgumentParser) -> None:
+    """--compare: more models beside --model (Sequencer variants or timm models), each NAME or NAME=CHECKPOINT."""
+    group = parser.add_argument_group("comparison")
+    group.add_argument("--compare", nargs="+", default=[], metavar="NAME[=CHECKPOINT]",
+                       help="more models side by side: Sequencer variants or any timm model, e.g. "
+                            "resnet50=resnet50.pth deit_small_patch16_224=deit_s.pth")

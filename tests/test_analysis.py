@@ -1,0 +1,330 @@
+"""The paper's analyses: the model-zoo table, ERF maps, accuracy against resolution, ImageNet-C robustness."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch import nn
+
+from sequencer.analysis import erf, resolution, robustness, summary
+from sequencer.analysis.common import build_model, evenly_spaced_subset, model_labels
+from sequencer.checkpoint import save_weights
+from sequencer.data import build_dataset, create_loader, create_transform
+from sequencer.model import create_model
+from sequencer.validate import evaluate
+
+NUM_CLASSES = 3
+
+
+def parse(module: ModuleType, command: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(shlex.split(command))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        image.verify()
+        return Image.open(path).size
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DATA/val/<class>/*.png: 3 classes x 4 images of 40x40 px, each class a different brightness."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label in range(NUM_CLASSES):
+        folder = root / "val" / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(4):
+            pixels = (rng.random((40, 40, 3)) * 80 + 80 * label).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Weights of a 3-class sequencer2d_tiny whose head is not zero, so predictions differ between images."""
+    torch.manual_seed(0)
+    model = create_model("sequencer2d_tiny", num_classes=NUM_CLASSES)
+    nn.init.normal_(model.head.fc.weight, std=0.5)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_weights(model, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_summary_reproduces_the_model_zoo_table(tmp_path: Path) -> None:
+    out = tmp_path / "zoo.csv"
+    assert summary.run(parse(summary, f"--models 'sequencer2d_[sml]' --out {out}")) == 0
+    rows = {r["model"]: r for r in read_csv(out)}
+    assert list(rows) == ["sequencer2d_s", "sequencer2d_m", "sequencer2d_l"]  # registry order, not alphabetical
+    # README model zoo: 28M / 8.4G, 38M / 11.1G, 54M / 16.6G (MACs with the LSTMs counted).
+    for name, params_m, gmacs in (("sequencer2d_s", 28, 8.4), ("sequencer2d_m", 38, 11.1), ("sequencer2d_l", 54, 16.6)):
+        assert round(float(rows[name]["params_m"])) == params_m
+        assert float(rows[name]["gmacs"]) == pytest.approx(gmacs, rel=0.03)
+        assert int(rows[name]["img_size"]) == 224
+    assert int(rows["sequencer2d_s"]["params"]) == 27_651_688
+
+
+def test_summary_markdown_table_and_aliases() -> None:
+    # The alias of the vertical ablation is not listed twice, unless asked for by itself.
+    assert summary.variant_names("sequencer2d_*vertical") == ["sequencer2d_vertical"]
+    assert summary.variant_names("sequencer2d_s_vertical") == ["sequencer2d_s_vertical"]
+    with pytest.raises(ValueError, match="no model matches"):
+        summary.variant_names("resnet*")
+    rows = [dict(model="m", params_m=1.5, gmacs=0.25, img_size=32, params=1_500_000, macs=250_000_000)]
+    lines = summary.format_table(rows).splitlines()
+    assert lines[0].split("|")[1].strip() == "model" and set(lines[1]) <= set("|-: ")
+    assert [c.strip() for c in lines[2].strip("|").split("|")] == ["m", "1.50", "0.25", "32", "1,500,000",
+                                                                  "250,000,000"]
+    assert summary.format_table(rows, "csv").splitlines()[1] == "m,1.5,0.25,32,1500000,250000000"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# effective receptive field
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class OneConv(nn.Module):
+    """A 3x3 convolution, weights +1 on the red and blue inputs and -1 on green, dressed as a one-level timm model."""
+
+    def __init__(self, out_chs: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, out_chs, 3, padding=1, bias=False)
+        nn.init.ones_(self.conv.weight)
+        with torch.no_grad():
+            self.conv.weight[:, 1] = -1
+        self.feature_info = [dict(num_chs=out_chs, reduction=1, module="conv")]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int], intermediates_only: bool) -> list:
+        return [self.conv(x)]
+
+
+def test_erf_of_one_convolution_is_its_kernel_footprint() -> None:
+    # d(sum of the 5 centre outputs)/d(input) = +5 (red, blue) and -5 (green) on the 3x3 window around the centre:
+    # ReLU per colour channel, then the sum over channels, gives 10 (the other order would give 5).
+    images = [torch.randn(2, 3, 8, 8), torch.randn(1, 3, 8, 8)]  # averaged over 3 images, not batches
+    (stage,) = erf.effective_receptive_fields(OneConv(), iter(images), torch.device("cpu"))
+    expected = np.zeros((8, 8))
+    expected[2:5, 2:5] = 10  # centre of an even map: cell (3, 3), the upper-left of the central four
+    np.testing.assert_allclose(stage.erf, expected)
+    assert stage.feature_size == (8, 8) and stage.band == 0.5
+
+
+def test_cross_ratio_tells_a_cross_from_a_blob() -> None:
+    ys, xs = np.mgrid[:64, :64] - 31.5
+    blob = np.exp(-(ys**2 + xs**2) / (2 * 6.0**2))
+    cross = ((np.abs(ys) < 2) | (np.abs(xs) < 2)).astype(float) * np.exp(-np.hypot(ys, xs) / 40)
+    square = ((np.abs(ys) < 8) & (np.abs(xs) < 8)).astype(float)
+    assert erf.cross_ratio(blob, 2) == pytest.approx(1.0, abs=0.1)  # isotropic, whatever its width
+    assert erf.cross_ratio(cross + 0.01 * blob, 2) > 10
+    assert erf.cross_ratio(square, 2) < 1
+    assert erf.area_for_mass(square, 1.0) == pytest.approx(256 / 64**2)
+
+
+def test_sequencer_erf_is_a_cross_and_a_cnn_erf_is_not() -> None:
+    torch.manual_seed(0)
+    config = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=(3, 96, 96))
+    sequencer = create_model("sequencer2d_tiny")
+    impls = [m.rnn_impl for m in sequencer.modules() if hasattr(m, "rnn_impl")]
+    cnn = timm.create_model("resnet18", zero_init_last=False)  # residual branches live, as in a trained net
+    ratios = {}
+    for name, model in (("sequencer", sequencer), ("cnn", cnn)):
+        stages = erf.effective_receptive_fields(model, erf.random_images(config, 2, 2), torch.device("cpu"))
+        assert len(stages) == 4 and all(s.erf.shape == (96, 96) for s in stages)
+        ratios[name] = [erf.cross_ratio(s.erf, s.band) for s in stages]
+    assert min(ratios["sequencer"]) > 3, ratios
+    assert max(ratios["cnn"]) < 1.5, ratios
+    # The map is measured in eval mode and leaves the model as it was.
+    assert not sequencer.training and [m.rnn_impl for m in sequencer.modules() if hasattr(m, "rnn_impl")] == impls
+
+
+def test_input_gradient_mode_trains_only_the_recurrent_layers_on_cuda() -> None:
+    model = create_model("sequencer2d_tiny").eval()
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    with erf.input_gradient_mode(model, torch.device("cuda")):  # only the device type matters here
+        assert all(m.training for m in rnns)
+        assert not model.training and not model.stem.training
+        assert {m.rnn_impl for m in model.modules() if hasattr(m, "rnn_impl")} == {"reference"}
+    assert not any(m.training for m in model.modules())
+    with erf.input_gradient_mode(model, torch.device("cpu")):
+        assert not any(m.training for m in rnns)
+
+
+def test_stage_indices_pick_one_level_per_stage() -> None:
+    resnet = [dict(reduction=r) for r in (2, 4, 8, 16, 32)]  # act1, layer1..4
+    assert erf.stage_indices(resnet) == [1, 2, 3, 4]
+    assert erf.stage_indices([dict(reduction=16)] * 12) == [2, 5, 8, 11]  # a ViT's blocks
+    assert erf.stage_indices([dict(reduction=16)] * 2) == [0, 1]
+    assert erf.stage_indices([dict(reduction=r) for r in (4, 8, 16, 32)]) == [0, 1, 2, 3]
+
+
+def test_erf_command_writes_table_maps_and_figure(tmp_path: Path, image_tree: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "erf"
+    command = (f"--model sequencer2d_tiny --checkpoint {tiny_checkpoint} --compare resnet18 --data {image_tree} "
+               f"--img-size 64 --num-images 3 -b 2 -j 0 --out {out}")
+    assert erf.run(parse(erf, command)) == 0
+    rows = read_csv(out / "erf.csv")
+    assert [(r["model"], r["stage"]) for r in rows] == [(m, str(s)) for m in ("sequencer2d_tiny", "resnet18")
+                                                        for s in range(1, 5)]
+    assert [r["layer"] for r in rows[4:]] == ["layer1", "layer2", "layer3", "layer4"]
+    maps = np.load(out / "erf.npz")
+    assert sorted(maps.files)[0] == "resnet18/stage1" and maps["sequencer2d_tiny/stage4"].shape == (64, 64)
+    width, height = png_size(out / "erf.png")
+    assert width > 4 * 200 and height > 2 * 200  # a 2 x 4 grid of maps
+
+
+def test_erf_rejects_unknown_models_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown model 'resnet_nope'"):
+        erf.run(parse(erf, f"--model sequencer2d_tiny --compare resnet_nope --out {tmp_path}"))
+    with pytest.raises(FileNotFoundError, match="checkpoint of resnet18 not found"):
+        erf.run(parse(erf, f"--model sequencer2d_tiny --compare resnet18={tmp_path}/none.pth --out {tmp_path}"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resolution
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_timm_checkpoint_keeps_its_classifier(tmp_path: Path) -> None:
+    saved = timm.create_model("resnet18", num_classes=NUM_CLASSES)
+    torch.save({"state_dict": saved.state_dict()}, tmp_path / "r18.pth")
+    model = build_model("resnet18", tmp_path / "r18.pth")
+    assert model.fc.out_features == NUM_CLASSES and not model.training
+    torch.testing.assert_close(model.fc.weight, saved.fc.weight)
+
+
+def test_resolution_command_evaluates_every_size(tmp_path: Path, image_tree: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "res"
+    command = (f"{image_tree} --model sequencer2d_tiny --checkpoint {tiny_checkpoint} "
+               f"--compare sequencer2d_tiny={tiny_checkpoint} --sizes 48,32 -b 5 -j 0 --out {out}")
+    assert resolution.run(parse(resolution, command)) == 0
+    rows = read_csv(out / "resolution.csv")
+    assert [(r["model"], r["size"]) for r in rows] == [
+        (f"sequencer2d_tiny (tiny.safetensors) #{k}", s) for k in (1, 2) for s in ("32", "48")]
+    assert all(r["images"] == "12" and r["train_size"] == "32" for r in rows)
+    # Same weights, same numbers; and the 32 px row is what a plain evaluation at 32 px gives.
+    assert [r["top1"] for r in rows[:2]] == [r["top1"] for r in rows[2:]]
+    model = build_model("sequencer2d_tiny", tiny_checkpoint)
+    dataset = build_dataset(str(image_tree), "val", transform=create_transform(model, img_size=32))
+    plain = evaluate(model, create_loader(dataset, 4, workers=0), torch.device("cpu"))
+    assert float(rows[0]["top1"]) == pytest.approx(plain["top1"], abs=1e-3)
+    assert float(rows[0]["loss"]) == pytest.approx(plain["loss"], abs=1e-3)
+    assert png_size(out / "resolution.png")[0] > 400
+
+
+def test_resolution_needs_weights_and_valid_sizes(tmp_path: Path, image_tree: Path) -> None:
+    with pytest.raises(ValueError, match="no weights for sequencer2d_tiny"):
+        resolution.run(parse(resolution, f"{image_tree} --model sequencer2d_tiny --out {tmp_path}"))
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        resolution.parse_sizes("224,big")
+    assert resolution.parse_sizes("288, 160,224,160") == [160, 224, 288]
+    assert model_labels([("a", "x.pth"), ("b", ""), ("a", "")]) == ["a (x.pth)", "b", "a (random init)"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# robustness
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_every_corruption_runs_on_this_stack() -> None:
+    # imagecorruptions 1.1.2 needs three bridges on NumPy 2 / recent scikit-image / setuptools (see robustness.py).
+    library = robustness.imagecorruptions()
+    assert tuple(library.get_corruption_names()) == robustness.CORRUPTIONS
+    clean = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    for name in robustness.CORRUPTIONS:
+        corrupted = library.corrupt(clean, severity=5, corruption_name=name)
+        assert corrupted.shape == clean.shape and corrupted.dtype == np.uint8, name
+        assert np.abs(corrupted.astype(int) - clean).mean() > 1, name
+
+
+def test_corrupted_images_are_reproducible_and_normalised(image_tree: Path) -> None:
+    base = build_dataset(str(image_tree), "val", transform=create_transform(
+        create_model("sequencer2d_tiny"), use_prefetcher=True))
+    clean = robustness.CorruptedImages(base, "fog", 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    foggy = robustness.CorruptedImages(base, "fog", 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    raw, label = base[5]
+    image, target = clean[5]
+    torch.testing.assert_close(image, raw.float() / 127.5 - 1.0)
+    assert target == label == 1
+    np.testing.assert_array_equal(foggy.pixels(5)[0], foggy.pixels(5)[0])
+    assert not np.array_equal(foggy.pixels(5)[0], foggy.pixels(6)[0])
+    assert not torch.equal(foggy[5][0], image)
+
+
+def test_corruption_error_is_normalised_by_alexnet(tmp_path: Path) -> None:
+    errors = {1: 0.2, 2: 0.3, 3: 0.4, 4: 0.5, 5: 0.6}
+    assert robustness.corruption_error(errors, 0.8) == pytest.approx(2.0 / 4.0)
+    assert robustness.corruption_error({1: 0.2}, 0.8) is None  # a mean over five cannot normalise one severity
+    assert robustness.corruption_error({1: 0.2, 3: 0.4}, {1: 0.5, 2: 0.9, 3: 0.7}) == pytest.approx(0.6 / 1.2)
+    (tmp_path / "a.csv").write_text("corruption,severity,error\nfog,1,50\nfog,2,70\n")
+    assert robustness.load_alexnet_errors(tmp_path / "a.csv")["fog"] == pytest.approx({1: 0.5, 2: 0.7})  # percent
+    (tmp_path / "a.json").write_text(json.dumps({"snow": 0.8, "fog": [0.1, 0.2, 0.3, 0.4, 0.5]}))
+    loaded = robustness.load_alexnet_errors(tmp_path / "a.json")
+    assert loaded["snow"] == 0.8 and loaded["fog"] == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.5}
+    (tmp_path / "b.json").write_text(json.dumps({"fgo": 0.5}))
+    with pytest.raises(ValueError, match="unknown corruptions"):
+        robustness.load_alexnet_errors(tmp_path / "b.json")
+    assert len(robustness.ALEXNET_MEAN_ERRORS) == 15
+    with pytest.raises(ValueError, match="--corruptions: unknown"):
+        robustness.parse_choices("fog,rain", robustness.CORRUPTIONS, str, "--corruptions")
+
+
+@pytest.mark.slow
+def test_robustness_command_writes_per_corruption_tables_and_mce(
+    tmp_path: Path, image_tree: Path, tiny_checkpoint: Path
+) -> None:
+    alexnet = tmp_path / "alexnet.csv"
+    alexnet.write_text("corruption,severity,error\n" + "".join(
+        f"{c},{s},{0.5 + 0.1 * s}\n" for c in ("gaussian_noise", "fog") for s in (1, 2)))
+    out = tmp_path / "rob"
+    command = (f"{image_tree} --model sequencer2d_tiny --checkpoint {tiny_checkpoint} --corruptions fog,gaussian_noise "
+               f"--severities 2,1 --limit 6 --alexnet-errors {alexnet} -b 4 -j 0 --out {out}")
+    assert robustness.run(parse(robustness, command)) == 0
+    result = json.loads((out / "summary.json").read_text())
+    assert result["images"] == 6 and result["severities"] == [1, 2]
+    assert result["corruptions"] == ["gaussian_noise", "fog"]  # ImageNet-C order
+    ces = []
+    for corruption in result["corruptions"]:
+        rows = read_csv(out / "corruptions" / f"{corruption}.csv")
+        assert [r["severity"] for r in rows] == ["1", "2"] and all(r["images"] == "6" for r in rows)
+        errors = [100 - float(r["top1"]) for r in rows]
+        ces.append(100 * sum(errors) / 100 / (0.6 + 0.7))
+    table = read_csv(out / "robustness.csv")
+    assert [float(r["ce"]) for r in table] == pytest.approx(ces, abs=0.01)
+    assert result["mce"] == pytest.approx(np.mean(ces), abs=0.01)
+    assert png_size(out / "robustness.png")[0] > 400 and png_size(out / "examples.png")[1] > 200
+
+    # The published means normalise only a run over all five severities: no mCE here, the plain mean error instead.
+    command = command.replace(f"--alexnet-errors {alexnet}", "").replace("fog,gaussian_noise", "fog")
+    assert robustness.run(parse(robustness, command)) == 0
+    result = json.loads((out / "summary.json").read_text())
+    assert result["mce"] is None and result["mean_corruption_error"] == pytest.approx(
+        float(read_csv(out / "robustness.csv")[0]["mean_error"]))
+
+
+def test_evenly_spaced_subset_covers_every_class(image_tree: Path) -> None:
+    dataset = build_dataset(str(image_tree), "val")
+    subset = evenly_spaced_subset(dataset, 3)
+    assert sorted(dataset.targets[i] for i in subset.indices) == [0, 1, 2]
+    assert evenly_spaced_subset(dataset, 100) is dataset
