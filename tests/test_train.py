@@ -1,0 +1,272 @@
+"""`sequencer train`: the paper's command lines, outputs, exact resume, NaN stop, fine-tuning, DDP on CPU."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sequencer import train as train_module
+from sequencer import validate
+from sequencer.checkpoint import load_pretrained, read_file
+from sequencer.model import create_model
+from test_data import make_image_tree
+
+# SEQUENCER.md, verbatim (`./distributed_train.sh 8 /path/to/imagenet` becomes torchrun + DATA).
+IMAGENET_RECIPE = (
+    "--model sequencer2d_s -b 256 -j 8 --opt adamw --epochs 300 --sched cosine --native-amp --img-size 224 "
+    "--drop-path 0.1 --lr 2e-3 --weight-decay 0.05 --remode pixel --reprob 0.25 --aa rand-m9-mstd0.5-inc1 "
+    "--smoothing 0.1 --mixup 0.8 --cutmix 1.0 --warmup-lr 1e-6 --warmup-epochs 20"
+)
+FINETUNE_392_RECIPE = (
+    "--model sequencer2d_l --pretrained -b 64 -j 8 --opt adamw --epochs 30 --sched cosine --native-amp "
+    "--input-size 3 392 392 --img-size 392 --crop-pct 1.0 --drop-path 0.4 --lr 5e-5 --weight-decay 1e-8 "
+    "--remode pixel --reprob 0.25 --aa rand-m9-mstd0.5-inc1 --smoothing 0.1 --mixup 0.8 --cutmix 1.0 "
+    "--warmup-epochs 0 --cooldown-epochs 0"
+)
+CIFAR10_RECIPE = (
+    "--model sequencer2d_s -b 128 -j 4 --num-classes 10 --dataset torch/cifar10 --pretrained --opt adamw "
+    "--epochs 200 --sched cosine --native-amp --img-size 224 --clip-grad 1 --drop-path 0.1 --lr 0.0001 "
+    "--weight-decay 1e-4 --remode pixel --aa rand-m9-mstd0.5-inc1 --smoothing 0.1 --mixup 0.8 --cutmix 1.0 "
+    "--warmup-lr 1e-6 --warmup-epochs 5"
+)
+# Every stateful piece in play: mixup/cutmix, random erasing, RandAugment, drop path, EMA, per-update schedule.
+TINY = "--model sequencer2d_tiny --img-size 16 -b 4 -j 0 --threads 1 --no-progress --opt adamw --lr 2e-3"
+STATEFUL = (
+    "--mixup 0.8 --cutmix 1.0 --reprob 0.25 --aa rand-m9-mstd0.5-inc1 --drop-path 0.1 --model-ema "
+    "--model-ema-decay 0.9 --sched-on-updates --warmup-epochs 1"
+)
+
+
+def parse(command: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    train_module.add_arguments(parser)
+    return parser.parse_args(shlex.split(command))
+
+
+def run_train(command: str) -> int:
+    return train_module.run(parse(command))
+
+
+def summary_rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """`train.run` sets torch's thread count for the process; give the rest of the suite its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_tree(tmp_path_factory.mktemp("data"), classes=2, per_class=8)
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full 2-epoch run with every stateful feature; other tests compare against it."""
+    output = tmp_path_factory.mktemp("uninterrupted")
+    assert run_train(f"{data_root} {TINY} {STATEFUL} --epochs 2 --output {output}") == 0
+    return output
+
+
+def test_paper_command_lines_parse_verbatim() -> None:
+    args = parse(f"/data/imagenet {IMAGENET_RECIPE}")
+    assert (args.data, args.model, args.batch_size, args.workers, args.opt, args.epochs) == (
+        "/data/imagenet", "sequencer2d_s", 256, 8, "adamw", 300)
+    assert args.amp and args.img_size == 224 and args.drop_path == 0.1 and args.lr == 2e-3
+    assert (args.weight_decay, args.remode, args.reprob, args.aa) == (0.05, "pixel", 0.25, "rand-m9-mstd0.5-inc1")
+    assert (args.smoothing, args.mixup, args.cutmix, args.warmup_lr, args.warmup_epochs) == (0.1, 0.8, 1.0, 1e-6, 20)
+
+    args = parse(f"/data/imagenet {FINETUNE_392_RECIPE}")
+    assert args.model == "sequencer2d_l" and args.pretrained and args.input_size == [3, 392, 392]
+    assert args.img_size == 392 and args.crop_pct == 1.0 and args.drop_path == 0.4 and args.lr == 5e-5
+    assert args.weight_decay == 1e-8 and args.warmup_epochs == 0 and args.cooldown_epochs == 0
+
+    args = parse(CIFAR10_RECIPE)
+    assert args.dataset == "torch/cifar10" and args.num_classes == 10 and args.pretrained and args.clip_grad == 1
+    assert args.data is None and args.epochs == 200 and args.lr == 1e-4 and args.warmup_epochs == 5
+
+    assert parse("--lr 0.1 --epochs 3 --lr 0.2 --epochs 4").lr == 0.2  # later flags win
+    assert parse("--amp").amp and parse("--native-amp").amp
+
+
+def test_defaults_are_the_digits_demo_without_data_and_timm_with_data() -> None:
+    demo = train_module.resolve_arguments(parse(""))
+    assert demo.model == "sequencer2d_tiny" and demo.opt == "adamw"
+    assert demo.hflip == 0.0  # mirrored digits are other glyphs
+    timm_like = train_module.resolve_arguments(parse("/data/imagenet"), world_size=2)
+    assert (timm_like.model, timm_like.opt, timm_like.epochs) == ("sequencer2d_s", "sgd", 300)
+    assert timm_like.batch_size == 128 and timm_like.hflip == 0.5
+    assert timm_like.lr == pytest.approx(0.1 * 128 * 2 / 256)  # timm: --lr-base scaled linearly by global batch
+    assert train_module.resolve_arguments(parse("/d --opt adamw -b 64")).lr == pytest.approx(0.1 * 0.5)  # sqrt rule
+
+
+@pytest.mark.slow
+def test_outputs_and_checkpoint_format(two_epoch_run: Path) -> None:
+    names = {p.name for p in two_epoch_run.iterdir()}
+    assert {"args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar", "training_curves.png"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]  # atomic writes leave no temporaries
+    rows = summary_rows(two_epoch_run)
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+    saved = yaml.safe_load((two_epoch_run / "args.yaml").read_text())
+    assert saved["model"] == "sequencer2d_tiny" and saved["mixup"] == 0.8 and saved["img_size"] == 16
+    # weights_only loading works, and load_pretrained reads the training checkpoint as weights (EMA too).
+    ckpt = torch.load(two_epoch_run / "last.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["num_updates"] == 8 and "optimizer" in ckpt and "state_dict_ema" in ckpt
+    model = create_model("sequencer2d_tiny", num_classes=2)
+    load_pretrained(model, two_epoch_run / "last.pth.tar", use_ema=True)
+    assert torch.equal(model.stem.proj.weight, ckpt["state_dict_ema"]["stem.proj.weight"])
+
+
+@pytest.mark.slow
+def test_validate_reproduces_the_held_out_score(data_root: Path, tmp_path: Path) -> None:
+    assert run_train(f"{data_root} {TINY} --epochs 3 --warmup-epochs 0 --lr 5e-3 --output {tmp_path}") == 0
+    results = tmp_path / "results.json"
+    argv = (f"{data_root} --model sequencer2d_tiny --checkpoint {tmp_path / 'last.pth.tar'} -j 0 --threads 1 "
+            f"--results-file {results}")
+    parser = argparse.ArgumentParser()
+    validate.add_arguments(parser)
+    assert validate.run(parser.parse_args(shlex.split(argv))) == 0
+    written, last = json.loads(results.read_text()), summary_rows(tmp_path)[-1]
+    assert written["input_size"] == [3, 16, 16]  # from the checkpoint's training flags
+    assert float(last["eval_loss"]) < 0.6  # learnt something, so the comparison below means something
+    assert written["top1"] == pytest.approx(float(last["eval_top1"]), abs=1e-3)
+    assert written["loss"] == pytest.approx(float(last["eval_loss"]), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(
+    data_root: Path, two_epoch_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_epoch = train_module.train_one_epoch
+
+    def interrupt_second_epoch(state, *args, **kwargs):
+        if state.epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(state, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupt_second_epoch)
+    command = f"{data_root} {TINY} {STATEFUL} --epochs 2 --output {tmp_path}"
+    assert run_train(command) == 130
+    assert read_file(tmp_path / "last.pth.tar")["epoch"] == 0
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    assert run_train(f"{command} --resume {tmp_path / 'last.pth.tar'}") == 0
+
+    resumed, uninterrupted = read_file(tmp_path / "last.pth.tar"), read_file(two_epoch_run / "last.pth.tar")
+    for key in ("state_dict", "state_dict_ema"):
+        for name, tensor in uninterrupted[key].items():
+            assert torch.equal(resumed[key][name], tensor), f"{key}.{name} differs after resume"
+    assert resumed["num_updates"] == uninterrupted["num_updates"]
+    assert summary_rows(tmp_path) == summary_rows(two_epoch_run)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_create = train_module.create_model
+    training_calls = []
+
+    def poisoned_model(*args, **kwargs):
+        model = real_create(*args, **kwargs)
+
+        def poison(module, inputs, output):
+            if module.training:
+                training_calls.append(1)
+                if len(training_calls) > 4:  # 4 steps per epoch: the second epoch diverges
+                    return output * float("nan")
+            return output
+
+        model.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(train_module, "create_model", poisoned_model)
+    with caplog.at_level(logging.ERROR):
+        assert run_train(f"{data_root} {TINY} --epochs 3 --output {tmp_path}") == 1
+    assert "non-finite training loss (nan) at epoch 2, step 1" in caplog.text
+    assert "last good checkpoint is kept" in caplog.text
+    kept = read_file(tmp_path / "last.pth.tar")
+    assert kept["epoch"] == 0 and all(torch.isfinite(v).all() for v in kept["state_dict"].values())
+    assert len(summary_rows(tmp_path)) == 1
+
+
+@pytest.mark.slow
+def test_fine_tune_at_another_resolution_and_class_count(
+    two_epoch_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    three_classes = make_image_tree(tmp_path / "data", classes=3, per_class=4)
+    source = read_file(two_epoch_run / "last.pth.tar")["state_dict"]
+    output = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        # lr 0: the loaded weights must come out unchanged, proving they were loaded. bfloat16 AMP on the CPU,
+        # gradient checkpointing and clipping ride along.
+        assert run_train(
+            f"{three_classes} --model sequencer2d_tiny --initial-checkpoint {two_epoch_run / 'last.pth.tar'} "
+            f"--num-classes 3 --img-size 24 -b 4 -j 0 --epochs 1 --lr 0 --warmup-lr 0 --weight-decay 0 "
+            f"--amp --grad-checkpointing --clip-grad 1 --threads 1 --no-progress --output {output}"
+        ) == 0
+    assert "classifier head is re-initialised" in caplog.text
+    tuned = read_file(output / "last.pth.tar")["state_dict"]
+    assert tuned["head.fc.weight"].shape == (3, 128)
+    assert all(torch.equal(tuned[k], v) for k, v in source.items() if not k.startswith("head."))
+    assert yaml.safe_load((output / "args.yaml").read_text())["img_size"] == 24
+
+
+def test_pretrained_fails_clearly_without_network(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert run_train(f"{data_root} {TINY} --pretrained --output {tmp_path}") == 2
+    assert "no released weights for sequencer2d_tiny" in capsys.readouterr().err
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    assert run_train(f"{data_root} --model sequencer2d_s --pretrained --output {tmp_path}") == 2
+    error = capsys.readouterr().err
+    assert "could not fetch the released weights of sequencer2d_s from https://" in error
+    assert "pass --initial-checkpoint PATH" in error
+
+
+def test_missing_or_empty_data_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_train(f"{tmp_path / 'missing'} --output {tmp_path / 'out'}") == 2
+    assert f"sequencer train: error: dataset folder not found: {tmp_path / 'missing'}" in capsys.readouterr().err
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert run_train(f"{tmp_path / 'empty'} --output {tmp_path / 'out'}") == 2
+    assert "empty dataset folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "sequencer", "train", str(data_root), *shlex.split(TINY), "--device", "cpu", "--epochs", "1",
+               "--output", str(output)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no rank wrote anywhere else
+    assert {p.name for p in output.iterdir()} == {
+        "args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar", "training_curves.png"}
+    assert len(summary_rows(output)) == 1
+    # 16 images, 2 ranks of batch 4: each rank reads its own 8-image shard, so 2 updates, not 4.
+    assert read_file(output / "last.pth.tar")["num_updates"] == 2
+    assert result.stdout.count("held-out top-1") == 1  # only rank 0 prints
