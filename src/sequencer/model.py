@@ -21,6 +21,9 @@ from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sequencer.kernels.onednn import linear as fast_linear
+from sequencer.recurrence import check_impl, directions_of, recurrent_weights, resolve_impl, scan
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -43,6 +46,7 @@ class RNN2D(nn.Module):
         bidirectional: bool = True,
         union: str = "cat",
         with_fc: bool = True,
+        rnn_impl: str = "auto",
     ) -> None:
         super().__init__()
         if cell not in CELLS:
@@ -50,6 +54,12 @@ class RNN2D(nn.Module):
         if union not in UNIONS:
             raise ValueError(f"unknown union {union!r}; expected one of {UNIONS}")
         self.union = union
+        self.cell = cell
+        self.hidden_size = hidden_size
+        # How the recurrences run (see sequencer.recurrence): "reference" is the authors' two nn.LSTM calls;
+        # "fused" projects the tokens once for all four directions and advances them together, with a hand-written
+        # backward; "triton" does that in GPU kernels; "auto" picks per device and shape. Same parameters for all.
+        self.rnn_impl = check_impl(rnn_impl)
         axis_dim = hidden_size * (2 if bidirectional else 1)
         mixed_dim = 2 * axis_dim if union == "cat" else axis_dim
         def make_rnn() -> nn.RNNBase:
@@ -58,6 +68,10 @@ class RNN2D(nn.Module):
         # Shared by all columns (rnn_v) and by all rows (rnn_h): the axis sequences are folded into the batch.
         self.rnn_v = None if union == "horizontal" else make_rnn()
         self.rnn_h = None if union == "vertical" else make_rnn()
+        axes = tuple(axis for axis, rnn in (("v", self.rnn_v), ("h", self.rnn_h)) if rnn is not None)
+        self.directions = directions_of(axes, bidirectional)
+        # The recurrent parameters as a plain list: torch.compile cannot trace through nn.LSTM modules at all.
+        self._weights = self._recurrent_weights()
         if with_fc:
             self.fc = nn.Linear(mixed_dim, dim)
         elif mixed_dim != dim:
@@ -66,6 +80,27 @@ class RNN2D(nn.Module):
             self.fc = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_reference(x)
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dispatch on `rnn_impl`, resolved for this input by `sequencer.recurrence.resolve_impl`."""
+        if not torch.compiler.is_compiling():
+            self._weights = self._recurrent_weights()  # follow replaced parameters (DataParallel replicas, ...)
+        needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self._weights))
+        impl = resolve_impl(self.rnn_impl, x, self.hidden_size, needs_backward)
+        if impl == "reference":
+            return self._forward_reference(x, fast_fc=self.rnn_impl == "auto")
+        # Channels come out as [v fwd, v bwd, h fwd, h bwd]: the "cat" union already.
+        x = scan(x, self._weights, self.cell, self.directions, impl)
+        if self.union == "add":
+            half = x.shape[-1] // 2
+            x = x[..., :half] + x[..., half:]
+        return self._fc(x, fast=True)
+
+    def _forward_reference(self, x: torch.Tensor, fast_fc: bool = False) -> torch.Tensor:
         v, h = self._reference(x)
         if v is not None and h is not None:
             x = torch.cat([v, h], dim=-1) if self.union == "cat" else v + h
@@ -73,6 +108,8 @@ class RNN2D(nn.Module):
             x = v
         elif h is not None:
             x = h
+        if fast_fc and not torch.jit.is_scripting():
+            return self._fc(x, fast=True)
         return self.fc(x)
 
     def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -86,6 +123,17 @@ class RNN2D(nn.Module):
         if self.rnn_h is not None:
             h = self.rnn_h(x.reshape(B * H, W, C))[0].reshape(B, H, W, -1)
         return v, h
+
+    @torch.jit.unused
+    def _fc(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
+        """The output projection, through oneDNN's matmul on the CPU (sequencer.kernels.onednn) when `fast`."""
+        if fast and isinstance(self.fc, nn.Linear):
+            return fast_linear(x, self.fc.weight, self.fc.bias)
+        return self.fc(x)
+
+    @torch.jit.unused
+    def _recurrent_weights(self) -> list[torch.Tensor]:
+        return recurrent_weights([rnn for rnn in (self.rnn_v, self.rnn_h) if rnn is not None])
 
 
 class RNN1D(nn.Module):
@@ -217,6 +265,7 @@ class Sequencer(nn.Module):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        rnn_impl: str = "auto",
     ) -> None:
         super().__init__()
         if not len(layers) == len(patch_sizes) == len(embed_dims) == len(hidden_sizes):
@@ -242,7 +291,9 @@ class Sequencer(nn.Module):
             blocks = []
             for j in range(depth):
                 if mixer == "2d":
-                    token_mixer: nn.Module = RNN2D(dim, hidden_sizes[i], cell, bidirectional, union, with_fc)
+                    token_mixer: nn.Module = RNN2D(
+                        dim, hidden_sizes[i], cell, bidirectional, union, with_fc, rnn_impl
+                    )
                 else:
                     token_mixer = RNN1D(dim, hidden_sizes[i], cell, bidirectional)
                 blocks.append(SequencerBlock(dim, token_mixer, mlp_ratio, drop_rate, rates[first + j]))
@@ -267,6 +318,13 @@ class Sequencer(nn.Module):
         """Recompute each block's activations in the backward pass instead of storing them."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    def set_rnn_impl(self, name: str) -> None:
+        """Run every 2D mixer's recurrences with implementation `name` ("auto", "reference", "fused", "triton")."""
+        check_impl(name)
+        for module in self.modules():
+            if isinstance(module, RNN2D):
+                module.rnn_impl = name
 
     def get_classifier(self) -> nn.Module:
         """The final linear layer."""

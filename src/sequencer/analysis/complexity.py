@@ -40,7 +40,11 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
         batch, steps = (x.shape[0], x.shape[1]) if module.batch_first else (x.shape[1], x.shape[0])
         total += rnn_macs(module, batch, steps)
 
+    # The hooks see only module calls: run the 2D mixers on their nn.LSTM / nn.Linear path while counting.
+    impls = {m: m.rnn_impl for m in model.modules() if hasattr(m, "rnn_impl")}
     hooks = []
+    for module in impls:
+        module.rnn_impl = "reference"
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             hooks.append(module.register_forward_hook(conv_hook))
@@ -55,6 +59,8 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
         model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
     finally:
         model.train(was_training)
+        for module, impl in impls.items():
+            module.rnn_impl = impl
         for hook in hooks:
             hook.remove()
     return total
