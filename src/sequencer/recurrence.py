@@ -25,6 +25,7 @@ import importlib.util
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from sequencer.kernels.onednn import linear
 
@@ -218,12 +219,12 @@ class FusedScan(torch.autograd.Function):
                 scatter(h_all, out, directions, group, D)
                 saved.extend(kept)
         ctx.cell, ctx.directions, ctx.shape, ctx.used = cell, directions, (B, H, W), False
-        ctx.has_b_hn, ctx.w_dtype = b_hn is not None, w_hh_t.dtype
         if save:
             ctx.save_for_backward(w_hh_t, b_hn, *saved)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         if ctx.used:
             raise RuntimeError("the fused recurrence's backward reuses its saved buffers and runs once per forward; "
