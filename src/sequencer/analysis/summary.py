@@ -34,8 +34,6 @@ def summarize(names: list[str], img_size: int | None = None) -> list[dict[str, A
         # Counting needs shapes only: the meta device allocates no weights and runs no kernels.
         with torch.device("meta"):
             model = create_model(name)
-        # count_macs sees the recurrences through the nn.LSTM/GRU/RNN calls of the reference path.
-        model.set_rnn_impl("reference")
         size = img_size or model.pretrained_cfg["input_size"][-1]
         if size < model.min_input_size:
             raise ValueError(f"--img-size {size} is below the {model.min_input_size} px that {name} needs")
