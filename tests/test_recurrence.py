@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from sequencer.kernels import onednn
-from sequencer.model import RNN2D, create_model
+from sequencer.model import RNN2D, Linear, Mlp, create_model
 from sequencer.recurrence import (
-    FUSED_MIN_TOKENS,
+    FUSED_MIN_SEQUENCES,
     FusedScan,
     pack_weights,
     resolve_impl,
@@ -151,13 +151,16 @@ def test_triton_without_gpu_or_interpreter_says_why() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_auto_picks_fused_for_cpu_training_on_large_maps_only() -> None:
-    side = int(FUSED_MIN_TOKENS**0.5) + 1
-    large, small = torch.randn(1, side, side, 8), torch.randn(1, 4, 4, 8)
-    assert resolve_impl("auto", large, 48, needs_backward=True) == "fused"
-    assert resolve_impl("auto", large, 48, needs_backward=False) == "reference"
-    assert resolve_impl("auto", small, 48, needs_backward=True) == "reference"
-    assert resolve_impl("triton", small, 48, needs_backward=False) == "triton"
+def test_auto_picks_fused_for_cpu_training_of_many_sequences_only() -> None:
+    def maps(batch: int, height: int, width: int) -> torch.Tensor:
+        return torch.zeros(1, 1, 1, 8).expand(batch, height, width, 8)
+
+    side = FUSED_MIN_SEQUENCES // 2
+    assert resolve_impl("auto", maps(2, side, side), 48, needs_backward=True) == "fused"
+    assert resolve_impl("auto", maps(2, side, side), 48, needs_backward=False) == "reference"
+    assert resolve_impl("auto", maps(2, side - 1, side), 48, needs_backward=True) == "reference"
+    assert resolve_impl("auto", maps(1, 4, 100 * side), 48, needs_backward=True) == "reference"  # 4 long rows
+    assert resolve_impl("triton", maps(1, 4, 4), 48, needs_backward=False) == "triton"
 
 
 def test_rnn_impl_is_a_model_option_and_keeps_the_checkpoint_layout() -> None:
@@ -226,3 +229,25 @@ def test_onednn_linear_matches_f_linear_forward_and_backward() -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+
+
+def test_block_linears_run_on_onednn_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not onednn.applies(torch.empty(1)):
+        pytest.skip("torch was built without oneDNN")
+    calls = []
+    original = onednn.OneDnnLinear.apply
+    monkeypatch.setattr(onednn.OneDnnLinear, "apply", lambda *args: calls.append(1) or original(*args))
+    torch.manual_seed(0)
+    mlp = Mlp(24, 72)
+    plain = torch.nn.Sequential(torch.nn.Linear(24, 72), torch.nn.GELU(), torch.nn.Linear(72, 24))
+    plain.load_state_dict({"0.weight": mlp.fc1.weight, "0.bias": mlp.fc1.bias, "2.weight": mlp.fc2.weight,
+                           "2.bias": mlp.fc2.bias})
+    assert isinstance(mlp.fc1, Linear) and isinstance(mlp.fc2, Linear)
+    x = torch.randn(2, 5, 5, 24)
+    torch.testing.assert_close(mlp(x), plain(x), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mlp(x)
+    mlp.double()(x.double())
+    assert len(calls) == 2  # autocast and float64 take F.linear
+    torch.testing.assert_close(torch.jit.script(mlp)(x.double()), plain.double()(x.double()))

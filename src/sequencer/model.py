@@ -35,6 +35,20 @@ UNIONS = ("cat", "add", "vertical", "horizontal")
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose float32 CPU matmuls run on oneDNN (`sequencer.kernels.onednn`): same parameters and results."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.linear(x, self.weight, self.bias)
+        return self._forward_fast(x)
+
+    @torch.jit.unused
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        # torch's F.linear calls MKL's sgemm on the CPU, at about half oneDNN's speed on some processors.
+        return fast_linear(x, self.weight, self.bias)
+
+
 class RNN2D(nn.Module):
     """BiLSTM2D: a recurrent net down every column and another along every row, united and projected back to C."""
 
@@ -73,7 +87,7 @@ class RNN2D(nn.Module):
         # The recurrent parameters as a plain list: torch.compile cannot trace through nn.LSTM modules at all.
         self._weights = self._recurrent_weights()
         if with_fc:
-            self.fc = nn.Linear(mixed_dim, dim)
+            self.fc = Linear(mixed_dim, dim)
         elif mixed_dim != dim:
             raise ValueError(f"without fc the mixer must output the block width: {mixed_dim} channels != dim {dim}")
         else:
@@ -92,15 +106,15 @@ class RNN2D(nn.Module):
         needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self._weights))
         impl = resolve_impl(self.rnn_impl, x, self.hidden_size, needs_backward)
         if impl == "reference":
-            return self._forward_reference(x, fast_fc=self.rnn_impl == "auto")
+            return self._forward_reference(x)
         # Channels come out as [v fwd, v bwd, h fwd, h bwd]: the "cat" union already.
         x = scan(x, self._weights, self.cell, self.directions, impl)
         if self.union == "add":
             half = x.shape[-1] // 2
             x = x[..., :half] + x[..., half:]
-        return self._fc(x, fast=True)
+        return self.fc(x)
 
-    def _forward_reference(self, x: torch.Tensor, fast_fc: bool = False) -> torch.Tensor:
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         v, h = self._reference(x)
         if v is not None and h is not None:
             x = torch.cat([v, h], dim=-1) if self.union == "cat" else v + h
@@ -108,8 +122,6 @@ class RNN2D(nn.Module):
             x = v
         elif h is not None:
             x = h
-        if fast_fc and not torch.jit.is_scripting():
-            return self._fc(x, fast=True)
         return self.fc(x)
 
     def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -123,13 +135,6 @@ class RNN2D(nn.Module):
         if self.rnn_h is not None:
             h = self.rnn_h(x.reshape(B * H, W, C))[0].reshape(B, H, W, -1)
         return v, h
-
-    @torch.jit.unused
-    def _fc(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
-        """The output projection, through oneDNN's matmul on the CPU (sequencer.kernels.onednn) when `fast`."""
-        if fast and isinstance(self.fc, nn.Linear):
-            return fast_linear(x, self.fc.weight, self.fc.bias)
-        return self.fc(x)
 
     @torch.jit.unused
     def _recurrent_weights(self) -> list[torch.Tensor]:
@@ -161,9 +166,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +199,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        return channels_last(self.proj(x))
 
 
 class Downsample(nn.Module):
@@ -205,7 +210,14 @@ class Downsample(nn.Module):
         self.down = nn.Conv2d(dim, dim_out, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return channels_last(self.down(x.permute(0, 3, 1, 2)))
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """NCHW to a contiguous (B, H, W, C) tensor."""
+    # A permuted view would set the layout of the whole residual stream (adds keep their input's strides), so every
+    # LayerNorm and linear of the stage would copy it, forward and backward, instead of this one copy.
+    return x.permute(0, 2, 3, 1).contiguous()
 
 
 class SequencerStage(nn.Module):

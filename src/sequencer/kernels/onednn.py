@@ -28,6 +28,7 @@ def applies(x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
         and not torch.jit.is_tracing()
         and not torch.onnx.is_in_onnx_export()
         and torch.backends.mkldnn.is_available()
