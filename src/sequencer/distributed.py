@@ -57,6 +57,15 @@ def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.T
     return value / context.world_size
 
 
+def on_every_rank(flag: bool, context: DistributedContext) -> bool:
+    """Whether `flag` holds in every process (the flag itself when alone)."""
+    if not context.distributed:
+        return flag
+    value = torch.tensor(int(flag), device=context.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def cleanup_distributed() -> None:
     """Leave the process group, if any."""
     if dist.is_initialized():

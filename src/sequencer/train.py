@@ -34,7 +34,13 @@ from tqdm import tqdm
 
 from sequencer.checkpoint import atomic_save, load_pretrained, read_file
 from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
-from sequencer.distributed import DistributedContext, all_reduce_mean, cleanup_distributed, init_distributed
+from sequencer.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    cleanup_distributed,
+    init_distributed,
+    on_every_rank,
+)
 from sequencer.model import create_model
 from sequencer.options import add_input_options, add_model_options, add_runtime_options
 from sequencer.plotting import plot_training_curves
@@ -315,13 +321,16 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{num_epochs}", leave=False, dynamic_ncols=True,
                disable=args.no_progress or not context.is_primary)
     for batch in bar:
-        if batch is None:  # every image of the batch was unreadable (and counted by the dataset)
+        # None: every image of the batch was unreadable (and counted by the dataset).
+        if batch is not None and mixup is not None and len(batch[0]) % 2:
+            # A skipped unreadable image left an odd batch; timm's mixup needs pairs.
+            batch = (batch[0][:-1], batch[1][:-1]) if len(batch[0]) > 1 else None
+        # All ranks skip together: one sitting a step out would leave the others waiting in the gradient all-reduce.
+        if not on_every_rank(batch is not None, context):
             continue
         images, targets = batch
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if mixup is not None:
-            if len(images) % 2:  # a skipped unreadable image left an odd batch; timm's mixup needs pairs
-                images, targets = images[:-1], targets[:-1]
             images, targets = mixup(images, targets)
         with autocast(device, args.amp, args.amp_dtype):
             loss = criterion(train_model(images), targets)
