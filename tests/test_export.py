@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sequencer
+from conftest import tiny_with_head
 from sequencer import deploy
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
@@ -21,21 +22,6 @@ def run_export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     deploy.add_arguments(parser)
     return deploy.run(parser.parse_args(argv))
-
-
-def tiny_with_head() -> torch.nn.Module:
-    """sequencer2d_tiny with a random head: the zero-initialised one would make every logit 0 and the check vacuous."""
-    torch.manual_seed(0)
-    model = sequencer.create_model("sequencer2d_tiny")
-    torch.nn.init.normal_(model.head.fc.weight, std=0.5)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    sequencer.save_weights(tiny_with_head(), path)
-    return path
 
 
 def stored_config(path: Path, fmt: str) -> dict:

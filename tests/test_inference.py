@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision import transforms
 
 import sequencer
+from conftest import tiny_with_head
 from sequencer import inference
 from sequencer.checkpoint import CheckpointError
 
@@ -22,21 +23,6 @@ def run_predict(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     inference.add_arguments(parser)
     return inference.run(parser.parse_args(argv))
-
-
-def tiny_with_head(num_classes: int = 1000) -> torch.nn.Module:
-    """sequencer2d_tiny with a random (not zero-initialised) head, so that its predictions differ between images."""
-    torch.manual_seed(0)
-    model = sequencer.create_model("sequencer2d_tiny", num_classes=num_classes)
-    torch.nn.init.normal_(model.head.fc.weight, std=0.5)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    sequencer.save_weights(tiny_with_head(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
