@@ -7,20 +7,24 @@ The shapes are Sequencer2D-S's at 224 px, batch 8: the mixer's input projection 
 the channel MLP, per stage width. Each is timed forward and forward+backward, round-robin in one process with
 `sequencer.bench.time_round_robin`; the ratio is F.linear's median time over oneDNN's.
 
---whole-model also times a training step and an inference pass of our sequencer2d_s as it is (the mixer uses
-oneDNN, the MLP F.linear), of the same model with its MLP's two linears routed through oneDNN too (a what-if: the
-MLP is not part of the mixer), and of timm's sequencer2d_s.
+--whole-model also times a training step and an inference pass of our sequencer2d_s as it is (every linear of the
+blocks on oneDNN, `sequencer.model.Linear`; a contiguous residual stream), of the same model with those linears back
+on F.linear (the recurrence's own input projection stays on oneDNN), of the same model with the stem and the
+downsampling returning permuted NCHW views as timm's do (the residual stream then strided, so that every LayerNorm
+and linear copies it), and of timm's sequencer2d_s.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import types
 from collections.abc import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import sequencer.model as model_module
 from sequencer.bench import time_round_robin
@@ -76,14 +80,17 @@ def _step(fn: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def whole_model(repeats: int) -> None:
-    """Sequencer2D-S at 224 px, batch 8: ours, ours with a oneDNN MLP (what-if), timm's; inference and training."""
+    """Sequencer2D-S at 224 px, batch 8: ours, ours with F.linear in the blocks, timm's; inference and training."""
     torch.manual_seed(0)
     ours = model_module.create_model("sequencer2d_s")
-    patched = model_module.create_model("sequencer2d_s")
-    for mlp in (m for m in patched.modules() if isinstance(m, model_module.Mlp)):
-        mlp.forward = _onednn_mlp_forward(mlp)
+    on_mkl = model_module.create_model("sequencer2d_s")
+    for layer in (m for m in on_mkl.modules() if isinstance(m, model_module.Linear)):
+        layer.forward = types.MethodType(nn.Linear.forward, layer)
+    strided = model_module.create_model("sequencer2d_s")
+    for layer in (m for m in strided.modules() if isinstance(m, model_module.PatchEmbed | model_module.Downsample)):
+        layer.forward = _permuted_view_forward(layer)
     twin = timm.create_model("sequencer2d_s")
-    models = {"timm": twin, "ours": ours, "ours + oneDNN MLP (what-if)": patched}
+    models = {"timm": twin, "ours": ours, "ours, F.linear in the blocks": on_mkl, "ours, strided stream": strided}
     x = torch.randn(8, 3, 224, 224)
     target = torch.randint(0, 1000, (8,))
     for mode in ("infer", "train"):
@@ -95,13 +102,15 @@ def whole_model(repeats: int) -> None:
         times = time_round_robin(steps, torch.device("cpu"), 1, repeats)
         base = statistics.median(times["timm"])
         for label, t in times.items():
-            print(f"{mode:<6} {label:<28} {8 / statistics.median(t):6.2f} img/s  {base / statistics.median(t):.2f}x")
+            print(f"{mode:<6} {label:<30} {8 / statistics.median(t):6.2f} img/s  {base / statistics.median(t):.2f}x")
 
 
-def _onednn_mlp_forward(mlp: model_module.Mlp) -> Callable[[torch.Tensor], torch.Tensor]:
+def _permuted_view_forward(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    conv = layer.proj if isinstance(layer, model_module.PatchEmbed) else layer.down
+    is_stem = isinstance(layer, model_module.PatchEmbed)
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        x = mlp.drop(mlp.act(onednn.linear(x, mlp.fc1.weight, mlp.fc1.bias)))
-        return mlp.drop(onednn.linear(x, mlp.fc2.weight, mlp.fc2.bias))
+        return conv(x if is_stem else x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     return forward
 
