@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sequencer.kernels import onednn
 from sequencer.model import RNN2D, Linear, Mlp, create_model
 from sequencer.recurrence import (
-    FUSED_MIN_SEQUENCES,
+    FUSED_MIN_TOKENS,
     FusedScan,
     pack_weights,
     resolve_impl,
@@ -151,15 +151,15 @@ def test_triton_without_gpu_or_interpreter_says_why() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_auto_picks_fused_for_cpu_training_of_many_sequences_only() -> None:
+def test_auto_picks_fused_for_cpu_training_on_large_maps_only() -> None:
     def maps(batch: int, height: int, width: int) -> torch.Tensor:
         return torch.zeros(1, 1, 1, 8).expand(batch, height, width, 8)
 
-    side = FUSED_MIN_SEQUENCES // 2
-    assert resolve_impl("auto", maps(2, side, side), 48, needs_backward=True) == "fused"
-    assert resolve_impl("auto", maps(2, side, side), 48, needs_backward=False) == "reference"
-    assert resolve_impl("auto", maps(2, side - 1, side), 48, needs_backward=True) == "reference"
-    assert resolve_impl("auto", maps(1, 4, 100 * side), 48, needs_backward=True) == "reference"  # 4 long rows
+    side = 32
+    batch = FUSED_MIN_TOKENS // side**2
+    assert resolve_impl("auto", maps(batch, side, side), 48, needs_backward=True) == "fused"
+    assert resolve_impl("auto", maps(batch, side, side), 48, needs_backward=False) == "reference"
+    assert resolve_impl("auto", maps(batch, side, side - 1), 48, needs_backward=True) == "reference"
     assert resolve_impl("triton", maps(1, 4, 4), 48, needs_backward=False) == "triton"
 
 

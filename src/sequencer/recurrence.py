@@ -15,7 +15,7 @@ its own input projection and one direction after the other. Here:
 Implementations, chosen by name (`RNN2D.rnn_impl`): "reference" (nn.LSTM/GRU/RNN), "fused" (the above, in
 torch ops, any device; under torch.compile an out-of-place version that inductor fuses and differentiates),
 "triton" (the same algorithm as GPU kernels, `sequencer.kernels.triton_scan`), and "auto", which picks per call
-(`resolve_impl`): Triton on CUDA, the fused path for CPU training steps with enough sequences per step and under
+(`resolve_impl`): Triton on CUDA, the fused path for CPU training steps on large enough maps and under
 torch.compile, nn.LSTM otherwise (CPU inference, where oneDNN's LSTM is hard to beat; tracing and export).
 """
 
@@ -32,9 +32,9 @@ from sequencer.kernels.onednn import linear
 IMPLEMENTATIONS = ("auto", "reference", "fused", "triton")
 # The Triton kernel keeps a (D x D) tile per gate on chip; beyond this width it would spill.
 TRITON_MAX_HIDDEN = 128
-# Sequences advanced per step (B * min(H, W)) from which the fused CPU path trains faster than nn.LSTM: its per-step
-# overhead is fixed, its work per step grows with them (benchmarks/recurrence.py, BENCHMARKS.md).
-FUSED_MIN_SEQUENCES = 256
+# Tokens per map (B * H * W) from which the fused CPU path trains: from there it is about as fast as nn.LSTM or
+# faster, and needs less memory; below, its fixed per-step overhead loses (benchmarks/recurrence.py, BENCHMARKS.md).
+FUSED_MIN_TOKENS = 4096
 
 Direction = tuple[str, bool]  # (axis "v" or "h", reverse)
 
@@ -62,8 +62,8 @@ def resolve_impl(name: str, x: torch.Tensor, hidden_size: int, needs_backward: b
     if x.is_cuda:
         return "triton" if hidden_size <= TRITON_MAX_HIDDEN and triton_available() else "reference"
     # CPU: nn.LSTM runs on oneDNN, whose fused inference kernels nothing built from torch ops beats; the fused path
-    # wins when a backward pass follows and enough sequences run side by side to amortise its per-step overhead.
-    if x.device.type == "cpu" and needs_backward and x.shape[0] * min(x.shape[1], x.shape[2]) >= FUSED_MIN_SEQUENCES:
+    # pays when a backward pass follows on a large enough map.
+    if x.device.type == "cpu" and needs_backward and x.shape[0] * x.shape[1] * x.shape[2] >= FUSED_MIN_TOKENS:
         return "fused"
     return "reference"
 
