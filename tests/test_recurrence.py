@@ -188,11 +188,21 @@ def _tiny_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 @pytest.mark.slow
-def test_torch_compile_with_default_settings_runs_the_tiny_model() -> None:
+def test_torch_compile_with_default_settings_trains_at_several_resolutions() -> None:
     model, reference = _tiny_pair()
-    x = torch.randn(2, 3, 16, 16)
     compiled = torch.compile(model)
-    torch.testing.assert_close(compiled(x), reference(x), atol=1e-4, rtol=1e-4)
+    target = torch.tensor([1, 2])
+    for size in (16, 24):  # the second size recompiles with dynamic spatial sizes
+        x = torch.randn(2, 3, size, size)
+        logits = compiled(x)
+        expected = reference(x)
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+        F.cross_entropy(logits, target).backward()
+        F.cross_entropy(expected, target).backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+        model.zero_grad()
+        reference.zero_grad()
 
 
 def test_torchscript_runs_the_reference_path() -> None:

@@ -210,7 +210,9 @@ class Downsample(nn.Module):
         self.down = nn.Conv2d(dim, dim_out, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return channels_last(self.down(x.permute(0, 3, 1, 2)))
+        # A copy, not the permuted view: inductor cannot order the strides of a saved view whose map side is symbolic,
+        # which broke compiled training at a second resolution; eager speed is the same either way.
+        return channels_last(self.down(x.permute(0, 3, 1, 2).contiguous()))
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
