@@ -153,6 +153,40 @@ def test_validate_reproduces_the_held_out_score(data_root: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
+def test_torchcompile_trains_and_validates_like_eager(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backends = []
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: backends.append(kw["backend"]) or original(model, **kw))
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    base = f"{data_root} {TINY} --epochs 1"
+    assert run_train(f"{base} --output {eager}") == 0
+    assert backends == []
+    assert run_train(f"{base} --torchcompile --output {compiled}") == 0
+    assert backends == ["inductor"]
+    expected = read_file(eager / "last.pth.tar")["state_dict"]
+    got = read_file(compiled / "last.pth.tar")["state_dict"]
+    assert got.keys() == expected.keys()  # the plain model is saved, not torch.compile's wrapper
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=1e-4, rtol=1e-3, msg=lambda m, key=key: f"{key}: {m}")
+    parser = argparse.ArgumentParser()
+    validate.add_arguments(parser)
+    argv = f"{data_root} --model sequencer2d_tiny --checkpoint {compiled / 'last.pth.tar'} -j 0 --threads 1"
+    results = [tmp_path / f"{name}.json" for name in ("eager", "compiled")]
+    assert validate.run(parser.parse_args(shlex.split(f"{argv} --results-file {results[0]}"))) == 0
+    assert validate.run(parser.parse_args(shlex.split(f"{argv} --torchcompile --results-file {results[1]}"))) == 0
+    assert backends == ["inductor", "inductor"]
+    plain, fast = (json.loads(path.read_text()) for path in results)
+    assert fast["top1"] == plain["top1"] and fast["loss"] == pytest.approx(plain["loss"], abs=1e-5)
+
+
+def test_unknown_compile_backend_is_refused(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_train(f"{data_root} {TINY} --epochs 1 --torchcompile inductr --output {tmp_path}") == 2
+    assert "unknown torch.compile backend 'inductr'; expected one of" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_resume_continues_exactly(
     data_root: Path, two_epoch_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -39,6 +39,13 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+def add_compile_options(parser: argparse.ArgumentParser) -> None:
+    """--torchcompile [BACKEND], as in timm's scripts."""
+    group = parser.add_argument_group("compilation")
+    group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="run the model through torch.compile (backend: inductor unless named)")
+
+
 def add_compare_options(parser: argparse.ArgumentParser) -> None:
     """--compare: more models beside --model (Sequencer variants or timm models), each NAME or NAME=CHECKPOINT."""
     group = parser.add_argument_group("comparison")

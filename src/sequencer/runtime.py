@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 
 def resolve_device(name: str | None = None) -> torch.device:
@@ -35,3 +36,13 @@ def set_threads(threads: int | None) -> None:
     """Limit torch's CPU threads when asked."""
     if threads:
         torch.set_num_threads(threads)
+
+
+def compile_model(model: nn.Module, backend: str | None) -> nn.Module:
+    """`torch.compile(model, backend=backend)`, or the model itself without a backend; unknown backends refused."""
+    if not backend:
+        return model
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"unknown torch.compile backend {backend!r}; expected one of {', '.join(known)}")
+    return torch.compile(model, backend=backend)

@@ -42,9 +42,9 @@ from sequencer.distributed import (
     on_every_rank,
 )
 from sequencer.model import create_model
-from sequencer.options import add_input_options, add_model_options, add_runtime_options
+from sequencer.options import add_compile_options, add_input_options, add_model_options, add_runtime_options
 from sequencer.plotting import plot_training_curves
-from sequencer.runtime import amp_dtype, autocast, set_threads
+from sequencer.runtime import amp_dtype, autocast, compile_model, set_threads
 from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     add_input_options(parser)
     add_runtime_options(parser)
+    add_compile_options(parser)
     parser.set_defaults(batch_size=None, workers=None)
     parser.add_argument("-vb", "--validation-batch-size", type=int, default=None, help="default: --batch-size")
 
@@ -482,6 +483,8 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
     train_model: nn.Module = model
     if context.distributed:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # After DDP, as timm does, so that its gradient buckets are compiled too; checkpoints keep the plain model.
+    train_model = compile_model(train_model, args.torchcompile)
 
     saved_args = plain_arguments(args)
     if context.is_primary:

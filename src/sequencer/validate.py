@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from sequencer.checkpoint import extract_state_dict, from_authors_format, load_state_dict, read_file
 from sequencer.data import build_dataset, create_loader, create_transform, data_config
 from sequencer.model import create_model
-from sequencer.options import add_input_options, add_model_options, add_runtime_options
-from sequencer.runtime import autocast, resolve_device, set_threads
+from sequencer.options import add_compile_options, add_input_options, add_model_options, add_runtime_options
+from sequencer.runtime import autocast, compile_model, resolve_device, set_threads
 
 _logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser, default_model="sequencer2d_s")
     add_input_options(parser)
     add_runtime_options(parser)
+    add_compile_options(parser)
     parser.add_argument("--results-file", default="", help="write the metrics to this JSON file")
 
 
@@ -135,7 +136,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     config = data_config(model, **overrides)
     dataset.transform = create_transform(model, train=False, **overrides)
     loader = create_loader(dataset, args.batch_size, args.workers)
-    metrics = evaluate(model.to(device), loader, device, amp=args.amp, amp_dtype=args.amp_dtype)
+    model = compile_model(model.to(device), args.torchcompile)
+    metrics = evaluate(model, loader, device, amp=args.amp, amp_dtype=args.amp_dtype)
     metrics["num_skipped"] = getattr(dataset, "num_skipped", 0)
     results: dict[str, Any] = {
         "model": args.model,
