@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import tiny_with_head
 from sequencer.analysis import erf, resolution, robustness, summary
 from sequencer.analysis.common import build_model, evenly_spaced_subset, model_labels
 from sequencer.checkpoint import save_weights
@@ -60,11 +61,8 @@ def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Weights of a 3-class sequencer2d_tiny whose head is not zero, so predictions differ between images."""
-    torch.manual_seed(0)
-    model = create_model("sequencer2d_tiny", num_classes=NUM_CLASSES)
-    nn.init.normal_(model.head.fc.weight, std=0.5)
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_weights(model, path)
+    save_weights(tiny_with_head(NUM_CLASSES), path)
     return path
 
 
