@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint bench
+.PHONY: install train test lint
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +17,7 @@ install: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/sequencer train
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check .
+test: lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

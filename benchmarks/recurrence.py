@@ -36,9 +36,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="8", help="comma-separated batch sizes")
     parser.add_argument("--sides", default="", help="comma-separated map sides overriding the 224-px ones")
-    parser.add_argument("--impls", default="fused",
-                        help="comma-separated rnn_impl values to set against reference, or the dropped variants "
-                             "fused-mkl (MKL instead of oneDNN GEMMs) and autograd-loop (no hand-written backward)")
+    parser.add_argument(
+        "--impls",
+        default="fused",
+        help="comma-separated rnn_impl values to set against reference, or the dropped variants "
+        "fused-mkl (MKL instead of oneDNN GEMMs) and autograd-loop (no hand-written backward)",
+    )
     parser.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
@@ -52,8 +55,11 @@ def main() -> None:
     impls = ["reference", *args.impls.split(",")]
     sides = [int(s) for s in args.sides.split(",")] if args.sides else None
     rows = []
-    print(f"{'stage':<9} {'map':>7} {'batch':>5} {'mode':<5} " + " ".join(f"{i + ' ms':>14}" for i in impls)
-          + "  speed-up vs reference")
+    print(
+        f"{'stage':<9} {'map':>7} {'batch':>5} {'mode':<5} "
+        + " ".join(f"{i + ' ms':>14}" for i in impls)
+        + "  speed-up vs reference"
+    )
     for stage, (side, dim, hidden) in STAGES.items():
         for side_used in sides or [side]:
             for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -65,10 +71,25 @@ def main() -> None:
                     times = time_round_robin(steps, device, args.warmup, args.repeats)
                     ms = {impl: 1000 * statistics.median(t) for impl, t in times.items()}
                     ratios = "  ".join(f"{impl} {ms['reference'] / ms[impl]:.2f}x" for impl in impls[1:])
-                    print(f"{stage:<9} {side_used:>3}x{side_used:<3} {batch:>5} {mode:<5} "
-                          + " ".join(f"{ms[i]:>14.2f}" for i in impls) + f"  {ratios}")
-                    rows.append(dict(stage=stage, side=side_used, dim=dim, hidden=hidden, batch=batch, mode=mode,
-                                     cell=args.cell, ms=ms, threads=torch.get_num_threads(), device=str(device)))
+                    print(
+                        f"{stage:<9} {side_used:>3}x{side_used:<3} {batch:>5} {mode:<5} "
+                        + " ".join(f"{ms[i]:>14.2f}" for i in impls)
+                        + f"  {ratios}"
+                    )
+                    rows.append(
+                        dict(
+                            stage=stage,
+                            side=side_used,
+                            dim=dim,
+                            hidden=hidden,
+                            batch=batch,
+                            mode=mode,
+                            cell=args.cell,
+                            ms=ms,
+                            threads=torch.get_num_threads(),
+                            device=str(device),
+                        )
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
@@ -93,6 +114,7 @@ def _step(mixer: RNN2D, impl: str, x: torch.Tensor, mode: str, device: torch.dev
 def _variant(mixer: RNN2D, impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """An rnn_impl, or one of two variants that were tried and dropped (see BENCHMARKS.md)."""
     if impl == "fused-mkl":  # the fused path with MKL's sgemm for the projection and fc instead of oneDNN
+
         def without_onednn(x: torch.Tensor) -> torch.Tensor:
             mixer.rnn_impl = "fused"
             with torch.backends.mkldnn.flags(enabled=False):
@@ -100,6 +122,7 @@ def _variant(mixer: RNN2D, impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
         return without_onednn
     if impl == "autograd-loop":  # the same loop, out of place, differentiated by autograd step by step
+
         def autograd_loop(x: torch.Tensor) -> torch.Tensor:
             w_ih, bias, w_hh_t, b_hn = pack_weights(mixer._recurrent_weights(), mixer.cell)
             hidden = scan_out_of_place(linear(x, w_ih, bias), w_hh_t, b_hn, mixer.cell, mixer.directions)

@@ -30,11 +30,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cell = torch.randn(4, 256, 48)
     out = torch.empty_like(cell)
-    _report("cell nonlinearity, 49k floats", {
-        "torch.tanh": lambda: torch.tanh(cell, out=out),
-        "torch.sigmoid": lambda: torch.sigmoid(cell, out=out),
-        "2 sigmoid(2x) - 1": lambda: torch.mul(cell, 2, out=out).sigmoid_().mul_(2).sub_(1),
-    }, args.repeats)
+    _report(
+        "cell nonlinearity, 49k floats",
+        {
+            "torch.tanh": lambda: torch.tanh(cell, out=out),
+            "torch.sigmoid": lambda: torch.sigmoid(cell, out=out),
+            "2 sigmoid(2x) - 1": lambda: torch.mul(cell, 2, out=out).sigmoid_().mul_(2).sub_(1),
+        },
+        args.repeats,
+    )
 
     projected = torch.randn(8, 32, 32, 4 * 192)
     source = projected[..., 192:384].permute(1, 0, 2, 3)  # one direction's gates, time-major view
@@ -45,21 +49,29 @@ def main() -> None:
         for t in range(32):
             target[t].copy_(source[31 - t])
 
-    _report("gather one direction, time-major", {
-        "copy_ (no reversal)": lambda: target.copy_(source),
-        "index_select(out=)": lambda: torch.index_select(source, 0, backwards, out=target),
-        "per-step copy_": per_step,
-        "index_copy_": lambda: target.index_copy_(0, backwards, source),
-        "flip + copy_": lambda: target.copy_(source.flip(0)),
-    }, args.repeats)
+    _report(
+        "gather one direction, time-major",
+        {
+            "copy_ (no reversal)": lambda: target.copy_(source),
+            "index_select(out=)": lambda: torch.index_select(source, 0, backwards, out=target),
+            "per-step copy_": per_step,
+            "index_copy_": lambda: target.index_copy_(0, backwards, source),
+            "flip + copy_": lambda: target.copy_(source.flip(0)),
+        },
+        args.repeats,
+    )
 
     x = torch.randn(8192, 192)
     grad = torch.randn(8192, 768)
-    _report("projection weight gradient (768 x 192) over 8192 tokens", {
-        "oneDNN dy^T x": lambda: matmul_t(grad.t(), x.t()),
-        "oneDNN (x^T dy)^T": lambda: matmul_t(x.t(), grad.t()).t().contiguous(),
-        "MKL torch.mm(dy^T, x)": lambda: torch.mm(grad.t(), x),
-    }, args.repeats)
+    _report(
+        "projection weight gradient (768 x 192) over 8192 tokens",
+        {
+            "oneDNN dy^T x": lambda: matmul_t(grad.t(), x.t()),
+            "oneDNN (x^T dy)^T": lambda: matmul_t(x.t(), grad.t()).t().contiguous(),
+            "MKL torch.mm(dy^T, x)": lambda: torch.mm(grad.t(), x),
+        },
+        args.repeats,
+    )
 
 
 def _report(title: str, steps: dict, repeats: int) -> None:

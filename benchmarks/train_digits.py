@@ -56,14 +56,18 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPU cores, 1-minute load average {load:.2f} before the runs")
     print("| command | runs | wall s (median, max) | held-out top-1 % (min, max) | max wall / 90 s budget |")
     print("|---|---|---|---|---|")
-    print(f"| `sequencer train` | {len(runs)} | {statistics.median(walls):.1f}, {max(walls):.1f} | "
-          f"{min(top1s):.2f}, {max(top1s):.2f} | {max(walls) / BUDGET_S:.2f} |")
+    print(
+        f"| `sequencer train` | {len(runs)} | {statistics.median(walls):.1f}, {max(walls):.1f} | "
+        f"{min(top1s):.2f}, {max(top1s):.2f} | {max(walls) / BUDGET_S:.2f} |"
+    )
     if not args.no_peer:
         wall, top1 = time_command([sequencer, "train", "--threads", "2"], limit=args.peer_limit)
         finished = top1 is not None
         shown = f"{wall:.1f}" if finished else f"> {wall:.0f} (stopped)"
-        print(f"| `sequencer train --threads 2` (peer) | 1 | {shown} | {top1 if finished else '-'} | "
-              f"{'' if finished else '> '}{wall / BUDGET_S:.2f} |")
+        print(
+            f"| `sequencer train --threads 2` (peer) | 1 | {shown} | {top1 if finished else '-'} | "
+            f"{'' if finished else '> '}{wall / BUDGET_S:.2f} |"
+        )
         print(f"\npeer / main job wall time: {'' if finished else '> '}{wall / statistics.median(walls):.2f}x")
     ok = max(walls) < BUDGET_S and min(top1s) >= TARGET_TOP1
     verdict = "meets" if ok else "MISSES"

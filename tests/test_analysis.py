@@ -93,8 +93,14 @@ def test_summary_markdown_table_and_aliases() -> None:
     rows = [dict(model="m", params_m=1.5, gmacs=0.25, img_size=32, params=1_500_000, macs=250_000_000)]
     lines = summary.format_table(rows).splitlines()
     assert lines[0].split("|")[1].strip() == "model" and set(lines[1]) <= set("|-: ")
-    assert [c.strip() for c in lines[2].strip("|").split("|")] == ["m", "1.50", "0.25", "32", "1,500,000",
-                                                                  "250,000,000"]
+    assert [c.strip() for c in lines[2].strip("|").split("|")] == [
+        "m",
+        "1.50",
+        "0.25",
+        "32",
+        "1,500,000",
+        "250,000,000",
+    ]
     assert summary.format_table(rows, "csv").splitlines()[1] == "m,1.5,0.25,32,1500000,250000000"
 
 
@@ -179,12 +185,15 @@ def test_stage_indices_pick_one_level_per_stage() -> None:
 
 def test_erf_command_writes_table_maps_and_figure(tmp_path: Path, image_tree: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "erf"
-    command = (f"--model sequencer2d_tiny --checkpoint {tiny_checkpoint} --compare resnet18 --data {image_tree} "
-               f"--img-size 64 --num-images 3 -b 2 -j 0 --out {out}")
+    command = (
+        f"--model sequencer2d_tiny --checkpoint {tiny_checkpoint} --compare resnet18 --data {image_tree} "
+        f"--img-size 64 --num-images 3 -b 2 -j 0 --out {out}"
+    )
     assert erf.run(parse(erf, command)) == 0
     rows = read_csv(out / "erf.csv")
-    assert [(r["model"], r["stage"]) for r in rows] == [(m, str(s)) for m in ("sequencer2d_tiny", "resnet18")
-                                                        for s in range(1, 5)]
+    assert [(r["model"], r["stage"]) for r in rows] == [
+        (m, str(s)) for m in ("sequencer2d_tiny", "resnet18") for s in range(1, 5)
+    ]
     assert [r["layer"] for r in rows[4:]] == ["layer1", "layer2", "layer3", "layer4"]
     maps = np.load(out / "erf.npz")
     assert sorted(maps.files)[0] == "resnet18/stage1" and maps["sequencer2d_tiny/stage4"].shape == (64, 64)
@@ -214,12 +223,15 @@ def test_timm_checkpoint_keeps_its_classifier(tmp_path: Path) -> None:
 
 def test_resolution_command_evaluates_every_size(tmp_path: Path, image_tree: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "res"
-    command = (f"{image_tree} --model sequencer2d_tiny --checkpoint {tiny_checkpoint} "
-               f"--compare sequencer2d_tiny={tiny_checkpoint} --sizes 48,32 -b 5 -j 0 --out {out}")
+    command = (
+        f"{image_tree} --model sequencer2d_tiny --checkpoint {tiny_checkpoint} "
+        f"--compare sequencer2d_tiny={tiny_checkpoint} --sizes 48,32 -b 5 -j 0 --out {out}"
+    )
     assert resolution.run(parse(resolution, command)) == 0
     rows = read_csv(out / "resolution.csv")
     assert [(r["model"], r["size"]) for r in rows] == [
-        (f"sequencer2d_tiny (tiny.safetensors) #{k}", s) for k in (1, 2) for s in ("32", "48")]
+        (f"sequencer2d_tiny (tiny.safetensors) #{k}", s) for k in (1, 2) for s in ("32", "48")
+    ]
     assert all(r["images"] == "12" and r["train_size"] == "32" for r in rows)
     # Same weights, same numbers; and the 32 px row is what a plain evaluation at 32 px gives.
     assert [r["top1"] for r in rows[:2]] == [r["top1"] for r in rows[2:]]
@@ -257,8 +269,9 @@ def test_every_corruption_runs_on_this_stack() -> None:
 
 
 def test_corrupted_images_are_reproducible_and_normalised(image_tree: Path) -> None:
-    base = build_dataset(str(image_tree), "val", transform=create_transform(
-        create_model("sequencer2d_tiny"), use_prefetcher=True))
+    base = build_dataset(
+        str(image_tree), "val", transform=create_transform(create_model("sequencer2d_tiny"), use_prefetcher=True)
+    )
     clean = robustness.CorruptedImages(base, "fog", 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     foggy = robustness.CorruptedImages(base, "fog", 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     raw, label = base[5]
@@ -293,11 +306,15 @@ def test_robustness_command_writes_per_corruption_tables_and_mce(
     tmp_path: Path, image_tree: Path, tiny_checkpoint: Path
 ) -> None:
     alexnet = tmp_path / "alexnet.csv"
-    alexnet.write_text("corruption,severity,error\n" + "".join(
-        f"{c},{s},{0.5 + 0.1 * s}\n" for c in ("gaussian_noise", "fog") for s in (1, 2)))
+    alexnet.write_text(
+        "corruption,severity,error\n"
+        + "".join(f"{c},{s},{0.5 + 0.1 * s}\n" for c in ("gaussian_noise", "fog") for s in (1, 2))
+    )
     out = tmp_path / "rob"
-    command = (f"{image_tree} --model sequencer2d_tiny --checkpoint {tiny_checkpoint} --corruptions fog,gaussian_noise "
-               f"--severities 2,1 --limit 6 --alexnet-errors {alexnet} -b 4 -j 0 --out {out}")
+    command = (
+        f"{image_tree} --model sequencer2d_tiny --checkpoint {tiny_checkpoint} --corruptions fog,gaussian_noise "
+        f"--severities 2,1 --limit 6 --alexnet-errors {alexnet} -b 4 -j 0 --out {out}"
+    )
     assert robustness.run(parse(robustness, command)) == 0
     result = json.loads((out / "summary.json").read_text())
     assert result["images"] == 6 and result["severities"] == [1, 2]
@@ -318,7 +335,8 @@ def test_robustness_command_writes_per_corruption_tables_and_mce(
     assert robustness.run(parse(robustness, command)) == 0
     result = json.loads((out / "summary.json").read_text())
     assert result["mce"] is None and result["mean_corruption_error"] == pytest.approx(
-        float(read_csv(out / "robustness.csv")[0]["mean_error"]))
+        float(read_csv(out / "robustness.csv")[0]["mean_error"])
+    )
 
 
 def test_evenly_spaced_subset_covers_every_class(image_tree: Path) -> None:

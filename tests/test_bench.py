@@ -15,8 +15,9 @@ from sequencer.cli import build_parser
 
 
 def _run(tmp_path: Path, *flags: str) -> dict:
-    args = build_parser().parse_args(["bench", "--output", str(tmp_path / "b"), "--repeats", "1", "--warmup", "0",
-                                      "--threads", "1", *flags])
+    args = build_parser("bench").parse_args(
+        ["bench", "--output", str(tmp_path / "b"), "--repeats", "1", "--warmup", "0", "--threads", "1", *flags]
+    )
     assert bench.run(args) == 0
     return json.loads((tmp_path / "b.json").read_text())
 
@@ -25,14 +26,14 @@ def test_ours_runs_beside_timms_twin_and_our_reference_with_ratios(tmp_path: Pat
     report = _run(tmp_path, "--models", "sequencer2d_s", "--resolutions", "32", "-b", "1", "--no-memory")
     rows = report["results"]
     assert [(r["mode"], r["variant"]) for r in rows] == [
-        (mode, variant) for mode in ("infer", "train")
-        for variant in ("timm", "ours(auto)", "ours(reference)")
+        (mode, variant) for mode in ("infer", "train") for variant in ("timm", "ours(auto)", "ours(reference)")
     ]
     for r in rows:
         assert r["images_per_s"] > 0 and r["precision"] == "float32" and r["resolution"] == 32
         if r["source"] == "ours":
-            assert r["speed_vs_timm"] == pytest.approx(r["images_per_s"] / rows[0 if r["mode"] == "infer" else 3][
-                "images_per_s"])
+            assert r["speed_vs_timm"] == pytest.approx(
+                r["images_per_s"] / rows[0 if r["mode"] == "infer" else 3]["images_per_s"]
+            )
             assert r["speed_vs_reference"] is not None
     assert report["environment"]["threads"] == 1
     with (tmp_path / "b.csv").open() as handle:
@@ -50,18 +51,31 @@ def test_twin_check_refuses_a_timm_model_with_other_weights() -> None:
 
 
 def test_resolution_sweep_of_peers_writes_csv_and_plot(tmp_path: Path) -> None:
-    report = _run(tmp_path, "--models", "sequencer2d_tiny,test_vit", "--resolutions", "32,48", "-b", "2",
-                  "--modes", "infer", "--impls", "fused", "--no-memory")
+    report = _run(
+        tmp_path,
+        "--models",
+        "sequencer2d_tiny,test_vit",
+        "--resolutions",
+        "32,48",
+        "-b",
+        "2",
+        "--modes",
+        "infer",
+        "--impls",
+        "fused",
+        "--no-memory",
+    )
     found = {(r["model"], r["variant"], r["resolution"]) for r in report["results"]}
-    assert found == {(m, v, s) for m, v in [("sequencer2d_tiny", "ours(fused)"), ("test_vit", "timm")]
-                     for s in (32, 48)}
+    assert found == {
+        (m, v, s) for m, v in [("sequencer2d_tiny", "ours(fused)"), ("test_vit", "timm")] for s in (32, 48)
+    }
     assert (tmp_path / "b.png").stat().st_size > 10_000
 
 
 def test_unknown_model_and_bad_lists_are_named() -> None:
     with pytest.raises(ValueError, match="unknown model 'sequencer9'"):
         bench.plan_variants(["sequencer9"], ["auto"], False, True)
-    parser = build_parser()
+    parser = build_parser("bench")
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--precisions", "float64"])
     with pytest.raises(SystemExit):

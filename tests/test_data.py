@@ -14,8 +14,9 @@ from sequencer.data import DatasetError, build_dataset, create_loader, create_tr
 from sequencer.model import create_model
 
 
-def make_image_tree(root: Path, classes: int = 2, per_class: int = 6, size: int = 16,
-                    splits: tuple[str, ...] = ("train", "val")) -> Path:
+def make_image_tree(
+    root: Path, classes: int = 2, per_class: int = 6, size: int = 16, splits: tuple[str, ...] = ("train", "val")
+) -> Path:
     """ROOT/<split>/<class>/*.png of noise tinted by class (red, green, blue): learnable whatever the crop or flip."""
     if classes > 3:
         raise ValueError("at most 3 classes: one per colour channel")

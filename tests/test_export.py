@@ -44,8 +44,9 @@ def stored_config(path: Path, fmt: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(SUFFIX))
-def test_dynamic_batch_export_reloads_and_matches(fmt: str, checkpoint: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_dynamic_batch_export_reloads_and_matches(
+    fmt: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / f"tiny{SUFFIX[fmt]}"
     argv = ["--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "--format", fmt, "-o", str(path)]
     assert run_export([*argv, "--dynamic-batch"]) == 0
@@ -80,8 +81,14 @@ def test_static_export_is_fixed_to_its_batch_and_img_size(checkpoint: Path, tmp_
 def test_other_code_paths_export_to_onnx(tmp_path: Path) -> None:
     # The vanilla 1D mixer, a GRU cell and the learned position embedding, in a small module passed directly.
     model = sequencer.create_model(
-        "v_sequencer_s_pe", num_classes=7, cell="gru", layers=(1, 1, 1, 1), patch_sizes=(4, 2, 1, 1),
-        embed_dims=(32,) * 4, hidden_sizes=(16,) * 4, img_size=32,
+        "v_sequencer_s_pe",
+        num_classes=7,
+        cell="gru",
+        layers=(1, 1, 1, 1),
+        patch_sizes=(4, 2, 1, 1),
+        embed_dims=(32,) * 4,
+        hidden_sizes=(16,) * 4,
+        img_size=32,
     )
     torch.nn.init.normal_(model.head.fc.weight)
     model.train()

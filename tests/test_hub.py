@@ -54,8 +54,9 @@ def test_fresh_clone_without_the_package_installed_uses_its_src(
     weights: tuple[Path, torch.nn.Module], tmp_path: Path
 ) -> None:
     clone = tmp_path / "clone"
-    shutil.copytree(REPO / "src" / "sequencer", clone / "src" / "sequencer",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "src" / "sequencer", clone / "src" / "sequencer", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(REPO / "hubconf.py", clone / "hubconf.py")
     path, reference = weights
     installed = Path(sequencer.__file__).resolve().parents[1]  # src/ of an editable install, or site-packages

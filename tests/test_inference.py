@@ -79,14 +79,23 @@ def test_imagenet_class_names_are_the_standard_short_names() -> None:
     assert set(differ) <= {134, 517, 638, 639}
 
 
-def test_cli_writes_csv_json_and_table(checkpoint: Path, image_folder: Path, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_csv_json_and_table(
+    checkpoint: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     common = [str(image_folder), "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-j", "0"]
     assert run_predict([*common, "--topk", "2", "-o", str(tmp_path / "out.csv")]) == 0
     with open(tmp_path / "out.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "error", "index_1", "label_1", "probability_1", "index_2", "label_2",
-                             "probability_2"]
+    assert list(rows[0]) == [
+        "path",
+        "error",
+        "index_1",
+        "label_1",
+        "probability_1",
+        "index_2",
+        "label_2",
+        "probability_2",
+    ]
     bad = [r for r in rows if r["path"].endswith("corrupt.jpg")]
     assert len(rows) == 4 and len(bad) == 1 and bad[0]["error"] and bad[0]["label_1"] == ""
     names = inference.imagenet_class_names()

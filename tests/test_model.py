@@ -108,9 +108,7 @@ def test_authors_initialisation() -> None:
 
 def test_stochastic_depth_grows_linearly_over_all_blocks() -> None:
     model = sequencer.create_model("sequencer2d_s", drop_path_rate=0.1)
-    rates = [
-        getattr(b.drop_path, "drop_prob", 0.0) for b in model.modules() if isinstance(b, SequencerBlock)
-    ]
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.modules() if isinstance(b, SequencerBlock)]
     assert len(rates) == 18
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
     assert rates == pytest.approx([0.1 * i / 17 for i in range(18)])

@@ -74,8 +74,9 @@ def test_fused_under_bfloat16_autocast_is_as_close_as_the_reference(cell: str) -
 def test_out_of_place_scan_for_torch_compile_matches_fused() -> None:
     for cell in CELLS:
         mixer = _mixer(cell, "cat", True).double()
-        projected = torch.randn(2, 5, 5, len(mixer.directions) * {"lstm": 4, "gru": 3, "rnn": 1}[cell] * 8,
-                                dtype=torch.float64)
+        projected = torch.randn(
+            2, 5, 5, len(mixer.directions) * {"lstm": 4, "gru": 3, "rnn": 1}[cell] * 8, dtype=torch.float64
+        )
         _, _, w_hh_t, b_hn = pack_weights(mixer._recurrent_weights(), cell)
         expected = FusedScan.apply(projected, w_hh_t, b_hn, cell, mixer.directions, False)
         got = scan_out_of_place(projected, w_hh_t, b_hn, cell, mixer.directions)
@@ -250,8 +251,9 @@ def test_block_linears_run_on_onednn_only_where_it_applies(monkeypatch: pytest.M
     torch.manual_seed(0)
     mlp = Mlp(24, 72)
     plain = torch.nn.Sequential(torch.nn.Linear(24, 72), torch.nn.GELU(), torch.nn.Linear(72, 24))
-    plain.load_state_dict({"0.weight": mlp.fc1.weight, "0.bias": mlp.fc1.bias, "2.weight": mlp.fc2.weight,
-                           "2.bias": mlp.fc2.bias})
+    plain.load_state_dict(
+        {"0.weight": mlp.fc1.weight, "0.bias": mlp.fc1.bias, "2.weight": mlp.fc2.weight, "2.bias": mlp.fc2.bias}
+    )
     assert isinstance(mlp.fc1, Linear) and isinstance(mlp.fc2, Linear)
     x = torch.randn(2, 5, 5, 24)
     torch.testing.assert_close(mlp(x), plain(x), atol=1e-5, rtol=1e-5)

@@ -89,7 +89,13 @@ def two_epoch_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_paper_command_lines_parse_verbatim() -> None:
     args = parse(f"/data/imagenet {IMAGENET_RECIPE}")
     assert (args.data, args.model, args.batch_size, args.workers, args.opt, args.epochs) == (
-        "/data/imagenet", "sequencer2d_s", 256, 8, "adamw", 300)
+        "/data/imagenet",
+        "sequencer2d_s",
+        256,
+        8,
+        "adamw",
+        300,
+    )
     assert args.amp and args.img_size == 224 and args.drop_path == 0.1 and args.lr == 2e-3
     assert (args.weight_decay, args.remode, args.reprob, args.aa) == (0.05, "pixel", 0.25, "rand-m9-mstd0.5-inc1")
     assert (args.smoothing, args.mixup, args.cutmix, args.warmup_lr, args.warmup_epochs) == (0.1, 0.8, 1.0, 1e-6, 20)
@@ -140,8 +146,10 @@ def test_outputs_and_checkpoint_format(two_epoch_run: Path) -> None:
 def test_validate_reproduces_the_held_out_score(data_root: Path, tmp_path: Path) -> None:
     assert run_train(f"{data_root} {TINY} --epochs 3 --warmup-epochs 0 --lr 5e-3 --output {tmp_path}") == 0
     results = tmp_path / "results.json"
-    argv = (f"{data_root} --model sequencer2d_tiny --checkpoint {tmp_path / 'last.pth.tar'} -j 0 --threads 1 "
-            f"--results-file {results}")
+    argv = (
+        f"{data_root} --model sequencer2d_tiny --checkpoint {tmp_path / 'last.pth.tar'} -j 0 --threads 1 "
+        f"--results-file {results}"
+    )
     parser = argparse.ArgumentParser()
     validate.add_arguments(parser)
     assert validate.run(parser.parse_args(shlex.split(argv))) == 0
@@ -252,11 +260,14 @@ def test_fine_tune_at_another_resolution_and_class_count(
     with caplog.at_level(logging.WARNING):
         # lr 0: the loaded weights must come out unchanged, proving they were loaded. bfloat16 AMP on the CPU,
         # gradient checkpointing and clipping ride along.
-        assert run_train(
-            f"{three_classes} --model sequencer2d_tiny --initial-checkpoint {two_epoch_run / 'last.pth.tar'} "
-            f"--num-classes 3 --img-size 24 -b 4 -j 0 --epochs 1 --lr 0 --warmup-lr 0 --weight-decay 0 "
-            f"--amp --grad-checkpointing --clip-grad 1 --threads 1 --no-progress --output {output}"
-        ) == 0
+        assert (
+            run_train(
+                f"{three_classes} --model sequencer2d_tiny --initial-checkpoint {two_epoch_run / 'last.pth.tar'} "
+                f"--num-classes 3 --img-size 24 -b 4 -j 0 --epochs 1 --lr 0 --warmup-lr 0 --weight-decay 0 "
+                f"--amp --grad-checkpointing --clip-grad 1 --threads 1 --no-progress --output {output}"
+            )
+            == 0
+        )
     assert "classifier head is re-initialised" in caplog.text
     tuned = read_file(output / "last.pth.tar")["state_dict"]
     assert tuned["head.fc.weight"].shape == (3, 128)
@@ -298,15 +309,38 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
     work.mkdir()
     output = work / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "sequencer", "train", str(data), *shlex.split(TINY), "-b", "1", "--device", "cpu",
-               "--epochs", "1", "--output", str(output)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "sequencer",
+        "train",
+        str(data),
+        *shlex.split(TINY),
+        "-b",
+        "1",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--output",
+        str(output),
+    ]
     # A hang (a rank sitting out a step alone while the other waits in the all-reduce) ends in TimeoutExpired.
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in work.iterdir()) == ["out"]  # no rank wrote anywhere else
     assert {p.name for p in output.iterdir()} == {
-        "args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar", "training_curves.png"}
+        "args.yaml",
+        "summary.csv",
+        "last.pth.tar",
+        "model_best.pth.tar",
+        "training_curves.png",
+    }
     assert len(summary_rows(output)) == 1
     # 17 images on 2 ranks: each reads its own 9-image shard (padded by one repeat), 9 steps of batch 1, not 17.
     # The steps where the unreadable image (or its repeat) falls on a rank are skipped by both ranks together.

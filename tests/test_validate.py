@@ -35,13 +35,15 @@ def parse(command: str) -> argparse.Namespace:
 
 
 def test_evaluate_matches_hand_computed_metrics() -> None:
-    logits = torch.tensor([
-        [5.0, 4, 3, 2, 1, 0, -1],  # label 0: top-1 hit
-        [5.0, 4, 3, 2, 1, 0, -1],  # label 4: top-5 hit only
-        [5.0, 4, 3, 2, 1, 0, -1],  # label 6: miss
-        [0.0, 9, 0, 0, 0, 0, 0],   # label 1: top-1 hit
-        [0.0, 1, 5, 2, 3, 4, 9],   # label 2: top-5 hit only (second)
-    ])
+    logits = torch.tensor(
+        [
+            [5.0, 4, 3, 2, 1, 0, -1],  # label 0: top-1 hit
+            [5.0, 4, 3, 2, 1, 0, -1],  # label 4: top-5 hit only
+            [5.0, 4, 3, 2, 1, 0, -1],  # label 6: miss
+            [0.0, 9, 0, 0, 0, 0, 0],  # label 1: top-1 hit
+            [0.0, 1, 5, 2, 3, 4, 9],  # label 2: top-5 hit only (second)
+        ]
+    )
     labels = torch.tensor([0, 4, 6, 1, 2])
     loader = DataLoader(TensorDataset(logits, labels), batch_size=2)  # uneven last batch
     metrics = validate.evaluate(FixedLogits(), loader, torch.device("cpu"))
@@ -68,8 +70,10 @@ def test_validate_command_prints_and_writes_results(tmp_path: Path, capsys: pyte
     model = create_model("sequencer2d_tiny", num_classes=3)
     save_weights(model, tmp_path / "tiny.pth")
     results = tmp_path / "results.json"
-    args = parse(f"{root} --model sequencer2d_tiny --checkpoint {tmp_path / 'tiny.pth'} -b 4 "
-                 f"--input-size 3 32 32 --amp -j 0 --results-file {results}")
+    args = parse(
+        f"{root} --model sequencer2d_tiny --checkpoint {tmp_path / 'tiny.pth'} -b 4 "
+        f"--input-size 3 32 32 --amp -j 0 --results-file {results}"
+    )
     assert validate.run(args) == 0
     written = json.loads(results.read_text())
     assert written["count"] == 9 and written["input_size"] == [3, 32, 32] and written["amp"]
@@ -86,8 +90,10 @@ def test_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.Capture
 def test_training_checkpoint_supplies_the_input_size(tmp_path: Path) -> None:
     root = make_image_tree(tmp_path / "data", classes=2, per_class=2)
     model = create_model("sequencer2d_tiny", num_classes=2)
-    torch.save({"state_dict": model.state_dict(), "epoch": 3, "args": {"img_size": 24, "crop_pct": None}},
-               tmp_path / "last.pth.tar")
+    torch.save(
+        {"state_dict": model.state_dict(), "epoch": 3, "args": {"img_size": 24, "crop_pct": None}},
+        tmp_path / "last.pth.tar",
+    )
     results = tmp_path / "results.json"
     base = f"{root} --model sequencer2d_tiny --checkpoint {tmp_path / 'last.pth.tar'} -j 0 --results-file {results}"
     assert validate.run(parse(base)) == 0

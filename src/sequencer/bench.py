@@ -76,17 +76,32 @@ class Setting:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Models, settings, repeats and outputs; device, threads and -b come from the shared runtime options."""
-    parser.add_argument("--models", type=_names, default=["sequencer2d_s"],
-                        help="comma-separated: our variants (see `sequencer summary`) and/or timm models")
+    parser.add_argument(
+        "--models",
+        type=_names,
+        default=["sequencer2d_s"],
+        help="comma-separated: our variants (see `sequencer summary`) and/or timm models",
+    )
     parser.add_argument("--resolutions", type=_ints, default=[224], help="comma-separated input sizes")
     parser.add_argument("--batch-sizes", type=_ints, default=None, help="comma-separated (default: -b)")
-    parser.add_argument("--precisions", type=_choices(PRECISIONS), default=None,
-                        help="comma-separated float32 and/or amp (default: amp with --amp, else float32)")
+    parser.add_argument(
+        "--precisions",
+        type=_choices(PRECISIONS),
+        default=None,
+        help="comma-separated float32 and/or amp (default: amp with --amp, else float32)",
+    )
     parser.add_argument("--modes", type=_choices(MODES), default=list(MODES), help="infer and/or train")
-    parser.add_argument("--impls", type=_names, default=["auto", "reference"],
-                        help="rnn_impl values to run our models with (auto, reference, fused, triton)")
-    parser.add_argument("--grad-checkpointing", action="store_true",
-                        help="also train our models with gradient checkpointing (compared with timm without)")
+    parser.add_argument(
+        "--impls",
+        type=_names,
+        default=["auto", "reference"],
+        help="rnn_impl values to run our models with (auto, reference, fused, triton)",
+    )
+    parser.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="also train our models with gradient checkpointing (compared with timm without)",
+    )
     parser.add_argument("--no-timm-twin", action="store_true", help="skip timm's sequencer2d_* with our weights")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
@@ -220,7 +235,10 @@ def make_step(model: nn.Module, setting: Setting, device: torch.device, amp_dtyp
 
 
 def measure_setting(
-    variants: list[Variant], models: dict[Variant, nn.Module], setting: Setting, device: torch.device,
+    variants: list[Variant],
+    models: dict[Variant, nn.Module],
+    setting: Setting,
+    device: torch.device,
     args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
     """Round-robin timing of the variants in one setting, then (unless disabled) their peak memory."""
@@ -230,11 +248,17 @@ def measure_setting(
     for variant in variants:
         median = statistics.median(times[variant])
         peak = None if args.no_memory else measure_peak_memory(variant, setting, device, args.threads, args.amp_dtype)
-        records.append(dict(
-            variant=variant.label, **asdict(variant), **asdict(setting),
-            images_per_s=setting.batch_size / median, step_ms=1000 * median,
-            step_ms_all=[1000 * t for t in times[variant]], peak_memory_mib=peak,
-        ))
+        records.append(
+            dict(
+                variant=variant.label,
+                **asdict(variant),
+                **asdict(setting),
+                images_per_s=setting.batch_size / median,
+                step_ms=1000 * median,
+                step_ms_all=[1000 * t for t in times[variant]],
+                peak_memory_mib=peak,
+            )
+        )
     del steps
     gc.collect()
     return records
@@ -278,17 +302,21 @@ def print_table(records: list[dict[str, Any]], setting: Setting) -> None:
     """One block per setting: images/s, peak memory and the ratios."""
     print(f"\n{setting.mode} {setting.precision} {setting.resolution}px batch {setting.batch_size}")
     width = max(len(r["model"]) for r in records)
-    print(f"  {'model':<{width}} {'variant':<22} {'img/s':>9} {'vs timm':>8} {'vs ref':>7} {'peak MiB':>9} "
-          f"{'vs timm':>8} {'vs ref':>7}")
+    print(
+        f"  {'model':<{width}} {'variant':<22} {'img/s':>9} {'vs timm':>8} {'vs ref':>7} {'peak MiB':>9} "
+        f"{'vs timm':>8} {'vs ref':>7}"
+    )
 
     def ratio(value: float | None) -> str:
         return f"{value:.2f}x" if value else "-"
 
     for r in records:
         peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] else "-"
-        print(f"  {r['model']:<{width}} {r['variant']:<22} {r['images_per_s']:>9.2f} "
-              f"{ratio(r.get('speed_vs_timm')):>8} {ratio(r.get('speed_vs_reference')):>7} {peak:>9} "
-              f"{ratio(r.get('memory_vs_timm')):>8} {ratio(r.get('memory_vs_reference')):>7}")
+        print(
+            f"  {r['model']:<{width}} {r['variant']:<22} {r['images_per_s']:>9.2f} "
+            f"{ratio(r.get('speed_vs_timm')):>8} {ratio(r.get('speed_vs_reference')):>7} {peak:>9} "
+            f"{ratio(r.get('memory_vs_timm')):>8} {ratio(r.get('memory_vs_reference')):>7}"
+        )
 
 
 def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> None:
@@ -296,8 +324,13 @@ def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace, devic
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     environment = dict(
-        command=" ".join(sys.argv), device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
-        timm=timm.__version__, python=platform.python_version(), processor=_processor_name(device),
+        command=" ".join(sys.argv),
+        device=str(device),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        timm=timm.__version__,
+        python=platform.python_version(),
+        processor=_processor_name(device),
     )
     output.with_suffix(".json").write_text(json.dumps(dict(environment=environment, results=records), indent=1))
     columns = [key for key in records[0] if key != "step_ms_all"] if records else []
@@ -320,8 +353,9 @@ def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
 
     modes = sorted({r["mode"] for r in records}, key=MODES.index)
     resolutions = sorted({r["resolution"] for r in records})
-    figure, axes = plt.subplots(len(modes), 2, figsize=(11, 3.6 * len(modes) + 1.2), squeeze=False,
-                                layout="constrained")
+    figure, axes = plt.subplots(
+        len(modes), 2, figsize=(11, 3.6 * len(modes) + 1.2), squeeze=False, layout="constrained"
+    )
     for row, mode in enumerate(modes):
         lines: dict[str, list[dict[str, Any]]] = {}
         for r in records:
@@ -372,8 +406,9 @@ def measure_peak_memory(
     variant: Variant, setting: Setting, device: torch.device, threads: int | None, amp_dtype: str | None
 ) -> float:
     """Peak memory (MiB) that two steps of `variant` add to the built model, measured in a fresh subprocess."""
-    spec = dict(variant=asdict(variant), setting=asdict(setting), device=str(device), threads=threads,
-                amp_dtype=amp_dtype)
+    spec = dict(
+        variant=asdict(variant), setting=asdict(setting), device=str(device), threads=threads, amp_dtype=amp_dtype
+    )
     # A fixed threshold stops glibc from raising it as tensors are freed, so freed tensors go back to the kernel
     # and the resident set tracks live memory.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")

@@ -13,13 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from sequencer.errors import CheckpointError
+
 _logger = logging.getLogger(__name__)
 
 WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model it is loaded into."""
 
 
 def read_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,10 +1,16 @@
-"""The `sequencer` command: one entry point whose subcommands share their option definitions (see options.py)."""
+"""The `sequencer` command: one entry point whose subcommands share their option definitions (see options.py).
+
+Only the module of the subcommand being run is imported, so `sequencer --help` does not pay for torch, timm or
+matplotlib. Every expected failure (`sequencer.errors.SequencerError`) ends as one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from sequencer.errors import SequencerError
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,22 +26,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser; each subcommand module adds its own options."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported to add its options (none for `sequencer --help`)."""
     parser = argparse.ArgumentParser(prog="sequencer", description="Sequencer: Deep LSTM for Image Classification")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        sub_parser = sub.add_parser(name, help=help_text, description=module.__doc__)
-        module.add_arguments(sub_parser)
-        sub_parser.set_defaults(run=module.run)
+        sub_parser = sub.add_parser(name, help=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            sub_parser.description = module.__doc__
+            module.add_arguments(sub_parser)
+            sub_parser.set_defaults(run=module.run)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is one), if any."""
+    return next((word for word in argv if word in COMMANDS), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run the subcommand."""
-    args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    """Parse the command line and run the subcommand; a `SequencerError` becomes one line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = _command_of(argv)
+    args = build_parser(command).parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except SequencerError as error:
+        print(f"sequencer {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

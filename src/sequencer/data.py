@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision.datasets import ImageFolder
 
+from sequencer.errors import DatasetError
+
 _logger = logging.getLogger(__name__)
 
 _CONFIG_KEYS = ("input_size", "img_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
@@ -36,15 +38,10 @@ def create_transform(model: nn.Module | dict[str, Any], train: bool = False, **o
     return timm_create_transform(**cfg, is_training=train, **overrides)
 
 
-
 DIGITS_NAMES = ("digits", "sklearn/digits")
 VAL_SPLITS = ("val", "validation", "test")
 _DIGITS_VAL_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used: a missing or empty folder, an unknown name, an unknown split."""
 
 
 class SkipCounter:

@@ -59,8 +59,10 @@ class ExportResult:
             f"check against PyTorch: max |logit diff| {diffs} (tolerance {self.tolerance:.0e}): {verdict}",
         ]
         if self.trivial:
-            lines.append("note: all reference logits are zero (untrained zero-initialised head); load a checkpoint "
-                         "for a meaningful check")
+            lines.append(
+                "note: all reference logits are zero (untrained zero-initialised head); load a checkpoint "
+                "for a meaningful check"
+            )
         return "\n".join(lines)
 
 
@@ -98,8 +100,15 @@ def _quiet_export_warnings() -> Iterator[None]:
         yield
 
 
-def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool,
-           config_json: str, opset: int | None) -> None:
+def _write(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    fmt: str,
+    dynamic_batch: bool,
+    config_json: str,
+    opset: int | None,
+) -> None:
     batch_dim = torch.export.Dim("batch")
     if fmt == "onnx":
         program = torch.onnx.export(
@@ -209,10 +218,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("export")
     group.add_argument("--format", default=None, choices=FORMATS, help="default: from the suffix of -o")
     group.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write (.onnx, .pt, .pt2)")
-    group.add_argument("--dynamic-batch", action="store_true",
-                       help="any batch size (TorchScript always allows it); checked at three batch sizes")
-    group.add_argument("-b", "--batch-size", type=int, default=2,
-                       help="batch of the example input, and the fixed batch of a static export (default 2)")
+    group.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="any batch size (TorchScript always allows it); checked at three batch sizes",
+    )
+    group.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        default=2,
+        help="batch of the example input, and the fixed batch of a static export (default 2)",
+    )
     group.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |logit difference|")
     group.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
 

@@ -299,11 +299,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_options(parser)
     group = parser.add_argument_group("output")
     group.add_argument("--topk", type=int, default=5, help="classes to list per image")
-    group.add_argument("--class-map", default=None, metavar="FILE",
-                       help="class names: one per line, or a JSON list / dict (default: ImageNet-1K for 1000 classes)")
+    group.add_argument(
+        "--class-map",
+        default=None,
+        metavar="FILE",
+        help="class names: one per line, or a JSON list / dict (default: ImageNet-1K for 1000 classes)",
+    )
     group.add_argument("-o", "--output", default=None, metavar="FILE", help="write here instead of stdout")
-    group.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default=None,
-                       help="output format (default: from --output's suffix .csv / .json, else a table)")
+    group.add_argument(
+        "--format",
+        dest="output_format",
+        choices=OUTPUT_FORMATS,
+        default=None,
+        help="output format (default: from --output's suffix .csv / .json, else a table)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -76,6 +76,7 @@ class RNN2D(nn.Module):
         self.rnn_impl = check_impl(rnn_impl)
         axis_dim = hidden_size * (2 if bidirectional else 1)
         mixed_dim = 2 * axis_dim if union == "cat" else axis_dim
+
         def make_rnn() -> nn.RNNBase:
             return CELLS[cell](dim, hidden_size, batch_first=True, bidirectional=bidirectional)
 
@@ -305,9 +306,7 @@ class Sequencer(nn.Module):
             blocks = []
             for j in range(depth):
                 if mixer == "2d":
-                    token_mixer: nn.Module = RNN2D(
-                        dim, hidden_sizes[i], cell, bidirectional, union, with_fc, rnn_impl
-                    )
+                    token_mixer: nn.Module = RNN2D(dim, hidden_sizes[i], cell, bidirectional, union, with_fc, rnn_impl)
                 else:
                     token_mixer = RNN1D(dim, hidden_sizes[i], cell, bidirectional)
                 blocks.append(SequencerBlock(dim, token_mixer, mlp_ratio, drop_rate, rates[first + j]))
@@ -464,17 +463,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gru_sequencer2d_s": dict(layers=_S, cell="gru"),
     "rnn_sequencer2d_s": dict(layers=_S, cell="rnn"),
     "sequencer2d_l_d4_3x": dict(layers=_L, embed_dims=(256, 512, 512, 512), hidden_sizes=(64, 128, 128, 128)),
-    "v_sequencer_s": dict(
-        mixer="1d", patch_sizes=(14, 1, 1, 1), embed_dims=(384,) * 4, hidden_sizes=(192,) * 4
-    ),
+    "v_sequencer_s": dict(mixer="1d", patch_sizes=(14, 1, 1, 1), embed_dims=(384,) * 4, hidden_sizes=(192,) * 4),
     "v_sequencer_s_h": dict(mixer="1d", hidden_sizes=_H2X),
     "v_sequencer_s_pe": dict(
         mixer="1d", patch_sizes=(14, 1, 1, 1), embed_dims=(384,) * 4, hidden_sizes=(192,) * 4, pos_embed=True
     ),
     # Not in the paper: a ~0.6M-parameter model for 32x32 inputs, CPU demos and tests.
     "sequencer2d_tiny": dict(
-        layers=(1, 1, 2, 1), patch_sizes=(4, 2, 1, 1), embed_dims=(64, 128, 128, 128),
-        hidden_sizes=(16, 32, 32, 32), img_size=32,
+        layers=(1, 1, 2, 1),
+        patch_sizes=(4, 2, 1, 1),
+        embed_dims=(64, 128, 128, 128),
+        hidden_sizes=(16, 32, 32, 32),
+        img_size=32,
     ),
 }
 # The authors named the vertical-only ablation without "_s"; the consistent name is an alias.

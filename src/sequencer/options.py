@@ -19,8 +19,14 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     """--img-size, --input-size, --crop-pct, --mean, --std, --interpolation (default: the model's config)."""
     group = parser.add_argument_group("input")
     group.add_argument("--img-size", type=int, default=None, help="square input size")
-    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
-                       help="input size C H W (overrides --img-size)")
+    group.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("C", "H", "W"),
+        help="input size C H W (overrides --img-size)",
+    )
     group.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction for evaluation")
     group.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean")
     group.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std")
@@ -31,8 +37,13 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """--device, --amp, --amp-dtype, -b, -j, --threads."""
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    group.add_argument("--amp", "--native-amp", dest="amp", action="store_true",
-                       help="automatic mixed precision (float16 on GPU, bfloat16 on CPU)")
+    group.add_argument(
+        "--amp",
+        "--native-amp",
+        dest="amp",
+        action="store_true",
+        help="automatic mixed precision (float16 on GPU, bfloat16 on CPU)",
+    )
     group.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"], help="override the AMP dtype")
     group.add_argument("-b", "--batch-size", type=int, default=32, help="batch size (per process)")
     group.add_argument("-j", "--workers", type=int, default=2, help="data-loading worker processes")
@@ -42,13 +53,24 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 def add_compile_options(parser: argparse.ArgumentParser) -> None:
     """--torchcompile [BACKEND], as in timm's scripts."""
     group = parser.add_argument_group("compilation")
-    group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                       help="run the model through torch.compile (backend: inductor unless named)")
+    group.add_argument(
+        "--torchcompile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="run the model through torch.compile (backend: inductor unless named)",
+    )
 
 
 def add_compare_options(parser: argparse.ArgumentParser) -> None:
     """--compare: more models beside --model (Sequencer variants or timm models), each NAME or NAME=CHECKPOINT."""
     group = parser.add_argument_group("comparison")
-    group.add_argument("--compare", nargs="+", default=[], metavar="NAME[=CHECKPOINT]",
-                       help="more models side by side: Sequencer variants or any timm model, e.g. "
-                            "resnet50=resnet50.pth deit_small_patch16_224=deit_s.pth")
+    group.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="NAME[=CHECKPOINT]",
+        help="more models side by side: Sequencer variants or any timm model, e.g. "
+        "resnet50=resnet50.pth deit_small_patch16_224=deit_s.pth",
+    )

@@ -26,8 +26,13 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     accuracy_axes.plot(epochs, [row["eval_top1"] for row in history], "o-", label="top-1")
     accuracy_axes.plot(epochs, [row["eval_top5"] for row in history], "s-", label="top-5")
     best = max(history, key=lambda row: row["eval_top1"])
-    accuracy_axes.annotate(f"best {best['eval_top1']:.2f}", (best["epoch"] + 1, best["eval_top1"]),
-                           textcoords="offset points", xytext=(0, -14), ha="center")
+    accuracy_axes.annotate(
+        f"best {best['eval_top1']:.2f}",
+        (best["epoch"] + 1, best["eval_top1"]),
+        textcoords="offset points",
+        xytext=(0, -14),
+        ha="center",
+    )
     accuracy_axes.set(xlabel="epoch", ylabel="held-out accuracy (%)", title="held-out accuracy")
     accuracy_axes.legend(loc="lower right")
     lr_axes.plot(epochs, [row["lr"] for row in history], "o-")

@@ -227,8 +227,10 @@ class FusedScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         if ctx.used:
-            raise RuntimeError("the fused recurrence's backward reuses its saved buffers and runs once per forward; "
-                               "use rnn_impl='reference' to backpropagate through the same graph twice")
+            raise RuntimeError(
+                "the fused recurrence's backward reuses its saved buffers and runs once per forward; "
+                "use rnn_impl='reference' to backpropagate through the same graph twice"
+            )
         ctx.used = True
         w_hh_t, b_hn, *saved = ctx.saved_tensors
         B, H, W = ctx.shape
@@ -489,6 +491,12 @@ SAVED_PER_GROUP = {"lstm": 2, "gru": 3, "rnn": 1}
 BACKWARD = {"lstm": _lstm_backward, "gru": _gru_backward, "rnn": _rnn_backward}
 
 __all__ = [
-    "IMPLEMENTATIONS", "FusedScan", "check_impl", "directions_of", "pack_weights", "recurrent_weights",
-    "resolve_impl", "scan",
+    "IMPLEMENTATIONS",
+    "FusedScan",
+    "check_impl",
+    "directions_of",
+    "pack_weights",
+    "recurrent_weights",
+    "resolve_impl",
+    "scan",
 ]

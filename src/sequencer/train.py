@@ -58,14 +58,40 @@ CURVES_FILE = "training_curves.png"
 # no flips (a mirrored digit is another glyph); crops keep >= 80% of the digit; one thread, because two threads on a
 # machine whose other core is busy ran more than ten times slower.
 DIGITS_RECIPE: dict[str, Any] = dict(
-    model="sequencer2d_tiny", img_size=16, batch_size=64, workers=0, epochs=25, opt="adamw", lr=3e-3,
-    weight_decay=0.05, warmup_epochs=1, warmup_lr=1e-4, sched_on_updates=True, hflip=0.0, scale=(0.8, 1.0),
-    color_jitter=0.0, train_interpolation="bicubic", threads=1,
+    model="sequencer2d_tiny",
+    img_size=16,
+    batch_size=64,
+    workers=0,
+    epochs=25,
+    opt="adamw",
+    lr=3e-3,
+    weight_decay=0.05,
+    warmup_epochs=1,
+    warmup_lr=1e-4,
+    sched_on_updates=True,
+    hflip=0.0,
+    scale=(0.8, 1.0),
+    color_jitter=0.0,
+    train_interpolation="bicubic",
+    threads=1,
 )
 TIMM_RECIPE: dict[str, Any] = dict(
-    model="sequencer2d_s", img_size=None, batch_size=128, workers=2, epochs=300, opt="sgd", lr=None,
-    weight_decay=2e-5, warmup_epochs=5, warmup_lr=1e-5, sched_on_updates=False, hflip=0.5, scale=(0.08, 1.0),
-    color_jitter=0.4, train_interpolation="random", threads=None,
+    model="sequencer2d_s",
+    img_size=None,
+    batch_size=128,
+    workers=2,
+    epochs=300,
+    opt="sgd",
+    lr=None,
+    weight_decay=2e-5,
+    warmup_epochs=5,
+    warmup_lr=1e-5,
+    sched_on_updates=False,
+    hflip=0.5,
+    scale=(0.08, 1.0),
+    color_jitter=0.4,
+    train_interpolation="random",
+    threads=None,
 )
 
 
@@ -90,8 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m sequencer train ..."
     )
     data = parser.add_argument_group("data")
-    data.add_argument("data", nargs="?", default=None, metavar="DATA",
-                      help="dataset root with train/<class>/* and val/<class>/*; none: the built-in digits demo")
+    data.add_argument(
+        "data",
+        nargs="?",
+        default=None,
+        metavar="DATA",
+        help="dataset root with train/<class>/* and val/<class>/*; none: the built-in digits demo",
+    )
     data.add_argument("--data-dir", default=None, help="dataset root (alternative to DATA; where torch/* data live)")
     data.add_argument("--dataset", "-d", default="", help="torch/cifar10 or torch/cifar100 (default: a folder)")
     data.add_argument("--train-split", default="train", help="training split")
@@ -100,8 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_options(parser, default_model=None)
     model = parser.add_argument_group("model (training)")
-    model.add_argument("--initial-checkpoint", dest="checkpoint",
-                       help="start from these weights (same as --checkpoint); a head of another size is re-initialised")
+    model.add_argument(
+        "--initial-checkpoint",
+        dest="checkpoint",
+        help="start from these weights (same as --checkpoint); a head of another size is re-initialised",
+    )
     model.add_argument("--pretrained", action="store_true", help="start from the released ImageNet weights")
     model.add_argument("--resume", default="", help="continue a run from its last.pth.tar (epoch, optimizer, EMA...)")
     model.add_argument("--no-resume-opt", action="store_true", help="with --resume, do not restore optimizer state")
@@ -127,40 +161,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sched = parser.add_argument_group("learning-rate schedule")
     sched.add_argument("--sched", default="cosine", help="timm scheduler: cosine, step, multistep, poly, none, ...")
-    sched.add_argument("--sched-on-updates", action="store_true", default=None,
-                       help="step the schedule every update, not every epoch" + _recipe_help("sched_on_updates"))
-    sched.add_argument("--lr", type=float, default=None,
-                       help=f"learning rate (default: --lr-base scaled by the global batch; digits demo: "
-                            f"{DIGITS_RECIPE['lr']})")
+    sched.add_argument(
+        "--sched-on-updates",
+        action="store_true",
+        default=None,
+        help="step the schedule every update, not every epoch" + _recipe_help("sched_on_updates"),
+    )
+    sched.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"learning rate (default: --lr-base scaled by the global batch; digits demo: {DIGITS_RECIPE['lr']})",
+    )
     sched.add_argument("--lr-base", type=float, default=0.1, help="learning rate at --lr-base-size images per step")
     sched.add_argument("--lr-base-size", type=int, default=256, help="global batch size of --lr-base")
-    sched.add_argument("--lr-base-scale", default="", choices=["", "linear", "sqrt"],
-                       help="scaling rule of --lr-base (default: sqrt for adaptive optimizers, else linear)")
-    sched.add_argument("--warmup-lr", type=float, default=None,
-                       help="learning rate at the start of warm-up" + _recipe_help("warmup_lr"))
+    sched.add_argument(
+        "--lr-base-scale",
+        default="",
+        choices=["", "linear", "sqrt"],
+        help="scaling rule of --lr-base (default: sqrt for adaptive optimizers, else linear)",
+    )
+    sched.add_argument(
+        "--warmup-lr",
+        type=float,
+        default=None,
+        help="learning rate at the start of warm-up" + _recipe_help("warmup_lr"),
+    )
     sched.add_argument("--min-lr", type=float, default=0.0, help="floor of the schedule")
     sched.add_argument("--epochs", type=int, default=None, help="epochs of the schedule" + _recipe_help("epochs"))
-    sched.add_argument("--warmup-epochs", type=int, default=None,
-                       help="linear warm-up epochs" + _recipe_help("warmup_epochs"))
+    sched.add_argument(
+        "--warmup-epochs", type=int, default=None, help="linear warm-up epochs" + _recipe_help("warmup_epochs")
+    )
     sched.add_argument("--warmup-prefix", action="store_true", help="warm-up before, not within, --epochs")
     sched.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at --min-lr after the schedule")
     sched.add_argument("--decay-epochs", type=float, default=90, help="step schedule: epochs between decays")
-    sched.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270],
-                       help="multistep schedule: epochs to decay at")
+    sched.add_argument(
+        "--decay-milestones", type=int, nargs="+", default=[90, 180, 270], help="multistep schedule: epochs to decay at"
+    )
     sched.add_argument("--decay-rate", type=float, default=0.1, help="step / multistep decay factor")
 
     aug = parser.add_argument_group("augmentation and regularisation (timm)")
     aug.add_argument("--no-aug", action="store_true", help="no training augmentation")
-    aug.add_argument("--scale", type=float, nargs=2, default=None,
-                     help="random-resized-crop area range" + _recipe_help("scale"))
+    aug.add_argument(
+        "--scale", type=float, nargs=2, default=None, help="random-resized-crop area range" + _recipe_help("scale")
+    )
     aug.add_argument("--ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], help="random-resized-crop aspect range")
     aug.add_argument("--hflip", type=float, default=None, help="horizontal flip probability" + _recipe_help("hflip"))
     aug.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability")
-    aug.add_argument("--color-jitter", type=float, default=None,
-                     help="colour jitter strength" + _recipe_help("color_jitter"))
+    aug.add_argument(
+        "--color-jitter", type=float, default=None, help="colour jitter strength" + _recipe_help("color_jitter")
+    )
     aug.add_argument("--aa", default=None, help="AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1")
-    aug.add_argument("--train-interpolation", default=None,
-                     help="training resize interpolation" + _recipe_help("train_interpolation"))
+    aug.add_argument(
+        "--train-interpolation",
+        default=None,
+        help="training resize interpolation" + _recipe_help("train_interpolation"),
+    )
     aug.add_argument("--reprob", type=float, default=0.0, help="random-erasing probability")
     aug.add_argument("--remode", default="pixel", help="random-erasing mode (const, rand, pixel)")
     aug.add_argument("--recount", type=int, default=1, help="random-erasing count")
@@ -183,8 +239,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     misc.add_argument("--seed", type=int, default=42, help="random seed (per epoch and rank)")
     misc.add_argument("--output", default="", help="output folder (default: output/train/<date>-<model>-<size>)")
     misc.add_argument("--experiment", default="", help="sub-folder of --output for this run")
-    misc.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"],
-                      help="metric that picks model_best.pth.tar")
+    misc.add_argument(
+        "--eval-metric", default="top1", choices=["top1", "top5", "loss"], help="metric that picks model_best.pth.tar"
+    )
     misc.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -319,8 +376,13 @@ def train_one_epoch(
     device = context.device
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
-    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{num_epochs}", leave=False, dynamic_ncols=True,
-               disable=args.no_progress or not context.is_primary)
+    bar = tqdm(
+        loader,
+        desc=f"epoch {state.epoch + 1}/{num_epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=args.no_progress or not context.is_primary,
+    )
     for batch in bar:
         # None: every image of the batch was unreadable (and counted by the dataset).
         if batch is not None and mixup is not None and len(batch[0]) % 2:
@@ -343,8 +405,13 @@ def train_one_epoch(
             )
         state.optimizer.zero_grad(set_to_none=True)
         if state.scaler is not None:
-            state.scaler(loss, state.optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                         parameters=train_model.parameters())
+            state.scaler(
+                loss,
+                state.optimizer,
+                clip_grad=args.clip_grad,
+                clip_mode=args.clip_mode,
+                parameters=train_model.parameters(),
+            )
         else:
             loss.backward()
             if args.clip_grad is not None:
@@ -357,8 +424,9 @@ def train_one_epoch(
             state.scheduler.step_update(num_updates=state.num_updates)
         total_loss += mean_loss.double()
         steps += 1
-        bar.set_postfix(loss=f"{total_loss.item() / steps:.4f}", lr=f"{_current_lr(state.optimizer):.2e}",
-                        refresh=False)
+        bar.set_postfix(
+            loss=f"{total_loss.item() / steps:.4f}", lr=f"{_current_lr(state.optimizer):.2e}", refresh=False
+        )
     bar.close()
     if steps == 0:
         raise ValueError("the training loader yielded no batch: fewer images than one batch (drop_last)?")
@@ -372,8 +440,9 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The model with its starting weights: released (--pretrained), a file (--initial-checkpoint), or fresh."""
-    model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path, in_chans=args.in_chans,
-                         drop_rate=args.drop)
+    model = create_model(
+        args.model, num_classes=num_classes, drop_path_rate=args.drop_path, in_chans=args.in_chans, drop_rate=args.drop
+    )
     if args.pretrained and args.checkpoint:
         raise ValueError("--pretrained and --initial-checkpoint both give starting weights; pass one")
     if args.pretrained:
@@ -412,10 +481,12 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
     # The data first: a missing or empty folder fails here, before any model is built. The built-in digits are
     # upscaled once, straight to the input size (8 -> 16 px), rather than twice through a 32 px copy.
     digits_size = args.input_size[-1] if args.input_size else args.img_size or 32
-    train_set = build_dataset(source, args.train_split, data_dir=data_dir, download=args.dataset_download,
-                              img_size=digits_size)
-    val_set = build_dataset(source, args.val_split, data_dir=data_dir, download=args.dataset_download,
-                            img_size=digits_size)
+    train_set = build_dataset(
+        source, args.train_split, data_dir=data_dir, download=args.dataset_download, img_size=digits_size
+    )
+    val_set = build_dataset(
+        source, args.val_split, data_dir=data_dir, download=args.dataset_download, img_size=digits_size
+    )
     if list(train_set.classes) != list(val_set.classes):
         only = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
         raise ValueError(
@@ -429,13 +500,24 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
     # The same initial weights on every rank, so that each rank's EMA copy starts equal too.
     seed_epoch(args.seed, -1, 0)
     model = build_model(args, num_classes)
-    overrides = dict(input_size=args.input_size, img_size=args.img_size, crop_pct=args.crop_pct, mean=args.mean,
-                     std=args.std)
+    overrides = dict(
+        input_size=args.input_size, img_size=args.img_size, crop_pct=args.crop_pct, mean=args.mean, std=args.std
+    )
     config = data_config(model, interpolation=args.interpolation, **overrides)
     train_set.transform = create_transform(
-        model, train=True, **overrides, interpolation=args.train_interpolation, no_aug=args.no_aug,
-        scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
-        color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
+        model,
+        train=True,
+        **overrides,
+        interpolation=args.train_interpolation,
+        no_aug=args.no_aug,
+        scale=tuple(args.scale),
+        ratio=tuple(args.ratio),
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        re_prob=args.reprob,
+        re_mode=args.remode,
         re_count=args.recount,
     )
     val_set.transform = create_transform(model, train=False, interpolation=args.interpolation, **overrides)
@@ -447,13 +529,19 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
     scaler = NativeScaler(device=device.type) if float16 else None
     ema = None
     if args.model_ema:
-        ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                         device=torch.device("cpu") if args.model_ema_force_cpu else None)
-    train_loader = create_loader(train_set, args.batch_size, args.workers, shuffle=True,
-                                 distributed=context.distributed, drop_last=True)
+        ema = ModelEmaV3(
+            model,
+            decay=args.model_ema_decay,
+            use_warmup=args.model_ema_warmup,
+            device=torch.device("cpu") if args.model_ema_force_cpu else None,
+        )
+    train_loader = create_loader(
+        train_set, args.batch_size, args.workers, shuffle=True, distributed=context.distributed, drop_last=True
+    )
     val_loader = create_loader(val_set, args.validation_batch_size, args.workers, distributed=context.distributed)
     scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
+        optimizer,
+        **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
         updates_per_epoch=len(train_loader),
     )
     state = TrainState(model, optimizer, scheduler, scaler, ema)
@@ -472,9 +560,16 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
 
     mixup = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                      label_smoothing=args.smoothing, num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            num_classes=num_classes,
+        )
         criterion: nn.Module = SoftTargetCrossEntropy()
     elif args.smoothing:
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
@@ -493,8 +588,17 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
         _logger.info(
             "training %s (%d classes, input %s) on %s: %d train / %d held-out images, %d epochs from epoch %d, "
             "%d process(es) on %s; output in %s",
-            args.model, num_classes, "x".join(map(str, config["input_size"])), source or "the built-in digits",
-            len(train_set), len(val_set), num_epochs, state.epoch, context.world_size, device, output,
+            args.model,
+            num_classes,
+            "x".join(map(str, config["input_size"])),
+            source or "the built-in digits",
+            len(train_set),
+            len(val_set),
+            num_epochs,
+            state.epoch,
+            context.world_size,
+            device,
+            output,
         )
 
     decreasing = args.eval_metric == "loss"
@@ -511,9 +615,14 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
         metrics = evaluate(eval_model, val_loader, device, args.amp, args.amp_dtype, context.distributed)
         if scheduler is not None:
             scheduler.step(epoch + 1, metrics[args.eval_metric])
-        row = dict(epoch=epoch, train_loss=round(train_loss, 6), eval_loss=round(metrics["loss"], 6),
-                   eval_top1=round(metrics["top1"], 4), eval_top5=round(metrics["top5"], 4),
-                   lr=_current_lr(optimizer))
+        row = dict(
+            epoch=epoch,
+            train_loss=round(train_loss, 6),
+            eval_loss=round(metrics["loss"], 6),
+            eval_top1=round(metrics["top1"], 4),
+            eval_top5=round(metrics["top5"], 4),
+            lr=_current_lr(optimizer),
+        )
         history.append(row)
         metric = metrics[args.eval_metric]
         best = state.best_metric
@@ -529,7 +638,13 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
             plot_training_curves(history, output / CURVES_FILE, title=f"{args.model} on {source or 'digits'}")
             _logger.info(
                 "epoch %d/%d  train loss %.4f  held-out loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s",
-                epoch + 1, num_epochs, train_loss, metrics["loss"], metrics["top1"], metrics["top5"], row["lr"],
+                epoch + 1,
+                num_epochs,
+                train_loss,
+                metrics["loss"],
+                metrics["top1"],
+                metrics["top5"],
+                row["lr"],
                 "  (best)" if is_best else "",
             )
     skipped = getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)

@@ -52,8 +52,12 @@ def evaluate(
         top1, top5 = accuracy(logits, targets, topk=(1, 5))
         count = targets.numel()
         totals += torch.stack(
-            [criterion(logits, targets).double(), top1.double() * count / 100, top5.double() * count / 100,
-             torch.tensor(count, dtype=torch.float64, device=device)]
+            [
+                criterion(logits, targets).double(),
+                top1.double() * count / 100,
+                top5.double() * count / 100,
+                torch.tensor(count, dtype=torch.float64, device=device),
+            ]
         )
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
     if distributed:
@@ -73,8 +77,12 @@ def evaluate(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of timm's validate.py that apply here."""
-    parser.add_argument("data", nargs="?", default=None,
-                        help="dataset root (DATA/val/<class>/*, or DATA/<class>/*); none: the built-in digits")
+    parser.add_argument(
+        "data",
+        nargs="?",
+        default=None,
+        help="dataset root (DATA/val/<class>/*, or DATA/<class>/*); none: the built-in digits",
+    )
     parser.add_argument("--data-dir", default=None, help="dataset root (alternative to DATA)")
     parser.add_argument("--dataset", "-d", default="", help="torch/cifar10 or torch/cifar100 (default: a folder)")
     parser.add_argument("--split", default="validation", help="split to evaluate (val, validation, train)")
@@ -88,8 +96,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _input_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The preprocessing flags of `add_input_options`."""
-    return dict(input_size=args.input_size, img_size=args.img_size, crop_pct=args.crop_pct, mean=args.mean,
-                std=args.std, interpolation=args.interpolation)
+    return dict(
+        input_size=args.input_size,
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        mean=args.mean,
+        std=args.std,
+        interpolation=args.interpolation,
+    )
 
 
 def _head_classes(state_dict: dict[str, torch.Tensor]) -> int | None:
@@ -122,8 +136,9 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     state_dict = extract_state_dict(checkpoint, use_ema=args.use_ema) if checkpoint else None
     # A checkpoint of `sequencer train` records the input it was trained at: the default here too.
     trained = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
-    overrides = {key: value if value not in (None, "") else trained.get(key)
-                 for key, value in _input_flags(args).items()}
+    overrides = {
+        key: value if value not in (None, "") else trained.get(key) for key, value in _input_flags(args).items()
+    }
     # The built-in digits are upscaled straight to the input size, as `sequencer train` does.
     digits_size = overrides["input_size"][-1] if overrides["input_size"] else overrides["img_size"] or 32
     dataset = build_dataset(name, args.split, data_dir=root, download=args.dataset_download, img_size=digits_size)

@@ -35,22 +35,27 @@ def check_model_specs(specs: Sequence[tuple[str, str]], need_weights: bool = Fal
     """Fail before any work on an unknown model name, a missing checkpoint file or (if needed) no checkpoint."""
     for name, checkpoint in specs:
         if not is_sequencer(name) and not timm.is_model(name):
-            raise ValueError(f"unknown model {name!r}: neither a Sequencer variant (see `sequencer summary`) "
-                             "nor a timm model (see timm.list_models())")
+            raise ValueError(
+                f"unknown model {name!r}: neither a Sequencer variant (see `sequencer summary`) "
+                "nor a timm model (see timm.list_models())"
+            )
         if checkpoint and not checkpoint.startswith(("http://", "https://")) and not Path(checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint of {name} not found: {checkpoint}")
         if need_weights and not checkpoint:
-            raise ValueError(f"no weights for {name}: accuracy needs trained weights "
-                             "(--checkpoint PATH for --model, NAME=PATH for --compare)")
+            raise ValueError(
+                f"no weights for {name}: accuracy needs trained weights "
+                "(--checkpoint PATH for --model, NAME=PATH for --compare)"
+            )
 
 
 def model_labels(specs: Sequence[tuple[str, str]]) -> list[str]:
     """A distinct label per (name, checkpoint): the name, plus the checkpoint's file name where a name comes twice."""
     names = [name for name, _ in specs]
-    labels = [f"{name} ({Path(ckpt).name or 'random init'})" if names.count(name) > 1 else name
-              for name, ckpt in specs]
-    return [f"{label} #{labels[:i].count(label) + 1}" if labels.count(label) > 1 else label
-            for i, label in enumerate(labels)]
+    labels = [f"{name} ({Path(ckpt).name or 'random init'})" if names.count(name) > 1 else name for name, ckpt in specs]
+    return [
+        f"{label} #{labels[:i].count(label) + 1}" if labels.count(label) > 1 else label
+        for i, label in enumerate(labels)
+    ]
 
 
 def _classifier_classes(state_dict: dict[str, torch.Tensor], classifier: str) -> int | None:

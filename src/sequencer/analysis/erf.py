@@ -73,8 +73,10 @@ def stage_extractor(model: nn.Module) -> tuple[Callable[[torch.Tensor], list[tor
     if isinstance(model, Sequencer):
         return model.forward_intermediates, [f"stage {i + 1}" for i in range(len(model.stages))]
     if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):
-        raise ValueError(f"{type(model).__name__} has no forward_intermediates / feature_info: timm cannot give its "
-                         "per-stage maps, so its receptive field cannot be measured here")
+        raise ValueError(
+            f"{type(model).__name__} has no forward_intermediates / feature_info: timm cannot give its "
+            "per-stage maps, so its receptive field cannot be measured here"
+        )
     indices = stage_indices(model.feature_info)
 
     def extract(x: torch.Tensor) -> list[torch.Tensor]:
@@ -216,8 +218,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, comparison (random init without a checkpoint), data, image count and size, output options."""
     add_model_options(parser, default_model="sequencer2d_s")
     add_compare_options(parser)
-    parser.add_argument("--data", default=None, help="image folder (DATA/val/<class>/* or DATA/<class>/*); "
-                                                     "default: random noise images")
+    parser.add_argument(
+        "--data", default=None, help="image folder (DATA/val/<class>/* or DATA/<class>/*); default: random noise images"
+    )
     parser.add_argument("--num-images", type=int, default=32, help="images to average over")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: the first model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images")
@@ -238,24 +241,43 @@ def run(args: argparse.Namespace) -> int:
     img_size = args.img_size
     results, rows, arrays = [], [], {}
     for (name, checkpoint), label in zip(specs, model_labels(specs), strict=True):
-        model = build_model(name, checkpoint, num_classes=args.num_classes, img_size=img_size, use_ema=args.use_ema,
-                            in_chans=args.in_chans)
+        model = build_model(
+            name,
+            checkpoint,
+            num_classes=args.num_classes,
+            img_size=img_size,
+            use_ema=args.use_ema,
+            in_chans=args.in_chans,
+        )
         img_size = img_size or data_config(model)["input_size"][-1]
         config = data_config(model, img_size=img_size)
         if args.data:
             dataset = build_dataset(args.data, "val", transform=create_transform(model, img_size=img_size))
-            images = dataset_images(create_loader(evenly_spaced_subset(dataset, args.num_images),
-                                                  args.batch_size, args.workers))
+            images = dataset_images(
+                create_loader(evenly_spaced_subset(dataset, args.num_images), args.batch_size, args.workers)
+            )
         else:
             images = random_images(config, args.num_images, args.batch_size, args.seed)
-        _logger.info("%s: ERF on up to %d %s images at %d px", label, args.num_images,
-                     "data" if args.data else "random", img_size)
+        _logger.info(
+            "%s: ERF on up to %d %s images at %d px",
+            label,
+            args.num_images,
+            "data" if args.data else "random",
+            img_size,
+        )
         stages = effective_receptive_fields(model, images, device)
         for index, stage in enumerate(stages):
-            rows.append(dict(model=label, stage=index + 1, layer=stage.name, feature_size=stage.feature_size[0],
-                             cross_ratio=round(cross_ratio(stage.erf, stage.band), 3),
-                             area_50=round(area_for_mass(stage.erf, 0.5), 4),
-                             area_90=round(area_for_mass(stage.erf, 0.9), 4)))
+            rows.append(
+                dict(
+                    model=label,
+                    stage=index + 1,
+                    layer=stage.name,
+                    feature_size=stage.feature_size[0],
+                    cross_ratio=round(cross_ratio(stage.erf, stage.band), 3),
+                    area_50=round(area_for_mass(stage.erf, 0.5), 4),
+                    area_90=round(area_for_mass(stage.erf, 0.9), 4),
+                )
+            )
             arrays[f"{label}/stage{index + 1}"] = stage.erf
         results.append((label, stages))
     out = Path(args.out)
@@ -263,7 +285,9 @@ def run(args: argparse.Namespace) -> int:
     np.savez_compressed(out / "erf.npz", **arrays)
     plot_erf_grid(results, out / "erf.png")
     for row in rows:
-        print(f"{row['model']:>28} {row['layer']:>10}  cross ratio {row['cross_ratio']:7.2f}  "
-              f"half the mass in {100 * row['area_50']:5.2f}% of the pixels")
+        print(
+            f"{row['model']:>28} {row['layer']:>10}  cross ratio {row['cross_ratio']:7.2f}  "
+            f"half the mass in {100 * row['area_50']:5.2f}% of the pixels"
+        )
     print(f"wrote {out / 'erf.csv'}, {out / 'erf.npz'}, {out / 'erf.png'}")
     return 0

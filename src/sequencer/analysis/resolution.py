@@ -57,18 +57,33 @@ def accuracy_by_resolution(
     train_size = training_size(name)
     for size in sizes:
         # Rebuilt per size: a fixed-size timm model needs its position embeddings resampled for each one.
-        model = build_model(name, checkpoint, num_classes=args.num_classes, img_size=size, use_ema=args.use_ema,
-                            in_chans=args.in_chans)
+        model = build_model(
+            name, checkpoint, num_classes=args.num_classes, img_size=size, use_ema=args.use_ema, in_chans=args.in_chans
+        )
         classes = getattr(model, "num_classes", None)
         if classes is not None and len(dataset.classes) > classes:
             raise ValueError(f"the data has {len(dataset.classes)} classes but {name} only {classes}")
         dataset.transform = create_transform(model, train=False, img_size=size, **overrides)
         loader = create_loader(dataset, args.batch_size, args.workers)
         metrics = evaluate(model.to(device), loader, device, amp=args.amp, amp_dtype=args.amp_dtype)
-        _logger.info("%s at %d px: top-1 %.2f, top-5 %.2f (%d images)", name, size, metrics["top1"],
-                     metrics["top5"], metrics["count"])
-        rows.append(dict(size=size, train_size=train_size, top1=round(metrics["top1"], 3),
-                         top5=round(metrics["top5"], 3), loss=round(metrics["loss"], 4), images=metrics["count"]))
+        _logger.info(
+            "%s at %d px: top-1 %.2f, top-5 %.2f (%d images)",
+            name,
+            size,
+            metrics["top1"],
+            metrics["top5"],
+            metrics["count"],
+        )
+        rows.append(
+            dict(
+                size=size,
+                train_size=train_size,
+                top1=round(metrics["top1"], 3),
+                top5=round(metrics["top5"], 3),
+                loss=round(metrics["loss"], 4),
+                images=metrics["count"],
+            )
+        )
     return rows
 
 
@@ -80,16 +95,32 @@ def plot_resolution(rows: list[dict[str, Any]], path: str | Path) -> Path:
     for label in dict.fromkeys(r["model"] for r in rows):
         points = [r for r in rows if r["model"] == label]
         train_size = points[0]["train_size"]
-        (line,) = ax.plot([p["size"] for p in points], [p["top1"] for p in points], marker="o",
-                          label=f"{label}, trained at {train_size}")
-        ax.plot([p["size"] for p in points if p["size"] == train_size],
-                [p["top1"] for p in points if p["size"] == train_size],
-                marker="*", markersize=16, color=line.get_color(), linestyle="none")
+        (line,) = ax.plot(
+            [p["size"] for p in points],
+            [p["top1"] for p in points],
+            marker="o",
+            label=f"{label}, trained at {train_size}",
+        )
+        ax.plot(
+            [p["size"] for p in points if p["size"] == train_size],
+            [p["top1"] for p in points if p["size"] == train_size],
+            marker="*",
+            markersize=16,
+            color=line.get_color(),
+            linestyle="none",
+        )
     for train_size in sorted({r["train_size"] for r in rows}):
         if sizes[0] <= train_size <= sizes[-1]:
             ax.axvline(train_size, color="0.5", linestyle=":", linewidth=1)
-            ax.annotate(f"trained at {train_size}", (train_size, 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(3, -12), textcoords="offset points", fontsize=8, color="0.35")
+            ax.annotate(
+                f"trained at {train_size}",
+                (train_size, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -12),
+                textcoords="offset points",
+                fontsize=8,
+                color="0.35",
+            )
     ax.set_xticks(sizes)
     ax.set_xlabel("inference resolution (px)")
     ax.set_ylabel("top-1 accuracy (%)")

@@ -52,10 +52,29 @@ CORRUPTIONS = tuple(name for names in FAMILIES.values() for name in names)
 SEVERITIES = (1, 2, 3, 4, 5)
 # AlexNet's top-1 error on ImageNet-C, each averaged over the five severities (Hendrycks & Dietterich, ICLR 2019;
 # the normalisers published in their hendrycks/robustness repository and used for every reported mCE since).
-ALEXNET_MEAN_ERRORS = dict(zip(CORRUPTIONS, (
-    0.886428, 0.894468, 0.922640, 0.819880, 0.826268, 0.785948, 0.798360,
-    0.866816, 0.826572, 0.819324, 0.564592, 0.853204, 0.646056, 0.717840, 0.606500,
-), strict=True))
+ALEXNET_MEAN_ERRORS = dict(
+    zip(
+        CORRUPTIONS,
+        (
+            0.886428,
+            0.894468,
+            0.922640,
+            0.819880,
+            0.826268,
+            0.785948,
+            0.798360,
+            0.866816,
+            0.826572,
+            0.819324,
+            0.564592,
+            0.853204,
+            0.646056,
+            0.717840,
+            0.606500,
+        ),
+        strict=True,
+    )
+)
 
 
 class _NumPyWithFloatAlias(types.ModuleType):
@@ -102,8 +121,10 @@ def imagecorruptions() -> types.ModuleType:
                 with _pkg_resources_stand_in():
                     import imagecorruptions as package
     except ModuleNotFoundError as error:
-        raise ImportError(f"the robustness analysis needs the imagecorruptions package ({error}); install it with "
-                          "`pip install 'sequencer[robustness]'` or `pip install imagecorruptions`") from error
+        raise ImportError(
+            f"the robustness analysis needs the imagecorruptions package ({error}); install it with "
+            "`pip install 'sequencer[robustness]'` or `pip install imagecorruptions`"
+        ) from error
     corruptions = package.corruptions
     gaussian = corruptions.gaussian
     if "multichannel" not in inspect.signature(gaussian).parameters:
@@ -182,8 +203,11 @@ def load_alexnet_errors(path: str | os.PathLike) -> dict[str, dict[int, float] |
     table: dict[str, Any] = {}
     if path.suffix == ".json":
         for name, value in json.loads(path.read_text()).items():
-            table[name] = {s: float(e) for s, e in zip(SEVERITIES, value, strict=True)} if isinstance(
-                value, list) else float(value)
+            table[name] = (
+                {s: float(e) for s, e in zip(SEVERITIES, value, strict=True)}
+                if isinstance(value, list)
+                else float(value)
+            )
     else:
         import csv
 
@@ -225,11 +249,20 @@ def plot_robustness(rows: list[dict[str, Any]], clean_top1: float, title: str, p
     bars = ax.bar(positions, [r["mean_top1"] for r in rows], color=[colours[family_of[r["corruption"]]] for r in rows])
     for bar, row in zip(bars, rows, strict=True):
         if row["ce"] != "":
-            ax.annotate(f"CE {row['ce']:.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
+            ax.annotate(
+                f"CE {row['ce']:.0f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+            )
     clean_line = ax.axhline(clean_top1, color="0.3", linestyle="--", linewidth=1, label=f"clean {clean_top1:.1f}%")
-    families = [Patch(color=colour, label=family) for family, colour in colours.items()
-                if any(family_of[r["corruption"]] == family for r in rows)]
+    families = [
+        Patch(color=colour, label=family)
+        for family, colour in colours.items()
+        if any(family_of[r["corruption"]] == family for r in rows)
+    ]
     ax.set_xticks(positions, [r["corruption"].replace("_", " ") for r in rows], rotation=45, ha="right")
     ax.set_ylabel("top-1 accuracy (%), mean over severities")
     ax.set_ylim(0, max(100.0, clean_top1 * 1.1))
@@ -265,10 +298,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corruptions", default="", help=f"comma-separated subset of: {', '.join(CORRUPTIONS)}")
     parser.add_argument("--severities", default="", help="comma-separated subset of 1,2,3,4,5")
     parser.add_argument("--limit", type=int, default=None, help="use N images spread over the whole set")
-    parser.add_argument("--alexnet-errors", default="",
-                        help="AlexNet's top-1 errors for the mCE: JSON {corruption: error or [5 errors]} or CSV "
-                             "with columns corruption[,severity],error (fractions or percent); default: the "
-                             "published per-corruption means, which need all five severities")
+    parser.add_argument(
+        "--alexnet-errors",
+        default="",
+        help="AlexNet's top-1 errors for the mCE: JSON {corruption: error or [5 errors]} or CSV "
+        "with columns corruption[,severity],error (fractions or percent); default: the "
+        "published per-corruption means, which need all five severities",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
     parser.add_argument("--out", default="results/robustness", help="output folder")
     add_input_options(parser)
@@ -286,10 +322,17 @@ def run(args: argparse.Namespace) -> int:
     if args.in_chans != 3:
         raise ValueError(f"--in-chans {args.in_chans}: the ImageNet-C corruptions are defined on RGB images")
     imagecorruptions()  # fail now, not after the clean pass, if the package is missing
-    overrides = dict(input_size=args.input_size, img_size=args.img_size, crop_pct=args.crop_pct,
-                     interpolation=args.interpolation, mean=args.mean, std=args.std)
-    model = build_model(args.model, args.checkpoint, num_classes=args.num_classes, img_size=args.img_size,
-                        use_ema=args.use_ema).to(device)
+    overrides = dict(
+        input_size=args.input_size,
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
+        mean=args.mean,
+        std=args.std,
+    )
+    model = build_model(
+        args.model, args.checkpoint, num_classes=args.num_classes, img_size=args.img_size, use_ema=args.use_ema
+    ).to(device)
     config = data_config(model, **overrides)
     if min(config["input_size"][1:]) < 32:
         raise ValueError(f"input size {config['input_size']} is too small: imagecorruptions needs 32 px or more")
@@ -315,31 +358,51 @@ def run(args: argparse.Namespace) -> int:
         for severity in severities:
             metrics = accuracy(corruption, severity)
             _logger.info("%s, severity %d: top-1 %.2f", corruption, severity, metrics["top1"])
-            per_severity.append(dict(severity=severity, top1=round(metrics["top1"], 3), top5=round(metrics["top5"], 3),
-                                     error=round(100 - metrics["top1"], 3), loss=round(metrics["loss"], 4),
-                                     images=metrics["count"]))
+            per_severity.append(
+                dict(
+                    severity=severity,
+                    top1=round(metrics["top1"], 3),
+                    top5=round(metrics["top5"], 3),
+                    error=round(100 - metrics["top1"], 3),
+                    loss=round(metrics["loss"], 4),
+                    images=metrics["count"],
+                )
+            )
         write_csv(per_severity, out / "corruptions" / f"{corruption}.csv")
         errors = {r["severity"]: r["error"] / 100 for r in per_severity}
         ce = corruption_error(errors, alexnet.get(corruption))
-        rows.append(dict(corruption=corruption, mean_top1=round(float(np.mean([r["top1"] for r in per_severity])), 3),
-                         mean_error=round(100 * float(np.mean(list(errors.values()))), 3),
-                         ce="" if ce is None else round(100 * ce, 2)))
+        rows.append(
+            dict(
+                corruption=corruption,
+                mean_top1=round(float(np.mean([r["top1"] for r in per_severity])), 3),
+                mean_error=round(100 * float(np.mean(list(errors.values()))), 3),
+                ce="" if ce is None else round(100 * ce, 2),
+            )
+        )
     write_csv(rows, out / "robustness.csv")
     mean_error = float(np.mean([r["mean_error"] for r in rows]))
     normalised = all(r["ce"] != "" for r in rows)
     mce = float(np.mean([r["ce"] for r in rows])) if normalised else None
-    summary = dict(model=args.model, checkpoint=args.checkpoint, images=clean["count"],
-                   clean_top1=round(clean["top1"], 3), mean_corruption_error=round(mean_error, 3),
-                   mce=None if mce is None else round(mce, 2), corruptions=list(corruptions),
-                   severities=list(severities),
-                   alexnet_errors=args.alexnet_errors or "published per-corruption means (Hendrycks & Dietterich)")
+    summary = dict(
+        model=args.model,
+        checkpoint=args.checkpoint,
+        images=clean["count"],
+        clean_top1=round(clean["top1"], 3),
+        mean_corruption_error=round(mean_error, 3),
+        mce=None if mce is None else round(mce, 2),
+        corruptions=list(corruptions),
+        severities=list(severities),
+        alexnet_errors=args.alexnet_errors or "published per-corruption means (Hendrycks & Dietterich)",
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     partial = len(corruptions) < len(CORRUPTIONS)
     scope = f" over {len(corruptions)} of {len(CORRUPTIONS)} corruptions" if partial else ""
     if mce is None:
         headline = f"mean corruption error {mean_error:.2f}%{scope} (not AlexNet-normalised)"
-        _logger.warning("no mCE: AlexNet's errors do not cover the corruptions and severities run (the published "
-                        "means need all five severities; pass per-severity errors with --alexnet-errors)")
+        _logger.warning(
+            "no mCE: AlexNet's errors do not cover the corruptions and severities run (the published "
+            "means need all five severities; pass per-severity errors with --alexnet-errors)"
+        )
     else:
         headline = f"mCE {mce:.2f}% (AlexNet = 100){scope}, mean corruption error {mean_error:.2f}%"
     plot_robustness(rows, clean["top1"], f"{args.model}\n{headline}", out / "robustness.png")
@@ -348,6 +411,8 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         ce_text = "" if row["ce"] == "" else f"  CE {row['ce']:6.2f}"
         print(f"{row['corruption']:>18}  top-1 {row['mean_top1']:6.2f}  error {row['mean_error']:6.2f}{ce_text}")
-    print(f"wrote {out / 'robustness.csv'}, {out / 'robustness.png'}, {out / 'examples.png'}, {out / 'summary.json'}, "
-          f"{out / 'corruptions'}/")
+    print(
+        f"wrote {out / 'robustness.csv'}, {out / 'robustness.png'}, {out / 'examples.png'}, {out / 'summary.json'}, "
+        f"{out / 'corruptions'}/"
+    )
     return 0

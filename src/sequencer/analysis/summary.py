@@ -14,8 +14,14 @@ from sequencer.analysis.complexity import count_macs
 from sequencer.model import ALIASES, VARIANTS, count_parameters, create_model, list_models
 
 COLUMNS = ("model", "params_m", "gmacs", "img_size", "params", "macs")
-_HEADERS = {"model": "model", "params_m": "params (M)", "gmacs": "MACs (G)", "img_size": "input",
-            "params": "parameters", "macs": "MACs"}
+_HEADERS = {
+    "model": "model",
+    "params_m": "params (M)",
+    "gmacs": "MACs (G)",
+    "img_size": "input",
+    "params": "parameters",
+    "macs": "MACs",
+}
 
 
 def variant_names(pattern: str = "*") -> list[str]:
@@ -38,8 +44,16 @@ def summarize(names: list[str], img_size: int | None = None) -> list[dict[str, A
         if size < model.min_input_size:
             raise ValueError(f"--img-size {size} is below the {model.min_input_size} px that {name} needs")
         params, macs = count_parameters(model), count_macs(model, (3, size, size))
-        rows.append(dict(model=name, params_m=round(params / 1e6, 2), gmacs=round(macs / 1e9, 2), img_size=size,
-                         params=params, macs=macs))
+        rows.append(
+            dict(
+                model=name,
+                params_m=round(params / 1e6, 2),
+                gmacs=round(macs / 1e9, 2),
+                img_size=size,
+                params=params,
+                macs=macs,
+            )
+        )
     return rows
 
 
@@ -70,8 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--models, --img-size, --format, --out."""
     parser.add_argument("--models", default="*", help="shell-style pattern of variant names (default: all)")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: each variant's own)")
-    parser.add_argument("--format", choices=("markdown", "csv"), default=None,
-                        help="table format (default: csv for an --out file ending in .csv, else markdown)")
+    parser.add_argument(
+        "--format",
+        choices=("markdown", "csv"),
+        default=None,
+        help="table format (default: csv for an --out file ending in .csv, else markdown)",
+    )
     parser.add_argument("--out", default="", help="write the table to this file instead of printing it")
 
 

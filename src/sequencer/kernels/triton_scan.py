@@ -73,9 +73,23 @@ def _weight_tile(w_ptr, k, gate, D, GD, DP: tl.constexpr):
 
 @triton.jit
 def _scan_forward(
-    p_ptr, w_ptr, bhn_ptr, out_ptr, act_ptr, state_ptr, dirs_ptr,
-    B, H, W, K, D,
-    CELL: tl.constexpr, SAVE: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    p_ptr,
+    w_ptr,
+    bhn_ptr,
+    out_ptr,
+    act_ptr,
+    state_ptr,
+    dirs_ptr,
+    B,
+    H,
+    W,
+    K,
+    D,
+    CELL: tl.constexpr,
+    SAVE: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     k = tl.program_id(0)
     T, reverse, stride_t, base, row_mask = _rows(dirs_ptr, k, tl.program_id(1), B, H, W, BLOCK_N)
@@ -100,14 +114,22 @@ def _scan_forward(
         state_off = token[:, None] * (K * D) + k * D + col[None, :]
         hw = h.to(w_ptr.dtype.element_ty)
         if CELL == 0:
-            i = _sigmoid(tl.load(p_ptr + gate_off, mask=mask, other=0.0).to(tl.float32)
-                         + tl.dot(hw, w0, input_precision=PRECISION))
-            f = _sigmoid(tl.load(p_ptr + gate_off + D, mask=mask, other=0.0).to(tl.float32)
-                         + tl.dot(hw, w1, input_precision=PRECISION))
-            o = _sigmoid(tl.load(p_ptr + gate_off + 2 * D, mask=mask, other=0.0).to(tl.float32)
-                         + tl.dot(hw, w2, input_precision=PRECISION))
-            g = _sigmoid(tl.load(p_ptr + gate_off + 3 * D, mask=mask, other=0.0).to(tl.float32)
-                         + tl.dot(hw, w3, input_precision=PRECISION))
+            i = _sigmoid(
+                tl.load(p_ptr + gate_off, mask=mask, other=0.0).to(tl.float32)
+                + tl.dot(hw, w0, input_precision=PRECISION)
+            )
+            f = _sigmoid(
+                tl.load(p_ptr + gate_off + D, mask=mask, other=0.0).to(tl.float32)
+                + tl.dot(hw, w1, input_precision=PRECISION)
+            )
+            o = _sigmoid(
+                tl.load(p_ptr + gate_off + 2 * D, mask=mask, other=0.0).to(tl.float32)
+                + tl.dot(hw, w2, input_precision=PRECISION)
+            )
+            g = _sigmoid(
+                tl.load(p_ptr + gate_off + 3 * D, mask=mask, other=0.0).to(tl.float32)
+                + tl.dot(hw, w3, input_precision=PRECISION)
+            )
             c = f * c + i * (2.0 * g - 1.0)
             h = o * _tanh(c)
             if SAVE:
@@ -117,10 +139,14 @@ def _scan_forward(
                 tl.store(act_ptr + gate_off + 3 * D, g, mask=mask)
                 tl.store(state_ptr + state_off, c, mask=mask)
         elif CELL == 1:
-            r = _sigmoid(tl.load(p_ptr + gate_off, mask=mask, other=0.0).to(tl.float32)
-                         + tl.dot(hw, w0, input_precision=PRECISION))
-            z = _sigmoid(tl.load(p_ptr + gate_off + D, mask=mask, other=0.0).to(tl.float32)
-                         + tl.dot(hw, w1, input_precision=PRECISION))
+            r = _sigmoid(
+                tl.load(p_ptr + gate_off, mask=mask, other=0.0).to(tl.float32)
+                + tl.dot(hw, w0, input_precision=PRECISION)
+            )
+            z = _sigmoid(
+                tl.load(p_ptr + gate_off + D, mask=mask, other=0.0).to(tl.float32)
+                + tl.dot(hw, w1, input_precision=PRECISION)
+            )
             hn = tl.dot(hw, w2, input_precision=PRECISION) + b_hn[None, :]
             n = _tanh(tl.load(p_ptr + gate_off + 2 * D, mask=mask, other=0.0).to(tl.float32) + r * hn)
             h = n + z * (h - n)
@@ -130,16 +156,32 @@ def _scan_forward(
                 tl.store(act_ptr + gate_off + 2 * D, n, mask=mask)
                 tl.store(state_ptr + state_off, hn, mask=mask)
         else:
-            h = _tanh(tl.load(p_ptr + gate_off, mask=mask, other=0.0).to(tl.float32)
-                      + tl.dot(hw, w0, input_precision=PRECISION))
+            h = _tanh(
+                tl.load(p_ptr + gate_off, mask=mask, other=0.0).to(tl.float32)
+                + tl.dot(hw, w0, input_precision=PRECISION)
+            )
         tl.store(out_ptr + state_off, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _scan_backward(
-    grad_out_ptr, w_ptr, out_ptr, act_ptr, state_ptr, grad_p_ptr, grad_hn_ptr, dirs_ptr,
-    B, H, W, K, D,
-    CELL: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    grad_out_ptr,
+    w_ptr,
+    out_ptr,
+    act_ptr,
+    state_ptr,
+    grad_p_ptr,
+    grad_hn_ptr,
+    dirs_ptr,
+    B,
+    H,
+    W,
+    K,
+    D,
+    CELL: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     k = tl.program_id(0)
     T, reverse, stride_t, base, row_mask = _rows(dirs_ptr, k, tl.program_id(1), B, H, W, BLOCK_N)
@@ -190,10 +232,12 @@ def _scan_backward(
             tl.store(grad_p_ptr + gate_off + 2 * D, grad_o, mask=mask)
             tl.store(grad_p_ptr + gate_off + 3 * D, grad_g, mask=mask)
             wt = w0.dtype
-            grad_h = (tl.dot(grad_i.to(wt), w0, input_precision=PRECISION)
-                      + tl.dot(grad_f.to(wt), w1, input_precision=PRECISION)
-                      + tl.dot(grad_o.to(wt), w2, input_precision=PRECISION)
-                      + tl.dot(grad_g.to(wt), w3, input_precision=PRECISION))
+            grad_h = (
+                tl.dot(grad_i.to(wt), w0, input_precision=PRECISION)
+                + tl.dot(grad_f.to(wt), w1, input_precision=PRECISION)
+                + tl.dot(grad_o.to(wt), w2, input_precision=PRECISION)
+                + tl.dot(grad_g.to(wt), w3, input_precision=PRECISION)
+            )
         elif CELL == 1:
             r = tl.load(act_ptr + gate_off, mask=mask, other=0.0)
             z = tl.load(act_ptr + gate_off + D, mask=mask, other=0.0)
@@ -209,10 +253,12 @@ def _scan_backward(
             tl.store(grad_p_ptr + gate_off + 2 * D, grad_n, mask=mask)
             tl.store(grad_hn_ptr + state_off, grad_hn, mask=mask)
             wt = w0.dtype
-            grad_h = (grad * z
-                      + tl.dot(grad_r.to(wt), w0, input_precision=PRECISION)
-                      + tl.dot(grad_z.to(wt), w1, input_precision=PRECISION)
-                      + tl.dot(grad_hn.to(wt), w2, input_precision=PRECISION))
+            grad_h = (
+                grad * z
+                + tl.dot(grad_r.to(wt), w0, input_precision=PRECISION)
+                + tl.dot(grad_z.to(wt), w1, input_precision=PRECISION)
+                + tl.dot(grad_hn.to(wt), w2, input_precision=PRECISION)
+            )
         else:
             h = tl.load(out_ptr + state_off, mask=mask, other=0.0).to(tl.float32)
             grad_pre = grad * (1.0 - h * h)
@@ -266,8 +312,24 @@ class TritonScan(torch.autograd.Function):
         state = projected.new_empty(B, H, W, K * D, dtype=torch.float32) if save and code != RNN else out
         dirs, grid, DP, precision = _launch_config(projected, directions, D)
         _scan_forward[grid](
-            projected, weights, b_hn_c, out, act, state, dirs, B, H, W, K, D,
-            CELL=code, SAVE=save, DP=DP, BLOCK_N=BLOCK_N, PRECISION=precision, num_warps=_warps(DP),
+            projected,
+            weights,
+            b_hn_c,
+            out,
+            act,
+            state,
+            dirs,
+            B,
+            H,
+            W,
+            K,
+            D,
+            CELL=code,
+            SAVE=save,
+            DP=DP,
+            BLOCK_N=BLOCK_N,
+            PRECISION=precision,
+            num_warps=_warps(DP),
         )
         ctx.cell, ctx.directions, ctx.has_b_hn = code, directions, b_hn is not None
         if save:
@@ -286,13 +348,31 @@ class TritonScan(torch.autograd.Function):
         grad_hn = torch.empty(B, H, W, K * D, dtype=torch.float32, device=out.device) if ctx.has_b_hn else grad_p
         dirs, grid, DP, precision = _launch_config(grad_p, ctx.directions, D)
         _scan_backward[grid](
-            grad_out, weights, out, act, state, grad_p, grad_hn, dirs, B, H, W, K, D,
-            CELL=ctx.cell, DP=DP, BLOCK_N=BLOCK_N, PRECISION=precision, num_warps=_warps(DP),
+            grad_out,
+            weights,
+            out,
+            act,
+            state,
+            grad_p,
+            grad_hn,
+            dirs,
+            B,
+            H,
+            W,
+            K,
+            D,
+            CELL=ctx.cell,
+            DP=DP,
+            BLOCK_N=BLOCK_N,
+            PRECISION=precision,
+            num_warps=_warps(DP),
         )
-        grad_w = torch.stack([
-            _recurrent_weight_grad(out, grad_p, grad_hn if ctx.has_b_hn else None, k, axis, reverse, D, GD)
-            for k, (axis, reverse) in enumerate(ctx.directions)
-        ]).to(ctx.w_dtype)
+        grad_w = torch.stack(
+            [
+                _recurrent_weight_grad(out, grad_p, grad_hn if ctx.has_b_hn else None, k, axis, reverse, D, GD)
+                for k, (axis, reverse) in enumerate(ctx.directions)
+            ]
+        ).to(ctx.w_dtype)
         grad_b_hn = grad_hn.view(-1, K, D).sum(0).to(ctx.w_dtype) if ctx.has_b_hn else None
         return grad_p, grad_w, grad_b_hn, None, None, None
 
