@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from torch import nn
 
 import sequencer
-from sequencer.checkpoint import CheckpointError, atomic_save, to_authors_format
+from sequencer.checkpoint import CheckpointError, atomic_save, read_file, to_authors_format
+from sequencer.cli import main
 
 torch.set_num_threads(2)
 
@@ -120,7 +125,7 @@ def test_keys_that_do_not_fit_are_named(tmp_path: Path) -> None:
 
 
 def test_missing_file_and_non_checkpoint_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
+    with pytest.raises(CheckpointError, match=r"checkpoint not found: .*nope\.pth"):
         sequencer.create_model("sequencer2d_tiny", pretrained=tmp_path / "nope.pth")
     torch.save({"epoch": 3}, tmp_path / "not_weights.pth")
     with pytest.raises(CheckpointError, match="no state dict"):
@@ -141,3 +146,86 @@ def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:
         atomic_save({"a": Unpicklable()}, target)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth.tar"]
+
+
+class Payload:
+    """What a hostile checkpoint hides: unpickling it creates the file MARKER, harmlessly, if code runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def _hostile(tmp_path: Path) -> tuple[Path, Path]:
+    """A checkpoint with real weights and a payload beside them, and the marker its code would create."""
+    marker, path = tmp_path / "payload_ran", tmp_path / "hostile.pth"
+    weights = sequencer.create_model("sequencer2d_tiny").state_dict()
+    torch.save({"state_dict": weights, "extra": Payload(marker)}, path)
+    return path, marker
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unless_asked_by_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, marker = _hostile(tmp_path)
+    with pytest.raises(CheckpointError, match=r"hostile\.pth holds Python objects \(.*mkdir\).*--unsafe-load"):
+        read_file(path)
+    with pytest.raises(CheckpointError, match="refused"):
+        sequencer.create_model("sequencer2d_tiny", pretrained=path)
+    assert not marker.exists()
+    with caplog.at_level(logging.WARNING):
+        sequencer.create_model("sequencer2d_tiny", pretrained=path, unsafe_load=True)
+    assert marker.exists() and "it can run code from the file" in caplog.text  # the flag really is full pickle
+
+
+def test_timm_training_checkpoints_with_their_namespace_load_without_the_flag(tmp_path: Path) -> None:
+    model = _randomised("sequencer2d_tiny")
+    path = tmp_path / "timm_train.pth.tar"
+    torch.save({"epoch": 3, "state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    loaded = sequencer.create_model("sequencer2d_tiny", pretrained=path).eval()
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text", "random", "empty", "safetensors"])
+def test_unreadable_files_raise_checkpoint_error_naming_the_file(tmp_path: Path, damage: str) -> None:
+    good = tmp_path / "good.pth"
+    torch.save(sequencer.create_model("sequencer2d_tiny").state_dict(), good)
+    data = good.read_bytes()
+    path = tmp_path / ("bad.safetensors" if damage == "safetensors" else "bad.pth")
+    path.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "text": b"hello, I am not a checkpoint\n",
+            "random": np.random.default_rng(0).bytes(4096),
+            "empty": b"",
+            "safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all",
+        }[damage]
+    )
+    with pytest.raises(CheckpointError, match=str(path)):
+        read_file(path)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "predict {images} --model sequencer2d_tiny --checkpoint {ckpt} -j 0",
+        "validate --model sequencer2d_tiny --checkpoint {ckpt} -j 0",
+        "export --model sequencer2d_tiny --checkpoint {ckpt} -o {out}/m.pt",
+        "train --model sequencer2d_tiny --img-size 16 -b 8 -j 0 --epochs 2 --resume {ckpt} --output {out}/run",
+        "train --model sequencer2d_tiny --img-size 16 -b 8 -j 0 --initial-checkpoint {ckpt} --output {out}/run",
+    ],
+)
+def test_every_command_refuses_a_hostile_checkpoint_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: str
+) -> None:
+    path, marker = _hostile(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "red.png")
+    argv = command.format(images=images, ckpt=path, out=tmp_path / "out").split()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sequencer {argv[0]}: error: ") and "refused" in err and len(err.splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -20,23 +22,90 @@ _logger = logging.getLogger(__name__)
 WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
 
-def read_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a .pth / .pth.tar / .safetensors file (or an http(s) URL) into a dict, on the CPU."""
+# timm's train.py pickles its argparse.Namespace beside the weights: plain data, safe to rebuild.
+SAFE_GLOBALS = [argparse.Namespace]
+UNSAFE_LOAD_HINT = "pass --unsafe-load (Python: unsafe_load=True) only if you trust whoever made the file"
+
+
+def read_file(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, Any]:
+    """Load a .pth / .pth.tar / .safetensors file (or an http(s) URL) into a dict on the CPU, as data.
+
+    A pickle is read with torch's weights-only unpickler, which rebuilds tensors and plain containers and runs no
+    code; one that needs anything else is refused unless `unsafe_load` (it could run code). Any file that cannot
+    be read raises `CheckpointError` naming it and what is wrong.
+    """
     path = str(path)
     if path.startswith(("http://", "https://")):
-        return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False)
+        return _read_url(path, unsafe_load)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        return _read_safetensors(path)
+    with open(path, "rb") as f:
+        return _read_pickle(f, path, unsafe_load)
 
-        return load_file(path, device="cpu")
+
+def _read_safetensors(path: str) -> dict[str, Any]:
+    """The tensors, wrapped with the class names when the metadata records them (as `save_weights` does)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        tensors = load_file(path, device="cpu")
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    if "class_names" not in metadata:
+        return tensors
+    return {"state_dict": tensors, "class_names": json.loads(metadata["class_names"])}
+
+
+def _unsafe_globals(f: BinaryIO) -> list[str]:
+    """The Python globals a pickled checkpoint names beyond what the weights-only unpickler allows; [] if unreadable."""
+    f.seek(0)
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except Exception:  # any failure to parse means the file is damaged, not that it is foreign
+        return []
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    return [name for name in found if name not in allowed]
+
+
+def _read_url(url: str, unsafe_load: bool) -> dict[str, Any]:
+    try:
+        cached = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False, weights_only=True)
     except pickle.UnpicklingError:
-        # Checkpoints written by timm's train.py pickle an argparse.Namespace beside the weights.
-        _logger.warning("%s holds more than tensors; loading it with pickle (only do this for files you trust)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if not unsafe_load:
+            raise CheckpointError(f"{url} holds objects other than tensors; {UNSAFE_LOAD_HINT}") from None
+        cached = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False, weights_only=False)
+    return cached
+
+
+def _read_pickle(f: BinaryIO, path: str, unsafe_load: bool) -> dict[str, Any]:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        foreign = _unsafe_globals(f)
+        if not foreign:
+            raise CheckpointError(f"{path}: not a torch checkpoint or corrupt (unpickling failed)") from None
+        if not unsafe_load:
+            raise CheckpointError(
+                f"{path} holds Python objects ({', '.join(foreign[:3])}) that loading would have to run code to "
+                f"build; refused: {UNSAFE_LOAD_HINT}"
+            ) from None
+        _logger.warning("%s: loading with full pickle (--unsafe-load): it can run code from the file", path)
+        f.seek(0)
+        obj = torch.load(f, map_location="cpu", weights_only=False)
+    except RuntimeError as error:  # a zip archive torch cannot read: truncated or damaged
+        message = str(error).split(".")[0]
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({message})") from None
+    except (EOFError, KeyError, ValueError, OSError) as error:  # empty, text or random bytes
+        raise CheckpointError(f"{path}: not a torch checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, found a {type(obj).__name__}")
+    return obj
 
 
 def extract_state_dict(obj: dict[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -47,8 +116,14 @@ def extract_state_dict(obj: dict[str, Any], use_ema: bool = False) -> dict[str, 
             obj = obj[key]
             break
     if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"no state dict of tensors found; top-level keys: {sorted(obj)[:10]}")
+        raise CheckpointError(f"no state dict of tensors found; top-level keys: {[str(k) for k in obj][:10]}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def class_names_of(obj: dict[str, Any]) -> list[str] | None:
+    """The class names a checkpoint records (`sequencer train` and `save_weights` write them), index order."""
+    names = obj.get("class_names")
+    return [str(name) for name in names] if isinstance(names, list) and names else None
 
 
 def from_authors_format(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,9 +191,11 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
     model.load_state_dict(state_dict, strict=strict)
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, use_ema: bool = False) -> None:
+def load_pretrained(
+    model: nn.Module, path: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False
+) -> None:
     """Load a checkpoint file (authors', timm's or ours, possibly wrapped) into `model`, strictly."""
-    obj = read_file(path)
+    obj = read_file(path, unsafe_load=unsafe_load)
     load_state_dict(model, extract_state_dict(obj, use_ema=use_ema))
     _logger.info("loaded weights from %s", path)
 
@@ -147,4 +224,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     name = getattr(model, "model_name", type(model).__name__)
     metadata = {"model_name": name, "num_classes": str(getattr(model, "num_classes", ""))}
+    label_names = getattr(model, "pretrained_cfg", {}).get("label_names")
+    if label_names:
+        metadata["class_names"] = json.dumps(list(label_names))
     atomic_save({"state_dict": state_dict, "metadata": metadata, "model_name": name}, path)

@@ -23,8 +23,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from sequencer.checkpoint import CheckpointError, extract_state_dict, from_authors_format, load_state_dict, read_file
+from sequencer.checkpoint import (
+    class_names_of,
+    extract_state_dict,
+    from_authors_format,
+    load_state_dict,
+    read_file,
+)
 from sequencer.data import create_transform
+from sequencer.errors import CheckpointError, UsageError
 from sequencer.model import create_model
 from sequencer.options import add_input_options, add_model_options, add_runtime_options
 from sequencer.runtime import autocast, resolve_device, set_threads
@@ -67,7 +74,7 @@ def load_class_names(path: str | Path, num_classes: int) -> list[str]:
     """Class names from a file: one per line, a JSON list, or a JSON dict (index -> name or name -> index)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class map not found: {path}")
+        raise UsageError(f"class map not found: {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         data = json.loads(text)
@@ -77,29 +84,34 @@ def load_class_names(path: str | Path, num_classes: int) -> list[str]:
             elif all(isinstance(index, int) for index in data.values()):
                 by_index = {index: str(name) for name, index in data.items()}
             else:
-                raise ValueError(f"class map {path}: a JSON dict must map indices to names or names to indices")
+                raise UsageError(f"class map {path}: a JSON dict must map indices to names or names to indices")
             if sorted(by_index) != list(range(len(by_index))):
-                raise ValueError(f"class map {path}: the indices must be 0..{len(by_index) - 1} with none missing")
+                raise UsageError(f"class map {path}: the indices must be 0..{len(by_index) - 1} with none missing")
             names = [by_index[i] for i in range(len(by_index))]
         elif isinstance(data, list):
             names = [str(name) for name in data]
         else:
-            raise ValueError(f"class map {path}: expected a JSON list or dict, got {type(data).__name__}")
+            raise UsageError(f"class map {path}: expected a JSON list or dict, got {type(data).__name__}")
     else:
         names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != num_classes:
-        raise ValueError(f"class map {path} has {len(names)} names but the model has {num_classes} classes")
+        raise UsageError(f"class map {path} has {len(names)} names but the model has {num_classes} classes")
     return names
 
 
-def class_names_for(num_classes: int, class_map: str | Path | Sequence[str] | None = None) -> list[str]:
-    """Names for each class index: the class map's, else ImageNet-1K's for 1000 classes, else the index itself."""
+def class_names_for(
+    num_classes: int, class_map: str | Path | Sequence[str] | None = None, recorded: Sequence[str] | None = None
+) -> list[str]:
+    """Names for each class index: the class map's, else those the checkpoint recorded, else ImageNet-1K's for 1000
+    classes, else the index itself."""
+    if class_map is None and recorded and len(recorded) == num_classes:
+        return list(recorded)
     if class_map is None:
         return list(imagenet_class_names()) if num_classes == 1000 else [str(i) for i in range(num_classes)]
     if isinstance(class_map, (str, Path)):
         return load_class_names(class_map, num_classes)
     if len(class_map) != num_classes:
-        raise ValueError(f"{len(class_map)} class names given but the model has {num_classes} classes")
+        raise UsageError(f"{len(class_map)} class names given but the model has {num_classes} classes")
     return list(class_map)
 
 
@@ -109,8 +121,12 @@ def load_model(
     num_classes: int | None = None,
     in_chans: int = 3,
     use_ema: bool = False,
+    unsafe_load: bool = False,
 ) -> nn.Module:
-    """Build a variant in eval mode with a checkpoint's weights; `num_classes` defaults to the checkpoint's head."""
+    """Build a variant in eval mode with a checkpoint's weights; `num_classes` defaults to the checkpoint's head.
+
+    Class names recorded in the checkpoint become `model.pretrained_cfg["label_names"]` (timm's key).
+    """
     if not checkpoint:
         warnings.warn(
             f"no checkpoint given: {name} has random initial weights (and a zero classifier), so its outputs are "
@@ -119,7 +135,8 @@ def load_model(
             stacklevel=2,
         )
         return create_model(name, num_classes=num_classes or 1000, in_chans=in_chans).eval()
-    state_dict = from_authors_format(extract_state_dict(read_file(checkpoint), use_ema=use_ema))
+    contents = read_file(checkpoint, unsafe_load=unsafe_load)
+    state_dict = from_authors_format(extract_state_dict(contents, use_ema=use_ema))
     head = state_dict.get("head.fc.weight")
     file_classes = None if head is None else head.shape[0]
     if num_classes is None:
@@ -129,6 +146,9 @@ def load_model(
         raise CheckpointError(f"{checkpoint} has a {file_classes}-class head but {num_classes} classes were asked for")
     model = create_model(name, num_classes=num_classes, in_chans=in_chans)
     load_state_dict(model, state_dict)
+    label_names = class_names_of(contents)
+    if label_names and len(label_names) == num_classes:
+        model.pretrained_cfg["label_names"] = label_names
     return model.eval()
 
 
@@ -145,7 +165,7 @@ def find_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
         else:
             files.append(path)  # a missing or unreadable file is reported with the results, not raised
     if not files:
-        raise ValueError(f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(extensions)})")
+        raise UsageError(f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(extensions)})")
     return files
 
 
@@ -191,6 +211,7 @@ def predict(
     amp: bool = False,
     amp_dtype: str | None = None,
     progress: bool = False,
+    unsafe_load: bool = False,
     **transform_overrides: Any,
 ) -> list[Prediction]:
     """Top-k classes of each image file (folders are searched recursively), in input order, failures included.
@@ -199,22 +220,22 @@ def predict(
     and put in eval mode. `transform_overrides` (img_size, crop_pct, mean, ...) adjust the model's preprocessing.
     """
     if topk < 1:
-        raise ValueError(f"topk must be at least 1, got {topk}")
+        raise UsageError(f"topk must be at least 1, got {topk}")
     unknown = set(transform_overrides) - set(_TRANSFORM_KEYS)
     if unknown:
         raise TypeError(f"unexpected arguments {sorted(unknown)}; preprocessing overrides are {_TRANSFORM_KEYS}")
     files = find_images(inputs)
     if isinstance(model, str):
-        model = load_model(model, checkpoint, num_classes, in_chans, use_ema)
+        model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
     elif checkpoint:
-        raise ValueError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
+        raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
     channels = getattr(model, "in_chans", 3)
     if channels != 3:
-        raise ValueError(f"predict reads images as RGB (3 channels) but the model takes {channels} input channels")
+        raise UsageError(f"predict reads images as RGB (3 channels) but the model takes {channels} input channels")
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     model = model.to(torch_device).eval()
     transform = create_transform(model, train=False, **transform_overrides)
-    names = class_names_for(model.num_classes, class_map)
+    names = class_names_for(model.num_classes, class_map, getattr(model, "pretrained_cfg", {}).get("label_names"))
     topk = min(topk, len(names))
 
     loader = DataLoader(
@@ -280,7 +301,7 @@ def render(predictions: Sequence[Prediction], output_format: str) -> str:
         return buffer.getvalue()
     if output_format == "json":
         return json.dumps([asdict(p) for p in predictions], indent=2) + "\n"
-    raise ValueError(f"unknown output format {output_format!r}; expected one of {OUTPUT_FORMATS}")
+    raise UsageError(f"unknown output format {output_format!r}; expected one of {OUTPUT_FORMATS}")
 
 
 def output_format_for(output: str | None, requested: str | None) -> str:
@@ -319,27 +340,24 @@ def run(args: argparse.Namespace) -> int:
     """Classify, print or write the results; exit 1 when no file could be classified."""
     set_threads(args.threads)
     overrides = {key: getattr(args, key) for key in _TRANSFORM_KEYS}
-    try:
-        predictions = predict(
-            args.inputs,
-            args.model,
-            args.checkpoint or None,
-            topk=args.topk,
-            class_map=args.class_map,
-            num_classes=args.num_classes,
-            in_chans=args.in_chans,
-            use_ema=args.use_ema,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=args.device,
-            amp=args.amp,
-            amp_dtype=args.amp_dtype,
-            progress=True,
-            **overrides,
-        )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"sequencer predict: error: {error}", file=sys.stderr)
-        return 2
+    predictions = predict(
+        args.inputs,
+        args.model,
+        args.checkpoint or None,
+        topk=args.topk,
+        class_map=args.class_map,
+        num_classes=args.num_classes,
+        in_chans=args.in_chans,
+        use_ema=args.use_ema,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        amp_dtype=args.amp_dtype,
+        progress=True,
+        unsafe_load=args.unsafe_load,
+        **overrides,
+    )
     text = render(predictions, output_format_for(args.output, args.output_format))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sequencer.errors import UsageError
 from sequencer.kernels.onednn import linear as fast_linear
 from sequencer.recurrence import check_impl, directions_of, recurrent_weights, resolve_impl, scan
 
@@ -506,6 +507,17 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in [*VARIANTS, *ALIASES] if fnmatch.fnmatch(n, pattern))
 
 
+def check_model_name(name: str) -> str:
+    """The registered variant that `name` (an alias or a timm-style "name.tag" too) means; UsageError if none."""
+    base = name.split(".")[0]
+    canonical = ALIASES.get(base, base)
+    if canonical not in VARIANTS:
+        close = difflib.get_close_matches(base, list_models(), n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
+        raise UsageError(f"unknown model {name!r}{hint}")
+    return canonical
+
+
 def create_model(
     name: str,
     pretrained: str | bool | None = None,
@@ -514,15 +526,15 @@ def create_model(
     in_chans: int = 3,
     features_only: bool = False,
     out_indices: tuple[int, ...] = (0, 1, 2, 3),
+    unsafe_load: bool = False,
     **overrides: Any,
 ) -> nn.Module:
-    """Build a registered variant, optionally with weights (a file path, or True for the released ones)."""
-    base = name.split(".")[0]  # accept timm-style tags such as "sequencer2d_s.in1k"
-    canonical = ALIASES.get(base, base)
-    if canonical not in VARIANTS:
-        close = difflib.get_close_matches(base, list_models(), n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
-        raise ValueError(f"unknown model {name!r}{hint}")
+    """Build a registered variant, optionally with weights (a file path, or True for the released ones).
+
+    A pickled checkpoint that needs more than tensors and plain containers is refused unless `unsafe_load`.
+    """
+    canonical = check_model_name(name)
+    base = name.split(".")[0]  # timm-style tags such as "sequencer2d_s.in1k" name the same network
     args = {**VARIANTS[canonical], **overrides}
     model = Sequencer(num_classes=num_classes, drop_path_rate=drop_path_rate, in_chans=in_chans, **args)
     cfg = default_cfg(base)
@@ -536,9 +548,9 @@ def create_model(
 
         if pretrained is True:
             if not cfg["url"]:
-                raise ValueError(f"no released weights for {base!r}; pass pretrained=PATH to a checkpoint file")
+                raise UsageError(f"no released weights for {base!r}; pass pretrained=PATH to a checkpoint file")
             pretrained = cfg["url"]
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, unsafe_load=unsafe_load)
     if features_only:
         return SequencerFeatures(model, tuple(out_indices))
     return model
@@ -557,6 +569,7 @@ __all__ = [
     "Sequencer",
     "SequencerBlock",
     "SequencerFeatures",
+    "check_model_name",
     "count_parameters",
     "create_model",
     "default_cfg",

@@ -13,6 +13,12 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = "seq
     group.add_argument("--num-classes", type=int, default=None, help="classes of the head (default: the data's)")
     group.add_argument("--in-chans", type=int, default=3, help="input channels")
     group.add_argument("--use-ema", action="store_true", help="load the EMA weights of a training checkpoint")
+    group.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="read checkpoints that hold Python objects besides tensors with full pickle: this runs code from the "
+        "file, so only for files you trust (safetensors and plain tensor checkpoints never need it)",
+    )
 
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:
