@@ -21,6 +21,7 @@ import yaml
 from sequencer import train as train_module
 from sequencer import validate
 from sequencer.checkpoint import load_pretrained, read_file
+from sequencer.cli import main
 from sequencer.model import create_model
 from test_data import make_image_tree
 
@@ -57,7 +58,7 @@ def parse(command: str) -> argparse.Namespace:
 
 
 def run_train(command: str) -> int:
-    return train_module.run(parse(command))
+    return main(["train", *shlex.split(command)])
 
 
 def summary_rows(folder: Path) -> list[dict[str, str]]:
@@ -285,7 +286,7 @@ def test_pretrained_fails_clearly_without_network(
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    assert run_train(f"{data_root} --model sequencer2d_s --pretrained --output {tmp_path}") == 2
+    assert run_train(f"{data_root} --model sequencer2d_s -b 4 --pretrained --output {tmp_path}") == 2
     error = capsys.readouterr().err
     assert "could not fetch the released weights of sequencer2d_s from https://" in error
     assert "pass --initial-checkpoint PATH" in error
@@ -346,3 +347,53 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
     # The steps where the unreadable image (or its repeat) falls on a rank are skipped by both ranks together.
     assert read_file(output / "last.pth.tar")["num_updates"] in (7, 8)
     assert result.stdout.count("held-out top-1") == 1  # only rank 0 prints
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--epochs 0", "--epochs 0 is out of range: it must be >= 1"),
+        ("-b -4", "-b/--batch-size -4 is out of range: it must be >= 1"),
+        ("--num-classes 0", "--num-classes 0 is out of range: it must be >= 1"),
+        ("--img-size 3", "input size 3x3 is smaller than the 8x8 pixels that sequencer2d_tiny"),
+        ("--drop-path 1.5", "--drop-path 1.5 is out of range: it must be >= 0 and <= 1"),
+        ("--lr 0", "--lr 0.0 is out of range: it must be > 0"),
+        ("--opt adamq", "unknown optimizer --opt 'adamq'"),
+        ("--sched cosin", "unknown schedule --sched 'cosin'"),
+        ("--model sequencer2d_q", "unknown model 'sequencer2d_q'"),
+        ("--initial-checkpoint x.pth --pretrained", "--pretrained and --initial-checkpoint both"),
+    ],
+)
+def test_flags_out_of_range_fail_in_one_line_before_any_work(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: str, message: str
+) -> None:
+    base = TINY.replace("--model sequencer2d_tiny ", "") if "--model" in flags else TINY
+    assert run_train(f"{data_root} {base} {flags} --output {tmp_path / 'out'}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sequencer train: error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_split_smaller_than_one_batch_is_refused_before_the_run(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # The README's tiny tree with the default batch (128): drop_last would leave no step at all.
+    assert run_train(f"{data_root} --model sequencer2d_tiny --img-size 16 -j 0 --output {tmp_path / 'out'}") == 2
+    err = capsys.readouterr().err
+    assert "the train split has 16 images, fewer than one batch of 128" in err and "lower -b/--batch-size" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_another_model_or_class_count_says_so(
+    data_root: Path, two_epoch_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    last = two_epoch_run / "last.pth.tar"
+    assert read_file(last)["class_names"] == ["class_0", "class_1"]  # what predict and validate name classes by
+    other_classes = make_image_tree(tmp_path / "three", classes=3, per_class=4)
+    assert run_train(f"{other_classes} {TINY} --epochs 3 --resume {last} --output {tmp_path / 'a'}") == 2
+    err = capsys.readouterr().err
+    assert "is a run of sequencer2d_tiny with 2 classes; this run is sequencer2d_tiny with 3 classes" in err
+    command = f"{data_root} {TINY.replace('sequencer2d_tiny', 'rnn_sequencer2d_s')} --epochs 3 --resume {last}"
+    assert run_train(f"{command} --img-size 32 --output {tmp_path / 'b'}") == 2
+    assert "this run is rnn_sequencer2d_s with 2 classes" in capsys.readouterr().err

@@ -7,6 +7,8 @@ import contextlib
 import torch
 from torch import nn
 
+from sequencer.errors import UsageError
+
 
 def resolve_device(name: str | None = None) -> torch.device:
     """The named device, or CUDA when available, else the CPU; a clear error for an unusable name."""
@@ -14,7 +16,7 @@ def resolve_device(name: str | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu")
+        raise UsageError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu")
     return device
 
 
@@ -44,5 +46,5 @@ def compile_model(model: nn.Module, backend: str | None) -> nn.Module:
         return model
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
-        raise ValueError(f"unknown torch.compile backend {backend!r}; expected one of {', '.join(known)}")
+        raise UsageError(f"unknown torch.compile backend {backend!r}; expected one of {', '.join(known)}")
     return torch.compile(model, backend=backend)

@@ -14,9 +14,8 @@ import logging
 import math
 import os
 import random
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 import yaml
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch import nn
@@ -41,7 +40,8 @@ from sequencer.distributed import (
     init_distributed,
     on_every_rank,
 )
-from sequencer.model import create_model
+from sequencer.errors import CheckpointError, SequencerError, UsageError
+from sequencer.model import VARIANTS, check_model_name, create_model
 from sequencer.options import add_compile_options, add_input_options, add_model_options, add_runtime_options
 from sequencer.plotting import plot_training_curves
 from sequencer.runtime import amp_dtype, autocast, compile_model, set_threads
@@ -49,6 +49,8 @@ from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
 
+# timm's create_scheduler_v2 names ("none" trains at a constant rate).
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "none")
 SUMMARY_FIELDS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 CURVES_FILE = "training_curves.png"
 
@@ -99,7 +101,7 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(SequencerError):
     """The released weights could not be fetched (no network, or the address is gone)."""
 
 
@@ -252,12 +254,67 @@ def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.lr is None:
+    if args.lr is None and args.batch_size > 0:  # a batch size < 1 is refused by check_arguments
         ratio = args.batch_size * world_size / args.lr_base_size
         scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
         args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
     args.validation_batch_size = args.validation_batch_size or args.batch_size
     return args
+
+
+# (flag, attribute, lowest allowed, whether the lowest is allowed, highest allowed or None): checked before any work.
+_BOUNDS: tuple[tuple[str, str, float, bool, float | None], ...] = (
+    ("--epochs", "epochs", 1, True, None),
+    ("-b/--batch-size", "batch_size", 1, True, None),
+    ("-vb/--validation-batch-size", "validation_batch_size", 1, True, None),
+    ("-j/--workers", "workers", 0, True, None),
+    ("--num-classes", "num_classes", 1, True, None),
+    ("--in-chans", "in_chans", 1, True, None),
+    ("--lr", "lr", 0, False, None),
+    ("--warmup-lr", "warmup_lr", 0, True, None),
+    ("--min-lr", "min_lr", 0, True, None),
+    ("--warmup-epochs", "warmup_epochs", 0, True, None),
+    ("--cooldown-epochs", "cooldown_epochs", 0, True, None),
+    ("--weight-decay", "weight_decay", 0, True, None),
+    ("--clip-grad", "clip_grad", 0, False, None),
+    ("--drop", "drop", 0, True, 1),
+    ("--drop-path", "drop_path", 0, True, 1),
+    ("--smoothing", "smoothing", 0, True, 1),
+    ("--reprob", "reprob", 0, True, 1),
+    ("--mixup", "mixup", 0, True, None),
+    ("--cutmix", "cutmix", 0, True, None),
+    ("--mixup-prob", "mixup_prob", 0, True, 1),
+    ("--hflip", "hflip", 0, True, 1),
+    ("--vflip", "vflip", 0, True, 1),
+    ("--model-ema-decay", "model_ema_decay", 0, True, 1),
+    ("--img-size", "img_size", 1, True, None),
+    ("--checkpoint-hist", "checkpoint_hist", 1, True, None),
+)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse flags that cannot work (out of range, unknown names) with a `UsageError`, before any work starts."""
+    for flag, key, low, low_allowed, high in _BOUNDS:
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if value < low or (value == low and not low_allowed) or (high is not None and value > high):
+            limits = f"{'>=' if low_allowed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise UsageError(f"{flag} {value} is out of range: it must be {limits}")
+    check_model_name(args.model)
+    size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
+    patches = math.prod(VARIANTS[check_model_name(args.model)].get("patch_sizes", (7, 2, 1, 1)))
+    if size and min(size) < patches:
+        raise UsageError(
+            f"input size {'x'.join(map(str, size))} is smaller than the {patches}x{patches} pixels that "
+            f"{args.model}'s stem and downsampling patches need"
+        )
+    if args.pretrained and args.checkpoint:
+        raise UsageError("--pretrained and --initial-checkpoint both give starting weights; pass one")
+    if args.opt.lower().removeprefix("fused") not in {o.lower() for o in list_optimizers()} and "_" not in args.opt:
+        raise UsageError(f"unknown optimizer --opt {args.opt!r}; timm knows {', '.join(list_optimizers())}")
+    if args.sched not in SCHEDULERS:
+        raise UsageError(f"unknown schedule --sched {args.sched!r}; expected one of {', '.join(SCHEDULERS)}")
 
 
 def _is_digits(args: argparse.Namespace) -> bool:
@@ -305,6 +362,7 @@ class TrainState:
     num_updates: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
+    class_names: list[str] = field(default_factory=list)  # index -> the data's class, for predict and validate
 
 
 def checkpoint_dict(state: TrainState, args: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -320,6 +378,7 @@ def checkpoint_dict(state: TrainState, args: dict[str, Any], history: list[dict[
         "optimizer": state.optimizer.state_dict(),
         "args": args,
         "history": history,
+        "class_names": state.class_names,
     }
     if state.scheduler is not None:
         ckpt["scheduler"] = state.scheduler.state_dict()
@@ -330,12 +389,27 @@ def checkpoint_dict(state: TrainState, args: dict[str, Any], history: list[dict[
     return ckpt
 
 
-def restore(state: TrainState, path: str, restore_optimizer: bool = True) -> list[dict[str, Any]]:
+def restore(
+    state: TrainState, path: str, restore_optimizer: bool = True, unsafe_load: bool = False
+) -> list[dict[str, Any]]:
     """Load a training checkpoint into `state`; returns the summary rows recorded so far."""
-    ckpt = read_file(path)
+    ckpt = read_file(path, unsafe_load=unsafe_load)
     if "epoch" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a training checkpoint of this trainer; use --initial-checkpoint for weights")
-    state.model.load_state_dict(ckpt["state_dict"])
+        raise CheckpointError(
+            f"{path} is not a training checkpoint of this trainer; use --initial-checkpoint for weights"
+        )
+    model = state.model
+    trained = (ckpt.get("model_name"), ckpt.get("num_classes"))
+    if trained != (model.model_name, model.num_classes):
+        raise CheckpointError(
+            f"{path} is a run of {trained[0]} with {trained[1]} classes; this run is {model.model_name} with "
+            f"{model.num_classes} classes: resume with the flags of that run, or start from its weights with "
+            "--initial-checkpoint"
+        )
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as error:  # same name and classes, other constructor overrides
+        raise CheckpointError(f"{path} does not fit this run's model: {str(error).splitlines()[0]}") from None
     if state.ema is not None:
         state.ema.module.load_state_dict(ckpt.get("state_dict_ema", ckpt["state_dict"]))
     if restore_optimizer:
@@ -443,12 +517,10 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     model = create_model(
         args.model, num_classes=num_classes, drop_path_rate=args.drop_path, in_chans=args.in_chans, drop_rate=args.drop
     )
-    if args.pretrained and args.checkpoint:
-        raise ValueError("--pretrained and --initial-checkpoint both give starting weights; pass one")
     if args.pretrained:
         url = model.pretrained_cfg.get("url")
         if not url:
-            raise ValueError(f"no released weights for {args.model}; pass --initial-checkpoint PATH")
+            raise UsageError(f"no released weights for {args.model}; pass --initial-checkpoint PATH")
         try:
             load_pretrained(model, url)
         except OSError as error:
@@ -457,7 +529,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
                 "pass --initial-checkpoint PATH"
             ) from error
     elif args.checkpoint:
-        load_pretrained(model, args.checkpoint, use_ema=args.use_ema)
+        load_pretrained(model, args.checkpoint, use_ema=args.use_ema, unsafe_load=args.unsafe_load)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -489,13 +561,20 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
     )
     if list(train_set.classes) != list(val_set.classes):
         only = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
-        raise ValueError(
+        raise UsageError(
             f"the {args.train_split} and {args.val_split} splits have different classes "
             f"({len(train_set.classes)} vs {len(val_set.classes)}; in one split only: {', '.join(only) or 'none'})"
         )
     num_classes = args.num_classes or len(train_set.classes)
     if num_classes < len(train_set.classes):
-        raise ValueError(f"--num-classes {num_classes} is smaller than the {len(train_set.classes)} classes found")
+        raise UsageError(f"--num-classes {num_classes} is smaller than the {len(train_set.classes)} classes found")
+    # drop_last: a split smaller than one global batch would train on nothing and fail mid-run.
+    global_batch = args.batch_size * context.world_size
+    if len(train_set) < global_batch:
+        raise UsageError(
+            f"the {args.train_split} split has {len(train_set)} images, fewer than one batch of {global_batch} "
+            f"({args.batch_size} x {context.world_size} process(es)); lower -b/--batch-size"
+        )
 
     # The same initial weights on every rank, so that each rank's EMA copy starts equal too.
     seed_epoch(args.seed, -1, 0)
@@ -544,10 +623,10 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
         **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
         updates_per_epoch=len(train_loader),
     )
-    state = TrainState(model, optimizer, scheduler, scaler, ema)
+    state = TrainState(model, optimizer, scheduler, scaler, ema, class_names=[str(c) for c in train_set.classes])
     history: list[dict[str, Any]] = []
     if args.resume:
-        history = restore(state, args.resume, restore_optimizer=not args.no_resume_opt)
+        history = restore(state, args.resume, not args.no_resume_opt, args.unsafe_load)
     if args.start_epoch is not None:
         state.epoch = args.start_epoch
     history = [row for row in history if row["epoch"] < state.epoch]
@@ -656,6 +735,7 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
 def run(args: argparse.Namespace) -> int:
     """`sequencer train`: set up (distributed) processes, train, print the held-out top-1."""
     start = time.perf_counter()
+    check_arguments(resolve_arguments(args))
     context = init_distributed(args.device)
     logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
     args = resolve_arguments(args, context.world_size)
@@ -672,9 +752,6 @@ def run(args: argparse.Namespace) -> int:
         if context.is_primary:
             _logger.error("interrupted; continue with --resume on the output folder's last.pth.tar")
         return 130
-    except (FileNotFoundError, ValueError, WeightsUnavailableError) as error:
-        print(f"sequencer train: error: {error}", file=sys.stderr)
-        return 2
     finally:
         cleanup_distributed()
     if context.is_primary and "eval_top1" in result:
