@@ -168,3 +168,17 @@ def test_cli_commands_point_at_these_modules() -> None:
     assert importlib.import_module(cli.COMMANDS["predict"][0]) is inference
     assert importlib.import_module(cli.COMMANDS["export"][0]) is deploy
     assert callable(sequencer.predict) and callable(sequencer.export)
+
+
+def test_predict_labels_classes_by_the_names_the_checkpoint_records(tmp_path: Path, image_folder: Path) -> None:
+    model = tiny_with_head(num_classes=3)
+    names = ["cat", "dog", "otter"]
+    torch.save({"state_dict": model.state_dict(), "epoch": 0, "class_names": names}, tmp_path / "run.pth.tar")
+    [trained] = sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", tmp_path / "run.pth.tar", topk=3)
+    assert sorted(s.label for s in trained.top) == names and all(s.label == names[s.index] for s in trained.top)
+    # save_weights keeps them (safetensors metadata), so a clean weights file labels the same way.
+    labelled = sequencer.create_model("sequencer2d_tiny", num_classes=3, pretrained=tmp_path / "run.pth.tar")
+    assert labelled.pretrained_cfg["label_names"] == names
+    sequencer.save_weights(labelled, tmp_path / "w.safetensors")
+    [clean] = sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", tmp_path / "w.safetensors", topk=3)
+    assert [s.label for s in clean.top] == [s.label for s in trained.top]

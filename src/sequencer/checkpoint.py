@@ -120,10 +120,13 @@ def extract_state_dict(obj: dict[str, Any], use_ema: bool = False) -> dict[str, 
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def class_names_of(obj: dict[str, Any]) -> list[str] | None:
-    """The class names a checkpoint records (`sequencer train` and `save_weights` write them), index order."""
-    names = obj.get("class_names")
-    return [str(name) for name in names] if isinstance(names, list) and names else None
+def adopt_class_names(model: nn.Module, contents: dict[str, Any]) -> None:
+    """Record the class names a checkpoint holds (`sequencer train` and `save_weights` write them) as the model's
+    `pretrained_cfg["label_names"]` (timm's key), when they fit its head."""
+    names = contents.get("class_names")
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(names, list) and isinstance(cfg, dict) and len(names) == getattr(model, "num_classes", -1):
+        cfg["label_names"] = [str(name) for name in names]
 
 
 def from_authors_format(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -197,6 +200,7 @@ def load_pretrained(
     """Load a checkpoint file (authors', timm's or ours, possibly wrapped) into `model`, strictly."""
     obj = read_file(path, unsafe_load=unsafe_load)
     load_state_dict(model, extract_state_dict(obj, use_ema=use_ema))
+    adopt_class_names(model, obj)
     _logger.info("loaded weights from %s", path)
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from sequencer.checkpoint import (
-    class_names_of,
+    adopt_class_names,
     extract_state_dict,
     from_authors_format,
     load_state_dict,
@@ -146,9 +146,7 @@ def load_model(
         raise CheckpointError(f"{checkpoint} has a {file_classes}-class head but {num_classes} classes were asked for")
     model = create_model(name, num_classes=num_classes, in_chans=in_chans)
     load_state_dict(model, state_dict)
-    label_names = class_names_of(contents)
-    if label_names and len(label_names) == num_classes:
-        model.pretrained_cfg["label_names"] = label_names
+    adopt_class_names(model, contents)
     return model.eval()
 
 
