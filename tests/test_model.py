@@ -255,3 +255,16 @@ def test_torchscript_gives_the_same_logits() -> None:
     x = torch.randn(2, 3, 40, 32)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_features_only_leaves_the_model_it_was_handed_whole() -> None:
+    model = sequencer.create_model("sequencer2d_tiny").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    features = sequencer.SequencerFeatures(model, out_indices=(1,))
+    assert len(model.stages) == 4 and isinstance(model.norm, torch.nn.LayerNorm) and model.num_classes == 1000
+    assert model.state_dict().keys() == before.keys()
+    x = torch.randn(1, 3, 32, 32)
+    assert model(x).shape == (1, 1000)
+    assert features(x)[0].shape == (1, 128, 4, 4)
+    assert not any(k.startswith(("model.stages.2", "model.norm", "model.head")) for k in features.state_dict())
+    assert sequencer.count_parameters(sequencer.create_model("sequencer2d_tiny")) == 1_043_688
