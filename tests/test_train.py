@@ -397,3 +397,29 @@ def test_resume_with_another_model_or_class_count_says_so(
     command = f"{data_root} {TINY.replace('sequencer2d_tiny', 'rnn_sequencer2d_s')} --epochs 3 --resume {last}"
     assert run_train(f"{command} --img-size 32 --output {tmp_path / 'b'}") == 2
     assert "this run is rnn_sequencer2d_s with 2 classes" in capsys.readouterr().err
+
+
+def test_config_reads_back_args_yaml_and_the_command_line_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    saved = train_module.plain_arguments(train_module.resolve_arguments(parse(f"/data/imagenet {IMAGENET_RECIPE}")))
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    seen = []
+    monkeypatch.setattr(train_module, "run", lambda args: seen.append(args) or 0)
+    assert main(["train", "-c", str(tmp_path / "args.yaml"), "--epochs", "7"]) == 0
+    args = seen[0]
+    assert (args.data, args.model, args.lr, args.aa, args.mixup) == (
+        "/data/imagenet",
+        "sequencer2d_s",
+        2e-3,
+        "rand-m9-mstd0.5-inc1",
+        0.8,
+    )
+    assert args.epochs == 7  # the command line wins over the file
+    assert {k: v for k, v in vars(args).items() if k in saved and k not in ("epochs", "config")} == {
+        k: v for k, v in saved.items() if k not in ("epochs", "config")
+    }
+
+    (tmp_path / "bad.yaml").write_text("epochs: 3\nwarp_speed: 9\n")
+    assert main(["train", "-c", str(tmp_path / "bad.yaml")]) == 2
+    assert "sets options this command does not have: warp_speed" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from sequencer.errors import SequencerError
+from sequencer.errors import SequencerError, UsageError
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -30,14 +30,33 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported to add its options (none for `sequencer --help`)."""
     parser = argparse.ArgumentParser(prog="sequencer", description="Sequencer: Deep LSTM for Image Classification")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.command_parsers = {}
     for name, (module_name, help_text) in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text)
+        sub_parser = parser.command_parsers[name] = sub.add_parser(name, help=help_text)
         if name == command:
             module = importlib.import_module(module_name)
             sub_parser.description = module.__doc__
             module.add_arguments(sub_parser)
             sub_parser.set_defaults(run=module.run)
     return parser
+
+
+def _apply_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the flags a YAML file sets (a run's args.yaml, say) the parser's defaults: the command line still wins."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"cannot read --config {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a mapping of option names to values")
+    values = {key: value for key, value in values.items() if key not in ("command", "config")}
+    unknown = sorted(set(values) - {action.dest for action in parser._actions})
+    if unknown:
+        raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
+    parser.set_defaults(**values)
 
 
 def _command_of(argv: list[str]) -> str | None:
@@ -49,8 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the subcommand; a `SequencerError` becomes one line and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
     command = _command_of(argv)
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            _apply_config(parser.command_parsers[command], args.config)
+            args = parser.parse_args(argv)
         return int(args.run(args) or 0)
     except SequencerError as error:
         print(f"sequencer {args.command}: error: {error}", file=sys.stderr)

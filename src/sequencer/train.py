@@ -117,6 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(model {TIMM_RECIPE['model']}, batch {TIMM_RECIPE['batch_size']}). Multi-GPU or multi-node: "
         "torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m sequencer train ..."
     )
+    parser.add_argument(
+        "-c",
+        "--config",
+        default="",
+        metavar="YAML",
+        help="take the flags from this file (a run's args.yaml, as timm's train.py writes); the command line wins",
+    )
     data = parser.add_argument_group("data")
     data.add_argument(
         "data",
