@@ -26,13 +26,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's real default, unless it is empty or the help text already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, "", [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported to add its options (none for `sequencer --help`)."""
     parser = argparse.ArgumentParser(prog="sequencer", description="Sequencer: Deep LSTM for Image Classification")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.command_parsers = {}
     for name, (module_name, help_text) in COMMANDS.items():
-        sub_parser = parser.command_parsers[name] = sub.add_parser(name, help=help_text)
+        sub_parser = sub.add_parser(name, help=help_text, formatter_class=DefaultsHelpFormatter)
+        parser.command_parsers[name] = sub_parser
         if name == command:
             module = importlib.import_module(module_name)
             sub_parser.description = module.__doc__

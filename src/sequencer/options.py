@@ -24,19 +24,34 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = "seq
 def add_input_options(parser: argparse.ArgumentParser) -> None:
     """--img-size, --input-size, --crop-pct, --mean, --std, --interpolation (default: the model's config)."""
     group = parser.add_argument_group("input")
-    group.add_argument("--img-size", type=int, default=None, help="square input size")
+    group.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="square input size (default: the model's, 224 for the paper's variants)",
+    )
     group.add_argument(
         "--input-size",
         type=int,
         nargs=3,
         default=None,
         metavar=("C", "H", "W"),
-        help="input size C H W (overrides --img-size)",
+        help="input size C H W (overrides --img-size; default: the model's)",
     )
-    group.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction for evaluation")
-    group.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean")
-    group.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std")
-    group.add_argument("--interpolation", default="", help="resize interpolation (bicubic, bilinear, ...)")
+    group.add_argument(
+        "--crop-pct", type=float, default=None, help="centre-crop fraction for evaluation (default: the model's, 0.875)"
+    )
+    group.add_argument(
+        "--mean", type=float, nargs="+", default=None, help="normalisation mean (default: the model's, ImageNet's)"
+    )
+    group.add_argument(
+        "--std", type=float, nargs="+", default=None, help="normalisation std (default: the model's, ImageNet's)"
+    )
+    group.add_argument(
+        "--interpolation",
+        default="",
+        help="resize interpolation: bicubic, bilinear, ... (default: the model's, bicubic)",
+    )
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
