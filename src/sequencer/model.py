@@ -447,43 +447,48 @@ def _init_module(name: str, module: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Official variants, as data: each entry overrides the Sequencer2D-S defaults of `Sequencer.__init__`.
+# Official variants, as data: every architecture field of every variant, spelled out (no hidden defaults).
 # ----------------------------------------------------------------------------------------------------------------
 
-_S, _M, _L = (4, 3, 8, 3), (4, 3, 14, 3), (8, 8, 16, 4)
-_H2X = (96, 192, 192, 192)
+_S, _M, _L = (4, 3, 8, 3), (4, 3, 14, 3), (8, 8, 16, 4)  # blocks per stage
+_P = (7, 2, 1, 1)  # patch sizes: stem 7, then a 2x2 downsampling, then two 1x1 "downsamplings" (channel mixes)
+_V = (14, 1, 1, 1)  # the isotropic vanilla model: one 14x14 stem, no downsampling
+_D, _D3X, _DV = (192, 384, 384, 384), (256, 512, 512, 512), (384,) * 4  # channels per stage
+_H, _H2X, _H3X, _HV = (48, 96, 96, 96), (96, 192, 192, 192), (64, 128, 128, 128), (192,) * 4  # LSTM hidden size
+_T, _PT, _DT, _HT = (1, 1, 2, 1), (4, 2, 1, 1), (64, 128, 128, 128), (16, 32, 32, 32)  # sequencer2d_tiny
 RELEASES = "https://github.com/okojoalg/sequencer/releases/download/weights"
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "sequencer2d_s": dict(layers=_S),
-    "sequencer2d_m": dict(layers=_M),
-    "sequencer2d_l": dict(layers=_L),
-    "sequencer2d_s_392": dict(layers=_S, img_size=392),
-    "sequencer2d_m_392": dict(layers=_M, img_size=392),
-    "sequencer2d_l_392": dict(layers=_L, img_size=392),
-    "sequencer2d_s_unidirectional": dict(layers=_S, bidirectional=False),
-    "sequencer2d_s_add": dict(layers=_S, union="add"),
-    "sequencer2d_s_h2x": dict(layers=_S, hidden_sizes=_H2X),
-    "sequencer2d_s_without_fc": dict(layers=_S, with_fc=False),
-    "sequencer2d_vertical": dict(layers=_S, hidden_sizes=_H2X, union="vertical", with_fc=False),
-    "sequencer2d_s_horizontal": dict(layers=_S, hidden_sizes=_H2X, union="horizontal", with_fc=False),
-    "gru_sequencer2d_s": dict(layers=_S, cell="gru"),
-    "rnn_sequencer2d_s": dict(layers=_S, cell="rnn"),
-    "sequencer2d_l_d4_3x": dict(layers=_L, embed_dims=(256, 512, 512, 512), hidden_sizes=(64, 128, 128, 128)),
-    "v_sequencer_s": dict(mixer="1d", patch_sizes=(14, 1, 1, 1), embed_dims=(384,) * 4, hidden_sizes=(192,) * 4),
-    "v_sequencer_s_h": dict(mixer="1d", hidden_sizes=_H2X),
-    "v_sequencer_s_pe": dict(
-        mixer="1d", patch_sizes=(14, 1, 1, 1), embed_dims=(384,) * 4, hidden_sizes=(192,) * 4, pos_embed=True
-    ),
+ARCHITECTURE_FIELDS = (
+    "layers", "patch_sizes", "embed_dims", "hidden_sizes", "mixer", "cell", "bidirectional", "union", "with_fc",
+    "pos_embed", "img_size",
+)  # fmt: skip
+# MLP ratio 3 everywhere. Columns as ARCHITECTURE_FIELDS.
+# fmt: off
+_TABLE = [
+    # name                           layers patch dims  hidden mixer cell    bidir  union         fc     pos    size
+    ("sequencer2d_s",                _S,    _P,   _D,   _H,    "2d", "lstm", True,  "cat",        True,  False, 224),
+    ("sequencer2d_m",                _M,    _P,   _D,   _H,    "2d", "lstm", True,  "cat",        True,  False, 224),
+    ("sequencer2d_l",                _L,    _P,   _D,   _H,    "2d", "lstm", True,  "cat",        True,  False, 224),
+    ("sequencer2d_s_392",            _S,    _P,   _D,   _H,    "2d", "lstm", True,  "cat",        True,  False, 392),
+    ("sequencer2d_m_392",            _M,    _P,   _D,   _H,    "2d", "lstm", True,  "cat",        True,  False, 392),
+    ("sequencer2d_l_392",            _L,    _P,   _D,   _H,    "2d", "lstm", True,  "cat",        True,  False, 392),
+    ("sequencer2d_s_unidirectional", _S,    _P,   _D,   _H,    "2d", "lstm", False, "cat",        True,  False, 224),
+    ("sequencer2d_s_add",            _S,    _P,   _D,   _H,    "2d", "lstm", True,  "add",        True,  False, 224),
+    ("sequencer2d_s_h2x",            _S,    _P,   _D,   _H2X,  "2d", "lstm", True,  "cat",        True,  False, 224),
+    ("sequencer2d_s_without_fc",     _S,    _P,   _D,   _H,    "2d", "lstm", True,  "cat",        False, False, 224),
+    ("sequencer2d_vertical",         _S,    _P,   _D,   _H2X,  "2d", "lstm", True,  "vertical",   False, False, 224),
+    ("sequencer2d_s_horizontal",     _S,    _P,   _D,   _H2X,  "2d", "lstm", True,  "horizontal", False, False, 224),
+    ("gru_sequencer2d_s",            _S,    _P,   _D,   _H,    "2d", "gru",  True,  "cat",        True,  False, 224),
+    ("rnn_sequencer2d_s",            _S,    _P,   _D,   _H,    "2d", "rnn",  True,  "cat",        True,  False, 224),
+    ("sequencer2d_l_d4_3x",          _L,    _P,   _D3X, _H3X,  "2d", "lstm", True,  "cat",        True,  False, 224),
+    ("v_sequencer_s",                _S,    _V,   _DV,  _HV,   "1d", "lstm", True,  "cat",        False, False, 224),
+    ("v_sequencer_s_h",              _S,    _P,   _D,   _H2X,  "1d", "lstm", True,  "cat",        False, False, 224),
+    ("v_sequencer_s_pe",             _S,    _V,   _DV,  _HV,   "1d", "lstm", True,  "cat",        False, True,  224),
     # Not in the paper: a 1.04M-parameter model (1,043,688 at 1000 classes) for 32x32 inputs, CPU demos and tests.
-    "sequencer2d_tiny": dict(
-        layers=(1, 1, 2, 1),
-        patch_sizes=(4, 2, 1, 1),
-        embed_dims=(64, 128, 128, 128),
-        hidden_sizes=(16, 32, 32, 32),
-        img_size=32,
-    ),
-}
+    ("sequencer2d_tiny",             _T,    _PT,  _DT,  _HT,   "2d", "lstm", True,  "cat",        True,  False, 32),
+]
+# fmt: on
+VARIANTS: dict[str, dict[str, Any]] = {name: dict(zip(ARCHITECTURE_FIELDS, row, strict=True)) for name, *row in _TABLE}
 # The authors named the vertical-only ablation without "_s"; the consistent name is an alias.
 ALIASES = {"sequencer2d_s_vertical": "sequencer2d_vertical"}
 WEIGHTS = {name: f"{RELEASES}/{name}.pth" for name in ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")}
@@ -492,7 +497,7 @@ WEIGHTS.update({f"{name}_392": url for name, url in WEIGHTS.items()})
 
 def default_cfg(name: str) -> dict[str, Any]:
     """The preprocessing a variant expects, in timm's `pretrained_cfg` keys."""
-    size = VARIANTS[ALIASES.get(name, name)].get("img_size", 224)
+    size = VARIANTS[ALIASES.get(name, name)]["img_size"]
     return dict(
         architecture=name,
         url=WEIGHTS.get(name, ""),

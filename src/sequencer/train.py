@@ -310,7 +310,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} {value} is out of range: it must be {limits}")
     check_model_name(args.model)
     size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
-    patches = math.prod(VARIANTS[check_model_name(args.model)].get("patch_sizes", (7, 2, 1, 1)))
+    patches = math.prod(VARIANTS[check_model_name(args.model)]["patch_sizes"])
     if size and min(size) < patches:
         raise UsageError(
             f"input size {'x'.join(map(str, size))} is smaller than the {patches}x{patches} pixels that "
