@@ -328,11 +328,16 @@ def class_indices(
 
 def map_classes(dataset: Dataset, num_classes: int, model_class_names: Sequence[str] | None = None) -> Dataset:
     """Relabel a dataset's samples with the model's class indices (see `class_indices`); checked before any work."""
+    if not isinstance(dataset, ImageFolder):  # the digits and torchvision's sets: fixed classes, in their own order
+        if len(dataset.classes) != num_classes:
+            raise DatasetError(
+                f"the model has {num_classes} classes but the data has {len(dataset.classes)}: pass a checkpoint "
+                f"trained on this dataset or --num-classes {len(dataset.classes)}"
+            )
+        return dataset
     indices = class_indices(dataset.classes, num_classes, model_class_names)
     if indices == list(range(len(indices))):
         return dataset
-    if not isinstance(dataset, ImageFolder):  # only folder trees are named freely; the rest have fixed classes
-        raise DatasetError(f"the model has {num_classes} classes but the data has {len(dataset.classes)}")
     dataset.samples = [(path, indices[target]) for path, target in dataset.samples]
     dataset.imgs = dataset.samples
     dataset.targets = [target for _, target in dataset.samples]
