@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -215,3 +216,42 @@ def test_missing_transfer_dataset_names_the_expected_layout(tmp_path: Path, name
     assert not any(tmp_path.iterdir())  # nothing fetched
     with pytest.raises(DatasetError, match="unknown split 'holdout'"):
         build_dataset(f"torch/{name}", "holdout", data_dir=str(tmp_path))
+
+
+# SEQUENCER.md's transfer recipe (CIFAR-10), verbatim but for the dataset, its class count, the released weights
+# (a local file here) and the size: tiny model, batch 4, 32 px, one epoch.
+TRANSFER_RECIPE = (
+    "--model sequencer2d_s -b 128 -j 4 --num-classes 10 --dataset torch/cifar10 --pretrained --opt adamw "
+    "--epochs 200 --sched cosine --native-amp --img-size 224 --clip-grad 1 --drop-path 0.1 --lr 0.0001 "
+    "--weight-decay 1e-4 --remode pixel --aa rand-m9-mstd0.5-inc1 --smoothing 0.1 --mixup 0.8 --cutmix 1.0 "
+    "--warmup-lr 1e-6 --warmup-epochs 5"
+)
+
+
+@pytest.mark.slow
+def test_transfer_recipe_trains_on_oxford_pets(tmp_path: Path) -> None:
+    from sequencer.checkpoint import save_weights
+    from sequencer.cli import main
+
+    root = make_oxford_pets(tmp_path / "data", per_breed=4)
+    save_weights(create_model("sequencer2d_tiny", num_classes=1000), tmp_path / "in1k.safetensors")
+    changes = {
+        "--model sequencer2d_s -b 128 -j 4 --num-classes 10": "--model sequencer2d_tiny -b 4 -j 0 --num-classes 3",
+        "--dataset torch/cifar10 --pretrained": "--dataset torch/oxford_iiit_pet --initial-checkpoint "
+        + str(tmp_path / "in1k.safetensors"),
+        "--epochs 200": "--epochs 1",
+        "--img-size 224": "--img-size 32",
+    }
+    command = TRANSFER_RECIPE
+    for old, new in changes.items():
+        assert old in command
+        command = command.replace(old, new)
+    out = tmp_path / "run"
+    assert main(["train", *command.split(), "--data-dir", str(root), "--output", str(out), "--no-progress"]) == 0
+    last = next(out.rglob("last.pth.tar"))
+    head = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]["head.fc.weight"]
+    assert head.shape == (3, 128) and head.abs().sum() > 0  # a new 3-class head (zero at first), trained on Pets
+    results = tmp_path / "results.json"
+    validate = f"--dataset torch/oxford_iiit_pet --data-dir {root} --model sequencer2d_tiny --checkpoint {last} -j 0"
+    assert main(["validate", *validate.split(), "--results-file", str(results)]) == 0
+    assert json.loads(results.read_text())["count"] == 12  # the test split

@@ -1,9 +1,9 @@
 """Top-1 on the ImageNet variants found under one root (ReaL, -A, -R, -Sketch, -V2, -C), beside the published figures.
 
-Each dataset is read from its released folder, under its usual name (see `VARIANTS`), or from a folder named by its
-own flag. Class folders named by WordNet id or number take their ImageNet-1k index, ImageNet-A and -R are scored on
-their 200 classes (the other logits masked out), ReaL against timm's packaged reassessed labels, and ImageNet-C
-(`imagenet-c/<corruption>/<severity>/<wnid>/*`, the released images) as the mCE normalised by AlexNet's errors.
+Each dataset is read from its released folder, found under ROOT by its usual name (listed under ROOT in --help) or
+named by its own flag. Class folders named by WordNet id or number take their ImageNet-1k index; ImageNet-A and -R
+are scored on their 200 classes (the other logits masked out), ReaL against timm's packaged reassessed labels, and
+ImageNet-C (`imagenet-c/<corruption>/<severity>/<wnid>/*`, the released images) as the mCE normalised by AlexNet.
 """
 
 from __future__ import annotations
