@@ -163,7 +163,10 @@ def test_flowers102_reads_its_mat_files_and_maps_the_splits(tmp_path: Path, monk
     from torchvision.datasets import flowers102
 
     make_flowers102(tmp_path)
-    # torchvision checks the published md5 of the .mat files, which a fake copy cannot have: check presence instead.
+    # torchvision checks the published md5 of the .mat files, which a fake copy cannot have: refused as corrupted...
+    with pytest.raises(DatasetError, match="incomplete, corrupted or could not be downloaded"):
+        build_dataset("torch/flowers102", "train", data_dir=str(tmp_path))
+    # ... so check their presence instead.
     monkeypatch.setattr(flowers102, "check_integrity", lambda path, md5=None: Path(path).is_file())
     train = build_dataset(
         "torch/flowers102", "train", transform=lambda image: np.asarray(image), data_dir=str(tmp_path)

@@ -215,7 +215,7 @@ def _torchvision_dataset(name: str, split: str, root: str | None, download: bool
         cifar = datasets.CIFAR10 if key == "cifar10" else datasets.CIFAR100
         try:
             base = cifar(root, train=split == "train", download=download)
-        except RuntimeError as error:
+        except (RuntimeError, OSError) as error:  # not there, or no network to fetch it
             raise DatasetError(
                 f"{name} not found under {root} ({error}); put a copy there or pass --dataset-download"
             ) from error
@@ -236,13 +236,17 @@ def _torchvision_dataset(name: str, split: str, root: str | None, download: bool
                 f"{name} ({their_split} split) not found under {root}: missing {', '.join(map(str, missing))}; "
                 f"expected {TRANSFER_LAYOUTS[key]} (pass --dataset-download to fetch it)"
             )
-    kinds = {"flowers102": datasets.Flowers102, "stanford_cars": datasets.StanfordCars}
-    kinds["oxford_iiit_pet"] = datasets.OxfordIIITPet
+    kinds = {
+        "flowers102": datasets.Flowers102,
+        "stanford_cars": datasets.StanfordCars,
+        "oxford_iiit_pet": datasets.OxfordIIITPet,
+    }
     try:
         base = kinds[key](root, split=their_split, download=download)
-    except RuntimeError as error:  # files present but rejected (Flowers-102 checks the .mat files' md5)
+    except (RuntimeError, OSError) as error:  # files rejected (Flowers-102 checks its .mat files' md5), or no network
         raise DatasetError(
-            f"{name} under {root} is incomplete or corrupted ({error}); expected {TRANSFER_LAYOUTS[key]}"
+            f"{name} under {root} is incomplete, corrupted or could not be downloaded ({error}); "
+            f"expected {TRANSFER_LAYOUTS[key]}"
         ) from error
     return TorchvisionDataset(base, base.classes, name)
 

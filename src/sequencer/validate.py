@@ -92,6 +92,8 @@ class WithRealLabels(Dataset):
             )
         self.base = base
         self.labels = [real_labels[name] for name in names]
+        if not any(self.labels):
+            raise DatasetError(f"none of the {len(names)} images has a ReaL label: nothing to score ReaL top-1 on")
         self.num_classes = num_classes
 
     @property

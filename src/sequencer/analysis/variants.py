@@ -168,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
         metrics = _evaluate(model, dataset, device, args, valid_classes.get(key))
         if key == "real":
             results["imagenet"] = dict(value=metrics["top1"], images=metrics["count"], folder=found[key])
-            results["real"] = dict(value=metrics["real_top1"], images=metrics["real_count"], folder=found[key])
+            # An evenly spaced subset (--limit) may hold no labelled image: no ReaL figure then.
+            real_top1, real_count = metrics.get("real_top1", float("nan")), metrics.get("real_count", 0)
+            results["real"] = dict(value=real_top1, images=real_count, folder=found[key])
         else:
             results[key] = dict(value=metrics["top1"], images=metrics["count"], folder=found[key])
         _logger.info("%s: top-1 %.2f (%d images)", variant.title, results[key]["value"], results[key]["images"])
