@@ -208,6 +208,8 @@ def test_valid_labels_mask_the_logits_to_imagenet_a(tmp_path: Path) -> None:
 
 def test_real_labels_score_against_the_reassessed_labels(tmp_path: Path) -> None:
     assert load_real_labels()["ILSVRC2012_val_00000002"] == [970, 795]  # timm's packaged file, 50,000 entries
+    with pytest.raises(UsageError, match="put DATA before --real-labels"):
+        load_real_labels(tmp_path)  # `validate --real-labels DATA`: argparse hands the folder to --real-labels
     synsets = imagenet_synsets()
     names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (1, 2, 3, 4)]
     root = make_named_tree(tmp_path / "val", [synsets[5], synsets[9]], file_names=names)

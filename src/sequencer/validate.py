@@ -67,6 +67,8 @@ def load_real_labels(path: str | os.PathLike | None = None) -> dict[str, list[in
     The file is a JSON list whose i-th entry holds the labels of ILSVRC2012_val_{i+1:08d}.JPEG (empty: no label).
     """
     if path:
+        if Path(path).is_dir():  # `--real-labels DATA`: the optional FILE took the dataset folder
+            raise UsageError(f"--real-labels {path}: a folder, not a labels file; put DATA before --real-labels")
         if not Path(path).is_file():
             raise UsageError(f"--real-labels: file not found: {path}")
         text = Path(path).read_text()
