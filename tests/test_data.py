@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -99,3 +100,161 @@ def test_cifar_reads_a_local_copy_and_never_downloads_unasked(tmp_path: Path) ->
         build_dataset("torch/cifar100", "train")
     with pytest.raises(DatasetError, match="unknown dataset"):
         build_dataset("torch/imagenet21k", "train", data_dir=str(tmp_path))
+
+
+def _tinted_jpeg(path: Path, label: int, rng: np.random.Generator, size: int = 16) -> None:
+    """A noise image tinted by `label` (one colour channel per class, as in `make_image_tree`)."""
+    pixels = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+    pixels[..., label % 3] += 150
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_flowers102(root: Path, labels: tuple[int, ...] = (1, 2, 3, 1, 2, 3, 1, 2, 3)) -> Path:
+    """DATA/flowers-102/{jpg/image_%05d.jpg, imagelabels.mat, setid.mat}: image i+1 has 1-based label labels[i]."""
+    from scipy.io import savemat
+
+    base, rng = root / "flowers-102", np.random.default_rng(0)
+    for i, label in enumerate(labels, 1):
+        _tinted_jpeg(base / "jpg" / f"image_{i:05d}.jpg", label - 1, rng)
+    savemat(base / "imagelabels.mat", {"labels": np.array(labels, dtype=np.uint8)})
+    ids = np.arange(1, len(labels) + 1)
+    savemat(base / "setid.mat", {"trnid": ids[0::3], "valid": ids[1::3], "tstid": ids[2::3]})
+    return root
+
+
+def make_stanford_cars(root: Path, per_split: int = 4) -> Path:
+    """DATA/stanford_cars/{cars_train, cars_test, cars_test_annos_withlabels.mat, devkit/{train annos, meta}}."""
+    from scipy.io import savemat
+
+    base, rng = root / "stanford_cars", np.random.default_rng(0)
+    record = [("fname", object), ("class", object)]
+    for folder, annotations_file in (
+        ("cars_train", "devkit/cars_train_annos.mat"),
+        ("cars_test", "cars_test_annos_withlabels.mat"),
+    ):
+        rows = [(f"{i:05d}.jpg", 1 + i % 2) for i in range(1, per_split + 1)]
+        for name, label in rows:
+            _tinted_jpeg(base / folder / name, label - 1, rng)
+        (base / annotations_file).parent.mkdir(parents=True, exist_ok=True)
+        savemat(base / annotations_file, {"annotations": np.array(rows, dtype=record)})
+    savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(["AM General Hummer", "Acura RL"], object)})
+    return root
+
+
+PET_BREEDS = ("Abyssinian", "basset_hound", "Bengal")
+
+
+def make_oxford_pets(root: Path, per_breed: int = 3) -> Path:
+    """DATA/oxford-iiit-pet/{images/<Breed>_<n>.jpg, annotations/{trainval,test}.txt}: 'id class species breed_id'."""
+    base, rng = root / "oxford-iiit-pet", np.random.default_rng(0)
+    (base / "annotations").mkdir(parents=True)
+    for split, offset in (("trainval", 0), ("test", 100)):
+        lines = []
+        for label, breed in enumerate(PET_BREEDS):
+            for n in range(offset + 1, offset + per_breed + 1):
+                _tinted_jpeg(base / "images" / f"{breed}_{n}.jpg", label, rng)
+                lines.append(f"{breed}_{n} {label + 1} {1 if breed[0].isupper() else 2} {n}")
+        (base / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_flowers102_reads_its_mat_files_and_maps_the_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.datasets import flowers102
+
+    make_flowers102(tmp_path)
+    # torchvision checks the published md5 of the .mat files, which a fake copy cannot have: refused as corrupted...
+    with pytest.raises(DatasetError, match="incomplete, corrupted or could not be downloaded"):
+        build_dataset("torch/flowers102", "train", data_dir=str(tmp_path))
+    # ... so check their presence instead.
+    monkeypatch.setattr(flowers102, "check_integrity", lambda path, md5=None: Path(path).is_file())
+    train = build_dataset(
+        "torch/flowers102", "train", transform=lambda image: np.asarray(image), data_dir=str(tmp_path)
+    )
+    val, test = (build_dataset("torch/flowers102", split, data_dir=str(tmp_path)) for split in ("validation", "test"))
+    assert len(train.classes) == 102 and train.classes[0] == "pink primrose"
+    assert len(train) == len(val) == len(test) == 3
+    # setid.mat's trnid holds images 1, 4, 7 (labels 1, 1, 1 -> class 0); tstid images 3, 6, 9 (class 2).
+    assert [train[i][1] for i in range(3)] == [0, 0, 0] and [test[i][1] for i in range(3)] == [2, 2, 2]
+    image = train[0][0]
+    assert image.shape == (16, 16, 3) and image[..., 0].mean() > image[..., 1].mean()  # the transform ran
+
+
+def test_stanford_cars_reads_the_devkit(tmp_path: Path) -> None:
+    root = make_stanford_cars(tmp_path)
+    train = build_dataset("torch/stanford_cars", "train", data_dir=str(root))
+    val = build_dataset("torch/stanford_cars", "validation", data_dir=str(root))  # Cars has no val: its test split
+    assert train.classes == val.classes == ["AM General Hummer", "Acura RL"]
+    assert [train[i][1] for i in range(len(train))] == [1, 0, 1, 0] and len(val) == 4
+    with pytest.raises(DatasetError, match="cannot be downloaded"):
+        build_dataset("torch/stanford_cars", "train", data_dir=str(root), download=True)
+
+
+def test_oxford_pets_trainval_and_test_and_unreadable_images(tmp_path: Path) -> None:
+    root = make_oxford_pets(tmp_path)
+    model = create_model("sequencer2d_tiny", num_classes=3)
+    train = build_dataset("torch/oxford_iiit_pet", "train", create_transform(model, img_size=16), str(root))
+    test = build_dataset("torch/oxford_iiit_pet", "val", data_dir=str(root))
+    assert train.classes == test.classes == ["Abyssinian", "Basset Hound", "Bengal"]
+    assert len(train) == len(test) == 9
+    image, label = train[8]
+    assert image.shape == (3, 16, 16) and label == 2
+    (root / "oxford-iiit-pet" / "images" / "Bengal_3.jpg").write_bytes(b"not a jpeg")
+    labels = torch.cat([targets for _, targets in create_loader(train, batch_size=3, workers=0)])
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2] and train.num_skipped == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("flowers102", "flowers-102/{jpg/image_00001.jpg ..., imagelabels.mat, setid.mat}"),
+        ("stanford_cars", "devkit/{cars_train_annos.mat, cars_meta.mat}"),
+        ("oxford_iiit_pet", "oxford-iiit-pet/{images/*.jpg, annotations/{trainval.txt, test.txt}}"),
+    ],
+)
+def test_missing_transfer_dataset_names_the_expected_layout(tmp_path: Path, name: str, expected: str) -> None:
+    with pytest.raises(DatasetError, match="not found under") as error:
+        build_dataset(f"torch/{name}", "train", data_dir=str(tmp_path))
+    assert expected in str(error.value) and "--dataset-download" in str(error.value)
+    assert not any(tmp_path.iterdir())  # nothing fetched
+    with pytest.raises(DatasetError, match="unknown split 'holdout'"):
+        build_dataset(f"torch/{name}", "holdout", data_dir=str(tmp_path))
+
+
+# SEQUENCER.md's transfer recipe (CIFAR-10), verbatim but for the dataset, its class count, the released weights
+# (a local file here) and the size: tiny model, batch 4, 32 px, one epoch.
+TRANSFER_RECIPE = (
+    "--model sequencer2d_s -b 128 -j 4 --num-classes 10 --dataset torch/cifar10 --pretrained --opt adamw "
+    "--epochs 200 --sched cosine --native-amp --img-size 224 --clip-grad 1 --drop-path 0.1 --lr 0.0001 "
+    "--weight-decay 1e-4 --remode pixel --aa rand-m9-mstd0.5-inc1 --smoothing 0.1 --mixup 0.8 --cutmix 1.0 "
+    "--warmup-lr 1e-6 --warmup-epochs 5"
+)
+
+
+@pytest.mark.slow
+def test_transfer_recipe_trains_on_oxford_pets(tmp_path: Path) -> None:
+    from sequencer.checkpoint import save_weights
+    from sequencer.cli import main
+
+    root = make_oxford_pets(tmp_path / "data", per_breed=4)
+    save_weights(create_model("sequencer2d_tiny", num_classes=1000), tmp_path / "in1k.safetensors")
+    changes = {
+        "--model sequencer2d_s -b 128 -j 4 --num-classes 10": "--model sequencer2d_tiny -b 4 -j 0 --num-classes 3",
+        "--dataset torch/cifar10 --pretrained": "--dataset torch/oxford_iiit_pet --initial-checkpoint "
+        + str(tmp_path / "in1k.safetensors"),
+        "--epochs 200": "--epochs 1",
+        "--img-size 224": "--img-size 32",
+    }
+    command = TRANSFER_RECIPE
+    for old, new in changes.items():
+        assert old in command
+        command = command.replace(old, new)
+    out = tmp_path / "run"
+    assert main(["train", *command.split(), "--data-dir", str(root), "--output", str(out), "--no-progress"]) == 0
+    last = next(out.rglob("last.pth.tar"))
+    head = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]["head.fc.weight"]
+    assert head.shape == (3, 128) and head.abs().sum() > 0  # a new 3-class head (zero at first), trained on Pets
+    results = tmp_path / "results.json"
+    validate = f"--dataset torch/oxford_iiit_pet --data-dir {root} --model sequencer2d_tiny --checkpoint {last} -j 0"
+    assert main(["validate", *validate.split(), "--results-file", str(results)]) == 0
+    assert json.loads(results.read_text())["count"] == 12  # the test split

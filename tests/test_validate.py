@@ -7,14 +7,20 @@ import json
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sequencer import validate
 from sequencer.checkpoint import save_weights
+from sequencer.cli import main
+from sequencer.data import class_indices, imagenet_synsets
+from sequencer.errors import DatasetError, UsageError
 from sequencer.model import create_model
+from sequencer.validate import load_real_labels, load_valid_classes
 from test_data import make_image_tree
 
 # SEQUENCER.md, verbatim except the script name and the dataset path.
@@ -100,3 +106,121 @@ def test_training_checkpoint_supplies_the_input_size(tmp_path: Path) -> None:
     assert json.loads(results.read_text())["input_size"] == [3, 24, 24]
     assert validate.run(parse(f"{base} --img-size 20")) == 0  # an explicit flag still wins
     assert json.loads(results.read_text())["input_size"] == [3, 20, 20]
+
+
+def sure_of(tmp_path: Path, scores: dict[int, float]) -> Path:
+    """A 1000-class sequencer2d_tiny checkpoint whose logits are `scores` (class -> logit, others 0) for any image."""
+    model = create_model("sequencer2d_tiny", num_classes=1000)  # zero-initialised head: the bias is the logit
+    with torch.no_grad():
+        for index, score in scores.items():
+            model.head.fc.bias[index] = score
+    path = tmp_path / f"sure_of_{'_'.join(map(str, scores))}.safetensors"
+    save_weights(model, path)
+    return path
+
+
+def make_named_tree(root: Path, names: list[str], per_class: int = 2, file_names: list[str] | None = None) -> Path:
+    """ROOT/<name>/*.JPEG tiny images, one folder per name (WordNet ids, numbers ...)."""
+    rng = np.random.default_rng(0)
+    files = iter(file_names or [])
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / next(files, f"{i}.JPEG"), format="JPEG")
+    return root
+
+
+def tiny_args(command: str, tmp_path: Path) -> argparse.Namespace:
+    """`sequencer validate COMMAND` on the tiny model at 32 px, writing tmp_path/results.json."""
+    return parse(f"{command} --model sequencer2d_tiny --input-size 3 32 32 -j 0 --results-file {tmp_path / 'r.json'}")
+
+
+def validate_results(command: str, tmp_path: Path) -> dict:
+    """Run `tiny_args(COMMAND)` and return its results file."""
+    assert validate.run(tiny_args(command, tmp_path)) == 0
+    return json.loads((tmp_path / "r.json").read_text())
+
+
+def test_wordnet_id_folders_take_their_imagenet_index(tmp_path: Path) -> None:
+    synsets = imagenet_synsets()
+    sure = 500  # a head sure of class 500, on a tree of two WordNet-id folders of which 500 is one
+    root = make_named_tree(tmp_path / "data", [synsets[3], synsets[sure]])
+    results = validate_results(f"{root} --checkpoint {sure_of(tmp_path, {sure: 10.0})}", tmp_path)
+    assert results["count"] == 4 and results["top1"] == pytest.approx(50.0)  # folders numbered 0, 1 gave 0.0
+
+
+def test_numbered_folders_take_their_number_also_when_some_are_missing(tmp_path: Path) -> None:
+    # ImageNet-V2 names its folders 0..999; sorted as text, "10" would come second and be read as class 1.
+    root = make_named_tree(tmp_path / "data", ["0", "2", "10"])
+    results = validate_results(f"{root} --checkpoint {sure_of(tmp_path, {10: 10.0})}", tmp_path)
+    assert results["top1"] == pytest.approx(100 / 3, abs=1e-3)
+
+
+def test_class_count_mismatch_is_one_line_before_the_model_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_image_tree(tmp_path / "data", classes=3, per_class=1)
+    checkpoint = sure_of(tmp_path, {0: 1.0})
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the class counts were checked")
+
+    monkeypatch.setattr(validate, "create_model", no_model)
+    command = f"{root} --model sequencer2d_tiny --checkpoint {checkpoint} -j 0 --results-file {tmp_path / 'r.json'}"
+    assert main(["validate", *shlex.split(command)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("sequencer validate: error: the model has 1000 classes but the data has 3")
+    assert "\n" not in error and "--num-classes 3" in error and not (tmp_path / "r.json").exists()
+
+
+def test_class_indices_rules() -> None:
+    synsets = imagenet_synsets()
+    assert len(synsets) == 1000 and synsets[0] == "n01440764"
+    assert class_indices([synsets[7], synsets[2]], 1000) == [7, 2]
+    assert class_indices(["1", "999"], 1000) == [1, 999]
+    assert class_indices(["cat", "dog"], 2) == [0, 1]
+    assert class_indices(["dog"], 2, model_class_names=["cat", "dog"]) == [1]  # a training checkpoint's names
+    with pytest.raises(DatasetError, match="the model has 1000 classes but the data has 2"):
+        class_indices(["1", "1000"], 1000)  # not a class number of this model
+    with pytest.raises(DatasetError, match="the model has 3 classes but the data has 2"):
+        class_indices(["cat", "dog"], 3)
+
+
+def test_valid_labels_mask_the_logits_to_imagenet_a(tmp_path: Path) -> None:
+    in_a = load_valid_classes("imagenet-a", 1000)
+    assert len(in_a) == 200 and 15 in in_a.tolist() and 0 not in in_a.tolist()  # timm's packaged list
+    # The head prefers class 0 (not an ImageNet-A class) over class 15 (one), and the images are of class 15.
+    root = make_named_tree(tmp_path / "data", [imagenet_synsets()[15]])
+    checkpoint = sure_of(tmp_path, {0: 10.0, 15: 5.0})
+    assert validate_results(f"{root} --checkpoint {checkpoint}", tmp_path)["top1"] == 0.0
+    masked = validate_results(f"{root} --checkpoint {checkpoint} --valid-labels imagenet-a", tmp_path)
+    assert masked["top1"] == 100.0 and masked["valid_labels"] == "imagenet-a"
+    subset = tmp_path / "subset.txt"
+    subset.write_text("15\n7\n")
+    assert validate_results(f"{root} --checkpoint {checkpoint} --valid-labels {subset}", tmp_path)["top1"] == 100.0
+    with pytest.raises(DatasetError, match="not among --valid-labels"):
+        # class 15 is not one of ImageNet-R's 200
+        validate.validate(tiny_args(f"{root} --checkpoint {checkpoint} --valid-labels imagenet-r", tmp_path))
+    with pytest.raises(UsageError, match="neither imagenet-a nor imagenet-r nor a file"):
+        load_valid_classes("imagenet-b", 1000)
+
+
+def test_real_labels_score_against_the_reassessed_labels(tmp_path: Path) -> None:
+    assert load_real_labels()["ILSVRC2012_val_00000002"] == [970, 795]  # timm's packaged file, 50,000 entries
+    with pytest.raises(UsageError, match="put DATA before --real-labels"):
+        load_real_labels(tmp_path)  # `validate --real-labels DATA`: argparse hands the folder to --real-labels
+    synsets = imagenet_synsets()
+    names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (1, 2, 3, 4)]
+    root = make_named_tree(tmp_path / "val", [synsets[5], synsets[9]], file_names=names)
+    # Image 1 has no ReaL label (left out), 2 and 3 list class 5, 4 only class 9: the head, sure of 5, gets 2 of 3.
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps([[], [5], [9, 5], [9]]))
+    results = validate_results(f"{root} --checkpoint {sure_of(tmp_path, {5: 10.0})} --real-labels {real}", tmp_path)
+    assert results["top1"] == 50.0 and results["real_top1"] == pytest.approx(200 / 3, abs=1e-3)
+    assert results["real_count"] == 3
+    other = make_named_tree(tmp_path / "other", [synsets[5]])
+    with pytest.raises(DatasetError, match="have no ReaL labels"):
+        validate.validate(
+            tiny_args(f"{other} --checkpoint {sure_of(tmp_path, {5: 10.0})} --real-labels {real}", tmp_path)
+        )

@@ -1,18 +1,19 @@
-"""Datasets, transforms and loaders: class-folder trees, CIFAR, and a built-in digits set that needs no download."""
+"""Datasets, transforms and loaders: class-folder trees, torchvision's CIFAR and transfer sets, built-in digits."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from timm.data import auto_augment, resolve_data_config
+from timm.data import ImageNetInfo, auto_augment, resolve_data_config
 from timm.data import create_transform as timm_create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
@@ -144,24 +145,127 @@ class DigitsDataset(Dataset):
         return image, self.targets[index]
 
 
-def _torchvision_dataset(name: str, split: str, transform: Callable | None, root: str | None, download: bool):
-    """torchvision's CIFAR-10/100 (`torch/cifar10`, `torch/cifar100`) from a local copy under `root`."""
+# torchvision's transfer datasets: (class, our split name -> theirs, the folder under --data-dir, its layout).
+TRANSFER_SPLITS = {
+    "flowers102": {"train": "train", "val": "val", "validation": "val", "test": "test"},
+    "stanford_cars": {"train": "train", "val": "test", "validation": "test", "test": "test"},
+    "oxford_iiit_pet": {
+        "train": "trainval",
+        "trainval": "trainval",
+        "val": "test",
+        "validation": "test",
+        "test": "test",
+    },
+}
+TRANSFER_LAYOUTS = {
+    "flowers102": "DATA_DIR/flowers-102/{jpg/image_00001.jpg ..., imagelabels.mat, setid.mat}",
+    "stanford_cars": "DATA_DIR/stanford_cars/{cars_train/*.jpg, cars_test/*.jpg, cars_test_annos_withlabels.mat, "
+    "devkit/{cars_train_annos.mat, cars_meta.mat}}",
+    "oxford_iiit_pet": "DATA_DIR/oxford-iiit-pet/{images/*.jpg, annotations/{trainval.txt, test.txt}}",
+}
+TORCH_DATASETS = ("cifar10", "cifar100", *TRANSFER_SPLITS)
+DATASET_HELP = (
+    "torch/cifar10, torch/cifar100, torch/flowers102, torch/stanford_cars or torch/oxford_iiit_pet, read from "
+    "--data-dir (default: a class-folder tree). Splits: train -> Flowers train, Cars train, Pets trainval; "
+    "val/validation -> Flowers val, Cars test, Pets test; test -> each one's test split"
+)
+
+
+class TorchvisionDataset(Dataset):
+    """A torchvision dataset whose `transform` is applied here, whose unreadable images are skipped and counted."""
+
+    def __init__(self, base: Dataset, classes: list[str], name: str) -> None:
+        self.base = base
+        self.classes = list(classes)
+        self.name = name
+        self.transform: Callable | None = None
+        self.skip_counter = SkipCounter()
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable images met so far."""
+        return self.skip_counter.value
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        try:
+            image, target = self.base[index]
+        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for truncated or non-image files
+            self.skip_counter.increment()
+            _logger.warning("skipping unreadable image %d of %s: %s", index, self.name, error)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(target)
+
+
+def _transfer_files_missing(key: str, root: Path, split: str) -> list[Path]:
+    """The files and folders of `key`'s layout that the split needs and that are not under `root`."""
+    if key == "flowers102":
+        base = root / "flowers-102"
+        needed = [base / "jpg", base / "imagelabels.mat", base / "setid.mat"]
+    elif key == "stanford_cars":
+        base = root / "stanford_cars"
+        needed = [base / "devkit" / "cars_meta.mat"]
+        if split == "train":
+            needed += [base / "devkit" / "cars_train_annos.mat", base / "cars_train"]
+        else:
+            needed += [base / "cars_test_annos_withlabels.mat", base / "cars_test"]
+    else:
+        base = root / "oxford-iiit-pet"
+        needed = [base / "images", base / "annotations" / f"{split}.txt"]
+    return [path for path in needed if not path.exists()]
+
+
+def _torchvision_dataset(name: str, split: str, root: str | None, download: bool) -> TorchvisionDataset:
+    """torchvision's CIFAR-10/100, Flowers-102, Stanford Cars or Oxford-IIIT Pets from a local copy under `root`."""
     from torchvision import datasets
 
-    classes = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
     key = name.removeprefix("torch/").lower()
-    if key not in classes:
-        raise DatasetError(f"unknown dataset {name!r}; expected a folder, 'torch/cifar10', 'torch/cifar100' or none")
+    if key not in TORCH_DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; expected a folder, none, or {', '.join(TORCH_DATASETS)}")
     if not root:
         raise DatasetError(f"{name} needs --data-dir (or DATA): the folder that holds (or will hold) its files")
-    try:
-        dataset = classes[key](root, train=split == "train", transform=transform, download=download)
-    except RuntimeError as error:
+    if key in ("cifar10", "cifar100"):
+        cifar = datasets.CIFAR10 if key == "cifar10" else datasets.CIFAR100
+        try:
+            base = cifar(root, train=split == "train", download=download)
+        except (RuntimeError, OSError) as error:  # not there, or no network to fetch it
+            raise DatasetError(
+                f"{name} not found under {root} ({error}); put a copy there or pass --dataset-download"
+            ) from error
+        return TorchvisionDataset(base, base.classes, name)
+    splits = TRANSFER_SPLITS[key]
+    if split not in splits:
+        raise DatasetError(f"unknown split {split!r} for {name}; expected one of {', '.join(splits)}")
+    their_split = splits[split]
+    if key == "stanford_cars" and download:
         raise DatasetError(
-            f"{name} not found under {root} ({error}); put a copy there or pass --dataset-download"
+            f"{name} cannot be downloaded (its original URL is gone); put a copy in the layout "
+            f"{TRANSFER_LAYOUTS[key]} and drop --dataset-download"
+        )
+    if not download:
+        missing = _transfer_files_missing(key, Path(root), their_split)
+        if missing:
+            raise DatasetError(
+                f"{name} ({their_split} split) not found under {root}: missing {', '.join(map(str, missing))}; "
+                f"expected {TRANSFER_LAYOUTS[key]} (pass --dataset-download to fetch it)"
+            )
+    kinds = {
+        "flowers102": datasets.Flowers102,
+        "stanford_cars": datasets.StanfordCars,
+        "oxford_iiit_pet": datasets.OxfordIIITPet,
+    }
+    try:
+        base = kinds[key](root, split=their_split, download=download)
+    except (RuntimeError, OSError) as error:  # files rejected (Flowers-102 checks its .mat files' md5), or no network
+        raise DatasetError(
+            f"{name} under {root} is incomplete, corrupted or could not be downloaded ({error}); "
+            f"expected {TRANSFER_LAYOUTS[key]}"
         ) from error
-    dataset.num_skipped = 0
-    return dataset
+    return TorchvisionDataset(base, base.classes, name)
 
 
 def _split_folder(root: Path, split: str) -> Path:
@@ -183,11 +287,13 @@ def build_dataset(
     download: bool = False,
     img_size: int = 32,
 ) -> Dataset:
-    """A dataset with `.classes` and `.num_skipped`: a class-folder tree, `torch/cifar10|100`, or the digits (None)."""
+    """A dataset with `.classes`, `.transform` and `.num_skipped`: a class-folder tree, `torch/NAME`, or the digits."""
     if name_or_root is None or name_or_root.lower() in DIGITS_NAMES:
         return DigitsDataset(split, transform, img_size)
     if name_or_root.startswith("torch/"):
-        return _torchvision_dataset(name_or_root, split, transform, data_dir, download)
+        dataset = _torchvision_dataset(name_or_root, split, data_dir, download)
+        dataset.transform = transform
+        return dataset
     root = Path(name_or_root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
@@ -196,6 +302,67 @@ def build_dataset(
         dataset = ImageFolderDataset(folder, transform)
     except FileNotFoundError as error:  # torchvision: no class folders, or a class folder without images
         raise DatasetError(f"empty dataset folder {folder}: {error}") from error
+    return dataset
+
+
+@functools.cache
+def imagenet_synsets() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k WordNet ids (n01440764, ...) in class-index order, from timm's packaged synset list."""
+    return tuple(ImageNetInfo("imagenet-1k").label_names())
+
+
+def _names_list(names: Sequence[str], limit: int = 3) -> str:
+    """The first few names, for error messages."""
+    return ", ".join(list(names)[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def class_indices(
+    folder_names: Sequence[str], num_classes: int, model_class_names: Sequence[str] | None = None
+) -> list[int]:
+    """The model's class index for each folder name; a `DatasetError` naming both counts when none applies.
+
+    In order: the model's own class names (a training checkpoint's), when they cover every folder; for a
+    1000-class model, ImageNet-1k WordNet ids (ImageNet-A, -R, -Sketch, val) or class numbers (ImageNet-V2's
+    0..999), also when only some classes are present; otherwise folder i is class i, which needs one folder per class.
+    """
+    folder_names = list(folder_names)
+    if model_class_names is not None and len(model_class_names) == num_classes:
+        by_name = {name: index for index, name in enumerate(model_class_names)}
+        if all(name in by_name for name in folder_names):
+            return [by_name[name] for name in folder_names]
+    if num_classes == 1000:
+        by_synset = {synset: index for index, synset in enumerate(imagenet_synsets())}
+        if all(name in by_synset for name in folder_names):
+            return [by_synset[name] for name in folder_names]
+        if all(name.isdigit() and int(name) < num_classes for name in folder_names):
+            return [int(name) for name in folder_names]
+    if len(folder_names) == num_classes:
+        return list(range(num_classes))
+    kinds = "the model's class names, " if model_class_names is not None else ""
+    hint = "ImageNet-1k WordNet ids (n01440764, ...) or class numbers, " if num_classes == 1000 else ""
+    raise DatasetError(
+        f"the model has {num_classes} classes but the data has {len(folder_names)} ({_names_list(folder_names)}), "
+        f"named by neither {kinds}{hint}nor one per class: pass a checkpoint trained on these classes "
+        f"or --num-classes {len(folder_names)}"
+    )
+
+
+def map_classes(dataset: Dataset, num_classes: int, model_class_names: Sequence[str] | None = None) -> Dataset:
+    """Relabel a dataset's samples with the model's class indices (see `class_indices`); checked before any work."""
+    if not isinstance(dataset, ImageFolder):  # the digits and torchvision's sets: fixed classes, in their own order
+        if len(dataset.classes) != num_classes:
+            raise DatasetError(
+                f"the model has {num_classes} classes but the data has {len(dataset.classes)}: pass a checkpoint "
+                f"trained on this dataset or --num-classes {len(dataset.classes)}"
+            )
+        return dataset
+    indices = class_indices(dataset.classes, num_classes, model_class_names)
+    if indices == list(range(len(indices))):
+        return dataset
+    dataset.samples = [(path, indices[target]) for path, target in dataset.samples]
+    dataset.imgs = dataset.samples
+    dataset.targets = [target for _, target in dataset.samples]
+    dataset.class_to_idx = {name: indices[i] for i, name in enumerate(dataset.classes)}
     return dataset
 
 

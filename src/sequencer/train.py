@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sequencer.checkpoint import atomic_save, load_pretrained, read_file
-from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
+from sequencer.data import DATASET_HELP, DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
 from sequencer.distributed import (
     DistributedContext,
     all_reduce_mean,
@@ -133,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dataset root with train/<class>/* and val/<class>/*; none: the built-in digits demo",
     )
     data.add_argument("--data-dir", default=None, help="dataset root (alternative to DATA; where torch/* data live)")
-    data.add_argument("--dataset", "-d", default="", help="torch/cifar10 or torch/cifar100 (default: a folder)")
+    data.add_argument("--dataset", "-d", default="", help=DATASET_HELP)
     data.add_argument("--train-split", default="train", help="training split")
     data.add_argument("--val-split", default="validation", help="held-out split (val/ or validation/ folder)")
     data.add_argument("--dataset-download", action="store_true", help="download torch/* datasets when missing")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import pkgutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +17,106 @@ import torch
 import torch.distributed as dist
 from timm.utils import accuracy
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
 
 from sequencer.checkpoint import extract_state_dict, from_authors_format, load_state_dict, read_file
-from sequencer.data import build_dataset, create_loader, create_transform, data_config
+from sequencer.data import DATASET_HELP, build_dataset, create_loader, create_transform, data_config, map_classes
+from sequencer.errors import DatasetError, UsageError
 from sequencer.model import create_model
 from sequencer.options import add_compile_options, add_input_options, add_model_options, add_runtime_options
 from sequencer.runtime import autocast, compile_model, resolve_device, set_threads
 
 _logger = logging.getLogger(__name__)
+
+
+# Class subsets of the ImageNet-1k classes that timm ships: ImageNet-A's and ImageNet-R's 200 classes.
+VALID_LABEL_SETS = {"imagenet-a": "imagenet_a_indices.txt", "imagenet-r": "imagenet_r_indices.txt"}
+REAL_LABELS_FILE = "imagenet_real_labels.json"
+
+
+def _timm_info_file(name: str) -> str:
+    """A file of timm's packaged ImageNet metadata (timm/data/_info), as text."""
+    return pkgutil.get_data("timm.data", f"_info/{name}").decode("utf-8")
+
+
+def load_valid_classes(spec: str, num_classes: int) -> torch.Tensor:
+    """Class indices from 'imagenet-a', 'imagenet-r' (timm's packaged lists) or a file with one index per line."""
+    if spec in VALID_LABEL_SETS:
+        if num_classes != 1000:
+            raise UsageError(
+                f"--valid-labels {spec}: a subset of the 1000 ImageNet classes; the model has {num_classes}"
+            )
+        text = _timm_info_file(VALID_LABEL_SETS[spec])
+    elif Path(spec).is_file():
+        text = Path(spec).read_text()
+    else:
+        raise UsageError(f"--valid-labels {spec}: neither {' nor '.join(VALID_LABEL_SETS)} nor a file")
+    try:
+        indices = sorted({int(line) for line in text.split()})
+    except ValueError as error:
+        raise UsageError(f"--valid-labels {spec}: expected one class index per line ({error})") from error
+    if not indices or indices[0] < 0 or indices[-1] >= num_classes:
+        raise UsageError(f"--valid-labels {spec}: class indices must lie in 0..{num_classes - 1}")
+    return torch.tensor(indices)
+
+
+def load_real_labels(path: str | os.PathLike | None = None) -> dict[str, list[int]]:
+    """ImageNet-ReaL labels by val image name (ILSVRC2012_val_00000001 -> [...]), from `path` or timm's packaged file.
+
+    The file is a JSON list whose i-th entry holds the labels of ILSVRC2012_val_{i+1:08d}.JPEG (empty: no label).
+    """
+    if path:
+        if Path(path).is_dir():  # `--real-labels DATA`: the optional FILE took the dataset folder
+            raise UsageError(f"--real-labels {path}: a folder, not a labels file; put DATA before --real-labels")
+        if not Path(path).is_file():
+            raise UsageError(f"--real-labels: file not found: {path}")
+        text = Path(path).read_text()
+    else:
+        text = _timm_info_file(REAL_LABELS_FILE)
+    try:
+        entries = json.loads(text)
+        return {f"ILSVRC2012_val_{i + 1:08d}": [int(label) for label in labels] for i, labels in enumerate(entries)}
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--real-labels {path}: expected a JSON list of label lists ({error})") from error
+
+
+class WithRealLabels(Dataset):
+    """A class-folder dataset of ImageNet val images whose samples also carry their ReaL labels, as a multi-hot row."""
+
+    def __init__(self, base: ImageFolder, real_labels: dict[str, list[int]], num_classes: int) -> None:
+        names = [Path(path).stem for path, _ in base.samples]
+        unknown = [name for name in names if name not in real_labels]
+        if unknown:
+            raise DatasetError(
+                f"{len(unknown)} of {len(names)} images ({', '.join(unknown[:3])}) have no ReaL labels: --real-labels "
+                "needs the ImageNet val images under their release names (ILSVRC2012_val_00000001.JPEG ...)"
+            )
+        self.base = base
+        self.labels = [real_labels[name] for name in names]
+        if not any(self.labels):
+            raise DatasetError(f"none of the {len(names)} images has a ReaL label: nothing to score ReaL top-1 on")
+        self.num_classes = num_classes
+
+    @property
+    def transform(self) -> Callable | None:
+        """The base dataset's transform."""
+        return self.base.transform
+
+    @transform.setter
+    def transform(self, transform: Callable | None) -> None:
+        self.base.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, torch.Tensor] | None:
+        sample = self.base[index]
+        if sample is None:
+            return None
+        row = torch.zeros(self.num_classes, dtype=torch.bool)
+        row[self.labels[index]] = True
+        return (*sample, row)
 
 
 @torch.no_grad()
@@ -33,46 +127,78 @@ def evaluate(
     amp: bool = False,
     amp_dtype: str | None = None,
     distributed: bool = False,
+    valid_classes: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """top1 / top5 (percent), mean cross-entropy loss, images_per_sec and count over `loader`, summed over ranks."""
+    """top1 / top5 (percent), mean cross-entropy loss, images_per_sec and count over `loader`, summed over ranks.
+
+    `valid_classes`: the logits of every other class are masked out before top-k (ImageNet-A / -R). Batches of
+    (images, targets, real) also give `real_top1`, ImageNet-ReaL's top-1 over the images that have ReaL labels.
+    """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     # Sums, not averages, so that batches of any size and shards of any length weigh by their images.
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
+    totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top-1, top-5, images, ReaL hits, ReaL images
+    mask = None
     start = time.perf_counter()
     for batch in loader:
         if batch is None:  # every image of the batch was unreadable (and counted by the dataset)
             continue
-        images, targets = batch
+        images, targets, *real = batch
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(device, amp, amp_dtype):
             logits = model(images)
         logits = logits.float()
+        if valid_classes is not None:
+            if mask is None:
+                mask = torch.full((logits.shape[1],), float("-inf"), device=device)
+                mask[valid_classes.to(device)] = 0.0
+            logits = logits + mask
         # timm's accuracy caps k at the class count, so top-5 of a 3-class problem is top-3.
         top1, top5 = accuracy(logits, targets, topk=(1, 5))
         count = targets.numel()
+        real_hits = real_count = torch.zeros((), dtype=torch.float64, device=device)
+        if real:
+            rows = real[0].to(device)
+            labelled = rows.any(dim=1)
+            hits = rows.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
+            real_hits, real_count = (hits & labelled).sum().double(), labelled.sum().double()
         totals += torch.stack(
             [
                 criterion(logits, targets).double(),
                 top1.double() * count / 100,
                 top5.double() * count / 100,
                 torch.tensor(count, dtype=torch.float64, device=device),
+                real_hits,
+                real_count,
             ]
         )
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
     if distributed:
         dist.all_reduce(totals)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    loss, hits1, hits5, count = totals.tolist()
+    loss, hits1, hits5, count, real_hits, real_count = totals.tolist()
     if count == 0:
-        raise ValueError("nothing to evaluate: the loader yielded no images")
-    return {
+        raise DatasetError("nothing to evaluate: the loader yielded no images")
+    metrics = {
         "top1": 100.0 * hits1 / count,
         "top5": 100.0 * hits5 / count,
         "loss": loss / count,
         "images_per_sec": count / max(elapsed.item(), 1e-9),
         "count": int(count),
     }
+    if real_count:
+        metrics.update(real_top1=100.0 * real_hits / real_count, real_count=int(real_count))
+    return metrics
+
+
+def check_targets_within(dataset: Dataset, valid_classes: torch.Tensor) -> None:
+    """A `DatasetError` when some of a folder dataset's classes lie outside --valid-labels (their loss is infinite)."""
+    outside = sorted(set(getattr(dataset, "class_to_idx", {}).values()) - set(valid_classes.tolist()))
+    if outside:
+        raise DatasetError(
+            f"{len(outside)} of the data's classes (indices {', '.join(map(str, outside[:5]))}) are not among "
+            "--valid-labels: evaluate ImageNet-A with imagenet-a, ImageNet-R with imagenet-r"
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dataset root (DATA/val/<class>/*, or DATA/<class>/*); none: the built-in digits",
     )
     parser.add_argument("--data-dir", default=None, help="dataset root (alternative to DATA)")
-    parser.add_argument("--dataset", "-d", default="", help="torch/cifar10 or torch/cifar100 (default: a folder)")
+    parser.add_argument("--dataset", "-d", default="", help=DATASET_HELP)
     parser.add_argument("--split", default="validation", help="split to evaluate (val, validation, train)")
     parser.add_argument("--dataset-download", action="store_true", help="download torch/* datasets if missing")
     add_model_options(parser, default_model="sequencer2d_s")
@@ -92,6 +218,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_options(parser)
     add_compile_options(parser)
     parser.add_argument("--results-file", default="", help="write the metrics to this JSON file")
+    parser.add_argument(
+        "--valid-labels",
+        default="",
+        metavar="imagenet-a|imagenet-r|FILE",
+        help="score only these classes (logits of the others masked out): ImageNet-A's or ImageNet-R's 200 "
+        "(timm's packaged lists), or a file with one class index per line",
+    )
+    parser.add_argument(
+        "--real-labels",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="also report ImageNet-ReaL top-1 on the ImageNet val images (ILSVRC2012_val_*.JPEG): labels from "
+        f"FILE, else timm's packaged {REAL_LABELS_FILE}",
+    )
 
 
 def _input_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,8 +285,16 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     digits_size = overrides["input_size"][-1] if overrides["input_size"] else overrides["img_size"] or 32
     dataset = build_dataset(name, args.split, data_dir=root, download=args.dataset_download, img_size=digits_size)
     num_classes = args.num_classes or (state_dict and _head_classes(state_dict)) or len(dataset.classes)
-    if len(dataset.classes) > num_classes:
-        raise ValueError(f"the data has {len(dataset.classes)} classes but the model only {num_classes}")
+    # Folders named by WordNet id (ImageNet-A, -R, -Sketch) or number (ImageNet-V2) take the model's class indices.
+    class_names = checkpoint.get("class_names") if isinstance(checkpoint.get("class_names"), list) else None
+    dataset = map_classes(dataset, num_classes, class_names)
+    valid_classes = load_valid_classes(args.valid_labels, num_classes) if args.valid_labels else None
+    if valid_classes is not None:
+        check_targets_within(dataset, valid_classes)
+    if args.real_labels is not None:
+        if not isinstance(dataset, ImageFolder) or num_classes != 1000:
+            raise UsageError("--real-labels needs a 1000-class model and the ImageNet val folder")
+        dataset = WithRealLabels(dataset, load_real_labels(args.real_labels), num_classes)
     model = create_model(args.model, num_classes=num_classes, in_chans=args.in_chans)
     if state_dict is not None:
         load_state_dict(model, state_dict)
@@ -152,8 +302,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     dataset.transform = create_transform(model, train=False, **overrides)
     loader = create_loader(dataset, args.batch_size, args.workers)
     model = compile_model(model.to(device), args.torchcompile)
-    metrics = evaluate(model, loader, device, amp=args.amp, amp_dtype=args.amp_dtype)
-    metrics["num_skipped"] = getattr(dataset, "num_skipped", 0)
+    metrics = evaluate(model, loader, device, amp=args.amp, amp_dtype=args.amp_dtype, valid_classes=valid_classes)
+    metrics["num_skipped"] = getattr(getattr(dataset, "base", dataset), "num_skipped", 0)
     results: dict[str, Any] = {
         "model": args.model,
         "checkpoint": args.checkpoint,
@@ -164,9 +314,11 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         "crop_pct": config["crop_pct"],
         "interpolation": config["interpolation"],
         "amp": args.amp,
+        "valid_labels": args.valid_labels or None,
     }
+    real = f"  ReaL top-1 {metrics['real_top1']:.3f}" if "real_top1" in metrics else ""
     print(
-        f"{args.model}: top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "
+        f"{args.model}: top-1 {metrics['top1']:.3f}{real}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "
         f"{metrics['images_per_sec']:.1f} images/s  ({metrics['count']} images, {metrics['num_skipped']} skipped)"
     )
     return results

@@ -34,7 +34,8 @@ from sequencer.analysis.common import (
     save_figure,
     write_csv,
 )
-from sequencer.data import build_dataset, create_loader, create_transform, data_config
+from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
+from sequencer.errors import MissingDependencyError
 from sequencer.options import add_input_options, add_model_options, add_runtime_options
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
@@ -121,9 +122,9 @@ def imagecorruptions() -> types.ModuleType:
                 with _pkg_resources_stand_in():
                     import imagecorruptions as package
     except ModuleNotFoundError as error:
-        raise ImportError(
-            f"the robustness analysis needs the imagecorruptions package ({error}); install it with "
-            "`pip install 'sequencer[robustness]'` or `pip install imagecorruptions`"
+        raise MissingDependencyError(
+            f"the ImageNet-C corruptions need the imagecorruptions package ({error}): "
+            'pip install "sequencer[robustness]"'
         ) from error
     corruptions = package.corruptions
     gaussian = corruptions.gaussian
@@ -339,9 +340,8 @@ def run(args: argparse.Namespace) -> int:
     # uint8 tensors (timm's prefetcher layout): corrupted as pixels, normalised afterwards by CorruptedImages.
     transform = create_transform(model, train=False, use_prefetcher=True, **overrides)
     base = build_dataset(args.data, "val", transform=transform)
-    classes = getattr(model, "num_classes", None)
-    if classes is not None and len(base.classes) > classes:
-        raise ValueError(f"the data has {len(base.classes)} classes but {args.model} only {classes}")
+    # Folders named by WordNet id (a subset of ImageNet val) take their ImageNet-1k index.
+    base = map_classes(base, model.num_classes)
     base = evenly_spaced_subset(base, args.limit)
 
     def accuracy(corruption: str, severity: int) -> dict[str, Any]:
