@@ -274,7 +274,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     root = args.data or args.data_dir
     name = args.dataset or root
-    checkpoint = read_file(args.checkpoint) if args.checkpoint else {}
+    checkpoint = read_file(args.checkpoint, unsafe_load=args.unsafe_load) if args.checkpoint else {}
     state_dict = extract_state_dict(checkpoint, use_ema=args.use_ema) if checkpoint else None
     # A checkpoint of `sequencer train` records the input it was trained at: the default here too.
     trained = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
