@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sequencer import hub
 from sequencer.errors import CheckpointError
 
 _logger = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 def read_file(path: str | os.PathLike) -> dict[str, Any]:
     """Load a .pth / .pth.tar / .safetensors file (or an http(s) URL) into a dict, on the CPU."""
     path = str(path)
+    if path.startswith(hub.HF_HUB_PREFIX):
+        path = hub.download(path)
     if path.startswith(("http://", "https://")):
         return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False)
     if not Path(path).is_file():

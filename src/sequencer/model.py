@@ -516,7 +516,7 @@ def create_model(
     out_indices: tuple[int, ...] = (0, 1, 2, 3),
     **overrides: Any,
 ) -> nn.Module:
-    """Build a registered variant, optionally with weights (a file path, or True for the released ones)."""
+    """Build a registered variant, optionally with weights (a file, an hf-hub:ORG/REPO, or True for the released)."""
     base = name.split(".")[0]  # accept timm-style tags such as "sequencer2d_s.in1k"
     canonical = ALIASES.get(base, base)
     if canonical not in VARIANTS:
@@ -535,9 +535,9 @@ def create_model(
         from sequencer.checkpoint import load_pretrained
 
         if pretrained is True:
-            if not cfg["url"]:
-                raise ValueError(f"no released weights for {base!r}; pass pretrained=PATH to a checkpoint file")
-            pretrained = cfg["url"]
+            from sequencer.hub import released_weights
+
+            pretrained = released_weights(base, cfg["url"])
         load_pretrained(model, pretrained)
     if features_only:
         return SequencerFeatures(model, tuple(out_indices))
