@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sequencer import cli
+from sequencer import train as train_module
 from sequencer.checkpoint import read_file, save_weights
 from sequencer.model import create_model
 from sequencer.train import update_checkpoint_history
@@ -29,9 +30,13 @@ def restore_torch_threads():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_tree(tmp_path_factory.mktemp("data"), classes=2, per_class=8)
+
+
+@pytest.fixture(scope="module")
+def run_dir(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-epoch run (with EMA) that keeps the 2 best epochs by held-out loss."""
-    data = make_image_tree(tmp_path_factory.mktemp("data"), classes=2, per_class=8)
     output = tmp_path_factory.mktemp("run")
     command = f"train {data} {TINY_RUN} --epochs 3 --checkpoint-hist 2 --output {output}"
     assert cli.main(command.split()) == 0
@@ -96,6 +101,28 @@ def test_export_of_one_training_checkpoint_keeps_only_the_weights(run_dir: Path,
     assert all(torch.equal(exported["state_dict"][k], v) for k, v in last.items())
     model = create_model("sequencer2d_tiny", num_classes=2, pretrained=str(output))
     assert torch.equal(model.state_dict()["head.fc.weight"], last["head.fc.weight"])
+
+
+@pytest.mark.slow
+def test_resumed_run_keeps_the_same_files(
+    data: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_epoch = train_module.train_one_epoch
+
+    def interrupt_last_epoch(state, *args, **kwargs):
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(state, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupt_last_epoch)
+    command = f"train {data} {TINY_RUN} --epochs 3 --checkpoint-hist 2 --output {tmp_path}".split()
+    assert cli.main(command) == 130
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    assert cli.main([*command, "--resume", str(tmp_path / "last.pth.tar")]) == 0
+    assert epoch_files(tmp_path) == epoch_files(run_dir)
+    for name in epoch_files(run_dir):
+        resumed, uninterrupted = read_file(tmp_path / name), read_file(run_dir / name)
+        assert all(torch.equal(resumed["state_dict"][k], v) for k, v in uninterrupted["state_dict"].items())
 
 
 def fake_checkpoint(epoch: int) -> dict:
