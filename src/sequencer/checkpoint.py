@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from sequencer import hub
 from sequencer.errors import CheckpointError
 
 _logger = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ def read_file(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, A
     be read raises `CheckpointError` naming it and what is wrong.
     """
     path = str(path)
+    if path.startswith(hub.HF_HUB_PREFIX):
+        path = hub.download(path)
     if path.startswith(("http://", "https://")):
         return _read_url(path, unsafe_load)
     if not Path(path).is_file():

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("sequencer.validate", "top-1 / top-5 / loss / images per second on a labelled folder"),
     "predict": ("sequencer.inference", "classify images or folders with a model's own preprocessing"),
     "export": ("sequencer.deploy", "export to ONNX, TorchScript or an ExportedProgram and check it"),
+    "average": ("sequencer.average", "average a run's best epoch checkpoints, or export a checkpoint's weights"),
     "bench": ("sequencer.bench", "throughput and peak memory against timm and other models"),
     "summary": ("sequencer.analysis.summary", "parameters and MACs of every variant"),
     "erf": ("sequencer.analysis.erf", "effective receptive field maps per stage"),

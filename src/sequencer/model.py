@@ -540,7 +540,7 @@ def create_model(
     unsafe_load: bool = False,
     **overrides: Any,
 ) -> nn.Module:
-    """Build a registered variant, optionally with weights (a file path, or True for the released ones).
+    """Build a registered variant, optionally with weights (a file, an hf-hub:ORG/REPO, or True for the released).
 
     A pickled checkpoint that needs more than tensors and plain containers is refused unless `unsafe_load`.
     """
@@ -558,9 +558,9 @@ def create_model(
         from sequencer.checkpoint import load_pretrained
 
         if pretrained is True:
-            if not cfg["url"]:
-                raise UsageError(f"no released weights for {base!r}; pass pretrained=PATH to a checkpoint file")
-            pretrained = cfg["url"]
+            from sequencer.hub import released_weights
+
+            pretrained = released_weights(base, cfg["url"])
         load_pretrained(model, pretrained, unsafe_load=unsafe_load)
     if features_only:
         return SequencerFeatures(model, tuple(out_indices))

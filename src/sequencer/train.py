@@ -2,7 +2,8 @@
 
 With no DATA argument it trains `sequencer2d_tiny` on scikit-learn's handwritten digits (built in, no download) and
 prints the held-out top-1. Everything lands in --output: args.yaml, summary.csv, last.pth.tar (every epoch),
-model_best.pth.tar and training_curves.png; `--resume OUTPUT/last.pth.tar` continues exactly where it stopped.
+model_best.pth.tar, the --checkpoint-hist best checkpoint-EPOCH.pth.tar and training_curves.png;
+`--resume OUTPUT/last.pth.tar` continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from sequencer.average import EPOCH_CHECKPOINT
 from sequencer.checkpoint import atomic_save, load_pretrained, read_file
 from sequencer.data import DATASET_HELP, DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
 from sequencer.distributed import (
@@ -251,7 +253,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     misc.add_argument(
         "--eval-metric", default="top1", choices=["top1", "top5", "loss"], help="metric that picks model_best.pth.tar"
     )
+    misc.add_argument(
+        "--checkpoint-hist",
+        type=_non_negative_int,
+        default=10,
+        metavar="N",
+        help="keep the N best epochs as checkpoint-EPOCH.pth.tar, ranked by --eval-metric, for `sequencer average` "
+        "(0: none; default: 10, as timm)",
+    )
     misc.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
 
 
 def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:
@@ -429,6 +446,33 @@ def restore(
     state.num_updates = ckpt["num_updates"]
     state.best_metric, state.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
     return list(ckpt.get("history", []))
+
+
+def update_checkpoint_history(
+    ckpt: dict[str, Any], history: list[dict[str, Any]], output: Path, eval_metric: str, keep: int
+) -> list[int]:
+    """Save the latest epoch as checkpoint-EPOCH.pth.tar if it ranks among the `keep` best; delete those that do not.
+
+    The ranking is rebuilt every epoch from the recorded history (restored by --resume) and the files on disk, so a
+    resumed run goes on ranking the files it kept; a file of an epoch the history does not hold (left by an earlier
+    run in this folder) is deleted. Ties keep the earlier epoch. Returns the kept epochs, best first.
+    """
+    epoch = history[-1]["epoch"]
+    on_disk = {
+        int(match.group(1)): path
+        for path in output.glob("checkpoint-*.pth.tar")
+        if (match := EPOCH_CHECKPOINT.fullmatch(path.name))
+    }
+    candidates = [row for row in history if row["epoch"] in on_disk or row["epoch"] == epoch]
+    sign = 1 if eval_metric == "loss" else -1  # the loss ranks lowest first, accuracies highest first
+    ranked = sorted(candidates, key=lambda row: (sign * row[f"eval_{eval_metric}"], row["epoch"]))
+    kept = [row["epoch"] for row in ranked[:keep]]
+    if epoch in kept:
+        atomic_save(ckpt, output / f"checkpoint-{epoch}.pth.tar")
+    for old_epoch, path in on_disk.items():
+        if old_epoch not in kept:
+            path.unlink()
+    return kept
 
 
 def write_summary(history: list[dict[str, Any]], path: Path) -> None:
@@ -720,6 +764,8 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
             atomic_save(ckpt, output / "last.pth.tar")
             if is_best:
                 atomic_save(ckpt, output / "model_best.pth.tar")
+            if args.checkpoint_hist:
+                update_checkpoint_history(ckpt, history, output, args.eval_metric, args.checkpoint_hist)
             write_summary(history, output / "summary.csv")
             plot_training_curves(history, output / CURVES_FILE, title=f"{args.model} on {source or 'digits'}")
             _logger.info(

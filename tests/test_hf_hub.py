@@ -1,0 +1,141 @@
+"""Weights from the Hugging Face Hub (`hf-hub:`), offline from a pre-filled huggingface_hub cache; pretrained=True."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import sequencer
+from conftest import tiny_with_head
+from sequencer import cli, hub, model
+from sequencer.checkpoint import read_file
+from sequencer.errors import CheckpointError
+
+REPO = "timm/sequencer2d_tiny.in1k"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def fill_cache(cache: Path, repo_id: str, filename: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """huggingface_hub's cache layout: models--ORG--NAME/refs/main holds the commit, snapshots/COMMIT/ the files."""
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    snapshot = folder / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    if filename.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, snapshot / filename)  # timm's push_to_hub format
+    else:
+        torch.save(state_dict, snapshot / filename)
+
+
+@pytest.fixture
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty huggingface_hub cache in tmp, offline (huggingface_hub reads the variables once, at import)."""
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def assert_same_weights(loaded: torch.nn.Module, reference: torch.nn.Module) -> None:
+    expected = reference.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in loaded.state_dict().items())
+
+
+def test_hf_hub_weights_load_from_the_cache_offline(offline_cache: Path) -> None:
+    reference = tiny_with_head()
+    fill_cache(offline_cache, REPO, "model.safetensors", reference.state_dict())
+    for spec in (f"hf-hub:{REPO}", f"hf-hub:{REPO}@main"):
+        assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=spec), reference)
+    # --checkpoint takes the same path: read_file resolves the spec to the cached file.
+    assert hub.download(f"hf-hub:{REPO}").startswith(str(offline_cache))
+    assert read_file(f"hf-hub:{REPO}").keys() == reference.state_dict().keys()
+
+
+def test_pytorch_model_bin_is_the_fallback(offline_cache: Path) -> None:
+    reference = tiny_with_head(num_classes=10)
+    fill_cache(offline_cache, "someone/tiny-bin", "pytorch_model.bin", reference.state_dict())
+    loaded = sequencer.create_model("sequencer2d_tiny", num_classes=10, pretrained="hf-hub:someone/tiny-bin")
+    assert_same_weights(loaded, reference)
+
+
+def test_empty_cache_offline_is_a_clear_error(
+    offline_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(CheckpointError) as caught:
+        sequencer.create_model("sequencer2d_tiny", pretrained=f"hf-hub:{REPO}")
+    message = str(caught.value)
+    assert f"could not get hf-hub:{REPO}" in message and str(offline_cache) in message
+    assert "HF_HUB_OFFLINE" in message and "model.safetensors" in message and "pytorch_model.bin" in message
+    Image.new("RGB", (40, 40)).save(tmp_path / "black.png")
+    command = ["predict", str(tmp_path / "black.png"), "--model", "sequencer2d_tiny", "--checkpoint", f"hf-hub:{REPO}"]
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sequencer predict: error: could not get hf-hub:{REPO}") and err.count("\n") == 1
+    with pytest.raises(ValueError, match="expected hf-hub:ORG/REPO"):
+        sequencer.create_model("sequencer2d_tiny", pretrained="hf-hub:no-slash")
+
+
+def test_pretrained_true_uses_the_hub_first_then_the_release_url(
+    offline_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert hub.HUB_IDS["sequencer2d_s"] == hub.HUB_IDS["sequencer2d_s_392"] == "timm/sequencer2d_s.in1k"
+    url = "https://example.invalid/weights/sequencer2d_tiny.pth"
+    monkeypatch.setitem(hub.HUB_IDS, "sequencer2d_tiny", REPO)
+    monkeypatch.setitem(model.WEIGHTS, "sequencer2d_tiny", url)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    fetched: list[str] = []
+
+    def unreachable(address: str, *args, **kwargs) -> None:
+        fetched.append(address)
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    with pytest.raises(CheckpointError) as caught:
+        sequencer.create_model("sequencer2d_tiny", pretrained=True)
+    message = str(caught.value)
+    assert REPO in message and url in message and "pass the file: pretrained=PATH" in message
+    assert fetched == [url]
+
+    # The release URL when the Hub fails: downloaded once into torch.hub's folder, then reused.
+    released = tiny_with_head(num_classes=1000)
+
+    def download(address: str, destination: str, **kwargs) -> None:
+        fetched.append(address)
+        torch.save({"state_dict": released.state_dict()}, destination)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    for _ in range(2):
+        assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=True), released)
+    assert fetched == [url, url]
+
+    # With the Hub's copy in the cache, the URL is not touched.
+    on_hub = tiny_with_head(num_classes=1000)
+    torch.nn.init.normal_(on_hub.stem.proj.weight)
+    fill_cache(offline_cache, REPO, "model.safetensors", on_hub.state_dict())
+    assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=True), on_hub)
+    assert fetched == [url, url]
+
+
+@pytest.mark.slow
+def test_cli_checkpoint_from_the_hub_with_the_environment_variables(tmp_path: Path) -> None:
+    home = tmp_path / "hf-home"
+    fill_cache(home / "hub", REPO, "model.safetensors", tiny_with_head().state_dict())
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    command = [sys.executable, "-m", "sequencer", "predict", str(tmp_path / "red.png"), "--model", "sequencer2d_tiny"]
+    ok = subprocess.run([*command, "--checkpoint", f"hf-hub:{REPO}"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "red.png" in ok.stdout
