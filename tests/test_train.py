@@ -18,10 +18,11 @@ import pytest
 import torch
 import yaml
 
+from sequencer import hub, validate
 from sequencer import train as train_module
-from sequencer import validate
 from sequencer.checkpoint import load_pretrained, read_file
 from sequencer.cli import main
+from sequencer.errors import CheckpointError
 from sequencer.model import create_model
 from test_data import make_image_tree
 
@@ -280,16 +281,22 @@ def test_pretrained_fails_clearly_without_network(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     assert run_train(f"{data_root} {TINY} --pretrained --output {tmp_path}") == 2
-    assert "no released weights for sequencer2d_tiny" in capsys.readouterr().err
+    assert "no released weights for 'sequencer2d_tiny'" in capsys.readouterr().err
+
+    def hub_unreachable(spec: str) -> str:
+        raise CheckpointError(f"could not get {spec} from the Hugging Face Hub or its cache")
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    assert run_train(f"{data_root} --model sequencer2d_s -b 4 --pretrained --output {tmp_path}") == 2
+    monkeypatch.setattr(hub, "download", hub_unreachable)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert run_train(f"{data_root} --model sequencer2d_s -b 4 --pretrained --output {tmp_path / 'out'}") == 2
     error = capsys.readouterr().err
-    assert "could not fetch the released weights of sequencer2d_s from https://" in error
-    assert "pass --initial-checkpoint PATH" in error
+    assert "the released weights of sequencer2d_s are unreachable" in error and "timm/sequencer2d_s.in1k" in error
+    assert "could not fetch https://" in error and "--initial-checkpoint PATH" in error
+    assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_missing_or_empty_data_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -42,7 +42,8 @@ from sequencer.distributed import (
     init_distributed,
     on_every_rank,
 )
-from sequencer.errors import CheckpointError, SequencerError, UsageError
+from sequencer.errors import CheckpointError, UsageError
+from sequencer.hub import released_weights
 from sequencer.model import VARIANTS, check_model_name, create_model
 from sequencer.options import add_compile_options, add_input_options, add_model_options, add_runtime_options
 from sequencer.plotting import plot_training_curves
@@ -101,10 +102,6 @@ TIMM_RECIPE: dict[str, Any] = dict(
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-class WeightsUnavailableError(SequencerError):
-    """The released weights could not be fetched (no network, or the address is gone)."""
 
 
 def _recipe_help(key: str) -> str:
@@ -312,7 +309,7 @@ _BOUNDS: tuple[tuple[str, str, float, bool, float | None], ...] = (
     ("--vflip", "vflip", 0, True, 1),
     ("--model-ema-decay", "model_ema_decay", 0, True, 1),
     ("--img-size", "img_size", 1, True, None),
-    ("--checkpoint-hist", "checkpoint_hist", 1, True, None),
+    ("--checkpoint-hist", "checkpoint_hist", 0, True, None),
 )
 
 
@@ -569,16 +566,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         args.model, num_classes=num_classes, drop_path_rate=args.drop_path, in_chans=args.in_chans, drop_rate=args.drop
     )
     if args.pretrained:
-        url = model.pretrained_cfg.get("url")
-        if not url:
-            raise UsageError(f"no released weights for {args.model}; pass --initial-checkpoint PATH")
-        try:
-            load_pretrained(model, url)
-        except OSError as error:
-            raise WeightsUnavailableError(
-                f"could not fetch the released weights of {args.model} from {url} ({error}); download the file and "
-                "pass --initial-checkpoint PATH"
-            ) from error
+        load_pretrained(model, released_weights(model.model_name, model.pretrained_cfg["url"]))
     elif args.checkpoint:
         load_pretrained(model, args.checkpoint, use_ema=args.use_ema, unsafe_load=args.unsafe_load)
     if args.grad_checkpointing:
