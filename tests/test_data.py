@@ -221,7 +221,7 @@ def test_missing_transfer_dataset_names_the_expected_layout(tmp_path: Path, name
         build_dataset(f"torch/{name}", "holdout", data_dir=str(tmp_path))
 
 
-# SEQUENCER.md's transfer recipe (CIFAR-10), verbatim but for the dataset, its class count, the released weights
+# The authors' transfer recipe (CIFAR-10), verbatim but for the dataset, its class count, the released weights
 # (a local file here) and the size: tiny model, batch 4, 32 px, one epoch.
 TRANSFER_RECIPE = (
     "--model sequencer2d_s -b 128 -j 4 --num-classes 10 --dataset torch/cifar10 --pretrained --opt adamw "

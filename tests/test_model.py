@@ -14,7 +14,7 @@ from sequencer.model import RNN2D, SequencerBlock
 
 torch.set_num_threads(2)
 
-# The authors' code at 1000 classes, to the unit (SEQUENCER.md).
+# The authors' code at 1000 classes, to the unit (also in the README's variant table).
 PARAMS = {
     "sequencer2d_s": 27_651_688,
     "sequencer2d_m": 38_307_688,

@@ -26,7 +26,7 @@ from sequencer.errors import CheckpointError
 from sequencer.model import create_model
 from test_data import make_image_tree
 
-# SEQUENCER.md, verbatim (`./distributed_train.sh 8 /path/to/imagenet` becomes torchrun + DATA).
+# The authors' README command lines, verbatim (`./distributed_train.sh 8 /path/to/imagenet` becomes torchrun + DATA).
 IMAGENET_RECIPE = (
     "--model sequencer2d_s -b 256 -j 8 --opt adamw --epochs 300 --sched cosine --native-amp --img-size 224 "
     "--drop-path 0.1 --lr 2e-3 --weight-decay 0.05 --remode pixel --reprob 0.25 --aa rand-m9-mstd0.5-inc1 "

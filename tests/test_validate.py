@@ -23,7 +23,7 @@ from sequencer.model import create_model
 from sequencer.validate import load_real_labels, load_valid_classes
 from test_data import make_image_tree
 
-# SEQUENCER.md, verbatim except the script name and the dataset path.
+# The authors' README validation command, verbatim except the script name and the dataset path.
 README_COMMAND = "/path/to/imagenet --model sequencer2d_s -b 16 --input-size 3 224 224 --amp"
 
 

@@ -17,7 +17,6 @@ class DistributedContext:
 
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -37,7 +36,7 @@ def init_distributed(device_name: str | None = None) -> DistributedContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if world_size <= 1:
-        return DistributedContext(0, 1, 0, device)
+        return DistributedContext(0, 1, device)
     if device.type == "cuda":
         # One GPU per process: the local rank picks it, whatever index the flag named.
         device = torch.device("cuda", local_rank)
@@ -45,7 +44,7 @@ def init_distributed(device_name: str | None = None) -> DistributedContext:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://")
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), device)
 
 
 def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
