@@ -166,7 +166,7 @@ def test_class_count_mismatch_is_one_line_before_the_model_runs(
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the class counts were checked")
 
-    monkeypatch.setattr(validate, "create_model", no_model)
+    monkeypatch.setattr(validate, "load_model", no_model)
     command = f"{root} --model sequencer2d_tiny --checkpoint {checkpoint} -j 0 --results-file {tmp_path / 'r.json'}"
     assert main(["validate", *shlex.split(command)]) == 2
     error = capsys.readouterr().err.strip()

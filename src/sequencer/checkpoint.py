@@ -9,6 +9,8 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -205,6 +207,74 @@ def load_pretrained(
     load_state_dict(model, extract_state_dict(obj, use_ema=use_ema))
     adopt_class_names(model, obj)
     _logger.info("loaded weights from %s", path)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file read as data: its weights in our key format, and what `sequencer train` recorded."""
+
+    path: str
+    contents: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the classifier head, or None for a file without one."""
+        weight = self.state_dict.get("head.fc.weight")
+        return int(weight.shape[0]) if weight is not None else None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class names in index order, when the file records them."""
+        names = self.contents.get("class_names")
+        return [str(name) for name in names] if isinstance(names, list) and names else None
+
+    @property
+    def trained_args(self) -> dict[str, Any]:
+        """The flags of the `sequencer train` run that wrote it (empty for other files)."""
+        args = self.contents.get("args")
+        return args if isinstance(args, dict) else {}
+
+
+def open_checkpoint(path: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False) -> Checkpoint:
+    """Read a checkpoint in any supported format (see `read_file`) and unwrap its weights."""
+    contents = read_file(path, unsafe_load=unsafe_load)
+    return Checkpoint(str(path), contents, from_authors_format(extract_state_dict(contents, use_ema=use_ema)))
+
+
+def load_model(
+    name: str,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    use_ema: bool = False,
+    unsafe_load: bool = False,
+) -> nn.Module:
+    """A variant in eval mode with a checkpoint's weights, for inference: `num_classes` defaults to the file's head,
+    whose size must then match (loading would otherwise re-initialise it), and its class names are kept."""
+    from sequencer.model import create_model
+
+    if not checkpoint:
+        warnings.warn(
+            f"no checkpoint given: {name} has random initial weights (and a zero classifier), so its outputs are "
+            "meaningless; pass a weights file (--checkpoint PATH)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return create_model(name, num_classes=num_classes or 1000, in_chans=in_chans).eval()
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = open_checkpoint(checkpoint, use_ema=use_ema, unsafe_load=unsafe_load)
+    file_classes = checkpoint.num_classes
+    if num_classes is None:
+        num_classes = file_classes or 1000
+    elif file_classes is not None and file_classes != num_classes:
+        raise CheckpointError(
+            f"{checkpoint.path} has a {file_classes}-class head but {num_classes} classes were asked for"
+        )
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans)
+    load_state_dict(model, checkpoint.state_dict)
+    adopt_class_names(model, checkpoint.contents)
+    return model.eval()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -8,7 +8,6 @@ import functools
 import io
 import json
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,16 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from sequencer.checkpoint import (
-    adopt_class_names,
-    extract_state_dict,
-    from_authors_format,
-    load_state_dict,
-    read_file,
-)
+from sequencer.checkpoint import load_model
 from sequencer.data import create_transform
-from sequencer.errors import CheckpointError, UsageError
-from sequencer.model import create_model
+from sequencer.errors import UsageError
 from sequencer.options import add_input_options, add_model_options, add_runtime_options
 from sequencer.runtime import autocast, resolve_device, set_threads
 
@@ -113,41 +105,6 @@ def class_names_for(
     if len(class_map) != num_classes:
         raise UsageError(f"{len(class_map)} class names given but the model has {num_classes} classes")
     return list(class_map)
-
-
-def load_model(
-    name: str,
-    checkpoint: str | Path | None = None,
-    num_classes: int | None = None,
-    in_chans: int = 3,
-    use_ema: bool = False,
-    unsafe_load: bool = False,
-) -> nn.Module:
-    """Build a variant in eval mode with a checkpoint's weights; `num_classes` defaults to the checkpoint's head.
-
-    Class names recorded in the checkpoint become `model.pretrained_cfg["label_names"]` (timm's key).
-    """
-    if not checkpoint:
-        warnings.warn(
-            f"no checkpoint given: {name} has random initial weights (and a zero classifier), so its outputs are "
-            "meaningless; pass a weights file (--checkpoint PATH)",
-            UserWarning,
-            stacklevel=2,
-        )
-        return create_model(name, num_classes=num_classes or 1000, in_chans=in_chans).eval()
-    contents = read_file(checkpoint, unsafe_load=unsafe_load)
-    state_dict = from_authors_format(extract_state_dict(contents, use_ema=use_ema))
-    head = state_dict.get("head.fc.weight")
-    file_classes = None if head is None else head.shape[0]
-    if num_classes is None:
-        num_classes = file_classes or 1000
-    elif file_classes is not None and file_classes != num_classes:
-        # Loading would re-initialise the head (right for fine-tuning, wrong for inference).
-        raise CheckpointError(f"{checkpoint} has a {file_classes}-class head but {num_classes} classes were asked for")
-    model = create_model(name, num_classes=num_classes, in_chans=in_chans)
-    load_state_dict(model, state_dict)
-    adopt_class_names(model, contents)
-    return model.eval()
 
 
 def find_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:

@@ -20,10 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from sequencer.checkpoint import extract_state_dict, from_authors_format, load_state_dict, read_file
+from sequencer.checkpoint import load_model, open_checkpoint
 from sequencer.data import DATASET_HELP, build_dataset, create_loader, create_transform, data_config, map_classes
 from sequencer.errors import DatasetError, UsageError
-from sequencer.model import create_model
 from sequencer.options import add_compile_options, add_input_options, add_model_options, add_runtime_options
 from sequencer.runtime import autocast, compile_model, resolve_device, set_threads
 
@@ -248,12 +247,6 @@ def _input_flags(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _head_classes(state_dict: dict[str, torch.Tensor]) -> int | None:
-    """Classes of a checkpoint's classifier, or None when it has none."""
-    weight = from_authors_format(state_dict).get("head.fc.weight")
-    return int(weight.shape[0]) if weight is not None else None
-
-
 def run(args: argparse.Namespace) -> int:
     """Build the model and data from the flags, evaluate, print and optionally save the metrics."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -274,20 +267,18 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     root = args.data or args.data_dir
     name = args.dataset or root
-    checkpoint = read_file(args.checkpoint, unsafe_load=args.unsafe_load) if args.checkpoint else {}
-    state_dict = extract_state_dict(checkpoint, use_ema=args.use_ema) if checkpoint else None
+    checkpoint = open_checkpoint(args.checkpoint, args.use_ema, args.unsafe_load) if args.checkpoint else None
     # A checkpoint of `sequencer train` records the input it was trained at: the default here too.
-    trained = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    trained = checkpoint.trained_args if checkpoint else {}
     overrides = {
         key: value if value not in (None, "") else trained.get(key) for key, value in _input_flags(args).items()
     }
     # The built-in digits are upscaled straight to the input size, as `sequencer train` does.
     digits_size = overrides["input_size"][-1] if overrides["input_size"] else overrides["img_size"] or 32
     dataset = build_dataset(name, args.split, data_dir=root, download=args.dataset_download, img_size=digits_size)
-    num_classes = args.num_classes or (state_dict and _head_classes(state_dict)) or len(dataset.classes)
+    num_classes = args.num_classes or (checkpoint and checkpoint.num_classes) or len(dataset.classes)
     # Folders named by WordNet id (ImageNet-A, -R, -Sketch) or number (ImageNet-V2) take the model's class indices.
-    class_names = checkpoint.get("class_names") if isinstance(checkpoint.get("class_names"), list) else None
-    dataset = map_classes(dataset, num_classes, class_names)
+    dataset = map_classes(dataset, num_classes, checkpoint.class_names if checkpoint else None)
     valid_classes = load_valid_classes(args.valid_labels, num_classes) if args.valid_labels else None
     if valid_classes is not None:
         check_targets_within(dataset, valid_classes)
@@ -295,9 +286,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(dataset, ImageFolder) or num_classes != 1000:
             raise UsageError("--real-labels needs a 1000-class model and the ImageNet val folder")
         dataset = WithRealLabels(dataset, load_real_labels(args.real_labels), num_classes)
-    model = create_model(args.model, num_classes=num_classes, in_chans=args.in_chans)
-    if state_dict is not None:
-        load_state_dict(model, state_dict)
+    model = load_model(args.model, checkpoint, num_classes, args.in_chans)
     config = data_config(model, **overrides)
     dataset.transform = create_transform(model, train=False, **overrides)
     loader = create_loader(dataset, args.batch_size, args.workers)
