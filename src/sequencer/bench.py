@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from sequencer.errors import MissingDependencyError, UsageError
+from sequencer.errors import UsageError
 from sequencer.model import create_model, list_models
 from sequencer.options import add_runtime_options
-from sequencer.recurrence import IMPLEMENTATIONS, triton_available
+from sequencer.recurrence import IMPLEMENTATIONS
 from sequencer.runtime import autocast, resolve_device, set_threads
 
 MODES = ("infer", "train")
@@ -118,10 +118,6 @@ def run(args: argparse.Namespace) -> int:
     """Measure every variant in every setting, print the tables and write the files."""
     set_threads(args.threads)
     device = resolve_device(args.device)
-    if "triton" in args.impls and device.type != "cuda":
-        raise UsageError("--impls triton runs on CUDA only; pass --device cuda or leave triton out")
-    if "triton" in args.impls and not triton_available():
-        raise MissingDependencyError("--impls triton needs the triton package: pip install triton")
     if args.repeats < 1 or args.warmup < 0:
         raise UsageError("--repeats must be at least 1 and --warmup at least 0")
     batch_sizes = args.batch_sizes or [args.batch_size]
