@@ -114,6 +114,8 @@ def test_bad_requests_give_clear_errors(checkpoint: Path, tmp_path: Path, capsys
         (["-o", str(out / "model.pt"), "--img-size", "4"], "smaller than the 8x8"),
         (["-o", str(out / "model.pt"), "--input-size", "1", "32", "32"], "expected 3 input channels"),
         (["-o", str(out / "model.onnx"), "--dynamic-batch", "-b", "1"], "batch_size must be >= 2"),
+        (["-o", str(out / "model.pt"), "--model", "sequencer2d_nope"], "unknown model 'sequencer2d_nope'"),
+        (["-o", str(out / "model.pt"), "--checkpoint", str(out / "none.pth")], "checkpoint not found"),
     ):
         assert main([*base, *flags]) == 2
         err = capsys.readouterr().err

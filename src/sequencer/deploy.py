@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from sequencer.data import data_config
-from sequencer.errors import MissingDependencyError, SequencerError, UsageError
+from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
 from sequencer.inference import load_model
+from sequencer.model import list_models
 from sequencer.options import add_input_options, add_model_options
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -78,6 +79,15 @@ class ExportResult:
                 "for a meaningful check"
             )
         return "\n".join(lines)
+
+
+def _check_name_and_file(name: str, checkpoint: str | Path | None) -> None:
+    """Refuse an unknown variant or a local checkpoint file that does not exist, before anything is loaded."""
+    if name.split(".")[0] not in list_models():
+        raise UsageError(f"unknown model {name!r}; `sequencer summary` lists the variants")
+    remote = str(checkpoint).startswith(("http://", "https://", "hf-hub:"))
+    if checkpoint and not remote and not Path(checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {checkpoint}")
 
 
 def format_for(path: str | Path, requested: str | None = None) -> str:
@@ -197,6 +207,7 @@ def export(
         # torch.export specialises a dimension whose example size is 1, so a dynamic batch needs at least 2.
         raise UsageError(f"batch_size must be >= {2 if dynamic_batch else 1} here, got {batch_size}")
     if isinstance(model, str):
+        _check_name_and_file(model, checkpoint)
         model = load_model(model, checkpoint, num_classes, in_chans, use_ema)
     elif checkpoint:
         raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")

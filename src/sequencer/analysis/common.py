@@ -40,7 +40,8 @@ def check_model_specs(specs: Sequence[tuple[str, str]], need_weights: bool = Fal
                 f"unknown model {name!r}: neither a Sequencer variant (see `sequencer summary`) "
                 "nor a timm model (see timm.list_models())"
             )
-        if checkpoint and not checkpoint.startswith(("http://", "https://")) and not Path(checkpoint).is_file():
+        remote = checkpoint.startswith(("http://", "https://", "hf-hub:"))
+        if checkpoint and not remote and not Path(checkpoint).is_file():
             raise CheckpointError(f"checkpoint of {name} not found: {checkpoint}")
         if need_weights and not checkpoint:
             raise UsageError(
