@@ -11,7 +11,7 @@ import timm
 import torch
 
 from sequencer import bench
-from sequencer.cli import build_parser
+from sequencer.cli import build_parser, main
 
 
 def _run(tmp_path: Path, *flags: str) -> dict:
@@ -72,14 +72,40 @@ def test_resolution_sweep_of_peers_writes_csv_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "b.png").stat().st_size > 10_000
 
 
-def test_unknown_model_and_bad_lists_are_named() -> None:
-    with pytest.raises(ValueError, match="unknown model 'sequencer9'"):
-        bench.plan_variants(["sequencer9"], ["auto"], False, True)
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--models", "sequencer9"], "unknown model 'sequencer9'"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["-b", "0"], "-b must be at least 1"),
+        (["--resolutions", "4"], "--resolutions 4 is below the 8 px that sequencer2d_tiny needs"),
+        (["--device", "tpu9"], "unknown device 'tpu9'"),
+    ],
+)
+def test_bad_input_is_refused_in_one_line_before_any_work(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "--models", "sequencer2d_tiny", "--output", str(tmp_path / "out" / "b"), "--no-memory", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sequencer bench: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_needs_a_resettable_peak_or_no_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench, "CLEAR_REFS", str(tmp_path / "no" / "clear_refs"))  # a system without it
+    assert main(["bench", "--models", "sequencer2d_tiny", "--device", "cpu", "--output", str(tmp_path / "b")]) == 2
+    assert "pass --no-memory" in capsys.readouterr().err
+
+
+def test_bad_lists_are_refused_by_the_parser() -> None:
     parser = build_parser("bench")
-    with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "--precisions", "float64"])
-    with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "--resolutions", "224,big"])
+    for flags in (["--precisions", "float64"], ["--resolutions", "224,big"], ["--impls", "cudnn"]):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(["bench", *flags])
+        assert exited.value.code == 2
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch
 import sequencer
 from conftest import tiny_with_head
 from sequencer import deploy
+from sequencer.cli import main
+from sequencer.errors import MissingDependencyError, SequencerError, UsageError
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 
@@ -104,13 +107,53 @@ def test_untrained_model_warns_and_says_the_check_is_trivial(tmp_path: Path) -> 
 
 
 def test_bad_requests_give_clear_errors(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint)]
-    assert run_export([*base, "-o", str(tmp_path / "model.bin")]) == 2
-    assert "cannot tell the export format" in capsys.readouterr().err
-    assert run_export([*base, "-o", str(tmp_path / "model.pt"), "--img-size", "4"]) == 2
-    assert "smaller than the 8x8" in capsys.readouterr().err
-    assert run_export([*base, "-o", str(tmp_path / "model.onnx"), "--dynamic-batch", "-b", "1"]) == 2
-    assert "batch_size must be >= 2" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"\*\.pt2"):
-        sequencer.export("sequencer2d_tiny", tmp_path / "model.pt", "exported-program", checkpoint=checkpoint)
-    assert not list(tmp_path.iterdir())  # nothing half-written
+    out = tmp_path / "out"
+    base = ["export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint)]
+    for flags, message in (
+        (["-o", str(out / "model.bin")], "cannot tell the export format from"),
+        (["-o", str(out / "model.pt"), "--img-size", "4"], "smaller than the 8x8"),
+        (["-o", str(out / "model.pt"), "--input-size", "1", "32", "32"], "expected 3 input channels"),
+        (["-o", str(out / "model.onnx"), "--dynamic-batch", "-b", "1"], "batch_size must be >= 2"),
+        (["-o", str(out / "model.pt"), "--model", "sequencer2d_nope"], "unknown model 'sequencer2d_nope'"),
+        (["-o", str(out / "model.pt"), "--checkpoint", str(out / "none.pth")], "checkpoint not found"),
+    ):
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sequencer export: error: ") and message in err and err.count("\n") == 1, err
+    with pytest.raises(UsageError, match=r"\*\.pt2"):
+        sequencer.export("sequencer2d_tiny", out / "model.pt", "exported-program", checkpoint=checkpoint)
+    assert not out.exists()  # nothing half-written, not even the folder
+
+
+@pytest.mark.parametrize("package", deploy.ONNX_PACKAGES)
+def test_onnx_export_without_its_packages_names_the_extra(
+    package: str, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, package, None)  # what `import` sees for a package that is not installed
+    out = tmp_path / "out" / "model.onnx"
+    assert main(["export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sequencer export: error: ONNX export needs") and err.count("\n") == 1, err
+    assert f"{package} not installed" in err and 'pip install "sequencer[export]"' in err
+    assert not out.parent.exists()  # refused before any work
+    with pytest.raises(MissingDependencyError):
+        deploy.load_exported(out)
+
+
+def test_a_failed_check_keeps_the_file_and_exits_1(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A written file whose logits are off by 0.01: the check fails, which is the command's answer (exit 1 and the
+    # whole report), not a refused request (exit 2).
+    reload = deploy.load_exported
+    monkeypatch.setattr(deploy, "load_exported", lambda path, fmt: lambda x: reload(path, fmt)(x) + 0.01)
+    path = tmp_path / "tiny.pt"
+    assert main(["export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-o", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "max |logit diff| 1.00e-02 at batch 2" in err and "FAILED" in err
+    assert f"the file was kept at {path}" in err and path.is_file()
+    with pytest.raises(deploy.ExportCheckError) as raised:
+        sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint)
+    assert isinstance(raised.value, SequencerError)  # the API's callers catch every expected failure alike
+    assert main(["export", "--model", "sequencer2d_tiny", "-o", str(path), "--tolerance", "-1"]) == 2
+    assert "--tolerance must be" in capsys.readouterr().err

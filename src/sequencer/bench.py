@@ -37,12 +37,15 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
 
+from sequencer.errors import UsageError
 from sequencer.model import create_model, list_models
 from sequencer.options import add_runtime_options
-from sequencer.recurrence import check_impl
+from sequencer.recurrence import IMPLEMENTATIONS
 from sequencer.runtime import autocast, resolve_device, set_threads
 
 MODES = ("infer", "train")
+# Writing "5" here resets the process's peak resident set (Linux): how CPU peak memory is measured.
+CLEAR_REFS = "/proc/self/clear_refs"
 PRECISIONS = ("float32", "amp")
 TWIN_TOLERANCE = 1e-4
 
@@ -93,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=_choices(MODES), default=list(MODES), help="infer and/or train")
     parser.add_argument(
         "--impls",
-        type=_names,
+        type=_choices(IMPLEMENTATIONS),
         default=["auto", "reference"],
         help="rnn_impl values to run our models with (auto, reference, fused, triton)",
     )
@@ -115,13 +118,18 @@ def run(args: argparse.Namespace) -> int:
     """Measure every variant in every setting, print the tables and write the files."""
     set_threads(args.threads)
     device = resolve_device(args.device)
-    for impl in args.impls:
-        check_impl(impl)
     if args.repeats < 1 or args.warmup < 0:
-        raise ValueError("--repeats must be at least 1 and --warmup at least 0")
-    variants = plan_variants(args.models, args.impls, args.grad_checkpointing, not args.no_timm_twin)
-    precisions = args.precisions or (["amp"] if args.amp else ["float32"])
+        raise UsageError("--repeats must be at least 1 and --warmup at least 0")
     batch_sizes = args.batch_sizes or [args.batch_size]
+    if min(batch_sizes) < 1:
+        raise UsageError(f"-b must be at least 1, got {args.batch_size}")
+    if not args.no_memory and device.type == "cpu" and not os.access(CLEAR_REFS, os.W_OK):
+        raise UsageError(
+            f"peak CPU memory is read by resetting {CLEAR_REFS}, which this system lacks: pass --no-memory"
+        )
+    variants = plan_variants(args.models, args.impls, args.grad_checkpointing, not args.no_timm_twin)
+    check_resolutions(variants, args.resolutions)
+    precisions = args.precisions or (["amp"] if args.amp else ["float32"])
     records = []
     for resolution in args.resolutions:
         models = build_models(variants, resolution, device)
@@ -154,8 +162,17 @@ def plan_variants(models: list[str], impls: list[str], checkpointing: bool, twin
         elif timm.is_model(name):
             variants.append(Variant(name, "timm"))
         else:
-            raise ValueError(f"unknown model {name!r}: neither one of ours (see `sequencer summary`) nor in timm")
+            raise UsageError(f"unknown model {name!r}: neither one of ours (see `sequencer summary`) nor in timm")
     return variants
+
+
+def check_resolutions(variants: list[Variant], resolutions: list[int]) -> None:
+    """Raise UsageError when one of our models cannot take the smallest resolution."""
+    for name in dict.fromkeys(v.model for v in variants if v.source == "ours"):
+        with torch.device("meta"):  # shapes only: no weights allocated
+            smallest = create_model(name).min_input_size
+        if min(resolutions) < smallest:
+            raise UsageError(f"--resolutions {min(resolutions)} is below the {smallest} px that {name} needs")
 
 
 def build_models(variants: list[Variant], resolution: int, device: torch.device) -> dict[Variant, nn.Module]:
@@ -447,9 +464,9 @@ def memory_probe(spec_json: str) -> None:
 def reset_peak_resident() -> int:
     """Reset this process's peak resident set (VmHWM) to the current one and return it in bytes."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path(CLEAR_REFS).write_text("5")
     except OSError as error:
-        raise RuntimeError(f"cannot reset the peak resident set through /proc/self/clear_refs: {error}") from error
+        raise RuntimeError(f"cannot reset the peak resident set through {CLEAR_REFS}: {error}") from error
     return _status_kib("VmRSS") * 1024
 
 

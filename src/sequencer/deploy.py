@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import sys
 import warnings
@@ -17,7 +18,9 @@ import torch
 from torch import nn
 
 from sequencer.data import data_config
+from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
 from sequencer.inference import load_model
+from sequencer.model import list_models
 from sequencer.options import add_input_options, add_model_options
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -26,10 +29,22 @@ SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2":
 CONFIG_KEY = "sequencer_config"
 CONFIG_FILE = f"{CONFIG_KEY}.json"
 _CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+# What torch.onnx's exporter (onnx, onnxscript) and our check of the written file (onnxruntime) import.
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
-class ExportCheckError(RuntimeError):
-    """The exported file's outputs differ from PyTorch's by more than the tolerance."""
+class ExportCheckError(SequencerError, RuntimeError):
+    """The exported file's outputs differ from PyTorch's by more than the tolerance (the file is kept)."""
+
+
+def require_onnx_packages() -> None:
+    """Raise MissingDependencyError naming the `export` extra when a package the ONNX path needs is missing."""
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"ONNX export needs {', '.join(ONNX_PACKAGES)}; {', '.join(missing)} not installed: "
+            'pip install "sequencer[export]"'
+        )
 
 
 @dataclass
@@ -66,15 +81,24 @@ class ExportResult:
         return "\n".join(lines)
 
 
+def _check_name_and_file(name: str, checkpoint: str | Path | None) -> None:
+    """Refuse an unknown variant or a local checkpoint file that does not exist, before anything is loaded."""
+    if name.split(".")[0] not in list_models():
+        raise UsageError(f"unknown model {name!r}; `sequencer summary` lists the variants")
+    remote = str(checkpoint).startswith(("http://", "https://", "hf-hub:"))
+    if checkpoint and not remote and not Path(checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {checkpoint}")
+
+
 def format_for(path: str | Path, requested: str | None = None) -> str:
     """The requested format, else the one the file suffix names (.onnx, .pt / .ts, .pt2)."""
     if requested:
         if requested not in FORMATS:
-            raise ValueError(f"unknown export format {requested!r}; expected one of {', '.join(FORMATS)}")
+            raise UsageError(f"unknown export format {requested!r}; expected one of {', '.join(FORMATS)}")
         return requested
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise ValueError(f"cannot tell the export format from {path!r}; name it .onnx, .pt or .pt2, or pass --format")
+        raise UsageError(f"cannot tell the export format from {path!r}; name it .onnx, .pt or .pt2, or pass --format")
     return SUFFIXES[suffix]
 
 
@@ -135,6 +159,7 @@ def load_exported(path: str | Path, fmt: str | None = None) -> Callable[[torch.T
     """A CPU function image batch -> logits running an exported file (onnxruntime for ONNX)."""
     fmt = format_for(path, fmt)
     if fmt == "onnx":
+        require_onnx_packages()
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -169,18 +194,23 @@ def export(
     ExportCheckError when the reloaded file's logits differ by more than `tolerance`.
     """
     fmt = format_for(output, format)
+    if fmt == "onnx":
+        require_onnx_packages()
     if fmt == "exported-program" and Path(output).suffix != ".pt2":
-        raise ValueError(f"torch.export archives must be named *.pt2 (torch.export.load needs it), got {output}")
+        raise UsageError(f"torch.export archives must be named *.pt2 (torch.export.load needs it), got {output}")
+    if not tolerance >= 0:
+        raise UsageError(f"--tolerance must be a non-negative number, got {tolerance}")
     unknown = set(config_overrides) - {"img_size", *_CONFIG_KEYS}
     if unknown:
         raise TypeError(f"unexpected arguments {sorted(unknown)}")
     if batch_size < 1 or (dynamic_batch and batch_size < 2):
         # torch.export specialises a dimension whose example size is 1, so a dynamic batch needs at least 2.
-        raise ValueError(f"batch_size must be >= {2 if dynamic_batch else 1} here, got {batch_size}")
+        raise UsageError(f"batch_size must be >= {2 if dynamic_batch else 1} here, got {batch_size}")
     if isinstance(model, str):
+        _check_name_and_file(model, checkpoint)
         model = load_model(model, checkpoint, num_classes, in_chans, use_ema)
     elif checkpoint:
-        raise ValueError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
+        raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
     else:
         model = copy.deepcopy(model)  # the caller's module keeps its device and RNN code path
     model = _prepare(model)
@@ -191,15 +221,22 @@ def export(
         **{key: cfg[key] for key in _CONFIG_KEYS if key in cfg},
     }
     input_size = tuple(cfg["input_size"])
+    check_input = getattr(model, "check_input", None)
+    if callable(check_input):
+        # Before any file or folder is made: a shape-only tensor, so nothing runs.
+        try:
+            check_input(torch.empty(1, *input_size, device="meta"))
+        except ValueError as error:
+            raise UsageError(f"{error} (--img-size / --input-size)") from error
     generator = torch.Generator().manual_seed(0)
     batches = [batch_size, 1, batch_size + 3] if dynamic_batch else [batch_size]
     inputs = {batch: torch.randn(batch, *input_size, generator=generator) for batch in batches}
 
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with _quiet_export_warnings(), torch.no_grad():
-        # First, so that an input the model cannot take fails with the model's own clear error.
+        # First, so that an input the model cannot take fails with the model's own error before any folder is made.
         references = {batch: model(x) for batch, x in inputs.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
         _write(model, inputs[batch_size], path, fmt, dynamic_batch, json.dumps(config), opset)
         runner = load_exported(path, fmt)
         result = ExportResult(path, fmt, input_size, dynamic_batch, tolerance)
@@ -235,9 +272,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export, check, and say how it went; exit 1 when the check fails."""
+    """Export, check, and say how it went; exit 1 when the written file fails the check (2 for a refused request)."""
     overrides = {key: getattr(args, key) for key in ("img_size", "input_size", "crop_pct", "mean", "std")}
     overrides["interpolation"] = args.interpolation
+    # A failed check is the command's answer, not a refused request: its own exit code (1), and its full report.
     try:
         result = export(
             args.model,
@@ -256,8 +294,5 @@ def run(args: argparse.Namespace) -> int:
     except ExportCheckError as error:
         print(f"sequencer export: {error}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as error:
-        print(f"sequencer export: error: {error}", file=sys.stderr)
-        return 2
     print(result.summary())
     return 0

@@ -14,7 +14,10 @@ def resolve_device(name: str | None = None) -> torch.device:
     """The named device, or CUDA when available, else the CPU; a clear error for an unusable name."""
     if not name:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:  # torch's message lists every device type it knows
+        raise UsageError(f"unknown device {name!r}: {error}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu")
     return device

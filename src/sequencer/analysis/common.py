@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from sequencer.checkpoint import extract_state_dict, from_authors_format, load_state_dict, read_file
+from sequencer.errors import CheckpointError, UsageError
 from sequencer.model import create_model, default_cfg, list_models
 
 
@@ -27,7 +28,7 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     """`NAME` or `NAME=CHECKPOINT` to (name, checkpoint path or "")."""
     name, _, checkpoint = spec.partition("=")
     if not name:
-        raise ValueError(f"empty model name in {spec!r}; expected NAME or NAME=CHECKPOINT")
+        raise UsageError(f"empty model name in {spec!r}; expected NAME or NAME=CHECKPOINT")
     return name, checkpoint
 
 
@@ -35,14 +36,15 @@ def check_model_specs(specs: Sequence[tuple[str, str]], need_weights: bool = Fal
     """Fail before any work on an unknown model name, a missing checkpoint file or (if needed) no checkpoint."""
     for name, checkpoint in specs:
         if not is_sequencer(name) and not timm.is_model(name):
-            raise ValueError(
+            raise UsageError(
                 f"unknown model {name!r}: neither a Sequencer variant (see `sequencer summary`) "
                 "nor a timm model (see timm.list_models())"
             )
-        if checkpoint and not checkpoint.startswith(("http://", "https://")) and not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint of {name} not found: {checkpoint}")
+        remote = checkpoint.startswith(("http://", "https://", "hf-hub:"))
+        if checkpoint and not remote and not Path(checkpoint).is_file():
+            raise CheckpointError(f"checkpoint of {name} not found: {checkpoint}")
         if need_weights and not checkpoint:
-            raise ValueError(
+            raise UsageError(
                 f"no weights for {name}: accuracy needs trained weights "
                 "(--checkpoint PATH for --model, NAME=PATH for --compare)"
             )
@@ -103,6 +105,17 @@ def build_model(
     return timm.create_model(name, **kwargs).eval()
 
 
+def check_input_size(model: nn.Module, img_size: int, flag: str) -> None:
+    """Raise UsageError before any work when a Sequencer cannot take `img_size` px inputs (`flag` set the size)."""
+    check_input = getattr(model, "check_input", None)
+    if callable(check_input):
+        in_chans = getattr(model, "in_chans", 3)
+        try:
+            check_input(torch.empty(1, in_chans, img_size, img_size, device="meta"))  # shapes only: nothing runs
+        except ValueError as error:
+            raise UsageError(f"{error} ({flag})") from error
+
+
 def training_size(name: str) -> int:
     """The input size a model is trained at by default: its config's input_size (ours or timm's)."""
     if is_sequencer(name):
@@ -116,7 +129,7 @@ def evenly_spaced_subset(dataset: Dataset, limit: int | None) -> Dataset:
     if not limit or limit >= len(dataset):
         return dataset
     if limit < 1:
-        raise ValueError(f"--limit must be a positive number of images, got {limit}")
+        raise UsageError(f"--limit must be a positive number of images, got {limit}")
     return Subset(dataset, np.unique(np.linspace(0, len(dataset) - 1, limit).round().astype(int)).tolist())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -20,38 +22,52 @@ def rnn_macs(module: nn.RNNBase, batch: int, steps: int) -> int:
     return directions * batch * steps * per_step * module.num_layers
 
 
+def _counted_rnn_forward(module: nn.RNNBase, add: Callable[[int], None]) -> Callable[..., tuple]:
+    """A stand-in for a batched `module.forward`: adds the call's MACs, returns zeros of the outputs' shapes."""
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    out_size = module.proj_size or module.hidden_size
+
+    def forward(x: torch.Tensor, hx: object = None) -> tuple:
+        batch, steps = (x.shape[0], x.shape[1]) if module.batch_first else (x.shape[1], x.shape[0])
+        add(rnn_macs(module, batch, steps))
+        h_n = x.new_zeros(layers, batch, out_size)
+        state = (h_n, x.new_zeros(layers, batch, module.hidden_size)) if module.mode == "LSTM" else h_n
+        return x.new_zeros(*x.shape[:-1], layers // module.num_layers * out_size), state
+
+    return forward
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> int:
     """MACs of one forward pass on one image: convolutions, linear layers and recurrent layers."""
     total = 0
 
-    def conv_hook(module: nn.Conv2d, _inputs: tuple, output: torch.Tensor) -> None:
+    def add(macs: int) -> None:
         nonlocal total
+        total += macs
+
+    def conv_hook(module: nn.Conv2d, _inputs: tuple, output: torch.Tensor) -> None:
         kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-        total += output.numel() * kernel
+        add(output.numel() * kernel)
 
     def linear_hook(module: nn.Linear, _inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        total += output.numel() * module.in_features
+        add(output.numel() * module.in_features)
 
-    def rnn_hook(module: nn.RNNBase, inputs: tuple, _output: object) -> None:
-        nonlocal total
-        x = inputs[0]
-        batch, steps = (x.shape[0], x.shape[1]) if module.batch_first else (x.shape[1], x.shape[0])
-        total += rnn_macs(module, batch, steps)
-
-    # The hooks see only module calls: run the 2D mixers on their nn.LSTM / nn.Linear path while counting.
+    # The hooks see only module calls: run the 2D mixers on their nn.LSTM / nn.Linear path while counting. The
+    # recurrent layers are counted from their input's shape and not run: step by step, even on the meta device,
+    # they were nearly all of the counting time.
     impls = {m: m.rnn_impl for m in model.modules() if hasattr(m, "rnn_impl")}
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
     hooks = []
     for module in impls:
         module.rnn_impl = "reference"
+    for rnn in rnns:
+        rnn.forward = _counted_rnn_forward(rnn, add)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             hooks.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, nn.Linear):
             hooks.append(module.register_forward_hook(linear_hook))
-        elif isinstance(module, nn.RNNBase):
-            hooks.append(module.register_forward_hook(rnn_hook))
     was_training = model.training
     try:
         model.eval()
@@ -61,6 +77,8 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
         model.train(was_training)
         for module, impl in impls.items():
             module.rnn_impl = impl
+        for rnn in rnns:
+            del rnn.forward
         for hook in hooks:
             hook.remove()
     return total

@@ -3,8 +3,9 @@
 The paper's recipe: the gradient of the centre output feature (summed over channels) with respect to the input
 image, ReLU, summed over colour channels, averaged over images, shown as log10(x + 1) heat maps. Sequencer's map is
 cross-shaped (the vertical and horizontal LSTMs see whole columns and rows), a CNN's is a compact blob.
-Models without a checkpoint are randomly initialised; timm's ResNets then start with zeroed residual branches, so
-their maps only mean something with trained weights.
+Models without a checkpoint are randomly initialised from --seed; timm's ResNets then start with zeroed residual
+branches, so their maps only mean something with trained weights. The gradients of -b images are taken at once:
+the memory grows with -b, the maps do not depend on it (images do not interact in eval mode).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from sequencer.analysis.common import (
     build_model,
+    check_input_size,
     check_model_specs,
     evenly_spaced_subset,
     model_labels,
@@ -33,6 +35,7 @@ from sequencer.analysis.common import (
     write_csv,
 )
 from sequencer.data import build_dataset, create_loader, create_transform, data_config
+from sequencer.errors import UsageError
 from sequencer.model import Sequencer
 from sequencer.options import add_compare_options, add_model_options, add_runtime_options
 from sequencer.runtime import resolve_device, set_threads
@@ -73,7 +76,7 @@ def stage_extractor(model: nn.Module) -> tuple[Callable[[torch.Tensor], list[tor
     if isinstance(model, Sequencer):
         return model.forward_intermediates, [f"stage {i + 1}" for i in range(len(model.stages))]
     if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):
-        raise ValueError(
+        raise UsageError(
             f"{type(model).__name__} has no forward_intermediates / feature_info: timm cannot give its "
             "per-stage maps, so its receptive field cannot be measured here"
         )
@@ -134,7 +137,7 @@ def effective_receptive_fields(
                 sums[i] += grad.clamp(min=0).sum(dim=(0, 1), dtype=torch.float64)
             count += x.shape[0]
     if count == 0:
-        raise ValueError("no images to measure the receptive field on")
+        raise UsageError("no images to measure the receptive field on")
     return [StageERF(n, (s / count).cpu().numpy(), size) for n, s, size in zip(names, sums, sizes, strict=True)]
 
 
@@ -154,38 +157,48 @@ def dataset_images(loader: DataLoader) -> Iterator[torch.Tensor]:
         yield images
 
 
-def cross_ratio(erf: np.ndarray, band: float) -> float:
-    """Mass within `band` px of the centre row and column over what an isotropic map would put there (1: no cross)."""
-    # Distances from the map's centre of mass. Within each ring of equal distance, the pixels near the centre row
-    # or column ("on the cross") are compared with the rest of the ring: the cross's mass over the mass it would
-    # hold at the rest's mean density. 1 for any isotropic map (a CNN's blob, whatever its width), well above 1
-    # for Sequencer's cross, below 1 for a square patch (a ViT's own patch).
+def cross_share(erf: np.ndarray, band: float) -> float | None:
+    """How much of the map's density lies on its centre row and column, in [0, 1]: 0.5 isotropic, 1 a pure cross.
+
+    None when nothing can be told: an all-zero map, or one whose mass lies within `band` px of its centre.
+    """
+    # Distances from the map's centre of mass. Within each ring of equal distance, the pixels within `band` of the
+    # centre row or column ("on the cross") are compared with the rest of the ring: the cross's mass against the
+    # mass the same pixels would hold at the rest's mean density, as cross / (cross + that). 0.5 for any isotropic
+    # map (a CNN's blob, whatever its width), towards 1 for Sequencer's cross (1 when nothing lies off it), below
+    # 0.5 for a square patch (a ViT's own patch), 0 when nothing lies on it.
     h, w = erf.shape
     total = erf.sum()
     if total <= 0:
-        return float("nan")
+        return None
     ys, xs = np.arange(h)[:, None], np.arange(w)[None, :]
     cy, cx = float((erf * ys).sum() / total), float((erf * xs).sum() / total)
     dy, dx = np.abs(ys - cy), np.abs(xs - cx)
     ring = np.floor(np.hypot(dy, dx)).astype(int)
     on_cross = np.minimum(dy, dx) <= band
     observed = expected = 0.0
+    # Rings wholly within the cross's arms (both parts needed) say nothing about its shape.
     for r in np.unique(ring[ring > band]):
         cross_px, rest_px = (ring == r) & on_cross, (ring == r) & ~on_cross
         if cross_px.any() and rest_px.any():
             observed += erf[cross_px].sum()
             expected += erf[rest_px].mean() * cross_px.sum()
-    if expected == 0:
-        # Nothing off the cross: a perfect cross if anything lies on it, else no mass outside the centre at all.
-        return float("inf") if observed > 0 else float("nan")
-    return float(observed / expected)
+    if observed + expected <= 0:
+        return None
+    return float(observed / (observed + expected))
 
 
-def area_for_mass(erf: np.ndarray, fraction: float) -> float:
-    """Smallest share of the image's pixels (strongest first) that holds `fraction` of the map's mass."""
+def area_for_mass(erf: np.ndarray, fraction: float) -> float | None:
+    """Smallest share of the image's pixels (strongest first) that holds `fraction` of the map's mass (None: none)."""
     values = np.sort(erf.ravel())[::-1]
     cumulative = np.cumsum(values)
+    if cumulative[-1] <= 0:
+        return None
     return float((np.searchsorted(cumulative, fraction * cumulative[-1]) + 1) / values.size)
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def plot_erf_grid(results: list[tuple[str, list[StageERF]]], path: str | Path) -> Path:
@@ -223,9 +236,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-images", type=int, default=32, help="images to average over")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: the first model's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random images")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random images and of the weights of models without checkpoint"
+    )
     parser.add_argument("--out", default="results/erf", help="output folder for erf.csv, erf.png and erf.npz")
     add_runtime_options(parser)
+    # Memory grows with the images backpropagated at once (sequencer2d_s at 224 px: about 0.3 GiB each); the
+    # maps do not depend on it.
+    parser.set_defaults(batch_size=4)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -233,14 +251,21 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     device = resolve_device(args.device)
     if args.amp:
-        raise ValueError("--amp does not apply to erf: the input gradients are computed in float32")
+        raise UsageError("--amp does not apply to erf: the input gradients are computed in float32")
     if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+        raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise UsageError(f"-b must be at least 1, got {args.batch_size}")
+    if args.img_size is not None and args.img_size < 1:
+        raise UsageError(f"--img-size must be a positive number of pixels, got {args.img_size}")
     specs = [(args.model, args.checkpoint), *map(parse_model_spec, args.compare)]
     check_model_specs(specs)
+    dataset = build_dataset(args.data, "val") if args.data else None
     img_size = args.img_size
     results, rows, arrays = [], [], {}
     for (name, checkpoint), label in zip(specs, model_labels(specs), strict=True):
+        # The weights of a model without checkpoint come from --seed, whatever the order of the models.
+        torch.manual_seed(args.seed)
         model = build_model(
             name,
             checkpoint,
@@ -250,9 +275,10 @@ def run(args: argparse.Namespace) -> int:
             in_chans=args.in_chans,
         )
         img_size = img_size or data_config(model)["input_size"][-1]
+        check_input_size(model, img_size, "--img-size")
         config = data_config(model, img_size=img_size)
-        if args.data:
-            dataset = build_dataset(args.data, "val", transform=create_transform(model, img_size=img_size))
+        if dataset is not None:
+            dataset.transform = create_transform(model, img_size=img_size)
             images = dataset_images(
                 create_loader(evenly_spaced_subset(dataset, args.num_images), args.batch_size, args.workers)
             )
@@ -273,9 +299,9 @@ def run(args: argparse.Namespace) -> int:
                     stage=index + 1,
                     layer=stage.name,
                     feature_size=stage.feature_size[0],
-                    cross_ratio=round(cross_ratio(stage.erf, stage.band), 3),
-                    area_50=round(area_for_mass(stage.erf, 0.5), 4),
-                    area_90=round(area_for_mass(stage.erf, 0.9), 4),
+                    cross_share=_rounded(cross_share(stage.erf, stage.band), 3),
+                    area_50=_rounded(area_for_mass(stage.erf, 0.5), 4),
+                    area_90=_rounded(area_for_mass(stage.erf, 0.9), 4),
                 )
             )
             arrays[f"{label}/stage{index + 1}"] = stage.erf
@@ -285,9 +311,8 @@ def run(args: argparse.Namespace) -> int:
     np.savez_compressed(out / "erf.npz", **arrays)
     plot_erf_grid(results, out / "erf.png")
     for row in rows:
-        print(
-            f"{row['model']:>28} {row['layer']:>10}  cross ratio {row['cross_ratio']:7.2f}  "
-            f"half the mass in {100 * row['area_50']:5.2f}% of the pixels"
-        )
+        share = "n/a" if row["cross_share"] is None else f"{row['cross_share']:.3f}"
+        area = "n/a (all-zero map)" if row["area_50"] is None else f"{100 * row['area_50']:5.2f}% of the pixels"
+        print(f"{row['model']:>28} {row['layer']:>10}  cross share {share:>5}  half the mass in {area}")
     print(f"wrote {out / 'erf.csv'}, {out / 'erf.npz'}, {out / 'erf.png'}")
     return 0

@@ -16,6 +16,7 @@ import torch
 
 from sequencer.analysis.common import (
     build_model,
+    check_input_size,
     check_model_specs,
     model_labels,
     new_figure,
@@ -25,6 +26,7 @@ from sequencer.analysis.common import (
     write_csv,
 )
 from sequencer.data import build_dataset, create_loader, create_transform
+from sequencer.errors import DatasetError, UsageError
 from sequencer.options import add_compare_options, add_input_options, add_model_options, add_runtime_options
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
@@ -37,9 +39,9 @@ def parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError as error:
-        raise ValueError(f"--sizes must be comma-separated integers such as 160,224,288, got {text!r}") from error
+        raise UsageError(f"--sizes must be comma-separated integers such as 160,224,288, got {text!r}") from error
     if not sizes or min(sizes) < 1:
-        raise ValueError(f"--sizes needs at least one positive size, got {text!r}")
+        raise UsageError(f"--sizes needs at least one positive size, got {text!r}")
     return sorted(set(sizes))
 
 
@@ -60,9 +62,10 @@ def accuracy_by_resolution(
         model = build_model(
             name, checkpoint, num_classes=args.num_classes, img_size=size, use_ema=args.use_ema, in_chans=args.in_chans
         )
+        check_input_size(model, size, "--sizes")
         classes = getattr(model, "num_classes", None)
         if classes is not None and len(dataset.classes) > classes:
-            raise ValueError(f"the data has {len(dataset.classes)} classes but {name} only {classes}")
+            raise DatasetError(f"the data has {len(dataset.classes)} classes but {name} only {classes}")
         dataset.transform = create_transform(model, train=False, img_size=size, **overrides)
         loader = create_loader(dataset, args.batch_size, args.workers)
         metrics = evaluate(model.to(device), loader, device, amp=args.amp, amp_dtype=args.amp_dtype)
@@ -146,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     device = resolve_device(args.device)
     if args.img_size or args.input_size:
-        raise ValueError("--img-size / --input-size do not apply here: list the sizes with --sizes")
+        raise UsageError("--img-size / --input-size do not apply here: list the sizes with --sizes")
+    if args.batch_size < 1:
+        raise UsageError(f"-b must be at least 1, got {args.batch_size}")
     sizes = parse_sizes(args.sizes)
     specs = [(args.model, args.checkpoint), *map(parse_model_spec, args.compare)]
     check_model_specs(specs, need_weights=True)

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from sequencer.analysis.complexity import count_macs
+from sequencer.errors import UsageError
 from sequencer.model import ALIASES, VARIANTS, count_parameters, create_model, list_models
 
 COLUMNS = ("model", "params_m", "gmacs", "img_size", "params", "macs")
@@ -28,21 +30,23 @@ def variant_names(pattern: str = "*") -> list[str]:
     """Variants matching `pattern` in the registry's order; an alias only when the name it stands for is not listed."""
     names = list_models(pattern)
     if not names:
-        raise ValueError(f"no model matches {pattern!r}; known models: {', '.join(list_models())}")
+        raise UsageError(f"no model matches {pattern!r}; known models: {', '.join(list_models())}")
     order = [*VARIANTS, *ALIASES]
     return sorted((n for n in names if ALIASES.get(n) not in names), key=order.index)
 
 
-def summarize(names: list[str], img_size: int | None = None) -> list[dict[str, Any]]:
+def summarize(names: list[str], img_size: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """One row per variant: parameters and MACs of one image at `img_size` (default: the variant's own size)."""
+    # Counting needs shapes only: the meta device allocates no weights and runs no kernels.
+    with torch.device("meta"):
+        models = {name: create_model(name) for name in names}
+    sizes = {name: img_size or model.pretrained_cfg["input_size"][-1] for name, model in models.items()}
+    for name, model in models.items():
+        if sizes[name] < model.min_input_size:
+            raise UsageError(f"--img-size {sizes[name]} is below the {model.min_input_size} px that {name} needs")
     rows = []
-    for name in names:
-        # Counting needs shapes only: the meta device allocates no weights and runs no kernels.
-        with torch.device("meta"):
-            model = create_model(name)
-        size = img_size or model.pretrained_cfg["input_size"][-1]
-        if size < model.min_input_size:
-            raise ValueError(f"--img-size {size} is below the {model.min_input_size} px that {name} needs")
+    for name, model in tqdm(models.items(), desc="counting", unit="model", disable=not progress, leave=False):
+        size = sizes[name]
         params, macs = count_parameters(model), count_macs(model, (3, size, size))
         rows.append(
             dict(
@@ -66,7 +70,7 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
         writer.writerows(rows)
         return out.getvalue()
     if fmt != "markdown":
-        raise ValueError(f"unknown format {fmt!r}; expected 'markdown' or 'csv'")
+        raise UsageError(f"unknown format {fmt!r}; expected 'markdown' or 'csv'")
     formats = {"params_m": "{:.2f}", "gmacs": "{:.2f}", "params": "{:,}", "macs": "{:,}"}
     cells = [[_HEADERS[c] for c in COLUMNS]]
     cells += [[formats.get(c, "{}").format(r[c]) for c in COLUMNS] for r in rows]
@@ -96,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Count every matching variant and print or write the table."""
     fmt = args.format or ("csv" if args.out.endswith(".csv") else "markdown")
-    table = format_table(summarize(variant_names(args.models), args.img_size), fmt)
+    # The progress bar goes to stderr, so the table on stdout stays clean for redirection.
+    table = format_table(summarize(variant_names(args.models), args.img_size, progress=True), fmt)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table)
