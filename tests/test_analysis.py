@@ -351,7 +351,10 @@ def test_resolution_parses_sizes_and_labels_models() -> None:
         (["-b", "0"], "-b must be at least 1"),
         (["--compare", "nope9"], "unknown model 'nope9'"),
         (["--data", "MISSING"], "dataset folder not found"),
-        (["--checkpoint", "TWO_CLASSES"], "the data has 3 classes but sequencer2d_tiny only 2"),
+        (
+            ["--checkpoint", "TWO_CLASSES"],
+            "the model has 2 classes but the data has 3 (class0, class1, class2), not one",
+        ),
     ],
 )
 def test_resolution_refuses_bad_input_in_one_line(

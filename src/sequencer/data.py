@@ -338,12 +338,14 @@ def class_indices(
             return [int(name) for name in folder_names]
     if len(folder_names) == num_classes:
         return list(range(num_classes))
-    kinds = "the model's class names, " if model_class_names is not None else ""
-    hint = "ImageNet-1k WordNet ids (n01440764, ...) or class numbers, " if num_classes == 1000 else ""
+    kinds = ["the model's class names"] if model_class_names is not None else []
+    if num_classes == 1000:
+        kinds.append("ImageNet-1k WordNet ids (n01440764, ...) or class numbers")
+    named = f"named by neither {' nor '.join(kinds)}, nor " if kinds else "not "
     raise DatasetError(
         f"the model has {num_classes} classes but the data has {len(folder_names)} ({_names_list(folder_names)}), "
-        f"named by neither {kinds}{hint}nor one per class: pass a checkpoint trained on these classes "
-        f"or --num-classes {len(folder_names)}"
+        f"{named}one folder per class: pass a checkpoint trained on these classes or --num-classes "
+        f"{len(folder_names)}"
     )
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sequencer.checkpoint import load_model
 from sequencer.data import data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
-from sequencer.inference import load_model
 from sequencer.model import list_models
 from sequencer.options import add_input_options, add_model_options
 
@@ -180,6 +180,7 @@ def export(
     num_classes: int | None = None,
     in_chans: int = 3,
     use_ema: bool = False,
+    unsafe_load: bool = False,
     dynamic_batch: bool = False,
     batch_size: int = 2,
     tolerance: float = 1e-4,
@@ -208,7 +209,7 @@ def export(
         raise UsageError(f"batch_size must be >= {2 if dynamic_batch else 1} here, got {batch_size}")
     if isinstance(model, str):
         _check_name_and_file(model, checkpoint)
-        model = load_model(model, checkpoint, num_classes, in_chans, use_ema)
+        model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
     elif checkpoint:
         raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
     else:
@@ -285,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
             num_classes=args.num_classes,
             in_chans=args.in_chans,
             use_ema=args.use_ema,
+            unsafe_load=args.unsafe_load,
             dynamic_batch=args.dynamic_batch,
             batch_size=args.batch_size,
             tolerance=args.tolerance,

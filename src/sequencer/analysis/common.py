@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from sequencer.checkpoint import extract_state_dict, from_authors_format, load_state_dict, read_file
+from sequencer.checkpoint import extract_state_dict, load_model, read_file
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.model import create_model, default_cfg, list_models
 
@@ -73,19 +73,16 @@ def build_model(
     img_size: int | None = None,
     use_ema: bool = False,
     in_chans: int = 3,
+    unsafe_load: bool = False,
 ) -> nn.Module:
     """One of our variants or any timm model, in eval mode, with weights from `checkpoint` (none: random init)."""
     # Classes: `num_classes`, else the checkpoint's classifier, else 1000. timm models with a fixed input size
     # (ViTs) are built for `img_size`; timm resamples their position embeddings when loading the file.
     checkpoint = str(checkpoint or "")
     if is_sequencer(name):
-        state_dict = extract_state_dict(read_file(checkpoint), use_ema=use_ema) if checkpoint else None
-        if num_classes is None and state_dict is not None:
-            num_classes = _classifier_classes(from_authors_format(state_dict), "head.fc")
-        model = create_model(name, num_classes=num_classes or 1000, in_chans=in_chans)
-        if state_dict is not None:
-            load_state_dict(model, state_dict)
-        return model.eval()
+        if not checkpoint:  # random weights are a legitimate subject here (the ERF at initialisation)
+            return create_model(name, num_classes=num_classes or 1000, in_chans=in_chans).eval()
+        return load_model(name, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
     check_model_specs([(name, checkpoint)])
     cfg = timm.models.get_pretrained_cfg(name)
     kwargs: dict[str, Any] = dict(in_chans=in_chans)
@@ -93,7 +90,8 @@ def build_model(
         kwargs["img_size"] = img_size
     if checkpoint:
         if num_classes is None and cfg is not None and isinstance(cfg.classifier, str):
-            num_classes = _classifier_classes(extract_state_dict(read_file(checkpoint), use_ema), cfg.classifier)
+            contents = read_file(checkpoint, unsafe_load=unsafe_load)
+            num_classes = _classifier_classes(extract_state_dict(contents, use_ema), cfg.classifier)
         # A file overlay goes through timm's own loading path: key filters, position-embedding resampling. The
         # overlay's class count is the file's, else timm would drop the file's classifier as one of another size.
         overlay: dict[str, Any] = dict(file=checkpoint, source="")

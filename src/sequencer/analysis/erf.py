@@ -273,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
             img_size=img_size,
             use_ema=args.use_ema,
             in_chans=args.in_chans,
+            unsafe_load=args.unsafe_load,
         )
         img_size = img_size or data_config(model)["input_size"][-1]
         check_input_size(model, img_size, "--img-size")

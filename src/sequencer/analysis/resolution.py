@@ -25,8 +25,8 @@ from sequencer.analysis.common import (
     training_size,
     write_csv,
 )
-from sequencer.data import build_dataset, create_loader, create_transform
-from sequencer.errors import DatasetError, UsageError
+from sequencer.data import build_dataset, create_loader, create_transform, map_classes
+from sequencer.errors import UsageError
 from sequencer.options import add_compare_options, add_input_options, add_model_options, add_runtime_options
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
@@ -60,12 +60,17 @@ def accuracy_by_resolution(
     for size in sizes:
         # Rebuilt per size: a fixed-size timm model needs its position embeddings resampled for each one.
         model = build_model(
-            name, checkpoint, num_classes=args.num_classes, img_size=size, use_ema=args.use_ema, in_chans=args.in_chans
+            name,
+            checkpoint,
+            num_classes=args.num_classes,
+            img_size=size,
+            use_ema=args.use_ema,
+            in_chans=args.in_chans,
+            unsafe_load=args.unsafe_load,
         )
         check_input_size(model, size, "--sizes")
-        classes = getattr(model, "num_classes", None)
-        if classes is not None and len(dataset.classes) > classes:
-            raise DatasetError(f"the data has {len(dataset.classes)} classes but {name} only {classes}")
+        if not rows:  # WordNet-id or numbered folders take the model's class indices (see data.map_classes)
+            dataset = map_classes(dataset, model.num_classes, model.pretrained_cfg.get("label_names"))
         dataset.transform = create_transform(model, train=False, img_size=size, **overrides)
         loader = create_loader(dataset, args.batch_size, args.workers)
         metrics = evaluate(model.to(device), loader, device, amp=args.amp, amp_dtype=args.amp_dtype)
@@ -156,9 +161,11 @@ def run(args: argparse.Namespace) -> int:
     specs = [(args.model, args.checkpoint), *map(parse_model_spec, args.compare)]
     check_model_specs(specs, need_weights=True)
     overrides = dict(crop_pct=args.crop_pct, mean=args.mean, std=args.std, interpolation=args.interpolation)
-    dataset = build_dataset(args.data, "val")
+    build_dataset(args.data, "val")  # a missing or empty folder fails before any model is built
     rows = []
     for (name, checkpoint), label in zip(specs, model_labels(specs), strict=True):
+        # Each model gets its own copy: the folders are relabelled with that model's class indices.
+        dataset = build_dataset(args.data, "val")
         for row in accuracy_by_resolution(name, checkpoint, dataset, sizes, device, args, overrides):
             rows.append(dict(model=label, **row))
     out = Path(args.out)

@@ -332,7 +332,12 @@ def run(args: argparse.Namespace) -> int:
         std=args.std,
     )
     model = build_model(
-        args.model, args.checkpoint, num_classes=args.num_classes, img_size=args.img_size, use_ema=args.use_ema
+        args.model,
+        args.checkpoint,
+        num_classes=args.num_classes,
+        img_size=args.img_size,
+        use_ema=args.use_ema,
+        unsafe_load=args.unsafe_load,
     ).to(device)
     config = data_config(model, **overrides)
     if min(config["input_size"][1:]) < 32:

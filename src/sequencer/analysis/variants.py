@@ -135,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     found, missing = find_datasets(args.root, {key: getattr(args, f"dataset_{key}") for key in _FLAGS})
     check_model_specs([(args.model, args.checkpoint)])
-    model = build_model(args.model, args.checkpoint, num_classes=args.num_classes, use_ema=args.use_ema)
+    model = build_model(
+        args.model, args.checkpoint, num_classes=args.num_classes, use_ema=args.use_ema, unsafe_load=args.unsafe_load
+    )
     if getattr(model, "num_classes", None) != 1000:
         raise UsageError(f"the ImageNet variants need a 1000-class model; {args.model} has {model.num_classes}")
     overrides = dict(
