@@ -172,6 +172,18 @@ def test_eval_mode_input_gradients_run_the_recurrent_layers_in_train_mode(mixer:
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_tracing_an_eval_model_leaves_the_recurrent_layers_in_eval_mode() -> None:
+    # A trace records the modules as they are: switching them to train mode inside it fails the trace's own check.
+    model = create_model("sequencer2d_tiny").eval()
+    modes: list[bool] = []
+    for rnn in (m for m in model.modules() if isinstance(m, torch.nn.LSTM)):
+        rnn.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    x = torch.randn(1, 3, 32, 32)
+    traced = torch.jit.trace(model, x)
+    assert modes and not any(modes)
+    torch.testing.assert_close(traced(x), model(x))
+
+
 def _tiny_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     model = create_model("sequencer2d_tiny")

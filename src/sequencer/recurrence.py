@@ -62,7 +62,7 @@ def check_impl(name: str) -> str:
 
 def resolve_impl(name: str, x: torch.Tensor, needs_backward: bool) -> str:
     """The implementation that `name` means for input x (B, H, W, C): "auto" picks per device, shape and pass."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+    if tracing_or_exporting():
         return "reference"  # nn.LSTM exports as one ONNX/aten op
     if torch.compiler.is_compiling():
         return COMPILED  # dynamo traces neither nn.LSTM nor the fused path's in-place writes
@@ -75,14 +75,20 @@ def resolve_impl(name: str, x: torch.Tensor, needs_backward: bool) -> str:
     return "reference"
 
 
+def tracing_or_exporting() -> bool:
+    """Whether torch.jit.trace, ONNX export or torch.export is recording the model."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 @contextlib.contextmanager
 def train_mode_for_backward(rnns: list[nn.RNNBase], needs_backward: bool) -> Iterator[None]:
     """Run eval-mode `rnns` in train mode while a backward pass will follow (cuDNN refuses it in eval mode).
 
     A single-layer RNN has no dropout, so both modes compute the same; doing it on every device keeps one code
     path. Input gradients of an eval-mode model (effective receptive fields, attacks) need nothing from the caller.
+    Tracing and export record the modules as they are (a mode switch inside a trace fails its consistency check).
     """
-    switched = [rnn for rnn in rnns if needs_backward and not rnn.training]
+    switched = [rnn for rnn in rnns if needs_backward and not rnn.training and not tracing_or_exporting()]
     for rnn in switched:
         if rnn.dropout and rnn.num_layers > 1:
             raise ValueError(f"{rnn} has dropout between layers: train mode would change its output")
