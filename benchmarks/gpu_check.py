@@ -83,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes, float32 checks (CPU test)")
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of 'compiled' timing")
+    parser.add_argument("--models", default=None, help="comma-separated, to time fewer (default: S, M, L)")
     parser.add_argument("--output", default="benchmarks/results/gpu_check", help="writes OUTPUT.json, OUTPUT.png")
     args = parser.parse_args(argv)
-    config = TINY if args.tiny else FULL
+    config = dict(TINY if args.tiny else FULL)
+    if args.models:
+        config["models"] = tuple(args.models.split(","))
     device = resolve_device(args.device)
     torch.manual_seed(0)
 
