@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint
+.PHONY: install train test lint gpu-check
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,3 +23,7 @@ test: lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# On a machine with an NVIDIA GPU: implementations against cuDNN, AMP training, img/s and memory (BENCHMARKS.md).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --output benchmarks/results/gpu_check

@@ -1,8 +1,8 @@
 """One BiLSTM2D mixer (RNN2D) per stage shape: each rnn_impl against the nn.LSTM reference, forward and training.
 
     .venv/bin/python benchmarks/recurrence.py --threads 2 --batch-sizes 8 --repeats 9
-    .venv/bin/python benchmarks/recurrence.py --threads 2 --impls fused,fused-mkl,autograd-loop
-    .venv/bin/python benchmarks/recurrence.py --device cuda --amp --batch-sizes 128 --impls fused,triton
+    .venv/bin/python benchmarks/recurrence.py --threads 2 --impls fused,fused-mkl
+    .venv/bin/python benchmarks/recurrence.py --device cuda --amp --batch-sizes 128 --impls fused
 
 Times the mixer alone (projection, four directions, union and fc) at the map sizes Sequencer2D-S sees at 224 px
 (32x32 with C=192, D=48; 16x16 with C=384, D=96) in "infer" (no_grad forward) and "train" (forward + backward),
@@ -22,9 +22,7 @@ from pathlib import Path
 import torch
 
 from sequencer.bench import time_round_robin
-from sequencer.kernels.onednn import linear
 from sequencer.model import RNN2D
-from sequencer.recurrence import pack_weights, scan_out_of_place
 from sequencer.runtime import autocast, resolve_device, set_threads
 
 STAGES = {"stage1": (32, 192, 48), "stage2-4": (16, 384, 96)}  # map side, channels, hidden at 224 px
@@ -39,8 +37,8 @@ def main() -> None:
     parser.add_argument(
         "--impls",
         default="fused",
-        help="comma-separated rnn_impl values to set against reference, or the dropped variants "
-        "fused-mkl (MKL instead of oneDNN GEMMs) and autograd-loop (no hand-written backward)",
+        help="comma-separated rnn_impl values to set against reference, or the dropped variant "
+        "fused-mkl (MKL instead of oneDNN GEMMs)",
     )
     parser.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn"])
     parser.add_argument("--repeats", type=int, default=7)
@@ -112,7 +110,7 @@ def _step(mixer: RNN2D, impl: str, x: torch.Tensor, mode: str, device: torch.dev
 
 
 def _variant(mixer: RNN2D, impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An rnn_impl, or one of two variants that were tried and dropped (see BENCHMARKS.md)."""
+    """An rnn_impl, or a variant that was tried and dropped (see BENCHMARKS.md)."""
     if impl == "fused-mkl":  # the fused path with MKL's sgemm for the projection and fc instead of oneDNN
 
         def without_onednn(x: torch.Tensor) -> torch.Tensor:
@@ -121,14 +119,6 @@ def _variant(mixer: RNN2D, impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
                 return mixer(x)
 
         return without_onednn
-    if impl == "autograd-loop":  # the same loop, out of place, differentiated by autograd step by step
-
-        def autograd_loop(x: torch.Tensor) -> torch.Tensor:
-            w_ih, bias, w_hh_t, b_hn = pack_weights(mixer._recurrent_weights(), mixer.cell)
-            hidden = scan_out_of_place(linear(x, w_ih, bias), w_hh_t, b_hn, mixer.cell, mixer.directions)
-            return linear(hidden, mixer.fc.weight, mixer.fc.bias)
-
-        return autograd_loop
 
     def named(x: torch.Tensor) -> torch.Tensor:
         mixer.rnn_impl = impl

@@ -1,23 +1,17 @@
-"""The fused and Triton BiLSTM2D recurrences against the nn.LSTM/GRU/RNN reference: outputs and gradients."""
+"""The fused recurrence and the torch.compile op against the nn.LSTM/GRU/RNN reference: outputs and gradients."""
 
 from __future__ import annotations
 
-import importlib
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from sequencer.kernels import onednn
 from sequencer.model import RNN2D, Linear, Mlp, create_model
-from sequencer.recurrence import (
-    FUSED_MIN_TOKENS,
-    FusedScan,
-    pack_weights,
-    resolve_impl,
-    scan_out_of_place,
-)
+from sequencer.recurrence import FUSED_MIN_TOKENS, resolve_impl, rnn2d
 
 CELLS = ("lstm", "gru", "rnn")
 UNIONS = ("cat", "add", "vertical", "horizontal")
@@ -71,18 +65,6 @@ def test_fused_under_bfloat16_autocast_is_as_close_as_the_reference(cell: str) -
         assert fused_error <= max(2 * reference_error, 2e-2 * scale), (fused_error, reference_error, scale)
 
 
-def test_out_of_place_scan_for_torch_compile_matches_fused() -> None:
-    for cell in CELLS:
-        mixer = _mixer(cell, "cat", True).double()
-        projected = torch.randn(
-            2, 5, 5, len(mixer.directions) * {"lstm": 4, "gru": 3, "rnn": 1}[cell] * 8, dtype=torch.float64
-        )
-        _, _, w_hh_t, b_hn = pack_weights(mixer._recurrent_weights(), cell)
-        expected = FusedScan.apply(projected, w_hh_t, b_hn, cell, mixer.directions, False)
-        got = scan_out_of_place(projected, w_hh_t, b_hn, cell, mixer.directions)
-        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
-
-
 def test_backward_twice_through_the_fused_graph_is_refused_clearly() -> None:
     mixer = _mixer("lstm", "cat", True)
     mixer.rnn_impl = "fused"
@@ -93,58 +75,33 @@ def test_backward_twice_through_the_fused_graph_is_refused_clearly() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The Triton kernels, in Triton's interpreter on the CPU
+# The recurrence as one custom op (what torch.compile runs)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def interpreted_triton(monkeypatch: pytest.MonkeyPatch):
-    """sequencer.kernels.triton_scan re-imported with TRITON_INTERPRET=1, restored afterwards."""
-    pytest.importorskip("triton")
-    module = importlib.import_module("sequencer.kernels.triton_scan")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield importlib.reload(module)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    importlib.reload(module)
-
-
 @pytest.mark.parametrize(("cell", "union", "bidirectional"), CASES)
-def test_triton_kernel_matches_reference_in_float32(interpreted_triton, cell: str, union: str, bidirectional: bool):
+def test_custom_op_matches_the_reference_outputs_and_gradients(cell: str, union: str, bidirectional: bool) -> None:
     mixer = _mixer(cell, union, bidirectional)
-    for shape in [(2, 6, 6, 16), (2, 4, 7, 16)]:
-        _assert_matches_reference(mixer, "triton", torch.randn(shape), atol=1e-5, rtol=1e-5)
-
-
-def test_triton_kernel_with_padded_tiles_and_several_programs(interpreted_triton) -> None:
-    # hidden 20 pads to 32-wide tiles; 3 x 9 = 27 sequences per axis span two 16-row programs.
-    mixer = _mixer("lstm", "cat", True, dim=24, hidden=20)
-    _assert_matches_reference(mixer, "triton", torch.randn(3, 9, 9, 24), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("cell", CELLS)
-def test_triton_kernel_in_float16_stays_within_half_precision(interpreted_triton, cell: str) -> None:
-    mixer = _mixer(cell, "cat", True)
-    x = torch.randn(2, 5, 5, 16)
+    x = torch.randn(2, 4, 5, 16, requires_grad=True)
     mixer.rnn_impl = "reference"
-    expected = mixer(x)
-    half = _mixer(cell, "cat", True).half()
-    half.rnn_impl = "triton"
-    x_half = x.half().requires_grad_()
-    got = half(x_half)
-    got.float().sum().backward()
-    torch.testing.assert_close(got.float(), expected, atol=3e-3, rtol=1e-2)
-    assert x_half.grad is not None and torch.isfinite(x_half.grad).all()
+    expected = torch.cat([t for t in mixer._reference(x) if t is not None], dim=-1)
+    got = rnn2d(x, mixer._recurrent_weights(), cell, mixer.axes, bidirectional)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    upstream = torch.randn_like(got)
+    inputs = [x, *mixer.parameters()]
+    expected_grads = torch.autograd.grad(expected, inputs, upstream, allow_unused=True)
+    got_grads = torch.autograd.grad(got, inputs, upstream, allow_unused=True)
+    for e, g in zip(expected_grads, got_grads, strict=True):
+        assert (e is None) == (g is None)
+        if e is not None:
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
 
 
-def test_triton_without_gpu_or_interpreter_says_why() -> None:
-    pytest.importorskip("triton")
-    module = importlib.import_module("sequencer.kernels.triton_scan")
-    if module.INTERPRETED:
-        pytest.skip("the kernels were imported in interpreter mode")
+def test_custom_op_passes_torch_library_opcheck() -> None:
+    # Schema, fake (meta) implementation, autograd registration and dispatch, as torch.compile relies on them.
     mixer = _mixer("lstm", "cat", True)
-    mixer.rnn_impl = "triton"
-    with pytest.raises(RuntimeError, match=r"CUDA tensors.*TRITON_INTERPRET=1"):
-        mixer(torch.randn(1, 4, 4, 16))
+    weights = [w.detach().requires_grad_() for w in mixer._recurrent_weights()]
+    torch.library.opcheck(rnn2d, (torch.randn(2, 3, 4, 16, requires_grad=True), weights, "lstm", "vh", True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,10 +115,12 @@ def test_auto_picks_fused_for_cpu_training_on_large_maps_only() -> None:
 
     side = 32
     batch = FUSED_MIN_TOKENS // side**2
-    assert resolve_impl("auto", maps(batch, side, side), 48, needs_backward=True) == "fused"
-    assert resolve_impl("auto", maps(batch, side, side), 48, needs_backward=False) == "reference"
-    assert resolve_impl("auto", maps(batch, side, side - 1), 48, needs_backward=True) == "reference"
-    assert resolve_impl("triton", maps(1, 4, 4), 48, needs_backward=False) == "triton"
+    assert resolve_impl("auto", maps(batch, side, side), needs_backward=True) == "fused"
+    assert resolve_impl("auto", maps(batch, side, side), needs_backward=False) == "reference"
+    assert resolve_impl("auto", maps(batch, side, side - 1), needs_backward=True) == "reference"
+    assert resolve_impl("fused", maps(1, 4, 4), needs_backward=False) == "fused"
+    meta = torch.empty(batch, side, side, 8, device="meta")  # any device but the CPU: the library's kernels
+    assert resolve_impl("auto", meta, needs_backward=True) == "reference"
 
 
 def test_rnn_impl_is_a_model_option_and_keeps_the_checkpoint_layout() -> None:
@@ -173,10 +132,56 @@ def test_rnn_impl_is_a_model_option_and_keeps_the_checkpoint_layout() -> None:
     reference.load_state_dict(model.state_dict())
     model.set_rnn_impl("reference")
     assert all(m.rnn_impl == "reference" for m in mixers)
-    with pytest.raises(ValueError, match=r"unknown rnn_impl 'cudnn'.*'auto', 'reference', 'fused', 'triton'"):
+    with pytest.raises(ValueError, match=r"unknown rnn_impl 'cudnn'; expected one of \('auto', 'reference', 'fused'\)"):
         model.set_rnn_impl("cudnn")
     with pytest.raises(ValueError, match="unknown rnn_impl"):
         create_model("sequencer2d_tiny", rnn_impl="fast")
+
+
+def test_the_removed_triton_kernel_is_refused_with_the_supported_names() -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown rnn_impl 'triton'; expected one of \('auto', 'reference', 'fused'\)"
+    ):
+        create_model("sequencer2d_tiny", rnn_impl="triton")
+    with pytest.raises(ValueError, match="unknown rnn_impl 'triton'"):
+        RNN2D(16, 8, rnn_impl="triton")
+
+
+@pytest.mark.parametrize("mixer", ["2d", "1d"])
+def test_eval_mode_input_gradients_run_the_recurrent_layers_in_train_mode(mixer: str) -> None:
+    # cuDNN refuses an RNN backward in eval mode: the model switches its nn.LSTMs while a backward will follow.
+    torch.manual_seed(0)
+    overrides = dict(mixer="1d", hidden_sizes=(32, 64, 64, 64)) if mixer == "1d" else {}
+    model = create_model("sequencer2d_tiny", **overrides).eval()
+    torch.nn.init.normal_(model.head.fc.weight, std=0.1)
+    rnns = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+    modes: list[bool] = []
+    for rnn in rnns:
+        rnn.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    assert modes == [False] * len(rnns)
+    modes.clear()
+    x.requires_grad_()
+    got = model(x)
+    assert modes == [True] * len(rnns)
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    got.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_tracing_an_eval_model_leaves_the_recurrent_layers_in_eval_mode() -> None:
+    # A trace records the modules as they are: switching them to train mode inside it fails the trace's own check.
+    model = create_model("sequencer2d_tiny").eval()
+    modes: list[bool] = []
+    for rnn in (m for m in model.modules() if isinstance(m, torch.nn.LSTM)):
+        rnn.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    x = torch.randn(1, 3, 32, 32)
+    traced = torch.jit.trace(model, x)
+    assert modes and not any(modes)
+    torch.testing.assert_close(traced(x), model(x))
 
 
 def _tiny_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -204,6 +209,36 @@ def test_torch_compile_with_default_settings_trains_at_several_resolutions() -> 
             torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
         model.zero_grad()
         reference.zero_grad()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "backend"),
+    [
+        ({}, "inductor"),
+        ({"cell": "gru"}, "aot_eager"),
+        ({"cell": "rnn"}, "aot_eager"),
+        ({"mixer": "1d", "hidden_sizes": (32, 64, 64, 64)}, "aot_eager"),
+    ],
+    ids=["lstm", "gru", "rnn", "vanilla-1d"],
+)
+def test_torch_compile_is_one_graph_and_trains_like_eager(overrides: dict, backend: str) -> None:
+    torch.manual_seed(0)
+    model = create_model("sequencer2d_tiny", **overrides)
+    torch.nn.init.normal_(model.head.fc.weight, std=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    target = torch.tensor([1, 2])
+    expected = model(x)
+    F.cross_entropy(expected, target).backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    counter = CompileCounterWithBackend(backend)
+    logits = torch.compile(model, backend=counter, fullgraph=True)(x)
+    F.cross_entropy(logits, target).backward()
+    assert counter.frame_count == 1  # no graph break at the recurrences: one graph for the whole model
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    for (name, p), e in zip(model.named_parameters(), expected_grads, strict=True):
+        torch.testing.assert_close(p.grad, e, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_torchscript_runs_the_reference_path() -> None:

@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--impls",
         type=_choices(IMPLEMENTATIONS),
         default=["auto", "reference"],
-        help="rnn_impl values to run our models with (auto, reference, fused, triton)",
+        help="rnn_impl values to run our models with (auto, reference, fused)",
     )
     parser.add_argument(
         "--grad-checkpointing",

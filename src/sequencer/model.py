@@ -24,7 +24,16 @@ from torch.utils.checkpoint import checkpoint
 
 from sequencer.errors import UsageError
 from sequencer.kernels.onednn import linear as fast_linear
-from sequencer.recurrence import check_impl, directions_of, recurrent_weights, resolve_impl, scan
+from sequencer.recurrence import (
+    COMPILED,
+    check_impl,
+    compiled_rnn2d,
+    directions_of,
+    recurrent_weights,
+    resolve_impl,
+    scan,
+    train_mode_for_backward,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,9 +81,9 @@ class RNN2D(nn.Module):
         self.union = union
         self.cell = cell
         self.hidden_size = hidden_size
-        # How the recurrences run (see sequencer.recurrence): "reference" is the authors' two nn.LSTM calls;
-        # "fused" projects the tokens once for all four directions and advances them together, with a hand-written
-        # backward; "triton" does that in GPU kernels; "auto" picks per device and shape. Same parameters for all.
+        # How the recurrences run (see sequencer.recurrence): "reference" is the authors' two nn.LSTM calls (cuDNN
+        # on CUDA); "fused" projects the tokens once for all four directions and advances them together, with a
+        # hand-written backward; "auto" picks per device and shape. Under torch.compile all run one custom op.
         self.rnn_impl = check_impl(rnn_impl)
         axis_dim = hidden_size * (2 if bidirectional else 1)
         mixed_dim = 2 * axis_dim if union == "cat" else axis_dim
@@ -87,6 +96,8 @@ class RNN2D(nn.Module):
         self.rnn_h = None if union == "vertical" else make_rnn()
         axes = tuple(axis for axis, rnn in (("v", self.rnn_v), ("h", self.rnn_h)) if rnn is not None)
         self.directions = directions_of(axes, bidirectional)
+        self.axes = "".join(axes)
+        self.bidirectional = bidirectional
         # The recurrent parameters as a plain list: torch.compile cannot trace through nn.LSTM modules at all.
         self._weights = self._recurrent_weights()
         if with_fc:
@@ -107,11 +118,15 @@ class RNN2D(nn.Module):
         if not torch.compiler.is_compiling():
             self._weights = self._recurrent_weights()  # follow replaced parameters (DataParallel replicas, ...)
         needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self._weights))
-        impl = resolve_impl(self.rnn_impl, x, self.hidden_size, needs_backward)
+        impl = resolve_impl(self.rnn_impl, x, needs_backward)
         if impl == "reference":
-            return self._forward_reference(x)
+            with train_mode_for_backward([rnn for rnn in (self.rnn_v, self.rnn_h) if rnn is not None], needs_backward):
+                return self._forward_reference(x)
         # Channels come out as [v fwd, v bwd, h fwd, h bwd]: the "cat" union already.
-        x = scan(x, self._weights, self.cell, self.directions, impl)
+        if impl == COMPILED:
+            x = compiled_rnn2d(x, self._weights, self.cell, self.axes, self.bidirectional)
+        else:
+            x = scan(x, self._weights, self.cell, self.directions)
         if self.union == "add":
             half = x.shape[-1] // 2
             x = x[..., :half] + x[..., half:]
@@ -152,9 +167,30 @@ class RNN1D(nn.Module):
         out_dim = hidden_size * (2 if bidirectional else 1)
         if out_dim != dim:
             raise ValueError(f"the 1D mixer has no fc: its {out_dim} output channels must equal dim {dim}")
+        self.cell = cell
+        self.bidirectional = bidirectional
         self.rnn = CELLS[cell](dim, hidden_size, batch_first=True, bidirectional=bidirectional)
+        self._weights = recurrent_weights([self.rnn])  # torch.compile cannot read them off the nn.LSTM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_reference(x)
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """nn.LSTM (in train mode if a backward follows, for cuDNN), or the `rnn2d` op over the raster as one row."""
+        if not torch.compiler.is_compiling():
+            self._weights = recurrent_weights([self.rnn])
+        needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self._weights))
+        if resolve_impl("reference", x, needs_backward) == COMPILED:
+            B, H, W, C = x.shape
+            raster = compiled_rnn2d(x.reshape(B, 1, H * W, C), self._weights, self.cell, "h", self.bidirectional)
+            return raster.reshape(B, H, W, -1)
+        with train_mode_for_backward([self.rnn], needs_backward):
+            return self._forward_reference(x)
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         return self.rnn(x.reshape(B, H * W, C))[0].reshape(B, H, W, -1)
 
@@ -335,7 +371,7 @@ class Sequencer(nn.Module):
             stage.grad_checkpointing = enable
 
     def set_rnn_impl(self, name: str) -> None:
-        """Run every 2D mixer's recurrences with implementation `name` ("auto", "reference", "fused", "triton")."""
+        """Run every 2D mixer's recurrences with implementation `name` ("auto", "reference" or "fused")."""
         check_impl(name)
         for module in self.modules():
             if isinstance(module, RNN2D):

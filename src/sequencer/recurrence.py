@@ -1,7 +1,8 @@
-"""Fast BiLSTM2D: the four directional recurrences of a block, projected once and advanced together.
+"""BiLSTM2D recurrences: torch's RNN layers (the reference), a fused CPU training path, and a torch.compile op.
 
 The reference formulation (`RNN2D._reference`) makes two `nn.LSTM` calls on permuted copies of the map, each with
-its own input projection and one direction after the other. Here:
+its own input projection and one direction after the other; on CUDA they run cuDNN's persistent RNN kernels, on
+the CPU oneDNN's. The fused path (`scan`, "fused") does this instead:
 
 1. the input projections of every direction (vertical/horizontal, forward/backward) are one matmul of the
    normalised tokens, `P = x @ W_ih_all^T + b` of shape (B, H, W, K * G * D) for K directions and G gates;
@@ -12,16 +13,29 @@ its own input projection and one direction after the other. Here:
    cell states) in the same buffer, and a hand-written backward runs the recurrence in reverse with one batched
    matmul per step, then gets the recurrent weight gradient from a single matmul over all time steps.
 
-Implementations, chosen by name (`RNN2D.rnn_impl`): "reference" (nn.LSTM/GRU/RNN), "fused" (the above, in
-torch ops, any device; under torch.compile an out-of-place version that inductor fuses and differentiates),
-"triton" (the same algorithm as GPU kernels, `sequencer.kernels.triton_scan`), and "auto", which picks per call
-(`resolve_impl`): Triton on CUDA, the fused path for CPU training steps on large enough maps and under
-torch.compile, nn.LSTM otherwise (CPU inference, where oneDNN's LSTM is hard to beat; tracing and export).
+Under torch.compile the recurrence is one opaque op, `torch.ops.sequencer.rnn2d` (`rnn2d`): dynamo cannot trace
+`nn.LSTM` (it breaks the graph at every one) nor the fused path's writes into strided views, so both would cut the
+model into dozens of graphs. The op runs torch's own RNN functions (cuDNN on CUDA, oneDNN on the CPU), has a fake
+implementation for shapes, and an autograd formula whose backward recomputes the forward in training mode and
+differentiates it: in compiled training the recurrence's forward runs twice, as with activation checkpointing of
+the recurrence alone, because cuDNN's backward needs the workspace of a training-mode forward that a functional
+op cannot hand over. Everything around it (LayerNorms, linears, GELUs, residuals) compiles into one graph.
+
+Implementations, chosen by name (`RNN2D.rnn_impl`): "reference", "fused", and "auto", which picks per call
+(`resolve_impl`): under torch.compile the op above (for any name: neither of the others traces); on CUDA the
+reference, i.e. cuDNN, which no measurement on a GPU has shown slower than anything here (BENCHMARKS.md, "GPU");
+on the CPU the fused path for training steps on large enough maps, nn.LSTM otherwise (CPU inference, where
+oneDNN's LSTM is hard to beat; tracing and export).
+
+A Triton kernel of the fused algorithm ("triton") was removed: compiled ahead of time for sm_80-sm_90, its
+launches for Sequencer2D-S needed more shared memory per block than any of those GPUs has (float32 forward
+270 KB, float16 backward 233 KB against 101-232 KB), and it had never been measured faster than cuDNN.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -29,9 +43,9 @@ from torch.autograd.function import once_differentiable
 
 from sequencer.kernels.onednn import linear
 
-IMPLEMENTATIONS = ("auto", "reference", "fused", "triton")
-# The Triton kernel keeps a (D x D) tile per gate on chip; beyond this width it would spill.
-TRITON_MAX_HIDDEN = 128
+IMPLEMENTATIONS = ("auto", "reference", "fused")
+# What `resolve_impl` returns under torch.compile, whatever was asked: the `rnn2d` op.
+COMPILED = "compiled"
 # Tokens per map (B * H * W) from which the fused CPU path trains: from there it is about as fast as nn.LSTM or
 # faster, and needs less memory; below, its fixed per-step overhead loses (benchmarks/recurrence.py, BENCHMARKS.md).
 FUSED_MIN_TOKENS = 4096
@@ -46,26 +60,44 @@ def check_impl(name: str) -> str:
     return name
 
 
-def triton_available() -> bool:
-    """Whether the triton package is importable."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def resolve_impl(name: str, x: torch.Tensor, hidden_size: int, needs_backward: bool) -> str:
+def resolve_impl(name: str, x: torch.Tensor, needs_backward: bool) -> str:
     """The implementation that `name` means for input x (B, H, W, C): "auto" picks per device, shape and pass."""
-    if name != "auto":
-        return name
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+    if tracing_or_exporting():
         return "reference"  # nn.LSTM exports as one ONNX/aten op
     if torch.compiler.is_compiling():
-        return "fused"  # dynamo cannot trace nn.LSTM
-    if x.is_cuda:
-        return "triton" if hidden_size <= TRITON_MAX_HIDDEN and triton_available() else "reference"
+        return COMPILED  # dynamo traces neither nn.LSTM nor the fused path's in-place writes
+    if name != "auto":
+        return name
     # CPU: nn.LSTM runs on oneDNN, whose fused inference kernels nothing built from torch ops beats; the fused path
-    # pays when a backward pass follows on a large enough map.
+    # pays when a backward pass follows on a large enough map. CUDA (and anything else): the library's kernels.
     if x.device.type == "cpu" and needs_backward and x.shape[0] * x.shape[1] * x.shape[2] >= FUSED_MIN_TOKENS:
         return "fused"
     return "reference"
+
+
+def tracing_or_exporting() -> bool:
+    """Whether torch.jit.trace, ONNX export or torch.export is recording the model."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+@contextlib.contextmanager
+def train_mode_for_backward(rnns: list[nn.RNNBase], needs_backward: bool) -> Iterator[None]:
+    """Run eval-mode `rnns` in train mode while a backward pass will follow (cuDNN refuses it in eval mode).
+
+    A single-layer RNN has no dropout, so both modes compute the same; doing it on every device keeps one code
+    path. Input gradients of an eval-mode model (effective receptive fields, attacks) need nothing from the caller.
+    Tracing and export record the modules as they are (a mode switch inside a trace fails its consistency check).
+    """
+    switched = [rnn for rnn in rnns if needs_backward and not rnn.training and not tracing_or_exporting()]
+    for rnn in switched:
+        if rnn.dropout and rnn.num_layers > 1:
+            raise ValueError(f"{rnn} has dropout between layers: train mode would change its output")
+        rnn.train()
+    try:
+        yield
+    finally:
+        for rnn in switched:
+            rnn.eval()
 
 
 def directions_of(axes: tuple[str, ...], bidirectional: bool) -> tuple[Direction, ...]:
@@ -84,10 +116,8 @@ def recurrent_weights(rnns: list[nn.RNNBase]) -> list[torch.Tensor]:
     return weights
 
 
-def scan(
-    x: torch.Tensor, weights: list[torch.Tensor], cell: str, directions: tuple[Direction, ...], impl: str
-) -> torch.Tensor:
-    """Run every direction's recurrence over x (B, H, W, C) with `impl` ("fused" or "triton"): (B, H, W, K*D).
+def scan(x: torch.Tensor, weights: list[torch.Tensor], cell: str, directions: tuple[Direction, ...]) -> torch.Tensor:
+    """Run every direction's recurrence over x (B, H, W, C) on the fused path: (B, H, W, K*D).
 
     `weights` holds torch's per-direction parameters (see `recurrent_weights`); the output channels follow
     `directions`, which for both axes is the reference's concat order [v fwd, v bwd, h fwd, h bwd].
@@ -95,16 +125,6 @@ def scan(
     w_ih, bias, w_hh_t, b_hn = pack_weights(weights, cell)
     projected = linear(x, w_ih, bias)
     save = torch.is_grad_enabled() and (projected.requires_grad or w_hh_t.requires_grad)
-    if impl == "triton":
-        if not triton_available():
-            raise ValueError("rnn_impl='triton' needs the triton package (pip install triton)")
-        from sequencer.kernels.triton_scan import TritonScan
-
-        return TritonScan.apply(projected, w_hh_t, b_hn, cell, directions, save)
-    if impl != "fused":
-        raise ValueError(f"scan runs 'fused' or 'triton', not {impl!r}")
-    if torch.compiler.is_compiling():
-        return scan_out_of_place(projected, w_hh_t, b_hn, cell, directions)
     return FusedScan.apply(projected, w_hh_t, b_hn, cell, directions, save)
 
 
@@ -252,58 +272,6 @@ class FusedScan(torch.autograd.Function):
                 if grad_b_hn is not None:
                     grad_b_hn[group] = grad_bg.to(grad_b_hn.dtype)
         return grad_projected, grad_w, grad_b_hn, None, None, None
-
-
-def scan_out_of_place(
-    projected: torch.Tensor,
-    w_hh_t: torch.Tensor,
-    b_hn: torch.Tensor | None,
-    cell: str,
-    directions: tuple[Direction, ...],
-) -> torch.Tensor:
-    """`FusedScan` without in-place writes, for torch.compile: inductor fuses the cell and derives the backward."""
-    B, H, W, _ = projected.shape
-    K, D, GD = w_hh_t.shape
-    outputs: list[torch.Tensor] = []
-    for group in direction_groups(directions, H, W):
-        x = torch.stack([_sequences(projected[..., k * GD : (k + 1) * GD], *directions[k]) for k in group])
-        w = w_hh_t[group]
-        Kg, T, N, _ = x.shape
-        h = x.new_zeros(Kg, N, D)
-        c = x.new_zeros(Kg, N, D)
-        steps = []
-        for t in range(T):
-            rec = torch.bmm(h, w)
-            if cell == "lstm":
-                i, f, o, g = torch.sigmoid(x[:, t] + rec).split(D, dim=-1)
-                c = f * c + i * (2 * g - 1)
-                h = o * torch.tanh(c)
-            elif cell == "gru":
-                r, z = torch.sigmoid(x[:, t, :, : 2 * D] + rec[..., : 2 * D]).split(D, dim=-1)
-                n = torch.tanh(x[:, t, :, 2 * D :] + r * (rec[..., 2 * D :] + b_hn[group].unsqueeze(1)))
-                h = n + z * (h - n)
-            else:
-                h = torch.tanh(x[:, t] + rec)
-            steps.append(h)
-        hidden = torch.stack(steps, dim=1)
-        outputs += [_maps(hidden[slot], *directions[k], B) for slot, k in enumerate(group)]
-    order = [k for group in direction_groups(directions, H, W) for k in group]
-    return torch.cat([outputs[order.index(k)] for k in range(K)], dim=-1)
-
-
-def _sequences(t: torch.Tensor, axis: str, reverse: bool) -> torch.Tensor:
-    """(B, H, W, E) to (T, N, E) sequences along `axis`, time reversed for a backward direction."""
-    tm = _time_major(t, axis)
-    tm = tm.reshape(tm.shape[0], -1, tm.shape[-1])
-    return tm.flip(0) if reverse else tm
-
-
-def _maps(t: torch.Tensor, axis: str, reverse: bool, batch: int) -> torch.Tensor:
-    """The inverse of `_sequences`: (T, N, E) back to (B, H, W, E)."""
-    if reverse:
-        t = t.flip(0)
-    t = t.reshape(t.shape[0], batch, -1, t.shape[-1])
-    return t.permute(1, 0, 2, 3) if axis == "v" else t.permute(1, 2, 0, 3)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -490,13 +458,121 @@ FORWARD = {"lstm": _lstm_forward, "gru": _gru_forward, "rnn": _rnn_forward}
 SAVED_PER_GROUP = {"lstm": 2, "gru": 3, "rnn": 1}
 BACKWARD = {"lstm": _lstm_backward, "gru": _gru_backward, "rnn": _rnn_backward}
 
+# ----------------------------------------------------------------------------------------------------------------
+# The recurrence as one custom op, for torch.compile
+# ----------------------------------------------------------------------------------------------------------------
+
+_LIBRARY_RNNS = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn": torch._VF.rnn_tanh}
+_KEY = torch._C.DispatchKey
+
+
+def library_rnn2d(
+    x: torch.Tensor, weights: list[torch.Tensor], cell: str, axes: str, bidirectional: bool, train: bool
+) -> torch.Tensor:
+    """The reference recurrences through torch's RNN functions: x (B, H, W, C) -> (B, H, W, K*D), [v, h] order.
+
+    `axes` is "vh", "v" or "h"; `weights` are `recurrent_weights` of the axes' nets in that order. `train` picks
+    cuDNN's training kernels (the ones with a backward) over its inference kernels; the results are the same.
+    """
+    B, H, W, C = x.shape
+    per_axis = len(weights) // len(axes)
+    outputs = []
+    for index, axis in enumerate(axes):
+        sequences = x.transpose(1, 2).reshape(B * W, H, C) if axis == "v" else x.reshape(B * H, W, C)
+        axis_weights = weights[index * per_axis : (index + 1) * per_axis]
+        state = sequences.new_zeros(2 if bidirectional else 1, sequences.shape[0], axis_weights[1].shape[1])
+        initial = (state, state) if cell == "lstm" else state
+        # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        hidden = _LIBRARY_RNNS[cell](sequences, initial, axis_weights, True, 1, 0.0, train, bidirectional, True)[0]
+        outputs.append(hidden.reshape(B, W, H, -1).transpose(1, 2) if axis == "v" else hidden.reshape(B, H, W, -1))
+    return torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0].contiguous()
+
+
+@torch.library.custom_op("sequencer::rnn2d", mutates_args=())
+def rnn2d(x: torch.Tensor, weights: list[torch.Tensor], cell: str, axes: str, bidirectional: bool) -> torch.Tensor:
+    """Every directional recurrence of a 2D mixer as one op (see the module docstring); dtypes as given."""
+    with torch.autocast(x.device.type, enabled=False):
+        return library_rnn2d(x, [w.to(x.dtype) for w in weights], cell, axes, bidirectional, train=False)
+
+
+@rnn2d.register_fake
+def _rnn2d_fake(x, weights, cell, axes, bidirectional):
+    directions = len(axes) * (2 if bidirectional else 1)
+    return x.new_empty(*x.shape[:3], directions * weights[1].shape[1])
+
+
+@torch.library.custom_op("sequencer::rnn2d_backward", mutates_args=())
+def rnn2d_backward(
+    grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], cell: str, axes: str, bidirectional: bool
+) -> list[torch.Tensor]:
+    """Gradients of `rnn2d` for x and every weight: its forward recomputed in train mode and differentiated."""
+    with _autograd_inside_op(), torch.autocast(x.device.type, enabled=False):
+        x = x.detach().requires_grad_()
+        weights = [w.detach().requires_grad_() for w in weights]
+        out = library_rnn2d(x, [w.to(x.dtype) for w in weights], cell, axes, bidirectional, train=True)
+        # Contiguous, as the fake implementation promises: autograd may hand back x's strides.
+        return [g.contiguous() for g in torch.autograd.grad(out, [x, *weights], grad)]
+
+
+@contextlib.contextmanager
+def _autograd_inside_op() -> Iterator[None]:
+    """Grad mode with autograd dispatch back on: an op's implementation runs with the autograd keys excluded."""
+    # torch.func.vjp would do this for its own level, but oneDNN's LSTM backward fails on its wrapped tensors.
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (_KEY.AutogradFunctionality, _KEY.AutogradOther, _KEY.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+@rnn2d_backward.register_fake
+def _rnn2d_backward_fake(grad, x, weights, cell, axes, bidirectional):
+    return [x.new_empty(x.shape), *(w.new_empty(w.shape) for w in weights)]
+
+
+def _rnn2d_setup_context(ctx, inputs, output) -> None:
+    x, weights, cell, axes, bidirectional = inputs
+    ctx.save_for_backward(x, *weights)
+    ctx.config = (cell, axes, bidirectional)
+
+
+def _rnn2d_grad(ctx, grad):
+    x, *weights = ctx.saved_tensors
+    grad_x, *grad_weights = rnn2d_backward(grad.contiguous(), x, weights, *ctx.config)
+    return grad_x, grad_weights, None, None, None
+
+
+rnn2d.register_autograd(_rnn2d_grad, setup_context=_rnn2d_setup_context)
+
+
+def compiled_rnn2d(
+    x: torch.Tensor, weights: list[torch.Tensor], cell: str, axes: str, bidirectional: bool
+) -> torch.Tensor:
+    """`rnn2d` in the autocast dtype when autocast is on, as nn.LSTM runs under autocast, else in x's dtype.
+
+    The map's height and width are specialised (each resolution compiles its own graph): with them symbolic,
+    inductor (torch 2.14) fails to order the strides of the blocks' saved activations, "cannot determine truth value
+    of Relational: 1 < 192*((s53//4))". The batch size stays dynamic.
+    """
+    B, H, W, C = x.shape
+    x = x.reshape(B, int(H), int(W), C)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+    return rnn2d(x, weights, cell, axes, bidirectional)
+
+
 __all__ = [
+    "COMPILED",
     "IMPLEMENTATIONS",
     "FusedScan",
     "check_impl",
+    "compiled_rnn2d",
     "directions_of",
     "pack_weights",
     "recurrent_weights",
     "resolve_impl",
+    "rnn2d",
     "scan",
+    "train_mode_for_backward",
 ]

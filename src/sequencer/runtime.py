@@ -44,7 +44,10 @@ def set_threads(threads: int | None) -> None:
 
 
 def compile_model(model: nn.Module, backend: str | None) -> nn.Module:
-    """`torch.compile(model, backend=backend)`, or the model itself without a backend; unknown backends refused."""
+    """`torch.compile(model, backend=backend)`, or the model itself without a backend; unknown backends refused.
+
+    Compiled, a Sequencer's recurrences run as the `sequencer::rnn2d` op (`sequencer.recurrence`): one graph.
+    """
     if not backend:
         return model
     known = torch._dynamo.list_backends(exclude_tags=())

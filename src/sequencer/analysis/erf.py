@@ -89,27 +89,18 @@ def stage_extractor(model: nn.Module) -> tuple[Callable[[torch.Tensor], list[tor
 
 
 @contextlib.contextmanager
-def input_gradient_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
+def input_gradient_mode(model: nn.Module) -> Iterator[None]:
     """Let an eval-mode model backpropagate to its input once per stage from one forward pass; restore it after."""
     # Sequencer's mixers run the reference recurrences (nn.LSTM): the fused path's hand-written backward runs once
-    # per forward. On CUDA the recurrent layers alone go to train mode, because cuDNN refuses an RNN backward in
-    # eval mode; a single-layer RNN (or one without dropout) computes the same in both modes, as the authors rely on.
+    # per forward. The model itself runs its recurrent layers in train mode for cuDNN when a backward will follow.
     mixers = [(m, m.rnn_impl) for m in model.modules() if hasattr(m, "rnn_impl")]
-    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase) and not m.training] if device.type == "cuda" else []
-    for rnn in rnns:
-        if rnn.dropout and rnn.num_layers > 1:
-            raise ValueError(f"{rnn} has dropout between layers: train mode would change its output")
     try:
         for mixer, _ in mixers:
             mixer.rnn_impl = "reference"
-        for rnn in rnns:
-            rnn.train()
         yield
     finally:
         for mixer, impl in mixers:
             mixer.rnn_impl = impl
-        for rnn in rnns:
-            rnn.eval()
 
 
 def effective_receptive_fields(
@@ -121,7 +112,7 @@ def effective_receptive_fields(
     sums: list[torch.Tensor] = []
     sizes: list[tuple[int, int]] = []
     count = 0
-    with input_gradient_mode(model, device):
+    with input_gradient_mode(model):
         for batch in images:
             x = batch.to(device).requires_grad_(True)
             maps = extract(x)

@@ -1,1 +1,1 @@
-"""Hand-written kernels behind `sequencer.recurrence`: oneDNN matmuls on the CPU, the Triton scan on the GPU."""
+"""Hand-written kernels behind `sequencer.recurrence`: oneDNN matmuls on the CPU."""
