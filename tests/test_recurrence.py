@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import sequencer
+from sequencer import recurrence
 from sequencer.kernels import onednn
 from sequencer.model import RNN2D, Linear, Mlp, create_model
 from sequencer.recurrence import FUSED_MIN_TOKENS, resolve_impl, rnn2d
@@ -63,6 +65,23 @@ def test_fused_under_bfloat16_autocast_is_as_close_as_the_reference(cell: str) -
         fused_error = (f.float() - e).abs().max().item()
         # bfloat16 keeps ~3 significant digits; the fused path must not be (much) worse than nn.LSTM under autocast.
         assert fused_error <= max(2 * reference_error, 2e-2 * scale), (fused_error, reference_error, scale)
+
+
+@pytest.mark.parametrize("supported", [False, True])
+def test_cpu_autocast_runs_the_recurrence_in_float32_where_onednn_has_no_bfloat16_rnn(
+    supported: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if supported and not recurrence.cpu_has_low_precision_rnn():
+        pytest.skip("this CPU has no AVX-512: oneDNN cannot build a bfloat16 LSTM here")
+    monkeypatch.setattr(recurrence, "cpu_has_low_precision_rnn", lambda: supported)
+    model = sequencer.create_model("sequencer2d_tiny", rnn_impl="reference").eval()
+    torch.nn.init.normal_(model.head.fc.weight, std=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        exact = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16 and (low.float() - exact).abs().max() < 0.05 * exact.abs().max()
 
 
 def test_backward_twice_through_the_fused_graph_is_refused_clearly() -> None:

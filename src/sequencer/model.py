@@ -29,6 +29,7 @@ from sequencer.recurrence import (
     check_impl,
     compiled_rnn2d,
     directions_of,
+    in_supported_precision,
     recurrent_weights,
     resolve_impl,
     scan,
@@ -120,8 +121,9 @@ class RNN2D(nn.Module):
         needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self._weights))
         impl = resolve_impl(self.rnn_impl, x, needs_backward)
         if impl == "reference":
-            with train_mode_for_backward([rnn for rnn in (self.rnn_v, self.rnn_h) if rnn is not None], needs_backward):
-                return self._forward_reference(x)
+            rnns = [rnn for rnn in (self.rnn_v, self.rnn_h) if rnn is not None]
+            with train_mode_for_backward(rnns, needs_backward):
+                return in_supported_precision(self._forward_reference, x)
         # Channels come out as [v fwd, v bwd, h fwd, h bwd]: the "cat" union already.
         if impl == COMPILED:
             x = compiled_rnn2d(x, self._weights, self.cell, self.axes, self.bidirectional)
@@ -188,7 +190,7 @@ class RNN1D(nn.Module):
             raster = compiled_rnn2d(x.reshape(B, 1, H * W, C), self._weights, self.cell, "h", self.bidirectional)
             return raster.reshape(B, H, W, -1)
         with train_mode_for_backward([self.rnn], needs_backward):
-            return self._forward_reference(x)
+            return in_supported_precision(self._forward_reference, x)
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

@@ -35,7 +35,8 @@ launches for Sequencer2D-S needed more shared memory per block than any of those
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -98,6 +99,26 @@ def train_mode_for_backward(rnns: list[nn.RNNBase], needs_backward: bool) -> Ite
     finally:
         for rnn in switched:
             rnn.eval()
+
+
+def in_supported_precision(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`forward(x)`, run in float32 with autocast off where the CPU has no low-precision RNN kernel.
+
+    oneDNN builds its bfloat16 / float16 LSTM only on AVX-512 processors; elsewhere (AVX2: AMD EPYC before Zen 4,
+    older Xeons) nn.LSTM under CPU autocast fails with "could not create a primitive descriptor". There the mixer
+    computes in float32, as the fused path does for half-precision inputs, and returns the autocast dtype.
+    """
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not cpu_has_low_precision_rnn():
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            return forward(x.float()).to(dtype)
+    return forward(x)
+
+
+@functools.cache
+def cpu_has_low_precision_rnn() -> bool:
+    """Whether oneDNN can build its bfloat16 / float16 RNN primitives on this CPU (AVX-512 and later)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def directions_of(axes: tuple[str, ...], bidirectional: bool) -> tuple[Direction, ...]:
