@@ -280,7 +280,8 @@ def test_fused_path_under_gradient_checkpointing_gives_the_reference_gradients()
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_onednn_linear_matches_f_linear_forward_and_backward() -> None:
+def test_onednn_linear_matches_f_linear_forward_and_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onednn, "sgemm_trails_onednn", lambda: True)  # whatever this session's CPU vendor
     x = torch.randn(3, 5, 7, 24, requires_grad=True)
     weight = torch.randn(40, 24, requires_grad=True)
     bias = torch.randn(40, requires_grad=True)
@@ -297,6 +298,7 @@ def test_onednn_linear_matches_f_linear_forward_and_backward() -> None:
 
 
 def test_block_linears_run_on_onednn_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onednn, "sgemm_trails_onednn", lambda: True)  # whatever this session's CPU vendor
     if not onednn.applies(torch.empty(1)):
         pytest.skip("torch was built without oneDNN")
     calls = []
@@ -316,4 +318,8 @@ def test_block_linears_run_on_onednn_only_where_it_applies(monkeypatch: pytest.M
         mlp(x)
     mlp.double()(x.double())
     assert len(calls) == 2  # autocast and float64 take F.linear
+    monkeypatch.setattr(onednn, "sgemm_trails_onednn", lambda: False)  # an Intel CPU: MKL's sgemm is as fast
+    mlp.float()(x)
+    assert len(calls) == 2
+    mlp.double()
     torch.testing.assert_close(torch.jit.script(mlp)(x.double()), plain.double()(x.double()))
