@@ -85,7 +85,8 @@ import torch
 model = torch.hub.load({str(clone)!r}, "sequencer2d_tiny", source="local", pretrained={str(path)!r}).eval()
 torch.manual_seed(1)
 x = torch.randn(2, 3, 32, 32)
-torch.save(model(x).detach(), {str(tmp_path / "logits.pt")!r})
+with torch.no_grad():
+    torch.save(model(x), {str(tmp_path / "logits.pt")!r})
 print(sys.modules["sequencer"].__file__)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)

@@ -343,6 +343,7 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in work.iterdir()) == ["out"]  # no rank wrote anywhere else
     assert {p.name for p in output.iterdir()} == {
+        "checkpoint-0.pth.tar",  # --checkpoint-hist keeps the best epochs
         "args.yaml",
         "summary.csv",
         "last.pth.tar",
@@ -364,7 +365,7 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
         ("--num-classes 0", "--num-classes 0 is out of range: it must be >= 1"),
         ("--img-size 3", "input size 3x3 is smaller than the 8x8 pixels that sequencer2d_tiny"),
         ("--drop-path 1.5", "--drop-path 1.5 is out of range: it must be >= 0 and <= 1"),
-        ("--lr 0", "--lr 0.0 is out of range: it must be > 0"),
+        ("--lr -0.1", "--lr -0.1 is out of range: it must be >= 0"),
         ("--opt adamq", "unknown optimizer --opt 'adamq'"),
         ("--sched cosin", "unknown schedule --sched 'cosin'"),
         ("--model sequencer2d_q", "unknown model 'sequencer2d_q'"),

@@ -291,7 +291,7 @@ _BOUNDS: tuple[tuple[str, str, float, bool, float | None], ...] = (
     ("-j/--workers", "workers", 0, True, None),
     ("--num-classes", "num_classes", 1, True, None),
     ("--in-chans", "in_chans", 1, True, None),
-    ("--lr", "lr", 0, False, None),
+    ("--lr", "lr", 0, True, None),  # 0 is legitimate: a run that only checks loading or evaluates
     ("--warmup-lr", "warmup_lr", 0, True, None),
     ("--min-lr", "min_lr", 0, True, None),
     ("--warmup-epochs", "warmup_epochs", 0, True, None),
