@@ -10,7 +10,7 @@ from torch import nn
 
 import sequencer
 from sequencer.analysis.complexity import count_macs
-from sequencer.model import RNN2D, SequencerBlock
+from sequencer.model import RNN2D, Linear, SequencerBlock, route
 
 torch.set_num_threads(2)
 
@@ -268,3 +268,51 @@ def test_features_only_leaves_the_model_it_was_handed_whole() -> None:
     assert features(x)[0].shape == (1, 128, 4, 4)
     assert not any(k.startswith(("model.stages.2", "model.norm", "model.head")) for k in features.state_dict())
     assert sequencer.count_parameters(sequencer.create_model("sequencer2d_tiny")) == 1_043_688
+
+
+def test_route_switches_every_mixer_and_linear_and_restores_them_when_the_body_raises() -> None:
+    model = sequencer.create_model("sequencer2d_tiny", rnn_impl="fused")
+    mixers = [m for m in model.modules() if isinstance(m, RNN2D)]
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    mixers[0].rnn_impl = "auto"  # each mixer gets back its own choice, not a model-wide one
+    before = [m.rnn_impl for m in mixers]
+    # A wrapper holding the model is routed too: every mixer and block linear inside it.
+    wrapper = nn.Sequential(model)
+    with pytest.raises(RuntimeError, match="body failed"), route(wrapper, rnn_impl="reference", onednn_linear=False):
+        assert {m.rnn_impl for m in mixers} == {"reference"}
+        assert len(linears) == 3 * len(mixers) and not any(m.onednn for m in linears)  # mixer fc, mlp fc1, fc2
+        raise RuntimeError("body failed")
+    assert [m.rnn_impl for m in mixers] == before and all(m.onednn for m in linears)
+    with pytest.raises(ValueError, match="unknown rnn_impl 'cudnn'"):
+        route(model, rnn_impl="cudnn", onednn_linear=False)
+    assert [m.rnn_impl for m in mixers] == before and all(m.onednn for m in linears)  # refused before any change
+    # Called as a statement the change stays, as set_rnn_impl's does; a switch left at None is not touched.
+    route(model, rnn_impl="reference")
+    assert {m.rnn_impl for m in mixers} == {"reference"} and all(m.onednn for m in linears)
+    model.set_rnn_impl("fused")
+    assert {m.rnn_impl for m in mixers} == {"fused"}
+
+
+def test_onednn_linear_off_keeps_the_block_linears_on_f_linear_with_the_same_logits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    model = sequencer.create_model("sequencer2d_tiny", num_classes=10, rnn_impl="reference").eval()
+    nn.init.normal_(model.head.fc.weight)
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+
+    def counted(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(args[0].shape)
+        return fast_linear(*args)
+
+    fast_linear = sequencer.model.fast_linear
+    monkeypatch.setattr(sequencer.model, "fast_linear", counted)
+    with torch.no_grad():
+        routed = model(x)
+        assert len(calls) == 3 * 5  # three linears in each of the five blocks
+        calls.clear()
+        with route(model, onednn_linear=False):
+            plain = model(x)
+        assert not calls
+    torch.testing.assert_close(plain, routed)

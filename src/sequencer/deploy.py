@@ -20,7 +20,7 @@ from torch import nn
 from sequencer.checkpoint import load_model
 from sequencer.data import data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
-from sequencer.model import list_models
+from sequencer.model import list_models, route
 from sequencer.options import add_input_options, add_model_options
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -105,9 +105,7 @@ def format_for(path: str | Path, requested: str | None = None) -> str:
 def _prepare(model: nn.Module) -> nn.Module:
     """Eval mode on the CPU, on the library-RNN code path that every exporter can trace."""
     model.cpu().eval()
-    set_rnn_impl = getattr(model, "set_rnn_impl", None)
-    if callable(set_rnn_impl):
-        set_rnn_impl("reference")
+    route(model, rnn_impl="reference")  # for good: `export` works on its own copy
     return model
 
 

@@ -1,11 +1,16 @@
 """Sequencer: Deep LSTM for Image Classification (Tatsunami & Taki, NeurIPS 2022), in one file.
 
-Read top to bottom: the 2D recurrent token mixer (BiLSTM2D), the vanilla 1D mixer, the block, the stem and the
-downsampling, the network, then the table of official variants and the registry (`create_model`, `list_models`).
+Read top to bottom: the token mixers (the linear layer they project with, the 2D recurrent mixer BiLSTM2D, the
+vanilla 1D mixer), the channel MLP and the block, the stem, the downsampling and the stage, the head and the network
+with its backbone wrapper (`features_only`), the switch that routes the recurrences and linears to their kernels
+(`route`), then the table of official variants and the registry (`create_model`, `list_models`).
 
 Tensors inside the network are channels-last, (B, H, W, C), as in the authors' code; the input and the
-`features_only` outputs are NCHW. Parameter names follow timm's layout (`stages.{i}.blocks.{j}...`) so that timm's
-checkpoints load as they are; the authors' layout (`blocks.{stage}.{j}...`) is converted by `sequencer.checkpoint`.
+`features_only` outputs are NCHW. In the shape comments D is a recurrent layer's hidden size, as in the paper: a
+bidirectional one outputs 2D channels, the vertical and horizontal ones together 4D.
+
+Parameter names follow timm's layout (`stages.{i}.blocks.{j}...`) so that timm's checkpoints load as they are; the
+authors' layout (`blocks.{stage}.{j}...`) is converted by `sequencer.checkpoint`.
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ UNIONS = ("cat", "add", "vertical", "horizontal")
 class Linear(nn.Linear):
     """nn.Linear whose float32 CPU matmuls run on oneDNN (`sequencer.kernels.onednn`): same parameters and results."""
 
+    # Whether this layer may take oneDNN's matmul where it applies (AMD processors); `route` switches it off and on.
+    onednn = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.linear(x, self.weight, self.bias)
@@ -58,7 +66,9 @@ class Linear(nn.Linear):
     @torch.jit.unused
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         # torch's F.linear calls MKL's sgemm on the CPU, at about half oneDNN's speed on some processors.
-        return fast_linear(x, self.weight, self.bias)
+        if self.onednn:
+            return fast_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RNN2D(nn.Module):
@@ -124,19 +134,22 @@ class RNN2D(nn.Module):
             rnns = [rnn for rnn in (self.rnn_v, self.rnn_h) if rnn is not None]
             with train_mode_for_backward(rnns, needs_backward):
                 return in_supported_precision(self._forward_reference, x)
-        # Channels come out as [v fwd, v bwd, h fwd, h bwd]: the "cat" union already.
+        # (B, H, W, C) -> (B, H, W, 4D), channels [v fwd, v bwd, h fwd, h bwd] (those the variant has): "cat" already.
         if impl == COMPILED:
             x = compiled_rnn2d(x, self._weights, self.cell, self.axes, self.bidirectional)
         else:
             x = scan(x, self._weights, self.cell, self.directions)
         if self.union == "add":
+            # (B, H, W, 4D) -> (B, H, W, 2D): the vertical half plus the horizontal half, the reference's v + h.
             half = x.shape[-1] // 2
             x = x[..., :half] + x[..., half:]
-        return self.fc(x)
+        return self.fc(x)  # (B, H, W, 4D or 2D) -> (B, H, W, C)
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        v, h = self._reference(x)
+        v, h = self._reference(x)  # each (B, H, W, 2D), or None for an axis the variant leaves out
         if v is not None and h is not None:
+            # "cat": (B, H, W, 4D), [vertical, horizontal] along the channels, the order the fc's trained weights
+            # expect; "add": (B, H, W, 2D).
             x = torch.cat([v, h], dim=-1) if self.union == "cat" else v + h
         elif v is not None:
             x = v
@@ -150,9 +163,13 @@ class RNN2D(nn.Module):
         v: torch.Tensor | None = None
         h: torch.Tensor | None = None
         if self.rnn_v is not None:
+            # (B, H, W, C) -> (B, W, H, C) -> (B*W, H, C): every column is a sequence of H tokens, top to bottom.
             v = self.rnn_v(x.transpose(1, 2).reshape(B * W, H, C))[0]
+            # (B*W, H, 2D) -> (B, W, H, 2D) -> (B, H, W, 2D): each column's outputs back in place.
             v = v.reshape(B, W, H, -1).transpose(1, 2)
         if self.rnn_h is not None:
+            # (B, H, W, C) -> (B*H, W, C): every row is a sequence of W tokens, left to right (a view, no copy);
+            # (B*H, W, 2D) -> (B, H, W, 2D).
             h = self.rnn_h(x.reshape(B * H, W, C))[0].reshape(B, H, W, -1)
         return v, h
 
@@ -187,6 +204,8 @@ class RNN1D(nn.Module):
         needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self._weights))
         if resolve_impl("reference", x, needs_backward) == COMPILED:
             B, H, W, C = x.shape
+            # (B, H, W, C) -> (B, 1, H*W, C): the raster as a map of one row, scanned horizontally by the 2D op;
+            # (B, 1, H*W, 2D) -> (B, H, W, 2D).
             raster = compiled_rnn2d(x.reshape(B, 1, H * W, C), self._weights, self.cell, "h", self.bidirectional)
             return raster.reshape(B, H, W, -1)
         with train_mode_for_backward([self.rnn], needs_backward):
@@ -194,6 +213,8 @@ class RNN1D(nn.Module):
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
+        # (B, H, W, C) -> (B, H*W, C): the tokens in raster order, row after row, as one sequence per image;
+        # (B, H*W, 2D) -> (B, H, W, 2D), where 2D = C (no projection follows).
         return self.rnn(x.reshape(B, H * W, C))[0].reshape(B, H, W, -1)
 
 
@@ -240,6 +261,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C_in, H, W) -> (B, C, H/p, W/p) -> (B, H/p, W/p, C): one token per patch.
         return channels_last(self.proj(x))
 
 
@@ -251,6 +273,7 @@ class Downsample(nn.Module):
         self.down = nn.Conv2d(dim, dim_out, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, H, W, C) -> (B, C, H, W), the layout nn.Conv2d takes; -> (B, C', H/p, W/p) -> (B, H/p, W/p, C').
         # A copy, not the permuted view: inductor cannot order the strides of a saved view whose map side is symbolic,
         # which broke compiled training at a second resolution; eager speed is the same either way.
         return channels_last(self.down(x.permute(0, 3, 1, 2).contiguous()))
@@ -258,8 +281,9 @@ class Downsample(nn.Module):
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """NCHW to a contiguous (B, H, W, C) tensor."""
-    # A permuted view would set the layout of the whole residual stream (adds keep their input's strides), so every
-    # LayerNorm and linear of the stage would copy it, forward and backward, instead of this one copy.
+    # (B, C, H, W) -> (B, H, W, C), copied: a permuted view would set the layout of the whole residual stream (adds
+    # keep their input's strides), so every LayerNorm and linear of the stage would copy it, forward and backward,
+    # instead of this one copy.
     return x.permute(0, 2, 3, 1).contiguous()
 
 
@@ -295,8 +319,8 @@ class Head(nn.Module):
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x.mean(dim=(1, 2)))
-        return x if pre_logits else self.fc(x)
+        x = self.drop(x.mean(dim=(1, 2)))  # (B, h, w, C) -> (B, C): global average pooling over the tokens
+        return x if pre_logits else self.fc(x)  # (B, C) -> (B, num_classes)
 
 
 class Sequencer(nn.Module):
@@ -373,11 +397,8 @@ class Sequencer(nn.Module):
             stage.grad_checkpointing = enable
 
     def set_rnn_impl(self, name: str) -> None:
-        """Run every 2D mixer's recurrences with implementation `name` ("auto", "reference" or "fused")."""
-        check_impl(name)
-        for module in self.modules():
-            if isinstance(module, RNN2D):
-                module.rnn_impl = name
+        """Run every 2D mixer's recurrences with implementation `name` ("auto", "reference" or "fused"), for good."""
+        route(self, rnn_impl=name)
 
     def get_classifier(self) -> nn.Module:
         """The final linear layer."""
@@ -404,13 +425,14 @@ class Sequencer(nn.Module):
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """Patchify and add the (resized) position embedding: NCHW image to NHWC tokens."""
         self.check_input(x)
-        x = self.stem(x)
+        x = self.stem(x)  # (B, C_in, H, W) -> (B, h, w, C)
         if self.absolute_pos_embed is not None:
-            pos = self.absolute_pos_embed
+            pos = self.absolute_pos_embed  # (1, h0, w0, C), learned for the default input size
             if pos.shape[1] != x.shape[1] or pos.shape[2] != x.shape[2]:
+                # (1, h0, w0, C) -> (1, C, h0, w0): F.interpolate resizes the last two dimensions; -> (1, C, h, w).
                 pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(x.shape[1], x.shape[2]), mode="bicubic")
-                pos = pos.permute(0, 2, 3, 1)
-            x = x + pos
+                pos = pos.permute(0, 2, 3, 1)  # (1, C, h, w) -> (1, h, w, C)
+            x = x + pos  # broadcast over the batch
         return x
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -418,16 +440,17 @@ class Sequencer(nn.Module):
         x = self.forward_stem(x)
         maps = []
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x)  # (B, h, w, C) -> (B, h/p, w/p, C') with the stage's patch size p
+            # (B, h, w, C) -> (B, C, h, w) as a view: necks take NCHW, and the next stage reads x, not this.
             maps.append(x.permute(0, 3, 1, 2))
         return maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (B, C, H, W) to normalised tokens (B, h, w, D)."""
+        """Image (B, C_in, H, W) to normalised tokens (B, h, w, C)."""
         return self.norm(self.stages(self.forward_stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, h, w, D) to logits, or to pooled features with `pre_logits`."""
+        """Tokens (B, h, w, C) to logits, or to pooled features with `pre_logits`."""
         return self.head(x, pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -482,6 +505,61 @@ def _init_module(name: str, module: nn.Module) -> None:
         bound = 1.0 / math.sqrt(module.hidden_size)
         for weight in module.parameters():
             nn.init.uniform_(weight, -bound, bound)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Performance routing: which kernels the recurrences and the linears run on
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def route(model: nn.Module, rnn_impl: str | None = None, onednn_linear: bool | None = None) -> Routing:
+    """Route every 2D mixer and block linear of `model` (any module holding them) to kernels; `with` it to undo.
+
+    The model's only two performance switches. Neither touches the parameters; every path computes the same
+    function, to float32 rounding.
+
+    - `rnn_impl`, per 2D mixer (`RNN2D.rnn_impl`), how the recurrences run (`sequencer.recurrence`). "auto", the
+      default, picks per call: cuDNN's nn.LSTM on CUDA; on the CPU the fused path for training steps on large maps,
+      nn.LSTM (oneDNN) otherwise. "reference" always runs the authors' two nn.LSTM calls: what module hooks see,
+      what can backpropagate twice through one graph. "fused" always runs the fused path. torch.compile (one custom
+      op), tracing and export (nn.LSTM) override it; the vanilla 1D mixer always runs nn.LSTM.
+    - `onednn_linear`, per block linear (`Linear.onednn`). True, the default, sends float32 CPU matmuls outside
+      autocast, compile and export to oneDNN's matmul on AMD processors, where MKL's sgemm trails it
+      (`sequencer.kernels.onednn.applies`); False keeps them on F.linear everywhere. The fused recurrence's input
+      projection follows only `torch.backends.mkldnn.flags(enabled=False)`, which takes the whole process off
+      oneDNN (nn.LSTM and convolutions too).
+
+    A switch left at None is not touched. Called as a statement, the change stays (`Sequencer.set_rnn_impl` is
+    `route(model, rnn_impl=name)`); as a context manager, every value comes back on exit, even when the body raises:
+
+        with route(model, rnn_impl="reference", onednn_linear=False):
+            logits = model(images)
+    """
+    if rnn_impl is not None:
+        check_impl(rnn_impl)
+    previous = []
+    for module in model.modules():
+        if rnn_impl is not None and isinstance(module, RNN2D):
+            previous.append((module, "rnn_impl", module.rnn_impl))
+            module.rnn_impl = rnn_impl
+        elif onednn_linear is not None and isinstance(module, Linear):
+            previous.append((module, "onednn", module.onednn))
+            module.onednn = onednn_linear
+    return Routing(previous)
+
+
+class Routing:
+    """What `route` changed, as (module, attribute, previous value); restored when a `with` block exits."""
+
+    def __init__(self, previous: list[tuple[nn.Module, str, Any]]) -> None:
+        self.previous = previous
+
+    def __enter__(self) -> Routing:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for module, name, value in reversed(self.previous):
+            setattr(module, name, value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -623,4 +701,5 @@ __all__ = [
     "create_model",
     "default_cfg",
     "list_models",
+    "route",
 ]

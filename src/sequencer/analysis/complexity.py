@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from sequencer.model import route
+
 # Per time step and direction, a cell does its gate matmuls (gates x hidden x (input + hidden)) plus the
 # element-wise products that update its state: LSTM c = f*c + i*g and h = o*tanh(c); GRU n = tanh(x + r*h),
 # h = (1-z)*n + z*h; the tanh RNN none.
@@ -53,14 +55,10 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
     def linear_hook(module: nn.Linear, _inputs: tuple, output: torch.Tensor) -> None:
         add(output.numel() * module.in_features)
 
-    # The hooks see only module calls: run the 2D mixers on their nn.LSTM / nn.Linear path while counting. The
-    # recurrent layers are counted from their input's shape and not run: step by step, even on the meta device,
+    # The recurrent layers are counted from their input's shape and not run: step by step, even on the meta device,
     # they were nearly all of the counting time.
-    impls = {m: m.rnn_impl for m in model.modules() if hasattr(m, "rnn_impl")}
     rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
     hooks = []
-    for module in impls:
-        module.rnn_impl = "reference"
     for rnn in rnns:
         rnn.forward = _counted_rnn_forward(rnn, add)
     for module in model.modules():
@@ -72,11 +70,11 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
     try:
         model.eval()
         param = next(model.parameters())
-        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+        # The hooks see only module calls: run the 2D mixers on their nn.LSTM / nn.Linear path while counting.
+        with route(model, rnn_impl="reference"):
+            model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
     finally:
         model.train(was_training)
-        for module, impl in impls.items():
-            module.rnn_impl = impl
         for rnn in rnns:
             del rnn.forward
         for hook in hooks:

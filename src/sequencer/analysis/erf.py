@@ -36,7 +36,7 @@ from sequencer.analysis.common import (
 )
 from sequencer.data import build_dataset, create_loader, create_transform, data_config
 from sequencer.errors import UsageError
-from sequencer.model import Sequencer
+from sequencer.model import Sequencer, route
 from sequencer.options import add_compare_options, add_model_options, add_runtime_options
 from sequencer.runtime import resolve_device, set_threads
 
@@ -93,14 +93,8 @@ def input_gradient_mode(model: nn.Module) -> Iterator[None]:
     """Let an eval-mode model backpropagate to its input once per stage from one forward pass; restore it after."""
     # Sequencer's mixers run the reference recurrences (nn.LSTM): the fused path's hand-written backward runs once
     # per forward. The model itself runs its recurrent layers in train mode for cuDNN when a backward will follow.
-    mixers = [(m, m.rnn_impl) for m in model.modules() if hasattr(m, "rnn_impl")]
-    try:
-        for mixer, _ in mixers:
-            mixer.rnn_impl = "reference"
+    with route(model, rnn_impl="reference"):
         yield
-    finally:
-        for mixer, impl in mixers:
-            mixer.rnn_impl = impl
 
 
 def effective_receptive_fields(
