@@ -16,6 +16,7 @@ _EXPORTS = {
     "count_parameters": "sequencer.model",
     "create_model": "sequencer.model",
     "list_models": "sequencer.model",
+    "route": "sequencer.model",
     "create_transform": "sequencer.data",
     "export": "sequencer.deploy",
     "load_pretrained": "sequencer.checkpoint",

@@ -8,7 +8,8 @@ export), `linear` is plain F.linear.
 
 It is used on AMD processors only: there it measured 1.46x inference and 1.35x training of the whole model against
 F.linear-based timm (BENCHMARKS.md), while on an Intel Xeon (Sapphire Rapids), where MKL's sgemm is at its best,
-the same command measured 0.99x / 0.97x. `torch.backends.mkldnn.flags(enabled=False)` turns it off anywhere.
+the same command measured 0.99x / 0.97x. `sequencer.route(model, onednn_linear=False)` turns it off for one model,
+`torch.backends.mkldnn.flags(enabled=False)` for the whole process.
 """
 
 from __future__ import annotations
