@@ -89,8 +89,9 @@ def build_model(
     if img_size and cfg is not None and cfg.fixed_input_size:
         kwargs["img_size"] = img_size
     if checkpoint:
+        # Read as data first: an unreadable or code-bearing file is a CheckpointError here, not a traceback in timm.
+        contents = read_file(checkpoint, unsafe_load=unsafe_load)
         if num_classes is None and cfg is not None and isinstance(cfg.classifier, str):
-            contents = read_file(checkpoint, unsafe_load=unsafe_load)
             num_classes = _classifier_classes(extract_state_dict(contents, use_ema), cfg.classifier)
         # A file overlay goes through timm's own loading path: key filters, position-embedding resampling. The
         # overlay's class count is the file's, else timm would drop the file's classifier as one of another size.
