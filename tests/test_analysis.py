@@ -222,7 +222,7 @@ def test_stage_indices_pick_one_level_per_stage() -> None:
 def test_erf_command_writes_table_maps_and_figure(tmp_path: Path, image_tree: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "erf"
     command = (
-        f"--model sequencer2d_tiny --checkpoint {tiny_checkpoint} --compare resnet18 --data {image_tree} "
+        f"{image_tree} --model sequencer2d_tiny --checkpoint {tiny_checkpoint} --compare resnet18 "
         f"--img-size 64 --num-images 3 -b 2 -j 0 --out {out}"
     )
     assert erf.run(parse(erf, command)) == 0
@@ -282,7 +282,7 @@ def test_erf_seed_fixes_the_random_weights(tmp_path: Path) -> None:
         (["-b", "0"], "-b must be at least 1"),
         (["--amp"], "--amp does not apply"),
         (["--img-size", "4"], "smaller than the 8x8"),
-        (["--data", "MISSING"], "dataset folder not found"),
+        (["MISSING"], "dataset folder not found"),
     ],
 )
 def test_erf_refuses_bad_input_in_one_line_before_any_work(

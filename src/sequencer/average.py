@@ -19,6 +19,7 @@ import torch
 
 from sequencer.checkpoint import atomic_save, extract_state_dict, read_file
 from sequencer.errors import CheckpointError, UsageError
+from sequencer.options import add_output_option
 
 # The names `sequencer train --checkpoint-hist` (and timm's train.py) give the kept epoch checkpoints.
 EPOCH_CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pth\.tar")
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a training output folder (its checkpoint-EPOCH.pth.tar files) or checkpoint files",
     )
     parser.add_argument("-n", "--num", type=int, default=None, metavar="N", help="average the N best (default: all)")
-    parser.add_argument("-o", "--output", required=True, help="weights file to write: .safetensors or .pth")
+    add_output_option(parser, None, "weights file to write: .safetensors or .pth", required=True)
     parser.add_argument(
         "--use-ema",
         action=argparse.BooleanOptionalAction,

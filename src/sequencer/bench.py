@@ -39,7 +39,7 @@ from torch import nn
 
 from sequencer.errors import UsageError
 from sequencer.model import create_model, list_models
-from sequencer.options import add_runtime_options
+from sequencer.options import add_output_option, add_runtime_options
 from sequencer.recurrence import IMPLEMENTATIONS
 from sequencer.runtime import autocast, resolve_device, set_threads
 
@@ -109,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--output", default="bench", help="writes OUTPUT.json, OUTPUT.csv (and OUTPUT.png)")
+    add_output_option(parser, "bench", "file stem: writes OUTPUT.json, OUTPUT.csv (and OUTPUT.png)")
     add_runtime_options(parser)
     parser.set_defaults(batch_size=8)
 

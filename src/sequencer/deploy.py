@@ -21,7 +21,7 @@ from sequencer.checkpoint import load_model
 from sequencer.data import data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
 from sequencer.model import list_models, route
-from sequencer.options import add_input_options, add_model_options
+from sequencer.options import add_input_options, add_model_options, add_output_option, input_overrides
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}
@@ -253,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_options(parser)
     group = parser.add_argument_group("export")
     group.add_argument("--format", default=None, choices=FORMATS, help="default: from the suffix of -o")
-    group.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write (.onnx, .pt, .pt2)")
+    add_output_option(group, None, "file to write (.onnx, .pt, .pt2)", required=True)
     group.add_argument(
         "--dynamic-batch",
         action="store_true",
@@ -272,8 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, check, and say how it went; exit 1 when the written file fails the check (2 for a refused request)."""
-    overrides = {key: getattr(args, key) for key in ("img_size", "input_size", "crop_pct", "mean", "std")}
-    overrides["interpolation"] = args.interpolation
+    overrides = input_overrides(args)
     # A failed check is the command's answer, not a refused request: its own exit code (1), and its full report.
     try:
         result = export(

@@ -25,11 +25,17 @@ from tqdm import tqdm
 from sequencer.checkpoint import load_model
 from sequencer.data import create_transform
 from sequencer.errors import UsageError
-from sequencer.options import add_input_options, add_model_options, add_runtime_options
+from sequencer.options import (
+    INPUT_KEYS,
+    add_input_options,
+    add_model_options,
+    add_output_option,
+    add_runtime_options,
+    input_overrides,
+)
 from sequencer.runtime import autocast, resolve_device, set_threads
 
 OUTPUT_FORMATS = ("table", "csv", "json")
-_TRANSFORM_KEYS = ("img_size", "input_size", "crop_pct", "mean", "std", "interpolation")
 
 
 @dataclass
@@ -176,9 +182,9 @@ def predict(
     """
     if topk < 1:
         raise UsageError(f"topk must be at least 1, got {topk}")
-    unknown = set(transform_overrides) - set(_TRANSFORM_KEYS)
+    unknown = set(transform_overrides) - set(INPUT_KEYS)
     if unknown:
-        raise TypeError(f"unexpected arguments {sorted(unknown)}; preprocessing overrides are {_TRANSFORM_KEYS}")
+        raise TypeError(f"unexpected arguments {sorted(unknown)}; preprocessing overrides are {INPUT_KEYS}")
     files = find_images(inputs)
     if isinstance(model, str):
         model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
@@ -281,7 +287,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="class names: one per line, or a JSON list / dict (default: ImageNet-1K for 1000 classes)",
     )
-    group.add_argument("-o", "--output", default=None, metavar="FILE", help="write here instead of stdout")
+    add_output_option(group, None, "file to write the predictions to, instead of stdout")
     group.add_argument(
         "--format",
         dest="output_format",
@@ -294,7 +300,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Classify, print or write the results; exit 1 when no file could be classified."""
     set_threads(args.threads)
-    overrides = {key: getattr(args, key) for key in _TRANSFORM_KEYS}
+    overrides = input_overrides(args)
     predictions = predict(
         args.inputs,
         args.model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_model: str = "sequencer2d_s") -> None:
@@ -54,6 +55,14 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+INPUT_KEYS = ("input_size", "img_size", "crop_pct", "mean", "std", "interpolation")
+
+
+def input_overrides(args: argparse.Namespace, *exclude: str) -> dict[str, Any]:
+    """The preprocessing flags of `add_input_options` as `data_config` / `create_transform` overrides."""
+    return {key: getattr(args, key) for key in INPUT_KEYS if key not in exclude}
+
+
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """--device, --amp, --amp-dtype, -b, -j, --threads."""
     group = parser.add_argument_group("runtime")
@@ -69,6 +78,16 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-b", "--batch-size", type=int, default=32, help="batch size (per process)")
     group.add_argument("-j", "--workers", type=int, default=2, help="data-loading worker processes")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_output_option(
+    parser: argparse.ArgumentParser, default: str | None, help: str, *aliases: str, required: bool = False
+) -> None:
+    """-o/--output, the one spelling of every subcommand's output (a file, a folder or a file stem, as `help` says);
+    `aliases` keep the spelling timm's scripts or earlier versions used."""
+    parser.add_argument(
+        "-o", "--output", *aliases, dest="output", default=default, required=required, metavar="PATH", help=help
+    )
 
 
 def add_compile_options(parser: argparse.ArgumentParser) -> None:

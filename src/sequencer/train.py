@@ -45,7 +45,14 @@ from sequencer.distributed import (
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.hub import released_weights
 from sequencer.model import VARIANTS, check_model_name, create_model
-from sequencer.options import add_compile_options, add_input_options, add_model_options, add_runtime_options
+from sequencer.options import (
+    add_compile_options,
+    add_input_options,
+    add_model_options,
+    add_output_option,
+    add_runtime_options,
+    input_overrides,
+)
 from sequencer.plotting import plot_training_curves
 from sequencer.runtime import amp_dtype, autocast, compile_model, set_threads
 from sequencer.validate import evaluate
@@ -245,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     misc = parser.add_argument_group("output")
     misc.add_argument("--seed", type=int, default=42, help="random seed (per epoch and rank)")
-    misc.add_argument("--output", default="", help="output folder (default: output/train/<date>-<model>-<size>)")
+    add_output_option(misc, "", "output folder (default: output/train/<date>-<model>-<size>)")
     misc.add_argument("--experiment", default="", help="sub-folder of --output for this run")
     misc.add_argument(
         "--eval-metric", default="top1", choices=["top1", "top5", "loss"], help="metric that picks model_best.pth.tar"
@@ -618,9 +625,8 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
     # The same initial weights on every rank, so that each rank's EMA copy starts equal too.
     seed_epoch(args.seed, -1, 0)
     model = build_model(args, num_classes)
-    overrides = dict(
-        input_size=args.input_size, img_size=args.img_size, crop_pct=args.crop_pct, mean=args.mean, std=args.std
-    )
+    # Validation resizes with --interpolation, training with --train-interpolation.
+    overrides = input_overrides(args, "interpolation")
     config = data_config(model, interpolation=args.interpolation, **overrides)
     train_set.transform = create_transform(
         model,

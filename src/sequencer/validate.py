@@ -23,7 +23,14 @@ from torchvision.datasets import ImageFolder
 from sequencer.checkpoint import load_model, open_checkpoint
 from sequencer.data import DATASET_HELP, build_dataset, create_loader, create_transform, data_config, map_classes
 from sequencer.errors import DatasetError, UsageError
-from sequencer.options import add_compile_options, add_input_options, add_model_options, add_runtime_options
+from sequencer.options import (
+    add_compile_options,
+    add_input_options,
+    add_model_options,
+    add_output_option,
+    add_runtime_options,
+    input_overrides,
+)
 from sequencer.runtime import autocast, compile_model, resolve_device, set_threads
 
 _logger = logging.getLogger(__name__)
@@ -216,7 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_options(parser)
     add_runtime_options(parser)
     add_compile_options(parser)
-    parser.add_argument("--results-file", default="", help="write the metrics to this JSON file")
+    add_output_option(parser, "", "JSON file to write the metrics to", "--results-file")
     parser.add_argument(
         "--valid-labels",
         default="",
@@ -235,18 +242,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _input_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The preprocessing flags of `add_input_options`."""
-    return dict(
-        input_size=args.input_size,
-        img_size=args.img_size,
-        crop_pct=args.crop_pct,
-        mean=args.mean,
-        std=args.std,
-        interpolation=args.interpolation,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     """Build the model and data from the flags, evaluate, print and optionally save the metrics."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -256,9 +251,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"sequencer validate: error: {error}", file=sys.stderr)
         return 2
-    if args.results_file:
-        Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results_file).write_text(json.dumps(results, indent=2) + "\n")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
@@ -271,7 +266,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     # A checkpoint of `sequencer train` records the input it was trained at: the default here too.
     trained = checkpoint.trained_args if checkpoint else {}
     overrides = {
-        key: value if value not in (None, "") else trained.get(key) for key, value in _input_flags(args).items()
+        key: value if value not in (None, "") else trained.get(key) for key, value in input_overrides(args).items()
     }
     # The built-in digits are upscaled straight to the input size, as `sequencer train` does.
     digits_size = overrides["input_size"][-1] if overrides["input_size"] else overrides["img_size"] or 32

@@ -27,7 +27,14 @@ from sequencer.analysis.common import (
 )
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
 from sequencer.errors import UsageError
-from sequencer.options import add_compare_options, add_input_options, add_model_options, add_runtime_options
+from sequencer.options import (
+    add_compare_options,
+    add_input_options,
+    add_model_options,
+    add_output_option,
+    add_runtime_options,
+    input_overrides,
+)
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
 
@@ -144,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser, default_model="sequencer2d_s")
     add_compare_options(parser)
     parser.add_argument("--sizes", default="160,224,288,384,448", help="comma-separated inference sizes")
-    parser.add_argument("--out", default="results/resolution", help="output folder for resolution.csv and .png")
+    add_output_option(parser, "results/resolution", "output folder for resolution.csv and .png", "--out")
     add_input_options(parser)
     add_runtime_options(parser)
 
@@ -160,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = parse_sizes(args.sizes)
     specs = [(args.model, args.checkpoint), *map(parse_model_spec, args.compare)]
     check_model_specs(specs, need_weights=True)
-    overrides = dict(crop_pct=args.crop_pct, mean=args.mean, std=args.std, interpolation=args.interpolation)
+    overrides = input_overrides(args, "img_size", "input_size")  # the sizes come from --sizes
     build_dataset(args.data, "val")  # a missing or empty folder fails before any model is built
     rows = []
     for (name, checkpoint), label in zip(specs, model_labels(specs), strict=True):
@@ -168,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         dataset = build_dataset(args.data, "val")
         for row in accuracy_by_resolution(name, checkpoint, dataset, sizes, device, args, overrides):
             rows.append(dict(model=label, **row))
-    out = Path(args.out)
+    out = Path(args.output)
     write_csv(rows, out / "resolution.csv")
     plot_resolution(rows, out / "resolution.png")
     for row in rows:

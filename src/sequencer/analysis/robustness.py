@@ -36,7 +36,13 @@ from sequencer.analysis.common import (
 )
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
 from sequencer.errors import MissingDependencyError
-from sequencer.options import add_input_options, add_model_options, add_runtime_options
+from sequencer.options import (
+    add_input_options,
+    add_model_options,
+    add_output_option,
+    add_runtime_options,
+    input_overrides,
+)
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
 
@@ -307,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "published per-corruption means, which need all five severities",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
-    parser.add_argument("--out", default="results/robustness", help="output folder")
+    add_output_option(parser, "results/robustness", "output folder", "--out")
     add_input_options(parser)
     add_runtime_options(parser)
 
@@ -323,14 +329,7 @@ def run(args: argparse.Namespace) -> int:
     if args.in_chans != 3:
         raise ValueError(f"--in-chans {args.in_chans}: the ImageNet-C corruptions are defined on RGB images")
     imagecorruptions()  # fail now, not after the clean pass, if the package is missing
-    overrides = dict(
-        input_size=args.input_size,
-        img_size=args.img_size,
-        crop_pct=args.crop_pct,
-        interpolation=args.interpolation,
-        mean=args.mean,
-        std=args.std,
-    )
+    overrides = input_overrides(args)
     model = build_model(
         args.model,
         args.checkpoint,
@@ -356,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
 
     clean = accuracy(CORRUPTIONS[0], 0)
     _logger.info("clean: top-1 %.2f (%d images)", clean["top1"], clean["count"])
-    out = Path(args.out)
+    out = Path(args.output)
     rows = []
     for corruption in corruptions:
         per_severity = []

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from sequencer.analysis.complexity import count_macs
 from sequencer.errors import UsageError
 from sequencer.model import ALIASES, VARIANTS, count_parameters, create_model, list_models
+from sequencer.options import add_output_option
 
 COLUMNS = ("model", "params_m", "gmacs", "img_size", "params", "macs")
 _HEADERS = {
@@ -94,18 +95,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="table format (default: csv for an --out file ending in .csv, else markdown)",
     )
-    parser.add_argument("--out", default="", help="write the table to this file instead of printing it")
+    add_output_option(parser, "", "write the table to this file instead of printing it", "--out")
 
 
 def run(args: argparse.Namespace) -> int:
     """Count every matching variant and print or write the table."""
-    fmt = args.format or ("csv" if args.out.endswith(".csv") else "markdown")
+    fmt = args.format or ("csv" if args.output.endswith(".csv") else "markdown")
     # The progress bar goes to stderr, so the table on stdout stays clean for redirection.
     table = format_table(summarize(variant_names(args.models), args.img_size, progress=True), fmt)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-        print(f"wrote {args.out}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(table)
+        print(f"wrote {args.output}")
     else:
         print(table, end="")
     return 0

@@ -24,7 +24,13 @@ from sequencer.analysis.common import write_csv as write_rows
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, CORRUPTIONS, SEVERITIES, corruption_error
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
 from sequencer.errors import UsageError
-from sequencer.options import add_input_options, add_model_options, add_runtime_options
+from sequencer.options import (
+    add_input_options,
+    add_model_options,
+    add_output_option,
+    add_runtime_options,
+    input_overrides,
+)
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import WithRealLabels, check_targets_within, evaluate, load_real_labels, load_valid_classes
 
@@ -79,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ImageNet-ReaL labels (JSON list, one entry per val image); default: timm's packaged file",
     )
     parser.add_argument("--limit", type=int, default=None, help="at most N images per dataset (and per -C folder)")
-    parser.add_argument("--out", default="results/variants", help="output folder (variants.csv, variants.png)")
+    add_output_option(parser, "results/variants", "output folder (variants.csv, variants.png)", "--out")
     add_model_options(parser, default_model="sequencer2d_s")
     add_input_options(parser)
     add_runtime_options(parser)
@@ -140,14 +146,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if getattr(model, "num_classes", None) != 1000:
         raise UsageError(f"the ImageNet variants need a 1000-class model; {args.model} has {model.num_classes}")
-    overrides = dict(
-        input_size=args.input_size,
-        img_size=args.img_size,
-        crop_pct=args.crop_pct,
-        interpolation=args.interpolation,
-        mean=args.mean,
-        std=args.std,
-    )
+    overrides = input_overrides(args)
     transform = create_transform(model, train=False, **overrides)
     # Every folder is read and labelled first, so a wrong tree fails before any evaluation.
     real = load_real_labels(args.real_labels or None) if "real" in found else None
@@ -179,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     if corrupted:
         results["c"] = _imagenet_c(model, corrupted, device, args) | dict(folder=found["c"])
     rows = _rows(results, missing)
-    out = Path(args.out)
+    out = Path(args.output)
     write_rows(rows, out / "variants.csv")
     plot_variants(
         rows,
