@@ -1,13 +1,51 @@
-"""Shared test fixtures: a small model whose logits differ between images, and its saved weights."""
+"""Shared test fixtures: the CLI runner, the image-tree builder, a small model whose logits differ between images."""
 
 from __future__ import annotations
 
+import argparse
+import shlex
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sequencer
+from sequencer.cli import build_parser, main
+
+
+def build_image_tree(
+    root: Path,
+    classes: int | Sequence[str] = 2,
+    per_class: int = 6,
+    size: int = 16,
+    splits: Sequence[str] = ("train", "val"),
+    suffix: str = ".png",
+    file_names: Sequence[str] | None = None,
+) -> Path:
+    """ROOT/<split>/<class>/<image> (ROOT/<class>/<image> with no splits): noise tinted by class, one colour channel
+    per class, so that up to three classes are learnable whatever the crop or flip. `classes` is a count (folders
+    class_0, class_1, ...) or the folder names (WordNet ids, numbers ...); `file_names` name the images in order."""
+    names = [f"class_{i}" for i in range(classes)] if isinstance(classes, int) else list(classes)
+    rng = np.random.default_rng(0)
+    files = iter(file_names or [])
+    for split in splits or [""]:
+        for label, name in enumerate(names):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+                pixels[..., label % 3] += 150
+                Image.fromarray(pixels).save(folder / next(files, f"{i}{suffix}"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def make_image_tree() -> Callable[..., Path]:
+    """`build_image_tree`, the one builder of class-folder image trees for every test."""
+    return build_image_tree
 
 
 def tiny_with_head(num_classes: int = 1000) -> torch.nn.Module:
@@ -19,8 +57,40 @@ def tiny_with_head(num_classes: int = 1000) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., torch.nn.Module]:
+    """`tiny_with_head`, for tests: sequencer2d_tiny with a random head, in eval mode."""
+    return tiny_with_head
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny_with_head()`'s weights in a .safetensors file."""
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     sequencer.save_weights(tiny_with_head(), path)
     return path
+
+
+def _argv(parts: tuple[object, ...]) -> list[str]:
+    """Command-line words: a string with spaces is split as a shell would, anything else is one word ("" too)."""
+    words = []
+    for part in parts:
+        text = str(part)
+        words += shlex.split(text) if isinstance(part, str) and any(c.isspace() for c in text) else [text]
+    return words
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Callable[..., int]:
+    """`sequencer WORDS...` run in-process through the real entry point; returns its exit code."""
+    return lambda *parts: main(_argv(parts))
+
+
+@pytest.fixture(scope="session")
+def parse_cli() -> Callable[..., argparse.Namespace]:
+    """The arguments `sequencer WORDS...` would run with, parsed by the real parser (nothing runs)."""
+
+    def parse(*parts: object) -> argparse.Namespace:
+        argv = _argv(parts)
+        return build_parser(argv[0]).parse_args(argv)
+
+    return parse

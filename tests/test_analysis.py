@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import shlex
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -16,11 +14,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import tiny_with_head
 from sequencer.analysis import erf, resolution, robustness, summary
 from sequencer.analysis.common import build_model, evenly_spaced_subset, model_labels
 from sequencer.checkpoint import save_weights
-from sequencer.cli import main
 from sequencer.data import build_dataset, create_loader, create_transform
 from sequencer.model import create_model
 from sequencer.validate import evaluate
@@ -36,12 +32,6 @@ EXACT_MACS = {
 }
 
 
-def parse(module: ModuleType, command: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return parser.parse_args(shlex.split(command))
-
-
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
@@ -54,24 +44,17 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """DATA/val/<class>/*.png: 3 classes x 4 images of 40x40 px, each class a different brightness."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for label in range(NUM_CLASSES):
-        folder = root / "val" / f"class{label}"
-        folder.mkdir(parents=True)
-        for i in range(4):
-            pixels = (rng.random((40, 40, 3)) * 80 + 80 * label).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
+def image_tree(make_image_tree: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DATA/val/<class>/*.png: 3 classes x 4 images of 40x40 px, each class tinted its own colour."""
+    names = [f"class{label}" for label in range(NUM_CLASSES)]
+    return make_image_tree(tmp_path_factory.mktemp("images"), names, per_class=4, size=40, splits=("val",))
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_checkpoint(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Weights of a 3-class sequencer2d_tiny whose head is not zero, so predictions differ between images."""
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_weights(tiny_with_head(NUM_CLASSES), path)
+    save_weights(tiny_model(NUM_CLASSES), path)
     return path
 
 
@@ -80,9 +63,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_summary_reproduces_the_model_zoo_table(tmp_path: Path) -> None:
+def test_summary_reproduces_the_model_zoo_table(run_cli, tmp_path: Path) -> None:
     out = tmp_path / "zoo.csv"
-    assert summary.run(parse(summary, f"--models 'sequencer2d_[sml]' --out {out}")) == 0
+    assert run_cli("summary", f"--models 'sequencer2d_[sml]' --out {out}") == 0
     rows = {r["model"]: r for r in read_csv(out)}
     assert list(rows) == ["sequencer2d_s", "sequencer2d_m", "sequencer2d_l"]  # registry order, not alphabetical
     # README model zoo: 28M / 8.4G, 38M / 11.1G, 54M / 16.6G (MACs with the LSTMs counted).
@@ -105,9 +88,9 @@ def test_summary_counts_exactly_what_the_model_zoo_says(capsys: pytest.CaptureFi
     [(["--models", "resnet*"], "no model matches 'resnet*'"), (["--img-size", "4"], "below the 8 px")],
 )
 def test_summary_refuses_bad_input_in_one_line(
-    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    run_cli, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["summary", "--models", "sequencer2d_tiny", *flags]) == 2
+    assert run_cli("summary", "--models", "sequencer2d_tiny", *flags) == 2
     err = capsys.readouterr().err
     assert err.startswith("sequencer summary: error: ") and message in err and err.count("\n") == 1, err
 
@@ -219,13 +202,15 @@ def test_stage_indices_pick_one_level_per_stage() -> None:
     assert erf.stage_indices([dict(reduction=r) for r in (4, 8, 16, 32)]) == [0, 1, 2, 3]
 
 
-def test_erf_command_writes_table_maps_and_figure(tmp_path: Path, image_tree: Path, tiny_checkpoint: Path) -> None:
+def test_erf_command_writes_table_maps_and_figure(
+    run_cli, tmp_path: Path, image_tree: Path, tiny_checkpoint: Path
+) -> None:
     out = tmp_path / "erf"
     command = (
         f"{image_tree} --model sequencer2d_tiny --checkpoint {tiny_checkpoint} --compare resnet18 "
         f"--img-size 64 --num-images 3 -b 2 -j 0 --out {out}"
     )
-    assert erf.run(parse(erf, command)) == 0
+    assert run_cli("erf", command) == 0
     rows = read_csv(out / "erf.csv")
     assert [(r["model"], r["stage"]) for r in rows] == [
         (m, str(s)) for m in ("sequencer2d_tiny", "resnet18") for s in range(1, 5)
@@ -251,19 +236,19 @@ def test_erf_maps_do_not_depend_on_how_the_images_are_batched() -> None:
     assert whole[0].erf.max() > 0
 
 
-def erf_maps(out: Path, *flags: str) -> dict[str, np.ndarray]:
+def erf_maps(run_cli: Callable[..., int], out: Path, *flags: str) -> dict[str, np.ndarray]:
     """The maps `sequencer erf` writes for sequencer2d_tiny without checkpoint (random weights) on 3 noise images."""
     argv = ["erf", "--model", "sequencer2d_tiny", "--img-size", "32", "--num-images", "3", "--out", str(out)]
-    assert main([*argv, "--device", "cpu", *flags]) == 0
+    assert run_cli(*argv, "--device", "cpu", *flags) == 0
     with np.load(out / "erf.npz") as maps:
         return {name: maps[name] for name in maps.files}
 
 
-def test_erf_seed_fixes_the_random_weights(tmp_path: Path) -> None:
-    first = erf_maps(tmp_path / "a", "--seed", "1")
+def test_erf_seed_fixes_the_random_weights(run_cli, tmp_path: Path) -> None:
+    first = erf_maps(run_cli, tmp_path / "a", "--seed", "1")
     torch.manual_seed(12345)  # whatever the global state before the run
-    again = erf_maps(tmp_path / "b", "--seed", "1", "-b", "1")
-    other = erf_maps(tmp_path / "c", "--seed", "2")
+    again = erf_maps(run_cli, tmp_path / "b", "--seed", "1", "-b", "1")
+    other = erf_maps(run_cli, tmp_path / "c", "--seed", "2")
     assert list(first) == [f"sequencer2d_tiny/stage{i}" for i in range(1, 5)]
     for name in first:
         # Same weights, other micro-batches: equal up to float32 round-off.
@@ -286,11 +271,11 @@ def test_erf_seed_fixes_the_random_weights(tmp_path: Path) -> None:
     ],
 )
 def test_erf_refuses_bad_input_in_one_line_before_any_work(
-    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    run_cli, flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     flags = [flag.replace("MISSING", str(tmp_path / "missing")) for flag in flags]
     out = tmp_path / "out"
-    assert main(["erf", "--model", "sequencer2d_tiny", "--device", "cpu", "--out", str(out), *flags]) == 2
+    assert run_cli("erf", "--model", "sequencer2d_tiny", "--device", "cpu", "--out", str(out), *flags) == 2
     err = capsys.readouterr().err
     assert err.startswith("sequencer erf: error: ") and message in err and err.count("\n") == 1, err
     assert not out.exists()
@@ -309,13 +294,15 @@ def test_timm_checkpoint_keeps_its_classifier(tmp_path: Path) -> None:
     torch.testing.assert_close(model.fc.weight, saved.fc.weight)
 
 
-def test_resolution_command_evaluates_every_size(tmp_path: Path, image_tree: Path, tiny_checkpoint: Path) -> None:
+def test_resolution_command_evaluates_every_size(
+    run_cli, tmp_path: Path, image_tree: Path, tiny_checkpoint: Path
+) -> None:
     out = tmp_path / "res"
     command = (
         f"{image_tree} --model sequencer2d_tiny --checkpoint {tiny_checkpoint} "
         f"--compare sequencer2d_tiny={tiny_checkpoint} --sizes 48,32 -b 5 -j 0 --out {out}"
     )
-    assert resolution.run(parse(resolution, command)) == 0
+    assert run_cli("resolution", command) == 0
     rows = read_csv(out / "resolution.csv")
     assert [(r["model"], r["size"]) for r in rows] == [
         (f"sequencer2d_tiny (tiny.safetensors) #{k}", s) for k in (1, 2) for s in ("32", "48")
@@ -354,6 +341,8 @@ def test_resolution_parses_sizes_and_labels_models() -> None:
     ],
 )
 def test_resolution_refuses_bad_input_in_one_line(
+    run_cli,
+    tiny_model,
     flags: list[str],
     message: str,
     tmp_path: Path,
@@ -362,13 +351,13 @@ def test_resolution_refuses_bad_input_in_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     if "TWO_CLASSES" in flags:
-        save_weights(tiny_with_head(2), tmp_path / "two.safetensors")
+        save_weights(tiny_model(2), tmp_path / "two.safetensors")
     data = str(tmp_path / "missing") if "--data" in flags else str(image_tree)
     flags = [f for f in flags if f not in ("--data", "MISSING")]
     flags = [str(tmp_path / "two.safetensors") if f == "TWO_CLASSES" else f for f in flags]
     out = tmp_path / "out"
     argv = ["resolution", data, "--model", "sequencer2d_tiny", "--checkpoint", str(tiny_checkpoint), "-j", "0"]
-    assert main([*argv, "--device", "cpu", "--out", str(out), *flags]) == 2
+    assert run_cli(*argv, "--device", "cpu", "--out", str(out), *flags) == 2
     err = capsys.readouterr().err
     assert err.startswith("sequencer resolution: error: ") and message in err and err.count("\n") == 1, err
     assert not out.exists()
@@ -425,7 +414,7 @@ def test_corruption_error_is_normalised_by_alexnet(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_robustness_command_writes_per_corruption_tables_and_mce(
-    tmp_path: Path, image_tree: Path, tiny_checkpoint: Path
+    run_cli, tmp_path: Path, image_tree: Path, tiny_checkpoint: Path
 ) -> None:
     alexnet = tmp_path / "alexnet.csv"
     alexnet.write_text(
@@ -437,7 +426,7 @@ def test_robustness_command_writes_per_corruption_tables_and_mce(
         f"{image_tree} --model sequencer2d_tiny --checkpoint {tiny_checkpoint} --corruptions fog,gaussian_noise "
         f"--severities 2,1 --limit 6 --alexnet-errors {alexnet} -b 4 -j 0 --out {out}"
     )
-    assert robustness.run(parse(robustness, command)) == 0
+    assert run_cli("robustness", command) == 0
     result = json.loads((out / "summary.json").read_text())
     assert result["images"] == 6 and result["severities"] == [1, 2]
     assert result["corruptions"] == ["gaussian_noise", "fog"]  # ImageNet-C order
@@ -454,7 +443,7 @@ def test_robustness_command_writes_per_corruption_tables_and_mce(
 
     # The published means normalise only a run over all five severities: no mCE here, the plain mean error instead.
     command = command.replace(f"--alexnet-errors {alexnet}", "").replace("fog,gaussian_noise", "fog")
-    assert robustness.run(parse(robustness, command)) == 0
+    assert run_cli("robustness", command) == 0
     result = json.loads((out / "summary.json").read_text())
     assert result["mce"] is None and result["mean_corruption_error"] == pytest.approx(
         float(read_csv(out / "robustness.csv")[0]["mean_error"])

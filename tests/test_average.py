@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sequencer import cli
 from sequencer import train as train_module
 from sequencer.checkpoint import read_file, save_weights
 from sequencer.model import create_model
 from sequencer.train import update_checkpoint_history
-from test_data import make_image_tree
 
 TINY_RUN = (
     "--model sequencer2d_tiny --img-size 16 -b 4 -j 0 --threads 1 --no-progress --opt adamw --lr 2e-3 "
@@ -30,16 +28,16 @@ def restore_torch_threads():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data(make_image_tree, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_tree(tmp_path_factory.mktemp("data"), classes=2, per_class=8)
 
 
 @pytest.fixture(scope="module")
-def run_dir(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(run_cli, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-epoch run (with EMA) that keeps the 2 best epochs by held-out loss."""
     output = tmp_path_factory.mktemp("run")
     command = f"train {data} {TINY_RUN} --epochs 3 --checkpoint-hist 2 --output {output}"
-    assert cli.main(command.split()) == 0
+    assert run_cli(command) == 0
     return output
 
 
@@ -64,11 +62,11 @@ def test_run_keeps_exactly_the_best_epochs(run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_average_is_the_mean_of_the_kept_files_and_loads(run_dir: Path, tmp_path: Path) -> None:
+def test_average_is_the_mean_of_the_kept_files_and_loads(run_cli, run_dir: Path, tmp_path: Path) -> None:
     kept = sorted(run_dir.glob("checkpoint-*.pth.tar"))
     for flag, key, suffix in (([], "state_dict_ema", ".safetensors"), (["--no-use-ema"], "state_dict", ".pth")):
         output = tmp_path / f"avg{suffix}"
-        assert cli.main(["average", str(run_dir), "-n", "2", "-o", str(output), *flag]) == 0
+        assert run_cli("average", str(run_dir), "-n", "2", "-o", str(output), *flag) == 0
         expected = mean_of(kept, key)
         model = create_model("sequencer2d_tiny", num_classes=2, pretrained=str(output))
         loaded = model.state_dict()
@@ -80,20 +78,20 @@ def test_average_is_the_mean_of_the_kept_files_and_loads(run_dir: Path, tmp_path
 
 
 @pytest.mark.slow
-def test_n_picks_the_best_by_the_recorded_metric(run_dir: Path, tmp_path: Path) -> None:
+def test_n_picks_the_best_by_the_recorded_metric(run_cli, run_dir: Path, tmp_path: Path) -> None:
     kept = sorted(run_dir.glob("checkpoint-*.pth.tar"))
     best = min(kept, key=lambda p: (read_file(p)["history"][-1]["eval_loss"], read_file(p)["epoch"]))
     output = tmp_path / "best.safetensors"
-    assert cli.main(["average", str(run_dir), "-n", "1", "-o", str(output)]) == 0
+    assert run_cli("average", str(run_dir), "-n", "1", "-o", str(output)) == 0
     written = read_file(output)
     for name, tensor in read_file(best)["state_dict_ema"].items():
         assert torch.equal(written[name], tensor)
 
 
 @pytest.mark.slow
-def test_export_of_one_training_checkpoint_keeps_only_the_weights(run_dir: Path, tmp_path: Path) -> None:
+def test_export_of_one_training_checkpoint_keeps_only_the_weights(run_cli, run_dir: Path, tmp_path: Path) -> None:
     output = tmp_path / "weights.pth"
-    assert cli.main(["average", str(run_dir / "last.pth.tar"), "--no-use-ema", "-o", str(output)]) == 0
+    assert run_cli("average", str(run_dir / "last.pth.tar"), "--no-use-ema", "-o", str(output)) == 0
     exported = read_file(output)
     assert set(exported) == {"state_dict", "metadata", "model_name"}
     assert exported["model_name"] == "sequencer2d_tiny" and exported["metadata"]["num_classes"] == "2"
@@ -105,7 +103,7 @@ def test_export_of_one_training_checkpoint_keeps_only_the_weights(run_dir: Path,
 
 @pytest.mark.slow
 def test_resumed_run_keeps_the_same_files(
-    data: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run_cli, data: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_epoch = train_module.train_one_epoch
 
@@ -116,9 +114,9 @@ def test_resumed_run_keeps_the_same_files(
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupt_last_epoch)
     command = f"train {data} {TINY_RUN} --epochs 3 --checkpoint-hist 2 --output {tmp_path}".split()
-    assert cli.main(command) == 130
+    assert run_cli(*command) == 130
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
-    assert cli.main([*command, "--resume", str(tmp_path / "last.pth.tar")]) == 0
+    assert run_cli(*command, "--resume", str(tmp_path / "last.pth.tar")) == 0
     assert epoch_files(tmp_path) == epoch_files(run_dir)
     for name in epoch_files(run_dir):
         resumed, uninterrupted = read_file(tmp_path / name), read_file(run_dir / name)
@@ -155,10 +153,10 @@ def test_history_keeps_the_best_and_resumes_its_bookkeeping(tmp_path: Path) -> N
     assert kept == [1, 2] and epoch_files(folder) == ["checkpoint-1.pth.tar", "checkpoint-2.pth.tar"]
 
 
-def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_errors_are_one_line(run_cli, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli.main(["average", str(empty), "-o", str(tmp_path / "a.safetensors")]) == 2
+    assert run_cli("average", str(empty), "-o", str(tmp_path / "a.safetensors")) == 2
     err = capsys.readouterr().err
     assert "no checkpoint-EPOCH.pth.tar in" in err and "--checkpoint-hist" in err and err.count("\n") == 1
 
@@ -167,11 +165,11 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     for epoch, classes in enumerate((2, 5)):
         model = create_model("sequencer2d_tiny", num_classes=classes)
         save_weights(model, run / f"checkpoint-{epoch}.pth.tar")
-    assert cli.main(["average", str(run), "-n", "3", "-o", str(tmp_path / "a.safetensors")]) == 2
+    assert run_cli("average", str(run), "-n", "3", "-o", str(tmp_path / "a.safetensors")) == 2
     assert "-n 3, but only 2 checkpoint(s) found" in capsys.readouterr().err
-    assert cli.main(["average", str(run), "-o", str(tmp_path / "a.safetensors")]) == 2
+    assert run_cli("average", str(run), "-o", str(tmp_path / "a.safetensors")) == 2
     err = capsys.readouterr().err
     assert "head.fc.weight is (5, 128)" in err and "(2, 128)" in err and err.count("\n") == 1
-    assert cli.main(["average", str(run), "-o", str(tmp_path / "a.onnx")]) == 2
+    assert run_cli("average", str(run), "-o", str(tmp_path / "a.onnx")) == 2
     assert "name a .safetensors or .pth file" in capsys.readouterr().err
     assert not (tmp_path / "a.safetensors").exists()

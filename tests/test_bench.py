@@ -11,7 +11,7 @@ import timm
 import torch
 
 from sequencer import bench
-from sequencer.cli import build_parser, main
+from sequencer.cli import build_parser
 
 
 def _run(tmp_path: Path, *flags: str) -> dict:
@@ -83,20 +83,20 @@ def test_resolution_sweep_of_peers_writes_csv_and_plot(tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_is_refused_in_one_line_before_any_work(
-    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    run_cli, flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["bench", "--models", "sequencer2d_tiny", "--output", str(tmp_path / "out" / "b"), "--no-memory", *flags]
-    assert main(argv) == 2
+    assert run_cli(*argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("sequencer bench: error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
 
 
 def test_memory_needs_a_resettable_peak_or_no_memory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(bench, "CLEAR_REFS", str(tmp_path / "no" / "clear_refs"))  # a system without it
-    assert main(["bench", "--models", "sequencer2d_tiny", "--device", "cpu", "--output", str(tmp_path / "b")]) == 2
+    assert run_cli("bench", "--models", "sequencer2d_tiny", "--device", "cpu", "--output", str(tmp_path / "b")) == 2
     assert "pass --no-memory" in capsys.readouterr().err
 
 

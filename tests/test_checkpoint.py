@@ -16,7 +16,6 @@ from torch import nn
 
 import sequencer
 from sequencer.checkpoint import CheckpointError, atomic_save, read_file, to_authors_format
-from sequencer.cli import main
 
 torch.set_num_threads(2)
 
@@ -218,14 +217,14 @@ def test_unreadable_files_raise_checkpoint_error_naming_the_file(tmp_path: Path,
     ],
 )
 def test_every_command_refuses_a_hostile_checkpoint_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture, command: str
+    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, command: str
 ) -> None:
     path, marker = _hostile(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "red.png")
     argv = command.format(images=images, ckpt=path, out=tmp_path / "out").split()
-    assert main(argv) == 2
+    assert run_cli(*argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"sequencer {argv[0]}: error: ") and "refused" in err and len(err.splitlines()) == 1
     assert not marker.exists() and not (tmp_path / "out").exists()

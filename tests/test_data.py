@@ -15,24 +15,6 @@ from sequencer.data import DatasetError, build_dataset, create_loader, create_tr
 from sequencer.model import create_model
 
 
-def make_image_tree(
-    root: Path, classes: int = 2, per_class: int = 6, size: int = 16, splits: tuple[str, ...] = ("train", "val")
-) -> Path:
-    """ROOT/<split>/<class>/*.png of noise tinted by class (red, green, blue): learnable whatever the crop or flip."""
-    if classes > 3:
-        raise ValueError("at most 3 classes: one per colour channel")
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for label in range(classes):
-            folder = root / split / f"class_{label}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
-                pixels[..., label] += 150
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
 def test_digits_split_is_fixed_stratified_and_disjoint() -> None:
     train = build_dataset(None, "train", img_size=16)
     val = build_dataset("digits", "val", img_size=16)
@@ -49,7 +31,7 @@ def test_digits_split_is_fixed_stratified_and_disjoint() -> None:
     assert overlap <= 3  # the raw set holds a handful of exact duplicate digits, not a leaked split
 
 
-def test_folder_tree_and_transform(tmp_path: Path) -> None:
+def test_folder_tree_and_transform(make_image_tree, tmp_path: Path) -> None:
     root = make_image_tree(tmp_path, classes=3, per_class=2)
     model = create_model("sequencer2d_tiny", num_classes=3)
     dataset = build_dataset(str(root), "train", transform=create_transform(model, img_size=24))
@@ -62,7 +44,7 @@ def test_folder_tree_and_transform(tmp_path: Path) -> None:
 
 
 def test_unreadable_image_is_skipped_with_a_warning_and_counted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    make_image_tree, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = make_image_tree(tmp_path, per_class=3)
     (root / "train" / "class_1" / "broken.png").write_bytes(b"not a png")
@@ -78,7 +60,7 @@ def test_unreadable_image_is_skipped_with_a_warning_and_counted(
     assert batches.count(None) == 1 and len(batches) == 7 and dataset.num_skipped == 2
 
 
-def test_missing_or_empty_folders_are_clear_errors(tmp_path: Path) -> None:
+def test_missing_or_empty_folders_are_clear_errors(make_image_tree, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="not found"):
         build_dataset(str(tmp_path / "nowhere"), "train")
     (tmp_path / "empty" / "train").mkdir(parents=True)
@@ -232,9 +214,8 @@ TRANSFER_RECIPE = (
 
 
 @pytest.mark.slow
-def test_transfer_recipe_trains_on_oxford_pets(tmp_path: Path) -> None:
+def test_transfer_recipe_trains_on_oxford_pets(run_cli, tmp_path: Path) -> None:
     from sequencer.checkpoint import save_weights
-    from sequencer.cli import main
 
     root = make_oxford_pets(tmp_path / "data", per_breed=4)
     save_weights(create_model("sequencer2d_tiny", num_classes=1000), tmp_path / "in1k.safetensors")
@@ -250,11 +231,11 @@ def test_transfer_recipe_trains_on_oxford_pets(tmp_path: Path) -> None:
         assert old in command
         command = command.replace(old, new)
     out = tmp_path / "run"
-    assert main(["train", *command.split(), "--data-dir", str(root), "--output", str(out), "--no-progress"]) == 0
+    assert run_cli("train", *command.split(), "--data-dir", str(root), "--output", str(out), "--no-progress") == 0
     last = next(out.rglob("last.pth.tar"))
     head = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]["head.fc.weight"]
     assert head.shape == (3, 128) and head.abs().sum() > 0  # a new 3-class head (zero at first), trained on Pets
     results = tmp_path / "results.json"
     validate = f"--dataset torch/oxford_iiit_pet --data-dir {root} --model sequencer2d_tiny --checkpoint {last} -j 0"
-    assert main(["validate", *validate.split(), "--results-file", str(results)]) == 0
+    assert run_cli("validate", *validate.split(), "--results-file", str(results)) == 0
     assert json.loads(results.read_text())["count"] == 12  # the test split

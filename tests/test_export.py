@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
@@ -13,18 +12,10 @@ import pytest
 import torch
 
 import sequencer
-from conftest import tiny_with_head
 from sequencer import deploy
-from sequencer.cli import main
 from sequencer.errors import MissingDependencyError, SequencerError, UsageError
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
-
-
-def run_export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    deploy.add_arguments(parser)
-    return deploy.run(parser.parse_args(argv))
 
 
 def stored_config(path: Path, fmt: str) -> dict:
@@ -48,18 +39,18 @@ def stored_config(path: Path, fmt: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(SUFFIX))
 def test_dynamic_batch_export_reloads_and_matches(
-    fmt: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    run_cli, tiny_model, fmt: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / f"tiny{SUFFIX[fmt]}"
     argv = ["--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "--format", fmt, "-o", str(path)]
-    assert run_export([*argv, "--dynamic-batch"]) == 0
+    assert run_cli("export", *[*argv, "--dynamic-batch"]) == 0
     out = capsys.readouterr().out
     assert "passed" in out and "at batch 1" in out and "at batch 5" in out
 
     # Independently of the command's own check: a batch size it did not try, through the format's own runtime.
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        expected = tiny_with_head()(x)
+        expected = tiny_model()(x)
         actual = deploy.load_exported(path, fmt)(x)
     assert actual.shape == (3, 1000) and (actual - expected).abs().max().item() <= 1e-4
     config = stored_config(path, fmt)
@@ -67,7 +58,7 @@ def test_dynamic_batch_export_reloads_and_matches(
     assert config["crop_pct"] == 1.0 and config["interpolation"] == "bicubic"
 
 
-def test_static_export_is_fixed_to_its_batch_and_img_size(checkpoint: Path, tmp_path: Path) -> None:
+def test_static_export_is_fixed_to_its_batch_and_img_size(tiny_model, checkpoint: Path, tmp_path: Path) -> None:
     path = tmp_path / "tiny.pt2"
     result = sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint, img_size=48, batch_size=2)
     assert result.passed and list(result.max_abs_diff) == [2] and result.input_size == (3, 48, 48)
@@ -75,7 +66,7 @@ def test_static_export_is_fixed_to_its_batch_and_img_size(checkpoint: Path, tmp_
     program = deploy.load_exported(path)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        assert (program(x) - tiny_with_head()(x)).abs().max().item() <= 1e-4
+        assert (program(x) - tiny_model()(x)).abs().max().item() <= 1e-4
     with pytest.raises(AssertionError, match=r"size\(\)\[0\] == 2"):
         program(torch.randn(3, 3, 48, 48))
 
@@ -106,7 +97,9 @@ def test_untrained_model_warns_and_says_the_check_is_trivial(tmp_path: Path) -> 
     assert result.passed and result.trivial and "all reference logits are zero" in result.summary()
 
 
-def test_bad_requests_give_clear_errors(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_requests_give_clear_errors(
+    run_cli, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     base = ["export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint)]
     for flags, message in (
@@ -117,7 +110,7 @@ def test_bad_requests_give_clear_errors(checkpoint: Path, tmp_path: Path, capsys
         (["-o", str(out / "model.pt"), "--model", "sequencer2d_nope"], "unknown model 'sequencer2d_nope'"),
         (["-o", str(out / "model.pt"), "--checkpoint", str(out / "none.pth")], "checkpoint not found"),
     ):
-        assert main([*base, *flags]) == 2
+        assert run_cli(*base, *flags) == 2
         err = capsys.readouterr().err
         assert err.startswith("sequencer export: error: ") and message in err and err.count("\n") == 1, err
     with pytest.raises(UsageError, match=r"\*\.pt2"):
@@ -127,11 +120,16 @@ def test_bad_requests_give_clear_errors(checkpoint: Path, tmp_path: Path, capsys
 
 @pytest.mark.parametrize("package", deploy.ONNX_PACKAGES)
 def test_onnx_export_without_its_packages_names_the_extra(
-    package: str, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    run_cli,
+    package: str,
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setitem(sys.modules, package, None)  # what `import` sees for a package that is not installed
     out = tmp_path / "out" / "model.onnx"
-    assert main(["export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-o", str(out)]) == 2
+    assert run_cli("export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-o", str(out)) == 2
     err = capsys.readouterr().err
     assert err.startswith("sequencer export: error: ONNX export needs") and err.count("\n") == 1, err
     assert f"{package} not installed" in err and 'pip install "sequencer[export]"' in err
@@ -141,19 +139,19 @@ def test_onnx_export_without_its_packages_names_the_extra(
 
 
 def test_a_failed_check_keeps_the_file_and_exits_1(
-    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    run_cli, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A written file whose logits are off by 0.01: the check fails, which is the command's answer (exit 1 and the
     # whole report), not a refused request (exit 2).
     reload = deploy.load_exported
     monkeypatch.setattr(deploy, "load_exported", lambda path, fmt: lambda x: reload(path, fmt)(x) + 0.01)
     path = tmp_path / "tiny.pt"
-    assert main(["export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-o", str(path)]) == 1
+    assert run_cli("export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-o", str(path)) == 1
     err = capsys.readouterr().err
     assert "max |logit diff| 1.00e-02 at batch 2" in err and "FAILED" in err
     assert f"the file was kept at {path}" in err and path.is_file()
     with pytest.raises(deploy.ExportCheckError) as raised:
         sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint)
     assert isinstance(raised.value, SequencerError)  # the API's callers catch every expected failure alike
-    assert main(["export", "--model", "sequencer2d_tiny", "-o", str(path), "--tolerance", "-1"]) == 2
+    assert run_cli("export", "--model", "sequencer2d_tiny", "-o", str(path), "--tolerance", "-1") == 2
     assert "--tolerance must be" in capsys.readouterr().err

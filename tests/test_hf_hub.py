@@ -15,8 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sequencer
-from conftest import tiny_with_head
-from sequencer import cli, hub, model
+from sequencer import hub, model
 from sequencer.checkpoint import read_file
 from sequencer.errors import CheckpointError
 
@@ -53,8 +52,8 @@ def assert_same_weights(loaded: torch.nn.Module, reference: torch.nn.Module) -> 
     assert all(torch.equal(tensor, expected[name]) for name, tensor in loaded.state_dict().items())
 
 
-def test_hf_hub_weights_load_from_the_cache_offline(offline_cache: Path) -> None:
-    reference = tiny_with_head()
+def test_hf_hub_weights_load_from_the_cache_offline(tiny_model, offline_cache: Path) -> None:
+    reference = tiny_model()
     fill_cache(offline_cache, REPO, "model.safetensors", reference.state_dict())
     for spec in (f"hf-hub:{REPO}", f"hf-hub:{REPO}@main"):
         assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=spec), reference)
@@ -63,15 +62,15 @@ def test_hf_hub_weights_load_from_the_cache_offline(offline_cache: Path) -> None
     assert read_file(f"hf-hub:{REPO}").keys() == reference.state_dict().keys()
 
 
-def test_pytorch_model_bin_is_the_fallback(offline_cache: Path) -> None:
-    reference = tiny_with_head(num_classes=10)
+def test_pytorch_model_bin_is_the_fallback(tiny_model, offline_cache: Path) -> None:
+    reference = tiny_model(num_classes=10)
     fill_cache(offline_cache, "someone/tiny-bin", "pytorch_model.bin", reference.state_dict())
     loaded = sequencer.create_model("sequencer2d_tiny", num_classes=10, pretrained="hf-hub:someone/tiny-bin")
     assert_same_weights(loaded, reference)
 
 
 def test_empty_cache_offline_is_a_clear_error(
-    offline_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    run_cli, offline_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(CheckpointError) as caught:
         sequencer.create_model("sequencer2d_tiny", pretrained=f"hf-hub:{REPO}")
@@ -80,7 +79,7 @@ def test_empty_cache_offline_is_a_clear_error(
     assert "HF_HUB_OFFLINE" in message and "model.safetensors" in message and "pytorch_model.bin" in message
     Image.new("RGB", (40, 40)).save(tmp_path / "black.png")
     command = ["predict", str(tmp_path / "black.png"), "--model", "sequencer2d_tiny", "--checkpoint", f"hf-hub:{REPO}"]
-    assert cli.main(command) == 2
+    assert run_cli(*command) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"sequencer predict: error: could not get hf-hub:{REPO}") and err.count("\n") == 1
     with pytest.raises(ValueError, match="expected hf-hub:ORG/REPO"):
@@ -88,7 +87,7 @@ def test_empty_cache_offline_is_a_clear_error(
 
 
 def test_pretrained_true_uses_the_hub_first_then_the_release_url(
-    offline_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model, offline_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert hub.HUB_IDS["sequencer2d_s"] == hub.HUB_IDS["sequencer2d_s_392"] == "timm/sequencer2d_s.in1k"
     url = "https://example.invalid/weights/sequencer2d_tiny.pth"
@@ -109,7 +108,7 @@ def test_pretrained_true_uses_the_hub_first_then_the_release_url(
     assert fetched == [url]
 
     # The release URL when the Hub fails: downloaded once into torch.hub's folder, then reused.
-    released = tiny_with_head(num_classes=1000)
+    released = tiny_model(num_classes=1000)
 
     def download(address: str, destination: str, **kwargs) -> None:
         fetched.append(address)
@@ -121,7 +120,7 @@ def test_pretrained_true_uses_the_hub_first_then_the_release_url(
     assert fetched == [url, url]
 
     # With the Hub's copy in the cache, the URL is not touched.
-    on_hub = tiny_with_head(num_classes=1000)
+    on_hub = tiny_model(num_classes=1000)
     torch.nn.init.normal_(on_hub.stem.proj.weight)
     fill_cache(offline_cache, REPO, "model.safetensors", on_hub.state_dict())
     assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=True), on_hub)
@@ -129,9 +128,9 @@ def test_pretrained_true_uses_the_hub_first_then_the_release_url(
 
 
 @pytest.mark.slow
-def test_cli_checkpoint_from_the_hub_with_the_environment_variables(tmp_path: Path) -> None:
+def test_cli_checkpoint_from_the_hub_with_the_environment_variables(tiny_model, tmp_path: Path) -> None:
     home = tmp_path / "hf-home"
-    fill_cache(home / "hub", REPO, "model.safetensors", tiny_with_head().state_dict())
+    fill_cache(home / "hub", REPO, "model.safetensors", tiny_model().state_dict())
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     env.pop("HF_HUB_CACHE", None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -14,15 +13,8 @@ from PIL import Image
 from torchvision import transforms
 
 import sequencer
-from conftest import tiny_with_head
 from sequencer import inference
 from sequencer.checkpoint import CheckpointError
-
-
-def run_predict(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    inference.add_arguments(parser)
-    return inference.run(parser.parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +40,16 @@ def expected_top(model: torch.nn.Module, path: Path, k: int) -> list[int]:
         return model(x).topk(k).indices[0].tolist()
 
 
-def test_folder_with_a_corrupt_file_reports_it_and_classifies_the_rest(checkpoint: Path, image_folder: Path) -> None:
+def test_folder_with_a_corrupt_file_reports_it_and_classifies_the_rest(
+    tiny_model, checkpoint: Path, image_folder: Path
+) -> None:
     # batch_size 2 puts the corrupt file in a batch with a good one, so results must map back to the right files.
     predictions = sequencer.predict(image_folder, "sequencer2d_tiny", checkpoint, topk=3, batch_size=2)
     by_name = {Path(p.path).name: p for p in predictions}
     assert sorted(by_name) == ["a.png", "b.jpg", "c.jpeg", "corrupt.jpg"]  # notes.txt is not an image
     assert "corrupt.jpg" in by_name["corrupt.jpg"].path and by_name["corrupt.jpg"].error
     assert by_name["corrupt.jpg"].top == []
-    model = tiny_with_head()
+    model = tiny_model()
     names = inference.imagenet_class_names()
     for name in ("a.png", "b.jpg", "c.jpeg"):
         prediction = by_name[name]
@@ -80,10 +74,10 @@ def test_imagenet_class_names_are_the_standard_short_names() -> None:
 
 
 def test_cli_writes_csv_json_and_table(
-    checkpoint: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    run_cli, checkpoint: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     common = [str(image_folder), "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-j", "0"]
-    assert run_predict([*common, "--topk", "2", "-o", str(tmp_path / "out.csv")]) == 0
+    assert run_cli("predict", *[*common, "--topk", "2", "-o", str(tmp_path / "out.csv")]) == 0
     with open(tmp_path / "out.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == [
@@ -101,25 +95,25 @@ def test_cli_writes_csv_json_and_table(
     names = inference.imagenet_class_names()
     assert all(r["label_1"] == names[int(r["index_1"])] for r in rows if not r["error"])
 
-    assert run_predict([*common, "--topk", "4", "-o", str(tmp_path / "out.json")]) == 0
+    assert run_cli("predict", *[*common, "--topk", "4", "-o", str(tmp_path / "out.json")]) == 0
     records = json.loads((tmp_path / "out.json").read_text())
     assert {len(r["top"]) for r in records if r["error"] is None} == {4}
     assert [r["path"] for r in records if r["error"]] == [str(image_folder / "corrupt.jpg")]
 
     capsys.readouterr()
-    assert run_predict([*common, "--topk", "1"]) == 0
+    assert run_cli("predict", *[*common, "--topk", "1"]) == 0
     out = capsys.readouterr().out
     assert "3 classified, 1 unreadable" in out and f"unreadable: {image_folder / 'corrupt.jpg'}" in out
 
 
-def test_cli_fails_when_nothing_can_be_read(checkpoint: Path, image_folder: Path) -> None:
+def test_cli_fails_when_nothing_can_be_read(run_cli, checkpoint: Path, image_folder: Path) -> None:
     argv = [str(image_folder / "corrupt.jpg"), "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint)]
-    assert run_predict([*argv, "-j", "0", "--format", "json"]) == 1
+    assert run_cli("predict", *[*argv, "-j", "0", "--format", "json"]) == 1
 
 
-def test_class_map_and_num_classes(tmp_path: Path, image_folder: Path) -> None:
+def test_class_map_and_num_classes(tiny_model, tmp_path: Path, image_folder: Path) -> None:
     weights = tmp_path / "ten.pth"
-    sequencer.save_weights(tiny_with_head(num_classes=10), weights)
+    sequencer.save_weights(tiny_model(num_classes=10), weights)
     image = image_folder / "a.png"
     # The head size comes from the checkpoint; without a class map the labels are the indices.
     [plain] = sequencer.predict(image, "sequencer2d_tiny", weights, topk=10)
@@ -170,8 +164,10 @@ def test_cli_commands_point_at_these_modules() -> None:
     assert callable(sequencer.predict) and callable(sequencer.export)
 
 
-def test_predict_labels_classes_by_the_names_the_checkpoint_records(tmp_path: Path, image_folder: Path) -> None:
-    model = tiny_with_head(num_classes=3)
+def test_predict_labels_classes_by_the_names_the_checkpoint_records(
+    tiny_model, tmp_path: Path, image_folder: Path
+) -> None:
+    model = tiny_model(num_classes=3)
     names = ["cat", "dog", "otter"]
     torch.save({"state_dict": model.state_dict(), "epoch": 0, "class_names": names}, tmp_path / "run.pth.tar")
     [trained] = sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", tmp_path / "run.pth.tar", topk=3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -18,13 +17,11 @@ import pytest
 import torch
 import yaml
 
-from sequencer import hub, validate
+from sequencer import hub
 from sequencer import train as train_module
 from sequencer.checkpoint import load_pretrained, read_file
-from sequencer.cli import main
 from sequencer.errors import CheckpointError
 from sequencer.model import create_model
-from test_data import make_image_tree
 
 # The authors' README command lines, verbatim (`./distributed_train.sh 8 /path/to/imagenet` becomes torchrun + DATA).
 IMAGENET_RECIPE = (
@@ -52,16 +49,6 @@ STATEFUL = (
 )
 
 
-def parse(command: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    train_module.add_arguments(parser)
-    return parser.parse_args(shlex.split(command))
-
-
-def run_train(command: str) -> int:
-    return main(["train", *shlex.split(command)])
-
-
 def summary_rows(folder: Path) -> list[dict[str, str]]:
     with open(folder / "summary.csv") as f:
         return list(csv.DictReader(f))
@@ -76,20 +63,20 @@ def restore_torch_threads():
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_root(make_image_tree, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_tree(tmp_path_factory.mktemp("data"), classes=2, per_class=8)
 
 
 @pytest.fixture(scope="module")
-def two_epoch_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def two_epoch_run(run_cli, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A full 2-epoch run with every stateful feature; other tests compare against it."""
     output = tmp_path_factory.mktemp("uninterrupted")
-    assert run_train(f"{data_root} {TINY} {STATEFUL} --epochs 2 --output {output}") == 0
+    assert run_cli("train", f"{data_root} {TINY} {STATEFUL} --epochs 2 --output {output}") == 0
     return output
 
 
-def test_paper_command_lines_parse_verbatim() -> None:
-    args = parse(f"/data/imagenet {IMAGENET_RECIPE}")
+def test_paper_command_lines_parse_verbatim(parse_cli) -> None:
+    args = parse_cli("train", f"/data/imagenet {IMAGENET_RECIPE}")
     assert (args.data, args.model, args.batch_size, args.workers, args.opt, args.epochs) == (
         "/data/imagenet",
         "sequencer2d_s",
@@ -102,28 +89,30 @@ def test_paper_command_lines_parse_verbatim() -> None:
     assert (args.weight_decay, args.remode, args.reprob, args.aa) == (0.05, "pixel", 0.25, "rand-m9-mstd0.5-inc1")
     assert (args.smoothing, args.mixup, args.cutmix, args.warmup_lr, args.warmup_epochs) == (0.1, 0.8, 1.0, 1e-6, 20)
 
-    args = parse(f"/data/imagenet {FINETUNE_392_RECIPE}")
+    args = parse_cli("train", f"/data/imagenet {FINETUNE_392_RECIPE}")
     assert args.model == "sequencer2d_l" and args.pretrained and args.input_size == [3, 392, 392]
     assert args.img_size == 392 and args.crop_pct == 1.0 and args.drop_path == 0.4 and args.lr == 5e-5
     assert args.weight_decay == 1e-8 and args.warmup_epochs == 0 and args.cooldown_epochs == 0
 
-    args = parse(CIFAR10_RECIPE)
+    args = parse_cli("train", CIFAR10_RECIPE)
     assert args.dataset == "torch/cifar10" and args.num_classes == 10 and args.pretrained and args.clip_grad == 1
     assert args.data is None and args.epochs == 200 and args.lr == 1e-4 and args.warmup_epochs == 5
 
-    assert parse("--lr 0.1 --epochs 3 --lr 0.2 --epochs 4").lr == 0.2  # later flags win
-    assert parse("--amp").amp and parse("--native-amp").amp
+    assert parse_cli("train", "--lr 0.1 --epochs 3 --lr 0.2 --epochs 4").lr == 0.2  # later flags win
+    assert parse_cli("train", "--amp").amp and parse_cli("train", "--native-amp").amp
 
 
-def test_defaults_are_the_digits_demo_without_data_and_timm_with_data() -> None:
-    demo = train_module.resolve_arguments(parse(""))
+def test_defaults_are_the_digits_demo_without_data_and_timm_with_data(parse_cli) -> None:
+    demo = train_module.resolve_arguments(parse_cli("train", ""))
     assert demo.model == "sequencer2d_tiny" and demo.opt == "adamw"
     assert demo.hflip == 0.0  # mirrored digits are other glyphs
-    timm_like = train_module.resolve_arguments(parse("/data/imagenet"), world_size=2)
+    timm_like = train_module.resolve_arguments(parse_cli("train", "/data/imagenet"), world_size=2)
     assert (timm_like.model, timm_like.opt, timm_like.epochs) == ("sequencer2d_s", "sgd", 300)
     assert timm_like.batch_size == 128 and timm_like.hflip == 0.5
     assert timm_like.lr == pytest.approx(0.1 * 128 * 2 / 256)  # timm: --lr-base scaled linearly by global batch
-    assert train_module.resolve_arguments(parse("/d --opt adamw -b 64")).lr == pytest.approx(0.1 * 0.5)  # sqrt rule
+    assert train_module.resolve_arguments(parse_cli("train", "/d --opt adamw -b 64")).lr == pytest.approx(
+        0.1 * 0.5
+    )  # sqrt rule
 
 
 @pytest.mark.slow
@@ -145,16 +134,14 @@ def test_outputs_and_checkpoint_format(two_epoch_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_validate_reproduces_the_held_out_score(data_root: Path, tmp_path: Path) -> None:
-    assert run_train(f"{data_root} {TINY} --epochs 3 --warmup-epochs 0 --lr 5e-3 --output {tmp_path}") == 0
+def test_validate_reproduces_the_held_out_score(run_cli, data_root: Path, tmp_path: Path) -> None:
+    assert run_cli("train", f"{data_root} {TINY} --epochs 3 --warmup-epochs 0 --lr 5e-3 --output {tmp_path}") == 0
     results = tmp_path / "results.json"
     argv = (
         f"{data_root} --model sequencer2d_tiny --checkpoint {tmp_path / 'last.pth.tar'} -j 0 --threads 1 "
         f"--results-file {results}"
     )
-    parser = argparse.ArgumentParser()
-    validate.add_arguments(parser)
-    assert validate.run(parser.parse_args(shlex.split(argv))) == 0
+    assert run_cli("validate", argv) == 0
     written, last = json.loads(results.read_text()), summary_rows(tmp_path)[-1]
     assert written["input_size"] == [3, 16, 16]  # from the checkpoint's training flags
     assert float(last["eval_loss"]) < 0.6  # learnt something, so the comparison below means something
@@ -164,41 +151,41 @@ def test_validate_reproduces_the_held_out_score(data_root: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_torchcompile_trains_and_validates_like_eager(
-    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backends = []
     original = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: backends.append(kw["backend"]) or original(model, **kw))
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     base = f"{data_root} {TINY} --epochs 1"
-    assert run_train(f"{base} --output {eager}") == 0
+    assert run_cli("train", f"{base} --output {eager}") == 0
     assert backends == []
-    assert run_train(f"{base} --torchcompile --output {compiled}") == 0
+    assert run_cli("train", f"{base} --torchcompile --output {compiled}") == 0
     assert backends == ["inductor"]
     expected = read_file(eager / "last.pth.tar")["state_dict"]
     got = read_file(compiled / "last.pth.tar")["state_dict"]
     assert got.keys() == expected.keys()  # the plain model is saved, not torch.compile's wrapper
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, atol=1e-4, rtol=1e-3, msg=lambda m, key=key: f"{key}: {m}")
-    parser = argparse.ArgumentParser()
-    validate.add_arguments(parser)
     argv = f"{data_root} --model sequencer2d_tiny --checkpoint {compiled / 'last.pth.tar'} -j 0 --threads 1"
     results = [tmp_path / f"{name}.json" for name in ("eager", "compiled")]
-    assert validate.run(parser.parse_args(shlex.split(f"{argv} --results-file {results[0]}"))) == 0
-    assert validate.run(parser.parse_args(shlex.split(f"{argv} --torchcompile --results-file {results[1]}"))) == 0
+    assert run_cli("validate", f"{argv} --results-file {results[0]}") == 0
+    assert run_cli("validate", f"{argv} --torchcompile --results-file {results[1]}") == 0
     assert backends == ["inductor", "inductor"]
     plain, fast = (json.loads(path.read_text()) for path in results)
     assert fast["top1"] == plain["top1"] and fast["loss"] == pytest.approx(plain["loss"], abs=1e-5)
 
 
-def test_unknown_compile_backend_is_refused(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert run_train(f"{data_root} {TINY} --epochs 1 --torchcompile inductr --output {tmp_path}") == 2
+def test_unknown_compile_backend_is_refused(
+    run_cli, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert run_cli("train", f"{data_root} {TINY} --epochs 1 --torchcompile inductr --output {tmp_path}") == 2
     assert "unknown torch.compile backend 'inductr'; expected one of" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_resume_continues_exactly(
-    data_root: Path, two_epoch_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run_cli, data_root: Path, two_epoch_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_epoch = train_module.train_one_epoch
 
@@ -209,10 +196,10 @@ def test_resume_continues_exactly(
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupt_second_epoch)
     command = f"{data_root} {TINY} {STATEFUL} --epochs 2 --output {tmp_path}"
-    assert run_train(command) == 130
+    assert run_cli("train", command) == 130
     assert read_file(tmp_path / "last.pth.tar")["epoch"] == 0
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
-    assert run_train(f"{command} --resume {tmp_path / 'last.pth.tar'}") == 0
+    assert run_cli("train", f"{command} --resume {tmp_path / 'last.pth.tar'}") == 0
 
     resumed, uninterrupted = read_file(tmp_path / "last.pth.tar"), read_file(two_epoch_run / "last.pth.tar")
     for key in ("state_dict", "state_dict_ema"):
@@ -224,7 +211,7 @@ def test_resume_continues_exactly(
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
-    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     real_create = train_module.create_model
     training_calls = []
@@ -244,7 +231,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(train_module, "create_model", poisoned_model)
     with caplog.at_level(logging.ERROR):
-        assert run_train(f"{data_root} {TINY} --epochs 3 --output {tmp_path}") == 1
+        assert run_cli("train", f"{data_root} {TINY} --epochs 3 --output {tmp_path}") == 1
     assert "non-finite training loss (nan) at epoch 2, step 1" in caplog.text
     assert "last good checkpoint is kept" in caplog.text
     kept = read_file(tmp_path / "last.pth.tar")
@@ -254,7 +241,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 
 @pytest.mark.slow
 def test_fine_tune_at_another_resolution_and_class_count(
-    two_epoch_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    make_image_tree, run_cli, two_epoch_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     three_classes = make_image_tree(tmp_path / "data", classes=3, per_class=4)
     source = read_file(two_epoch_run / "last.pth.tar")["state_dict"]
@@ -263,10 +250,11 @@ def test_fine_tune_at_another_resolution_and_class_count(
         # lr 0: the loaded weights must come out unchanged, proving they were loaded. bfloat16 AMP on the CPU,
         # gradient checkpointing and clipping ride along.
         assert (
-            run_train(
+            run_cli(
+                "train",
                 f"{three_classes} --model sequencer2d_tiny --initial-checkpoint {two_epoch_run / 'last.pth.tar'} "
                 f"--num-classes 3 --img-size 24 -b 4 -j 0 --epochs 1 --lr 0 --warmup-lr 0 --weight-decay 0 "
-                f"--amp --grad-checkpointing --clip-grad 1 --threads 1 --no-progress --output {output}"
+                f"--amp --grad-checkpointing --clip-grad 1 --threads 1 --no-progress --output {output}",
             )
             == 0
         )
@@ -278,9 +266,9 @@ def test_fine_tune_at_another_resolution_and_class_count(
 
 
 def test_pretrained_fails_clearly_without_network(
-    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    assert run_train(f"{data_root} {TINY} --pretrained --output {tmp_path}") == 2
+    assert run_cli("train", f"{data_root} {TINY} --pretrained --output {tmp_path}") == 2
     assert "no released weights for 'sequencer2d_tiny'" in capsys.readouterr().err
 
     def hub_unreachable(spec: str) -> str:
@@ -292,18 +280,18 @@ def test_pretrained_fails_clearly_without_network(
     monkeypatch.setattr(hub, "download", hub_unreachable)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    assert run_train(f"{data_root} --model sequencer2d_s -b 4 --pretrained --output {tmp_path / 'out'}") == 2
+    assert run_cli("train", f"{data_root} --model sequencer2d_s -b 4 --pretrained --output {tmp_path / 'out'}") == 2
     error = capsys.readouterr().err
     assert "the released weights of sequencer2d_s are unreachable" in error and "timm/sequencer2d_s.in1k" in error
     assert "could not fetch https://" in error and "--initial-checkpoint PATH" in error
     assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_missing_or_empty_data_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert run_train(f"{tmp_path / 'missing'} --output {tmp_path / 'out'}") == 2
+def test_missing_or_empty_data_fails_before_any_work(run_cli, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("train", f"{tmp_path / 'missing'} --output {tmp_path / 'out'}") == 2
     assert f"sequencer train: error: dataset folder not found: {tmp_path / 'missing'}" in capsys.readouterr().err
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    assert run_train(f"{tmp_path / 'empty'} --output {tmp_path / 'out'}") == 2
+    assert run_cli("train", f"{tmp_path / 'empty'} --output {tmp_path / 'out'}") == 2
     assert "empty dataset folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -373,20 +361,20 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
     ],
 )
 def test_flags_out_of_range_fail_in_one_line_before_any_work(
-    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: str, message: str
+    run_cli, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: str, message: str
 ) -> None:
     base = TINY.replace("--model sequencer2d_tiny ", "") if "--model" in flags else TINY
-    assert run_train(f"{data_root} {base} {flags} --output {tmp_path / 'out'}") == 2
+    assert run_cli("train", f"{data_root} {base} {flags} --output {tmp_path / 'out'}") == 2
     err = capsys.readouterr().err
     assert err.startswith("sequencer train: error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
 def test_a_split_smaller_than_one_batch_is_refused_before_the_run(
-    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    run_cli, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     # The README's tiny tree with the default batch (128): drop_last would leave no step at all.
-    assert run_train(f"{data_root} --model sequencer2d_tiny --img-size 16 -j 0 --output {tmp_path / 'out'}") == 2
+    assert run_cli("train", f"{data_root} --model sequencer2d_tiny --img-size 16 -j 0 --output {tmp_path / 'out'}") == 2
     err = capsys.readouterr().err
     assert "the train split has 16 images, fewer than one batch of 128" in err and "lower -b/--batch-size" in err
     assert not (tmp_path / "out").exists()
@@ -394,27 +382,29 @@ def test_a_split_smaller_than_one_batch_is_refused_before_the_run(
 
 @pytest.mark.slow
 def test_resume_with_another_model_or_class_count_says_so(
-    data_root: Path, two_epoch_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    make_image_tree, run_cli, data_root: Path, two_epoch_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     last = two_epoch_run / "last.pth.tar"
     assert read_file(last)["class_names"] == ["class_0", "class_1"]  # what predict and validate name classes by
     other_classes = make_image_tree(tmp_path / "three", classes=3, per_class=4)
-    assert run_train(f"{other_classes} {TINY} --epochs 3 --resume {last} --output {tmp_path / 'a'}") == 2
+    assert run_cli("train", f"{other_classes} {TINY} --epochs 3 --resume {last} --output {tmp_path / 'a'}") == 2
     err = capsys.readouterr().err
     assert "is a run of sequencer2d_tiny with 2 classes; this run is sequencer2d_tiny with 3 classes" in err
     command = f"{data_root} {TINY.replace('sequencer2d_tiny', 'rnn_sequencer2d_s')} --epochs 3 --resume {last}"
-    assert run_train(f"{command} --img-size 32 --output {tmp_path / 'b'}") == 2
+    assert run_cli("train", f"{command} --img-size 32 --output {tmp_path / 'b'}") == 2
     assert "this run is rnn_sequencer2d_s with 2 classes" in capsys.readouterr().err
 
 
 def test_config_reads_back_args_yaml_and_the_command_line_wins(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    run_cli, parse_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    saved = train_module.plain_arguments(train_module.resolve_arguments(parse(f"/data/imagenet {IMAGENET_RECIPE}")))
+    saved = train_module.plain_arguments(
+        train_module.resolve_arguments(parse_cli("train", f"/data/imagenet {IMAGENET_RECIPE}"))
+    )
     (tmp_path / "args.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     seen = []
     monkeypatch.setattr(train_module, "run", lambda args: seen.append(args) or 0)
-    assert main(["train", "-c", str(tmp_path / "args.yaml"), "--epochs", "7"]) == 0
+    assert run_cli("train", "-c", str(tmp_path / "args.yaml"), "--epochs", "7") == 0
     args = seen[0]
     assert (args.data, args.model, args.lr, args.aa, args.mixup) == (
         "/data/imagenet",
@@ -429,5 +419,5 @@ def test_config_reads_back_args_yaml_and_the_command_line_wins(
     }
 
     (tmp_path / "bad.yaml").write_text("epochs: 3\nwarp_speed: 9\n")
-    assert main(["train", "-c", str(tmp_path / "bad.yaml")]) == 2
+    assert run_cli("train", "-c", str(tmp_path / "bad.yaml")) == 2
     assert "sets options this command does not have: warp_speed" in capsys.readouterr().err

@@ -5,23 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sequencer import validate
 from sequencer.checkpoint import save_weights
-from sequencer.cli import main
 from sequencer.data import class_indices, imagenet_synsets
 from sequencer.errors import DatasetError, UsageError
 from sequencer.model import create_model
 from sequencer.validate import load_real_labels, load_valid_classes
-from test_data import make_image_tree
 
 # The authors' README validation command, verbatim except the script name and the dataset path.
 README_COMMAND = "/path/to/imagenet --model sequencer2d_s -b 16 --input-size 3 224 224 --amp"
@@ -32,12 +29,6 @@ class FixedLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
-
-
-def parse(command: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    validate.add_arguments(parser)
-    return parser.parse_args(shlex.split(command))
 
 
 def test_evaluate_matches_hand_computed_metrics() -> None:
@@ -65,20 +56,23 @@ def test_top5_with_fewer_than_five_classes_is_top_k_over_all_classes() -> None:
     assert metrics["top1"] == pytest.approx(50.0) and metrics["top5"] == pytest.approx(100.0)
 
 
-def test_readme_command_parses_verbatim() -> None:
-    args = parse(README_COMMAND)
+def test_readme_command_parses_verbatim(parse_cli) -> None:
+    args = parse_cli("validate", README_COMMAND)
     assert args.data == "/path/to/imagenet" and args.model == "sequencer2d_s" and args.batch_size == 16
     assert args.input_size == [3, 224, 224] and args.amp
 
 
-def test_validate_command_prints_and_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_validate_command_prints_and_writes_results(
+    make_image_tree, parse_cli, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     root = make_image_tree(tmp_path / "data", classes=3, per_class=3)
     model = create_model("sequencer2d_tiny", num_classes=3)
     save_weights(model, tmp_path / "tiny.pth")
     results = tmp_path / "results.json"
-    args = parse(
+    args = parse_cli(
+        "validate",
         f"{root} --model sequencer2d_tiny --checkpoint {tmp_path / 'tiny.pth'} -b 4 "
-        f"--input-size 3 32 32 --amp -j 0 --results-file {results}"
+        f"--input-size 3 32 32 --amp -j 0 --results-file {results}",
     )
     assert validate.run(args) == 0
     written = json.loads(results.read_text())
@@ -88,12 +82,12 @@ def test_validate_command_prints_and_writes_results(tmp_path: Path, capsys: pyte
     assert "top-1" in capsys.readouterr().out
 
 
-def test_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert validate.run(parse(f"{tmp_path / 'missing'} --model sequencer2d_tiny")) == 2
+def test_missing_dataset_is_a_clear_error(run_cli, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("validate", f"{tmp_path / 'missing'} --model sequencer2d_tiny") == 2
     assert f"error: dataset folder not found: {tmp_path / 'missing'}" in capsys.readouterr().err
 
 
-def test_training_checkpoint_supplies_the_input_size(tmp_path: Path) -> None:
+def test_training_checkpoint_supplies_the_input_size(make_image_tree, run_cli, tmp_path: Path) -> None:
     root = make_image_tree(tmp_path / "data", classes=2, per_class=2)
     model = create_model("sequencer2d_tiny", num_classes=2)
     torch.save(
@@ -102,9 +96,9 @@ def test_training_checkpoint_supplies_the_input_size(tmp_path: Path) -> None:
     )
     results = tmp_path / "results.json"
     base = f"{root} --model sequencer2d_tiny --checkpoint {tmp_path / 'last.pth.tar'} -j 0 --results-file {results}"
-    assert validate.run(parse(base)) == 0
+    assert run_cli("validate", base) == 0
     assert json.loads(results.read_text())["input_size"] == [3, 24, 24]
-    assert validate.run(parse(f"{base} --img-size 20")) == 0  # an explicit flag still wins
+    assert run_cli("validate", f"{base} --img-size 20") == 0  # an explicit flag still wins
     assert json.loads(results.read_text())["input_size"] == [3, 20, 20]
 
 
@@ -119,46 +113,40 @@ def sure_of(tmp_path: Path, scores: dict[int, float]) -> Path:
     return path
 
 
-def make_named_tree(root: Path, names: list[str], per_class: int = 2, file_names: list[str] | None = None) -> Path:
-    """ROOT/<name>/*.JPEG tiny images, one folder per name (WordNet ids, numbers ...)."""
-    rng = np.random.default_rng(0)
-    files = iter(file_names or [])
-    for name in names:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / next(files, f"{i}.JPEG"), format="JPEG")
-    return root
-
-
-def tiny_args(command: str, tmp_path: Path) -> argparse.Namespace:
+def tiny_args(parse_cli: Callable[..., argparse.Namespace], command: str, tmp_path: Path) -> argparse.Namespace:
     """`sequencer validate COMMAND` on the tiny model at 32 px, writing tmp_path/results.json."""
-    return parse(f"{command} --model sequencer2d_tiny --input-size 3 32 32 -j 0 --results-file {tmp_path / 'r.json'}")
+    return parse_cli(
+        "validate", f"{command} --model sequencer2d_tiny --input-size 3 32 32 -j 0 --results-file {tmp_path / 'r.json'}"
+    )
 
 
-def validate_results(command: str, tmp_path: Path) -> dict:
+def validate_results(parse_cli: Callable[..., argparse.Namespace], command: str, tmp_path: Path) -> dict:
     """Run `tiny_args(COMMAND)` and return its results file."""
-    assert validate.run(tiny_args(command, tmp_path)) == 0
+    assert validate.run(tiny_args(parse_cli, command, tmp_path)) == 0
     return json.loads((tmp_path / "r.json").read_text())
 
 
-def test_wordnet_id_folders_take_their_imagenet_index(tmp_path: Path) -> None:
+def test_wordnet_id_folders_take_their_imagenet_index(make_image_tree, parse_cli, tmp_path: Path) -> None:
     synsets = imagenet_synsets()
     sure = 500  # a head sure of class 500, on a tree of two WordNet-id folders of which 500 is one
-    root = make_named_tree(tmp_path / "data", [synsets[3], synsets[sure]])
-    results = validate_results(f"{root} --checkpoint {sure_of(tmp_path, {sure: 10.0})}", tmp_path)
+    root = make_image_tree(
+        tmp_path / "data", [synsets[3], synsets[sure]], per_class=2, size=12, splits=(), suffix=".JPEG"
+    )
+    results = validate_results(parse_cli, f"{root} --checkpoint {sure_of(tmp_path, {sure: 10.0})}", tmp_path)
     assert results["count"] == 4 and results["top1"] == pytest.approx(50.0)  # folders numbered 0, 1 gave 0.0
 
 
-def test_numbered_folders_take_their_number_also_when_some_are_missing(tmp_path: Path) -> None:
+def test_numbered_folders_take_their_number_also_when_some_are_missing(
+    make_image_tree, parse_cli, tmp_path: Path
+) -> None:
     # ImageNet-V2 names its folders 0..999; sorted as text, "10" would come second and be read as class 1.
-    root = make_named_tree(tmp_path / "data", ["0", "2", "10"])
-    results = validate_results(f"{root} --checkpoint {sure_of(tmp_path, {10: 10.0})}", tmp_path)
+    root = make_image_tree(tmp_path / "data", ["0", "2", "10"], per_class=2, size=12, splits=(), suffix=".JPEG")
+    results = validate_results(parse_cli, f"{root} --checkpoint {sure_of(tmp_path, {10: 10.0})}", tmp_path)
     assert results["top1"] == pytest.approx(100 / 3, abs=1e-3)
 
 
 def test_class_count_mismatch_is_one_line_before_the_model_runs(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    make_image_tree, run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = make_image_tree(tmp_path / "data", classes=3, per_class=1)
     checkpoint = sure_of(tmp_path, {0: 1.0})
@@ -168,7 +156,7 @@ def test_class_count_mismatch_is_one_line_before_the_model_runs(
 
     monkeypatch.setattr(validate, "load_model", no_model)
     command = f"{root} --model sequencer2d_tiny --checkpoint {checkpoint} -j 0 --results-file {tmp_path / 'r.json'}"
-    assert main(["validate", *shlex.split(command)]) == 2
+    assert run_cli("validate", *shlex.split(command)) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("sequencer validate: error: the model has 1000 classes but the data has 3")
     assert "\n" not in error and "--num-classes 3" in error and not (tmp_path / "r.json").exists()
@@ -187,40 +175,47 @@ def test_class_indices_rules() -> None:
         class_indices(["cat", "dog"], 3)
 
 
-def test_valid_labels_mask_the_logits_to_imagenet_a(tmp_path: Path) -> None:
+def test_valid_labels_mask_the_logits_to_imagenet_a(make_image_tree, parse_cli, tmp_path: Path) -> None:
     in_a = load_valid_classes("imagenet-a", 1000)
     assert len(in_a) == 200 and 15 in in_a.tolist() and 0 not in in_a.tolist()  # timm's packaged list
     # The head prefers class 0 (not an ImageNet-A class) over class 15 (one), and the images are of class 15.
-    root = make_named_tree(tmp_path / "data", [imagenet_synsets()[15]])
+    root = make_image_tree(tmp_path / "data", [imagenet_synsets()[15]], per_class=2, size=12, splits=(), suffix=".JPEG")
     checkpoint = sure_of(tmp_path, {0: 10.0, 15: 5.0})
-    assert validate_results(f"{root} --checkpoint {checkpoint}", tmp_path)["top1"] == 0.0
-    masked = validate_results(f"{root} --checkpoint {checkpoint} --valid-labels imagenet-a", tmp_path)
+    assert validate_results(parse_cli, f"{root} --checkpoint {checkpoint}", tmp_path)["top1"] == 0.0
+    masked = validate_results(parse_cli, f"{root} --checkpoint {checkpoint} --valid-labels imagenet-a", tmp_path)
     assert masked["top1"] == 100.0 and masked["valid_labels"] == "imagenet-a"
     subset = tmp_path / "subset.txt"
     subset.write_text("15\n7\n")
-    assert validate_results(f"{root} --checkpoint {checkpoint} --valid-labels {subset}", tmp_path)["top1"] == 100.0
+    assert (
+        validate_results(parse_cli, f"{root} --checkpoint {checkpoint} --valid-labels {subset}", tmp_path)["top1"]
+        == 100.0
+    )
     with pytest.raises(DatasetError, match="not among --valid-labels"):
         # class 15 is not one of ImageNet-R's 200
-        validate.validate(tiny_args(f"{root} --checkpoint {checkpoint} --valid-labels imagenet-r", tmp_path))
+        validate.validate(tiny_args(parse_cli, f"{root} --checkpoint {checkpoint} --valid-labels imagenet-r", tmp_path))
     with pytest.raises(UsageError, match="neither imagenet-a nor imagenet-r nor a file"):
         load_valid_classes("imagenet-b", 1000)
 
 
-def test_real_labels_score_against_the_reassessed_labels(tmp_path: Path) -> None:
+def test_real_labels_score_against_the_reassessed_labels(make_image_tree, parse_cli, tmp_path: Path) -> None:
     assert load_real_labels()["ILSVRC2012_val_00000002"] == [970, 795]  # timm's packaged file, 50,000 entries
     with pytest.raises(UsageError, match="put DATA before --real-labels"):
         load_real_labels(tmp_path)  # `validate --real-labels DATA`: argparse hands the folder to --real-labels
     synsets = imagenet_synsets()
     names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (1, 2, 3, 4)]
-    root = make_named_tree(tmp_path / "val", [synsets[5], synsets[9]], file_names=names)
+    root = make_image_tree(
+        tmp_path / "val", [synsets[5], synsets[9]], file_names=names, per_class=2, size=12, splits=()
+    )
     # Image 1 has no ReaL label (left out), 2 and 3 list class 5, 4 only class 9: the head, sure of 5, gets 2 of 3.
     real = tmp_path / "real.json"
     real.write_text(json.dumps([[], [5], [9, 5], [9]]))
-    results = validate_results(f"{root} --checkpoint {sure_of(tmp_path, {5: 10.0})} --real-labels {real}", tmp_path)
+    results = validate_results(
+        parse_cli, f"{root} --checkpoint {sure_of(tmp_path, {5: 10.0})} --real-labels {real}", tmp_path
+    )
     assert results["top1"] == 50.0 and results["real_top1"] == pytest.approx(200 / 3, abs=1e-3)
     assert results["real_count"] == 3
-    other = make_named_tree(tmp_path / "other", [synsets[5]])
+    other = make_image_tree(tmp_path / "other", [synsets[5]], per_class=2, size=12, splits=(), suffix=".JPEG")
     with pytest.raises(DatasetError, match="have no ReaL labels"):
         validate.validate(
-            tiny_args(f"{other} --checkpoint {sure_of(tmp_path, {5: 10.0})} --real-labels {real}", tmp_path)
+            tiny_args(parse_cli, f"{other} --checkpoint {sure_of(tmp_path, {5: 10.0})} --real-labels {real}", tmp_path)
         )

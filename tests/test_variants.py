@@ -4,30 +4,26 @@ from __future__ import annotations
 
 import csv
 import json
-import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from sequencer.analysis import robustness
 from sequencer.checkpoint import save_weights
-from sequencer.cli import main
 from sequencer.data import imagenet_synsets
 from sequencer.model import create_model
 
 SURE = 15  # the class the test model always predicts: one of ImageNet-A's 200, not one of ImageNet-R's
 
 
-def images(folder: Path, count: int = 1, names: list[str] | None = None) -> None:
-    """`count` tiny JPEGs (or one per name) in `folder`."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(len(str(folder)))
-    for name in names or [f"{i}.JPEG" for i in range(count)]:
-        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / name, format="JPEG")
+def images(make_image_tree: Callable[..., Path], folder: Path, count: int = 1, names: list[str] | None = None) -> None:
+    """`count` tiny JPEGs (or one per name) in `folder`, through the shared tree builder."""
+    per_class = len(names) if names else count
+    make_image_tree(folder.parent, [folder.name], per_class, size=12, splits=(), suffix=".JPEG", file_names=names)
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +38,22 @@ def sure_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def variants_root(tmp_path: Path) -> Path:
+def variants_root(make_image_tree, tmp_path: Path) -> Path:
     """ImageNet val (ReaL file names), -A, -V2 and two -C corruptions under their released names; no -R, -Sketch."""
     synsets = imagenet_synsets()
     root = tmp_path / "datasets"
     val_names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 5)]
-    images(root / "imagenet" / "val" / synsets[3], names=val_names[:2])
-    images(root / "imagenet" / "val" / synsets[SURE], names=val_names[2:])
-    images(root / "imagenet-a" / synsets[SURE], 2)
-    images(root / "imagenet-a" / synsets[11], 2)  # A's class 11: the model, sure of 15, misses these
+    images(make_image_tree, root / "imagenet" / "val" / synsets[3], names=val_names[:2])
+    images(make_image_tree, root / "imagenet" / "val" / synsets[SURE], names=val_names[2:])
+    images(make_image_tree, root / "imagenet-a" / synsets[SURE], 2)
+    images(make_image_tree, root / "imagenet-a" / synsets[11], 2)  # A's class 11: the model, sure of 15, misses these
     for number in ("0", str(SURE), "999"):
-        images(root / "imagenetv2-matched-frequency-format-val" / number, 1)
+        images(make_image_tree, root / "imagenetv2-matched-frequency-format-val" / number, 1)
     for severity in range(1, 6):  # fog at every severity: normalisable by AlexNet's mean error
-        images(root / "imagenet-c" / "fog" / str(severity) / synsets[SURE], 1)
-    images(root / "imagenet-c" / "snow" / "1" / synsets[2], 1)  # snow at one severity only: not normalisable
+        images(make_image_tree, root / "imagenet-c" / "fog" / str(severity) / synsets[SURE], 1)
+    images(
+        make_image_tree, root / "imagenet-c" / "snow" / "1" / synsets[2], 1
+    )  # snow at one severity only: not normalisable
     return root
 
 
@@ -65,7 +63,7 @@ def read_rows(path: Path) -> dict[str, dict[str, str]]:
 
 
 def test_suite_scores_each_dataset_found_and_names_the_missing(
-    tmp_path: Path, variants_root: Path, sure_checkpoint: Path, capsys: pytest.CaptureFixture
+    run_cli, tmp_path: Path, variants_root: Path, sure_checkpoint: Path, capsys: pytest.CaptureFixture
 ) -> None:
     real = tmp_path / "real.json"
     # Val images 1-2 are of class 3 (one also lists SURE), 3 has no ReaL label, 4 is SURE: ReaL top-1 2 of 3.
@@ -75,7 +73,7 @@ def test_suite_scores_each_dataset_found_and_names_the_missing(
         f"variants {variants_root} --model sequencer2d_tiny --checkpoint {sure_checkpoint} --real-labels {real} "
         f"--input-size 3 32 32 -b 2 -j 0 --out {out}"
     )
-    assert main(shlex.split(command)) == 0
+    assert run_cli(command) == 0
     rows = read_rows(out / "variants.csv")
     assert float(rows["ImageNet"]["value"]) == 50.0 and rows["ImageNet"]["images"] == "4"
     assert float(rows["ImageNet-ReaL"]["value"]) == pytest.approx(200 / 3, abs=1e-2)
@@ -95,36 +93,38 @@ def test_suite_scores_each_dataset_found_and_names_the_missing(
 
 
 def test_suite_mce_when_every_severity_is_present_and_the_flags_override_root(
-    tmp_path: Path, variants_root: Path, sure_checkpoint: Path
+    make_image_tree, run_cli, tmp_path: Path, variants_root: Path, sure_checkpoint: Path
 ) -> None:
     corrupted = variants_root / "imagenet-c"
     for severity in range(2, 6):
-        images(corrupted / "snow" / str(severity) / imagenet_synsets()[SURE], 1)
+        images(make_image_tree, corrupted / "snow" / str(severity) / imagenet_synsets()[SURE], 1)
     (corrupted / "snow" / "1" / imagenet_synsets()[2] / "0.JPEG").unlink()
     (corrupted / "snow" / "1" / imagenet_synsets()[2]).rmdir()
-    images(corrupted / "snow" / "1" / imagenet_synsets()[SURE], 1)
+    images(make_image_tree, corrupted / "snow" / "1" / imagenet_synsets()[SURE], 1)
     sketch = tmp_path / "elsewhere" / "sketch"
-    images(sketch / imagenet_synsets()[SURE], 1)
+    images(make_image_tree, sketch / imagenet_synsets()[SURE], 1)
     out = tmp_path / "out"
     command = (
         f"variants --imagenet-c {corrupted} --imagenet-sketch {sketch} --model sequencer2d_tiny "
         f"--checkpoint {sure_checkpoint} --input-size 3 32 32 -j 0 --out {out}"
     )
-    assert main(shlex.split(command)) == 0
+    assert run_cli(command) == 0
     rows = read_rows(out / "variants.csv")
     assert rows["ImageNet-C"]["metric"] == "mCE over 2 of 15 corruptions" and float(rows["ImageNet-C"]["value"]) == 0
     assert float(rows["ImageNet-Sketch"]["value"]) == 100.0 and rows["ImageNet-A"]["value"] == ""
 
 
 def test_suite_errors_are_one_line_before_any_work(
-    tmp_path: Path, variants_root: Path, capsys: pytest.CaptureFixture
+    run_cli, tmp_path: Path, variants_root: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    assert main(["variants", str(tmp_path / "empty"), "--model", "sequencer2d_tiny", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        run_cli("variants", str(tmp_path / "empty"), "--model", "sequencer2d_tiny", "--out", str(tmp_path / "o")) == 2
+    )
     assert capsys.readouterr().err.startswith("sequencer variants: error: no dataset found: ImageNet-ReaL (looked for")
     three = tmp_path / "three.safetensors"
     save_weights(create_model("sequencer2d_tiny", num_classes=3), three)
     command = f"variants {variants_root} --model sequencer2d_tiny --checkpoint {three} --out {tmp_path / 'o'}"
-    assert main(shlex.split(command)) == 2
+    assert run_cli(command) == 2
     assert "need a 1000-class model; sequencer2d_tiny has 3" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -139,11 +139,16 @@ def without_imagecorruptions(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_robustness_without_its_extra_names_the_install_command(
-    tmp_path: Path, variants_root: Path, checkpoint: Path, capsys: pytest.CaptureFixture, without_imagecorruptions
+    run_cli,
+    tmp_path: Path,
+    variants_root: Path,
+    checkpoint: Path,
+    capsys: pytest.CaptureFixture,
+    without_imagecorruptions,
 ) -> None:
     out = tmp_path / "rob"
     command = f"robustness {variants_root / 'imagenet'} --model sequencer2d_tiny --checkpoint {checkpoint} --out {out}"
-    assert main(shlex.split(command)) == 2
+    assert run_cli(command) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("sequencer robustness: error: the ImageNet-C corruptions need the imagecorruptions")
     assert error.endswith('pip install "sequencer[robustness]"') and "\n" not in error and not out.exists()
