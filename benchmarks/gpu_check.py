@@ -40,7 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sequencer.bench import Setting, Variant, _processor_name, build_model, check_twin, make_step, time_round_robin
+from sequencer.bench import (
+    Setting,
+    Variant,
+    _processor_name,
+    build_model,
+    check_twin,
+    cuda_peak_mib,
+    make_step,
+    time_round_robin,
+)
 from sequencer.model import RNN2D, create_model
 from sequencer.runtime import resolve_device
 
@@ -333,16 +342,7 @@ def measure(
 
 def peak_memory_mib(step: Callable[[], None], device: torch.device) -> float | None:
     """What two steps allocate on the GPU above what was allocated before them (None off CUDA)."""
-    if device.type != "cuda":
-        return None
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    baseline = torch.cuda.memory_allocated(device)
-    step()
-    step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    return cuda_peak_mib(step, device) if device.type == "cuda" else None
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -94,3 +94,11 @@ def parse_cli() -> Callable[..., argparse.Namespace]:
         return build_parser(argv[0]).parse_args(argv)
 
     return parse
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Commands set torch's thread count for the process (--threads); give every test the suite's own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -54,14 +54,6 @@ def summary_rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    """`train.run` sets torch's thread count for the process; give the rest of the suite its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_root(make_image_tree, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_tree(tmp_path_factory.mktemp("data"), classes=2, per_class=8)

@@ -444,21 +444,27 @@ def memory_probe(spec_json: str) -> None:
     variant, setting = Variant(**spec["variant"]), Setting(**spec["setting"])
     model = build_model(variant, setting.resolution).to(device)
     step = make_step(model, setting, device, spec["amp_dtype"])
-    gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        step()
-        step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - baseline
+        peak_mib = cuda_peak_mib(step, device)
     else:
+        gc.collect()
         baseline = reset_peak_resident()
         step()
         step()
-        peak = _status_kib("VmHWM") * 1024 - baseline
-    print(json.dumps(dict(peak_mib=peak / 2**20)))
+        peak_mib = (_status_kib("VmHWM") * 1024 - baseline) / 2**20
+    print(json.dumps(dict(peak_mib=peak_mib)))
+
+
+def cuda_peak_mib(step: Callable[[], None], device: torch.device) -> float:
+    """What two steps allocate on the GPU above what was allocated before them, in MiB."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    step()
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
 
 
 def reset_peak_resident() -> int:
