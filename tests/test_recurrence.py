@@ -234,7 +234,9 @@ def test_torch_compile_with_default_settings_trains_at_several_resolutions() -> 
 @pytest.mark.parametrize(
     ("overrides", "backend"),
     [
-        ({}, "inductor"),
+        # aot_eager traces the graphs and their backward as inductor would, without its code generation (minutes
+        # cold); inductor itself is covered by test_torch_compile_with_default_settings_trains_at_several_resolutions.
+        ({}, "aot_eager"),
         ({"cell": "gru"}, "aot_eager"),
         ({"cell": "rnn"}, "aot_eager"),
         ({"mixer": "1d", "hidden_sizes": (32, 64, 64, 64)}, "aot_eager"),
