@@ -219,3 +219,12 @@ def test_real_labels_score_against_the_reassessed_labels(make_image_tree, parse_
         validate.validate(
             tiny_args(parse_cli, f"{other} --checkpoint {sure_of(tmp_path, {5: 10.0})} --real-labels {real}", tmp_path)
         )
+
+
+def test_unknown_model_is_one_line_before_the_data_is_read(
+    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(validate, "build_dataset", lambda *a, **k: pytest.fail("the data was read first"))
+    assert run_cli("validate", "--model", "sequencer2d_q") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sequencer validate: error: unknown model 'sequencer2d_q'") and err.count("\n") == 1

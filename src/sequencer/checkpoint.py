@@ -252,8 +252,9 @@ def load_model(
 ) -> nn.Module:
     """A variant in eval mode with a checkpoint's weights, for inference: `num_classes` defaults to the file's head,
     whose size must then match (loading would otherwise re-initialise it), and its class names are kept."""
-    from sequencer.model import create_model
+    from sequencer.model import check_model_name, create_model
 
+    check_model_name(name)  # an unknown name is the error, before any warning about weights
     if not checkpoint:
         warnings.warn(
             f"no checkpoint given: {name} has random initial weights (and a zero classifier), so its outputs are "

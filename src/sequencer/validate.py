@@ -23,6 +23,7 @@ from torchvision.datasets import ImageFolder
 from sequencer.checkpoint import load_model, open_checkpoint
 from sequencer.data import DATASET_HELP, build_dataset, create_loader, create_transform, data_config, map_classes
 from sequencer.errors import DatasetError, UsageError
+from sequencer.model import check_model_name
 from sequencer.options import (
     add_compile_options,
     add_input_options,
@@ -259,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
 
 def validate(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate the model the flags describe on the data they name; print and return the results."""
+    check_model_name(args.model)  # before the data is read
     device = resolve_device(args.device)
     root = args.data or args.data_dir
     name = args.dataset or root
