@@ -35,12 +35,8 @@ from sequencer.analysis.common import (
     write_csv,
 )
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
-from sequencer.errors import MissingDependencyError
+from sequencer.errors import MissingDependencyError, UsageError
 from sequencer.options import (
-    add_input_options,
-    add_model_options,
-    add_output_option,
-    add_runtime_options,
     input_overrides,
 )
 from sequencer.runtime import resolve_device, set_threads
@@ -193,10 +189,10 @@ def parse_choices(text: str | None, allowed: tuple, kind: type, flag: str) -> tu
     try:
         values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
     except ValueError as error:
-        raise ValueError(f"{flag}: cannot read {text!r}; expected a comma-separated list of {allowed}") from error
+        raise UsageError(f"{flag}: cannot read {text!r}; expected a comma-separated list of {allowed}") from error
     unknown = [v for v in values if v not in allowed]
     if unknown or not values:
-        raise ValueError(f"{flag}: unknown {unknown or text!r}; choose among {', '.join(map(str, allowed))}")
+        raise UsageError(f"{flag}: unknown {unknown or text!r}; choose among {', '.join(map(str, allowed))}")
     return tuple(v for v in allowed if v in values)
 
 
@@ -221,14 +217,14 @@ def load_alexnet_errors(path: str | os.PathLike) -> dict[str, dict[int, float] |
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
                 if "corruption" not in row or "error" not in row:
-                    raise ValueError(f"{path}: expected CSV columns corruption,error or corruption,severity,error")
+                    raise UsageError(f"{path}: expected CSV columns corruption,error or corruption,severity,error")
                 if row.get("severity"):
                     table.setdefault(row["corruption"], {})[int(row["severity"])] = float(row["error"])
                 else:
                     table[row["corruption"]] = float(row["error"])
     unknown = sorted(set(table) - set(CORRUPTIONS))
     if unknown:
-        raise ValueError(f"{path}: unknown corruptions {unknown}; expected names among {', '.join(CORRUPTIONS)}")
+        raise UsageError(f"{path}: unknown corruptions {unknown}; expected names among {', '.join(CORRUPTIONS)}")
     values = [v for e in table.values() for v in (e.values() if isinstance(e, dict) else [e])]
     scale = 0.01 if any(v > 1 for v in values) else 1.0
     return {c: {s: v * scale for s, v in e.items()} if isinstance(e, dict) else e * scale for c, e in table.items()}
@@ -298,26 +294,6 @@ def plot_examples(base: Dataset, corruptions: tuple, severities: tuple, seed: in
     return save_figure(fig, path)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """DATA, model, --corruptions, --severities, --limit, --alexnet-errors, --out, input and runtime options."""
-    parser.add_argument("data", help="clean labelled images: DATA/val/<class>/* or DATA/<class>/*")
-    add_model_options(parser, default_model="sequencer2d_s")
-    parser.add_argument("--corruptions", default="", help=f"comma-separated subset of: {', '.join(CORRUPTIONS)}")
-    parser.add_argument("--severities", default="", help="comma-separated subset of 1,2,3,4,5")
-    parser.add_argument("--limit", type=int, default=None, help="use N images spread over the whole set")
-    parser.add_argument(
-        "--alexnet-errors",
-        default="",
-        help="AlexNet's top-1 errors for the mCE: JSON {corruption: error or [5 errors]} or CSV "
-        "with columns corruption[,severity],error (fractions or percent); default: the "
-        "published per-corruption means, which need all five severities",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
-    add_output_option(parser, "results/robustness", "output folder", "--out")
-    add_input_options(parser)
-    add_runtime_options(parser)
-
-
 def run(args: argparse.Namespace) -> int:
     """Clean and corrupted accuracy: a CSV per corruption, robustness.csv/.png, examples.png and summary.json."""
     set_threads(args.threads)
@@ -327,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else ALEXNET_MEAN_ERRORS
     check_model_specs([(args.model, args.checkpoint)], need_weights=True)
     if args.in_chans != 3:
-        raise ValueError(f"--in-chans {args.in_chans}: the ImageNet-C corruptions are defined on RGB images")
+        raise UsageError(f"--in-chans {args.in_chans}: the ImageNet-C corruptions are defined on RGB images")
     imagecorruptions()  # fail now, not after the clean pass, if the package is missing
     overrides = input_overrides(args)
     model = build_model(
@@ -340,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     ).to(device)
     config = data_config(model, **overrides)
     if min(config["input_size"][1:]) < 32:
-        raise ValueError(f"input size {config['input_size']} is too small: imagecorruptions needs 32 px or more")
+        raise UsageError(f"input size {config['input_size']} is too small: imagecorruptions needs 32 px or more")
     # uint8 tensors (timm's prefetcher layout): corrupted as pixels, normalised afterwards by CorruptedImages.
     transform = create_transform(model, train=False, use_prefetcher=True, **overrides)
     base = build_dataset(args.data, "val", transform=transform)
