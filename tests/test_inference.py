@@ -154,16 +154,6 @@ def test_create_transform_resizes_by_crop_pct_and_centre_crops() -> None:
     assert x.shape == (3, 224, 224) and x.abs().max() < 0.02
 
 
-def test_cli_commands_point_at_these_modules() -> None:
-    import importlib
-
-    from sequencer import cli, deploy
-
-    assert importlib.import_module(cli.COMMANDS["predict"][0]) is inference
-    assert importlib.import_module(cli.COMMANDS["export"][0]) is deploy
-    assert callable(sequencer.predict) and callable(sequencer.export)
-
-
 def test_predict_labels_classes_by_the_names_the_checkpoint_records(
     tiny_model, tmp_path: Path, image_folder: Path
 ) -> None:

@@ -1,11 +1,5 @@
-"""Average a run's best epoch checkpoints into one weights file, or export one checkpoint's weights alone.
-
-`sequencer average RUN_DIR -n 5 -o avg.safetensors` ranks the checkpoint-EPOCH.pth.tar that `sequencer train
---checkpoint-hist` kept in RUN_DIR by the metric each one recorded (--eval-metric of the run) and writes the mean of
-the 5 best. `sequencer average RUN_DIR/last.pth.tar -o weights.safetensors` writes that checkpoint's weights without
-the optimizer state. The EMA weights are used when the checkpoints hold them (--no-use-ema: the raw ones). The output
-(.safetensors or .pth) loads with `--checkpoint FILE` or `create_model(name, pretrained=FILE)`.
-"""
+"""Checkpoint averaging (`average_checkpoints`, ranked by the metric each epoch recorded) and weights-only export:
+the work of `sequencer average`."""
 
 from __future__ import annotations
 
@@ -19,7 +13,6 @@ import torch
 
 from sequencer.checkpoint import atomic_save, extract_state_dict, read_file
 from sequencer.errors import CheckpointError, UsageError
-from sequencer.options import add_output_option
 
 # The names `sequencer train --checkpoint-hist` (and timm's train.py) give the kept epoch checkpoints.
 EPOCH_CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pth\.tar")
@@ -35,24 +28,6 @@ class Ranked:
     metric: float | None
     metric_name: str
     lower_is_better: bool
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """RUN_DIR or FILE ..., -n, -o, --use-ema / --no-use-ema."""
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="RUN_DIR|FILE",
-        help="a training output folder (its checkpoint-EPOCH.pth.tar files) or checkpoint files",
-    )
-    parser.add_argument("-n", "--num", type=int, default=None, metavar="N", help="average the N best (default: all)")
-    add_output_option(parser, None, "weights file to write: .safetensors or .pth", required=True)
-    parser.add_argument(
-        "--use-ema",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="average the EMA weights when the checkpoints hold them (default); --no-use-ema: the raw weights",
-    )
 
 
 def find_checkpoints(inputs: list[str | Path]) -> list[Path]:

@@ -37,16 +37,14 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
 
+from sequencer.commands.bench import MODES
 from sequencer.errors import UsageError
 from sequencer.model import create_model, list_models
-from sequencer.options import add_output_option, add_runtime_options
 from sequencer.recurrence import IMPLEMENTATIONS
 from sequencer.runtime import autocast, resolve_device, set_threads
 
-MODES = ("infer", "train")
 # Writing "5" here resets the process's peak resident set (Linux): how CPU peak memory is measured.
 CLEAR_REFS = "/proc/self/clear_refs"
-PRECISIONS = ("float32", "amp")
 TWIN_TOLERANCE = 1e-4
 
 
@@ -75,43 +73,6 @@ class Setting:
     precision: str
     resolution: int
     batch_size: int
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Models, settings, repeats and outputs; device, threads and -b come from the shared runtime options."""
-    parser.add_argument(
-        "--models",
-        type=_names,
-        default=["sequencer2d_s"],
-        help="comma-separated: our variants (see `sequencer summary`) and/or timm models",
-    )
-    parser.add_argument("--resolutions", type=_ints, default=[224], help="comma-separated input sizes")
-    parser.add_argument("--batch-sizes", type=_ints, default=None, help="comma-separated (default: -b)")
-    parser.add_argument(
-        "--precisions",
-        type=_choices(PRECISIONS),
-        default=None,
-        help="comma-separated float32 and/or amp (default: amp with --amp, else float32)",
-    )
-    parser.add_argument("--modes", type=_choices(MODES), default=list(MODES), help="infer and/or train")
-    parser.add_argument(
-        "--impls",
-        type=_choices(IMPLEMENTATIONS),
-        default=["auto", "reference"],
-        help="rnn_impl values to run our models with (auto, reference, fused)",
-    )
-    parser.add_argument(
-        "--grad-checkpointing",
-        action="store_true",
-        help="also train our models with gradient checkpointing (compared with timm without)",
-    )
-    parser.add_argument("--no-timm-twin", action="store_true", help="skip timm's sequencer2d_* with our weights")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    add_output_option(parser, "bench", "file stem: writes OUTPUT.json, OUTPUT.csv (and OUTPUT.png)")
-    add_runtime_options(parser)
-    parser.set_defaults(batch_size=8)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
 
 def plan_variants(models: list[str], impls: list[str], checkpointing: bool, twins: bool) -> list[Variant]:
     """Ours once per impl (and checkpointed), timm's twin for sequencer2d_s/m/l, peers as timm models."""
+    unknown = sorted(set(impls) - set(IMPLEMENTATIONS))
+    if unknown:
+        raise UsageError(f"unknown --impls {', '.join(unknown)}; expected some of {', '.join(IMPLEMENTATIONS)}")
     ours = set(list_models())
     variants = []
     for name in models:
@@ -486,31 +450,3 @@ def _status_kib(field: str) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Argument types
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _names(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
-    return names
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in _names(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(value < 1 for value in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        values = _names(text)
-        unknown = [v for v in values if v not in allowed]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; expected some of {', '.join(allowed)}")
-        return values
-
-    return parse

@@ -1,7 +1,8 @@
 """The `sequencer` command: one entry point whose subcommands share their option definitions (see options.py).
 
-Only the module of the subcommand being run is imported, so `sequencer --help` does not pay for torch, timm or
-matplotlib. Every expected failure (`sequencer.errors.SequencerError`) ends as one line on stderr and exit code 2.
+A subcommand's flags come from `sequencer.commands.<name>`, which imports no torch, timm or matplotlib; the module
+that does its work is imported only when it runs, so help and argument errors are instant. Every expected failure
+(`sequencer.errors.SequencerError`) ends as one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 from sequencer.errors import SequencerError, UsageError
 
-# name -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
+# name -> (module whose `run(args) -> int` does the work, one-line help); the flags: sequencer.commands.<name>
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sequencer.train", "train or fine-tune a model (timm-style flags; works under torchrun)"),
     "validate": ("sequencer.validate", "top-1 / top-5 / loss / images per second on a labelled folder"),
@@ -41,18 +42,17 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only `command`'s module is imported to add its options (none for `sequencer --help`)."""
+    """The parser, with the flags of `command` only (none for `sequencer --help`)."""
     parser = argparse.ArgumentParser(prog="sequencer", description="Sequencer: Deep LSTM for Image Classification")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.command_parsers = {}
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, formatter_class=DefaultsHelpFormatter)
         parser.command_parsers[name] = sub_parser
         if name == command:
-            module = importlib.import_module(module_name)
-            sub_parser.description = module.__doc__
-            module.add_arguments(sub_parser)
-            sub_parser.set_defaults(run=module.run)
+            flags = importlib.import_module(f"sequencer.commands.{name}")
+            sub_parser.description = flags.__doc__
+            flags.add_arguments(sub_parser)
     return parser
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "config", None):
             _apply_config(parser.command_parsers[command], args.config)
             args = parser.parse_args(argv)
-        return int(args.run(args) or 0)
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except SequencerError as error:
         print(f"sequencer {args.command}: error: {error}", file=sys.stderr)
         return 2

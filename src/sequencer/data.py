@@ -164,11 +164,6 @@ TRANSFER_LAYOUTS = {
     "oxford_iiit_pet": "DATA_DIR/oxford-iiit-pet/{images/*.jpg, annotations/{trainval.txt, test.txt}}",
 }
 TORCH_DATASETS = ("cifar10", "cifar100", *TRANSFER_SPLITS)
-DATASET_HELP = (
-    "torch/cifar10, torch/cifar100, torch/flowers102, torch/stanford_cars or torch/oxford_iiit_pet, read from "
-    "--data-dir (default: a class-folder tree). Splits: train -> Flowers train, Cars train, Pets trainval; "
-    "val/validation -> Flowers val, Cars test, Pets test; test -> each one's test split"
-)
 
 
 class TorchvisionDataset(Dataset):

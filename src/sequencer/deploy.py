@@ -1,4 +1,5 @@
-"""Export a model to ONNX, TorchScript or a torch.export ExportedProgram, then load the file back and check it."""
+"""Export: `sequencer.export()` writes a model as ONNX, TorchScript or a torch.export ExportedProgram, loads the file
+back and checks its logits; and the run of `sequencer export`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from sequencer.checkpoint import load_model
 from sequencer.data import data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
 from sequencer.model import list_models, route
-from sequencer.options import add_input_options, add_model_options, add_output_option, input_overrides
+from sequencer.options import input_overrides
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}
@@ -245,29 +246,6 @@ def export(
     if not result.passed:
         raise ExportCheckError(f"{result.summary()}\nthe file was kept at {path} for inspection")
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model, input size and export options."""
-    add_model_options(parser)
-    add_input_options(parser)
-    group = parser.add_argument_group("export")
-    group.add_argument("--format", default=None, choices=FORMATS, help="default: from the suffix of -o")
-    add_output_option(group, None, "file to write (.onnx, .pt, .pt2)", required=True)
-    group.add_argument(
-        "--dynamic-batch",
-        action="store_true",
-        help="any batch size (TorchScript always allows it); checked at three batch sizes",
-    )
-    group.add_argument(
-        "-b",
-        "--batch-size",
-        type=int,
-        default=2,
-        help="batch of the example input, and the fixed batch of a static export (default 2)",
-    )
-    group.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |logit difference|")
-    group.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Classify images or folders of images with a model's own preprocessing; print top-k labels, or write CSV / JSON."""
+"""Prediction: `sequencer.predict()` (top-k classes of images or folders with a model's own preprocessing), its
+CSV / JSON / table output, and the run of `sequencer predict`."""
 
 from __future__ import annotations
 
@@ -23,19 +24,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from sequencer.checkpoint import load_model
+from sequencer.commands.predict import OUTPUT_FORMATS
 from sequencer.data import create_transform
 from sequencer.errors import UsageError
 from sequencer.options import (
     INPUT_KEYS,
-    add_input_options,
-    add_model_options,
-    add_output_option,
-    add_runtime_options,
     input_overrides,
 )
 from sequencer.runtime import autocast, resolve_device, set_threads
-
-OUTPUT_FORMATS = ("table", "csv", "json")
 
 
 @dataclass
@@ -271,30 +267,6 @@ def output_format_for(output: str | None, requested: str | None) -> str:
         return requested
     suffix = Path(output).suffix.lower() if output else ""
     return {".csv": "csv", ".json": "json"}.get(suffix, "table")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Inputs, model, preprocessing, runtime and output options."""
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (recursive)")
-    add_model_options(parser)
-    add_input_options(parser)
-    add_runtime_options(parser)
-    group = parser.add_argument_group("output")
-    group.add_argument("--topk", type=int, default=5, help="classes to list per image")
-    group.add_argument(
-        "--class-map",
-        default=None,
-        metavar="FILE",
-        help="class names: one per line, or a JSON list / dict (default: ImageNet-1K for 1000 classes)",
-    )
-    add_output_option(group, None, "file to write the predictions to, instead of stdout")
-    group.add_argument(
-        "--format",
-        dest="output_format",
-        choices=OUTPUT_FORMATS,
-        default=None,
-        help="output format (default: from --output's suffix .csv / .json, else a table)",
-    )
 
 
 def run(args: argparse.Namespace) -> int:

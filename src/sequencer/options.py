@@ -22,6 +22,23 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = "seq
     )
 
 
+DATASET_HELP = (
+    "torch/cifar10, torch/cifar100, torch/flowers102, torch/stanford_cars or torch/oxford_iiit_pet, read from "
+    "--data-dir (default: a class-folder tree). Splits: train -> Flowers train, Cars train, Pets trainval; "
+    "val/validation -> Flowers val, Cars test, Pets test; test -> each one's test split"
+)
+
+
+def add_dataset_options(parser: argparse.ArgumentParser, data_help: str) -> argparse._ArgumentGroup:
+    """DATA, --data-dir, --dataset/-d, --dataset-download, as timm's scripts; returns the group for the splits."""
+    group = parser.add_argument_group("data")
+    group.add_argument("data", nargs="?", default=None, metavar="DATA", help=data_help)
+    group.add_argument("--data-dir", default=None, help="dataset root (alternative to DATA; where torch/* data live)")
+    group.add_argument("--dataset", "-d", default="", help=DATASET_HELP)
+    group.add_argument("--dataset-download", action="store_true", help="download torch/* datasets when missing")
+    return group
+
+
 def add_input_options(parser: argparse.ArgumentParser) -> None:
     """--img-size, --input-size, --crop-pct, --mean, --std, --interpolation (default: the model's config)."""
     group = parser.add_argument_group("input")

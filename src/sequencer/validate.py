@@ -1,4 +1,4 @@
-"""Top-1, top-5, loss and images per second of a model on a labelled dataset (timm's validate.py flags)."""
+"""Evaluation: top-1, top-5 and loss of a model on a dataset (`evaluate`), and the run of `sequencer validate`."""
 
 from __future__ import annotations
 
@@ -21,15 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
 from sequencer.checkpoint import load_model, open_checkpoint
-from sequencer.data import DATASET_HELP, build_dataset, create_loader, create_transform, data_config, map_classes
+from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
 from sequencer.errors import DatasetError, UsageError
 from sequencer.model import check_model_name
 from sequencer.options import (
-    add_compile_options,
-    add_input_options,
-    add_model_options,
-    add_output_option,
-    add_runtime_options,
     input_overrides,
 )
 from sequencer.runtime import autocast, compile_model, resolve_device, set_threads
@@ -206,41 +201,6 @@ def check_targets_within(dataset: Dataset, valid_classes: torch.Tensor) -> None:
             f"{len(outside)} of the data's classes (indices {', '.join(map(str, outside[:5]))}) are not among "
             "--valid-labels: evaluate ImageNet-A with imagenet-a, ImageNet-R with imagenet-r"
         )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of timm's validate.py that apply here."""
-    parser.add_argument(
-        "data",
-        nargs="?",
-        default=None,
-        help="dataset root (DATA/val/<class>/*, or DATA/<class>/*); none: the built-in digits",
-    )
-    parser.add_argument("--data-dir", default=None, help="dataset root (alternative to DATA)")
-    parser.add_argument("--dataset", "-d", default="", help=DATASET_HELP)
-    parser.add_argument("--split", default="validation", help="split to evaluate (val, validation, train)")
-    parser.add_argument("--dataset-download", action="store_true", help="download torch/* datasets if missing")
-    add_model_options(parser, default_model="sequencer2d_s")
-    add_input_options(parser)
-    add_runtime_options(parser)
-    add_compile_options(parser)
-    add_output_option(parser, "", "JSON file to write the metrics to", "--results-file")
-    parser.add_argument(
-        "--valid-labels",
-        default="",
-        metavar="imagenet-a|imagenet-r|FILE",
-        help="score only these classes (logits of the others masked out): ImageNet-A's or ImageNet-R's 200 "
-        "(timm's packaged lists), or a file with one class index per line",
-    )
-    parser.add_argument(
-        "--real-labels",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="FILE",
-        help="also report ImageNet-ReaL top-1 on the ImageNet val images (ILSVRC2012_val_*.JPEG): labels from "
-        f"FILE, else timm's packaged {REAL_LABELS_FILE}",
-    )
 
 
 def run(args: argparse.Namespace) -> int:

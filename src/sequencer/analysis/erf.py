@@ -37,7 +37,6 @@ from sequencer.analysis.common import (
 from sequencer.data import build_dataset, create_loader, create_transform, data_config
 from sequencer.errors import UsageError
 from sequencer.model import Sequencer, route
-from sequencer.options import add_compare_options, add_model_options, add_output_option, add_runtime_options
 from sequencer.runtime import resolve_device, set_threads
 
 _logger = logging.getLogger(__name__)
@@ -210,29 +209,6 @@ def plot_erf_grid(results: list[tuple[str, list[StageERF]]], path: str | Path) -
     h, w = results[0][1][0].erf.shape
     fig.suptitle(f"Effective receptive field of each stage's centre output ({h}x{w} input)")
     return save_figure(fig, path)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model, comparison (random init without a checkpoint), data, image count and size, output options."""
-    add_model_options(parser, default_model="sequencer2d_s")
-    add_compare_options(parser)
-    parser.add_argument(
-        "data",
-        nargs="?",
-        default=None,
-        metavar="DATA",
-        help="image folder (DATA/val/<class>/* or DATA/<class>/*); none: random noise images",
-    )
-    parser.add_argument("--num-images", type=int, default=32, help="images to average over")
-    parser.add_argument("--img-size", type=int, default=None, help="input size (default: the first model's)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the random images and of the weights of models without checkpoint"
-    )
-    add_output_option(parser, "results/erf", "output folder for erf.csv, erf.png and erf.npz", "--out")
-    add_runtime_options(parser)
-    # Memory grows with the images backpropagated at once (sequencer2d_s at 224 px: about 0.3 GiB each); the
-    # maps do not depend on it.
-    parser.set_defaults(batch_size=4)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,11 +28,6 @@ from sequencer.analysis.common import (
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
 from sequencer.errors import UsageError
 from sequencer.options import (
-    add_compare_options,
-    add_input_options,
-    add_model_options,
-    add_output_option,
-    add_runtime_options,
     input_overrides,
 )
 from sequencer.runtime import resolve_device, set_threads
@@ -143,17 +138,6 @@ def plot_resolution(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """DATA, --model/--checkpoint, --compare, --sizes, --out, input and runtime options."""
-    parser.add_argument("data", help="labelled images: DATA/val/<class>/* or DATA/<class>/*")
-    add_model_options(parser, default_model="sequencer2d_s")
-    add_compare_options(parser)
-    parser.add_argument("--sizes", default="160,224,288,384,448", help="comma-separated inference sizes")
-    add_output_option(parser, "results/resolution", "output folder for resolution.csv and .png", "--out")
-    add_input_options(parser)
-    add_runtime_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ from tqdm import tqdm
 from sequencer.analysis.complexity import count_macs
 from sequencer.errors import UsageError
 from sequencer.model import ALIASES, VARIANTS, count_parameters, create_model, list_models
-from sequencer.options import add_output_option
 
 COLUMNS = ("model", "params_m", "gmacs", "img_size", "params", "macs")
 _HEADERS = {
@@ -83,19 +82,6 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
         padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))]
         lines.append("| " + " | ".join(padded) + " |\n")
     return "".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--models, --img-size, --format, --out."""
-    parser.add_argument("--models", default="*", help="shell-style pattern of variant names (default: all)")
-    parser.add_argument("--img-size", type=int, default=None, help="input size (default: each variant's own)")
-    parser.add_argument(
-        "--format",
-        choices=("markdown", "csv"),
-        default=None,
-        help="table format (default: csv for an --out file ending in .csv, else markdown)",
-    )
-    add_output_option(parser, "", "write the table to this file instead of printing it", "--out")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,13 +22,10 @@ from torch.utils.data import Dataset
 from sequencer.analysis.common import build_model, check_model_specs, evenly_spaced_subset, new_figure, save_figure
 from sequencer.analysis.common import write_csv as write_rows
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, CORRUPTIONS, SEVERITIES, corruption_error
+from sequencer.commands.variants import DATASET_FLAGS
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
 from sequencer.errors import UsageError
 from sequencer.options import (
-    add_input_options,
-    add_model_options,
-    add_output_option,
-    add_runtime_options,
     input_overrides,
 )
 from sequencer.runtime import resolve_device, set_threads
@@ -64,31 +61,6 @@ VARIANTS = (
     ),
     Variant("c", "ImageNet-C", ("imagenet-c",), (None, None, 48.9)),
 )
-_FLAGS = {"real": "imagenet-val", "a": "imagenet-a", "r": "imagenet-r", "sketch": "imagenet-sketch"}
-_FLAGS.update(v2="imagenetv2", c="imagenet-c")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """ROOT, one flag per dataset, --real-labels, --limit, --out, model, input and runtime options."""
-    looked_for = "; ".join(f"{v.title}: {', '.join(v.folders)}" for v in VARIANTS if v.key != "imagenet")
-    parser.add_argument(
-        "root", nargs="?", default=None, help=f"folder holding the datasets under the names {looked_for}"
-    )
-    group = parser.add_argument_group("datasets (each overrides the folder found under ROOT)")
-    for key, flag in _FLAGS.items():
-        title = next(v.title for v in VARIANTS if v.key == key)
-        group.add_argument(f"--{flag}", dest=f"dataset_{key}", default=None, metavar="DIR", help=f"{title} folder")
-    parser.add_argument(
-        "--real-labels",
-        default="",
-        metavar="FILE",
-        help="ImageNet-ReaL labels (JSON list, one entry per val image); default: timm's packaged file",
-    )
-    parser.add_argument("--limit", type=int, default=None, help="at most N images per dataset (and per -C folder)")
-    add_output_option(parser, "results/variants", "output folder (variants.csv, variants.png)", "--out")
-    add_model_options(parser, default_model="sequencer2d_s")
-    add_input_options(parser)
-    add_runtime_options(parser)
 
 
 def find_datasets(root: str | None, overrides: dict[str, str | None]) -> tuple[dict[str, Path], list[str]]:
@@ -100,7 +72,7 @@ def find_datasets(root: str | None, overrides: dict[str, str | None]) -> tuple[d
         flagged = overrides.get(variant.key)
         if flagged:
             if not Path(flagged).is_dir():
-                raise UsageError(f"--{_FLAGS[variant.key]} {flagged}: folder not found")
+                raise UsageError(f"--{DATASET_FLAGS[variant.key][0]} {flagged}: folder not found")
             found[variant.key] = Path(flagged)
             continue
         candidates = [Path(root) / name for name in variant.folders] if root else []
@@ -139,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate on every dataset found, then write variants.csv and variants.png and say which were missing."""
     set_threads(args.threads)
     device = resolve_device(args.device)
-    found, missing = find_datasets(args.root, {key: getattr(args, f"dataset_{key}") for key in _FLAGS})
+    found, missing = find_datasets(args.root, {key: getattr(args, f"dataset_{key}") for key in DATASET_FLAGS})
     check_model_specs([(args.model, args.checkpoint)])
     model = build_model(
         args.model, args.checkpoint, num_classes=args.num_classes, use_ema=args.use_ema, unsafe_load=args.unsafe_load
