@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,77 @@ def test_names_checked_when_the_command_runs_end_in_one_line_before_any_work(
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def data(make_image_tree, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_tree(tmp_path_factory.mktemp("data"), classes=2, per_class=2, size=40)
+
+
+TINY = "--model sequencer2d_tiny -j 0 --device cpu"
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        ("predict {data}/val -b 0 " + TINY, "-b/--batch-size 0 is out of range: it must be >= 1"),
+        ("predict {data}/val --img-size 4 " + TINY, "input 4x4 is smaller than the 8x8"),
+        ("predict {data}/val --topk 0 " + TINY, "--topk 0 is out of range"),
+        ("validate {data} --crop-pct 1.5 " + TINY, "--crop-pct 1.5 is out of range: it must be > 0 and <= 1"),
+        ("validate {data} --std 0.2 0 0.2 " + TINY, "--std 0.2 0.0 0.2 is out of range: it must be > 0"),
+        ("validate {data} --in-chans 1 " + TINY, "the model takes 1 input channels but its input has 3"),
+        ("validate {data} --threads 0 " + TINY, "--threads 0 is out of range: it must be >= 1"),
+        ("train {data} --in-chans 1 " + TINY, "--in-chans 1: training reads images as RGB"),
+        ("train {data} --scale 0.9 0.1 " + TINY, "--scale 0.9 0.1: the first value must be <= the second"),
+        ("train {data} --cutmix-minmax 0.5 0.5 " + TINY, "--cutmix-minmax 0.5 0.5: the first value must be <"),
+        ("train {data} --ratio 0 1 " + TINY, "--ratio 0.0 1.0 is out of range: it must be > 0"),
+        ("robustness {data} --limit 0 " + TINY, "--limit 0 is out of range"),
+        ("robustness {data} --alexnet-errors {tmp}/no.json " + TINY, "--alexnet-errors {tmp}/no.json: file not found"),
+        ("erf --num-images 0 " + TINY, "--num-images 0 is out of range"),
+        ("average {tmp} -n 0 -o {tmp}/avg.pth", "-n/--num 0 is out of range"),
+        ("variants " + TINY, "name ROOT, the folder holding the datasets, or their folders with --imagenet-val"),
+    ],
+)
+def test_bad_values_of_any_command_end_in_one_line_before_any_work(
+    run_cli, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, words: str, message: str
+) -> None:
+    command = words.split()[0]
+    assert run_cli(words.format(data=data, tmp=tmp_path), "--output", tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"sequencer {command}: error: ") and len(error.strip().splitlines()) == 1
+    assert message.format(tmp=tmp_path) in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_values_are_checked_like_the_command_line(
+    run_cli, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "args.yaml").write_text("epochs: 0\n")
+    assert run_cli(f"train {data} {TINY} -c {tmp_path / 'args.yaml'} --output {tmp_path / 'out'}") == 2
+    assert "--epochs 0 is out of range: it must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("words", ["predict x.png --interpolation nearestx", "train --remode nosuch"])
+def test_unknown_choices_are_refused_by_the_parser(run_cli, words: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run_cli(words)
+    assert exited.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_warnings_read_as_one_line(
+    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main replaces it: restored afterwards
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # Python's default, not pytest's
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        monkeypatch.setattr(warnings, "showwarning", show)
+        assert run_cli(f"export --model sequencer2d_tiny -o {tmp_path / 'm.pt'}") == 0
+    error = capsys.readouterr().err
+    line = next(line for line in error.splitlines() if "no checkpoint given" in line)
+    assert line.startswith("sequencer export: warning: no checkpoint given: sequencer2d_tiny has random")
+    assert "UserWarning" not in error and "load_model(" not in error

@@ -105,7 +105,10 @@ def test_bad_requests_give_clear_errors(
     for flags, message in (
         (["-o", str(out / "model.bin")], "cannot tell the export format from"),
         (["-o", str(out / "model.pt"), "--img-size", "4"], "smaller than the 8x8"),
-        (["-o", str(out / "model.pt"), "--input-size", "1", "32", "32"], "expected 3 input channels"),
+        (
+            ["-o", str(out / "model.pt"), "--input-size", "1", "32", "32"],
+            "the model takes 3 input channels but its input has 1",
+        ),
         (["-o", str(out / "model.onnx"), "--dynamic-batch", "-b", "1"], "batch_size must be >= 2"),
         (["-o", str(out / "model.pt"), "--model", "sequencer2d_nope"], "unknown model 'sequencer2d_nope'"),
         (["-o", str(out / "model.pt"), "--checkpoint", str(out / "none.pth")], "checkpoint not found"),
@@ -154,4 +157,4 @@ def test_a_failed_check_keeps_the_file_and_exits_1(
         sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint)
     assert isinstance(raised.value, SequencerError)  # the API's callers catch every expected failure alike
     assert run_cli("export", "--model", "sequencer2d_tiny", "-o", str(path), "--tolerance", "-1") == 2
-    assert "--tolerance must be" in capsys.readouterr().err
+    assert "--tolerance -1.0 is out of range: it must be >= 0" in capsys.readouterr().err

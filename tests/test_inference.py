@@ -106,9 +106,18 @@ def test_cli_writes_csv_json_and_table(
     assert "3 classified, 1 unreadable" in out and f"unreadable: {image_folder / 'corrupt.jpg'}" in out
 
 
-def test_cli_fails_when_nothing_can_be_read(run_cli, checkpoint: Path, image_folder: Path) -> None:
-    argv = [str(image_folder / "corrupt.jpg"), "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint)]
-    assert run_cli("predict", *[*argv, "-j", "0", "--format", "json"]) == 1
+def test_cli_refuses_in_one_line_when_nothing_can_be_read_or_a_path_is_missing(
+    run_cli, checkpoint: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model = f"--model sequencer2d_tiny --checkpoint {checkpoint} -j 0"
+    for inputs, message in [
+        (image_folder / "corrupt.jpg", f"no image could be read: {image_folder / 'corrupt.jpg'}: "),
+        (f"{image_folder / 'a.png'} {tmp_path / 'nope.jpg'}", f"{tmp_path / 'nope.jpg'}: no such file or folder"),
+    ]:
+        assert run_cli("predict", f"{inputs} {model} -o {tmp_path / 'out.json'}") == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sequencer predict: error: ") and message in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "out.json").exists()
 
 
 def test_class_map_and_num_classes(tiny_model, tmp_path: Path, image_folder: Path) -> None:

@@ -79,11 +79,7 @@ def run(args: argparse.Namespace) -> int:
     """Measure every variant in every setting, print the tables and write the files."""
     set_threads(args.threads)
     device = resolve_device(args.device)
-    if args.repeats < 1 or args.warmup < 0:
-        raise UsageError("--repeats must be at least 1 and --warmup at least 0")
     batch_sizes = args.batch_sizes or [args.batch_size]
-    if min(batch_sizes) < 1:
-        raise UsageError(f"-b must be at least 1, got {args.batch_size}")
     if not args.no_memory and device.type == "cpu" and not os.access(CLEAR_REFS, os.W_OK):
         raise UsageError(
             f"peak CPU memory is read by resetting {CLEAR_REFS}, which this system lacks: pass --no-memory"

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from sequencer.errors import SequencerError, UsageError
+from sequencer.options import check_bounds
 
 # name -> (module whose `run(args) -> int` does the work, one-line help); the flags: sequencer.commands.<name>
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -85,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_of(argv)
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    # Warnings (no checkpoint given, a deprecated option ...) read as one line, like the errors, without source lines.
+    warnings.formatwarning = lambda message, *_: f"sequencer {args.command}: warning: {message}\n"
     try:
         if getattr(args, "config", None):
             _apply_config(parser.command_parsers[command], args.config)
             args = parser.parse_args(argv)
+        check_bounds(parser.command_parsers[command], args)
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except SequencerError as error:
         print(f"sequencer {args.command}: error: {error}", file=sys.stderr)

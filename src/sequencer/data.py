@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision.datasets import ImageFolder
 
-from sequencer.errors import DatasetError
+from sequencer.errors import DatasetError, UsageError
 
 _logger = logging.getLogger(__name__)
 
@@ -31,6 +31,22 @@ def data_config(model: nn.Module | dict[str, Any], **overrides: Any) -> dict[str
     cfg = model if isinstance(model, dict) else getattr(model, "pretrained_cfg", {})
     args = {k: v for k, v in overrides.items() if v not in (None, "")}
     return resolve_data_config(args=args, pretrained_cfg=dict(cfg))
+
+
+def check_input_fits(model: nn.Module, input_size: Sequence[int], flag: str = "--img-size / --input-size") -> None:
+    """Raise a UsageError before any work when `model` cannot take (C, H, W) inputs (`flag` set their size)."""
+    channels = getattr(model, "in_chans", input_size[0])
+    if channels != input_size[0]:
+        raise UsageError(
+            f"the model takes {channels} input channels but its input has {input_size[0]} "
+            "(--in-chans, --input-size; images are read as RGB)"
+        )
+    check_input = getattr(model, "check_input", None)  # a Sequencer's; other models have none
+    if callable(check_input):
+        try:
+            check_input(torch.empty(1, *input_size, device="meta"))  # shapes only: nothing runs
+        except ValueError as error:
+            raise UsageError(f"{error} ({flag})") from None
 
 
 def posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:

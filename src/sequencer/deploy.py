@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sequencer.checkpoint import load_model
-from sequencer.data import data_config
+from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
 from sequencer.model import list_models, route
 from sequencer.options import input_overrides
@@ -221,13 +221,7 @@ def export(
         **{key: cfg[key] for key in _CONFIG_KEYS if key in cfg},
     }
     input_size = tuple(cfg["input_size"])
-    check_input = getattr(model, "check_input", None)
-    if callable(check_input):
-        # Before any file or folder is made: a shape-only tensor, so nothing runs.
-        try:
-            check_input(torch.empty(1, *input_size, device="meta"))
-        except ValueError as error:
-            raise UsageError(f"{error} (--img-size / --input-size)") from error
+    check_input_fits(model, input_size)  # before any file or folder is made
     generator = torch.Generator().manual_seed(0)
     batches = [batch_size, 1, batch_size + 3] if dynamic_batch else [batch_size]
     inputs = {batch: torch.randn(batch, *input_size, generator=generator) for batch in batches}

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from sequencer.checkpoint import load_model
 from sequencer.commands.predict import OUTPUT_FORMATS
-from sequencer.data import create_transform
-from sequencer.errors import UsageError
+from sequencer.data import check_input_fits, create_transform, data_config
+from sequencer.errors import DatasetError, UsageError
 from sequencer.options import (
     INPUT_KEYS,
     input_overrides,
@@ -119,8 +119,10 @@ def find_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+        elif path.exists():
+            files.append(path)  # an unreadable file is reported with the results, not raised
         else:
-            files.append(path)  # a missing or unreadable file is reported with the results, not raised
+            raise UsageError(f"{path}: no such file or folder")
     if not files:
         raise UsageError(f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(extensions)})")
     return files
@@ -186,9 +188,7 @@ def predict(
         model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
     elif checkpoint:
         raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
-    channels = getattr(model, "in_chans", 3)
-    if channels != 3:
-        raise UsageError(f"predict reads images as RGB (3 channels) but the model takes {channels} input channels")
+    check_input_fits(model, (3, *data_config(model, **transform_overrides)["input_size"][1:]))  # RGB images
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     model = model.to(torch_device).eval()
     transform = create_transform(model, train=False, **transform_overrides)
@@ -270,7 +270,7 @@ def output_format_for(output: str | None, requested: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Classify, print or write the results; exit 1 when no file could be classified."""
+    """Classify, print or write the results; unreadable files are listed, a run where none could be read refused."""
     set_threads(args.threads)
     overrides = input_overrides(args)
     predictions = predict(
@@ -291,6 +291,10 @@ def run(args: argparse.Namespace) -> int:
         unsafe_load=args.unsafe_load,
         **overrides,
     )
+    failed = [p for p in predictions if p.error is not None]
+    if len(failed) == len(predictions):
+        more = f" (and {len(failed) - 1} more files)" if len(failed) > 1 else ""
+        raise DatasetError(f"no image could be read: {failed[0].path}: {failed[0].error}{more}")
     text = render(predictions, output_format_for(args.output, args.output_format))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -298,7 +302,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
-    failed = sum(p.error is not None for p in predictions)
     if failed:
-        print(f"{failed} of {len(predictions)} files could not be read (listed in the output)", file=sys.stderr)
-    return 1 if failed == len(predictions) else 0
+        print(f"{len(failed)} of {len(predictions)} files could not be read (listed in the output)", file=sys.stderr)
+    return 0

@@ -5,6 +5,78 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from sequencer.errors import UsageError
+
+# timm's interpolation names; training also takes "random" (bilinear or bicubic per image).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+# Option (its dest) -> (lowest value, whether the lowest itself is allowed, highest or None), for every command that
+# has the option: `check_bounds` refuses any other value before the command starts. Lists are checked item by item.
+BOUNDS: dict[str, tuple[float, bool, float | None]] = {
+    # shared options
+    "batch_size": (1, True, None),
+    "workers": (0, True, None),
+    "threads": (1, True, None),
+    "num_classes": (1, True, None),
+    "in_chans": (1, True, None),
+    "img_size": (1, True, None),
+    "input_size": (1, True, None),
+    "crop_pct": (0, False, 1),
+    "std": (0, False, None),
+    # train
+    "validation_batch_size": (1, True, None),
+    "epochs": (1, True, None),
+    "lr": (0, True, None),  # 0 is legitimate: a run that only checks loading or evaluates
+    "lr_base": (0, True, None),
+    "lr_base_size": (1, True, None),
+    "warmup_lr": (0, True, None),
+    "min_lr": (0, True, None),
+    "warmup_epochs": (0, True, None),
+    "cooldown_epochs": (0, True, None),
+    "weight_decay": (0, True, None),
+    "momentum": (0, True, 1),
+    "clip_grad": (0, False, None),
+    "drop": (0, True, 1),
+    "drop_path": (0, True, 1),
+    "smoothing": (0, True, 1),
+    "scale": (0, False, 1),
+    "ratio": (0, False, None),
+    "hflip": (0, True, 1),
+    "vflip": (0, True, 1),
+    "reprob": (0, True, 1),
+    "recount": (1, True, None),
+    "mixup": (0, True, None),
+    "cutmix": (0, True, None),
+    "cutmix_minmax": (0, False, 1),
+    "mixup_prob": (0, True, 1),
+    "mixup_switch_prob": (0, True, 1),
+    "model_ema_decay": (0, True, 1),
+    "checkpoint_hist": (0, True, None),
+    # predict, export, average, bench and the analyses
+    "topk": (1, True, None),
+    "tolerance": (0, True, None),
+    "num": (1, True, None),
+    "repeats": (1, True, None),
+    "warmup": (0, True, None),
+    "num_images": (1, True, None),
+    "limit": (1, True, None),
+}
+
+
+def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Raise a UsageError naming the flag for the first value outside `BOUNDS` among the options `parser` has."""
+    for action in parser._actions:
+        if action.dest not in BOUNDS or getattr(args, action.dest, None) is None:
+            continue
+        low, low_allowed, high = BOUNDS[action.dest]
+        value = getattr(args, action.dest)
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if item < low or (item == low and not low_allowed) or (high is not None and item > high):
+                flag = "/".join(action.option_strings)
+                shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
+                limits = f"{'>=' if low_allowed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+                raise UsageError(f"{flag} {shown} is out of range: it must be {limits}")
+
 
 def add_model_options(parser: argparse.ArgumentParser, default_model: str = "sequencer2d_s") -> None:
     """--model, --checkpoint / --pretrained, --num-classes, --in-chans."""
@@ -68,7 +140,8 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--interpolation",
         default="",
-        help="resize interpolation: bicubic, bilinear, ... (default: the model's, bicubic)",
+        choices=INTERPOLATIONS,
+        help="resize interpolation (default: the model's, bicubic)",
     )
 
 

@@ -69,7 +69,7 @@ def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.lr is None and args.batch_size > 0:  # a batch size < 1 is refused by check_arguments
+    if args.lr is None:
         ratio = args.batch_size * world_size / args.lr_base_size
         scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
         args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
@@ -77,45 +77,10 @@ def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse
     return args
 
 
-# (flag, attribute, lowest allowed, whether the lowest is allowed, highest allowed or None): checked before any work.
-_BOUNDS: tuple[tuple[str, str, float, bool, float | None], ...] = (
-    ("--epochs", "epochs", 1, True, None),
-    ("-b/--batch-size", "batch_size", 1, True, None),
-    ("-vb/--validation-batch-size", "validation_batch_size", 1, True, None),
-    ("-j/--workers", "workers", 0, True, None),
-    ("--num-classes", "num_classes", 1, True, None),
-    ("--in-chans", "in_chans", 1, True, None),
-    ("--lr", "lr", 0, True, None),  # 0 is legitimate: a run that only checks loading or evaluates
-    ("--warmup-lr", "warmup_lr", 0, True, None),
-    ("--min-lr", "min_lr", 0, True, None),
-    ("--warmup-epochs", "warmup_epochs", 0, True, None),
-    ("--cooldown-epochs", "cooldown_epochs", 0, True, None),
-    ("--weight-decay", "weight_decay", 0, True, None),
-    ("--clip-grad", "clip_grad", 0, False, None),
-    ("--drop", "drop", 0, True, 1),
-    ("--drop-path", "drop_path", 0, True, 1),
-    ("--smoothing", "smoothing", 0, True, 1),
-    ("--reprob", "reprob", 0, True, 1),
-    ("--mixup", "mixup", 0, True, None),
-    ("--cutmix", "cutmix", 0, True, None),
-    ("--mixup-prob", "mixup_prob", 0, True, 1),
-    ("--hflip", "hflip", 0, True, 1),
-    ("--vflip", "vflip", 0, True, 1),
-    ("--model-ema-decay", "model_ema_decay", 0, True, 1),
-    ("--img-size", "img_size", 1, True, None),
-    ("--checkpoint-hist", "checkpoint_hist", 0, True, None),
-)
-
-
 def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse flags that cannot work (out of range, unknown names) with a `UsageError`, before any work starts."""
-    for flag, key, low, low_allowed, high in _BOUNDS:
-        value = getattr(args, key, None)
-        if value is None:
-            continue
-        if value < low or (value == low and not low_allowed) or (high is not None and value > high):
-            limits = f"{'>=' if low_allowed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-            raise UsageError(f"{flag} {value} is out of range: it must be {limits}")
+    """Refuse flags that cannot work together or name nothing known with a `UsageError`, before any work starts.
+
+    Single values out of range were refused before this runs (`sequencer.options.BOUNDS`)."""
     check_model_name(args.model)
     size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
     patches = math.prod(VARIANTS[check_model_name(args.model)]["patch_sizes"])
@@ -124,6 +89,17 @@ def check_arguments(args: argparse.Namespace) -> None:
             f"input size {'x'.join(map(str, size))} is smaller than the {patches}x{patches} pixels that "
             f"{args.model}'s stem and downsampling patches need"
         )
+    if args.in_chans != 3:
+        raise UsageError(f"--in-chans {args.in_chans}: training reads images as RGB, 3 channels")
+    for flag, pair, strict in (
+        ("--scale", args.scale, False),
+        ("--ratio", args.ratio, False),
+        ("--cutmix-minmax", args.cutmix_minmax, True),
+    ):
+        if pair and (pair[0] >= pair[1] if strict else pair[0] > pair[1]):
+            raise UsageError(
+                f"{flag} {pair[0]} {pair[1]}: the first value must be {'<' if strict else '<='} the second"
+            )
     if args.pretrained and args.checkpoint:
         raise UsageError("--pretrained and --initial-checkpoint both give starting weights; pass one")
     if args.opt.lower().removeprefix("fused") not in {o.lower() for o in list_optimizers()} and "_" not in args.opt:

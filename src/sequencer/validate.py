@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import pkgutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
 from sequencer.checkpoint import load_model, open_checkpoint
-from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
+from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, data_config, map_classes
 from sequencer.errors import DatasetError, UsageError
 from sequencer.model import check_model_name
 from sequencer.options import (
@@ -207,11 +206,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the model and data from the flags, evaluate, print and optionally save the metrics."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_threads(args.threads)
-    try:
-        results = validate(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"sequencer validate: error: {error}", file=sys.stderr)
-        return 2
+    results = validate(args)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
@@ -245,6 +240,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         dataset = WithRealLabels(dataset, load_real_labels(args.real_labels), num_classes)
     model = load_model(args.model, checkpoint, num_classes, args.in_chans)
     config = data_config(model, **overrides)
+    check_input_fits(model, (3, *config["input_size"][1:]))  # images are read as RGB
     dataset.transform = create_transform(model, train=False, **overrides)
     loader = create_loader(dataset, args.batch_size, args.workers)
     model = compile_model(model.to(device), args.torchcompile)

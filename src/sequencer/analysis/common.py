@@ -104,17 +104,6 @@ def build_model(
     return timm.create_model(name, **kwargs).eval()
 
 
-def check_input_size(model: nn.Module, img_size: int, flag: str) -> None:
-    """Raise UsageError before any work when a Sequencer cannot take `img_size` px inputs (`flag` set the size)."""
-    check_input = getattr(model, "check_input", None)
-    if callable(check_input):
-        in_chans = getattr(model, "in_chans", 3)
-        try:
-            check_input(torch.empty(1, in_chans, img_size, img_size, device="meta"))  # shapes only: nothing runs
-        except ValueError as error:
-            raise UsageError(f"{error} ({flag})") from error
-
-
 def training_size(name: str) -> int:
     """The input size a model is trained at by default: its config's input_size (ours or timm's)."""
     if is_sequencer(name):

@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader
 
 from sequencer.analysis.common import (
     build_model,
-    check_input_size,
     check_model_specs,
     evenly_spaced_subset,
     model_labels,
@@ -34,7 +33,7 @@ from sequencer.analysis.common import (
     save_figure,
     write_csv,
 )
-from sequencer.data import build_dataset, create_loader, create_transform, data_config
+from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, data_config
 from sequencer.errors import UsageError
 from sequencer.model import Sequencer, route
 from sequencer.runtime import resolve_device, set_threads
@@ -217,12 +216,6 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.amp:
         raise UsageError("--amp does not apply to erf: the input gradients are computed in float32")
-    if args.num_images < 1:
-        raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
-    if args.batch_size < 1:
-        raise UsageError(f"-b must be at least 1, got {args.batch_size}")
-    if args.img_size is not None and args.img_size < 1:
-        raise UsageError(f"--img-size must be a positive number of pixels, got {args.img_size}")
     specs = [(args.model, args.checkpoint), *map(parse_model_spec, args.compare)]
     check_model_specs(specs)
     dataset = build_dataset(args.data, "val") if args.data else None
@@ -241,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             unsafe_load=args.unsafe_load,
         )
         img_size = img_size or data_config(model)["input_size"][-1]
-        check_input_size(model, img_size, "--img-size")
+        check_input_fits(model, (3, img_size, img_size), "--img-size")
         config = data_config(model, img_size=img_size)
         if dataset is not None:
             dataset.transform = create_transform(model, img_size=img_size)

@@ -16,7 +16,6 @@ import torch
 
 from sequencer.analysis.common import (
     build_model,
-    check_input_size,
     check_model_specs,
     model_labels,
     new_figure,
@@ -25,7 +24,7 @@ from sequencer.analysis.common import (
     training_size,
     write_csv,
 )
-from sequencer.data import build_dataset, create_loader, create_transform, map_classes
+from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, map_classes
 from sequencer.errors import UsageError
 from sequencer.options import (
     input_overrides,
@@ -70,7 +69,7 @@ def accuracy_by_resolution(
             in_chans=args.in_chans,
             unsafe_load=args.unsafe_load,
         )
-        check_input_size(model, size, "--sizes")
+        check_input_fits(model, (3, size, size), "--sizes")
         if not rows:  # WordNet-id or numbered folders take the model's class indices (see data.map_classes)
             dataset = map_classes(dataset, model.num_classes, model.pretrained_cfg.get("label_names"))
         dataset.transform = create_transform(model, train=False, img_size=size, **overrides)
@@ -146,8 +145,6 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.img_size or args.input_size:
         raise UsageError("--img-size / --input-size do not apply here: list the sizes with --sizes")
-    if args.batch_size < 1:
-        raise UsageError(f"-b must be at least 1, got {args.batch_size}")
     sizes = parse_sizes(args.sizes)
     specs = [(args.model, args.checkpoint), *map(parse_model_spec, args.compare)]
     check_model_specs(specs, need_weights=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import functools
 import inspect
 import json
@@ -198,11 +199,26 @@ def parse_choices(text: str | None, allowed: tuple, kind: type, flag: str) -> tu
 
 def load_alexnet_errors(path: str | os.PathLike) -> dict[str, dict[int, float] | float]:
     """AlexNet's errors from a JSON or CSV file, as fractions: per corruption a mean, or one error per severity."""
-    # JSON: {"gaussian_noise": 0.886, ...} or {"gaussian_noise": [e1, ..., e5], ...}. CSV with a header:
-    # corruption,error or corruption,severity,error. Values above 1 anywhere in the file are read as percentages.
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"AlexNet errors file not found: {path}")
+        raise UsageError(f"--alexnet-errors {path}: file not found")
+    try:
+        table = _read_error_table(path)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise UsageError(f"--alexnet-errors {path}: cannot read it ({error}); see --help for the format") from None
+    unknown = sorted(set(table) - set(CORRUPTIONS))
+    if unknown:
+        raise UsageError(f"{path}: unknown corruptions {unknown}; expected names among {', '.join(CORRUPTIONS)}")
+    # Values above 1 anywhere in the file are read as percentages.
+    values = [v for e in table.values() for v in (e.values() if isinstance(e, dict) else [e])]
+    scale = 0.01 if any(v > 1 for v in values) else 1.0
+    return {c: {s: v * scale for s, v in e.items()} if isinstance(e, dict) else e * scale for c, e in table.items()}
+
+
+def _read_error_table(path: Path) -> dict[str, dict[int, float] | float]:
+    """The file's errors by corruption, as written: a number, or {severity: number}."""
+    # JSON: {"gaussian_noise": 0.886, ...} or {"gaussian_noise": [e1, ..., e5], ...}. CSV with a header:
+    # corruption,error or corruption,severity,error.
     table: dict[str, Any] = {}
     if path.suffix == ".json":
         for name, value in json.loads(path.read_text()).items():
@@ -211,23 +227,16 @@ def load_alexnet_errors(path: str | os.PathLike) -> dict[str, dict[int, float] |
                 if isinstance(value, list)
                 else float(value)
             )
-    else:
-        import csv
-
-        with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                if "corruption" not in row or "error" not in row:
-                    raise UsageError(f"{path}: expected CSV columns corruption,error or corruption,severity,error")
-                if row.get("severity"):
-                    table.setdefault(row["corruption"], {})[int(row["severity"])] = float(row["error"])
-                else:
-                    table[row["corruption"]] = float(row["error"])
-    unknown = sorted(set(table) - set(CORRUPTIONS))
-    if unknown:
-        raise UsageError(f"{path}: unknown corruptions {unknown}; expected names among {', '.join(CORRUPTIONS)}")
-    values = [v for e in table.values() for v in (e.values() if isinstance(e, dict) else [e])]
-    scale = 0.01 if any(v > 1 for v in values) else 1.0
-    return {c: {s: v * scale for s, v in e.items()} if isinstance(e, dict) else e * scale for c, e in table.items()}
+        return table
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if "corruption" not in row or "error" not in row:
+                raise UsageError(f"{path}: expected CSV columns corruption,error or corruption,severity,error")
+            if row.get("severity"):
+                table.setdefault(row["corruption"], {})[int(row["severity"])] = float(row["error"])
+            else:
+                table[row["corruption"]] = float(row["error"])
+    return table
 
 
 def corruption_error(errors: dict[int, float], alexnet: dict[int, float] | float | None) -> float | None:

@@ -65,6 +65,9 @@ VARIANTS = (
 
 def find_datasets(root: str | None, overrides: dict[str, str | None]) -> tuple[dict[str, Path], list[str]]:
     """The folder of each dataset (its flag's, else the first usual name under ROOT) and the titles not found."""
+    if not root and not any(overrides.values()):
+        flags = ", ".join(f"--{flag}" for flag, _ in DATASET_FLAGS.values())
+        raise UsageError(f"name ROOT, the folder holding the datasets, or their folders with {flags}")
     found, missing = {}, []
     for variant in VARIANTS:
         if variant.key == "imagenet":

@@ -12,6 +12,7 @@ import argparse
 from typing import Any
 
 from sequencer.options import (
+    INTERPOLATIONS,
     add_compile_options,
     add_dataset_options,
     add_input_options,
@@ -174,10 +175,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     aug.add_argument(
         "--train-interpolation",
         default=None,
+        choices=(*INTERPOLATIONS, "random"),
         help="training resize interpolation" + _recipe_help("train_interpolation"),
     )
     aug.add_argument("--reprob", type=float, default=0.0, help="random-erasing probability")
-    aug.add_argument("--remode", default="pixel", help="random-erasing mode (const, rand, pixel)")
+    aug.add_argument("--remode", default="pixel", choices=("const", "rand", "pixel"), help="random-erasing mode")
     aug.add_argument("--recount", type=int, default=1, help="random-erasing count")
     aug.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (on when > 0)")
     aug.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (on when > 0)")
@@ -203,17 +205,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     misc.add_argument(
         "--checkpoint-hist",
-        type=_non_negative_int,
+        type=int,
         default=10,
         metavar="N",
         help="keep the N best epochs as checkpoint-EPOCH.pth.tar, ranked by --eval-metric, for `sequencer average` "
         "(0: none; default: 10, as timm)",
     )
     misc.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
