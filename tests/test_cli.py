@@ -160,3 +160,23 @@ def test_warnings_read_as_one_line(
     line = next(line for line in error.splitlines() if "no checkpoint given" in line)
     assert line.startswith("sequencer export: warning: no checkpoint given: sequencer2d_tiny has random")
     assert "UserWarning" not in error and "load_model(" not in error
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        ("predict {tmp}/a.png -o {tmp}/blocker/p.csv", "cannot write {tmp}/blocker/p.csv: {tmp}/blocker is a file"),
+        ("validate -o {tmp}", "{tmp} is a folder: name a file"),
+        ("bench -o {tmp}/blocker/bench", "{tmp}/blocker is a file"),
+        ("erf -o {tmp}/blocker", "{tmp}/blocker is a file: name a folder"),
+        ("train --output {tmp}/blocker/run", "cannot write {tmp}/blocker/run: {tmp}/blocker is a file"),
+    ],
+)
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(
+    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, words: str, message: str
+) -> None:
+    (tmp_path / "blocker").write_text("a file where a folder would have to be")
+    with pytest.raises(SystemExit) as exited:
+        run_cli(words.format(tmp=tmp_path))
+    assert exited.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]

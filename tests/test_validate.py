@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +56,25 @@ def test_top5_with_fewer_than_five_classes_is_top_k_over_all_classes() -> None:
     logits, labels = torch.tensor([[3.0, 2, 1], [3.0, 2, 1]]), torch.tensor([0, 2])
     metrics = validate.evaluate(FixedLogits(), DataLoader(TensorDataset(logits, labels)), torch.device("cpu"))
     assert metrics["top1"] == pytest.approx(50.0) and metrics["top5"] == pytest.approx(100.0)
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal, where tqdm draws its bars."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_evaluate_shows_a_labelled_progress_bar_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    loader = DataLoader(TensorDataset(torch.eye(3), torch.arange(3)), batch_size=1)
+    for stream, label, shown in [(Terminal(), "sequencer2d_s on val", True), (io.StringIO(), "val", False)]:
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert validate.evaluate(FixedLogits(), loader, torch.device("cpu"), progress=label)["top1"] == 100.0
+        assert ("sequencer2d_s on val" in stream.getvalue() and "/3 [" in stream.getvalue()) == shown
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    validate.evaluate(FixedLogits(), loader, torch.device("cpu"))  # no label: no bar
+    assert quiet.getvalue() == ""
 
 
 def test_readme_command_parses_verbatim(parse_cli) -> None:

@@ -1,8 +1,12 @@
-"""Option groups shared by the subcommands, so each flag is defined once."""
+"""Option groups shared by the subcommands, so each flag is defined once, and the checks their values get before
+any command runs: ranges (`BOUNDS`), names (argparse choices) and writable outputs (`writable_path`)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from sequencer.errors import UsageError
@@ -171,13 +175,49 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_output_option(
-    parser: argparse.ArgumentParser, default: str | None, help: str, *aliases: str, required: bool = False
+    parser: argparse.ArgumentParser,
+    default: str | None,
+    help: str,
+    *aliases: str,
+    kind: str = "file",
+    required: bool = False,
 ) -> None:
-    """-o/--output, the one spelling of every subcommand's output (a file, a folder or a file stem, as `help` says);
-    `aliases` keep the spelling timm's scripts or earlier versions used."""
+    """-o/--output, the one spelling of every subcommand's output: a "file", a "folder" or a file "stem", as `help`
+    says, checked to be writable while the arguments are parsed; `aliases` keep the spelling timm's scripts or
+    earlier versions used."""
     parser.add_argument(
-        "-o", "--output", *aliases, dest="output", default=default, required=required, metavar="PATH", help=help
+        "-o",
+        "--output",
+        *aliases,
+        dest="output",
+        type=functools.partial(writable_path, kind=kind),
+        default=default,
+        required=required,
+        metavar="PATH",
+        help=help,
     )
+
+
+def writable_path(text: str, kind: str) -> str:
+    """`text` if a `kind` ("file", "folder" or "stem") can be written there, else an argparse error saying why.
+
+    Checked before any work, so that a run does not end by failing to save what it computed."""
+    if not text:
+        return text
+    path = Path(text).absolute()
+    if kind == "file" and path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name a file")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file: name a folder")
+    existing = next(parent for parent in [path, *path.parents] if parent.exists())
+    if existing != path and not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {existing} is a file")
+    probe = existing if existing.is_dir() else existing.parent
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {probe} is not writable ({error.strerror})") from None
+    return text
 
 
 def add_compile_options(parser: argparse.ArgumentParser) -> None:

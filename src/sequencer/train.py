@@ -499,7 +499,10 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
             mixup.mixup_enabled = False
         train_loss = train_one_epoch(state, train_loader, criterion, args, context, mixup, train_model, num_epochs)
         eval_model = ema.module if ema is not None else model
-        metrics = evaluate(eval_model, val_loader, device, args.amp, args.amp_dtype, context.distributed)
+        label = "" if args.no_progress or not context.is_primary else f"held-out, epoch {epoch + 1}"
+        metrics = evaluate(
+            eval_model, val_loader, device, args.amp, args.amp_dtype, context.distributed, progress=label
+        )
         if scheduler is not None:
             scheduler.step(epoch + 1, metrics[args.eval_metric])
         row = dict(

@@ -18,6 +18,7 @@ from timm.utils import accuracy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
+from tqdm import tqdm
 
 from sequencer.checkpoint import load_model, open_checkpoint
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, data_config, map_classes
@@ -129,11 +130,13 @@ def evaluate(
     amp_dtype: str | None = None,
     distributed: bool = False,
     valid_classes: torch.Tensor | None = None,
+    progress: str = "",
 ) -> dict[str, float]:
     """top1 / top5 (percent), mean cross-entropy loss, images_per_sec and count over `loader`, summed over ranks.
 
     `valid_classes`: the logits of every other class are masked out before top-k (ImageNet-A / -R). Batches of
     (images, targets, real) also give `real_top1`, ImageNet-ReaL's top-1 over the images that have ReaL labels.
+    `progress`: the label of a progress bar on stderr, shown on a terminal; none when empty.
     """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -141,7 +144,9 @@ def evaluate(
     totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top-1, top-5, images, ReaL hits, ReaL images
     mask = None
     start = time.perf_counter()
-    for batch in loader:
+    # disable=None: tqdm shows the bar only on a terminal.
+    bar = tqdm(loader, desc=progress, unit="batch", leave=False, disable=None if progress else True)
+    for batch in bar:
         if batch is None:  # every image of the batch was unreadable (and counted by the dataset)
             continue
         images, targets, *real = batch
@@ -244,7 +249,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     dataset.transform = create_transform(model, train=False, **overrides)
     loader = create_loader(dataset, args.batch_size, args.workers)
     model = compile_model(model.to(device), args.torchcompile)
-    metrics = evaluate(model, loader, device, amp=args.amp, amp_dtype=args.amp_dtype, valid_classes=valid_classes)
+    label = f"{args.model} on {name or 'digits'}"
+    metrics = evaluate(model, loader, device, args.amp, args.amp_dtype, valid_classes=valid_classes, progress=label)
     metrics["num_skipped"] = getattr(getattr(dataset, "base", dataset), "num_skipped", 0)
     results: dict[str, Any] = {
         "model": args.model,

@@ -74,7 +74,7 @@ def accuracy_by_resolution(
             dataset = map_classes(dataset, model.num_classes, model.pretrained_cfg.get("label_names"))
         dataset.transform = create_transform(model, train=False, img_size=size, **overrides)
         loader = create_loader(dataset, args.batch_size, args.workers)
-        metrics = evaluate(model.to(device), loader, device, amp=args.amp, amp_dtype=args.amp_dtype)
+        metrics = evaluate(model.to(device), loader, device, args.amp, args.amp_dtype, progress=f"{name} at {size} px")
         _logger.info(
             "%s at %d px: top-1 %.2f, top-5 %.2f (%d images)",
             name,

@@ -336,7 +336,8 @@ def run(args: argparse.Namespace) -> int:
     def accuracy(corruption: str, severity: int) -> dict[str, Any]:
         images = CorruptedImages(base, corruption, severity, config["mean"], config["std"], args.seed)
         loader = create_loader(images, args.batch_size, args.workers)
-        return evaluate(model, loader, device, amp=args.amp, amp_dtype=args.amp_dtype)
+        label = f"{corruption}, severity {severity}" if severity else "clean"
+        return evaluate(model, loader, device, args.amp, args.amp_dtype, progress=label)
 
     clean = accuracy(CORRUPTIONS[0], 0)
     _logger.info("clean: top-1 %.2f (%d images)", clean["top1"], clean["count"])

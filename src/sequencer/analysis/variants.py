@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for key, dataset in datasets.items():
         variant = next(v for v in VARIANTS if v.key == key)
-        metrics = _evaluate(model, dataset, device, args, valid_classes.get(key))
+        metrics = _evaluate(model, dataset, device, args, variant.title, valid_classes.get(key))
         if key == "real":
             results["imagenet"] = dict(value=metrics["top1"], images=metrics["count"], folder=found[key])
             # An evenly spaced subset (--limit) may hold no labelled image: no ReaL figure then.
@@ -170,11 +170,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(
-    model: nn.Module, dataset: Dataset, device: torch.device, args: argparse.Namespace, valid: Any = None
+    model: nn.Module, dataset: Dataset, device: torch.device, args: argparse.Namespace, label: str, valid: Any = None
 ) -> dict[str, Any]:
-    """`evaluate` over one dataset with the run's batch size, workers and AMP flags."""
+    """`evaluate` over one dataset with the run's batch size, workers and AMP flags, `label` on its progress bar."""
     loader = create_loader(dataset, args.batch_size, args.workers)
-    return evaluate(model, loader, device, amp=args.amp, amp_dtype=args.amp_dtype, valid_classes=valid)
+    return evaluate(model, loader, device, args.amp, args.amp_dtype, valid_classes=valid, progress=label)
 
 
 def _imagenet_c(
@@ -184,7 +184,7 @@ def _imagenet_c(
     errors: dict[str, dict[int, float]] = {}
     images = 0
     for (corruption, severity), dataset in folders.items():
-        metrics = _evaluate(model, dataset, device, args)
+        metrics = _evaluate(model, dataset, device, args, f"ImageNet-C {corruption}, severity {severity}")
         errors.setdefault(corruption, {})[severity] = 1 - metrics["top1"] / 100
         images += metrics["count"]
         _logger.info("ImageNet-C %s, severity %d: top-1 %.2f", corruption, severity, metrics["top1"])

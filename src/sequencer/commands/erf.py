@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random images and of the weights of models without checkpoint"
     )
-    add_output_option(parser, "results/erf", "output folder for erf.csv, erf.png and erf.npz", "--out")
+    add_output_option(parser, "results/erf", "output folder for erf.csv, erf.png and erf.npz", "--out", kind="folder")
     add_runtime_options(parser)
     # Memory grows with the images backpropagated at once (sequencer2d_s at 224 px: about 0.3 GiB each); the
     # maps do not depend on it.

@@ -19,6 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser, default_model="sequencer2d_s")
     add_compare_options(parser)
     parser.add_argument("--sizes", default="160,224,288,384,448", help="comma-separated inference sizes")
-    add_output_option(parser, "results/resolution", "output folder for resolution.csv and .png", "--out")
+    add_output_option(parser, "results/resolution", "output folder for resolution.csv and .png", "--out", kind="folder")
     add_input_options(parser)
     add_runtime_options(parser)

@@ -28,6 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "published per-corruption means, which need all five severities",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
-    add_output_option(parser, "results/robustness", "output folder", "--out")
+    add_output_option(parser, "results/robustness", "output folder", "--out", kind="folder")
     add_input_options(parser)
     add_runtime_options(parser)

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ImageNet-ReaL labels (JSON list, one entry per val image); default: timm's packaged file",
     )
     parser.add_argument("--limit", type=int, default=None, help="at most N images per dataset (and per -C folder)")
-    add_output_option(parser, "results/variants", "output folder (variants.csv, variants.png)", "--out")
+    add_output_option(parser, "results/variants", "output folder (variants.csv, variants.png)", "--out", kind="folder")
     add_model_options(parser, default_model="sequencer2d_s")
     add_input_options(parser)
     add_runtime_options(parser)
