@@ -65,6 +65,12 @@ def test_help_names_everything_the_library_accepts() -> None:
     assert set(DATASET_FLAGS) == {variant.key for variant in VARIANTS} - {"imagenet"}
 
 
+def test_version(run_cli, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run_cli("--version")
+    assert exited.value.code == 0 and capsys.readouterr().out == f"sequencer {sequencer.__version__}\n"
+
+
 def test_help_shows_real_defaults() -> None:
     text = help_text("train")
     assert "random seed (per epoch and rank) (default: 42)" in text

@@ -12,6 +12,7 @@ import importlib
 import sys
 import warnings
 
+from sequencer import __version__
 from sequencer.errors import SequencerError, UsageError
 from sequencer.options import check_bounds
 
@@ -46,6 +47,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser, with the flags of `command` only (none for `sequencer --help`)."""
     parser = argparse.ArgumentParser(prog="sequencer", description="Sequencer: Deep LSTM for Image Classification")
+    parser.add_argument("--version", action="version", version=f"sequencer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.command_parsers = {}
     for name, (_, help_text) in COMMANDS.items():

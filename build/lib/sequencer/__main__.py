@@ -1,0 +1,7 @@
+"""`python -m sequencer ...` (also under `torchrun -m sequencer ...`)."""
+
+import sys
+
+from sequencer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""What the analysis commands share: building our models or timm's from a name, and writing tables and figures."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from sequencer.checkpoint import extract_state_dict, load_model, read_file
+from sequencer.errors import CheckpointError, UsageError
+from sequencer.model import create_model, default_cfg, list_models
+
+
+def is_sequencer(name: str) -> bool:
+    """Whether `name` (possibly with a timm-style `.tag`) is one of our variants rather than a timm model."""
+    return name.split(".")[0] in list_models()
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """`NAME` or `NAME=CHECKPOINT` to (name, checkpoint path or "")."""
+    name, _, checkpoint = spec.partition("=")
+    if not name:
+        raise UsageError(f"empty model name in {spec!r}; expected NAME or NAME=CHECKPOINT")
+    return name, checkpoint
+
+
+def check_model_specs(specs: Sequence[tuple[str, str]], need_weights: bool = False) -> None:
+    """Fail before any work on an unknown model name, a missing checkpoint file or (if needed) no checkpoint."""
+    for name, checkpoint in specs:
+        if not is_sequencer(name) and not timm.is_model(name):
+            raise UsageError(
+                f"unknown model {name!r}: neither a Sequencer variant (see `sequencer summary`) "
+                "nor a timm model (see timm.list_models())"
+            )
+        remote = checkpoint.startswith(("http://", "https://", "hf-hub:"))
+        if checkpoint and not remote and not Path(checkpoint).is_file():
+            raise CheckpointError(f"checkpoint of {name} not found: {checkpoint}")
+        if need_weights and not checkpoint:
+            raise UsageError(
+                f"no weights for {name}: accuracy needs trained weights "
+                "(--checkpoint PATH for --model, NAME=PATH for --compare)"
+            )
+
+
+def model_labels(specs: Sequence[tuple[str, str]]) -> list[str]:
+    """A distinct label per (name, checkpoint): the name, plus the checkpoint's file name where a name comes twice."""
+    names = [name for name, _ in specs]
+    labels = [f"{name} ({Path(ckpt).name or 'random init'})" if names.count(name) > 1 else name for name, ckpt in specs]
+    return [
+        f"{label} #{labels[:i].count(label) + 1}" if labels.count(label) > 1 else label
+        for i, label in enumerate(labels)
+    ]
+
+
+def _classifier_classes(state_dict: dict[str, torch.Tensor], classifier: str) -> int | None:
+    """Output classes of the checkpoint's classifier `classifier` (a module path), or None when absent."""
+    weight = state_dict.get(f"{classifier}.weight")
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+
+
+def build_model(
+    name: str,
+    checkpoint: str | os.PathLike = "",
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    use_ema: bool = False,
+    in_chans: int = 3,
+    unsafe_load: bool = False,
+) -> nn.Module:
+    """One of our variants or any timm model, in eval mode, with weights from `checkpoint` (none: random init)."""
+    # Classes: `num_classes`, else the checkpoint's classifier, else 1000. timm models with a fixed input size
+    # (ViTs) are built for `img_size`; timm resamples their position embeddings when loading the file.
+    checkpoint = str(checkpoint or "")
+    if is_sequencer(name):
+        if not checkpoint:  # random weights are a legitimate subject here (the ERF at initialisation)
+            return create_model(name, num_classes=num_classes or 1000, in_chans=in_chans).eval()
+        return load_model(name, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
+    check_model_specs([(name, checkpoint)])
+    cfg = timm.models.get_pretrained_cfg(name)
+    kwargs: dict[str, Any] = dict(in_chans=in_chans)
+    if img_size and cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = img_size
+    if checkpoint:
+        # Read as data first: an unreadable or code-bearing file is a CheckpointError here, not a traceback in timm.
+        contents = read_file(checkpoint, unsafe_load=unsafe_load)
+        if num_classes is None and cfg is not None and isinstance(cfg.classifier, str):
+            num_classes = _classifier_classes(extract_state_dict(contents, use_ema), cfg.classifier)
+        # A file overlay goes through timm's own loading path: key filters, position-embedding resampling. The
+        # overlay's class count is the file's, else timm would drop the file's classifier as one of another size.
+        overlay: dict[str, Any] = dict(file=checkpoint, source="")
+        if num_classes is not None:
+            overlay["num_classes"] = num_classes
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return timm.create_model(name, **kwargs).eval()
+
+
+def training_size(name: str) -> int:
+    """The input size a model is trained at by default: its config's input_size (ours or timm's)."""
+    if is_sequencer(name):
+        return default_cfg(name.split(".")[0])["input_size"][-1]
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg.input_size[-1] if cfg is not None else 224
+
+
+def evenly_spaced_subset(dataset: Dataset, limit: int | None) -> Dataset:
+    """At most `limit` samples spread over the whole dataset (class-folder sets are sorted by class), or all of it."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    if limit < 1:
+        raise UsageError(f"--limit must be a positive number of images, got {limit}")
+    return Subset(dataset, np.unique(np.linspace(0, len(dataset) - 1, limit).round().astype(int)).tolist())
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write dict rows (keys of the first row as the header) to a CSV file, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def new_figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (6.4, 4.8), **kwargs: Any) -> tuple[Any, Any]:
+    """A matplotlib Figure and its axes, built without pyplot so that no GUI backend or global state is touched."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False, **kwargs)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as a 150-dpi PNG, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    return path

@@ -1,0 +1,408 @@
+"""Accuracy under the 15 ImageNet-C corruptions at 5 severities, made on the fly from a clean val set, and the mCE.
+
+Each image is resized and centre-cropped as for evaluation, corrupted as uint8 pixels by the `imagecorruptions`
+package (Hendrycks & Dietterich's ImageNet-C code, packaged by bethgelab), then normalised. The corruption error of
+corruption c is CE_c = sum_s err(c, s) / sum_s err_AlexNet(c, s); the mCE is their mean, in percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import functools
+import inspect
+import json
+import logging
+import os
+import sys
+import types
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.patches import Patch
+from torch.utils.data import Dataset
+
+from sequencer.analysis.common import (
+    build_model,
+    check_model_specs,
+    evenly_spaced_subset,
+    new_figure,
+    save_figure,
+    write_csv,
+)
+from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
+from sequencer.errors import MissingDependencyError, UsageError
+from sequencer.options import (
+    input_overrides,
+)
+from sequencer.runtime import resolve_device, set_threads
+from sequencer.validate import evaluate
+
+_logger = logging.getLogger(__name__)
+
+# The 15 ImageNet-C corruptions in their usual order, by family.
+FAMILIES = {
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
+    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
+    "weather": ("snow", "frost", "fog", "brightness"),
+    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
+}
+CORRUPTIONS = tuple(name for names in FAMILIES.values() for name in names)
+SEVERITIES = (1, 2, 3, 4, 5)
+# AlexNet's top-1 error on ImageNet-C, each averaged over the five severities (Hendrycks & Dietterich, ICLR 2019;
+# the normalisers published in their hendrycks/robustness repository and used for every reported mCE since).
+ALEXNET_MEAN_ERRORS = dict(
+    zip(
+        CORRUPTIONS,
+        (
+            0.886428,
+            0.894468,
+            0.922640,
+            0.819880,
+            0.826268,
+            0.785948,
+            0.798360,
+            0.866816,
+            0.826572,
+            0.819324,
+            0.564592,
+            0.853204,
+            0.646056,
+            0.717840,
+            0.606500,
+        ),
+        strict=True,
+    )
+)
+
+
+class _NumPyWithFloatAlias(types.ModuleType):
+    """numpy as imagecorruptions 1.1.2 uses it: with the `np.float_` alias that NumPy 2 removed."""
+
+    float_ = np.float64
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(np, name)
+
+
+@contextlib.contextmanager
+def _pkg_resources_stand_in() -> Iterator[None]:
+    """A `pkg_resources` module with only `resource_filename`, in sys.modules for the duration of the block."""
+    # setuptools >= 81 no longer ships pkg_resources; imagecorruptions only uses it to find its frost images.
+
+    def resource_filename(module_name: str, resource: str) -> str:
+        return os.path.join(os.path.dirname(sys.modules[module_name].__file__), resource)
+
+    stand_in = types.ModuleType("pkg_resources")
+    stand_in.resource_filename = resource_filename
+    sys.modules["pkg_resources"] = stand_in
+    try:
+        yield
+    finally:
+        del sys.modules["pkg_resources"]
+
+
+@functools.cache
+def imagecorruptions() -> types.ModuleType:
+    """The imagecorruptions package, bridged where its 2020 release no longer runs on today's libraries."""
+    # Its latest release (1.1.2) imports pkg_resources (gone from setuptools >= 81), calls scikit-image's
+    # `gaussian(multichannel=True)` (removed in scikit-image 0.20; `channel_axis=-1` means the same) and uses
+    # `np.float_` (removed in NumPy 2; `np.float64` is the same type). The fixes merged upstream were never
+    # released, so each is bridged here, inside that package only; the corruptions are the library's, unchanged.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # its scipy.ndimage.interpolation import
+            try:
+                import imagecorruptions as package
+            except ModuleNotFoundError as error:
+                if error.name != "pkg_resources":
+                    raise
+                with _pkg_resources_stand_in():
+                    import imagecorruptions as package
+    except ModuleNotFoundError as error:
+        raise MissingDependencyError(
+            f"the ImageNet-C corruptions need the imagecorruptions package ({error}): "
+            'pip install "sequencer[robustness]"'
+        ) from error
+    corruptions = package.corruptions
+    gaussian = corruptions.gaussian
+    if "multichannel" not in inspect.signature(gaussian).parameters:
+
+        def gaussian_with_multichannel(image: np.ndarray, *args: Any, multichannel: bool = False, **kwargs: Any):
+            if multichannel:
+                kwargs["channel_axis"] = -1
+            return gaussian(image, *args, **kwargs)
+
+        corruptions.gaussian = gaussian_with_multichannel
+    if not hasattr(np, "float_"):
+        corruptions.np = _NumPyWithFloatAlias("numpy")
+    return package
+
+
+class CorruptedImages(Dataset):
+    """A dataset of uint8 CHW image tensors, corrupted (severity 1-5; 0: clean) and normalised on the fly."""
+
+    def __init__(self, base: Dataset, corruption: str, severity: int, mean: tuple, std: tuple, seed: int = 0) -> None:
+        self.base = base
+        self.corruption = corruption
+        self.severity = severity
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def pixels(self, index: int) -> tuple[np.ndarray, int] | None:
+        """The corrupted image as uint8 H x W x C pixels and its label (None for an unreadable image)."""
+        sample = self.base[index]
+        if sample is None:
+            return None
+        image, target = sample
+        pixels = image.permute(1, 2, 0).numpy()
+        if self.severity:
+            # The library draws from NumPy's global generator; seeding per image makes every run, with any number
+            # of workers, see the same corrupted images.
+            key = [self.seed, CORRUPTIONS.index(self.corruption), self.severity, index]
+            np.random.seed(np.random.SeedSequence(key).generate_state(1)[0])
+            pixels = imagecorruptions().corrupt(pixels, severity=self.severity, corruption_name=self.corruption)
+        return pixels, target
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        sample = self.pixels(index)
+        if sample is None:  # an unreadable image, skipped by the loader's collate
+            return None
+        pixels, target = sample
+        # A copy: some corruptions return read-only arrays.
+        image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)
+        return (image.float() / 255.0 - self.mean) / self.std, target
+
+
+def parse_choices(text: str | None, allowed: tuple, kind: type, flag: str) -> tuple:
+    """'a,b' to a tuple of allowed values (all of them when `text` is empty), with a clear error otherwise."""
+    if not text:
+        return allowed
+    try:
+        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError as error:
+        raise UsageError(f"{flag}: cannot read {text!r}; expected a comma-separated list of {allowed}") from error
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        raise UsageError(f"{flag}: unknown {unknown or text!r}; choose among {', '.join(map(str, allowed))}")
+    return tuple(v for v in allowed if v in values)
+
+
+def load_alexnet_errors(path: str | os.PathLike) -> dict[str, dict[int, float] | float]:
+    """AlexNet's errors from a JSON or CSV file, as fractions: per corruption a mean, or one error per severity."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--alexnet-errors {path}: file not found")
+    try:
+        table = _read_error_table(path)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise UsageError(f"--alexnet-errors {path}: cannot read it ({error}); see --help for the format") from None
+    unknown = sorted(set(table) - set(CORRUPTIONS))
+    if unknown:
+        raise UsageError(f"{path}: unknown corruptions {unknown}; expected names among {', '.join(CORRUPTIONS)}")
+    # Values above 1 anywhere in the file are read as percentages.
+    values = [v for e in table.values() for v in (e.values() if isinstance(e, dict) else [e])]
+    scale = 0.01 if any(v > 1 for v in values) else 1.0
+    return {c: {s: v * scale for s, v in e.items()} if isinstance(e, dict) else e * scale for c, e in table.items()}
+
+
+def _read_error_table(path: Path) -> dict[str, dict[int, float] | float]:
+    """The file's errors by corruption, as written: a number, or {severity: number}."""
+    # JSON: {"gaussian_noise": 0.886, ...} or {"gaussian_noise": [e1, ..., e5], ...}. CSV with a header:
+    # corruption,error or corruption,severity,error.
+    table: dict[str, Any] = {}
+    if path.suffix == ".json":
+        for name, value in json.loads(path.read_text()).items():
+            table[name] = (
+                {s: float(e) for s, e in zip(SEVERITIES, value, strict=True)}
+                if isinstance(value, list)
+                else float(value)
+            )
+        return table
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if "corruption" not in row or "error" not in row:
+                raise UsageError(f"{path}: expected CSV columns corruption,error or corruption,severity,error")
+            if row.get("severity"):
+                table.setdefault(row["corruption"], {})[int(row["severity"])] = float(row["error"])
+            else:
+                table[row["corruption"]] = float(row["error"])
+    return table
+
+
+def corruption_error(errors: dict[int, float], alexnet: dict[int, float] | float | None) -> float | None:
+    """CE_c = sum_s err(c, s) / sum_s err_AlexNet(c, s) over the severities run (errors as fractions), if known."""
+    if alexnet is None:
+        return None
+    if isinstance(alexnet, dict):
+        if not set(errors) <= set(alexnet):
+            return None
+        return sum(errors.values()) / sum(alexnet[s] for s in errors)
+    # A mean over all five severities only normalises a run over all five.
+    return sum(errors.values()) / (len(SEVERITIES) * alexnet) if set(errors) == set(SEVERITIES) else None
+
+
+def plot_robustness(rows: list[dict[str, Any]], clean_top1: float, title: str, path: str | Path) -> Path:
+    """One bar per corruption (top-1 averaged over severities), coloured by family, clean top-1 as a dashed line."""
+    fig, axes = new_figure(size=(max(7.0, 0.55 * len(rows) + 2.5), 4.8))
+    ax = axes[0, 0]
+    colours = dict(zip(FAMILIES, ("tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=True))
+    family_of = {c: family for family, names in FAMILIES.items() for c in names}
+    positions = np.arange(len(rows))
+    bars = ax.bar(positions, [r["mean_top1"] for r in rows], color=[colours[family_of[r["corruption"]]] for r in rows])
+    for bar, row in zip(bars, rows, strict=True):
+        if row["ce"] != "":
+            ax.annotate(
+                f"CE {row['ce']:.0f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+            )
+    clean_line = ax.axhline(clean_top1, color="0.3", linestyle="--", linewidth=1, label=f"clean {clean_top1:.1f}%")
+    families = [
+        Patch(color=colour, label=family)
+        for family, colour in colours.items()
+        if any(family_of[r["corruption"]] == family for r in rows)
+    ]
+    ax.set_xticks(positions, [r["corruption"].replace("_", " ") for r in rows], rotation=45, ha="right")
+    ax.set_ylabel("top-1 accuracy (%), mean over severities")
+    ax.set_ylim(0, max(100.0, clean_top1 * 1.1))
+    ax.set_title(title, fontsize=10)
+    ax.legend(handles=[clean_line, *families], fontsize=8, ncols=5, loc="upper center", bbox_to_anchor=(0.5, -0.32))
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_examples(base: Dataset, corruptions: tuple, severities: tuple, seed: int, path: str | Path) -> Path:
+    """The first image of the set, clean and under each corruption (rows) at each severity (columns)."""
+    cols = 1 + len(severities)
+    fig, axes = new_figure(len(corruptions), cols, size=(1.5 * cols + 1.2, 1.5 * len(corruptions) + 0.3))
+    for row, corruption in enumerate(corruptions):
+        for col, severity in enumerate((0, *severities)):
+            sample = CorruptedImages(base, corruption, severity, (0.0,), (1.0,), seed).pixels(0)
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if sample is not None:
+                ax.imshow(sample[0])
+            if row == 0:
+                ax.set_title("clean" if severity == 0 else f"severity {severity}", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(corruption.replace("_", " "), fontsize=8)
+    return save_figure(fig, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Clean and corrupted accuracy: a CSV per corruption, robustness.csv/.png, examples.png and summary.json."""
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    corruptions = parse_choices(args.corruptions, CORRUPTIONS, str, "--corruptions")
+    severities = parse_choices(args.severities, SEVERITIES, int, "--severities")
+    alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else ALEXNET_MEAN_ERRORS
+    check_model_specs([(args.model, args.checkpoint)], need_weights=True)
+    if args.in_chans != 3:
+        raise UsageError(f"--in-chans {args.in_chans}: the ImageNet-C corruptions are defined on RGB images")
+    imagecorruptions()  # fail now, not after the clean pass, if the package is missing
+    overrides = input_overrides(args)
+    model = build_model(
+        args.model,
+        args.checkpoint,
+        num_classes=args.num_classes,
+        img_size=args.img_size,
+        use_ema=args.use_ema,
+        unsafe_load=args.unsafe_load,
+    ).to(device)
+    config = data_config(model, **overrides)
+    if min(config["input_size"][1:]) < 32:
+        raise UsageError(f"input size {config['input_size']} is too small: imagecorruptions needs 32 px or more")
+    # uint8 tensors (timm's prefetcher layout): corrupted as pixels, normalised afterwards by CorruptedImages.
+    transform = create_transform(model, train=False, use_prefetcher=True, **overrides)
+    base = build_dataset(args.data, "val", transform=transform)
+    # Folders named by WordNet id (a subset of ImageNet val) take their ImageNet-1k index.
+    base = map_classes(base, model.num_classes)
+    base = evenly_spaced_subset(base, args.limit)
+
+    def accuracy(corruption: str, severity: int) -> dict[str, Any]:
+        images = CorruptedImages(base, corruption, severity, config["mean"], config["std"], args.seed)
+        loader = create_loader(images, args.batch_size, args.workers)
+        label = f"{corruption}, severity {severity}" if severity else "clean"
+        return evaluate(model, loader, device, args.amp, args.amp_dtype, progress=label)
+
+    clean = accuracy(CORRUPTIONS[0], 0)
+    _logger.info("clean: top-1 %.2f (%d images)", clean["top1"], clean["count"])
+    out = Path(args.output)
+    rows = []
+    for corruption in corruptions:
+        per_severity = []
+        for severity in severities:
+            metrics = accuracy(corruption, severity)
+            _logger.info("%s, severity %d: top-1 %.2f", corruption, severity, metrics["top1"])
+            per_severity.append(
+                dict(
+                    severity=severity,
+                    top1=round(metrics["top1"], 3),
+                    top5=round(metrics["top5"], 3),
+                    error=round(100 - metrics["top1"], 3),
+                    loss=round(metrics["loss"], 4),
+                    images=metrics["count"],
+                )
+            )
+        write_csv(per_severity, out / "corruptions" / f"{corruption}.csv")
+        errors = {r["severity"]: r["error"] / 100 for r in per_severity}
+        ce = corruption_error(errors, alexnet.get(corruption))
+        rows.append(
+            dict(
+                corruption=corruption,
+                mean_top1=round(float(np.mean([r["top1"] for r in per_severity])), 3),
+                mean_error=round(100 * float(np.mean(list(errors.values()))), 3),
+                ce="" if ce is None else round(100 * ce, 2),
+            )
+        )
+    write_csv(rows, out / "robustness.csv")
+    mean_error = float(np.mean([r["mean_error"] for r in rows]))
+    normalised = all(r["ce"] != "" for r in rows)
+    mce = float(np.mean([r["ce"] for r in rows])) if normalised else None
+    summary = dict(
+        model=args.model,
+        checkpoint=args.checkpoint,
+        images=clean["count"],
+        clean_top1=round(clean["top1"], 3),
+        mean_corruption_error=round(mean_error, 3),
+        mce=None if mce is None else round(mce, 2),
+        corruptions=list(corruptions),
+        severities=list(severities),
+        alexnet_errors=args.alexnet_errors or "published per-corruption means (Hendrycks & Dietterich)",
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    partial = len(corruptions) < len(CORRUPTIONS)
+    scope = f" over {len(corruptions)} of {len(CORRUPTIONS)} corruptions" if partial else ""
+    if mce is None:
+        headline = f"mean corruption error {mean_error:.2f}%{scope} (not AlexNet-normalised)"
+        _logger.warning(
+            "no mCE: AlexNet's errors do not cover the corruptions and severities run (the published "
+            "means need all five severities; pass per-severity errors with --alexnet-errors)"
+        )
+    else:
+        headline = f"mCE {mce:.2f}% (AlexNet = 100){scope}, mean corruption error {mean_error:.2f}%"
+    plot_robustness(rows, clean["top1"], f"{args.model}\n{headline}", out / "robustness.png")
+    plot_examples(base, corruptions, severities, args.seed, out / "examples.png")
+    print(f"{args.model}: clean top-1 {clean['top1']:.2f}%, {headline} ({clean['count']} images)")
+    for row in rows:
+        ce_text = "" if row["ce"] == "" else f"  CE {row['ce']:6.2f}"
+        print(f"{row['corruption']:>18}  top-1 {row['mean_top1']:6.2f}  error {row['mean_error']:6.2f}{ce_text}")
+    print(
+        f"wrote {out / 'robustness.csv'}, {out / 'robustness.png'}, {out / 'examples.png'}, {out / 'summary.json'}, "
+        f"{out / 'corruptions'}/"
+    )
+    return 0

@@ -1,0 +1,98 @@
+"""Parameters and MACs (recurrent layers counted) of every Sequencer variant: the paper's model-zoo table."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sequencer.analysis.complexity import count_macs
+from sequencer.errors import UsageError
+from sequencer.model import ALIASES, VARIANTS, count_parameters, create_model, list_models
+
+COLUMNS = ("model", "params_m", "gmacs", "img_size", "params", "macs")
+_HEADERS = {
+    "model": "model",
+    "params_m": "params (M)",
+    "gmacs": "MACs (G)",
+    "img_size": "input",
+    "params": "parameters",
+    "macs": "MACs",
+}
+
+
+def variant_names(pattern: str = "*") -> list[str]:
+    """Variants matching `pattern` in the registry's order; an alias only when the name it stands for is not listed."""
+    names = list_models(pattern)
+    if not names:
+        raise UsageError(f"no model matches {pattern!r}; known models: {', '.join(list_models())}")
+    order = [*VARIANTS, *ALIASES]
+    return sorted((n for n in names if ALIASES.get(n) not in names), key=order.index)
+
+
+def summarize(names: list[str], img_size: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
+    """One row per variant: parameters and MACs of one image at `img_size` (default: the variant's own size)."""
+    # Counting needs shapes only: the meta device allocates no weights and runs no kernels.
+    with torch.device("meta"):
+        models = {name: create_model(name) for name in names}
+    sizes = {name: img_size or model.pretrained_cfg["input_size"][-1] for name, model in models.items()}
+    for name, model in models.items():
+        if sizes[name] < model.min_input_size:
+            raise UsageError(f"--img-size {sizes[name]} is below the {model.min_input_size} px that {name} needs")
+    rows = []
+    for name, model in tqdm(models.items(), desc="counting", unit="model", disable=not progress, leave=False):
+        size = sizes[name]
+        params, macs = count_parameters(model), count_macs(model, (3, size, size))
+        rows.append(
+            dict(
+                model=name,
+                params_m=round(params / 1e6, 2),
+                gmacs=round(macs / 1e9, 2),
+                img_size=size,
+                params=params,
+                macs=macs,
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
+    """The rows as a markdown table or as CSV text."""
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+    if fmt != "markdown":
+        raise UsageError(f"unknown format {fmt!r}; expected 'markdown' or 'csv'")
+    formats = {"params_m": "{:.2f}", "gmacs": "{:.2f}", "params": "{:,}", "macs": "{:,}"}
+    cells = [[_HEADERS[c] for c in COLUMNS]]
+    cells += [[formats.get(c, "{}").format(r[c]) for c in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    # Numbers right-aligned (`---:`), names left-aligned.
+    rule = ["-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
+    lines = []
+    for line in [cells[0], rule, *cells[1:]]:
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))]
+        lines.append("| " + " | ".join(padded) + " |\n")
+    return "".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Count every matching variant and print or write the table."""
+    fmt = args.format or ("csv" if args.output.endswith(".csv") else "markdown")
+    # The progress bar goes to stderr, so the table on stdout stays clean for redirection.
+    table = format_table(summarize(variant_names(args.models), args.img_size, progress=True), fmt)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(table)
+        print(f"wrote {args.output}")
+    else:
+        print(table, end="")
+    return 0

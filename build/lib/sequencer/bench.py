@@ -1,0 +1,448 @@
+"""Images/s and peak memory of inference and training steps: ours beside timm's port, our reference path and peers.
+
+Every model is measured at each asked-for resolution, batch size and precision, in two modes: "infer" (a forward
+pass under no_grad) and "train" (forward, cross-entropy, backward, AdamW step). Our Sequencer models run once per
+`--impls` entry (rnn_impl), and timm's `sequencer2d_*` twin carries the same weights (its logits are checked
+against ours before anything is timed). Other names are timm models, for memory and throughput against resolution
+beside Sequencer's peers: with several resolutions a plot is written next to the JSON and CSV.
+
+Timing: the variants of one setting are timed in the same process, one step of each per round, so that a load
+change hits them alike; images/s comes from the median step. Peak memory: each (variant, setting) runs in a fresh
+subprocess. On CUDA it is `torch.cuda.max_memory_allocated` above what was allocated before the first step. On the
+CPU it is the process's peak resident set (VmHWM, reset through /proc/self/clear_refs once the model, optimizer and
+batch exist) above its resident set at that point, with glibc's mmap threshold fixed so that freed tensors leave
+the resident set. Both count what the steps add to the weights: activations, gradients, optimizer state, scratch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+from sequencer.commands.bench import MODES
+from sequencer.errors import UsageError
+from sequencer.model import create_model, list_models
+from sequencer.recurrence import IMPLEMENTATIONS
+from sequencer.runtime import autocast, resolve_device, set_threads
+
+# Writing "5" here resets the process's peak resident set (Linux): how CPU peak memory is measured.
+CLEAR_REFS = "/proc/self/clear_refs"
+TWIN_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One thing to measure: our model with an rnn_impl (optionally checkpointed), or a timm model."""
+
+    model: str
+    source: str  # "ours" or "timm"
+    rnn_impl: str | None = None
+    grad_checkpointing: bool = False
+
+    @property
+    def label(self) -> str:
+        """How tables, files and plots name it."""
+        if self.source == "timm":
+            return "timm"
+        return f"ours({self.rnn_impl}){'+ckpt' if self.grad_checkpointing else ''}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where a variant is measured."""
+
+    mode: str
+    precision: str
+    resolution: int
+    batch_size: int
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure every variant in every setting, print the tables and write the files."""
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    batch_sizes = args.batch_sizes or [args.batch_size]
+    if not args.no_memory and device.type == "cpu" and not os.access(CLEAR_REFS, os.W_OK):
+        raise UsageError(
+            f"peak CPU memory is read by resetting {CLEAR_REFS}, which this system lacks: pass --no-memory"
+        )
+    variants = plan_variants(args.models, args.impls, args.grad_checkpointing, not args.no_timm_twin)
+    check_resolutions(variants, args.resolutions)
+    precisions = args.precisions or (["amp"] if args.amp else ["float32"])
+    records = []
+    for resolution in args.resolutions:
+        models = build_models(variants, resolution, device)
+        for mode in args.modes:
+            for precision in precisions:
+                for batch_size in batch_sizes:
+                    setting = Setting(mode, precision, resolution, batch_size)
+                    chosen = [v for v in variants if mode == "train" or not v.grad_checkpointing]
+                    found = measure_setting(chosen, models, setting, device, args)
+                    add_ratios(found)
+                    print_table(found, setting)
+                    records += found
+        del models
+        gc.collect()
+    write_outputs(records, args, device)
+    return 0
+
+
+def plan_variants(models: list[str], impls: list[str], checkpointing: bool, twins: bool) -> list[Variant]:
+    """Ours once per impl (and checkpointed), timm's twin for sequencer2d_s/m/l, peers as timm models."""
+    unknown = sorted(set(impls) - set(IMPLEMENTATIONS))
+    if unknown:
+        raise UsageError(f"unknown --impls {', '.join(unknown)}; expected some of {', '.join(IMPLEMENTATIONS)}")
+    ours = set(list_models())
+    variants = []
+    for name in models:
+        if name in ours:
+            if twins and timm.is_model(name):
+                variants.append(Variant(name, "timm"))
+            variants += [Variant(name, "ours", impl) for impl in impls]
+            if checkpointing:
+                variants += [Variant(name, "ours", impl, True) for impl in impls]
+        elif timm.is_model(name):
+            variants.append(Variant(name, "timm"))
+        else:
+            raise UsageError(f"unknown model {name!r}: neither one of ours (see `sequencer summary`) nor in timm")
+    return variants
+
+
+def check_resolutions(variants: list[Variant], resolutions: list[int]) -> None:
+    """Raise UsageError when one of our models cannot take the smallest resolution."""
+    for name in dict.fromkeys(v.model for v in variants if v.source == "ours"):
+        with torch.device("meta"):  # shapes only: no weights allocated
+            smallest = create_model(name).min_input_size
+        if min(resolutions) < smallest:
+            raise UsageError(f"--resolutions {min(resolutions)} is below the {smallest} px that {name} needs")
+
+
+def build_models(variants: list[Variant], resolution: int, device: torch.device) -> dict[Variant, nn.Module]:
+    """Build every variant; our variants of a name share weights and timm's twin loads them, checked on logits."""
+    models: dict[Variant, nn.Module] = {}
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for variant in sorted(variants, key=lambda v: v.source):  # "ours" first: the twin needs their weights
+        model = build_model(variant, resolution)
+        if variant.source == "ours":
+            weights.setdefault(variant.model, model.state_dict())
+            model.load_state_dict(weights[variant.model])
+        elif variant.model in weights:
+            model.load_state_dict(weights[variant.model])
+        models[variant] = model.to(device)
+    for variant, model in models.items():
+        if variant.source == "timm" and variant.model in weights:
+            ours = next(m for v, m in models.items() if v.model == variant.model and v.source == "ours")
+            check_twin(ours, model, variant.model, resolution, device)
+    return models
+
+
+def build_model(variant: Variant, resolution: int, seed: int = 0) -> nn.Module:
+    """A fresh model: ours with a random (not zero) head so that logits can be compared, or timm's."""
+    torch.manual_seed(seed)
+    if variant.source == "ours":
+        model = create_model(variant.model, rnn_impl=variant.rnn_impl)
+        nn.init.normal_(model.head.fc.weight, std=0.02)
+        model.set_grad_checkpointing(variant.grad_checkpointing)
+        return model
+    model = timm.create_model(variant.model)
+    if hasattr(model, "set_input_size") and model.pretrained_cfg["input_size"][-1] != resolution:
+        model.set_input_size(img_size=(resolution, resolution))  # ViTs and Swins fix their grid at build time
+    return model
+
+
+def check_twin(ours: nn.Module, twin: nn.Module, name: str, resolution: int, device: torch.device) -> None:
+    """Raise if timm's model, carrying our weights, does not give our logits."""
+    x = torch.randn(2, 3, resolution, resolution, device=device)
+    ours.eval()
+    twin.eval()
+    with torch.no_grad():
+        diff = (ours(x) - twin(x)).abs().max().item()
+    if diff > TWIN_TOLERANCE:
+        raise RuntimeError(f"timm's {name} with our weights differs from ours by {diff:.2e} in the logits")
+
+
+def make_step(model: nn.Module, setting: Setting, device: torch.device, amp_dtype: str | None) -> Callable[[], None]:
+    """One inference or training step on a fixed random batch."""
+    x = torch.randn(setting.batch_size, 3, setting.resolution, setting.resolution, device=device)
+    amp = setting.precision == "amp"
+    if setting.mode == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.no_grad(), autocast(device, amp, amp_dtype):
+                model(x)
+
+        return infer
+    model.train()
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
+    target = torch.randint(0, 1000, (setting.batch_size,), device=device)
+    scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
+
+    def train() -> None:
+        with autocast(device, amp, amp_dtype):
+            loss = F.cross_entropy(model(x), target)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train
+
+
+def measure_setting(
+    variants: list[Variant],
+    models: dict[Variant, nn.Module],
+    setting: Setting,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """Round-robin timing of the variants in one setting, then (unless disabled) their peak memory."""
+    steps = {v: make_step(models[v], setting, device, args.amp_dtype) for v in variants}
+    times = time_round_robin(steps, device, args.warmup, args.repeats)
+    records = []
+    for variant in variants:
+        median = statistics.median(times[variant])
+        peak = None if args.no_memory else measure_peak_memory(variant, setting, device, args.threads, args.amp_dtype)
+        records.append(
+            dict(
+                variant=variant.label,
+                **asdict(variant),
+                **asdict(setting),
+                images_per_s=setting.batch_size / median,
+                step_ms=1000 * median,
+                step_ms_all=[1000 * t for t in times[variant]],
+                peak_memory_mib=peak,
+            )
+        )
+    del steps
+    gc.collect()
+    return records
+
+
+def time_round_robin(
+    steps: dict[Any, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+) -> dict[Any, list[float]]:
+    """Seconds per call of each step, timed in rounds of one call each so that load changes hit all alike."""
+    times: dict[Any, list[float]] = {key: [] for key in steps}
+    for round_index in range(warmup + repeats):
+        for key, step in steps.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            if round_index >= warmup:
+                times[key].append(time.perf_counter() - start)
+    return times
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def add_ratios(records: list[dict[str, Any]]) -> None:
+    """Ours against timm's twin (not checkpointed) and against our reference path, for speed and memory."""
+    by_label = {(r["model"], r["variant"]): r for r in records}
+    for record in records:
+        if record["source"] != "ours":
+            continue
+        for key, peer in (("timm", "timm"), ("reference", "ours(reference)")):
+            other = by_label.get((record["model"], peer))
+            record[f"speed_vs_{key}"] = record["images_per_s"] / other["images_per_s"] if other else None
+            both = other and record["peak_memory_mib"] and other["peak_memory_mib"]
+            record[f"memory_vs_{key}"] = record["peak_memory_mib"] / other["peak_memory_mib"] if both else None
+
+
+def print_table(records: list[dict[str, Any]], setting: Setting) -> None:
+    """One block per setting: images/s, peak memory and the ratios."""
+    print(f"\n{setting.mode} {setting.precision} {setting.resolution}px batch {setting.batch_size}")
+    width = max(len(r["model"]) for r in records)
+    print(
+        f"  {'model':<{width}} {'variant':<22} {'img/s':>9} {'vs timm':>8} {'vs ref':>7} {'peak MiB':>9} "
+        f"{'vs timm':>8} {'vs ref':>7}"
+    )
+
+    def ratio(value: float | None) -> str:
+        return f"{value:.2f}x" if value else "-"
+
+    for r in records:
+        peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] else "-"
+        print(
+            f"  {r['model']:<{width}} {r['variant']:<22} {r['images_per_s']:>9.2f} "
+            f"{ratio(r.get('speed_vs_timm')):>8} {ratio(r.get('speed_vs_reference')):>7} {peak:>9} "
+            f"{ratio(r.get('memory_vs_timm')):>8} {ratio(r.get('memory_vs_reference')):>7}"
+        )
+
+
+def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> None:
+    """OUTPUT.json (everything, with the environment), OUTPUT.csv (one row per measurement), OUTPUT.png."""
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    environment = dict(
+        command=" ".join(sys.argv),
+        device=str(device),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        timm=timm.__version__,
+        python=platform.python_version(),
+        processor=_processor_name(device),
+    )
+    output.with_suffix(".json").write_text(json.dumps(dict(environment=environment, results=records), indent=1))
+    columns = [key for key in records[0] if key != "step_ms_all"] if records else []
+    with output.with_suffix(".csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    if len({r["resolution"] for r in records}) > 1:
+        plot_against_resolution(records, output.with_suffix(".png"))
+    print(f"\nwrote {output.with_suffix('.json')} and {output.with_suffix('.csv')}")
+
+
+def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
+    """Peak memory and images/s against input size, one line per model and variant (the paper's memory figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
+
+    modes = sorted({r["mode"] for r in records}, key=MODES.index)
+    resolutions = sorted({r["resolution"] for r in records})
+    figure, axes = plt.subplots(
+        len(modes), 2, figsize=(11, 3.6 * len(modes) + 1.2), squeeze=False, layout="constrained"
+    )
+    for row, mode in enumerate(modes):
+        lines: dict[str, list[dict[str, Any]]] = {}
+        for r in records:
+            if r["mode"] == mode:
+                name = f"timm {r['model']}" if r["source"] == "timm" else f"{r['model']} {r['variant']}"
+                lines.setdefault(f"{name}, batch {r['batch_size']}, {r['precision']}", []).append(r)
+        for index, (label, points) in enumerate(lines.items()):
+            points.sort(key=lambda r: r["resolution"])
+            sizes = [r["resolution"] for r in points]
+            style = dict(marker="os^vD<>"[index % 7], color=f"C{index % 10}", label=label)
+            if all(r["peak_memory_mib"] for r in points):
+                axes[row][0].plot(sizes, [r["peak_memory_mib"] for r in points], **style)
+            axes[row][1].plot(sizes, [r["images_per_s"] for r in points], **style)
+        for column, ylabel in enumerate(("peak memory (MiB)", "images / s")):
+            ax = axes[row][column]
+            ax.set(xlabel="input resolution (px)", ylabel=ylabel, title=f"{mode}: {ylabel}", xscale="log", yscale="log")
+            ax.set_xticks(resolutions, [str(s) for s in resolutions])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_locator(NullLocator())
+            ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0][1].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
+def _processor_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peak memory, one fresh process per measurement
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def measure_peak_memory(
+    variant: Variant, setting: Setting, device: torch.device, threads: int | None, amp_dtype: str | None
+) -> float:
+    """Peak memory (MiB) that two steps of `variant` add to the built model, measured in a fresh subprocess."""
+    spec = dict(
+        variant=asdict(variant), setting=asdict(setting), device=str(device), threads=threads, amp_dtype=amp_dtype
+    )
+    # A fixed threshold stops glibc from raising it as tensors are freed, so freed tensors go back to the kernel
+    # and the resident set tracks live memory.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    code = "import sys; from sequencer.bench import memory_probe; memory_probe(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement of {variant.label} {setting} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def memory_probe(spec_json: str) -> None:
+    """Subprocess entry point: build, take two steps, print {"peak_mib": ...} as the last line."""
+    spec = json.loads(spec_json)
+    set_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    variant, setting = Variant(**spec["variant"]), Setting(**spec["setting"])
+    model = build_model(variant, setting.resolution).to(device)
+    step = make_step(model, setting, device, spec["amp_dtype"])
+    if device.type == "cuda":
+        peak_mib = cuda_peak_mib(step, device)
+    else:
+        gc.collect()
+        baseline = reset_peak_resident()
+        step()
+        step()
+        peak_mib = (_status_kib("VmHWM") * 1024 - baseline) / 2**20
+    print(json.dumps(dict(peak_mib=peak_mib)))
+
+
+def cuda_peak_mib(step: Callable[[], None], device: torch.device) -> float:
+    """What two steps allocate on the GPU above what was allocated before them, in MiB."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    step()
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+
+
+def reset_peak_resident() -> int:
+    """Reset this process's peak resident set (VmHWM) to the current one and return it in bytes."""
+    try:
+        Path(CLEAR_REFS).write_text("5")
+    except OSError as error:
+        raise RuntimeError(f"cannot reset the peak resident set through {CLEAR_REFS}: {error}") from error
+    return _status_kib("VmRSS") * 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument types
+# ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,308 @@
+"""Reading and writing weights: the authors' key format, timm's, and our own (timm's layout plus metadata)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import nn
+
+from sequencer import hub
+from sequencer.errors import CheckpointError
+
+_logger = logging.getLogger(__name__)
+
+WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
+
+
+# timm's train.py pickles its argparse.Namespace beside the weights: plain data, safe to rebuild.
+SAFE_GLOBALS = [argparse.Namespace]
+UNSAFE_LOAD_HINT = "pass --unsafe-load (Python: unsafe_load=True) only if you trust whoever made the file"
+
+
+def read_file(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, Any]:
+    """Load a .pth / .pth.tar / .safetensors file (or an http(s) URL) into a dict on the CPU, as data.
+
+    A pickle is read with torch's weights-only unpickler, which rebuilds tensors and plain containers and runs no
+    code; one that needs anything else is refused unless `unsafe_load` (it could run code). Any file that cannot
+    be read raises `CheckpointError` naming it and what is wrong.
+    """
+    path = str(path)
+    if path.startswith(hub.HF_HUB_PREFIX):
+        path = hub.download(path)
+    if path.startswith(("http://", "https://")):
+        return _read_url(path, unsafe_load)
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
+    with open(path, "rb") as f:
+        return _read_pickle(f, path, unsafe_load)
+
+
+def _read_safetensors(path: str) -> dict[str, Any]:
+    """The tensors, wrapped with the class names when the metadata records them (as `save_weights` does)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path, device="cpu")
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    if "class_names" not in metadata:
+        return tensors
+    return {"state_dict": tensors, "class_names": json.loads(metadata["class_names"])}
+
+
+def _unsafe_globals(f: BinaryIO) -> list[str]:
+    """The Python globals a pickled checkpoint names beyond what the weights-only unpickler allows; [] if unreadable."""
+    f.seek(0)
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except Exception:  # any failure to parse means the file is damaged, not that it is foreign
+        return []
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    return [name for name in found if name not in allowed]
+
+
+def _read_url(url: str, unsafe_load: bool) -> dict[str, Any]:
+    try:
+        cached = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False, weights_only=True)
+    except pickle.UnpicklingError:
+        if not unsafe_load:
+            raise CheckpointError(f"{url} holds objects other than tensors; {UNSAFE_LOAD_HINT}") from None
+        cached = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False, weights_only=False)
+    return cached
+
+
+def _read_pickle(f: BinaryIO, path: str, unsafe_load: bool) -> dict[str, Any]:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        foreign = _unsafe_globals(f)
+        if not foreign:
+            raise CheckpointError(f"{path}: not a torch checkpoint or corrupt (unpickling failed)") from None
+        if not unsafe_load:
+            raise CheckpointError(
+                f"{path} holds Python objects ({', '.join(foreign[:3])}) that loading would have to run code to "
+                f"build; refused: {UNSAFE_LOAD_HINT}"
+            ) from None
+        _logger.warning("%s: loading with full pickle (--unsafe-load): it can run code from the file", path)
+        f.seek(0)
+        obj = torch.load(f, map_location="cpu", weights_only=False)
+    except RuntimeError as error:  # a zip archive torch cannot read: truncated or damaged
+        message = str(error).split(".")[0]
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({message})") from None
+    except (EOFError, KeyError, ValueError, OSError) as error:  # empty, text or random bytes
+        raise CheckpointError(f"{path}: not a torch checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, found a {type(obj).__name__}")
+    return obj
+
+
+def extract_state_dict(obj: dict[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Unwrap `model` / `state_dict` / `state_dict_ema` and strip DDP's `module.` prefix."""
+    order = ("state_dict_ema", "model_ema", *WRAPPERS) if use_ema else WRAPPERS
+    for key in order:
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"no state dict of tensors found; top-level keys: {[str(k) for k in obj][:10]}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def adopt_class_names(model: nn.Module, contents: dict[str, Any]) -> None:
+    """Record the class names a checkpoint holds (`sequencer train` and `save_weights` write them) as the model's
+    `pretrained_cfg["label_names"]` (timm's key), when they fit its head."""
+    names = contents.get("class_names")
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(names, list) and isinstance(cfg, dict) and len(names) == getattr(model, "num_classes", -1):
+        cfg["label_names"] = [str(name) for name in names]
+
+
+def from_authors_format(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the authors' keys (`blocks.{stage}.{j}`, `head`) to ours (`stages.{stage}.blocks.{j}`, `head.fc`)."""
+    if not any(k.startswith("blocks.") for k in state_dict):
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        # The authors append the downsampling to the end of a stage; it starts the next stage in ours.
+        key = re.sub(r"^blocks\.(\d+)\.\d+\.down\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample.down.", key)
+        key = re.sub(r"^blocks\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", key)
+        key = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", key)
+        out[key] = value
+    return out
+
+
+def to_authors_format(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename our keys to the authors' layout (the inverse of `from_authors_format`)."""
+    depths: dict[int, int] = {}
+    for key in state_dict:
+        if m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", key):
+            depths[int(m.group(1))] = max(depths.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(
+            r"^stages\.(\d+)\.downsample\.down\.",
+            lambda m: f"blocks.{int(m.group(1)) - 1}.{depths[int(m.group(1)) - 1]}.down.",
+            key,
+        )
+        key = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"blocks.\1.\2.", key)
+        key = re.sub(r"^head\.fc\.", "head.", key)
+        out[key] = value
+    return out
+
+
+def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load weights in any supported key format; a head of another size is re-initialised, with a warning."""
+    state_dict = from_authors_format(extract_state_dict(state_dict))
+    own = model.state_dict()
+    # Listed in the model's own order, so the first lines point at the earliest layer that does not fit.
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        k for k in own if k in state_dict and own[k].shape != state_dict[k].shape and not k.startswith("head.fc.")
+    ]
+    if strict and (missing or unexpected or mismatched):
+        name = type(model).__name__
+        lines = [f"checkpoint does not fit {name} ({len(own)} keys in the model, {len(state_dict)} in the file):"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                lines.append(f"  {label} keys ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        for k in mismatched[:8]:
+            lines.append(f"  shape mismatch for {k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}")
+        raise CheckpointError("\n".join(lines))
+    head = [k for k in state_dict if k.startswith("head.fc.") and k in own and own[k].shape != state_dict[k].shape]
+    if head:
+        classes = state_dict["head.fc.weight"].shape[0]
+        _logger.warning(
+            "checkpoint head has %d classes, model has %d: the classifier head is re-initialised (transfer learning)",
+            classes,
+            own["head.fc.weight"].shape[0],
+        )
+        state_dict = {k: v for k, v in state_dict.items() if k not in head}
+        state_dict.update({k: own[k] for k in head})
+    model.load_state_dict(state_dict, strict=strict)
+
+
+def load_pretrained(
+    model: nn.Module, path: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False
+) -> None:
+    """Load a checkpoint file (authors', timm's or ours, possibly wrapped) into `model`, strictly."""
+    obj = read_file(path, unsafe_load=unsafe_load)
+    load_state_dict(model, extract_state_dict(obj, use_ema=use_ema))
+    adopt_class_names(model, obj)
+    _logger.info("loaded weights from %s", path)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file read as data: its weights in our key format, and what `sequencer train` recorded."""
+
+    path: str
+    contents: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the classifier head, or None for a file without one."""
+        weight = self.state_dict.get("head.fc.weight")
+        return int(weight.shape[0]) if weight is not None else None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class names in index order, when the file records them."""
+        names = self.contents.get("class_names")
+        return [str(name) for name in names] if isinstance(names, list) and names else None
+
+    @property
+    def trained_args(self) -> dict[str, Any]:
+        """The flags of the `sequencer train` run that wrote it (empty for other files)."""
+        args = self.contents.get("args")
+        return args if isinstance(args, dict) else {}
+
+
+def open_checkpoint(path: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False) -> Checkpoint:
+    """Read a checkpoint in any supported format (see `read_file`) and unwrap its weights."""
+    contents = read_file(path, unsafe_load=unsafe_load)
+    return Checkpoint(str(path), contents, from_authors_format(extract_state_dict(contents, use_ema=use_ema)))
+
+
+def load_model(
+    name: str,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    use_ema: bool = False,
+    unsafe_load: bool = False,
+) -> nn.Module:
+    """A variant in eval mode with a checkpoint's weights, for inference: `num_classes` defaults to the file's head,
+    whose size must then match (loading would otherwise re-initialise it), and its class names are kept."""
+    from sequencer.model import check_model_name, create_model
+
+    check_model_name(name)  # an unknown name is the error, before any warning about weights
+    if not checkpoint:
+        warnings.warn(
+            f"no checkpoint given: {name} has random initial weights (and a zero classifier), so its outputs are "
+            "meaningless; pass a weights file (--checkpoint PATH)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return create_model(name, num_classes=num_classes or 1000, in_chans=in_chans).eval()
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = open_checkpoint(checkpoint, use_ema=use_ema, unsafe_load=unsafe_load)
+    file_classes = checkpoint.num_classes
+    if num_classes is None:
+        num_classes = file_classes or 1000
+    elif file_classes is not None and file_classes != num_classes:
+        raise CheckpointError(
+            f"{checkpoint.path} has a {file_classes}-class head but {num_classes} classes were asked for"
+        )
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans)
+    load_state_dict(model, checkpoint.state_dict)
+    adopt_class_names(model, checkpoint.contents)
+    return model.eval()
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside `path`, then rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import save
+
+                f.write(save(obj["state_dict"], metadata=obj.get("metadata")))
+            else:
+                torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's weights in our format: .safetensors (with metadata) or a torch .pth file."""
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    name = getattr(model, "model_name", type(model).__name__)
+    metadata = {"model_name": name, "num_classes": str(getattr(model, "num_classes", ""))}
+    label_names = getattr(model, "pretrained_cfg", {}).get("label_names")
+    if label_names:
+        metadata["class_names"] = json.dumps(list(label_names))
+    atomic_save({"state_dict": state_dict, "metadata": metadata, "model_name": name}, path)

@@ -1,0 +1,106 @@
+"""The `sequencer` command: one entry point whose subcommands share their option definitions (see options.py).
+
+A subcommand's flags come from `sequencer.commands.<name>`, which imports no torch, timm or matplotlib; the module
+that does its work is imported only when it runs, so help and argument errors are instant. Every expected failure
+(`sequencer.errors.SequencerError`) ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+from sequencer import __version__
+from sequencer.errors import SequencerError, UsageError
+from sequencer.options import check_bounds
+
+# name -> (module whose `run(args) -> int` does the work, one-line help); the flags: sequencer.commands.<name>
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("sequencer.train", "train or fine-tune a model (timm-style flags; works under torchrun)"),
+    "validate": ("sequencer.validate", "top-1 / top-5 / loss / images per second on a labelled folder"),
+    "predict": ("sequencer.inference", "classify images or folders with a model's own preprocessing"),
+    "export": ("sequencer.deploy", "export to ONNX, TorchScript or an ExportedProgram and check it"),
+    "average": ("sequencer.average", "average a run's best epoch checkpoints, or export a checkpoint's weights"),
+    "bench": ("sequencer.bench", "throughput and peak memory against timm and other models"),
+    "summary": ("sequencer.analysis.summary", "parameters and MACs of every variant"),
+    "erf": ("sequencer.analysis.erf", "effective receptive field maps per stage"),
+    "resolution": ("sequencer.analysis.resolution", "top-1 against inference resolution"),
+    "robustness": ("sequencer.analysis.robustness", "accuracy under ImageNet-C corruptions, mCE"),
+    "variants": ("sequencer.analysis.variants", "top-1 on ImageNet-ReaL/-A/-R/-Sketch/-V2/-C beside published figures"),
+}
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's real default, unless it is empty or the help text already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, "", [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the flags of `command` only (none for `sequencer --help`)."""
+    parser = argparse.ArgumentParser(prog="sequencer", description="Sequencer: Deep LSTM for Image Classification")
+    parser.add_argument("--version", action="version", version=f"sequencer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.command_parsers = {}
+    for name, (_, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, formatter_class=DefaultsHelpFormatter)
+        parser.command_parsers[name] = sub_parser
+        if name == command:
+            flags = importlib.import_module(f"sequencer.commands.{name}")
+            sub_parser.description = flags.__doc__
+            flags.add_arguments(sub_parser)
+    return parser
+
+
+def _apply_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the flags a YAML file sets (a run's args.yaml, say) the parser's defaults: the command line still wins."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"cannot read --config {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a mapping of option names to values")
+    values = {key: value for key, value in values.items() if key not in ("command", "config")}
+    unknown = sorted(set(values) - {action.dest for action in parser._actions})
+    if unknown:
+        raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
+    parser.set_defaults(**values)
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is one), if any."""
+    return next((word for word in argv if word in COMMANDS), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the subcommand; a `SequencerError` becomes one line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = _command_of(argv)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    # Warnings (no checkpoint given, a deprecated option ...) read as one line, like the errors, without source lines.
+    warnings.formatwarning = lambda message, *_: f"sequencer {args.command}: warning: {message}\n"
+    try:
+        if getattr(args, "config", None):
+            _apply_config(parser.command_parsers[command], args.config)
+            args = parser.parse_args(argv)
+        check_bounds(parser.command_parsers[command], args)
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except SequencerError as error:
+        print(f"sequencer {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Export a model to ONNX, TorchScript or a torch.export ExportedProgram, then load the file back and check it."""
+
+from __future__ import annotations
+
+import argparse
+
+from sequencer.options import add_input_options, add_model_options, add_output_option
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, input size and export options."""
+    add_model_options(parser)
+    add_input_options(parser)
+    group = parser.add_argument_group("export")
+    group.add_argument(
+        "--format",
+        default=None,
+        metavar="FORMAT",
+        help="onnx, torchscript or exported-program (default: from the suffix of -o)",
+    )
+    add_output_option(group, None, "file to write (.onnx, .pt, .pt2)", required=True)
+    group.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="any batch size (TorchScript always allows it); checked at three batch sizes",
+    )
+    group.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        default=2,
+        help="batch of the example input, and the fixed batch of a static export (default 2)",
+    )
+    group.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |logit difference|")
+    group.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")

@@ -1,0 +1,33 @@
+"""Classify images or folders of images with a model's own preprocessing; print top-k labels, or write CSV / JSON."""
+
+from __future__ import annotations
+
+import argparse
+
+from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
+
+OUTPUT_FORMATS = ("table", "csv", "json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Inputs, model, preprocessing, runtime and output options."""
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (recursive)")
+    add_model_options(parser)
+    add_input_options(parser)
+    add_runtime_options(parser)
+    group = parser.add_argument_group("output")
+    group.add_argument("--topk", type=int, default=5, help="classes to list per image")
+    group.add_argument(
+        "--class-map",
+        default=None,
+        metavar="FILE",
+        help="class names: one per line, or a JSON list / dict (default: ImageNet-1K for 1000 classes)",
+    )
+    add_output_option(group, None, "file to write the predictions to, instead of stdout")
+    group.add_argument(
+        "--format",
+        dest="output_format",
+        choices=OUTPUT_FORMATS,
+        default=None,
+        help="output format (default: from --output's suffix .csv / .json, else a table)",
+    )

@@ -1,0 +1,33 @@
+"""Accuracy under the 15 ImageNet-C corruptions at 5 severities, made on the fly from a clean val set, and the mCE."""
+
+from __future__ import annotations
+
+import argparse
+
+from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """DATA, model, --corruptions, --severities, --limit, --alexnet-errors, --out, input and runtime options."""
+    parser.add_argument("data", help="clean labelled images: DATA/val/<class>/* or DATA/<class>/*")
+    add_model_options(parser, default_model="sequencer2d_s")
+    parser.add_argument(
+        "--corruptions",
+        default="",
+        help="comma-separated subset of ImageNet-C's corruptions: gaussian_noise, shot_noise, impulse_noise, "
+        "defocus_blur, glass_blur, motion_blur, zoom_blur, snow, frost, fog, brightness, contrast, elastic_transform, "
+        "pixelate, jpeg_compression (default: all)",
+    )
+    parser.add_argument("--severities", default="", help="comma-separated subset of 1,2,3,4,5")
+    parser.add_argument("--limit", type=int, default=None, help="use N images spread over the whole set")
+    parser.add_argument(
+        "--alexnet-errors",
+        default="",
+        help="AlexNet's top-1 errors for the mCE: JSON {corruption: error or [5 errors]} or CSV "
+        "with columns corruption[,severity],error (fractions or percent); default: the "
+        "published per-corruption means, which need all five severities",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
+    add_output_option(parser, "results/robustness", "output folder", "--out", kind="folder")
+    add_input_options(parser)
+    add_runtime_options(parser)

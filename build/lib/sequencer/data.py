@@ -1,0 +1,410 @@
+"""Datasets, transforms and loaders: class-folder trees, torchvision's CIFAR and transfer sets, built-in digits."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from timm.data import ImageNetInfo, auto_augment, resolve_data_config
+from timm.data import create_transform as timm_create_transform
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torchvision.datasets import ImageFolder
+
+from sequencer.errors import DatasetError, UsageError
+
+_logger = logging.getLogger(__name__)
+
+_CONFIG_KEYS = ("input_size", "img_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+
+
+def data_config(model: nn.Module | dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """The model's preprocessing (input size, crop_pct, interpolation, mean, std), with `overrides` applied."""
+    cfg = model if isinstance(model, dict) else getattr(model, "pretrained_cfg", {})
+    args = {k: v for k, v in overrides.items() if v not in (None, "")}
+    return resolve_data_config(args=args, pretrained_cfg=dict(cfg))
+
+
+def check_input_fits(model: nn.Module, input_size: Sequence[int], flag: str = "--img-size / --input-size") -> None:
+    """Raise a UsageError before any work when `model` cannot take (C, H, W) inputs (`flag` set their size)."""
+    channels = getattr(model, "in_chans", input_size[0])
+    if channels != input_size[0]:
+        raise UsageError(
+            f"the model takes {channels} input channels but its input has {input_size[0]} "
+            "(--in-chans, --input-size; images are read as RGB)"
+        )
+    check_input = getattr(model, "check_input", None)  # a Sequencer's; other models have none
+    if callable(check_input):
+        try:
+            check_input(torch.empty(1, *input_size, device="meta"))  # shapes only: nothing runs
+        except ValueError as error:
+            raise UsageError(f"{error} ({flag})") from None
+
+
+def posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Keep the `bits_to_keep` high bits of each channel; 0 bits is a black image, as Pillow < 11 gave."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep >= 1:
+        return ImageOps.posterize(image, bits_to_keep)
+    return image.point([0] * 256 * len(image.getbands()))
+
+
+# timm's RandAugment maps magnitude 10 of PosterizeIncreasing to 0 bits (m9 with mstd 0.5 draws >= 10 2.3% of the
+# time: about 1.5 images in 1,000 under rand-m9-mstd0.5-inc1), which Pillow >= 11 refuses with a ValueError that
+# kills the data-loader worker, so the paper's recipe could not finish an ImageNet epoch. Its models were trained
+# with the black image that older Pillow returned: every posterize op of timm's policies gets that behaviour back.
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    auto_augment.NAME_TO_OP[_name] = posterize
+
+
+def create_transform(model: nn.Module | dict[str, Any], train: bool = False, **overrides: Any) -> Callable:
+    """The transform a model expects: resize by crop_pct, centre crop, normalise (or timm's training pipeline)."""
+    cfg = data_config(model, **{k: overrides.pop(k) for k in list(overrides) if k in _CONFIG_KEYS})
+    return timm_create_transform(**cfg, is_training=train, **overrides)
+
+
+DIGITS_NAMES = ("digits", "sklearn/digits")
+VAL_SPLITS = ("val", "validation", "test")
+_DIGITS_VAL_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0
+
+
+class SkipCounter:
+    """A count of unreadable samples, shared with data-loader worker processes."""
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.Value("i", 0)
+
+    def increment(self) -> None:
+        """Count one more skipped sample."""
+        with self._value.get_lock():
+            self._value.value += 1
+
+    @property
+    def value(self) -> int:
+        """Samples skipped so far, in every process that shares this counter."""
+        return self._value.value
+
+
+class ImageFolderDataset(ImageFolder):
+    """`ROOT/<class>/*` images; an unreadable image yields None (dropped by `collate_skipping`) and is counted."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
+        super().__init__(str(root), transform=transform)
+        self.skip_counter = SkipCounter()
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable images met so far."""
+        return self.skip_counter.value
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for truncated or non-image files
+            self.skip_counter.increment()
+            _logger.warning("skipping unreadable image %s: %s", path, error)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), upscaled to RGB PIL images; no download.
+
+    The split is fixed (stratified, seed 0): 80% train, 20% val, so every run is scored on the same held-out images.
+    """
+
+    def __init__(self, split: str = "train", transform: Callable | None = None, img_size: int = 32) -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ("train", *VAL_SPLITS):
+            raise DatasetError(f"unknown split {split!r} for the digits; expected 'train' or 'val'")
+        digits = load_digits()
+        train_idx, val_idx = train_test_split(
+            np.arange(len(digits.target)),
+            test_size=_DIGITS_VAL_FRACTION,
+            random_state=_DIGITS_SPLIT_SEED,
+            stratify=digits.target,
+        )
+        indices = train_idx if split == "train" else val_idx
+        # Pixel values are 0..16; upscale once here so that per-sample transforms only crop and normalise.
+        pixels = (digits.images[indices] * (255.0 / 16.0)).round().astype(np.uint8)
+        self.images = [
+            Image.fromarray(p, mode="L").resize((img_size, img_size), Image.Resampling.BICUBIC).convert("RGB")
+            for p in pixels
+        ]
+        self.targets = [int(t) for t in digits.target[indices]]
+        self.classes = [str(d) for d in range(10)]
+        self.transform = transform
+        self.num_skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+
+# torchvision's transfer datasets: (class, our split name -> theirs, the folder under --data-dir, its layout).
+TRANSFER_SPLITS = {
+    "flowers102": {"train": "train", "val": "val", "validation": "val", "test": "test"},
+    "stanford_cars": {"train": "train", "val": "test", "validation": "test", "test": "test"},
+    "oxford_iiit_pet": {
+        "train": "trainval",
+        "trainval": "trainval",
+        "val": "test",
+        "validation": "test",
+        "test": "test",
+    },
+}
+TRANSFER_LAYOUTS = {
+    "flowers102": "DATA_DIR/flowers-102/{jpg/image_00001.jpg ..., imagelabels.mat, setid.mat}",
+    "stanford_cars": "DATA_DIR/stanford_cars/{cars_train/*.jpg, cars_test/*.jpg, cars_test_annos_withlabels.mat, "
+    "devkit/{cars_train_annos.mat, cars_meta.mat}}",
+    "oxford_iiit_pet": "DATA_DIR/oxford-iiit-pet/{images/*.jpg, annotations/{trainval.txt, test.txt}}",
+}
+TORCH_DATASETS = ("cifar10", "cifar100", *TRANSFER_SPLITS)
+
+
+class TorchvisionDataset(Dataset):
+    """A torchvision dataset whose `transform` is applied here, whose unreadable images are skipped and counted."""
+
+    def __init__(self, base: Dataset, classes: list[str], name: str) -> None:
+        self.base = base
+        self.classes = list(classes)
+        self.name = name
+        self.transform: Callable | None = None
+        self.skip_counter = SkipCounter()
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable images met so far."""
+        return self.skip_counter.value
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        try:
+            image, target = self.base[index]
+        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for truncated or non-image files
+            self.skip_counter.increment()
+            _logger.warning("skipping unreadable image %d of %s: %s", index, self.name, error)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(target)
+
+
+def _transfer_files_missing(key: str, root: Path, split: str) -> list[Path]:
+    """The files and folders of `key`'s layout that the split needs and that are not under `root`."""
+    if key == "flowers102":
+        base = root / "flowers-102"
+        needed = [base / "jpg", base / "imagelabels.mat", base / "setid.mat"]
+    elif key == "stanford_cars":
+        base = root / "stanford_cars"
+        needed = [base / "devkit" / "cars_meta.mat"]
+        if split == "train":
+            needed += [base / "devkit" / "cars_train_annos.mat", base / "cars_train"]
+        else:
+            needed += [base / "cars_test_annos_withlabels.mat", base / "cars_test"]
+    else:
+        base = root / "oxford-iiit-pet"
+        needed = [base / "images", base / "annotations" / f"{split}.txt"]
+    return [path for path in needed if not path.exists()]
+
+
+def _torchvision_dataset(name: str, split: str, root: str | None, download: bool) -> TorchvisionDataset:
+    """torchvision's CIFAR-10/100, Flowers-102, Stanford Cars or Oxford-IIIT Pets from a local copy under `root`."""
+    from torchvision import datasets
+
+    key = name.removeprefix("torch/").lower()
+    if key not in TORCH_DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; expected a folder, none, or {', '.join(TORCH_DATASETS)}")
+    if not root:
+        raise DatasetError(f"{name} needs --data-dir (or DATA): the folder that holds (or will hold) its files")
+    if key in ("cifar10", "cifar100"):
+        cifar = datasets.CIFAR10 if key == "cifar10" else datasets.CIFAR100
+        try:
+            base = cifar(root, train=split == "train", download=download)
+        except (RuntimeError, OSError) as error:  # not there, or no network to fetch it
+            raise DatasetError(
+                f"{name} not found under {root} ({error}); put a copy there or pass --dataset-download"
+            ) from error
+        return TorchvisionDataset(base, base.classes, name)
+    splits = TRANSFER_SPLITS[key]
+    if split not in splits:
+        raise DatasetError(f"unknown split {split!r} for {name}; expected one of {', '.join(splits)}")
+    their_split = splits[split]
+    if key == "stanford_cars" and download:
+        raise DatasetError(
+            f"{name} cannot be downloaded (its original URL is gone); put a copy in the layout "
+            f"{TRANSFER_LAYOUTS[key]} and drop --dataset-download"
+        )
+    if not download:
+        missing = _transfer_files_missing(key, Path(root), their_split)
+        if missing:
+            raise DatasetError(
+                f"{name} ({their_split} split) not found under {root}: missing {', '.join(map(str, missing))}; "
+                f"expected {TRANSFER_LAYOUTS[key]} (pass --dataset-download to fetch it)"
+            )
+    kinds = {
+        "flowers102": datasets.Flowers102,
+        "stanford_cars": datasets.StanfordCars,
+        "oxford_iiit_pet": datasets.OxfordIIITPet,
+    }
+    try:
+        base = kinds[key](root, split=their_split, download=download)
+    except (RuntimeError, OSError) as error:  # files rejected (Flowers-102 checks its .mat files' md5), or no network
+        raise DatasetError(
+            f"{name} under {root} is incomplete, corrupted or could not be downloaded ({error}); "
+            f"expected {TRANSFER_LAYOUTS[key]}"
+        ) from error
+    return TorchvisionDataset(base, base.classes, name)
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """ROOT/train, ROOT/val (or validation); a ROOT that is itself a class-folder tree serves as the val split."""
+    names = ("train",) if split == "train" else VAL_SPLITS if split in VAL_SPLITS else (split,)
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    if split in VAL_SPLITS and not (root / "train").is_dir():
+        return root
+    raise DatasetError(f"no {split!r} folder in {root}; expected {root}/{names[0]}/<class>/<images>")
+
+
+def build_dataset(
+    name_or_root: str | None,
+    split: str,
+    transform: Callable | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
+    img_size: int = 32,
+) -> Dataset:
+    """A dataset with `.classes`, `.transform` and `.num_skipped`: a class-folder tree, `torch/NAME`, or the digits."""
+    if name_or_root is None or name_or_root.lower() in DIGITS_NAMES:
+        return DigitsDataset(split, transform, img_size)
+    if name_or_root.startswith("torch/"):
+        dataset = _torchvision_dataset(name_or_root, split, data_dir, download)
+        dataset.transform = transform
+        return dataset
+    root = Path(name_or_root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
+    folder = _split_folder(root, split)
+    try:
+        dataset = ImageFolderDataset(folder, transform)
+    except FileNotFoundError as error:  # torchvision: no class folders, or a class folder without images
+        raise DatasetError(f"empty dataset folder {folder}: {error}") from error
+    return dataset
+
+
+@functools.cache
+def imagenet_synsets() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k WordNet ids (n01440764, ...) in class-index order, from timm's packaged synset list."""
+    return tuple(ImageNetInfo("imagenet-1k").label_names())
+
+
+def _names_list(names: Sequence[str], limit: int = 3) -> str:
+    """The first few names, for error messages."""
+    return ", ".join(list(names)[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def class_indices(
+    folder_names: Sequence[str], num_classes: int, model_class_names: Sequence[str] | None = None
+) -> list[int]:
+    """The model's class index for each folder name; a `DatasetError` naming both counts when none applies.
+
+    In order: the model's own class names (a training checkpoint's), when they cover every folder; for a
+    1000-class model, ImageNet-1k WordNet ids (ImageNet-A, -R, -Sketch, val) or class numbers (ImageNet-V2's
+    0..999), also when only some classes are present; otherwise folder i is class i, which needs one folder per class.
+    """
+    folder_names = list(folder_names)
+    if model_class_names is not None and len(model_class_names) == num_classes:
+        by_name = {name: index for index, name in enumerate(model_class_names)}
+        if all(name in by_name for name in folder_names):
+            return [by_name[name] for name in folder_names]
+    if num_classes == 1000:
+        by_synset = {synset: index for index, synset in enumerate(imagenet_synsets())}
+        if all(name in by_synset for name in folder_names):
+            return [by_synset[name] for name in folder_names]
+        if all(name.isdigit() and int(name) < num_classes for name in folder_names):
+            return [int(name) for name in folder_names]
+    if len(folder_names) == num_classes:
+        return list(range(num_classes))
+    kinds = ["the model's class names"] if model_class_names is not None else []
+    if num_classes == 1000:
+        kinds.append("ImageNet-1k WordNet ids (n01440764, ...) or class numbers")
+    named = f"named by neither {' nor '.join(kinds)}, nor " if kinds else "not "
+    raise DatasetError(
+        f"the model has {num_classes} classes but the data has {len(folder_names)} ({_names_list(folder_names)}), "
+        f"{named}one folder per class: pass a checkpoint trained on these classes or --num-classes "
+        f"{len(folder_names)}"
+    )
+
+
+def map_classes(dataset: Dataset, num_classes: int, model_class_names: Sequence[str] | None = None) -> Dataset:
+    """Relabel a dataset's samples with the model's class indices (see `class_indices`); checked before any work."""
+    if not isinstance(dataset, ImageFolder):  # the digits and torchvision's sets: fixed classes, in their own order
+        if len(dataset.classes) != num_classes:
+            raise DatasetError(
+                f"the model has {num_classes} classes but the data has {len(dataset.classes)}: pass a checkpoint "
+                f"trained on this dataset or --num-classes {len(dataset.classes)}"
+            )
+        return dataset
+    indices = class_indices(dataset.classes, num_classes, model_class_names)
+    if indices == list(range(len(indices))):
+        return dataset
+    dataset.samples = [(path, indices[target]) for path, target in dataset.samples]
+    dataset.imgs = dataset.samples
+    dataset.targets = [target for _, target in dataset.samples]
+    dataset.class_to_idx = {name: indices[i] for i, name in enumerate(dataset.classes)}
+    return dataset
+
+
+def collate_skipping(batch: list[Any]) -> Any:
+    """Default collation after dropping the samples a dataset could not read (None); None if none is left."""
+    readable = [sample for sample in batch if sample is not None]
+    return default_collate(readable) if readable else None
+
+
+def create_loader(
+    dataset: Dataset,
+    batch_size: int,
+    workers: int = 2,
+    shuffle: bool = False,
+    distributed: bool = False,
+    drop_last: bool = False,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
+    """A DataLoader; under DDP a DistributedSampler gives each rank its own shard (call `set_epoch` each epoch)."""
+    sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=drop_last) if distributed else None
+    # Workers start afresh every epoch (not persistent): their random streams are then drawn from the epoch's
+    # seed, so a resumed run augments exactly as an uninterrupted one would.
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn or collate_skipping,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+    )

@@ -1,0 +1,269 @@
+"""Export: `sequencer.export()` writes a model as ONNX, TorchScript or a torch.export ExportedProgram, loads the file
+back and checks its logits; and the run of `sequencer export`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.util
+import json
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sequencer.checkpoint import load_model
+from sequencer.data import check_input_fits, data_config
+from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
+from sequencer.model import list_models, route
+from sequencer.options import input_overrides
+
+FORMATS = ("onnx", "torchscript", "exported-program")
+SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}
+# Where the preprocessing is recorded: an ONNX metadata_props key, or an extra file in the TorchScript / .pt2 archive.
+CONFIG_KEY = "sequencer_config"
+CONFIG_FILE = f"{CONFIG_KEY}.json"
+_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+# What torch.onnx's exporter (onnx, onnxscript) and our check of the written file (onnxruntime) import.
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+
+
+class ExportCheckError(SequencerError, RuntimeError):
+    """The exported file's outputs differ from PyTorch's by more than the tolerance (the file is kept)."""
+
+
+def require_onnx_packages() -> None:
+    """Raise MissingDependencyError naming the `export` extra when a package the ONNX path needs is missing."""
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"ONNX export needs {', '.join(ONNX_PACKAGES)}; {', '.join(missing)} not installed: "
+            'pip install "sequencer[export]"'
+        )
+
+
+@dataclass
+class ExportResult:
+    """What was written and how closely the reloaded file matches PyTorch (max |logit difference| per batch size)."""
+
+    path: Path
+    format: str
+    input_size: tuple[int, int, int]
+    dynamic_batch: bool
+    tolerance: float
+    max_abs_diff: dict[int, float] = field(default_factory=dict)
+    trivial: bool = False  # every reference logit was zero (an untrained zero head), so the check compared nothing
+
+    @property
+    def passed(self) -> bool:
+        """Whether every checked batch size is within the tolerance."""
+        return all(diff <= self.tolerance for diff in self.max_abs_diff.values())
+
+    def summary(self) -> str:
+        """One line per fact: the file, then the check."""
+        diffs = ", ".join(f"{diff:.2e} at batch {batch}" for batch, diff in self.max_abs_diff.items())
+        verdict = "passed" if self.passed else "FAILED"
+        shape = "dynamic batch" if self.dynamic_batch else f"batch {next(iter(self.max_abs_diff))}"
+        lines = [
+            f"wrote {self.format} to {self.path} (input {shape} x {' x '.join(map(str, self.input_size))})",
+            f"check against PyTorch: max |logit diff| {diffs} (tolerance {self.tolerance:.0e}): {verdict}",
+        ]
+        if self.trivial:
+            lines.append(
+                "note: all reference logits are zero (untrained zero-initialised head); load a checkpoint "
+                "for a meaningful check"
+            )
+        return "\n".join(lines)
+
+
+def _check_name_and_file(name: str, checkpoint: str | Path | None) -> None:
+    """Refuse an unknown variant or a local checkpoint file that does not exist, before anything is loaded."""
+    if name.split(".")[0] not in list_models():
+        raise UsageError(f"unknown model {name!r}; `sequencer summary` lists the variants")
+    remote = str(checkpoint).startswith(("http://", "https://", "hf-hub:"))
+    if checkpoint and not remote and not Path(checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {checkpoint}")
+
+
+def format_for(path: str | Path, requested: str | None = None) -> str:
+    """The requested format, else the one the file suffix names (.onnx, .pt / .ts, .pt2)."""
+    if requested:
+        if requested not in FORMATS:
+            raise UsageError(f"unknown export format {requested!r}; expected one of {', '.join(FORMATS)}")
+        return requested
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise UsageError(f"cannot tell the export format from {path!r}; name it .onnx, .pt or .pt2, or pass --format")
+    return SUFFIXES[suffix]
+
+
+def _prepare(model: nn.Module) -> nn.Module:
+    """Eval mode on the CPU, on the library-RNN code path that every exporter can trace."""
+    model.cpu().eval()
+    route(model, rnn_impl="reference")  # for good: `export` works on its own copy
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_export_warnings() -> Iterator[None]:
+    """Hide warnings that say nothing about the exported file's correctness (the numeric check does that)."""
+    with warnings.catch_warnings():
+        # nn.LSTM re-caches its own registered parameters in `_flat_weights` while torch.export traces it.
+        warnings.filterwarnings("ignore", message=r".*_flat_weights.*were assigned during export", category=UserWarning)
+        # Raised from inside torch's own decompositions during the ONNX export.
+        warnings.filterwarnings("ignore", message=r"_check_is_size will be removed", category=FutureWarning)
+        # TorchScript is deprecated upstream, but it is what the caller asked for.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
+def _write(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    fmt: str,
+    dynamic_batch: bool,
+    config_json: str,
+    opset: int | None,
+) -> None:
+    batch_dim = torch.export.Dim("batch")
+    if fmt == "onnx":
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            verbose=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch_dim},) if dynamic_batch else None,
+            opset_version=opset,
+        )
+        program.model.metadata_props[CONFIG_KEY] = config_json
+        program.save(path, external_data=False)
+    elif fmt == "torchscript":
+        # Scripting (not tracing) keeps the shape checks and works for any batch size.
+        torch.jit.save(torch.jit.script(model), str(path), _extra_files={CONFIG_FILE: config_json})
+    else:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim},) if dynamic_batch else None)
+        torch.export.save(program, path, extra_files={CONFIG_FILE: config_json})
+
+
+def load_exported(path: str | Path, fmt: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A CPU function image batch -> logits running an exported file (onnxruntime for ONNX)."""
+    fmt = format_for(path, fmt)
+    if fmt == "onnx":
+        require_onnx_packages()
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
+    if fmt == "torchscript":
+        with _quiet_export_warnings():
+            return torch.jit.load(str(path), map_location="cpu").eval()
+    return torch.export.load(path).module()
+
+
+def export(
+    model: str | nn.Module,
+    output: str | Path,
+    format: str | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    use_ema: bool = False,
+    unsafe_load: bool = False,
+    dynamic_batch: bool = False,
+    batch_size: int = 2,
+    tolerance: float = 1e-4,
+    opset: int | None = None,
+    **config_overrides: Any,
+) -> ExportResult:
+    """Write `model` (a variant name loaded from `checkpoint`, or a module) to `output`, reload it and check it.
+
+    The example input has `batch_size` images of the model's input size (`img_size` / `input_size` override it);
+    a static export is fixed to that batch, a dynamic one is checked at two more sizes. A module is copied, not
+    changed. The preprocessing config is stored in the file (key / extra file `sequencer_config`). Raises
+    ExportCheckError when the reloaded file's logits differ by more than `tolerance`.
+    """
+    fmt = format_for(output, format)
+    if fmt == "onnx":
+        require_onnx_packages()
+    if fmt == "exported-program" and Path(output).suffix != ".pt2":
+        raise UsageError(f"torch.export archives must be named *.pt2 (torch.export.load needs it), got {output}")
+    if not tolerance >= 0:
+        raise UsageError(f"--tolerance must be a non-negative number, got {tolerance}")
+    unknown = set(config_overrides) - {"img_size", *_CONFIG_KEYS}
+    if unknown:
+        raise TypeError(f"unexpected arguments {sorted(unknown)}")
+    if batch_size < 1 or (dynamic_batch and batch_size < 2):
+        # torch.export specialises a dimension whose example size is 1, so a dynamic batch needs at least 2.
+        raise UsageError(f"batch_size must be >= {2 if dynamic_batch else 1} here, got {batch_size}")
+    if isinstance(model, str):
+        _check_name_and_file(model, checkpoint)
+        model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
+    elif checkpoint:
+        raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
+    else:
+        model = copy.deepcopy(model)  # the caller's module keeps its device and RNN code path
+    model = _prepare(model)
+    cfg = data_config(model, **config_overrides)
+    config = {
+        "model_name": getattr(model, "model_name", type(model).__name__),
+        "num_classes": getattr(model, "num_classes", None),
+        **{key: cfg[key] for key in _CONFIG_KEYS if key in cfg},
+    }
+    input_size = tuple(cfg["input_size"])
+    check_input_fits(model, input_size)  # before any file or folder is made
+    generator = torch.Generator().manual_seed(0)
+    batches = [batch_size, 1, batch_size + 3] if dynamic_batch else [batch_size]
+    inputs = {batch: torch.randn(batch, *input_size, generator=generator) for batch in batches}
+
+    path = Path(output)
+    with _quiet_export_warnings(), torch.no_grad():
+        # First, so that an input the model cannot take fails with the model's own error before any folder is made.
+        references = {batch: model(x) for batch, x in inputs.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(model, inputs[batch_size], path, fmt, dynamic_batch, json.dumps(config), opset)
+        runner = load_exported(path, fmt)
+        result = ExportResult(path, fmt, input_size, dynamic_batch, tolerance)
+        for batch, x in inputs.items():
+            result.max_abs_diff[batch] = (runner(x).float() - references[batch]).abs().max().item()
+    result.trivial = all(not ref.any() for ref in references.values())
+    if not result.passed:
+        raise ExportCheckError(f"{result.summary()}\nthe file was kept at {path} for inspection")
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, check, and say how it went; exit 1 when the written file fails the check (2 for a refused request)."""
+    overrides = input_overrides(args)
+    # A failed check is the command's answer, not a refused request: its own exit code (1), and its full report.
+    try:
+        result = export(
+            args.model,
+            args.output,
+            args.format,
+            checkpoint=args.checkpoint or None,
+            num_classes=args.num_classes,
+            in_chans=args.in_chans,
+            use_ema=args.use_ema,
+            unsafe_load=args.unsafe_load,
+            dynamic_batch=args.dynamic_batch,
+            batch_size=args.batch_size,
+            tolerance=args.tolerance,
+            opset=args.opset,
+            **overrides,
+        )
+    except ExportCheckError as error:
+        print(f"sequencer export: {error}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0

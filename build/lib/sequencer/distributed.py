@@ -1,0 +1,71 @@
+"""torch.distributed set-up for training under torchrun: one process per GPU (NCCL) or per CPU worker (gloo)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sequencer.runtime import resolve_device
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands: its rank among `world_size` processes and the device it computes on."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+    @property
+    def is_primary(self) -> bool:
+        """Rank 0: the only process that writes files and prints."""
+        return self.rank == 0
+
+
+def init_distributed(device_name: str | None = None) -> DistributedContext:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if world_size <= 1:
+        return DistributedContext(0, 1, device)
+    if device.type == "cuda":
+        # One GPU per process: the local rank picks it, whatever index the flag named.
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method="env://")
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """The mean of `value` over all processes (the value itself when alone)."""
+    if not context.distributed:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / context.world_size
+
+
+def on_every_rank(flag: bool, context: DistributedContext) -> bool:
+    """Whether `flag` holds in every process (the flag itself when alone)."""
+    if not context.distributed:
+        return flag
+    value = torch.tensor(int(flag), device=context.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group, if any."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,87 @@
+"""Weights from the Hugging Face Hub (`hf-hub:ORG/REPO[@REVISION]`) and the released weights behind `pretrained=True`.
+
+timm hosts the released Sequencer2D-S/M/L weights as `timm/sequencer2d_{s,m,l}.in1k`. Downloads go through
+huggingface_hub's cache (HF_HOME, HF_HUB_CACHE), which later loads read from, also offline (HF_HUB_OFFLINE=1).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.parse import urlparse
+
+from sequencer.errors import CheckpointError, MissingDependencyError, UsageError
+
+_logger = logging.getLogger(__name__)
+
+HF_HUB_PREFIX = "hf-hub:"
+# What timm's push_to_hub writes, newest format first.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# timm's Hub copy of each variant's released weights; the 392 px variants are the same networks and weights.
+HUB_IDS = {f"sequencer2d_{size}": f"timm/sequencer2d_{size}.in1k" for size in "sml"}
+HUB_IDS.update({f"{name}_392": repo for name, repo in HUB_IDS.items()})
+
+
+def download(spec: str) -> str:
+    """The local file of `hf-hub:ORG/REPO[@REVISION]`'s weights (model.safetensors, else pytorch_model.bin)."""
+    try:
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError as error:
+        raise MissingDependencyError("hf-hub: weights need huggingface_hub: pip install huggingface_hub") from error
+    repo_id, _, revision = spec.removeprefix(HF_HUB_PREFIX).partition("@")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise UsageError(f"{spec!r}: expected hf-hub:ORG/REPO or hf-hub:ORG/REPO@REVISION")
+    problems = []
+    for filename in WEIGHT_FILES:
+        try:
+            return hf_hub_download(repo_id, filename, revision=revision or None)
+        except (OSError, ValueError, EntryNotFoundError) as error:
+            problems.append(f"{filename}: {_first_line(error)}")
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+    raise CheckpointError(
+        f"could not get {spec} from the Hugging Face Hub or its cache {constants.HF_HUB_CACHE}{offline}: "
+        f"{'; '.join(problems)}"
+    )
+
+
+def released_weights(name: str, url: str) -> str:
+    """A local file of `name`'s released weights: timm's copy on the Hub first, else the authors' release `url`."""
+    repo_id = HUB_IDS.get(name)
+    if not repo_id and not url:
+        raise CheckpointError(f"no released weights for {name!r}; pass pretrained=PATH to a checkpoint file")
+    hub_problem = "no copy on the Hugging Face Hub"
+    if repo_id:
+        try:
+            return download(HF_HUB_PREFIX + repo_id)
+        except CheckpointError as error:
+            hub_problem = str(error)
+            _logger.info("%s; trying %s", hub_problem, url or "nothing else")
+    url_problem = "no release URL"
+    if url:
+        try:
+            return _download_url(url)
+        except OSError as error:
+            url_problem = f"could not fetch {url}: {_first_line(error)}"
+    raise CheckpointError(
+        f"the released weights of {name} are unreachable. Hub: {hub_problem}. Release: {url_problem}. Download "
+        "them where there is network and pass the file: pretrained=PATH, --checkpoint PATH or "
+        "--initial-checkpoint PATH"
+    )
+
+
+def _download_url(url: str) -> str:
+    """The file at `url`, kept where torch.hub keeps downloaded checkpoints (so earlier downloads are reused)."""
+    import torch.hub
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # torch.hub writes to a temporary file and renames it, so an interrupted download leaves no partial file.
+        torch.hub.download_url_to_file(url, str(path), progress=False)
+    return str(path)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

@@ -1,0 +1,307 @@
+"""Prediction: `sequencer.predict()` (top-k classes of images or folders with a model's own preprocessing), its
+CSV / JSON / table output, and the run of `sequencer predict`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from PIL import Image
+from timm.data import ImageNetInfo
+from timm.data.readers.img_extensions import get_img_extensions
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from sequencer.checkpoint import load_model
+from sequencer.commands.predict import OUTPUT_FORMATS
+from sequencer.data import check_input_fits, create_transform, data_config
+from sequencer.errors import DatasetError, UsageError
+from sequencer.options import (
+    INPUT_KEYS,
+    input_overrides,
+)
+from sequencer.runtime import autocast, resolve_device, set_threads
+
+
+@dataclass
+class ClassScore:
+    """One of the top-k classes of an image."""
+
+    index: int
+    label: str
+    probability: float
+
+
+@dataclass
+class Prediction:
+    """The top-k classes of one file, or why it could not be read (`error`)."""
+
+    path: str
+    top: list[ClassScore] = field(default_factory=list)
+    error: str | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1000 ImageNet-1K class names in index order (WordNet's first lemma, from timm's packaged synset data)."""
+    info = ImageNetInfo("imagenet-1k")
+    synsets = info.label_names()
+    names = [info.label_name_to_description(synset).split(",")[0].strip() for synset in synsets]
+    # Two lemmas name two classes each ("crane" the bird and the machine, "maillot"); the synset id tells them apart.
+    counts = Counter(names)
+    labelled = zip(names, synsets, strict=True)
+    return tuple(f"{name} ({synset})" if counts[name] > 1 else name for name, synset in labelled)
+
+
+def load_class_names(path: str | Path, num_classes: int) -> list[str]:
+    """Class names from a file: one per line, a JSON list, or a JSON dict (index -> name or name -> index)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"class map not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):
+            if all(str(key).isdigit() for key in data):
+                by_index = {int(key): str(name) for key, name in data.items()}
+            elif all(isinstance(index, int) for index in data.values()):
+                by_index = {index: str(name) for name, index in data.items()}
+            else:
+                raise UsageError(f"class map {path}: a JSON dict must map indices to names or names to indices")
+            if sorted(by_index) != list(range(len(by_index))):
+                raise UsageError(f"class map {path}: the indices must be 0..{len(by_index) - 1} with none missing")
+            names = [by_index[i] for i in range(len(by_index))]
+        elif isinstance(data, list):
+            names = [str(name) for name in data]
+        else:
+            raise UsageError(f"class map {path}: expected a JSON list or dict, got {type(data).__name__}")
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != num_classes:
+        raise UsageError(f"class map {path} has {len(names)} names but the model has {num_classes} classes")
+    return names
+
+
+def class_names_for(
+    num_classes: int, class_map: str | Path | Sequence[str] | None = None, recorded: Sequence[str] | None = None
+) -> list[str]:
+    """Names for each class index: the class map's, else those the checkpoint recorded, else ImageNet-1K's for 1000
+    classes, else the index itself."""
+    if class_map is None and recorded and len(recorded) == num_classes:
+        return list(recorded)
+    if class_map is None:
+        return list(imagenet_class_names()) if num_classes == 1000 else [str(i) for i in range(num_classes)]
+    if isinstance(class_map, (str, Path)):
+        return load_class_names(class_map, num_classes)
+    if len(class_map) != num_classes:
+        raise UsageError(f"{len(class_map)} class names given but the model has {num_classes} classes")
+    return list(class_map)
+
+
+def find_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Files given directly, plus the images (by extension) under each folder, recursively, in sorted order."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    extensions = get_img_extensions()
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+        elif path.exists():
+            files.append(path)  # an unreadable file is reported with the results, not raised
+        else:
+            raise UsageError(f"{path}: no such file or folder")
+    if not files:
+        raise UsageError(f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(extensions)})")
+    return files
+
+
+class ImageFiles(Dataset):
+    """Image files through a transform; a file that cannot be decoded yields its error instead of a tensor."""
+
+    def __init__(self, files: Sequence[Path], transform: Any) -> None:
+        self.files = list(files)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            with Image.open(self.files[index]) as image:
+                return index, self.transform(image.convert("RGB")), None
+        # What PIL raises for missing, truncated, non-image or oversized files: reported with the results, not fatal.
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            return index, None, f"{type(error).__name__}: {error}"
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[list[int], torch.Tensor | None, list]:
+    good = [(index, tensor) for index, tensor, _ in items if tensor is not None]
+    failed = [(index, error) for index, tensor, error in items if tensor is None]
+    batch = torch.stack([tensor for _, tensor in good]) if good else None
+    return [index for index, _ in good], batch, failed
+
+
+def predict(
+    inputs: str | Path | Sequence[str | Path],
+    model: str | nn.Module = "sequencer2d_s",
+    checkpoint: str | Path | None = None,
+    *,
+    topk: int = 5,
+    class_map: str | Path | Sequence[str] | None = None,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    use_ema: bool = False,
+    batch_size: int = 32,
+    workers: int = 0,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+    amp_dtype: str | None = None,
+    progress: bool = False,
+    unsafe_load: bool = False,
+    **transform_overrides: Any,
+) -> list[Prediction]:
+    """Top-k classes of each image file (folders are searched recursively), in input order, failures included.
+
+    `model` is a variant name (built and loaded from `checkpoint`) or a ready module, which is moved to `device`
+    and put in eval mode. `transform_overrides` (img_size, crop_pct, mean, ...) adjust the model's preprocessing.
+    """
+    if topk < 1:
+        raise UsageError(f"topk must be at least 1, got {topk}")
+    unknown = set(transform_overrides) - set(INPUT_KEYS)
+    if unknown:
+        raise TypeError(f"unexpected arguments {sorted(unknown)}; preprocessing overrides are {INPUT_KEYS}")
+    files = find_images(inputs)
+    if isinstance(model, str):
+        model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
+    elif checkpoint:
+        raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
+    check_input_fits(model, (3, *data_config(model, **transform_overrides)["input_size"][1:]))  # RGB images
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    model = model.to(torch_device).eval()
+    transform = create_transform(model, train=False, **transform_overrides)
+    names = class_names_for(model.num_classes, class_map, getattr(model, "pretrained_cfg", {}).get("label_names"))
+    topk = min(topk, len(names))
+
+    loader = DataLoader(
+        ImageFiles(files, transform),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=torch_device.type == "cuda",
+    )
+    results = [Prediction(str(path)) for path in files]
+    # disable=None: tqdm shows the bar only on a terminal.
+    bar = tqdm(total=len(files), unit="img", disable=None if progress else True, file=sys.stderr)
+    with torch.inference_mode(), bar:
+        for indices, batch, failed in loader:
+            for index, error in failed:
+                results[index].error = error
+            if batch is not None:
+                with autocast(torch_device, amp, amp_dtype):
+                    logits = model(batch.to(torch_device, non_blocking=True))
+                probabilities, classes = logits.float().softmax(dim=-1).topk(topk, dim=-1)
+                for index, probs, top in zip(indices, probabilities.tolist(), classes.tolist(), strict=True):
+                    results[index].top = [ClassScore(c, names[c], p) for c, p in zip(top, probs, strict=True)]
+            bar.update(len(indices) + len(failed))
+    return results
+
+
+def format_table(predictions: Sequence[Prediction]) -> str:
+    """A human-readable listing: each file, then its classes with probabilities; unreadable files at the end."""
+    lines = []
+    for prediction in predictions:
+        if prediction.error is None:
+            lines.append(prediction.path)
+            lines += [f"  {score.probability:7.2%}  {score.label} [{score.index}]" for score in prediction.top]
+    failed = [p for p in predictions if p.error is not None]
+    lines.append(f"{len(predictions) - len(failed)} classified, {len(failed)} unreadable")
+    lines += [f"  unreadable: {p.path}: {p.error}" for p in failed]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(predictions: Sequence[Prediction], stream: TextIO) -> None:
+    """One row per file: path, error, then index / label / probability for each rank."""
+    k = max((len(p.top) for p in predictions), default=0)
+    writer = csv.writer(stream, lineterminator="\n")
+    header = ["path", "error"]
+    for rank in range(1, k + 1):
+        header += [f"index_{rank}", f"label_{rank}", f"probability_{rank}"]
+    writer.writerow(header)
+    for prediction in predictions:
+        row: list[Any] = [prediction.path, prediction.error or ""]
+        for score in prediction.top:
+            row += [score.index, score.label, f"{score.probability:.6f}"]
+        row += [""] * (len(header) - len(row))
+        writer.writerow(row)
+
+
+def render(predictions: Sequence[Prediction], output_format: str) -> str:
+    """The predictions as a table, CSV or JSON text."""
+    if output_format == "table":
+        return format_table(predictions)
+    if output_format == "csv":
+        buffer = io.StringIO()
+        write_csv(predictions, buffer)
+        return buffer.getvalue()
+    if output_format == "json":
+        return json.dumps([asdict(p) for p in predictions], indent=2) + "\n"
+    raise UsageError(f"unknown output format {output_format!r}; expected one of {OUTPUT_FORMATS}")
+
+
+def output_format_for(output: str | None, requested: str | None) -> str:
+    """--format when given, else from --output's suffix (.csv, .json), else the table."""
+    if requested:
+        return requested
+    suffix = Path(output).suffix.lower() if output else ""
+    return {".csv": "csv", ".json": "json"}.get(suffix, "table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Classify, print or write the results; unreadable files are listed, a run where none could be read refused."""
+    set_threads(args.threads)
+    overrides = input_overrides(args)
+    predictions = predict(
+        args.inputs,
+        args.model,
+        args.checkpoint or None,
+        topk=args.topk,
+        class_map=args.class_map,
+        num_classes=args.num_classes,
+        in_chans=args.in_chans,
+        use_ema=args.use_ema,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        amp_dtype=args.amp_dtype,
+        progress=True,
+        unsafe_load=args.unsafe_load,
+        **overrides,
+    )
+    failed = [p for p in predictions if p.error is not None]
+    if len(failed) == len(predictions):
+        more = f" (and {len(failed) - 1} more files)" if len(failed) > 1 else ""
+        raise DatasetError(f"no image could be read: {failed[0].path}: {failed[0].error}{more}")
+    text = render(predictions, output_format_for(args.output, args.output_format))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if failed:
+        print(f"{len(failed)} of {len(predictions)} files could not be read (listed in the output)", file=sys.stderr)
+    return 0

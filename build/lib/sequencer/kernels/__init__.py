@@ -1,0 +1,1 @@
+"""Hand-written kernels behind `sequencer.recurrence`: oneDNN matmuls on the CPU."""

@@ -1,0 +1,56 @@
+"""Device, precision and thread choices shared by every command."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from sequencer.errors import UsageError
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """The named device, or CUDA when available, else the CPU; a clear error for an unusable name."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:  # torch's message lists every device type it knows
+        raise UsageError(f"unknown device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def amp_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    """The autocast dtype: float16 on GPUs, bfloat16 on CPUs (where float16 autocast is slow), unless given."""
+    if dtype:
+        return getattr(torch, dtype)
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def autocast(device: torch.device, enabled: bool, dtype: str | None = None) -> contextlib.AbstractContextManager:
+    """torch.autocast for the device when `enabled`, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype(device, dtype))
+
+
+def set_threads(threads: int | None) -> None:
+    """Limit torch's CPU threads when asked."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def compile_model(model: nn.Module, backend: str | None) -> nn.Module:
+    """`torch.compile(model, backend=backend)`, or the model itself without a backend; unknown backends refused.
+
+    Compiled, a Sequencer's recurrences run as the `sequencer::rnn2d` op (`sequencer.recurrence`): one graph.
+    """
+    if not backend:
+        return model
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise UsageError(f"unknown torch.compile backend {backend!r}; expected one of {', '.join(known)}")
+    return torch.compile(model, backend=backend)

@@ -1,0 +1,576 @@
+"""The trainer behind `sequencer train` (its flags and recipes: `sequencer.commands.train`).
+
+One process per device (torchrun for several): timm's data pipeline, optimizers, schedulers, mixup and EMA around a
+plain training loop; every epoch is evaluated and checkpointed atomically, seeded from (seed, epoch, rank) so that a
+resumed run replays exactly what the uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from sequencer.average import EPOCH_CHECKPOINT
+from sequencer.checkpoint import atomic_save, load_pretrained, read_file
+from sequencer.commands.train import DIGITS_RECIPE, TIMM_RECIPE
+from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
+from sequencer.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    cleanup_distributed,
+    init_distributed,
+    on_every_rank,
+)
+from sequencer.errors import CheckpointError, UsageError
+from sequencer.hub import released_weights
+from sequencer.model import VARIANTS, check_model_name, create_model
+from sequencer.options import input_overrides
+from sequencer.plotting import plot_training_curves
+from sequencer.runtime import amp_dtype, autocast, compile_model, set_threads
+from sequencer.validate import evaluate
+
+_logger = logging.getLogger(__name__)
+
+# timm's create_scheduler_v2 names ("none" trains at a constant rate).
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "none")
+SUMMARY_FIELDS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
+CURVES_FILE = "training_curves.png"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:
+    """Fill data-dependent defaults (digits demo or timm's), and the learning rate from --lr-base like timm."""
+    args = argparse.Namespace(**vars(args))
+    recipe = DIGITS_RECIPE if _is_digits(args) else TIMM_RECIPE
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.lr is None:
+        ratio = args.batch_size * world_size / args.lr_base_size
+        scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
+        args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
+    args.validation_batch_size = args.validation_batch_size or args.batch_size
+    return args
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse flags that cannot work together or name nothing known with a `UsageError`, before any work starts.
+
+    Single values out of range were refused before this runs (`sequencer.options.BOUNDS`)."""
+    check_model_name(args.model)
+    size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
+    patches = math.prod(VARIANTS[check_model_name(args.model)]["patch_sizes"])
+    if size and min(size) < patches:
+        raise UsageError(
+            f"input size {'x'.join(map(str, size))} is smaller than the {patches}x{patches} pixels that "
+            f"{args.model}'s stem and downsampling patches need"
+        )
+    if args.in_chans != 3:
+        raise UsageError(f"--in-chans {args.in_chans}: training reads images as RGB, 3 channels")
+    for flag, pair, strict in (
+        ("--scale", args.scale, False),
+        ("--ratio", args.ratio, False),
+        ("--cutmix-minmax", args.cutmix_minmax, True),
+    ):
+        if pair and (pair[0] >= pair[1] if strict else pair[0] > pair[1]):
+            raise UsageError(
+                f"{flag} {pair[0]} {pair[1]}: the first value must be {'<' if strict else '<='} the second"
+            )
+    if args.pretrained and args.checkpoint:
+        raise UsageError("--pretrained and --initial-checkpoint both give starting weights; pass one")
+    if args.opt.lower().removeprefix("fused") not in {o.lower() for o in list_optimizers()} and "_" not in args.opt:
+        raise UsageError(f"unknown optimizer --opt {args.opt!r}; timm knows {', '.join(list_optimizers())}")
+    if args.sched not in SCHEDULERS:
+        raise UsageError(f"unknown schedule --sched {args.sched!r}; expected one of {', '.join(SCHEDULERS)}")
+
+
+def _is_digits(args: argparse.Namespace) -> bool:
+    return not (args.data or args.data_dir or args.dataset) or args.dataset.lower() in DIGITS_NAMES
+
+
+def _dataset_source(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(name or root for build_dataset, data_dir) from DATA / --data-dir / --dataset."""
+    root = args.data or args.data_dir
+    return (args.dataset or root), root
+
+
+def plain_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as YAML/JSON-safe values (no functions, tuples as lists), for args.yaml and checkpoints."""
+    out: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if isinstance(value, tuple):
+            value = list(value)
+        if value is None or isinstance(value, str | int | float | bool | list):
+            out[key] = value
+    return out
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed python, numpy and torch from (seed, epoch, rank), so an epoch replays exactly after a resume.
+
+    Epoch -1 is the set-up before training (model initialisation).
+    """
+    state = np.random.SeedSequence([seed, rank, epoch + 1]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: NativeScaler | None
+    ema: ModelEmaV3 | None
+    epoch: int = 0
+    num_updates: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    class_names: list[str] = field(default_factory=list)  # index -> the data's class, for predict and validate
+
+
+def checkpoint_dict(state: TrainState, args: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """A training checkpoint that `load_pretrained` also reads (`state_dict` in our key format)."""
+    ckpt: dict[str, Any] = {
+        "state_dict": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
+        "model_name": state.model.model_name,
+        "num_classes": state.model.num_classes,
+        "epoch": state.epoch,
+        "num_updates": state.num_updates,
+        "best_metric": state.best_metric,
+        "best_epoch": state.best_epoch,
+        "optimizer": state.optimizer.state_dict(),
+        "args": args,
+        "history": history,
+        "class_names": state.class_names,
+    }
+    if state.scheduler is not None:
+        ckpt["scheduler"] = state.scheduler.state_dict()
+    if state.scaler is not None:
+        ckpt["scaler"] = state.scaler.state_dict()
+    if state.ema is not None:
+        ckpt["state_dict_ema"] = {k: v.detach().cpu() for k, v in state.ema.module.state_dict().items()}
+    return ckpt
+
+
+def restore(
+    state: TrainState, path: str, restore_optimizer: bool = True, unsafe_load: bool = False
+) -> list[dict[str, Any]]:
+    """Load a training checkpoint into `state`; returns the summary rows recorded so far."""
+    ckpt = read_file(path, unsafe_load=unsafe_load)
+    if "epoch" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{path} is not a training checkpoint of this trainer; use --initial-checkpoint for weights"
+        )
+    model = state.model
+    trained = (ckpt.get("model_name"), ckpt.get("num_classes"))
+    if trained != (model.model_name, model.num_classes):
+        raise CheckpointError(
+            f"{path} is a run of {trained[0]} with {trained[1]} classes; this run is {model.model_name} with "
+            f"{model.num_classes} classes: resume with the flags of that run, or start from its weights with "
+            "--initial-checkpoint"
+        )
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as error:  # same name and classes, other constructor overrides
+        raise CheckpointError(f"{path} does not fit this run's model: {str(error).splitlines()[0]}") from None
+    if state.ema is not None:
+        state.ema.module.load_state_dict(ckpt.get("state_dict_ema", ckpt["state_dict"]))
+    if restore_optimizer:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        if state.scaler is not None and "scaler" in ckpt:
+            state.scaler.load_state_dict(ckpt["scaler"])
+    if state.scheduler is not None and "scheduler" in ckpt:
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.epoch = ckpt["epoch"] + 1
+    state.num_updates = ckpt["num_updates"]
+    state.best_metric, state.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
+    return list(ckpt.get("history", []))
+
+
+def update_checkpoint_history(
+    ckpt: dict[str, Any], history: list[dict[str, Any]], output: Path, eval_metric: str, keep: int
+) -> list[int]:
+    """Save the latest epoch as checkpoint-EPOCH.pth.tar if it ranks among the `keep` best; delete those that do not.
+
+    The ranking is rebuilt every epoch from the recorded history (restored by --resume) and the files on disk, so a
+    resumed run goes on ranking the files it kept; a file of an epoch the history does not hold (left by an earlier
+    run in this folder) is deleted. Ties keep the earlier epoch. Returns the kept epochs, best first.
+    """
+    epoch = history[-1]["epoch"]
+    on_disk = {
+        int(match.group(1)): path
+        for path in output.glob("checkpoint-*.pth.tar")
+        if (match := EPOCH_CHECKPOINT.fullmatch(path.name))
+    }
+    candidates = [row for row in history if row["epoch"] in on_disk or row["epoch"] == epoch]
+    sign = 1 if eval_metric == "loss" else -1  # the loss ranks lowest first, accuracies highest first
+    ranked = sorted(candidates, key=lambda row: (sign * row[f"eval_{eval_metric}"], row["epoch"]))
+    kept = [row["epoch"] for row in ranked[:keep]]
+    if epoch in kept:
+        atomic_save(ckpt, output / f"checkpoint-{epoch}.pth.tar")
+    for old_epoch, path in on_disk.items():
+        if old_epoch not in kept:
+            path.unlink()
+    return kept
+
+
+def write_summary(history: list[dict[str, Any]], path: Path) -> None:
+    """summary.csv, one row per epoch, rewritten whole (and atomically) from the recorded history."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS)
+    writer.writeheader()
+    writer.writerows({k: row[k] for k in SUMMARY_FIELDS} for row in history)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def train_one_epoch(
+    state: TrainState,
+    loader: torch.utils.data.DataLoader,
+    criterion: nn.Module,
+    args: argparse.Namespace,
+    context: DistributedContext,
+    mixup: Mixup | None,
+    train_model: nn.Module,
+    num_epochs: int,
+) -> float:
+    """One pass over the training data; returns the mean loss over all ranks. Stops at a non-finite loss."""
+    train_model.train()
+    device = context.device
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    steps = 0
+    bar = tqdm(
+        loader,
+        desc=f"epoch {state.epoch + 1}/{num_epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=args.no_progress or not context.is_primary,
+    )
+    for batch in bar:
+        # None: every image of the batch was unreadable (and counted by the dataset).
+        if batch is not None and mixup is not None and len(batch[0]) % 2:
+            # A skipped unreadable image left an odd batch; timm's mixup needs pairs.
+            batch = (batch[0][:-1], batch[1][:-1]) if len(batch[0]) > 1 else None
+        # All ranks skip together: one sitting a step out would leave the others waiting in the gradient all-reduce.
+        if not on_every_rank(batch is not None, context):
+            continue
+        images, targets = batch
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        with autocast(device, args.amp, args.amp_dtype):
+            loss = criterion(train_model(images), targets)
+        # Every rank sees the same averaged loss, so all stop at the same step instead of some waiting forever.
+        mean_loss = all_reduce_mean(loss.detach(), context)
+        if not torch.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({mean_loss.item()}) at epoch {state.epoch + 1}, step {steps + 1}"
+            )
+        state.optimizer.zero_grad(set_to_none=True)
+        if state.scaler is not None:
+            state.scaler(
+                loss,
+                state.optimizer,
+                clip_grad=args.clip_grad,
+                clip_mode=args.clip_mode,
+                parameters=train_model.parameters(),
+            )
+        else:
+            loss.backward()
+            if args.clip_grad is not None:
+                dispatch_clip_grad(train_model.parameters(), args.clip_grad, mode=args.clip_mode)
+            state.optimizer.step()
+        state.num_updates += 1
+        if state.ema is not None:
+            state.ema.update(state.model, step=state.num_updates)
+        if state.scheduler is not None:
+            state.scheduler.step_update(num_updates=state.num_updates)
+        total_loss += mean_loss.double()
+        steps += 1
+        bar.set_postfix(
+            loss=f"{total_loss.item() / steps:.4f}", lr=f"{_current_lr(state.optimizer):.2e}", refresh=False
+        )
+    bar.close()
+    if steps == 0:
+        raise ValueError("the training loader yielded no batch: fewer images than one batch (drop_last)?")
+    return total_loss.item() / steps
+
+
+def _current_lr(optimizer: torch.optim.Optimizer) -> float:
+    groups = optimizer.param_groups
+    return sum(group["lr"] for group in groups) / len(groups)
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """The model with its starting weights: released (--pretrained), a file (--initial-checkpoint), or fresh."""
+    model = create_model(
+        args.model, num_classes=num_classes, drop_path_rate=args.drop_path, in_chans=args.in_chans, drop_rate=args.drop
+    )
+    if args.pretrained:
+        load_pretrained(model, released_weights(model.model_name, model.pretrained_cfg["url"]))
+    elif args.checkpoint:
+        load_pretrained(model, args.checkpoint, use_ema=args.use_ema, unsafe_load=args.unsafe_load)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """--output[/--experiment]; by default the resumed run's folder, else output/train/<date>-<model>-<size>."""
+    if args.output:
+        base = Path(args.output)
+    elif args.resume:
+        base = Path(args.resume).parent
+    else:
+        size = args.img_size or (args.input_size[-1] if args.input_size else "default")
+        base = Path("output/train") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-{size}"
+    return base / args.experiment if args.experiment else base
+
+
+def train(args: argparse.Namespace, context: DistributedContext, output: Path) -> dict[str, Any]:
+    """The whole run (flags already resolved); returns the final summary row plus best_metric / best_epoch."""
+    source, data_dir = _dataset_source(args)
+    # The data first: a missing or empty folder fails here, before any model is built. The built-in digits are
+    # upscaled once, straight to the input size (8 -> 16 px), rather than twice through a 32 px copy.
+    digits_size = args.input_size[-1] if args.input_size else args.img_size or 32
+    train_set = build_dataset(
+        source, args.train_split, data_dir=data_dir, download=args.dataset_download, img_size=digits_size
+    )
+    val_set = build_dataset(
+        source, args.val_split, data_dir=data_dir, download=args.dataset_download, img_size=digits_size
+    )
+    if list(train_set.classes) != list(val_set.classes):
+        only = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
+        raise UsageError(
+            f"the {args.train_split} and {args.val_split} splits have different classes "
+            f"({len(train_set.classes)} vs {len(val_set.classes)}; in one split only: {', '.join(only) or 'none'})"
+        )
+    num_classes = args.num_classes or len(train_set.classes)
+    if num_classes < len(train_set.classes):
+        raise UsageError(f"--num-classes {num_classes} is smaller than the {len(train_set.classes)} classes found")
+    # drop_last: a split smaller than one global batch would train on nothing and fail mid-run.
+    global_batch = args.batch_size * context.world_size
+    if len(train_set) < global_batch:
+        raise UsageError(
+            f"the {args.train_split} split has {len(train_set)} images, fewer than one batch of {global_batch} "
+            f"({args.batch_size} x {context.world_size} process(es)); lower -b/--batch-size"
+        )
+
+    # The same initial weights on every rank, so that each rank's EMA copy starts equal too.
+    seed_epoch(args.seed, -1, 0)
+    model = build_model(args, num_classes)
+    # Validation resizes with --interpolation, training with --train-interpolation.
+    overrides = input_overrides(args, "interpolation")
+    config = data_config(model, interpolation=args.interpolation, **overrides)
+    train_set.transform = create_transform(
+        model,
+        train=True,
+        **overrides,
+        interpolation=args.train_interpolation,
+        no_aug=args.no_aug,
+        scale=tuple(args.scale),
+        ratio=tuple(args.ratio),
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+    )
+    val_set.transform = create_transform(model, train=False, interpolation=args.interpolation, **overrides)
+
+    device = context.device
+    model.to(device)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    float16 = args.amp and amp_dtype(device, args.amp_dtype) == torch.float16
+    scaler = NativeScaler(device=device.type) if float16 else None
+    ema = None
+    if args.model_ema:
+        ema = ModelEmaV3(
+            model,
+            decay=args.model_ema_decay,
+            use_warmup=args.model_ema_warmup,
+            device=torch.device("cpu") if args.model_ema_force_cpu else None,
+        )
+    train_loader = create_loader(
+        train_set, args.batch_size, args.workers, shuffle=True, distributed=context.distributed, drop_last=True
+    )
+    val_loader = create_loader(val_set, args.validation_batch_size, args.workers, distributed=context.distributed)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer,
+        **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
+        updates_per_epoch=len(train_loader),
+    )
+    state = TrainState(model, optimizer, scheduler, scaler, ema, class_names=[str(c) for c in train_set.classes])
+    history: list[dict[str, Any]] = []
+    if args.resume:
+        history = restore(state, args.resume, not args.no_resume_opt, args.unsafe_load)
+    if args.start_epoch is not None:
+        state.epoch = args.start_epoch
+    history = [row for row in history if row["epoch"] < state.epoch]
+    if scheduler is not None and state.epoch > 0:
+        # timm's schedulers are functions of time: set the learning rate for where the run resumes.
+        if args.sched_on_updates:
+            scheduler.step_update(state.num_updates)
+        else:
+            scheduler.step(state.epoch)
+
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup = Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            num_classes=num_classes,
+        )
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif args.smoothing:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    train_model: nn.Module = model
+    if context.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # After DDP, as timm does, so that its gradient buckets are compiled too; checkpoints keep the plain model.
+    train_model = compile_model(train_model, args.torchcompile)
+
+    saved_args = plain_arguments(args)
+    if context.is_primary:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "args.yaml").write_text(yaml.safe_dump(saved_args, sort_keys=False))
+        _logger.info(
+            "training %s (%d classes, input %s) on %s: %d train / %d held-out images, %d epochs from epoch %d, "
+            "%d process(es) on %s; output in %s",
+            args.model,
+            num_classes,
+            "x".join(map(str, config["input_size"])),
+            source or "the built-in digits",
+            len(train_set),
+            len(val_set),
+            num_epochs,
+            state.epoch,
+            context.world_size,
+            device,
+            output,
+        )
+
+    decreasing = args.eval_metric == "loss"
+    row: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(state.epoch, num_epochs):
+        state.epoch = epoch
+        seed_epoch(args.seed, epoch, context.rank)
+        if context.distributed:
+            train_loader.sampler.set_epoch(epoch)
+        if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            mixup.mixup_enabled = False
+        train_loss = train_one_epoch(state, train_loader, criterion, args, context, mixup, train_model, num_epochs)
+        eval_model = ema.module if ema is not None else model
+        label = "" if args.no_progress or not context.is_primary else f"held-out, epoch {epoch + 1}"
+        metrics = evaluate(
+            eval_model, val_loader, device, args.amp, args.amp_dtype, context.distributed, progress=label
+        )
+        if scheduler is not None:
+            scheduler.step(epoch + 1, metrics[args.eval_metric])
+        row = dict(
+            epoch=epoch,
+            train_loss=round(train_loss, 6),
+            eval_loss=round(metrics["loss"], 6),
+            eval_top1=round(metrics["top1"], 4),
+            eval_top5=round(metrics["top5"], 4),
+            lr=_current_lr(optimizer),
+        )
+        history.append(row)
+        metric = metrics[args.eval_metric]
+        best = state.best_metric
+        is_best = best is None or (metric < best if decreasing else metric > best)
+        if is_best:
+            state.best_metric, state.best_epoch = metric, epoch
+        if context.is_primary:
+            ckpt = checkpoint_dict(state, saved_args, history)
+            atomic_save(ckpt, output / "last.pth.tar")
+            if is_best:
+                atomic_save(ckpt, output / "model_best.pth.tar")
+            if args.checkpoint_hist:
+                update_checkpoint_history(ckpt, history, output, args.eval_metric, args.checkpoint_hist)
+            write_summary(history, output / "summary.csv")
+            plot_training_curves(history, output / CURVES_FILE, title=f"{args.model} on {source or 'digits'}")
+            _logger.info(
+                "epoch %d/%d  train loss %.4f  held-out loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s",
+                epoch + 1,
+                num_epochs,
+                train_loss,
+                metrics["loss"],
+                metrics["top1"],
+                metrics["top5"],
+                row["lr"],
+                "  (best)" if is_best else "",
+            )
+    skipped = getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)
+    if skipped and context.is_primary:
+        _logger.warning("%d unreadable image(s) were skipped (see the warnings above)", skipped)
+    return {**row, "best_metric": state.best_metric, "best_epoch": state.best_epoch, "num_skipped": skipped}
+
+
+def run(args: argparse.Namespace) -> int:
+    """`sequencer train`: set up (distributed) processes, train, print the held-out top-1."""
+    start = time.perf_counter()
+    check_arguments(resolve_arguments(args))
+    context = init_distributed(args.device)
+    logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
+    args = resolve_arguments(args, context.world_size)
+    set_threads(args.threads)
+    output = output_folder(args)
+    try:
+        result = train(args, context, output)
+    except NonFiniteLossError as error:
+        last = output / "last.pth.tar"
+        kept = f"the last good checkpoint is kept: {last}" if last.is_file() else "no checkpoint was written"
+        _logger.error("stopping: %s; %s. Lower --lr, set --clip-grad, or check the data.", error, kept)
+        return 1
+    except KeyboardInterrupt:
+        if context.is_primary:
+            _logger.error("interrupted; continue with --resume on the output folder's last.pth.tar")
+        return 130
+    finally:
+        cleanup_distributed()
+    if context.is_primary and "eval_top1" in result:
+        print(
+            f"held-out top-1 {result['eval_top1']:.2f}% (top-5 {result['eval_top5']:.2f}%) after epoch "
+            f"{result['epoch'] + 1}; best {args.eval_metric} {result['best_metric']:.2f} at epoch "
+            f"{result['best_epoch'] + 1}; {time.perf_counter() - start:.1f} s; output in {output}"
+        )
+    return 0
