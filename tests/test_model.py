@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
+from timm.optim._param_groups import param_groups_layer_decay
 from torch import nn
 
 import sequencer
@@ -316,3 +318,20 @@ def test_onednn_linear_off_keeps_the_block_linears_on_f_linear_with_the_same_log
             plain = model(x)
         assert not calls
     torch.testing.assert_close(plain, routed)
+
+
+def layer_decay_scales(model: nn.Module) -> dict[str, float]:
+    """Each parameter's learning-rate scale under timm's layer-wise decay (0.5 per level of depth)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5)
+    return {names[id(p)]: group["lr_scale"] for group in groups for p in group["params"]}
+
+
+def test_layer_decay_groups_by_depth_as_timm_does_for_its_port() -> None:
+    ours = layer_decay_scales(sequencer.create_model("sequencer2d_s"))
+    assert ours == layer_decay_scales(timm.create_model("sequencer2d_s"))  # same names, same groups
+    assert ours["stem.proj.weight"] == min(ours.values()) and ours["head.fc.weight"] == 1.0
+    first, last = ours["stages.0.blocks.0.norm1.weight"], ours["stages.3.blocks.2.norm1.weight"]
+    assert first < last <= ours["norm.weight"] < 1.0
+    with_pe = layer_decay_scales(sequencer.create_model("v_sequencer_s_pe"))
+    assert with_pe["absolute_pos_embed"] == with_pe["stem.proj.weight"]  # the embedding sits with the stem

@@ -396,6 +396,19 @@ class Sequencer(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameters grouped by depth (stem, then each stage or block, then the final norm), as timm's models do:
+        what timm's optimizer factory uses for layer-wise learning-rate decay (`--layer-decay`)."""
+        blocks = (
+            [(r"^stages\.(\d+)", None)]
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^stages\.(\d+)\.downsample", (0,)),
+            ]
+        )
+        return dict(stem=r"^stem|^absolute_pos_embed", blocks=[*blocks, (r"^norm", (99999,))])
+
     def set_rnn_impl(self, name: str) -> None:
         """Run every 2D mixer's recurrences with implementation `name` ("auto", "reference" or "fused"), for good."""
         route(self, rnn_impl=name)
