@@ -222,7 +222,7 @@ def test_features_only_returns_every_stage_as_nchw() -> None:
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         maps = backbone(x)
-        expected = full.forward_intermediates(x)
+        expected = full.forward_intermediates(x, intermediates_only=True)
     assert [tuple(m.shape) for m in maps] == [(1, 192, 32, 32), (1, 384, 16, 16), (1, 384, 16, 16), (1, 384, 16, 16)]
     assert [f["reduction"] for f in backbone.feature_info] == [7, 14, 14, 14]
     assert [f["num_chs"] for f in backbone.feature_info] == [192, 384, 384, 384]
@@ -335,3 +335,48 @@ def test_layer_decay_groups_by_depth_as_timm_does_for_its_port() -> None:
     assert first < last <= ours["norm.weight"] < 1.0
     with_pe = layer_decay_scales(sequencer.create_model("v_sequencer_s_pe"))
     assert with_pe["absolute_pos_embed"] == with_pe["stem.proj.weight"]  # the embedding sits with the stem
+
+
+@pytest.fixture(scope="module")
+def twins() -> tuple[nn.Module, nn.Module]:
+    """Sequencer2D-S, ours and timm's port, with the same random weights."""
+    torch.manual_seed(0)
+    ours = sequencer.create_model("sequencer2d_s").eval()
+    theirs = timm.create_model("sequencer2d_s").eval()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"indices": 2},
+        {"indices": [0, -1], "norm": True},
+        {"indices": [1], "stop_early": True, "intermediates_only": True},
+        {"output_fmt": "NHWC", "norm": True},
+    ],
+)
+def test_forward_intermediates_answers_as_timms_port(twins, kwargs: dict) -> None:
+    ours, theirs = twins
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        got, want = ours.forward_intermediates(x, **kwargs), theirs.forward_intermediates(x, **kwargs)
+    if not kwargs.get("intermediates_only"):
+        torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+        got, want = got[1], want[1]
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_prune_intermediate_layers_keeps_what_timms_port_keeps() -> None:
+    for indices, prune_norm in [(1, False), ([0, 1], False), (2, True)]:
+        ours, theirs = sequencer.create_model("sequencer2d_tiny"), timm.create_model("sequencer2d_s")
+        assert ours.prune_intermediate_layers(indices, prune_norm) == theirs.prune_intermediate_layers(
+            indices, prune_norm
+        )
+        assert len(ours.stages) == len(theirs.stages) and ours.num_classes == theirs.num_classes == 0
+        assert isinstance(ours.norm, nn.Identity) == isinstance(theirs.norm, nn.Identity)
+        assert ours.num_features == ours.feature_info[len(ours.stages) - 1]["num_chs"]
+        assert ours(torch.randn(1, 3, 32, 32)).shape == (1, ours.num_features)  # pooled features, no head

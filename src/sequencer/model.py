@@ -19,6 +19,7 @@ import copy
 import difflib
 import fnmatch
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -448,15 +449,50 @@ class Sequencer(nn.Module):
             x = x + pos  # broadcast over the batch
         return x
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each stage's output map, NCHW, for detection and segmentation necks."""
-        x = self.forward_stem(x)
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's interface for necks: the output maps of the stages `indices` (all; the last n for an int), NCHW or
+        NHWC, the last one through the final norm with `norm`; and the normalised tokens unless `intermediates_only`.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
+        take = stage_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
         maps = []
-        for stage in self.stages:
+        x = self.forward_stem(x)
+        stages = self.stages[: take[-1] + 1] if stop_early else self.stages
+        for i, stage in enumerate(stages):
             x = stage(x)  # (B, h, w, C) -> (B, h/p, w/p, C') with the stage's patch size p
-            # (B, h, w, C) -> (B, C, h, w) as a view: necks take NCHW, and the next stage reads x, not this.
-            maps.append(x.permute(0, 3, 1, 2))
-        return maps
+            if i in take:
+                out = self.norm(x) if norm and i == last else x
+                # (B, h, w, C) -> (B, C, h, w) as a view: necks take NCHW, and the next stage reads x, not this.
+                maps.append(out.permute(0, 3, 1, 2) if output_fmt == "NCHW" else out)
+        if intermediates_only:
+            return maps
+        return (self.norm(x) if len(stages) == len(self.stages) else x), maps
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's interface: drop the stages after the last of `indices` (and the norm and head as asked or no longer
+        fitting), in place; returns the stage indices kept."""
+        take = stage_indices(len(self.stages), indices)
+        truncated = take[-1] < len(self.stages) - 1
+        self.stages = self.stages[: take[-1] + 1]
+        if prune_norm or truncated:
+            self.norm = nn.Identity()
+        if truncated:
+            self.num_features = self.feature_info[take[-1]]["num_chs"]
+        if prune_head or truncated:
+            self.reset_classifier(0)
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C_in, H, W) to normalised tokens (B, h, w, C)."""
@@ -470,15 +506,26 @@ class Sequencer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def stage_indices(count: int, indices: int | Sequence[int] | None) -> list[int]:
+    """Stages named by timm's `indices` convention, sorted: all for None, the last n for an int n, else each index
+    (negative ones from the end)."""
+    if indices is None:
+        indices = count
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise ValueError(f"the last {indices} of {count} stages cannot be taken")
+        return list(range(count - indices, count))
+    if not indices or any(not -count <= i < count for i in indices):
+        raise ValueError(f"out_indices / indices {tuple(indices)} must name stages among 0..{count - 1}")
+    return sorted({i % count for i in indices})
+
+
 class SequencerFeatures(nn.Module):
     """Backbone mode (`features_only=True`): returns the chosen stages' maps (NCHW) instead of logits."""
 
     def __init__(self, model: Sequencer, out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> None:
         super().__init__()
-        n = len(model.stages)
-        if not out_indices or any(not -n <= i < n for i in out_indices):
-            raise ValueError(f"out_indices {out_indices} must name stages among 0..{n - 1}")
-        self.out_indices = sorted(i % n for i in out_indices)
+        self.out_indices = stage_indices(len(model.stages), out_indices)
         # A trunk that shares the model's layers but has its own module table, so that dropping what no requested
         # map needs (later stages, the final norm, the classifier) leaves the model it was handed whole.
         trunk = copy.copy(model)
@@ -493,8 +540,7 @@ class SequencerFeatures(nn.Module):
         self.pretrained_cfg = self.default_cfg = model.pretrained_cfg
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        maps = self.model.forward_intermediates(x)
-        return [maps[i] for i in self.out_indices]
+        return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)
 
 
 def _init_module(name: str, module: nn.Module) -> None:

@@ -71,19 +71,22 @@ def stage_indices(feature_info: list[dict]) -> list[int]:
 
 def stage_extractor(model: nn.Module) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], list[str]]:
     """A function from images to the NCHW output map of each stage, and the stages' names."""
-    if isinstance(model, Sequencer):
-        return model.forward_intermediates, [f"stage {i + 1}" for i in range(len(model.stages))]
     if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):
         raise UsageError(
             f"{type(model).__name__} has no forward_intermediates / feature_info: timm cannot give its "
             "per-stage maps, so its receptive field cannot be measured here"
         )
-    indices = stage_indices(model.feature_info)
+    if isinstance(model, Sequencer):  # every stage: two of the four share a resolution
+        indices = list(range(len(model.stages)))
+        names = [f"stage {i + 1}" for i in indices]
+    else:
+        indices = stage_indices(model.feature_info)
+        names = [model.feature_info[i]["module"] for i in indices]
 
     def extract(x: torch.Tensor) -> list[torch.Tensor]:
         return model.forward_intermediates(x, indices=indices, intermediates_only=True)
 
-    return extract, [model.feature_info[i]["module"] for i in indices]
+    return extract, names
 
 
 @contextlib.contextmanager
