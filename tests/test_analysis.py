@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,6 +146,17 @@ def test_erf_of_one_convolution_is_its_kernel_footprint() -> None:
     expected[2:5, 2:5] = 10  # centre of an even map: cell (3, 3), the upper-left of the central four
     np.testing.assert_allclose(stage.erf, expected)
     assert stage.feature_size == (8, 8) and stage.band == 0.5
+
+
+def test_erf_shows_a_progress_bar_over_the_images_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    images = [torch.randn(2, 3, 8, 8), torch.randn(1, 3, 8, 8)]
+    erf.effective_receptive_fields(OneConv(), iter(images), torch.device("cpu"), progress="one conv", total=3)
+    assert "one conv" in sys.stderr.getvalue() and "/3 [" in sys.stderr.getvalue()
 
 
 def test_cross_share_tells_a_cross_from_a_blob() -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from sequencer.analysis.common import (
     build_model,
@@ -99,15 +100,19 @@ def input_gradient_mode(model: nn.Module) -> Iterator[None]:
 
 
 def effective_receptive_fields(
-    model: nn.Module, images: Iterator[torch.Tensor], device: torch.device
+    model: nn.Module, images: Iterator[torch.Tensor], device: torch.device, progress: str = "", total: int | None = None
 ) -> list[StageERF]:
-    """Per stage, the mean over images of ReLU(d centre feature / d input) summed over colour channels (H x W)."""
+    """Per stage, the mean over images of ReLU(d centre feature / d input) summed over colour channels (H x W).
+
+    `progress`: the label of a progress bar over the `total` images, shown on a terminal; none when empty."""
     extract, names = stage_extractor(model)
     model.eval().to(device)
     sums: list[torch.Tensor] = []
     sizes: list[tuple[int, int]] = []
     count = 0
-    with input_gradient_mode(model):
+    # disable=None: tqdm shows the bar only on a terminal.
+    bar = tqdm(total=total, desc=progress, unit="img", leave=False, disable=None if progress else True)
+    with input_gradient_mode(model), bar:
         for batch in images:
             x = batch.to(device).requires_grad_(True)
             maps = extract(x)
@@ -122,6 +127,7 @@ def effective_receptive_fields(
                 (grad,) = torch.autograd.grad(centre, x, retain_graph=i < len(maps) - 1)
                 sums[i] += grad.clamp(min=0).sum(dim=(0, 1), dtype=torch.float64)
             count += x.shape[0]
+            bar.update(x.shape[0])
     if count == 0:
         raise UsageError("no images to measure the receptive field on")
     return [StageERF(n, (s / count).cpu().numpy(), size) for n, s, size in zip(names, sums, sizes, strict=True)]
@@ -253,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             "data" if args.data else "random",
             img_size,
         )
-        stages = effective_receptive_fields(model, images, device)
+        stages = effective_receptive_fields(model, images, device, progress=label, total=args.num_images)
         for index, stage in enumerate(stages):
             rows.append(
                 dict(
