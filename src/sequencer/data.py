@@ -37,16 +37,22 @@ def check_input_fits(model: nn.Module, input_size: Sequence[int], flag: str = "-
     """Raise a UsageError before any work when `model` cannot take (C, H, W) inputs (`flag` set their size)."""
     channels = getattr(model, "in_chans", input_size[0])
     if channels != input_size[0]:
-        raise UsageError(
-            f"the model takes {channels} input channels but its input has {input_size[0]} "
-            "(--in-chans, --input-size; images are read as RGB)"
-        )
+        raise UsageError(f"the model takes {channels} input channels but its input has {input_size[0]} (--in-chans)")
     check_input = getattr(model, "check_input", None)  # a Sequencer's; other models have none
     if callable(check_input):
         try:
             check_input(torch.empty(1, *input_size, device="meta"))  # shapes only: nothing runs
         except ValueError as error:
             raise UsageError(f"{error} ({flag})") from None
+
+
+def check_image_input_fits(model: nn.Module, input_size: Sequence[int]) -> None:
+    """`check_input_fits` for commands that read images: those are RGB, so the input has 3 channels."""
+    if input_size[0] != 3:
+        raise UsageError(
+            f"the input has {input_size[0]} channels (--in-chans / --input-size) but images are read as RGB, 3 channels"
+        )
+    check_input_fits(model, input_size)
 
 
 def posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from sequencer.checkpoint import load_model
 from sequencer.commands.predict import OUTPUT_FORMATS
-from sequencer.data import check_input_fits, create_transform, data_config
+from sequencer.data import check_image_input_fits, create_transform, data_config
 from sequencer.errors import DatasetError, UsageError
 from sequencer.options import (
     INPUT_KEYS,
@@ -188,7 +188,7 @@ def predict(
         model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
     elif checkpoint:
         raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
-    check_input_fits(model, (3, *data_config(model, **transform_overrides)["input_size"][1:]))  # RGB images
+    check_image_input_fits(model, data_config(model, **transform_overrides)["input_size"])
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     model = model.to(torch_device).eval()
     transform = create_transform(model, train=False, **transform_overrides)

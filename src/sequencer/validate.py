@@ -21,12 +21,17 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from sequencer.checkpoint import load_model, open_checkpoint
-from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, data_config, map_classes
+from sequencer.data import (
+    build_dataset,
+    check_image_input_fits,
+    create_loader,
+    create_transform,
+    data_config,
+    map_classes,
+)
 from sequencer.errors import DatasetError, UsageError
 from sequencer.model import check_model_name
-from sequencer.options import (
-    input_overrides,
-)
+from sequencer.options import input_overrides
 from sequencer.runtime import autocast, compile_model, resolve_device, set_threads
 
 _logger = logging.getLogger(__name__)
@@ -245,7 +250,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         dataset = WithRealLabels(dataset, load_real_labels(args.real_labels), num_classes)
     model = load_model(args.model, checkpoint, num_classes, args.in_chans)
     config = data_config(model, **overrides)
-    check_input_fits(model, (3, *config["input_size"][1:]))  # images are read as RGB
+    check_image_input_fits(model, config["input_size"])
     dataset.transform = create_transform(model, train=False, **overrides)
     loader = create_loader(dataset, args.batch_size, args.workers)
     model = compile_model(model.to(device), args.torchcompile)

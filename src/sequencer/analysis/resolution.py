@@ -26,9 +26,7 @@ from sequencer.analysis.common import (
 )
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, map_classes
 from sequencer.errors import UsageError
-from sequencer.options import (
-    input_overrides,
-)
+from sequencer.options import input_overrides
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
 

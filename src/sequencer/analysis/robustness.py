@@ -37,9 +37,7 @@ from sequencer.analysis.common import (
 )
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
 from sequencer.errors import MissingDependencyError, UsageError
-from sequencer.options import (
-    input_overrides,
-)
+from sequencer.options import input_overrides
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
 

@@ -25,9 +25,7 @@ from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, CORRUPTIONS, SEVE
 from sequencer.commands.variants import DATASET_FLAGS
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
 from sequencer.errors import UsageError
-from sequencer.options import (
-    input_overrides,
-)
+from sequencer.options import input_overrides
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import WithRealLabels, check_targets_within, evaluate, load_real_labels, load_valid_classes
 
