@@ -273,7 +273,7 @@ def train_one_epoch(
         desc=f"epoch {state.epoch + 1}/{num_epochs}",
         leave=False,
         dynamic_ncols=True,
-        disable=args.no_progress or not context.is_primary,
+        disable=True if args.no_progress or not context.is_primary else None,  # None: on a terminal only
     )
     for batch in bar:
         # None: every image of the batch was unreadable (and counted by the dataset).

@@ -45,7 +45,9 @@ def summarize(names: list[str], img_size: int | None = None, progress: bool = Fa
         if sizes[name] < model.min_input_size:
             raise UsageError(f"--img-size {sizes[name]} is below the {model.min_input_size} px that {name} needs")
     rows = []
-    for name, model in tqdm(models.items(), desc="counting", unit="model", disable=not progress, leave=False):
+    # disable=None: tqdm shows the bar only on a terminal.
+    bar = tqdm(models.items(), desc="counting", unit="model", disable=None if progress else True, leave=False)
+    for name, model in bar:
         size = sizes[name]
         params, macs = count_parameters(model), count_macs(model, (3, size, size))
         rows.append(
