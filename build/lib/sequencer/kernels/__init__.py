@@ -1,1 +1,0 @@
-"""Hand-written kernels behind `sequencer.recurrence`: oneDNN matmuls on the CPU."""
