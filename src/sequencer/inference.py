@@ -21,7 +21,6 @@ from timm.data import ImageNetInfo
 from timm.data.readers.img_extensions import get_img_extensions
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from sequencer.checkpoint import load_model
 from sequencer.commands.predict import OUTPUT_FORMATS
@@ -31,7 +30,7 @@ from sequencer.options import (
     INPUT_KEYS,
     input_overrides,
 )
-from sequencer.runtime import autocast, resolve_device, set_threads
+from sequencer.runtime import autocast, progress_bar, resolve_device, set_threads
 
 
 @dataclass
@@ -203,8 +202,7 @@ def predict(
         pin_memory=torch_device.type == "cuda",
     )
     results = [Prediction(str(path)) for path in files]
-    # disable=None: tqdm shows the bar only on a terminal.
-    bar = tqdm(total=len(files), unit="img", disable=None if progress else True, file=sys.stderr)
+    bar = progress_bar(show=progress, total=len(files), unit="img", leave=True)
     with torch.inference_mode(), bar:
         for indices, batch, failed in loader:
             for index, error in failed:

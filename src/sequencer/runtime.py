@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from sequencer.errors import UsageError
 
@@ -35,6 +38,12 @@ def autocast(device: torch.device, enabled: bool, dtype: str | None = None) -> c
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype(device, dtype))
+
+
+def progress_bar(iterable: Iterable | None = None, show: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar on stderr that is drawn only on a terminal, so that piped logs keep just the result lines, and not
+    at all unless `show`; it clears itself when done unless `leave=True`."""
+    return tqdm(iterable, disable=None if show else True, leave=kwargs.pop("leave", False), **kwargs)
 
 
 def set_threads(threads: int | None) -> None:

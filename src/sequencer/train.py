@@ -29,7 +29,6 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from sequencer.average import EPOCH_CHECKPOINT
 from sequencer.checkpoint import atomic_save, load_pretrained, read_file
@@ -47,7 +46,7 @@ from sequencer.hub import released_weights
 from sequencer.model import VARIANTS, check_model_name, create_model
 from sequencer.options import input_overrides
 from sequencer.plotting import plot_training_curves
-from sequencer.runtime import amp_dtype, autocast, compile_model, set_threads
+from sequencer.runtime import amp_dtype, autocast, compile_model, progress_bar, set_threads
 from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
@@ -268,13 +267,8 @@ def train_one_epoch(
     device = context.device
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
-    bar = tqdm(
-        loader,
-        desc=f"epoch {state.epoch + 1}/{num_epochs}",
-        leave=False,
-        dynamic_ncols=True,
-        disable=True if args.no_progress or not context.is_primary else None,  # None: on a terminal only
-    )
+    show = not args.no_progress and context.is_primary
+    bar = progress_bar(loader, show=show, desc=f"epoch {state.epoch + 1}/{num_epochs}", dynamic_ncols=True)
     for batch in bar:
         # None: every image of the batch was unreadable (and counted by the dataset).
         if batch is not None and mixup is not None and len(batch[0]) % 2:

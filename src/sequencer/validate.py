@@ -18,7 +18,6 @@ from timm.utils import accuracy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
-from tqdm import tqdm
 
 from sequencer.checkpoint import load_model, open_checkpoint
 from sequencer.data import (
@@ -32,7 +31,7 @@ from sequencer.data import (
 from sequencer.errors import DatasetError, UsageError
 from sequencer.model import check_model_name
 from sequencer.options import input_overrides
-from sequencer.runtime import autocast, compile_model, resolve_device, set_threads
+from sequencer.runtime import autocast, compile_model, progress_bar, resolve_device, set_threads
 
 _logger = logging.getLogger(__name__)
 
@@ -149,8 +148,7 @@ def evaluate(
     totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top-1, top-5, images, ReaL hits, ReaL images
     mask = None
     start = time.perf_counter()
-    # disable=None: tqdm shows the bar only on a terminal.
-    bar = tqdm(loader, desc=progress, unit="batch", leave=False, disable=None if progress else True)
+    bar = progress_bar(loader, show=bool(progress), desc=progress, unit="batch")
     for batch in bar:
         if batch is None:  # every image of the batch was unreadable (and counted by the dataset)
             continue

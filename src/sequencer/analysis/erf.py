@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from sequencer.analysis.common import (
     build_model,
@@ -37,7 +36,7 @@ from sequencer.analysis.common import (
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, data_config
 from sequencer.errors import UsageError
 from sequencer.model import Sequencer, route
-from sequencer.runtime import resolve_device, set_threads
+from sequencer.runtime import progress_bar, resolve_device, set_threads
 
 _logger = logging.getLogger(__name__)
 
@@ -110,8 +109,7 @@ def effective_receptive_fields(
     sums: list[torch.Tensor] = []
     sizes: list[tuple[int, int]] = []
     count = 0
-    # disable=None: tqdm shows the bar only on a terminal.
-    bar = tqdm(total=total, desc=progress, unit="img", leave=False, disable=None if progress else True)
+    bar = progress_bar(show=bool(progress), total=total, desc=progress, unit="img")
     with input_gradient_mode(model), bar:
         for batch in images:
             x = batch.to(device).requires_grad_(True)

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from sequencer.analysis.complexity import count_macs
 from sequencer.errors import UsageError
 from sequencer.model import ALIASES, VARIANTS, count_parameters, create_model, list_models
+from sequencer.runtime import progress_bar
 
 COLUMNS = ("model", "params_m", "gmacs", "img_size", "params", "macs")
 _HEADERS = {
@@ -45,8 +45,7 @@ def summarize(names: list[str], img_size: int | None = None, progress: bool = Fa
         if sizes[name] < model.min_input_size:
             raise UsageError(f"--img-size {sizes[name]} is below the {model.min_input_size} px that {name} needs")
     rows = []
-    # disable=None: tqdm shows the bar only on a terminal.
-    bar = tqdm(models.items(), desc="counting", unit="model", disable=None if progress else True, leave=False)
+    bar = progress_bar(models.items(), show=progress, desc="counting", unit="model")
     for name, model in bar:
         size = sizes[name]
         params, macs = count_parameters(model), count_macs(model, (3, size, size))
