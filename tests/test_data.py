@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from sequencer.data import DatasetError, build_dataset, create_loader, create_transform
+from sequencer.errors import UsageError
 from sequencer.model import create_model
 
 
@@ -239,3 +240,12 @@ def test_transfer_recipe_trains_on_oxford_pets(run_cli, tmp_path: Path) -> None:
     validate = f"--dataset torch/oxford_iiit_pet --data-dir {root} --model sequencer2d_tiny --checkpoint {last} -j 0"
     assert run_cli("validate", *validate.split(), "--results-file", str(results)) == 0
     assert json.loads(results.read_text())["count"] == 12  # the test split
+
+
+def test_create_transform_names_an_unknown_interpolation() -> None:
+    model = create_model("sequencer2d_tiny")
+    with pytest.raises(UsageError, match="unknown interpolation 'zz'; expected one of nearest, bilinear"):
+        create_transform(model, interpolation="zz")
+    with pytest.raises(UsageError, match="unknown interpolation 'random'"):
+        create_transform(model, interpolation="random")  # per-image choice: training only
+    assert create_transform(model, train=True, interpolation="random") is not None

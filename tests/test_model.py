@@ -380,3 +380,17 @@ def test_prune_intermediate_layers_keeps_what_timms_port_keeps() -> None:
         assert isinstance(ours.norm, nn.Identity) == isinstance(theirs.norm, nn.Identity)
         assert ours.num_features == ours.feature_info[len(ours.stages) - 1]["num_chs"]
         assert ours(torch.randn(1, 3, 32, 32)).shape == (1, ours.num_features)  # pooled features, no head
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_classes": -1}, "num_classes must be >= 0"),
+        ({"in_chans": 0}, "in_chans >= 1"),
+        ({"drop_path_rate": 1.5}, "drop_rate and drop_path_rate are probabilities"),
+        ({"drop_rate": -0.1}, "drop_rate and drop_path_rate are probabilities"),
+    ],
+)
+def test_constructor_refuses_values_that_cannot_work(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        sequencer.create_model("sequencer2d_tiny", **kwargs)

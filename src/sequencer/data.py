@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from torchvision.datasets import ImageFolder
 
 from sequencer.errors import DatasetError, UsageError
+from sequencer.options import INTERPOLATIONS
 
 _logger = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
 
 def create_transform(model: nn.Module | dict[str, Any], train: bool = False, **overrides: Any) -> Callable:
     """The transform a model expects: resize by crop_pct, centre crop, normalise (or timm's training pipeline)."""
+    allowed = (*INTERPOLATIONS, "random") if train else INTERPOLATIONS  # random: bilinear or bicubic per image
+    if overrides.get("interpolation") and overrides["interpolation"] not in allowed:
+        raise UsageError(f"unknown interpolation {overrides['interpolation']!r}; expected one of {', '.join(allowed)}")
     cfg = data_config(model, **{k: overrides.pop(k) for k in list(overrides) if k in _CONFIG_KEYS})
     return timm_create_transform(**cfg, is_training=train, **overrides)
 

@@ -352,6 +352,10 @@ class Sequencer(nn.Module):
             raise ValueError("layers, patch_sizes, embed_dims and hidden_sizes need one entry per stage")
         if mixer not in ("1d", "2d"):
             raise ValueError(f"unknown mixer {mixer!r}; expected '1d' or '2d'")
+        if num_classes < 0 or in_chans < 1:
+            raise ValueError(f"num_classes must be >= 0 (0: no head) and in_chans >= 1, got {num_classes}, {in_chans}")
+        if not (0 <= drop_rate <= 1 and 0 <= drop_path_rate <= 1):
+            raise ValueError(f"drop_rate and drop_path_rate are probabilities, got {drop_rate}, {drop_path_rate}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = embed_dims[-1]
