@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import shlex
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -94,6 +96,25 @@ def parse_cli() -> Callable[..., argparse.Namespace]:
         return build_parser(argv[0]).parse_args(argv)
 
     return parse
+
+
+class _Terminal(io.StringIO):
+    """A buffer that says it is a terminal, where tqdm draws its bars."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def capture_stderr(monkeypatch: pytest.MonkeyPatch) -> Callable[..., io.StringIO]:
+    """`capture_stderr(terminal=True)` puts a fresh buffer in place of sys.stderr, a terminal or a pipe; returns it."""
+
+    def capture(terminal: bool = True) -> io.StringIO:
+        buffer = _Terminal() if terminal else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", buffer)
+        return buffer
+
+    return capture
 
 
 @pytest.fixture(autouse=True)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -148,15 +146,11 @@ def test_erf_of_one_convolution_is_its_kernel_footprint() -> None:
     assert stage.feature_size == (8, 8) and stage.band == 0.5
 
 
-def test_erf_shows_a_progress_bar_over_the_images_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    monkeypatch.setattr(sys, "stderr", Terminal())
+def test_erf_shows_a_progress_bar_over_the_images_on_a_terminal(capture_stderr) -> None:
+    stream = capture_stderr(terminal=True)
     images = [torch.randn(2, 3, 8, 8), torch.randn(1, 3, 8, 8)]
     erf.effective_receptive_fields(OneConv(), iter(images), torch.device("cpu"), progress="one conv", total=3)
-    assert "one conv" in sys.stderr.getvalue() and "/3 [" in sys.stderr.getvalue()
+    assert "one conv" in stream.getvalue() and "/3 [" in stream.getvalue()
 
 
 def test_cross_share_tells_a_cross_from_a_blob() -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,21 +56,13 @@ def test_top5_with_fewer_than_five_classes_is_top_k_over_all_classes() -> None:
     assert metrics["top1"] == pytest.approx(50.0) and metrics["top5"] == pytest.approx(100.0)
 
 
-class Terminal(io.StringIO):
-    """stderr as a terminal, where tqdm draws its bars."""
-
-    def isatty(self) -> bool:
-        return True
-
-
-def test_evaluate_shows_a_labelled_progress_bar_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_shows_a_labelled_progress_bar_on_a_terminal_only(capture_stderr) -> None:
     loader = DataLoader(TensorDataset(torch.eye(3), torch.arange(3)), batch_size=1)
-    for stream, label, shown in [(Terminal(), "sequencer2d_s on val", True), (io.StringIO(), "val", False)]:
-        monkeypatch.setattr(sys, "stderr", stream)
+    for terminal, label in [(True, "sequencer2d_s on val"), (False, "val")]:
+        stream = capture_stderr(terminal)
         assert validate.evaluate(FixedLogits(), loader, torch.device("cpu"), progress=label)["top1"] == 100.0
-        assert ("sequencer2d_s on val" in stream.getvalue() and "/3 [" in stream.getvalue()) == shown
-    quiet = Terminal()
-    monkeypatch.setattr(sys, "stderr", quiet)
+        assert ("sequencer2d_s on val" in stream.getvalue() and "/3 [" in stream.getvalue()) == terminal
+    quiet = capture_stderr(terminal=True)
     validate.evaluate(FixedLogits(), loader, torch.device("cpu"))  # no label: no bar
     assert quiet.getvalue() == ""
 
