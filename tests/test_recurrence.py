@@ -84,6 +84,39 @@ def test_cpu_autocast_runs_the_recurrence_in_float32_where_onednn_has_no_bfloat1
     assert low.dtype == torch.bfloat16 and (low.float() - exact).abs().max() < 0.05 * exact.abs().max()
 
 
+@pytest.mark.parametrize(
+    ("device", "autocast_dtype", "cpu_low_precision", "expected"),
+    [
+        ("cuda", torch.float16, None, torch.float16),  # cuDNN's half kernels; train adds a GradScaler
+        ("cuda", torch.bfloat16, None, torch.float32),  # autocast would make it float16, unscaled: float32 instead
+        ("cpu", torch.bfloat16, True, torch.bfloat16),  # oneDNN's bfloat16 LSTM (AVX-512)
+        ("cpu", torch.float16, True, torch.float16),
+        ("cpu", torch.bfloat16, False, torch.float32),  # no low-precision LSTM on AVX2
+    ],
+)
+def test_recurrence_dtype_is_the_autocast_dtype_only_where_the_kernels_run_it_as_asked(
+    device: str, autocast_dtype: torch.dtype, cpu_low_precision: bool | None, expected: torch.dtype
+) -> None:
+    assert recurrence.recurrence_dtype(device, autocast_dtype, cpu_low_precision) == expected
+
+
+def test_a_float32_recurrence_dtype_runs_every_lstm_in_float32_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The branch CUDA's bfloat16 autocast takes, driven on the CPU: the LSTMs see float32, the model still runs."""
+    monkeypatch.setattr(recurrence, "recurrence_dtype", lambda *_: torch.float32)
+    model = sequencer.create_model("sequencer2d_tiny", rnn_impl="reference").eval()
+    seen: list[torch.dtype] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.LSTM):
+            module.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].dtype))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+        weights = next(m for m in model.modules() if isinstance(m, sequencer.model.RNN2D))._weights
+        compiled = recurrence.compiled_rnn2d(torch.randn(1, 4, 4, weights[0].shape[1]), weights, "lstm", "vh", True)
+    assert seen and set(seen) == {torch.float32} and logits.dtype == torch.bfloat16
+    assert compiled.dtype == torch.float32  # the torch.compile op follows the same choice
+
+
 def test_backward_twice_through_the_fused_graph_is_refused_clearly() -> None:
     mixer = _mixer("lstm", "cat", True)
     mixer.rnn_impl = "fused"

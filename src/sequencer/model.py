@@ -35,7 +35,7 @@ from sequencer.recurrence import (
     check_impl,
     compiled_rnn2d,
     directions_of,
-    in_supported_precision,
+    in_recurrence_precision,
     recurrent_weights,
     resolve_impl,
     scan,
@@ -134,7 +134,7 @@ class RNN2D(nn.Module):
         if impl == "reference":
             rnns = [rnn for rnn in (self.rnn_v, self.rnn_h) if rnn is not None]
             with train_mode_for_backward(rnns, needs_backward):
-                return in_supported_precision(self._forward_reference, x)
+                return in_recurrence_precision(self._forward_reference, x)
         # (B, H, W, C) -> (B, H, W, 4D), channels [v fwd, v bwd, h fwd, h bwd] (those the variant has): "cat" already.
         if impl == COMPILED:
             x = compiled_rnn2d(x, self._weights, self.cell, self.axes, self.bidirectional)
@@ -210,7 +210,7 @@ class RNN1D(nn.Module):
             raster = compiled_rnn2d(x.reshape(B, 1, H * W, C), self._weights, self.cell, "h", self.bidirectional)
             return raster.reshape(B, H, W, -1)
         with train_mode_for_backward([self.rnn], needs_backward):
-            return in_supported_precision(self._forward_reference, x)
+            return in_recurrence_precision(self._forward_reference, x)
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

@@ -78,7 +78,9 @@ def resolve_impl(name: str, x: torch.Tensor, needs_backward: bool) -> str:
 
 def tracing_or_exporting() -> bool:
     """Whether torch.jit.trace, ONNX export or torch.export is recording the model."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    # The flag behind torch.compiler.is_exporting(): torch 2.7 and 2.8's dynamo folds that call to True under
+    # torch.compile as well, which would take compiled models off the `rnn2d` op; the flag reads true in export only.
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler._is_exporting_flag
 
 
 @contextlib.contextmanager
@@ -101,18 +103,42 @@ def train_mode_for_backward(rnns: list[nn.RNNBase], needs_backward: bool) -> Ite
             rnn.eval()
 
 
-def in_supported_precision(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """`forward(x)`, run in float32 with autocast off where the CPU has no low-precision RNN kernel.
+def in_recurrence_precision(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`forward(x)` with its recurrences in `recurrence_dtype`: as autocast runs them, or in float32 with autocast off.
 
-    oneDNN builds its bfloat16 / float16 LSTM only on AVX-512 processors; elsewhere (AVX2: AMD EPYC before Zen 4,
-    older Xeons) nn.LSTM under CPU autocast fails with "could not create a primitive descriptor". There the mixer
-    computes in float32, as the fused path does for half-precision inputs, and returns the autocast dtype.
+    In float32 the mixer returns the autocast dtype, as the fused path does for half-precision inputs.
     """
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not cpu_has_low_precision_rnn():
-        dtype = torch.get_autocast_dtype("cpu")
-        with torch.autocast("cpu", enabled=False):
-            return forward(x.float()).to(dtype)
-    return forward(x)
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):  # "meta" has none
+        return forward(x)
+    dtype = torch.get_autocast_dtype(device)
+    if recurrence_dtype(device, dtype) == dtype:
+        return forward(x)
+    with torch.autocast(device, enabled=False):
+        return forward(x.float()).to(dtype)
+
+
+def recurrence_dtype(
+    device_type: str, autocast_dtype: torch.dtype, cpu_low_precision: bool | None = None
+) -> torch.dtype:
+    """The dtype the recurrences compute in under autocast to `autocast_dtype`: that dtype, or float32 where the
+    kernels cannot run it as asked. `cpu_low_precision` overrides what `cpu_has_low_precision_rnn` finds.
+
+    - CUDA: float16 runs on cuDNN's half kernels, and `train` pairs float16 autocast with a GradScaler. bfloat16
+      does not reach cuDNN as bfloat16: autocast's cuDNN-RNN wrapper (`_cudnn_rnn_cast_reflatten`) casts the LSTM to
+      float16 whatever dtype was asked, and with no loss scaling the small recurrent gradients underflow in silence
+      (at initialisation most of Sequencer2D-S's LSTM weight gradients lie below float16's smallest normal). cuDNN
+      has bfloat16 RNNs only from 9.13, and torch's cuDNN RNN takes half, float and double tensors alone, so under
+      bfloat16 autocast the recurrences run in float32 on cuDNN; the linears around them stay in bfloat16.
+    - CPU: oneDNN builds its bfloat16 / float16 LSTM only on AVX-512 processors; elsewhere (AVX2: AMD EPYC before
+      Zen 4, older Xeons) nn.LSTM under autocast fails with "could not create a primitive descriptor".
+    """
+    if device_type == "cuda":
+        return autocast_dtype if autocast_dtype == torch.float16 else torch.float32
+    if device_type == "cpu":
+        low_precision = cpu_has_low_precision_rnn() if cpu_low_precision is None else cpu_low_precision
+        return autocast_dtype if low_precision else torch.float32
+    return autocast_dtype
 
 
 @functools.cache
@@ -509,7 +535,12 @@ def library_rnn2d(
     return torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0].contiguous()
 
 
-@torch.library.custom_op("sequencer::rnn2d", mutates_args=())
+# Schemas spelled out: torch < 2.6 cannot infer one from `list[torch.Tensor]` annotations.
+@torch.library.custom_op(
+    "sequencer::rnn2d",
+    mutates_args=(),
+    schema="(Tensor x, Tensor[] weights, str cell, str axes, bool bidirectional) -> Tensor",
+)
 def rnn2d(x: torch.Tensor, weights: list[torch.Tensor], cell: str, axes: str, bidirectional: bool) -> torch.Tensor:
     """Every directional recurrence of a 2D mixer as one op (see the module docstring); dtypes as given."""
     with torch.autocast(x.device.type, enabled=False):
@@ -522,7 +553,11 @@ def _rnn2d_fake(x, weights, cell, axes, bidirectional):
     return x.new_empty(*x.shape[:3], directions * weights[1].shape[1])
 
 
-@torch.library.custom_op("sequencer::rnn2d_backward", mutates_args=())
+@torch.library.custom_op(
+    "sequencer::rnn2d_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor[] weights, str cell, str axes, bool bidirectional) -> Tensor[]",
+)
 def rnn2d_backward(
     grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], cell: str, axes: str, bidirectional: bool
 ) -> list[torch.Tensor]:
@@ -569,7 +604,7 @@ rnn2d.register_autograd(_rnn2d_grad, setup_context=_rnn2d_setup_context)
 def compiled_rnn2d(
     x: torch.Tensor, weights: list[torch.Tensor], cell: str, axes: str, bidirectional: bool
 ) -> torch.Tensor:
-    """`rnn2d` in the autocast dtype when autocast is on, as nn.LSTM runs under autocast, else in x's dtype.
+    """`rnn2d` in `recurrence_dtype` when autocast is on, as the reference path runs it, else in x's dtype.
 
     The map's height and width are specialised (each resolution compiles its own graph): with them symbolic,
     inductor (torch 2.14) fails to order the strides of the blocks' saved activations, "cannot determine truth value
@@ -578,7 +613,7 @@ def compiled_rnn2d(
     B, H, W, C = x.shape
     x = x.reshape(B, int(H), int(W), C)
     if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = recurrence_dtype(x.device.type, torch.get_autocast_dtype(x.device.type))
         x, weights = x.to(dtype), [w.to(dtype) for w in weights]
     return rnn2d(x, weights, cell, axes, bidirectional)
 
