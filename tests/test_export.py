@@ -67,7 +67,8 @@ def test_static_export_is_fixed_to_its_batch_and_img_size(tiny_model, checkpoint
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         assert (program(x) - tiny_model()(x)).abs().max().item() <= 1e-4
-    with pytest.raises(AssertionError, match=r"size\(\)\[0\] == 2"):
+    # torch 2.14 asserts in the program, torch 2.7 checks the input before running it
+    with pytest.raises((AssertionError, RuntimeError), match=r"size\(\)\[0\] == 2|shape\[0\] to be equal to 2"):
         program(torch.randn(3, 3, 48, 48))
 
 
