@@ -394,7 +394,7 @@ def test_corrupted_images_are_reproducible_and_normalised(image_tree: Path) -> N
     foggy = robustness.CorruptedImages(base, "fog", 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     raw, label = base[5]
     image, target = clean[5]
-    torch.testing.assert_close(image, raw.float() / 127.5 - 1.0)
+    torch.testing.assert_close(image, torch.as_tensor(raw).float() / 127.5 - 1.0)
     assert target == label == 1
     np.testing.assert_array_equal(foggy.pixels(5)[0], foggy.pixels(5)[0])
     assert not np.array_equal(foggy.pixels(5)[0], foggy.pixels(6)[0])

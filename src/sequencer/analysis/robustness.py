@@ -162,7 +162,7 @@ class CorruptedImages(Dataset):
         if sample is None:
             return None
         image, target = sample
-        pixels = image.permute(1, 2, 0).numpy()
+        pixels = np.asarray(image).transpose(1, 2, 0)  # uint8 CHW: a tensor, or an array in older timm
         if self.severity:
             # The library draws from NumPy's global generator; seeding per image makes every run, with any number
             # of workers, see the same corrupted images.
