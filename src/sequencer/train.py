@@ -25,7 +25,7 @@ import yaml
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -55,10 +55,19 @@ _logger = logging.getLogger(__name__)
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "none")
 SUMMARY_FIELDS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 CURVES_FILE = "training_curves.png"
+# The files that mark a folder as holding a run (besides checkpoint-EPOCH.pth.tar): a new run must not overwrite them.
+RUN_FILES = ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar")
+# Flags that shape the learned state a checkpoint holds: a resumed run keeps them; every other flag (the schedule,
+# the epochs, augmentation ...) follows the command line.
+RESUME_FIXED = ("model", "num_classes", "in_chans", "img_size", "input_size", "opt", "layer_decay")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite during `epoch`."""
+
+    def __init__(self, message: str, epoch: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
 
 
 def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:
@@ -179,15 +188,37 @@ def checkpoint_dict(state: TrainState, args: dict[str, Any], history: list[dict[
     return ckpt
 
 
-def restore(
-    state: TrainState, path: str, restore_optimizer: bool = True, unsafe_load: bool = False
-) -> list[dict[str, Any]]:
-    """Load a training checkpoint into `state`; returns the summary rows recorded so far."""
-    ckpt = read_file(path, unsafe_load=unsafe_load)
+def read_resumed(args: argparse.Namespace) -> dict[str, Any]:
+    """The --resume checkpoint, refused unless it is one of this trainer's, of a run with the same `RESUME_FIXED`."""
+    path = args.resume
+    ckpt = read_file(path, unsafe_load=args.unsafe_load)
     if "epoch" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(
             f"{path} is not a training checkpoint of this trainer; use --initial-checkpoint for weights"
         )
+    trained, wanted = ckpt.get("args") or {}, plain_arguments(args)
+    for key in RESUME_FIXED:
+        if key in trained and trained[key] != wanted.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(
+                f"--resume {path}: that run has {flag} {_shown(trained[key])}, this command {_shown(wanted.get(key))}; "
+                "a resumed run keeps its model, class count, input channels, input size, optimizer and layer decay "
+                "(start a new run from its weights with --initial-checkpoint)"
+            )
+    return ckpt
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimizer: bool = True) -> list[dict[str, Any]]:
+    """Load the learned state of a training checkpoint (`read_resumed`) into `state`; returns its summary rows.
+
+    Model, EMA, optimizer state, scaler, epoch and best metric come from the file; the optimizer's hyper-parameters
+    and the schedule stay as this run's flags built them."""
     model = state.model
     trained = (ckpt.get("model_name"), ckpt.get("num_classes"))
     if trained != (model.model_name, model.num_classes):
@@ -203,10 +234,16 @@ def restore(
     if state.ema is not None:
         state.ema.module.load_state_dict(ckpt.get("state_dict_ema", ckpt["state_dict"]))
     if restore_optimizer:
+        # torch restores each group's hyper-parameters with its state ('lr', timm's 'initial_lr', weight decay ...):
+        # put this run's back, so that a changed --lr or --weight-decay takes effect and the rebuilt schedule wins.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in state.optimizer.param_groups]
         state.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(state.optimizer.param_groups, settings, strict=True):
+            group.update(own)
         if state.scaler is not None and "scaler" in ckpt:
             state.scaler.load_state_dict(ckpt["scaler"])
-    if state.scheduler is not None and "scheduler" in ckpt:
+    # Other schedules are functions of the epoch, rebuilt from the flags; a plateau schedule has learned state too.
+    if isinstance(state.scheduler, PlateauLRScheduler) and "best" in ckpt.get("scheduler", {}):
         state.scheduler.load_state_dict(ckpt["scheduler"])
     state.epoch = ckpt["epoch"] + 1
     state.num_updates = ckpt["num_updates"]
@@ -268,7 +305,7 @@ def train_one_epoch(
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
     show = not args.no_progress and context.is_primary
-    bar = progress_bar(loader, show=show, desc=f"epoch {state.epoch + 1}/{num_epochs}", dynamic_ncols=True)
+    bar = progress_bar(loader, show=show, desc=f"epoch {state.epoch}/{num_epochs - 1}", dynamic_ncols=True)
     for batch in bar:
         # None: every image of the batch was unreadable (and counted by the dataset).
         if batch is not None and mixup is not None and len(batch[0]) % 2:
@@ -287,7 +324,8 @@ def train_one_epoch(
         mean_loss = all_reduce_mean(loss.detach(), context)
         if not torch.isfinite(mean_loss):
             raise NonFiniteLossError(
-                f"non-finite training loss ({mean_loss.item()}) at epoch {state.epoch + 1}, step {steps + 1}"
+                f"non-finite training loss ({mean_loss.item()}) at epoch {state.epoch}, step {steps + 1}",
+                state.epoch,
             )
         state.optimizer.zero_grad(set_to_none=True)
         if state.scaler is not None:
@@ -350,8 +388,24 @@ def output_folder(args: argparse.Namespace) -> Path:
     return base / args.experiment if args.experiment else base
 
 
-def train(args: argparse.Namespace, context: DistributedContext, output: Path) -> dict[str, Any]:
-    """The whole run (flags already resolved); returns the final summary row plus best_metric / best_epoch."""
+def check_output_folder(args: argparse.Namespace, output: Path) -> None:
+    """Refuse a new run in a folder that holds one (its files would be overwritten): only --resume continues there."""
+    held = [name for name in RUN_FILES if (output / name).exists()]
+    held += sorted(path.name for path in output.glob("checkpoint-*.pth.tar"))
+    if not held or (args.resume and Path(args.resume).resolve().parent == output.resolve()):
+        return
+    source = f" (-c {args.config} names it as its output)" if args.config else ""
+    raise UsageError(
+        f"{output} already holds a run{source}: {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}; continue it "
+        f"with --resume {output / 'last.pth.tar'}, or pass another -o/--output (or --experiment NAME for a sub-folder)"
+    )
+
+
+def train(
+    args: argparse.Namespace, context: DistributedContext, output: Path, resumed: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The whole run (flags already resolved; `resumed`: the --resume checkpoint); returns the final summary row plus
+    best_metric / best_epoch."""
     source, data_dir = _dataset_source(args)
     # The data first: a missing or empty folder fails here, before any model is built. The built-in digits are
     # upscaled once, straight to the input size (8 -> 16 px), rather than twice through a 32 px copy.
@@ -427,10 +481,16 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
     )
     state = TrainState(model, optimizer, scheduler, scaler, ema, class_names=[str(c) for c in train_set.classes])
     history: list[dict[str, Any]] = []
-    if args.resume:
-        history = restore(state, args.resume, not args.no_resume_opt, args.unsafe_load)
+    if resumed is not None:
+        history = restore(state, resumed, args.resume, not args.no_resume_opt)
     if args.start_epoch is not None:
         state.epoch = args.start_epoch
+    if state.epoch >= num_epochs:
+        raise UsageError(
+            f"the schedule ended at epoch {num_epochs - 1} (epochs 0-{num_epochs - 1}: --epochs {args.epochs}"
+            f"{f' + --cooldown-epochs {args.cooldown_epochs}' if args.cooldown_epochs else ''}) and the run would "
+            f"start at epoch {state.epoch}; raise --epochs"
+        )
     history = [row for row in history if row["epoch"] < state.epoch]
     if scheduler is not None and state.epoch > 0:
         # timm's schedulers are functions of time: set the learning rate for where the run resumes.
@@ -467,16 +527,16 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
         output.mkdir(parents=True, exist_ok=True)
         (output / "args.yaml").write_text(yaml.safe_dump(saved_args, sort_keys=False))
         _logger.info(
-            "training %s (%d classes, input %s) on %s: %d train / %d held-out images, %d epochs from epoch %d, "
-            "%d process(es) on %s; output in %s",
+            "training %s (%d classes, input %s) on %s: %d train / %d held-out images, epochs %d-%d (counted from 0 "
+            "as in summary.csv and checkpoint-EPOCH.pth.tar), %d process(es) on %s; output in %s",
             args.model,
             num_classes,
             "x".join(map(str, config["input_size"])),
             source or "the built-in digits",
             len(train_set),
             len(val_set),
-            num_epochs,
             state.epoch,
+            num_epochs - 1,
             context.world_size,
             device,
             output,
@@ -493,20 +553,20 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
             mixup.mixup_enabled = False
         train_loss = train_one_epoch(state, train_loader, criterion, args, context, mixup, train_model, num_epochs)
         eval_model = ema.module if ema is not None else model
-        label = "" if args.no_progress or not context.is_primary else f"held-out, epoch {epoch + 1}"
+        label = "" if args.no_progress or not context.is_primary else f"held-out, epoch {epoch}"
         metrics = evaluate(
             eval_model, val_loader, device, args.amp, args.amp_dtype, context.distributed, progress=label
         )
-        if scheduler is not None:
-            scheduler.step(epoch + 1, metrics[args.eval_metric])
         row = dict(
             epoch=epoch,
             train_loss=round(train_loss, 6),
             eval_loss=round(metrics["loss"], 6),
             eval_top1=round(metrics["top1"], 4),
             eval_top5=round(metrics["top5"], 4),
-            lr=_current_lr(optimizer),
+            lr=_current_lr(optimizer),  # the rate this epoch ended at (timm's summary), before the next is set
         )
+        if scheduler is not None:
+            scheduler.step(epoch + 1, metrics[args.eval_metric])
         history.append(row)
         metric = metrics[args.eval_metric]
         best = state.best_metric
@@ -524,8 +584,8 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
             plot_training_curves(history, output / CURVES_FILE, title=f"{args.model} on {source or 'digits'}")
             _logger.info(
                 "epoch %d/%d  train loss %.4f  held-out loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s",
-                epoch + 1,
-                num_epochs,
+                epoch,
+                num_epochs - 1,
                 train_loss,
                 metrics["loss"],
                 metrics["top1"],
@@ -542,17 +602,25 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
 def run(args: argparse.Namespace) -> int:
     """`sequencer train`: set up (distributed) processes, train, print the held-out top-1."""
     start = time.perf_counter()
-    check_arguments(resolve_arguments(args))
+    resolved = resolve_arguments(args)
+    check_arguments(resolved)
+    output = output_folder(resolved)
+    check_output_folder(resolved, output)
     context = init_distributed(args.device)
     logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
     args = resolve_arguments(args, context.world_size)
+    resumed = read_resumed(args) if args.resume else None
     set_threads(args.threads)
-    output = output_folder(args)
     try:
-        result = train(args, context, output)
+        result = train(args, context, output, resumed)
     except NonFiniteLossError as error:
         last = output / "last.pth.tar"
-        kept = f"the last good checkpoint is kept: {last}" if last.is_file() else "no checkpoint was written"
+        # The folder held no run before this one (or the resumed one): its last.pth.tar is of the epoch before.
+        kept = (
+            f"the last good checkpoint is kept: {last} (epoch {error.epoch - 1})"
+            if last.is_file()
+            else "no checkpoint was written"
+        )
         _logger.error("stopping: %s; %s. Lower --lr, set --clip-grad, or check the data.", error, kept)
         return 1
     except KeyboardInterrupt:
@@ -564,7 +632,7 @@ def run(args: argparse.Namespace) -> int:
     if context.is_primary and "eval_top1" in result:
         print(
             f"held-out top-1 {result['eval_top1']:.2f}% (top-5 {result['eval_top5']:.2f}%) after epoch "
-            f"{result['epoch'] + 1}; best {args.eval_metric} {result['best_metric']:.2f} at epoch "
-            f"{result['best_epoch'] + 1}; {time.perf_counter() - start:.1f} s; output in {output}"
+            f"{result['epoch']}; best {args.eval_metric} {result['best_metric']:.2f} at epoch "
+            f"{result['best_epoch']} (model_best.pth.tar); {time.perf_counter() - start:.1f} s; output in {output}"
         )
     return 0
