@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -235,6 +236,41 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     kept = read_file(tmp_path / "last.pth.tar")
     assert kept["epoch"] == 0 and all(torch.isfinite(v).all() for v in kept["state_dict"].values())
     assert len(summary_rows(tmp_path)) == 1
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_within_a_log_interval_stops_before_any_checkpoint_holds_it(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_create = train_module.create_model
+    training_calls = []
+
+    def poisoned_once(*args, **kwargs):
+        model = real_create(*args, **kwargs)
+
+        def poison(module, inputs, output):
+            if module.training:
+                training_calls.append(1)
+                if len(training_calls) == 6:  # epoch 1, step 2 of 4; its update spreads NaN into the weights
+                    return output * float("nan")
+            return output
+
+        model.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(train_module, "create_model", poisoned_once)
+    with caplog.at_level(logging.INFO):
+        assert run_cli("train", f"{data_root} {TINY} --epochs 3 --log-interval 3 --output {tmp_path}") == 1
+    # Read every 3 steps: the window of steps 1-3 shows the loss of step 2 as the first non-finite one.
+    assert "non-finite training loss (nan) at epoch 1, step 2" in caplog.text
+    assert len(training_calls) == 7  # step 3 ran before the read: no wait for the device at every step
+    assert "last good checkpoint is kept" in caplog.text and "last.pth.tar (epoch 0)" in caplog.text
+    kept = read_file(tmp_path / "last.pth.tar")
+    assert kept["epoch"] == 0 and all(torch.isfinite(v).all() for v in kept["state_dict"].values())
+    assert len(summary_rows(tmp_path)) == 1
+    # Without a progress bar (--no-progress, a pipe), the read is logged too.
+    assert re.search(r"epoch 0/2  step 3/4  loss \d\.\d{4}  lr \S+  [\d.]+ img/s", caplog.text)
+    assert "epoch 1/2  step 3/4" not in caplog.text
 
 
 @pytest.mark.slow

@@ -299,13 +299,18 @@ def train_one_epoch(
     train_model: nn.Module,
     num_epochs: int,
 ) -> float:
-    """One pass over the training data; returns the mean loss over all ranks. Stops at a non-finite loss."""
+    """One pass over the training data; returns the mean loss over all ranks. Stops at a non-finite loss.
+
+    The losses stay on the device and are read (checked, shown on the bar or logged) every --log-interval steps and
+    at the epoch's end: the host never waits for the device in between."""
     train_model.train()
     device = context.device
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    steps = 0
+    window: list[torch.Tensor] = []  # the losses since the last read, on the device
+    total_loss, steps, images_seen, since = 0.0, 0, 0, time.perf_counter()
     show = not args.no_progress and context.is_primary
-    bar = progress_bar(loader, show=show, desc=f"epoch {state.epoch}/{num_epochs - 1}", dynamic_ncols=True)
+    desc = f"epoch {state.epoch}/{num_epochs - 1}"
+    bar = progress_bar(loader, show=show, desc=desc, dynamic_ncols=True)
+    log = context.is_primary and bar.disable  # no bar drawn (a pipe, --no-progress): progress lines instead
     for batch in bar:
         # None: every image of the batch was unreadable (and counted by the dataset).
         if batch is not None and mixup is not None and len(batch[0]) % 2:
@@ -320,13 +325,7 @@ def train_one_epoch(
             images, targets = mixup(images, targets)
         with autocast(device, args.amp, args.amp_dtype):
             loss = criterion(train_model(images), targets)
-        # Every rank sees the same averaged loss, so all stop at the same step instead of some waiting forever.
-        mean_loss = all_reduce_mean(loss.detach(), context)
-        if not torch.isfinite(mean_loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({mean_loss.item()}) at epoch {state.epoch}, step {steps + 1}",
-                state.epoch,
-            )
+        window.append(loss.detach())
         state.optimizer.zero_grad(set_to_none=True)
         if state.scaler is not None:
             state.scaler(
@@ -346,15 +345,51 @@ def train_one_epoch(
             state.ema.update(state.model, step=state.num_updates)
         if state.scheduler is not None:
             state.scheduler.step_update(num_updates=state.num_updates)
-        total_loss += mean_loss.double()
         steps += 1
-        bar.set_postfix(
-            loss=f"{total_loss.item() / steps:.4f}", lr=f"{_current_lr(state.optimizer):.2e}", refresh=False
-        )
+        images_seen += len(images) * context.world_size
+        if steps % args.log_interval:
+            continue
+        # A non-finite loss is seen here, up to log_interval - 1 updates after it happened: those updates ran on
+        # non-finite gradients, which is harmless because the run stops before any checkpoint is written from them
+        # (last.pth.tar is saved at the epoch's end, after the final read below).
+        recent = read_losses(window, context, state.epoch, steps)
+        total_loss += recent
+        lr, rate = _current_lr(state.optimizer), images_seen / (time.perf_counter() - since)
+        if log:
+            _logger.info(
+                "%s  step %d/%d  loss %.4f  lr %.2e  %.1f img/s",
+                desc,
+                steps,
+                len(loader),
+                recent / args.log_interval,
+                lr,
+                rate,
+            )
+        bar.set_postfix(loss=f"{total_loss / steps:.4f}", lr=f"{lr:.2e}", refresh=False)
+        images_seen, since = 0, time.perf_counter()
     bar.close()
     if steps == 0:
         raise ValueError("the training loader yielded no batch: fewer images than one batch (drop_last)?")
-    return total_loss.item() / steps
+    if window:
+        total_loss += read_losses(window, context, state.epoch, steps)
+    return total_loss / steps
+
+
+def read_losses(window: list[torch.Tensor], context: DistributedContext, epoch: int, last_step: int) -> float:
+    """The sum of the per-step losses in `window` (each averaged over the ranks), read from the device at once, and
+    the window emptied; raises `NonFiniteLossError` naming the first step whose loss is not finite.
+
+    One all-reduce per read, in step with every rank: all see the same losses, so all stop together and none waits
+    forever in a collective."""
+    losses = all_reduce_mean(torch.stack(window).double(), context).tolist()
+    window.clear()
+    first_step = last_step - len(losses) + 1
+    for offset, value in enumerate(losses):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({value}) at epoch {epoch}, step {first_step + offset}", epoch
+            )
+    return sum(losses)
 
 
 def _current_lr(optimizer: torch.optim.Optimizer) -> float:
