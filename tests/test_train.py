@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -274,6 +275,28 @@ def test_a_non_finite_loss_within_a_log_interval_stops_before_any_checkpoint_hol
 
 
 @pytest.mark.slow
+def test_a_full_disk_stops_the_run_in_one_line_and_the_previous_checkpoint_survives(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real_save = torch.save
+
+    def full_at_epoch_1(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 1:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_at_epoch_1)
+    assert run_cli("train", f"{data_root} {TINY} --epochs 2 --output {tmp_path}") == 2
+    assert capsys.readouterr().err == (
+        f"sequencer train: error: cannot write {tmp_path / 'last.pth.tar'}: no space left on the disk; the previous "
+        "last.pth.tar survives intact\n"
+    )
+    assert read_file(tmp_path / "last.pth.tar")["epoch"] == 0
+    assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
 def test_fine_tune_at_another_resolution_and_class_count(
     make_image_tree, run_cli, two_epoch_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -392,6 +415,7 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
         ("--sched cosin", "unknown schedule --sched 'cosin'"),
         ("--model sequencer2d_q", "unknown model 'sequencer2d_q'"),
         ("--initial-checkpoint x.pth --pretrained", "--pretrained and --initial-checkpoint both"),
+        ("--aa bogus", "unknown --aa policy 'bogus' (Unknown AA policy bogus); timm takes e.g. rand-m9-mstd0.5-inc1"),
     ],
 )
 def test_flags_out_of_range_fail_in_one_line_before_any_work(

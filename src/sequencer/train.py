@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 from timm.data import Mixup
+from timm.data import create_transform as timm_create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
 from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
@@ -114,6 +115,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown optimizer --opt {args.opt!r}; timm knows {', '.join(list_optimizers())}")
     if args.sched not in SCHEDULERS:
         raise UsageError(f"unknown schedule --sched {args.sched!r}; expected one of {', '.join(SCHEDULERS)}")
+    if args.aa:
+        try:  # timm's own parser of the policy, on a dummy size: it asserts on a name it does not know
+            timm_create_transform(32, is_training=True, auto_augment=args.aa)
+        except (AssertionError, KeyError, ValueError) as error:
+            raise UsageError(
+                f"unknown --aa policy {args.aa!r}{f' ({error})' if str(error) else ''}; timm takes e.g. "
+                "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w3 (AugMix), original or v0 (AutoAugment)"
+            ) from None
 
 
 def _is_digits(args: argparse.Namespace) -> bool:
