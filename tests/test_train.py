@@ -13,13 +13,15 @@ import shutil
 import subprocess
 import sys
 import urllib.error
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from sequencer import hub
+from sequencer import data as data_module
+from sequencer import hub, runtime
 from sequencer import train as train_module
 from sequencer.checkpoint import load_pretrained, read_file
 from sequencer.errors import CheckpointError
@@ -629,3 +631,45 @@ def test_resume_follows_the_command_line_but_for_the_learned_state(
     assert run_cli("train", f"{base} --epochs 6 --img-size 24 {resume}") == 2
     assert "that run has --img-size 16, this command 24" in capsys.readouterr().err
     assert read_file(short / "last.pth.tar")["epoch"] == 4 and len(summary_rows(short)) == 5
+
+
+def test_amp_on_a_cpu_that_emulates_bfloat16_warns_once_in_train_and_validate(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: {})
+    validate = f"{data_root} --model sequencer2d_tiny --num-classes 2 --amp --device cpu -j 0 --threads 1"
+    for native in (False, True):
+        monkeypatch.setattr(runtime, "native_bfloat16_cpu", lambda native=native: native)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            output = tmp_path / str(native)
+            assert run_cli("train", f"{data_root} {TINY} --amp --device cpu --epochs 1 --output {output}") == 0
+            assert run_cli("validate", validate) == 0
+        emulated = [str(w.message) for w in caught if "bfloat16" in str(w.message)]
+        assert emulated == ([] if native else [EMULATED_BFLOAT16] * 2)
+
+
+EMULATED_BFLOAT16 = (
+    "--amp on this CPU (no AVX512-BF16 or AMX) emulates bfloat16: 3-4.6x slower than float32 here, as measured; "
+    "leave --amp out for speed"
+)
+
+
+def test_too_many_workers_warn_once_and_a_default_count_stays_within_the_cores(
+    parse_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train_module, "usable_cpus", lambda: 1)
+    assert train_module.resolve_arguments(parse_cli("train", "/data/imagenet")).workers == 1  # ours: 2, capped
+    assert train_module.resolve_arguments(parse_cli("train", "/data/imagenet -j 3")).workers == 3  # the user's
+    monkeypatch.setattr(data_module, "usable_cpus", lambda: 1)
+    data_module._warn_too_many_workers.cache_clear()
+    workers = (os.cpu_count() or 1) + 1  # more than torch's own count too, so that its check would warn
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # A run's two loaders, and the check torch makes at every pass over each (every epoch).
+        for loader in [data_module.create_loader(list(range(8)), 2, workers) for _ in range(2)] * 2:
+            loader.check_worker_number_rationality()
+    assert [str(w.message) for w in caught] == [
+        f"-j {workers} data-loading worker processes on 1 usable CPU core(s) can run slowly or freeze; lower "
+        "-j/--workers to 1 or less"
+    ]

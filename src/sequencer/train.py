@@ -47,7 +47,15 @@ from sequencer.hub import released_weights
 from sequencer.model import VARIANTS, check_model_name, create_model
 from sequencer.options import input_overrides
 from sequencer.plotting import plot_training_curves
-from sequencer.runtime import amp_dtype, autocast, compile_model, progress_bar, set_threads
+from sequencer.runtime import (
+    amp_dtype,
+    autocast,
+    compile_model,
+    progress_bar,
+    set_threads,
+    usable_cpus,
+    warn_if_emulated_bfloat16,
+)
 from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
@@ -77,7 +85,8 @@ def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse
     recipe = DIGITS_RECIPE if _is_digits(args) else TIMM_RECIPE
     for key, value in recipe.items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            # A worker count that is ours to choose stays within the cores there are (torch warns beyond).
+            setattr(args, key, min(value, usable_cpus()) if key == "workers" else value)
     if args.lr is None:
         ratio = args.batch_size * world_size / args.lr_base_size
         scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
@@ -653,6 +662,8 @@ def run(args: argparse.Namespace) -> int:
     context = init_distributed(args.device)
     logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
     args = resolve_arguments(args, context.world_size)
+    if context.is_primary:
+        warn_if_emulated_bfloat16(context.device, args.amp, args.amp_dtype)
     resumed = read_resumed(args) if args.resume else None
     set_threads(args.threads)
     try:
