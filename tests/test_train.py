@@ -312,7 +312,8 @@ def test_fine_tune_at_another_resolution_and_class_count(
             run_cli(
                 "train",
                 f"{three_classes} --model sequencer2d_tiny --initial-checkpoint {two_epoch_run / 'last.pth.tar'} "
-                f"--num-classes 3 --img-size 24 -b 4 -j 0 --epochs 1 --lr 0 --warmup-lr 0 --weight-decay 0 "
+                f"--num-classes 3 --img-size 24 -b 4 -j 0 --epochs 1 --cooldown-epochs 0 --lr 0 --warmup-lr 0 "
+                f"--min-lr 0 --weight-decay 0 "
                 f"--amp --grad-checkpointing --clip-grad 1 --threads 1 --no-progress --output {output}",
             )
             == 0
