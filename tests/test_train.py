@@ -299,6 +299,19 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_previous_checkpoint_survi
 
 
 @pytest.mark.slow
+def test_on_a_terminal_the_progress_bar_shows_the_loss_read_every_log_interval(
+    run_cli, data_root: Path, tmp_path: Path, capture_stderr, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = capture_stderr(terminal=True)
+    with caplog.at_level(logging.INFO):
+        command = f"{data_root} {TINY.replace(' --no-progress', '')} --epochs 1 --log-interval 2 --output {tmp_path}"
+        assert run_cli("train", command) == 0
+    drawn = stream.getvalue()
+    assert "epoch 0/0" in drawn and re.search(r"loss=\d\.\d{4}, lr=\S+", drawn)
+    assert "step 2/4" not in caplog.text  # the bar shows the progress: no log lines beside it
+
+
+@pytest.mark.slow
 def test_fine_tune_at_another_resolution_and_class_count(
     make_image_tree, run_cli, two_epoch_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -418,6 +431,7 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
         ("--sched cosin", "unknown schedule --sched 'cosin'"),
         ("--model sequencer2d_q", "unknown model 'sequencer2d_q'"),
         ("--initial-checkpoint x.pth --pretrained", "--pretrained and --initial-checkpoint both"),
+        ("--log-interval 0", "--log-interval 0 is out of range: it must be >= 1"),
         ("--aa bogus", "unknown --aa policy 'bogus' (Unknown AA policy bogus); timm takes e.g. rand-m9-mstd0.5-inc1"),
     ],
 )
