@@ -642,7 +642,12 @@ def test_resume_follows_the_command_line_but_for_the_learned_state(
     assert err.strip().endswith("raise --epochs") and len(err.strip().splitlines()) == 1
     assert run_cli("train", f"{base} --epochs 6 --img-size 24 {resume}") == 2
     assert "that run has --img-size 16, this command 24" in capsys.readouterr().err
+    assert run_cli("train", f"{base} --epochs 6 --num-classes 3 {resume}") == 2
+    assert "that run has --num-classes 2, this command 3" in capsys.readouterr().err
     assert read_file(short / "last.pth.tar")["epoch"] == 4 and len(summary_rows(short)) == 5
+    # Naming the class count the run took from its data is no change.
+    assert run_cli("train", f"{base} --epochs 6 --num-classes 2 {resume}") == 0
+    assert read_file(short / "last.pth.tar")["epoch"] == 5
 
 
 def test_amp_on_a_cpu_that_emulates_bfloat16_warns_once_in_train_and_validate(

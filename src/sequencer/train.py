@@ -214,8 +214,12 @@ def read_resumed(args: argparse.Namespace) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a training checkpoint of this trainer; use --initial-checkpoint for weights"
         )
-    trained, wanted = ckpt.get("args") or {}, plain_arguments(args)
+    # The classes of the file's head, whether that run named them (--num-classes) or took them from its data.
+    trained = {**(ckpt.get("args") or {}), "num_classes": ckpt.get("num_classes")}
+    wanted = plain_arguments(args)
     for key in RESUME_FIXED:
+        if key == "num_classes" and wanted.get(key) is None:
+            continue  # from this run's data, compared with the head by `restore` once the data is read
         if key in trained and trained[key] != wanted.get(key):
             flag = "--" + key.replace("_", "-")
             raise UsageError(
@@ -228,7 +232,7 @@ def read_resumed(args: argparse.Namespace) -> dict[str, Any]:
 
 def _shown(value: Any) -> str:
     if value is None:
-        return "unset"
+        return "unset (the default)"
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
