@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """timm's train.py flags (those the paper's recipes and this trainer use), with timm's meanings."""
     demo = ", ".join(f"{k}={v}" for k, v in DIGITS_RECIPE.items())
     parser.epilog = (
-        f"Without DATA (the digits demo) the defaults are {demo}; with data, timm's train.py defaults apply "
+        f"Without DATA (the digits demo) the defaults are {demo}; with data, the authors' train.py (timm 0.5.4) "
+        "defaults apply "
         f"(model {TIMM_RECIPE['model']}, batch {TIMM_RECIPE['batch_size']}). Multi-GPU or multi-node: "
         "torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m sequencer train ..."
     )
@@ -103,7 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start from these weights (same as --checkpoint); a head of another size is re-initialised",
     )
     model.add_argument("--pretrained", action="store_true", help="start from the released ImageNet weights")
-    model.add_argument("--resume", default="", help="continue a run from its last.pth.tar (epoch, optimizer, EMA...)")
+    model.add_argument(
+        "--resume",
+        default="",
+        help="continue a run from its last.pth.tar: its weights, optimizer state, EMA and epoch; the schedule and "
+        "every other setting follow these flags (model, classes, input size, optimizer and layer decay must match)",
+    )
     model.add_argument("--no-resume-opt", action="store_true", help="with --resume, do not restore optimizer state")
     model.add_argument("--start-epoch", type=int, default=None, help="epoch to start at (default: 0 or resumed)")
     model.add_argument("--drop", type=float, default=0.0, help="dropout rate")
