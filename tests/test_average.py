@@ -15,7 +15,7 @@ from sequencer.train import update_checkpoint_history
 
 TINY_RUN = (
     "--model sequencer2d_tiny --img-size 16 -b 4 -j 0 --threads 1 --no-progress --opt adamw --lr 2e-3 "
-    "--model-ema --model-ema-decay 0.5 --eval-metric loss"
+    "--model-ema --model-ema-decay 0.5 --eval-metric loss --cooldown-epochs 0"
 )
 
 

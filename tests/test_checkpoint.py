@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -145,6 +148,31 @@ def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:
         atomic_save({"a": Unpicklable()}, target)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth.tar"]
+
+
+def test_a_full_disk_is_one_clear_error_and_the_previous_file_survives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "last.pth.tar"
+    atomic_save({"a": torch.ones(2)}, target)
+
+    def disk_full(obj: object, f: BinaryIO) -> None:
+        f.write(b"half a checkpoint")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:  # torch's zip writer reports the failed write as a RuntimeError of its own
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    message = f"cannot write {target}: no space left on the disk; the previous last.pth.tar survives intact"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        atomic_save({"a": torch.zeros(2)}, target)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth.tar"]
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match=re.escape("no space left on the disk; no best.pth.tar was written")):
+        atomic_save({"a": torch.zeros(2)}, tmp_path / "best.pth.tar")
 
 
 class Payload:

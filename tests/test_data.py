@@ -224,7 +224,7 @@ def test_transfer_recipe_trains_on_oxford_pets(run_cli, tmp_path: Path) -> None:
         "--model sequencer2d_s -b 128 -j 4 --num-classes 10": "--model sequencer2d_tiny -b 4 -j 0 --num-classes 3",
         "--dataset torch/cifar10 --pretrained": "--dataset torch/oxford_iiit_pet --initial-checkpoint "
         + str(tmp_path / "in1k.safetensors"),
-        "--epochs 200": "--epochs 1",
+        "--epochs 200": "--epochs 1 --cooldown-epochs 0",
         "--img-size 224": "--img-size 32",
     }
     command = TRANSFER_RECIPE

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import urllib.error
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from sequencer import hub
+from sequencer import data as data_module
+from sequencer import hub, runtime
 from sequencer import train as train_module
 from sequencer.checkpoint import load_pretrained, read_file
 from sequencer.errors import CheckpointError
@@ -42,7 +46,10 @@ CIFAR10_RECIPE = (
     "--warmup-lr 1e-6 --warmup-epochs 5"
 )
 # Every stateful piece in play: mixup/cutmix, random erasing, RandAugment, drop path, EMA, per-update schedule.
-TINY = "--model sequencer2d_tiny --img-size 16 -b 4 -j 0 --threads 1 --no-progress --opt adamw --lr 2e-3"
+TINY = (
+    "--model sequencer2d_tiny --img-size 16 -b 4 -j 0 --threads 1 --no-progress --opt adamw --lr 2e-3 "
+    "--cooldown-epochs 0"
+)
 STATEFUL = (
     "--mixup 0.8 --cutmix 1.0 --reprob 0.25 --aa rand-m9-mstd0.5-inc1 --drop-path 0.1 --model-ema "
     "--model-ema-decay 0.9 --sched-on-updates --warmup-epochs 1"
@@ -227,11 +234,81 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(train_module, "create_model", poisoned_model)
     with caplog.at_level(logging.ERROR):
         assert run_cli("train", f"{data_root} {TINY} --epochs 3 --output {tmp_path}") == 1
-    assert "non-finite training loss (nan) at epoch 2, step 1" in caplog.text
-    assert "last good checkpoint is kept" in caplog.text
+    assert "non-finite training loss (nan) at epoch 1, step 1" in caplog.text
+    assert "last good checkpoint is kept" in caplog.text and "last.pth.tar (epoch 0)" in caplog.text
     kept = read_file(tmp_path / "last.pth.tar")
     assert kept["epoch"] == 0 and all(torch.isfinite(v).all() for v in kept["state_dict"].values())
     assert len(summary_rows(tmp_path)) == 1
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_within_a_log_interval_stops_before_any_checkpoint_holds_it(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_create = train_module.create_model
+    training_calls = []
+
+    def poisoned_once(*args, **kwargs):
+        model = real_create(*args, **kwargs)
+
+        def poison(module, inputs, output):
+            if module.training:
+                training_calls.append(1)
+                if len(training_calls) == 6:  # epoch 1, step 2 of 4; its update spreads NaN into the weights
+                    return output * float("nan")
+            return output
+
+        model.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(train_module, "create_model", poisoned_once)
+    with caplog.at_level(logging.INFO):
+        assert run_cli("train", f"{data_root} {TINY} --epochs 3 --log-interval 3 --output {tmp_path}") == 1
+    # Read every 3 steps: the window of steps 1-3 shows the loss of step 2 as the first non-finite one.
+    assert "non-finite training loss (nan) at epoch 1, step 2" in caplog.text
+    assert len(training_calls) == 7  # step 3 ran before the read: no wait for the device at every step
+    assert "last good checkpoint is kept" in caplog.text and "last.pth.tar (epoch 0)" in caplog.text
+    kept = read_file(tmp_path / "last.pth.tar")
+    assert kept["epoch"] == 0 and all(torch.isfinite(v).all() for v in kept["state_dict"].values())
+    assert len(summary_rows(tmp_path)) == 1
+    # Without a progress bar (--no-progress, a pipe), the read is logged too.
+    assert re.search(r"epoch 0/2  step 3/4  loss \d\.\d{4}  lr \S+  [\d.]+ img/s", caplog.text)
+    assert "epoch 1/2  step 3/4" not in caplog.text
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_in_one_line_and_the_previous_checkpoint_survives(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real_save = torch.save
+
+    def full_at_epoch_1(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 1:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_at_epoch_1)
+    assert run_cli("train", f"{data_root} {TINY} --epochs 2 --output {tmp_path}") == 2
+    assert capsys.readouterr().err == (
+        f"sequencer train: error: cannot write {tmp_path / 'last.pth.tar'}: no space left on the disk; the previous "
+        "last.pth.tar survives intact\n"
+    )
+    assert read_file(tmp_path / "last.pth.tar")["epoch"] == 0
+    assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_on_a_terminal_the_progress_bar_shows_the_loss_read_every_log_interval(
+    run_cli, data_root: Path, tmp_path: Path, capture_stderr, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = capture_stderr(terminal=True)
+    with caplog.at_level(logging.INFO):
+        command = f"{data_root} {TINY.replace(' --no-progress', '')} --epochs 1 --log-interval 2 --output {tmp_path}"
+        assert run_cli("train", command) == 0
+    drawn = stream.getvalue()
+    assert "epoch 0/0" in drawn and re.search(r"loss=\d\.\d{4}, lr=\S+", drawn)
+    assert "step 2/4" not in caplog.text  # the bar shows the progress: no log lines beside it
 
 
 @pytest.mark.slow
@@ -248,7 +325,8 @@ def test_fine_tune_at_another_resolution_and_class_count(
             run_cli(
                 "train",
                 f"{three_classes} --model sequencer2d_tiny --initial-checkpoint {two_epoch_run / 'last.pth.tar'} "
-                f"--num-classes 3 --img-size 24 -b 4 -j 0 --epochs 1 --lr 0 --warmup-lr 0 --weight-decay 0 "
+                f"--num-classes 3 --img-size 24 -b 4 -j 0 --epochs 1 --cooldown-epochs 0 --lr 0 --warmup-lr 0 "
+                f"--min-lr 0 --weight-decay 0 "
                 f"--amp --grad-checkpointing --clip-grad 1 --threads 1 --no-progress --output {output}",
             )
             == 0
@@ -353,6 +431,8 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
         ("--sched cosin", "unknown schedule --sched 'cosin'"),
         ("--model sequencer2d_q", "unknown model 'sequencer2d_q'"),
         ("--initial-checkpoint x.pth --pretrained", "--pretrained and --initial-checkpoint both"),
+        ("--log-interval 0", "--log-interval 0 is out of range: it must be >= 1"),
+        ("--aa bogus", "unknown --aa policy 'bogus' (Unknown AA policy bogus); timm takes e.g. rand-m9-mstd0.5-inc1"),
     ],
 )
 def test_flags_out_of_range_fail_in_one_line_before_any_work(
@@ -386,8 +466,10 @@ def test_resume_with_another_model_or_class_count_says_so(
     err = capsys.readouterr().err
     assert "is a run of sequencer2d_tiny with 2 classes; this run is sequencer2d_tiny with 3 classes" in err
     command = f"{data_root} {TINY.replace('sequencer2d_tiny', 'rnn_sequencer2d_s')} --epochs 3 --resume {last}"
-    assert run_cli("train", f"{command} --img-size 32 --output {tmp_path / 'b'}") == 2
-    assert "this run is rnn_sequencer2d_s with 2 classes" in capsys.readouterr().err
+    assert run_cli("train", f"{command} --output {tmp_path / 'b'}") == 2
+    err = capsys.readouterr().err
+    assert "that run has --model sequencer2d_tiny, this command rnn_sequencer2d_s" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
 
 
 def test_config_reads_back_args_yaml_and_the_command_line_wins(
@@ -416,3 +498,195 @@ def test_config_reads_back_args_yaml_and_the_command_line_wins(
     (tmp_path / "bad.yaml").write_text("epochs: 3\nwarp_speed: 9\n")
     assert run_cli("train", "-c", str(tmp_path / "bad.yaml")) == 2
     assert "sets options this command does not have: warp_speed" in capsys.readouterr().err
+
+
+def test_a_folder_holding_a_run_is_never_overwritten_by_a_new_run(
+    run_cli, parse_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    runs = []
+    monkeypatch.setattr(train_module, "train", lambda args, context, output, resumed=None: runs.append(output) or {})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-3.pth.tar").write_bytes(b"a kept epoch")
+    assert run_cli("train", f"{data_root} {TINY} --epochs 1 --output {run}") == 2
+    err = capsys.readouterr().err
+    assert f"{run} already holds a run: checkpoint-3.pth.tar; continue it with --resume {run / 'last.pth.tar'}" in err
+    assert "or pass another -o/--output" in err and len(err.strip().splitlines()) == 1
+    # The README's `-c runs/s/args.yaml`: the file names the earlier run's folder as its output.
+    args = parse_cli("train", f"{data_root} {TINY} --epochs 1 --output {run}")
+    (run / "args.yaml").write_text(yaml.safe_dump(train_module.plain_arguments(args), sort_keys=False))
+    assert run_cli("train", "-c", str(run / "args.yaml")) == 2
+    assert f"already holds a run (-c {run / 'args.yaml'} names it as its output)" in capsys.readouterr().err
+    assert runs == [] and sorted(p.name for p in run.iterdir()) == ["args.yaml", "checkpoint-3.pth.tar"]
+    assert (run / "checkpoint-3.pth.tar").read_bytes() == b"a kept epoch"
+    # Resuming continues in the run's own folder; another folder, or an empty one, takes a new run.
+    monkeypatch.setattr(train_module, "read_resumed", lambda args: {})
+    assert run_cli("train", "-c", str(run / "args.yaml"), "--resume", str(run / "last.pth.tar")) == 0
+    assert run_cli("train", "-c", str(run / "args.yaml"), "--output", str(tmp_path / "new")) == 0
+    (tmp_path / "empty").mkdir()
+    assert run_cli("train", f"{data_root} {TINY} --epochs 1 --output {tmp_path / 'empty'}") == 0
+    assert runs == [run, tmp_path / "new", tmp_path / "empty"]
+
+
+# The authors' train.py (timm 0.5.4) defaults, SEQUENCER.md's "Recipes" table, by flag.
+AUTHORS_DEFAULTS = {
+    "--opt": "sgd",
+    "--momentum": 0.9,
+    "--weight-decay": 2e-5,
+    "--sched": "cosine",
+    "--lr": 0.05,  # ours from timm 1.x's --lr-base 0.1 per 256 images (README): the same at -b 128 on one process
+    "--warmup-lr": 1e-4,
+    "--min-lr": 1e-6,
+    "--epochs": 300,
+    "--warmup-epochs": 3,
+    "--cooldown-epochs": 10,
+    "--decay-epochs": 100,
+    "--decay-rate": 0.1,
+    "--patience-epochs": 10,
+    "--lr-cycle-mul": 1.0,
+    "--lr-cycle-decay": 0.5,
+    "--lr-cycle-limit": 1,
+    "--lr-k-decay": 1.0,
+    "--lr-noise-pct": 0.67,
+    "--lr-noise-std": 1.0,
+    "--scale": [0.08, 1.0],
+    "--ratio": [3 / 4, 4 / 3],
+    "--hflip": 0.5,
+    "--vflip": 0.0,
+    "--color-jitter": 0.4,
+    "--reprob": 0.0,
+    "--remode": "pixel",
+    "--recount": 1,
+    "--mixup": 0.0,
+    "--cutmix": 0.0,
+    "--mixup-prob": 1.0,
+    "--mixup-switch-prob": 0.5,
+    "--mixup-mode": "batch",
+    "--smoothing": 0.1,
+    "--train-interpolation": "random",
+    "--drop": 0.0,
+    "--model-ema-decay": 0.9998,
+    "--seed": 42,
+    "--checkpoint-hist": 10,
+    "--log-interval": 50,
+    "--eval-metric": "top1",
+    "--batch-size": 128,
+}
+# Their flags we do not have (schedules with restarts and noise, which none of their recipes use).
+NOT_OURS = {
+    "--patience-epochs",
+    "--lr-cycle-mul",
+    "--lr-cycle-decay",
+    "--lr-cycle-limit",
+    "--lr-k-decay",
+    "--lr-noise-pct",
+    "--lr-noise-std",
+}
+
+
+def test_defaults_are_the_authors_train_py_defaults(parse_cli) -> None:
+    args = train_module.resolve_arguments(parse_cli("train", "/data/imagenet"))
+    for flag, expected in AUTHORS_DEFAULTS.items():
+        dest = flag.removeprefix("--").replace("-", "_")
+        if flag in NOT_OURS:
+            assert not hasattr(args, dest), flag
+        else:
+            value = list(getattr(args, dest)) if isinstance(expected, list) else getattr(args, dest)
+            assert value == pytest.approx(expected) if isinstance(expected, float | list) else value == expected, flag
+
+
+@pytest.mark.slow
+def test_cooldown_epochs_run_at_min_lr_and_epochs_count_from_zero_everywhere(
+    run_cli, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    command = f"{data_root} {TINY} --epochs 1 --cooldown-epochs 1 --min-lr 1e-5 --warmup-epochs 0 --output {tmp_path}"
+    with caplog.at_level(logging.INFO):
+        assert run_cli("train", command) == 0
+    rows = summary_rows(tmp_path)
+    assert [(int(row["epoch"]), float(row["lr"])) for row in rows] == [(0, 2e-3), (1, pytest.approx(1e-5))]
+    assert "epochs 0-1 (counted from 0" in caplog.text
+    assert "epoch 0/1  train loss" in caplog.text and "epoch 1/1  train loss" in caplog.text
+    best = read_file(tmp_path / "model_best.pth.tar")["epoch"]
+    assert (tmp_path / f"checkpoint-{best}.pth.tar").is_file()
+    assert f"after epoch 1; best top1 {float(rows[best]['eval_top1']):.2f} at epoch {best} " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_resume_follows_the_command_line_but_for_the_learned_state(
+    run_cli, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    short, long = tmp_path / "short", tmp_path / "long"
+    base = f"{data_root} {TINY} --warmup-epochs 0"
+    assert run_cli("train", f"{base} --epochs 2 --output {short}") == 0
+    assert run_cli("train", f"{base} --epochs 4 --output {long}") == 0
+    after_two = read_file(short / "last.pth.tar")["state_dict"]
+    resume = f"--output {short} --resume {short / 'last.pth.tar'}"
+    # Extending --epochs: the rest of the run follows the longer schedule, at learning rates above 0.
+    assert run_cli("train", f"{base} --epochs 4 {resume}") == 0
+    extended, longer = summary_rows(short), summary_rows(long)
+    assert extended[1]["lr"] != longer[1]["lr"]  # the schedules did differ before the resume
+    assert [float(row["lr"]) for row in extended[2:]] == pytest.approx([float(row["lr"]) for row in longer[2:]])
+    assert float(extended[3]["lr"]) > 0
+    after_four = read_file(short / "last.pth.tar")["state_dict"]
+    assert not torch.equal(after_four["head.fc.weight"], after_two["head.fc.weight"])
+    # A changed --lr takes effect: at 0 (and no floor) the weights stay as they were.
+    assert run_cli("train", f"{base} --epochs 5 --lr 0 --min-lr 0 {resume}") == 0
+    assert float(summary_rows(short)[4]["lr"]) == 0
+    after_five = read_file(short / "last.pth.tar")
+    assert after_five["epoch"] == 4 and all(torch.equal(after_five["state_dict"][k], v) for k, v in after_four.items())
+    capsys.readouterr()
+    # A schedule that has ended, or a flag the learned state depends on, is refused in one line, before any work.
+    assert run_cli("train", f"{base} --epochs 5 {resume}") == 2
+    err = capsys.readouterr().err
+    assert "the schedule ended at epoch 4 (epochs 0-4: --epochs 5) and the run would start at epoch 5" in err
+    assert err.strip().endswith("raise --epochs") and len(err.strip().splitlines()) == 1
+    assert run_cli("train", f"{base} --epochs 6 --img-size 24 {resume}") == 2
+    assert "that run has --img-size 16, this command 24" in capsys.readouterr().err
+    assert run_cli("train", f"{base} --epochs 6 --num-classes 3 {resume}") == 2
+    assert "that run has --num-classes 2, this command 3" in capsys.readouterr().err
+    assert read_file(short / "last.pth.tar")["epoch"] == 4 and len(summary_rows(short)) == 5
+    # Naming the class count the run took from its data is no change.
+    assert run_cli("train", f"{base} --epochs 6 --num-classes 2 {resume}") == 0
+    assert read_file(short / "last.pth.tar")["epoch"] == 5
+
+
+def test_amp_on_a_cpu_that_emulates_bfloat16_warns_once_in_train_and_validate(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: {})
+    validate = f"{data_root} --model sequencer2d_tiny --num-classes 2 --amp --device cpu -j 0 --threads 1"
+    for native in (False, True):
+        monkeypatch.setattr(runtime, "native_bfloat16_cpu", lambda native=native: native)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            output = tmp_path / str(native)
+            assert run_cli("train", f"{data_root} {TINY} --amp --device cpu --epochs 1 --output {output}") == 0
+            assert run_cli("validate", validate) == 0
+        emulated = [str(w.message) for w in caught if "bfloat16" in str(w.message)]
+        assert emulated == ([] if native else [EMULATED_BFLOAT16] * 2)
+
+
+EMULATED_BFLOAT16 = (
+    "--amp on this CPU (no AVX512-BF16 or AMX) emulates bfloat16: 3-4.6x slower than float32 here, as measured; "
+    "leave --amp out for speed"
+)
+
+
+def test_too_many_workers_warn_once_and_a_default_count_stays_within_the_cores(
+    parse_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train_module, "usable_cpus", lambda: 1)
+    assert train_module.resolve_arguments(parse_cli("train", "/data/imagenet")).workers == 1  # ours: 2, capped
+    assert train_module.resolve_arguments(parse_cli("train", "/data/imagenet -j 3")).workers == 3  # the user's
+    monkeypatch.setattr(data_module, "usable_cpus", lambda: 1)
+    data_module._warn_too_many_workers.cache_clear()
+    workers = (os.cpu_count() or 1) + 1  # more than torch's own count too, so that its check would warn
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # A run's two loaders, and the check torch makes at every pass over each (every epoch).
+        for loader in [data_module.create_loader(list(range(8)), 2, workers) for _ in range(2)] * 2:
+            loader.check_worker_number_rationality()
+    assert [str(w.message) for w in caught] == [
+        f"-j {workers} data-loading worker processes on 1 usable CPU core(s) can run slowly or freeze; lower "
+        "-j/--workers to 1 or less"
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -279,7 +280,9 @@ def load_model(
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, then rename, so a crash never leaves half a file."""
+    """torch.save to a temporary file beside `path`, then rename, so a crash never leaves half a file.
+
+    A full disk is a `CheckpointError` saying so; the file that was at `path` before is then intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -292,9 +295,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             else:
                 torch.save(obj, f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(error):
+            before = f"the previous {path.name} survives intact" if path.exists() else f"no {path.name} was written"
+            raise CheckpointError(f"cannot write {path}: no space left on the disk; {before}") from error
         raise
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether an ENOSPC / EDQUOT caused `error`: torch's writer reports a failed write as a RuntimeError whose
+    context is the OSError."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:

@@ -6,6 +6,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torchvision.datasets import ImageFolder
 
 from sequencer.errors import DatasetError, UsageError
 from sequencer.options import INTERPOLATIONS
+from sequencer.runtime import usable_cpus
 
 _logger = logging.getLogger(__name__)
 
@@ -395,6 +397,25 @@ def collate_skipping(batch: list[Any]) -> Any:
     return default_collate(readable) if readable else None
 
 
+class _DataLoader(DataLoader):
+    """torch's DataLoader without its worker-count check, which warns again at every pass (each epoch): `create_loader`
+    warns once instead."""
+
+    def check_worker_number_rationality(self) -> None:
+        """Checked once by `create_loader`."""
+
+
+@functools.cache
+def _warn_too_many_workers(workers: int, cores: int) -> None:
+    """Once per process for a given count, however many loaders and epochs use it."""
+    warnings.warn(
+        f"-j {workers} data-loading worker processes on {cores} usable CPU core(s) can run slowly or freeze; "
+        f"lower -j/--workers to {cores} or less",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def create_loader(
     dataset: Dataset,
     batch_size: int,
@@ -406,9 +427,11 @@ def create_loader(
 ) -> DataLoader:
     """A DataLoader; under DDP a DistributedSampler gives each rank its own shard (call `set_epoch` each epoch)."""
     sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=drop_last) if distributed else None
+    if workers > (cores := usable_cpus()):
+        _warn_too_many_workers(workers, cores)
     # Workers start afresh every epoch (not persistent): their random streams are then drawn from the epoch's
     # seed, so a resumed run augments exactly as an uninterrupted one would.
-    return DataLoader(
+    return _DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,

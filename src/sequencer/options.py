@@ -56,6 +56,7 @@ BOUNDS: dict[str, tuple[float, bool, float | None]] = {
     "mixup_switch_prob": (0, True, 1),
     "model_ema_decay": (0, True, 1),
     "checkpoint_hist": (0, True, None),
+    "log_interval": (1, True, None),
     # predict, export, average, bench and the analyses
     "topk": (1, True, None),
     "tolerance": (0, True, None),

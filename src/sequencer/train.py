@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import yaml
 from timm.data import Mixup
+from timm.data import create_transform as timm_create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -46,7 +47,15 @@ from sequencer.hub import released_weights
 from sequencer.model import VARIANTS, check_model_name, create_model
 from sequencer.options import input_overrides
 from sequencer.plotting import plot_training_curves
-from sequencer.runtime import amp_dtype, autocast, compile_model, progress_bar, set_threads
+from sequencer.runtime import (
+    amp_dtype,
+    autocast,
+    compile_model,
+    progress_bar,
+    set_threads,
+    usable_cpus,
+    warn_if_emulated_bfloat16,
+)
 from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
@@ -55,10 +64,19 @@ _logger = logging.getLogger(__name__)
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "none")
 SUMMARY_FIELDS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 CURVES_FILE = "training_curves.png"
+# The files that mark a folder as holding a run (besides checkpoint-EPOCH.pth.tar): a new run must not overwrite them.
+RUN_FILES = ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar")
+# Flags that shape the learned state a checkpoint holds: a resumed run keeps them; every other flag (the schedule,
+# the epochs, augmentation ...) follows the command line.
+RESUME_FIXED = ("model", "num_classes", "in_chans", "img_size", "input_size", "opt", "layer_decay")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite during `epoch`."""
+
+    def __init__(self, message: str, epoch: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
 
 
 def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:
@@ -67,7 +85,8 @@ def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse
     recipe = DIGITS_RECIPE if _is_digits(args) else TIMM_RECIPE
     for key, value in recipe.items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            # A worker count that is ours to choose stays within the cores there are (torch warns beyond).
+            setattr(args, key, min(value, usable_cpus()) if key == "workers" else value)
     if args.lr is None:
         ratio = args.batch_size * world_size / args.lr_base_size
         scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
@@ -105,6 +124,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown optimizer --opt {args.opt!r}; timm knows {', '.join(list_optimizers())}")
     if args.sched not in SCHEDULERS:
         raise UsageError(f"unknown schedule --sched {args.sched!r}; expected one of {', '.join(SCHEDULERS)}")
+    if args.aa:
+        try:  # timm's own parser of the policy, on a dummy size: it asserts on a name it does not know
+            timm_create_transform(32, is_training=True, auto_augment=args.aa)
+        except (AssertionError, KeyError, ValueError) as error:
+            raise UsageError(
+                f"unknown --aa policy {args.aa!r}{f' ({error})' if str(error) else ''}; timm takes e.g. "
+                "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w3 (AugMix), original or v0 (AutoAugment)"
+            ) from None
 
 
 def _is_digits(args: argparse.Namespace) -> bool:
@@ -179,15 +206,41 @@ def checkpoint_dict(state: TrainState, args: dict[str, Any], history: list[dict[
     return ckpt
 
 
-def restore(
-    state: TrainState, path: str, restore_optimizer: bool = True, unsafe_load: bool = False
-) -> list[dict[str, Any]]:
-    """Load a training checkpoint into `state`; returns the summary rows recorded so far."""
-    ckpt = read_file(path, unsafe_load=unsafe_load)
+def read_resumed(args: argparse.Namespace) -> dict[str, Any]:
+    """The --resume checkpoint, refused unless it is one of this trainer's, of a run with the same `RESUME_FIXED`."""
+    path = args.resume
+    ckpt = read_file(path, unsafe_load=args.unsafe_load)
     if "epoch" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(
             f"{path} is not a training checkpoint of this trainer; use --initial-checkpoint for weights"
         )
+    # The classes of the file's head, whether that run named them (--num-classes) or took them from its data.
+    trained = {**(ckpt.get("args") or {}), "num_classes": ckpt.get("num_classes")}
+    wanted = plain_arguments(args)
+    for key in RESUME_FIXED:
+        if key == "num_classes" and wanted.get(key) is None:
+            continue  # from this run's data, compared with the head by `restore` once the data is read
+        if key in trained and trained[key] != wanted.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(
+                f"--resume {path}: that run has {flag} {_shown(trained[key])}, this command {_shown(wanted.get(key))}; "
+                "a resumed run keeps its model, class count, input channels, input size, optimizer and layer decay "
+                "(start a new run from its weights with --initial-checkpoint)"
+            )
+    return ckpt
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset (the default)"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimizer: bool = True) -> list[dict[str, Any]]:
+    """Load the learned state of a training checkpoint (`read_resumed`) into `state`; returns its summary rows.
+
+    Model, EMA, optimizer state, scaler, epoch and best metric come from the file; the optimizer's hyper-parameters
+    and the schedule stay as this run's flags built them."""
     model = state.model
     trained = (ckpt.get("model_name"), ckpt.get("num_classes"))
     if trained != (model.model_name, model.num_classes):
@@ -203,10 +256,16 @@ def restore(
     if state.ema is not None:
         state.ema.module.load_state_dict(ckpt.get("state_dict_ema", ckpt["state_dict"]))
     if restore_optimizer:
+        # torch restores each group's hyper-parameters with its state ('lr', timm's 'initial_lr', weight decay ...):
+        # put this run's back, so that a changed --lr or --weight-decay takes effect and the rebuilt schedule wins.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in state.optimizer.param_groups]
         state.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(state.optimizer.param_groups, settings, strict=True):
+            group.update(own)
         if state.scaler is not None and "scaler" in ckpt:
             state.scaler.load_state_dict(ckpt["scaler"])
-    if state.scheduler is not None and "scheduler" in ckpt:
+    # Other schedules are functions of the epoch, rebuilt from the flags; a plateau schedule has learned state too.
+    if isinstance(state.scheduler, PlateauLRScheduler) and "best" in ckpt.get("scheduler", {}):
         state.scheduler.load_state_dict(ckpt["scheduler"])
     state.epoch = ckpt["epoch"] + 1
     state.num_updates = ckpt["num_updates"]
@@ -262,13 +321,18 @@ def train_one_epoch(
     train_model: nn.Module,
     num_epochs: int,
 ) -> float:
-    """One pass over the training data; returns the mean loss over all ranks. Stops at a non-finite loss."""
+    """One pass over the training data; returns the mean loss over all ranks. Stops at a non-finite loss.
+
+    The losses stay on the device and are read (checked, shown on the bar or logged) every --log-interval steps and
+    at the epoch's end: the host never waits for the device in between."""
     train_model.train()
     device = context.device
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    steps = 0
+    window: list[torch.Tensor] = []  # the losses since the last read, on the device
+    total_loss, steps, images_seen, since = 0.0, 0, 0, time.perf_counter()
     show = not args.no_progress and context.is_primary
-    bar = progress_bar(loader, show=show, desc=f"epoch {state.epoch + 1}/{num_epochs}", dynamic_ncols=True)
+    desc = f"epoch {state.epoch}/{num_epochs - 1}"
+    bar = progress_bar(loader, show=show, desc=desc, dynamic_ncols=True)
+    log = context.is_primary and bar.disable  # no bar drawn (a pipe, --no-progress): progress lines instead
     for batch in bar:
         # None: every image of the batch was unreadable (and counted by the dataset).
         if batch is not None and mixup is not None and len(batch[0]) % 2:
@@ -283,12 +347,7 @@ def train_one_epoch(
             images, targets = mixup(images, targets)
         with autocast(device, args.amp, args.amp_dtype):
             loss = criterion(train_model(images), targets)
-        # Every rank sees the same averaged loss, so all stop at the same step instead of some waiting forever.
-        mean_loss = all_reduce_mean(loss.detach(), context)
-        if not torch.isfinite(mean_loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({mean_loss.item()}) at epoch {state.epoch + 1}, step {steps + 1}"
-            )
+        window.append(loss.detach())
         state.optimizer.zero_grad(set_to_none=True)
         if state.scaler is not None:
             state.scaler(
@@ -308,15 +367,51 @@ def train_one_epoch(
             state.ema.update(state.model, step=state.num_updates)
         if state.scheduler is not None:
             state.scheduler.step_update(num_updates=state.num_updates)
-        total_loss += mean_loss.double()
         steps += 1
-        bar.set_postfix(
-            loss=f"{total_loss.item() / steps:.4f}", lr=f"{_current_lr(state.optimizer):.2e}", refresh=False
-        )
+        images_seen += len(images) * context.world_size
+        if steps % args.log_interval:
+            continue
+        # A non-finite loss is seen here, up to log_interval - 1 updates after it happened: those updates ran on
+        # non-finite gradients, which is harmless because the run stops before any checkpoint is written from them
+        # (last.pth.tar is saved at the epoch's end, after the final read below).
+        recent = read_losses(window, context, state.epoch, steps)
+        total_loss += recent
+        lr, rate = _current_lr(state.optimizer), images_seen / (time.perf_counter() - since)
+        if log:
+            _logger.info(
+                "%s  step %d/%d  loss %.4f  lr %.2e  %.1f img/s",
+                desc,
+                steps,
+                len(loader),
+                recent / args.log_interval,
+                lr,
+                rate,
+            )
+        bar.set_postfix(loss=f"{total_loss / steps:.4f}", lr=f"{lr:.2e}", refresh=False)
+        images_seen, since = 0, time.perf_counter()
     bar.close()
     if steps == 0:
         raise ValueError("the training loader yielded no batch: fewer images than one batch (drop_last)?")
-    return total_loss.item() / steps
+    if window:
+        total_loss += read_losses(window, context, state.epoch, steps)
+    return total_loss / steps
+
+
+def read_losses(window: list[torch.Tensor], context: DistributedContext, epoch: int, last_step: int) -> float:
+    """The sum of the per-step losses in `window` (each averaged over the ranks), read from the device at once, and
+    the window emptied; raises `NonFiniteLossError` naming the first step whose loss is not finite.
+
+    One all-reduce per read, in step with every rank: all see the same losses, so all stop together and none waits
+    forever in a collective."""
+    losses = all_reduce_mean(torch.stack(window).double(), context).tolist()
+    window.clear()
+    first_step = last_step - len(losses) + 1
+    for offset, value in enumerate(losses):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({value}) at epoch {epoch}, step {first_step + offset}", epoch
+            )
+    return sum(losses)
 
 
 def _current_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -350,8 +445,24 @@ def output_folder(args: argparse.Namespace) -> Path:
     return base / args.experiment if args.experiment else base
 
 
-def train(args: argparse.Namespace, context: DistributedContext, output: Path) -> dict[str, Any]:
-    """The whole run (flags already resolved); returns the final summary row plus best_metric / best_epoch."""
+def check_output_folder(args: argparse.Namespace, output: Path) -> None:
+    """Refuse a new run in a folder that holds one (its files would be overwritten): only --resume continues there."""
+    held = [name for name in RUN_FILES if (output / name).exists()]
+    held += sorted(path.name for path in output.glob("checkpoint-*.pth.tar"))
+    if not held or (args.resume and Path(args.resume).resolve().parent == output.resolve()):
+        return
+    source = f" (-c {args.config} names it as its output)" if args.config else ""
+    raise UsageError(
+        f"{output} already holds a run{source}: {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}; continue it "
+        f"with --resume {output / 'last.pth.tar'}, or pass another -o/--output (or --experiment NAME for a sub-folder)"
+    )
+
+
+def train(
+    args: argparse.Namespace, context: DistributedContext, output: Path, resumed: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The whole run (flags already resolved; `resumed`: the --resume checkpoint); returns the final summary row plus
+    best_metric / best_epoch."""
     source, data_dir = _dataset_source(args)
     # The data first: a missing or empty folder fails here, before any model is built. The built-in digits are
     # upscaled once, straight to the input size (8 -> 16 px), rather than twice through a 32 px copy.
@@ -427,10 +538,16 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
     )
     state = TrainState(model, optimizer, scheduler, scaler, ema, class_names=[str(c) for c in train_set.classes])
     history: list[dict[str, Any]] = []
-    if args.resume:
-        history = restore(state, args.resume, not args.no_resume_opt, args.unsafe_load)
+    if resumed is not None:
+        history = restore(state, resumed, args.resume, not args.no_resume_opt)
     if args.start_epoch is not None:
         state.epoch = args.start_epoch
+    if state.epoch >= num_epochs:
+        raise UsageError(
+            f"the schedule ended at epoch {num_epochs - 1} (epochs 0-{num_epochs - 1}: --epochs {args.epochs}"
+            f"{f' + --cooldown-epochs {args.cooldown_epochs}' if args.cooldown_epochs else ''}) and the run would "
+            f"start at epoch {state.epoch}; raise --epochs"
+        )
     history = [row for row in history if row["epoch"] < state.epoch]
     if scheduler is not None and state.epoch > 0:
         # timm's schedulers are functions of time: set the learning rate for where the run resumes.
@@ -467,16 +584,16 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
         output.mkdir(parents=True, exist_ok=True)
         (output / "args.yaml").write_text(yaml.safe_dump(saved_args, sort_keys=False))
         _logger.info(
-            "training %s (%d classes, input %s) on %s: %d train / %d held-out images, %d epochs from epoch %d, "
-            "%d process(es) on %s; output in %s",
+            "training %s (%d classes, input %s) on %s: %d train / %d held-out images, epochs %d-%d (counted from 0 "
+            "as in summary.csv and checkpoint-EPOCH.pth.tar), %d process(es) on %s; output in %s",
             args.model,
             num_classes,
             "x".join(map(str, config["input_size"])),
             source or "the built-in digits",
             len(train_set),
             len(val_set),
-            num_epochs,
             state.epoch,
+            num_epochs - 1,
             context.world_size,
             device,
             output,
@@ -493,20 +610,20 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
             mixup.mixup_enabled = False
         train_loss = train_one_epoch(state, train_loader, criterion, args, context, mixup, train_model, num_epochs)
         eval_model = ema.module if ema is not None else model
-        label = "" if args.no_progress or not context.is_primary else f"held-out, epoch {epoch + 1}"
+        label = "" if args.no_progress or not context.is_primary else f"held-out, epoch {epoch}"
         metrics = evaluate(
             eval_model, val_loader, device, args.amp, args.amp_dtype, context.distributed, progress=label
         )
-        if scheduler is not None:
-            scheduler.step(epoch + 1, metrics[args.eval_metric])
         row = dict(
             epoch=epoch,
             train_loss=round(train_loss, 6),
             eval_loss=round(metrics["loss"], 6),
             eval_top1=round(metrics["top1"], 4),
             eval_top5=round(metrics["top5"], 4),
-            lr=_current_lr(optimizer),
+            lr=_current_lr(optimizer),  # the rate this epoch ended at (timm's summary), before the next is set
         )
+        if scheduler is not None:
+            scheduler.step(epoch + 1, metrics[args.eval_metric])
         history.append(row)
         metric = metrics[args.eval_metric]
         best = state.best_metric
@@ -524,8 +641,8 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
             plot_training_curves(history, output / CURVES_FILE, title=f"{args.model} on {source or 'digits'}")
             _logger.info(
                 "epoch %d/%d  train loss %.4f  held-out loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s",
-                epoch + 1,
-                num_epochs,
+                epoch,
+                num_epochs - 1,
                 train_loss,
                 metrics["loss"],
                 metrics["top1"],
@@ -542,17 +659,27 @@ def train(args: argparse.Namespace, context: DistributedContext, output: Path) -
 def run(args: argparse.Namespace) -> int:
     """`sequencer train`: set up (distributed) processes, train, print the held-out top-1."""
     start = time.perf_counter()
-    check_arguments(resolve_arguments(args))
+    resolved = resolve_arguments(args)
+    check_arguments(resolved)
+    output = output_folder(resolved)
+    check_output_folder(resolved, output)
     context = init_distributed(args.device)
     logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
     args = resolve_arguments(args, context.world_size)
+    if context.is_primary:
+        warn_if_emulated_bfloat16(context.device, args.amp, args.amp_dtype)
+    resumed = read_resumed(args) if args.resume else None
     set_threads(args.threads)
-    output = output_folder(args)
     try:
-        result = train(args, context, output)
+        result = train(args, context, output, resumed)
     except NonFiniteLossError as error:
         last = output / "last.pth.tar"
-        kept = f"the last good checkpoint is kept: {last}" if last.is_file() else "no checkpoint was written"
+        # The folder held no run before this one (or the resumed one): its last.pth.tar is of the epoch before.
+        kept = (
+            f"the last good checkpoint is kept: {last} (epoch {error.epoch - 1})"
+            if last.is_file()
+            else "no checkpoint was written"
+        )
         _logger.error("stopping: %s; %s. Lower --lr, set --clip-grad, or check the data.", error, kept)
         return 1
     except KeyboardInterrupt:
@@ -564,7 +691,7 @@ def run(args: argparse.Namespace) -> int:
     if context.is_primary and "eval_top1" in result:
         print(
             f"held-out top-1 {result['eval_top1']:.2f}% (top-5 {result['eval_top5']:.2f}%) after epoch "
-            f"{result['epoch'] + 1}; best {args.eval_metric} {result['best_metric']:.2f} at epoch "
-            f"{result['best_epoch'] + 1}; {time.perf_counter() - start:.1f} s; output in {output}"
+            f"{result['epoch']}; best {args.eval_metric} {result['best_metric']:.2f} at epoch "
+            f"{result['best_epoch']} (model_best.pth.tar); {time.perf_counter() - start:.1f} s; output in {output}"
         )
     return 0

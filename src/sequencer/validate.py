@@ -31,7 +31,14 @@ from sequencer.data import (
 from sequencer.errors import DatasetError, UsageError
 from sequencer.model import check_model_name
 from sequencer.options import input_overrides
-from sequencer.runtime import autocast, compile_model, progress_bar, resolve_device, set_threads
+from sequencer.runtime import (
+    autocast,
+    compile_model,
+    progress_bar,
+    resolve_device,
+    set_threads,
+    warn_if_emulated_bfloat16,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -225,6 +232,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate the model the flags describe on the data they name; print and return the results."""
     check_model_name(args.model)  # before the data is read
     device = resolve_device(args.device)
+    warn_if_emulated_bfloat16(device, args.amp, args.amp_dtype)
     root = args.data or args.data_dir
     name = args.dataset or root
     checkpoint = open_checkpoint(args.checkpoint, args.use_ema, args.unsafe_load) if args.checkpoint else None

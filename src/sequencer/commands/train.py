@@ -37,6 +37,8 @@ DIGITS_RECIPE: dict[str, Any] = dict(
     weight_decay=0.05,
     warmup_epochs=1,
     warmup_lr=1e-4,
+    min_lr=0.0,
+    cooldown_epochs=0,
     sched_on_updates=True,
     hflip=0.0,
     scale=(0.8, 1.0),
@@ -44,6 +46,8 @@ DIGITS_RECIPE: dict[str, Any] = dict(
     train_interpolation="bicubic",
     threads=1,
 )
+# The authors' train.py (timm 0.5.4) defaults, which their command lines rely on (SEQUENCER.md, "Recipes"); the
+# flags whose default is the same for both recipes carry it in `add_arguments`.
 TIMM_RECIPE: dict[str, Any] = dict(
     model="sequencer2d_s",
     img_size=None,
@@ -53,8 +57,10 @@ TIMM_RECIPE: dict[str, Any] = dict(
     opt="sgd",
     lr=None,
     weight_decay=2e-5,
-    warmup_epochs=5,
-    warmup_lr=1e-5,
+    warmup_epochs=3,
+    warmup_lr=1e-4,
+    min_lr=1e-6,
+    cooldown_epochs=10,
     sched_on_updates=False,
     hflip=0.5,
     scale=(0.08, 1.0),
@@ -72,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """timm's train.py flags (those the paper's recipes and this trainer use), with timm's meanings."""
     demo = ", ".join(f"{k}={v}" for k, v in DIGITS_RECIPE.items())
     parser.epilog = (
-        f"Without DATA (the digits demo) the defaults are {demo}; with data, timm's train.py defaults apply "
+        f"Without DATA (the digits demo) the defaults are {demo}; with data, the authors' train.py (timm 0.5.4) "
+        "defaults apply "
         f"(model {TIMM_RECIPE['model']}, batch {TIMM_RECIPE['batch_size']}). Multi-GPU or multi-node: "
         "torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m sequencer train ..."
     )
@@ -97,7 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start from these weights (same as --checkpoint); a head of another size is re-initialised",
     )
     model.add_argument("--pretrained", action="store_true", help="start from the released ImageNet weights")
-    model.add_argument("--resume", default="", help="continue a run from its last.pth.tar (epoch, optimizer, EMA...)")
+    model.add_argument(
+        "--resume",
+        default="",
+        help="continue a run from its last.pth.tar: its weights, optimizer state, EMA and epoch; the schedule and "
+        "every other setting follow these flags (model, classes, input size, optimizer and layer decay must match)",
+    )
     model.add_argument("--no-resume-opt", action="store_true", help="with --resume, do not restore optimizer state")
     model.add_argument("--start-epoch", type=int, default=None, help="epoch to start at (default: 0 or resumed)")
     model.add_argument("--drop", type=float, default=0.0, help="dropout rate")
@@ -147,14 +159,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="learning rate at the start of warm-up" + _recipe_help("warmup_lr"),
     )
-    sched.add_argument("--min-lr", type=float, default=0.0, help="floor of the schedule")
-    sched.add_argument("--epochs", type=int, default=None, help="epochs of the schedule" + _recipe_help("epochs"))
+    sched.add_argument(
+        "--min-lr",
+        type=float,
+        default=None,
+        help="floor of the schedule and rate of the cool-down" + _recipe_help("min_lr"),
+    )
+    sched.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of the schedule; --cooldown-epochs more follow at --min-lr" + _recipe_help("epochs"),
+    )
     sched.add_argument(
         "--warmup-epochs", type=int, default=None, help="linear warm-up epochs" + _recipe_help("warmup_epochs")
     )
     sched.add_argument("--warmup-prefix", action="store_true", help="warm-up before, not within, --epochs")
-    sched.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at --min-lr after the schedule")
-    sched.add_argument("--decay-epochs", type=float, default=90, help="step schedule: epochs between decays")
+    sched.add_argument(
+        "--cooldown-epochs",
+        type=int,
+        default=None,
+        help="epochs at --min-lr after the schedule, as timm 0.5.4" + _recipe_help("cooldown_epochs"),
+    )
+    sched.add_argument("--decay-epochs", type=float, default=100, help="step schedule: epochs between decays")
     sched.add_argument(
         "--decay-milestones", type=int, nargs="+", default=[90, 180, 270], help="multistep schedule: epochs to decay at"
     )
@@ -210,5 +237,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="keep the N best epochs as checkpoint-EPOCH.pth.tar, ranked by --eval-metric, for `sequencer average` "
         "(0: none; default: 10, as timm)",
+    )
+    misc.add_argument(
+        "--log-interval",
+        type=int,
+        default=50,
+        metavar="N",
+        help="every N steps, log the loss, learning rate and images/s when no progress bar is drawn (a pipe, "
+        "--no-progress); the loss is read from the device and checked for NaN only then, not at every step",
     )
     misc.add_argument("--no-progress", action="store_true", help="no progress bar")
