@@ -16,6 +16,7 @@ from torch import nn
 
 import sequencer
 from sequencer.checkpoint import CheckpointError, atomic_save, read_file, to_authors_format
+from sequencer.plotting import plot_training_curves
 
 torch.set_num_threads(2)
 
@@ -145,6 +146,24 @@ def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:
         atomic_save({"a": Unpicklable()}, target)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth.tar"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_checkpoints_and_figures_get_the_mode_the_umask_gives(tmp_path: Path, umask: int, mode: int) -> None:
+    """Written through a temporary file, yet readable by a team sharing the folder as a plain open() would be."""
+    history = [dict(epoch=0, train_loss=1.0, eval_loss=1.0, eval_top1=50.0, eval_top5=90.0, lr=0.1)]
+    previous = os.umask(umask)
+    try:
+        atomic_save({"a": torch.ones(2)}, tmp_path / "last.pth.tar")
+        sequencer.save_weights(sequencer.create_model("sequencer2d_tiny"), tmp_path / "w.safetensors")
+        plot_training_curves(history, tmp_path / "curves.png")
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        "last.pth.tar": mode,
+        "w.safetensors": mode,
+        "curves.png": mode,
+    }
 
 
 class Payload:

@@ -8,7 +8,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 
 from sequencer import hub
 from sequencer.errors import CheckpointError
+from sequencer.files import atomic_write
 
 _logger = logging.getLogger(__name__)
 
@@ -279,22 +279,15 @@ def load_model(
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, then rename, so a crash never leaves half a file."""
+    """torch.save (safetensors for a .safetensors path) written atomically: a crash never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import save
+    with atomic_write(path) as f:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save
 
-                f.write(save(obj["state_dict"], metadata=obj.get("metadata")))
-            else:
-                torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            f.write(save(obj["state_dict"], metadata=obj.get("metadata")))
+        else:
+            torch.save(obj, f)
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
