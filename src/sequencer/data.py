@@ -18,6 +18,7 @@ from timm.data import create_transform as timm_create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from sequencer.errors import DatasetError, UsageError
 from sequencer.options import INTERPOLATIONS
@@ -81,6 +82,9 @@ def create_transform(model: nn.Module | dict[str, Any], train: bool = False, **o
     cfg = data_config(model, **{k: overrides.pop(k) for k in list(overrides) if k in _CONFIG_KEYS})
     return timm_create_transform(**cfg, is_training=train, **overrides)
 
+
+# The files read as images: what ImageFolder reads in training's class folders, and what `predict` takes from a folder.
+IMAGE_EXTENSIONS: tuple[str, ...] = IMG_EXTENSIONS
 
 DIGITS_NAMES = ("digits", "sklearn/digits")
 VAL_SPLITS = ("val", "validation", "test")
