@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import urllib.error
+from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -125,6 +129,82 @@ def test_pretrained_true_uses_the_hub_first_then_the_release_url(
     fill_cache(offline_cache, REPO, "model.safetensors", on_hub.state_dict())
     assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=True), on_hub)
     assert fetched == [url, url]
+
+
+@pytest.fixture
+def hanging_up_server() -> Iterator[tuple[str, list[int]]]:
+    """http://127.0.0.1:PORT, where every connection is accepted and closed unanswered, and the count of them."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    connections: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            connections.append(1)
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", connections
+    stop.set()
+    thread.join()
+    server.close()
+
+
+@pytest.fixture
+def online_cache(offline_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The empty cache of `offline_cache` with HF_HUB_OFFLINE unset: huggingface_hub would go to the network."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return offline_cache
+
+
+def test_an_unreachable_hub_is_asked_once_and_each_source_tried_once(
+    tiny_model,
+    online_cache: Path,
+    hanging_up_server: tuple[str, list[int]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    address, connections = hanging_up_server
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", address)
+    monkeypatch.setitem(hub.HUB_IDS, "sequencer2d_tiny", REPO)
+    monkeypatch.setitem(model.WEIGHTS, "sequencer2d_tiny", f"{address}/sequencer2d_tiny.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    with caplog.at_level(logging.INFO), pytest.raises(CheckpointError) as caught:
+        sequencer.create_model("sequencer2d_tiny", pretrained=True)
+    assert len(connections) == 2  # the Hub once (then its cache only), the release URL once
+    assert f"the Hugging Face Hub at {address} cannot be reached (RemoteProtocolError" in str(caught.value)
+    assert "Retry" not in caplog.text and "thrown while requesting" not in caplog.text
+    # The cache still serves what it holds, with the Hub unreachable.
+    fill_cache(online_cache, REPO, "model.safetensors", tiny_model().state_dict())
+    assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=f"hf-hub:{REPO}"), tiny_model())
+    assert len(connections) == 3
+
+
+def test_a_closed_hub_port_is_one_line_without_retries(
+    run_cli,
+    online_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # HF_ENDPOINT: nothing listens
+    Image.new("RGB", (40, 40)).save(tmp_path / "black.png")
+    command = ["predict", tmp_path / "black.png", "--model", "sequencer2d_tiny", "--checkpoint", f"hf-hub:{REPO}"]
+    with caplog.at_level(logging.INFO):
+        assert run_cli(*command) == 2
+    # huggingface_hub alone retries each weight file 5 times with backoff (~46 s), logging 11 lines per file.
+    assert "Retry" not in caplog.text and "thrown while requesting" not in caplog.text
+    err = capfd.readouterr().err
+    assert err.startswith(f"sequencer predict: error: could not get hf-hub:{REPO}: the Hugging Face Hub at ")
+    assert "cannot be reached (ConnectError" in err and str(online_cache) in err and err.count("\n") == 1
 
 
 @pytest.mark.slow
