@@ -258,6 +258,8 @@ def _torchvision_dataset(name: str, split: str, root: str | None, download: bool
         try:
             base = cifar(root, train=split == "train", download=download)
         except (RuntimeError, OSError) as error:  # not there, or no network to fetch it
+            if download:
+                raise DatasetError(f"{name} could not be downloaded into {root} ({error}); put a copy there") from error
             raise DatasetError(
                 f"{name} not found under {root} ({error}); put a copy there or pass --dataset-download"
             ) from error
@@ -274,9 +276,12 @@ def _torchvision_dataset(name: str, split: str, root: str | None, download: bool
     if not download:
         missing = _transfer_files_missing(key, Path(root), their_split)
         if missing:
+            remedy = (
+                "it can no longer be downloaded" if key == "stanford_cars" else "pass --dataset-download to fetch it"
+            )
             raise DatasetError(
                 f"{name} ({their_split} split) not found under {root}: missing {', '.join(map(str, missing))}; "
-                f"expected {TRANSFER_LAYOUTS[key]} (pass --dataset-download to fetch it)"
+                f"expected {TRANSFER_LAYOUTS[key]} ({remedy})"
             )
     kinds = {
         "flowers102": datasets.Flowers102,
@@ -286,10 +291,8 @@ def _torchvision_dataset(name: str, split: str, root: str | None, download: bool
     try:
         base = kinds[key](root, split=their_split, download=download)
     except (RuntimeError, OSError) as error:  # files rejected (Flowers-102 checks its .mat files' md5), or no network
-        raise DatasetError(
-            f"{name} under {root} is incomplete, corrupted or could not be downloaded ({error}); "
-            f"expected {TRANSFER_LAYOUTS[key]}"
-        ) from error
+        problem = "could not be downloaded into" if download else "is incomplete or corrupted under"
+        raise DatasetError(f"{name} {problem} {root} ({error}); expected {TRANSFER_LAYOUTS[key]}") from error
     return TorchvisionDataset(base, base.classes, name)
 
 
