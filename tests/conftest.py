@@ -9,10 +9,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import sequencer
 from sequencer.cli import build_parser, main
@@ -70,6 +72,36 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     sequencer.save_weights(tiny_with_head(), path)
     return path
+
+
+def write_hub_cache(cache: Path, repo_id: str, filename: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """huggingface_hub's cache layout: models--ORG--NAME/refs/main holds the commit, snapshots/COMMIT/ the files."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    if filename.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, snapshot / filename)  # timm's push_to_hub format
+    else:
+        torch.save(state_dict, snapshot / filename)
+
+
+@pytest.fixture(scope="session")
+def fill_hub_cache() -> Callable[..., None]:
+    """`write_hub_cache(cache, repo_id, filename, state_dict)`: weights in a huggingface_hub cache, as downloaded."""
+    return write_hub_cache
+
+
+@pytest.fixture
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty huggingface_hub cache in tmp, offline (huggingface_hub reads the variables once, at import)."""
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
 
 
 def _argv(parts: tuple[object, ...]) -> list[str]:

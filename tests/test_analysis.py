@@ -63,10 +63,12 @@ def tiny_checkpoint(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Pat
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_summary_reproduces_the_model_zoo_table(run_cli, tmp_path: Path) -> None:
-    out = tmp_path / "zoo.csv"
-    assert run_cli("summary", f"--models 'sequencer2d_[sml]' --out {out}") == 0
-    rows = {r["model"]: r for r in read_csv(out)}
+def test_summary_reproduces_the_model_zoo_table(run_cli, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("summary", f"--models 'sequencer2d_[sml]' --out {tmp_path}") == 0
+    printed = capsys.readouterr().out  # the markdown table, on stdout
+    assert printed.startswith("| model") and printed.count("\n") == 5 and "sequencer2d_m" in printed
+    assert png_size(tmp_path / "summary.png")[0] > 400  # the README: each analysis writes a CSV and a PNG
+    rows = {r["model"]: r for r in read_csv(tmp_path / "summary.csv")}
     assert list(rows) == ["sequencer2d_s", "sequencer2d_m", "sequencer2d_l"]  # registry order, not alphabetical
     # README model zoo: 28M / 8.4G, 38M / 11.1G, 54M / 16.6G (MACs with the LSTMs counted).
     for name, params_m, gmacs in (("sequencer2d_s", 28, 8.4), ("sequencer2d_m", 38, 11.1), ("sequencer2d_l", 54, 16.6)):

@@ -38,6 +38,7 @@ def test_ours_runs_beside_timms_twin_and_our_reference_with_ratios(tmp_path: Pat
     assert report["environment"]["threads"] == 1
     with (tmp_path / "b.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(rows)
+    assert (tmp_path / "b.png").stat().st_size > 10_000  # one resolution: bars side by side
 
 
 def test_twin_check_refuses_a_timm_model_with_other_weights() -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 import sequencer
 from sequencer.checkpoint import CheckpointError, atomic_save, read_file, to_authors_format
+from sequencer.plotting import plot_training_curves
 
 torch.set_num_threads(2)
 
@@ -121,9 +122,30 @@ def test_keys_that_do_not_fit_are_named(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="missing keys") as info:
         sequencer.create_model("sequencer2d_tiny", pretrained=tmp_path / "bad.pth")
     assert "norm.weight" in str(info.value) and "unexpected keys" in str(info.value)
-    assert "blocks.extra.weight" in str(info.value)
-    with pytest.raises(CheckpointError, match=r"shape mismatch for stem\.proj\.weight"):
+    assert "blocks.extra.weight" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match=r"shape mismatch for stem\.proj\.weight") as info:
         sequencer.create_model("sequencer2d_s", pretrained=tmp_path / "bad.pth")
+    assert str(info.value).startswith(f"{tmp_path / 'bad.pth'} does not fit sequencer2d_s (") and "\n" not in str(
+        info.value
+    )
+
+
+def test_a_checkpoint_of_another_model_is_named_in_one_line(
+    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tiny = sequencer.create_model("sequencer2d_tiny")
+    sequencer.save_weights(tiny, tmp_path / "tiny.safetensors")  # records the model name in its metadata
+    torch.save({"epoch": 3, "model_name": "sequencer2d_tiny", "state_dict": tiny.state_dict()}, tmp_path / "run.pth")
+    Image.new("RGB", (40, 40)).save(tmp_path / "black.png")
+    for name in ("tiny.safetensors", "run.pth"):
+        assert run_cli("predict", tmp_path / "black.png", "--model sequencer2d_s --checkpoint", tmp_path / name) == 2
+        err = capsys.readouterr().err
+        expected = f"error: {tmp_path / name} holds sequencer2d_tiny weights; this model is sequencer2d_s\n"
+        assert err == f"sequencer predict: {expected}"
+    with torch.device("meta"):  # shapes only: the comparison of keys needs no weights
+        small = sequencer.create_model("sequencer2d_s")
+    with pytest.raises(CheckpointError, match="holds sequencer2d_tiny weights; this model is sequencer2d_s"):
+        sequencer.load_pretrained(small, tmp_path / "tiny.safetensors")
 
 
 def test_missing_file_and_non_checkpoint_are_clear(tmp_path: Path) -> None:
@@ -175,6 +197,24 @@ def test_a_full_disk_is_one_clear_error_and_the_previous_file_survives(
         atomic_save({"a": torch.zeros(2)}, tmp_path / "best.pth.tar")
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_checkpoints_and_figures_get_the_mode_the_umask_gives(tmp_path: Path, umask: int, mode: int) -> None:
+    """Written through a temporary file, yet readable by a team sharing the folder as a plain open() would be."""
+    history = [dict(epoch=0, train_loss=1.0, eval_loss=1.0, eval_top1=50.0, eval_top5=90.0, lr=0.1)]
+    previous = os.umask(umask)
+    try:
+        atomic_save({"a": torch.ones(2)}, tmp_path / "last.pth.tar")
+        sequencer.save_weights(sequencer.create_model("sequencer2d_tiny"), tmp_path / "w.safetensors")
+        plot_training_curves(history, tmp_path / "curves.png")
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        "last.pth.tar": mode,
+        "w.safetensors": mode,
+        "curves.png": mode,
+    }
+
+
 class Payload:
     """What a hostile checkpoint hides: unpickling it creates the file MARKER, harmlessly, if code runs."""
 
@@ -215,7 +255,7 @@ def test_timm_training_checkpoints_with_their_namespace_load_without_the_flag(tm
     assert torch.equal(_logits(loaded), _logits(model))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "text", "random", "empty", "safetensors"])
+@pytest.mark.parametrize("damage", ["truncated", "text", "csv", "random", "empty", "safetensors"])
 def test_unreadable_files_raise_checkpoint_error_naming_the_file(tmp_path: Path, damage: str) -> None:
     good = tmp_path / "good.pth"
     torch.save(sequencer.create_model("sequencer2d_tiny").state_dict(), good)
@@ -225,13 +265,23 @@ def test_unreadable_files_raise_checkpoint_error_naming_the_file(tmp_path: Path,
         {
             "truncated": data[: len(data) // 2],
             "text": b"hello, I am not a checkpoint\n",
+            "csv": b"epoch,loss\n1,2.5\n",
             "random": np.random.default_rng(0).bytes(4096),
             "empty": b"",
             "safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all",
         }[damage]
     )
-    with pytest.raises(CheckpointError, match=str(path)):
+    with pytest.raises(CheckpointError, match=str(path)) as info:
         read_file(path)
+    if damage in ("text", "csv", "empty"):  # not what an unpickler makes of the bytes ("KeyError: 101")
+        assert "not a torch checkpoint" in str(info.value) and "Error" not in str(info.value)
+
+
+def test_a_safetensors_file_named_pth_says_so(tmp_path: Path) -> None:
+    sequencer.save_weights(sequencer.create_model("sequencer2d_tiny"), tmp_path / "w.safetensors")
+    (tmp_path / "w.safetensors").rename(tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match=r"w\.pth is not a torch checkpoint .*a safetensors file: name it"):
+        read_file(tmp_path / "w.pth")
 
 
 @pytest.mark.parametrize(

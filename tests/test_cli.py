@@ -149,14 +149,13 @@ def test_config_values_are_checked_like_the_command_line(
 def test_unknown_choices_are_refused_by_the_parser(run_cli, words: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exited:
         run_cli(words)
-    assert exited.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "invalid choice" in error and error.count("\n") == 1  # no usage block
 
 
-def test_warnings_read_as_one_line(
+def test_warnings_read_as_one_line_while_the_command_runs_only(
     run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main replaces it: restored afterwards
-
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # Python's default, not pytest's
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -168,6 +167,9 @@ def test_warnings_read_as_one_line(
     line = next(line for line in error.splitlines() if "no checkpoint given" in line)
     assert line.startswith("sequencer export: warning: no checkpoint given: sequencer2d_tiny has random")
     assert "UserWarning" not in error and "load_model(" not in error
+    # A later warning of the same process is not labelled with the finished command's name.
+    later = warnings.formatwarning("after the command", UserWarning, "script.py", 7)
+    assert later.startswith("script.py:7: UserWarning: after the command")
 
 
 @pytest.mark.parametrize(
@@ -186,5 +188,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(
     (tmp_path / "blocker").write_text("a file where a folder would have to be")
     with pytest.raises(SystemExit) as exited:
         run_cli(words.format(tmp=tmp_path))
-    assert exited.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and message.format(tmp=tmp_path) in error
+    assert error.startswith(f"sequencer {words.split()[0]}: error: argument -o/--output") and error.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]

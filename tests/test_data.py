@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,21 @@ def test_cifar_reads_a_local_copy_and_never_downloads_unasked(tmp_path: Path) ->
         build_dataset("torch/imagenet21k", "train", data_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize(("name", "module"), [("cifar10", "cifar"), ("oxford_iiit_pet", "oxford_iiit_pet")])
+def test_a_failed_download_does_not_suggest_downloading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, module: str
+) -> None:
+    def offline(url: str, *args, **kwargs) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(
+        importlib.import_module(f"torchvision.datasets.{module}"), "download_and_extract_archive", offline
+    )
+    with pytest.raises(DatasetError, match=f"torch/{name} could not be downloaded into {tmp_path}") as error:
+        build_dataset(f"torch/{name}", "train", data_dir=str(tmp_path), download=True)
+    assert "name resolution" in str(error.value) and "--dataset-download" not in str(error.value)
+
+
 def _tinted_jpeg(path: Path, label: int, rng: np.random.Generator, size: int = 16) -> None:
     """A noise image tinted by `label` (one colour channel per class, as in `make_image_tree`)."""
     pixels = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
@@ -147,7 +164,7 @@ def test_flowers102_reads_its_mat_files_and_maps_the_splits(tmp_path: Path, monk
 
     make_flowers102(tmp_path)
     # torchvision checks the published md5 of the .mat files, which a fake copy cannot have: refused as corrupted...
-    with pytest.raises(DatasetError, match="incomplete, corrupted or could not be downloaded"):
+    with pytest.raises(DatasetError, match="is incomplete or corrupted under"):
         build_dataset("torch/flowers102", "train", data_dir=str(tmp_path))
     # ... so check their presence instead.
     monkeypatch.setattr(flowers102, "check_integrity", lambda path, md5=None: Path(path).is_file())
@@ -198,7 +215,11 @@ def test_oxford_pets_trainval_and_test_and_unreadable_images(tmp_path: Path) -> 
 def test_missing_transfer_dataset_names_the_expected_layout(tmp_path: Path, name: str, expected: str) -> None:
     with pytest.raises(DatasetError, match="not found under") as error:
         build_dataset(f"torch/{name}", "train", data_dir=str(tmp_path))
-    assert expected in str(error.value) and "--dataset-download" in str(error.value)
+    assert expected in str(error.value)
+    if name == "stanford_cars":  # its download URL is gone: no remedy that cannot work
+        assert "--dataset-download" not in str(error.value) and "can no longer be downloaded" in str(error.value)
+    else:
+        assert "pass --dataset-download to fetch it" in str(error.value)
     assert not any(tmp_path.iterdir())  # nothing fetched
     with pytest.raises(DatasetError, match="unknown split 'holdout'"):
         build_dataset(f"torch/{name}", "holdout", data_dir=str(tmp_path))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 
-from sequencer.checkpoint import read_file
+from sequencer.checkpoint import extract_state_dict, read_file
 from sequencer.detection import anchor_generator, roi_pool, sequencer_fpn_backbone
 from sequencer.errors import UsageError
 
@@ -55,7 +55,7 @@ def test_pyramid_levels_sit_on_power_of_two_strides(checkpoint: Path) -> None:
         sequencer_fpn_backbone("sequencer2d_tiny", out_indices=(2, 3))
     frozen = sequencer_fpn_backbone("sequencer2d_tiny", pretrained=str(checkpoint), trainable_stages=1)
     key = "stages.3.blocks.0.mlp_channels.fc1.weight"
-    assert torch.equal(frozen.body.model.state_dict()[key], read_file(checkpoint)[key])
+    assert torch.equal(frozen.body.model.state_dict()[key], extract_state_dict(read_file(checkpoint))[key])
     trains = {name.split(".")[2] for name, p in frozen.body.named_parameters() if p.requires_grad}
     assert trains == {"3"}  # stages.3 only: the stem and stages 0-2 are frozen
     assert all(p.requires_grad for p in frozen.fpn.parameters())

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import urllib.error
+from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 import sequencer
 from sequencer import hub, model
@@ -20,31 +23,7 @@ from sequencer.checkpoint import read_file
 from sequencer.errors import CheckpointError
 
 REPO = "timm/sequencer2d_tiny.in1k"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def fill_cache(cache: Path, repo_id: str, filename: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """huggingface_hub's cache layout: models--ORG--NAME/refs/main holds the commit, snapshots/COMMIT/ the files."""
-    folder = cache / f"models--{repo_id.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text(COMMIT)
-    snapshot = folder / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    if filename.endswith(".safetensors"):
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, snapshot / filename)  # timm's push_to_hub format
-    else:
-        torch.save(state_dict, snapshot / filename)
-
-
-@pytest.fixture
-def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty huggingface_hub cache in tmp, offline (huggingface_hub reads the variables once, at import)."""
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def assert_same_weights(loaded: torch.nn.Module, reference: torch.nn.Module) -> None:
@@ -52,9 +31,9 @@ def assert_same_weights(loaded: torch.nn.Module, reference: torch.nn.Module) -> 
     assert all(torch.equal(tensor, expected[name]) for name, tensor in loaded.state_dict().items())
 
 
-def test_hf_hub_weights_load_from_the_cache_offline(tiny_model, offline_cache: Path) -> None:
+def test_hf_hub_weights_load_from_the_cache_offline(fill_hub_cache, tiny_model, offline_cache: Path) -> None:
     reference = tiny_model()
-    fill_cache(offline_cache, REPO, "model.safetensors", reference.state_dict())
+    fill_hub_cache(offline_cache, REPO, "model.safetensors", reference.state_dict())
     for spec in (f"hf-hub:{REPO}", f"hf-hub:{REPO}@main"):
         assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=spec), reference)
     # --checkpoint takes the same path: read_file resolves the spec to the cached file.
@@ -62,9 +41,9 @@ def test_hf_hub_weights_load_from_the_cache_offline(tiny_model, offline_cache: P
     assert read_file(f"hf-hub:{REPO}").keys() == reference.state_dict().keys()
 
 
-def test_pytorch_model_bin_is_the_fallback(tiny_model, offline_cache: Path) -> None:
+def test_pytorch_model_bin_is_the_fallback(fill_hub_cache, tiny_model, offline_cache: Path) -> None:
     reference = tiny_model(num_classes=10)
-    fill_cache(offline_cache, "someone/tiny-bin", "pytorch_model.bin", reference.state_dict())
+    fill_hub_cache(offline_cache, "someone/tiny-bin", "pytorch_model.bin", reference.state_dict())
     loaded = sequencer.create_model("sequencer2d_tiny", num_classes=10, pretrained="hf-hub:someone/tiny-bin")
     assert_same_weights(loaded, reference)
 
@@ -87,7 +66,7 @@ def test_empty_cache_offline_is_a_clear_error(
 
 
 def test_pretrained_true_uses_the_hub_first_then_the_release_url(
-    tiny_model, offline_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fill_hub_cache, tiny_model, offline_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert hub.HUB_IDS["sequencer2d_s"] == hub.HUB_IDS["sequencer2d_s_392"] == "timm/sequencer2d_s.in1k"
     url = "https://example.invalid/weights/sequencer2d_tiny.pth"
@@ -122,15 +101,92 @@ def test_pretrained_true_uses_the_hub_first_then_the_release_url(
     # With the Hub's copy in the cache, the URL is not touched.
     on_hub = tiny_model(num_classes=1000)
     torch.nn.init.normal_(on_hub.stem.proj.weight)
-    fill_cache(offline_cache, REPO, "model.safetensors", on_hub.state_dict())
+    fill_hub_cache(offline_cache, REPO, "model.safetensors", on_hub.state_dict())
     assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=True), on_hub)
     assert fetched == [url, url]
 
 
+@pytest.fixture
+def hanging_up_server() -> Iterator[tuple[str, list[int]]]:
+    """http://127.0.0.1:PORT, where every connection is accepted and closed unanswered, and the count of them."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    connections: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            connections.append(1)
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", connections
+    stop.set()
+    thread.join()
+    server.close()
+
+
+@pytest.fixture
+def online_cache(offline_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The empty cache of `offline_cache` with HF_HUB_OFFLINE unset: huggingface_hub would go to the network."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return offline_cache
+
+
+def test_an_unreachable_hub_is_asked_once_and_each_source_tried_once(
+    fill_hub_cache,
+    tiny_model,
+    online_cache: Path,
+    hanging_up_server: tuple[str, list[int]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    address, connections = hanging_up_server
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", address)
+    monkeypatch.setitem(hub.HUB_IDS, "sequencer2d_tiny", REPO)
+    monkeypatch.setitem(model.WEIGHTS, "sequencer2d_tiny", f"{address}/sequencer2d_tiny.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    with caplog.at_level(logging.INFO), pytest.raises(CheckpointError) as caught:
+        sequencer.create_model("sequencer2d_tiny", pretrained=True)
+    assert len(connections) == 2  # the Hub once (then its cache only), the release URL once
+    assert f"the Hugging Face Hub at {address} cannot be reached (RemoteProtocolError" in str(caught.value)
+    assert "Retry" not in caplog.text and "thrown while requesting" not in caplog.text
+    # The cache still serves what it holds, with the Hub unreachable.
+    fill_hub_cache(online_cache, REPO, "model.safetensors", tiny_model().state_dict())
+    assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=f"hf-hub:{REPO}"), tiny_model())
+    assert len(connections) == 3
+
+
+def test_a_closed_hub_port_is_one_line_without_retries(
+    run_cli,
+    online_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # HF_ENDPOINT: nothing listens
+    Image.new("RGB", (40, 40)).save(tmp_path / "black.png")
+    command = ["predict", tmp_path / "black.png", "--model", "sequencer2d_tiny", "--checkpoint", f"hf-hub:{REPO}"]
+    with caplog.at_level(logging.INFO):
+        assert run_cli(*command) == 2
+    # huggingface_hub alone retries each weight file 5 times with backoff (~46 s), logging 11 lines per file.
+    assert "Retry" not in caplog.text and "thrown while requesting" not in caplog.text
+    err = capfd.readouterr().err
+    assert err.startswith(f"sequencer predict: error: could not get hf-hub:{REPO}: the Hugging Face Hub at ")
+    assert "cannot be reached (ConnectError" in err and str(online_cache) in err and err.count("\n") == 1
+
+
 @pytest.mark.slow
-def test_cli_checkpoint_from_the_hub_with_the_environment_variables(tiny_model, tmp_path: Path) -> None:
+def test_cli_checkpoint_from_the_hub_with_the_environment_variables(fill_hub_cache, tiny_model, tmp_path: Path) -> None:
     home = tmp_path / "hf-home"
-    fill_cache(home / "hub", REPO, "model.safetensors", tiny_model().state_dict())
+    fill_hub_cache(home / "hub", REPO, "model.safetensors", tiny_model().state_dict())
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     env.pop("HF_HUB_CACHE", None)

@@ -15,6 +15,7 @@ from torchvision import transforms
 import sequencer
 from sequencer import inference
 from sequencer.checkpoint import CheckpointError
+from sequencer.data import ImageFolderDataset
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,17 @@ def test_folder_with_a_corrupt_file_reports_it_and_classifies_the_rest(
         assert [s.label for s in prediction.top] == [names[s.index] for s in prediction.top]
         probabilities = [s.probability for s in prediction.top]
         assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-6
+
+
+def test_a_folder_gives_predict_every_image_that_training_reads(tmp_path: Path) -> None:
+    suffixes = (".png", ".jpg", ".bmp", ".webp", ".tiff", ".ppm")
+    (tmp_path / "cls").mkdir()
+    for i, suffix in enumerate(suffixes):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(tmp_path / "cls" / f"{i}{suffix}")
+    (tmp_path / "cls" / "notes.txt").write_text("not an image")
+    found = [path.name for path in inference.find_images(tmp_path)]
+    assert found == [f"{i}{suffix}" for i, suffix in enumerate(suffixes)]
+    assert found == [Path(path).name for path, _ in ImageFolderDataset(tmp_path).samples]
 
 
 def test_imagenet_class_names_are_the_standard_short_names() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sequencer.checkpoint import atomic_save, extract_state_dict, read_file
+from sequencer.checkpoint import atomic_save, extract_state_dict, read_file, recorded_model_name
 from sequencer.errors import CheckpointError, UsageError
 
 # The names `sequencer train --checkpoint-hist` (and timm's train.py) give the kept epoch checkpoints.
@@ -89,7 +89,7 @@ def average_checkpoints(files: list[Path], use_ema: bool = True) -> tuple[dict[s
     for path in files:
         obj = read_file(path)
         kinds.add("EMA" if use_ema and any(key in obj for key in ("state_dict_ema", "model_ema")) else "raw")
-        name = _model_name(obj)
+        name = recorded_model_name(obj)
         if model_name and name and name != model_name:
             raise CheckpointError(f"{path} holds a {name}, {files[0]} a {model_name}: average checkpoints of one model")
         model_name = model_name or name
@@ -107,12 +107,6 @@ def average_checkpoints(files: list[Path], use_ema: bool = True) -> tuple[dict[s
     # Integer buffers (counters) are not averaged: the first (best) checkpoint's are kept.
     mean = {k: (v / len(files)).to(reference[k].dtype) if v.is_floating_point() else v for k, v in total.items()}
     return mean, model_name, kinds == {"EMA"}
-
-
-def _model_name(obj: dict[str, Any]) -> str | None:
-    args = obj.get("args")
-    from_args = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
-    return obj.get("model_name") or obj.get("arch") or from_args
 
 
 def _check_same_layout(

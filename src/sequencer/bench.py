@@ -4,7 +4,8 @@ Every model is measured at each asked-for resolution, batch size and precision, 
 pass under no_grad) and "train" (forward, cross-entropy, backward, AdamW step). Our Sequencer models run once per
 `--impls` entry (rnn_impl), and timm's `sequencer2d_*` twin carries the same weights (its logits are checked
 against ours before anything is timed). Other names are timm models, for memory and throughput against resolution
-beside Sequencer's peers: with several resolutions a plot is written next to the JSON and CSV.
+beside Sequencer's peers. A plot is written next to the JSON and CSV: against resolution when there are several,
+else bars side by side.
 
 Timing: the variants of one setting are timed in the same process, one step of each per round, so that a load
 change hits them alike; images/s comes from the median step. Peak memory: each (variant, setting) runs in a fresh
@@ -315,9 +316,53 @@ def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace, devic
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
-    if len({r["resolution"] for r in records}) > 1:
-        plot_against_resolution(records, output.with_suffix(".png"))
-    print(f"\nwrote {output.with_suffix('.json')} and {output.with_suffix('.csv')}")
+    several_sizes = len({r["resolution"] for r in records}) > 1
+    (plot_against_resolution if several_sizes else plot_side_by_side)(records, output.with_suffix(".png"))
+    print(f"\nwrote {', '.join(str(output.with_suffix(suffix)) for suffix in ('.json', '.csv', '.png'))}")
+
+
+def _curve_label(record: dict[str, Any]) -> str:
+    """How a plot names the measurements of one model, variant, batch size and precision."""
+    name = f"timm {record['model']}" if record["source"] == "timm" else f"{record['model']} {record['variant']}"
+    return f"{name}, batch {record['batch_size']}, {record['precision']}"
+
+
+def plot_side_by_side(records: list[dict[str, Any]], path: Path) -> None:
+    """Peak memory (when measured) and images/s of every model and variant at the one resolution, as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in records}, key=MODES.index)
+    panels = [("images_per_s", "images / s")]
+    if any(r["peak_memory_mib"] for r in records):
+        panels.insert(0, ("peak_memory_mib", "peak memory (MiB)"))
+    rows = max(sum(r["mode"] == mode for r in records) for mode in modes)
+    figure, axes = plt.subplots(
+        len(modes),
+        len(panels),
+        figsize=(6 * len(panels) + 3, (0.4 * rows + 1.2) * len(modes)),
+        squeeze=False,
+        layout="constrained",
+    )
+    for row, mode in enumerate(modes):
+        points = [r for r in records if r["mode"] == mode]
+        labels = [_curve_label(r) for r in points]
+        for column, (key, xlabel) in enumerate(panels):
+            ax = axes[row][column]
+            values = [r[key] or 0 for r in points]
+            bars = ax.barh(labels, values, color=[f"C{i % 10}" for i in range(len(points))])
+            ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=7)
+            ax.set(
+                xlabel=xlabel, title=f"{mode} at {points[0]['resolution']} px: {xlabel}", xlim=(0, max(values) * 1.15)
+            )
+            ax.invert_yaxis()  # in the order measured, first on top
+            ax.grid(alpha=0.3, axis="x")
+            if column:
+                ax.set_yticklabels([])
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
@@ -337,8 +382,7 @@ def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
         lines: dict[str, list[dict[str, Any]]] = {}
         for r in records:
             if r["mode"] == mode:
-                name = f"timm {r['model']}" if r["source"] == "timm" else f"{r['model']} {r['variant']}"
-                lines.setdefault(f"{name}, batch {r['batch_size']}, {r['precision']}", []).append(r)
+                lines.setdefault(_curve_label(r), []).append(r)
         for index, (label, points) in enumerate(lines.items()):
             points.sort(key=lambda r: r["resolution"])
             sizes = [r["resolution"] for r in points]
@@ -359,7 +403,6 @@ def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
     figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
     figure.savefig(path, dpi=100)
     plt.close(figure)
-    print(f"wrote {path}")
 
 
 def _processor_name(device: torch.device) -> str:

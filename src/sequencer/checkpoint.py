@@ -9,7 +9,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 
 from sequencer import hub
 from sequencer.errors import CheckpointError
+from sequencer.files import atomic_write
 
 _logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def read_file(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, A
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
-    """The tensors, wrapped with the class names when the metadata records them (as `save_weights` does)."""
+    """The tensors, wrapped with the model and class names when the metadata records them (as `save_weights` does)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -62,9 +62,10 @@ def _read_safetensors(path: str) -> dict[str, Any]:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
-    if "class_names" not in metadata:
+    if "class_names" not in metadata and not metadata.get("model_name"):
         return tensors
-    return {"state_dict": tensors, "class_names": json.loads(metadata["class_names"])}
+    names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
+    return {"state_dict": tensors, "model_name": metadata.get("model_name"), "class_names": names}
 
 
 def _unsafe_globals(f: BinaryIO) -> list[str]:
@@ -89,6 +90,15 @@ def _read_url(url: str, unsafe_load: bool) -> dict[str, Any]:
 
 
 def _read_pickle(f: BinaryIO, path: str, unsafe_load: bool) -> dict[str, Any]:
+    head = f.read(16)
+    f.seek(0)
+    if not head:
+        raise CheckpointError(f"{path} is empty: not a torch checkpoint")
+    # torch.save writes a zip archive or (its legacy format) a pickle of protocol 2; the unpickler would read any
+    # other bytes as opcodes and fail with whatever they spell (a text file: "KeyError: 101").
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        kind = "a safetensors file: name it .safetensors" if head[8:10] == b'{"' else f"it starts with {head!r}"
+        raise CheckpointError(f"{path} is not a torch checkpoint (a zip archive or a pickle): {kind}")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(f, map_location="cpu", weights_only=True)
@@ -107,7 +117,7 @@ def _read_pickle(f: BinaryIO, path: str, unsafe_load: bool) -> dict[str, Any]:
     except RuntimeError as error:  # a zip archive torch cannot read: truncated or damaged
         message = str(error).split(".")[0]
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({message})") from None
-    except (EOFError, KeyError, ValueError, OSError) as error:  # empty, text or random bytes
+    except (EOFError, KeyError, ValueError, OSError) as error:  # a damaged pickle
         raise CheckpointError(f"{path}: not a torch checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, found a {type(obj).__name__}")
@@ -168,25 +178,51 @@ def to_authors_format(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Load weights in any supported key format; a head of another size is re-initialised, with a warning."""
+def recorded_model_name(contents: dict[str, Any]) -> str | None:
+    """The model a checkpoint says it holds: ours and `sequencer train`'s record it, timm's train.py its args."""
+    args = contents.get("args")
+    from_args = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
+    return contents.get("model_name") or contents.get("arch") or from_args or None
+
+
+def load_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    strict: bool = True,
+    source: str = "the checkpoint",
+    recorded_model: str | None = None,
+) -> None:
+    """Load weights in any supported key format; a head of another size is re-initialised, with a warning.
+
+    Weights that do not fit are a one-line `CheckpointError`: the model `source` holds when it records another
+    (`recorded_model`), else how many keys are missing, unexpected or of another shape, with the first of each.
+    """
     state_dict = from_authors_format(extract_state_dict(state_dict))
     own = model.state_dict()
-    # Listed in the model's own order, so the first lines point at the earliest layer that does not fit.
+    # Listed in the model's own order, so the first names point at the earliest layer that does not fit.
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [
         k for k in own if k in state_dict and own[k].shape != state_dict[k].shape and not k.startswith("head.fc.")
     ]
     if strict and (missing or unexpected or mismatched):
-        name = type(model).__name__
-        lines = [f"checkpoint does not fit {name} ({len(own)} keys in the model, {len(state_dict)} in the file):"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                lines.append(f"  {label} keys ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
-        for k in mismatched[:8]:
-            lines.append(f"  shape mismatch for {k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}")
-        raise CheckpointError("\n".join(lines))
+        name = getattr(model, "model_name", type(model).__name__)
+        if recorded_model and recorded_model != name:
+            raise CheckpointError(f"{source} holds {recorded_model} weights; this model is {name}")
+        problems = [
+            f"{label} keys ({len(keys)}): {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        if mismatched:
+            first = mismatched[0]
+            more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+            shapes = f"file {tuple(state_dict[first].shape)} vs model {tuple(own[first].shape)}"
+            problems.append(f"shape mismatch for {first}: {shapes}{more}")
+        raise CheckpointError(
+            f"{source} does not fit {name} ({len(own)} keys in the model, {len(state_dict)} in the file): "
+            + "; ".join(problems)
+        )
     head = [k for k in state_dict if k.startswith("head.fc.") and k in own and own[k].shape != state_dict[k].shape]
     if head:
         classes = state_dict["head.fc.weight"].shape[0]
@@ -205,7 +241,9 @@ def load_pretrained(
 ) -> None:
     """Load a checkpoint file (authors', timm's or ours, possibly wrapped) into `model`, strictly."""
     obj = read_file(path, unsafe_load=unsafe_load)
-    load_state_dict(model, extract_state_dict(obj, use_ema=use_ema))
+    load_state_dict(
+        model, extract_state_dict(obj, use_ema=use_ema), source=str(path), recorded_model=recorded_model_name(obj)
+    )
     adopt_class_names(model, obj)
     _logger.info("loaded weights from %s", path)
 
@@ -274,33 +312,31 @@ def load_model(
             f"{checkpoint.path} has a {file_classes}-class head but {num_classes} classes were asked for"
         )
     model = create_model(name, num_classes=num_classes, in_chans=in_chans)
-    load_state_dict(model, checkpoint.state_dict)
+    load_state_dict(
+        model, checkpoint.state_dict, source=checkpoint.path, recorded_model=recorded_model_name(checkpoint.contents)
+    )
     adopt_class_names(model, checkpoint.contents)
     return model.eval()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, then rename, so a crash never leaves half a file.
+    """torch.save (safetensors for a .safetensors path) written atomically: a crash never leaves half a file.
 
     A full disk is a `CheckpointError` saying so; the file that was at `path` before is then intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             if path.suffix == ".safetensors":
                 from safetensors.torch import save
 
                 f.write(save(obj["state_dict"], metadata=obj.get("metadata")))
             else:
                 torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if _disk_full(error):
-            before = f"the previous {path.name} survives intact" if path.exists() else f"no {path.name} was written"
-            raise CheckpointError(f"cannot write {path}: no space left on the disk; {before}") from error
-        raise
+    except (OSError, RuntimeError) as error:
+        if not _disk_full(error):
+            raise
+        before = f"the previous {path.name} survives intact" if path.exists() else f"no {path.name} was written"
+        raise CheckpointError(f"cannot write {path}: no space left on the disk; {before}") from error
 
 
 def _disk_full(error: BaseException | None) -> bool:

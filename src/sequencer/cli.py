@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 import warnings
+from typing import NoReturn
 
 from sequencer import __version__
 from sequencer.errors import SequencerError, UsageError
@@ -32,6 +33,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A parser whose argument errors are one line on stderr and exit code 2, like every other refused input."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the whole usage block first; `--help` still shows it.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Help that shows each option's real default, unless it is empty or the help text already states it."""
 
@@ -46,7 +55,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser, with the flags of `command` only (none for `sequencer --help`)."""
-    parser = argparse.ArgumentParser(prog="sequencer", description="Sequencer: Deep LSTM for Image Classification")
+    parser = OneLineErrorParser(prog="sequencer", description="Sequencer: Deep LSTM for Image Classification")
     parser.add_argument("--version", action="version", version=f"sequencer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.command_parsers = {}
@@ -89,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_of(argv)
     parser = build_parser(command)
     args = parser.parse_args(argv)
-    # Warnings (no checkpoint given, a deprecated option ...) read as one line, like the errors, without source lines.
+    # Warnings (no checkpoint given, a deprecated option ...) read as one line, like the errors, without source lines;
+    # only while the command runs, so that later warnings of the same process are not labelled with its name.
+    previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, *_: f"sequencer {args.command}: warning: {message}\n"
     try:
         if getattr(args, "config", None):
@@ -100,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except SequencerError as error:
         print(f"sequencer {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from timm.data import create_transform as timm_create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from sequencer.errors import DatasetError, UsageError
 from sequencer.options import INTERPOLATIONS
@@ -83,6 +84,9 @@ def create_transform(model: nn.Module | dict[str, Any], train: bool = False, **o
     cfg = data_config(model, **{k: overrides.pop(k) for k in list(overrides) if k in _CONFIG_KEYS})
     return timm_create_transform(**cfg, is_training=train, **overrides)
 
+
+# The files read as images: what ImageFolder reads in training's class folders, and what `predict` takes from a folder.
+IMAGE_EXTENSIONS: tuple[str, ...] = IMG_EXTENSIONS
 
 DIGITS_NAMES = ("digits", "sklearn/digits")
 VAL_SPLITS = ("val", "validation", "test")
@@ -256,6 +260,8 @@ def _torchvision_dataset(name: str, split: str, root: str | None, download: bool
         try:
             base = cifar(root, train=split == "train", download=download)
         except (RuntimeError, OSError) as error:  # not there, or no network to fetch it
+            if download:
+                raise DatasetError(f"{name} could not be downloaded into {root} ({error}); put a copy there") from error
             raise DatasetError(
                 f"{name} not found under {root} ({error}); put a copy there or pass --dataset-download"
             ) from error
@@ -272,9 +278,12 @@ def _torchvision_dataset(name: str, split: str, root: str | None, download: bool
     if not download:
         missing = _transfer_files_missing(key, Path(root), their_split)
         if missing:
+            remedy = (
+                "it can no longer be downloaded" if key == "stanford_cars" else "pass --dataset-download to fetch it"
+            )
             raise DatasetError(
                 f"{name} ({their_split} split) not found under {root}: missing {', '.join(map(str, missing))}; "
-                f"expected {TRANSFER_LAYOUTS[key]} (pass --dataset-download to fetch it)"
+                f"expected {TRANSFER_LAYOUTS[key]} ({remedy})"
             )
     kinds = {
         "flowers102": datasets.Flowers102,
@@ -284,10 +293,8 @@ def _torchvision_dataset(name: str, split: str, root: str | None, download: bool
     try:
         base = kinds[key](root, split=their_split, download=download)
     except (RuntimeError, OSError) as error:  # files rejected (Flowers-102 checks its .mat files' md5), or no network
-        raise DatasetError(
-            f"{name} under {root} is incomplete, corrupted or could not be downloaded ({error}); "
-            f"expected {TRANSFER_LAYOUTS[key]}"
-        ) from error
+        problem = "could not be downloaded into" if download else "is incomplete or corrupted under"
+        raise DatasetError(f"{name} {problem} {root} ({error}); expected {TRANSFER_LAYOUTS[key]}") from error
     return TorchvisionDataset(base, base.classes, name)
 
 

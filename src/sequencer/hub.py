@@ -32,17 +32,39 @@ def download(spec: str) -> str:
     repo_id, _, revision = spec.removeprefix(HF_HUB_PREFIX).partition("@")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise UsageError(f"{spec!r}: expected hf-hub:ORG/REPO or hf-hub:ORG/REPO@REVISION")
+    # Where the Hub cannot be reached, the cache alone: huggingface_hub would retry every file with backoff (~25 s
+    # and 11 log lines each) before giving up.
+    unreachable = (
+        None if constants.HF_HUB_OFFLINE else _why_unreachable(constants.ENDPOINT, constants.HF_HUB_ETAG_TIMEOUT)
+    )
     problems = []
     for filename in WEIGHT_FILES:
         try:
-            return hf_hub_download(repo_id, filename, revision=revision or None)
+            return hf_hub_download(repo_id, filename, revision=revision or None, local_files_only=bool(unreachable))
         except (OSError, ValueError, EntryNotFoundError) as error:
             problems.append(f"{filename}: {_first_line(error)}")
+    if unreachable:
+        raise CheckpointError(
+            f"could not get {spec}: the Hugging Face Hub at {constants.ENDPOINT} cannot be reached ({unreachable}) "
+            f"and its cache {constants.HF_HUB_CACHE} holds neither {' nor '.join(WEIGHT_FILES)}"
+        )
     offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
     raise CheckpointError(
         f"could not get {spec} from the Hugging Face Hub or its cache {constants.HF_HUB_CACHE}{offline}: "
         f"{'; '.join(problems)}"
     )
+
+
+def _why_unreachable(endpoint: str, timeout: float) -> str | None:
+    """Why the Hub at `endpoint` cannot serve files now, from one request that is not retried; None if it can."""
+    import httpx2
+    from huggingface_hub.utils import get_session
+
+    try:
+        response = get_session().head(endpoint, timeout=timeout)
+    except httpx2.TransportError as error:  # refused, timed out, no route, hung up: huggingface_hub retries these
+        return _first_line(error)
+    return f"it answered HTTP {response.status_code}" if response.status_code >= 500 else None
 
 
 def released_weights(name: str, url: str) -> str:

@@ -18,13 +18,12 @@ from typing import Any, TextIO
 import torch
 from PIL import Image
 from timm.data import ImageNetInfo
-from timm.data.readers.img_extensions import get_img_extensions
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sequencer.checkpoint import load_model
 from sequencer.commands.predict import OUTPUT_FORMATS
-from sequencer.data import check_image_input_fits, create_transform, data_config
+from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
 from sequencer.errors import DatasetError, UsageError
 from sequencer.options import (
     INPUT_KEYS,
@@ -112,18 +111,18 @@ def find_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     """Files given directly, plus the images (by extension) under each folder, recursively, in sorted order."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
-    extensions = get_img_extensions()
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         elif path.exists():
             files.append(path)  # an unreadable file is reported with the results, not raised
         else:
             raise UsageError(f"{path}: no such file or folder")
     if not files:
-        raise UsageError(f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(extensions)})")
+        named = ", ".join(map(str, inputs))
+        raise UsageError(f"no images found in {named} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from sequencer.files import atomic_write
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
@@ -43,12 +43,8 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
         axes.xaxis.get_major_locator().set_params(integer=True)
     if title:
         figure.suptitle(title)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        figure.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            figure.savefig(f, dpi=100, format="png")
     finally:
         plt.close(figure)
-        Path(tmp).unlink(missing_ok=True)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sequencer.analysis.common import new_figure, save_figure, write_csv
 from sequencer.analysis.complexity import count_macs
 from sequencer.errors import UsageError
 from sequencer.model import ALIASES, VARIANTS, count_parameters, create_model, list_models
@@ -85,15 +87,28 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
     return "".join(lines)
 
 
+def plot_summary(rows: list[dict[str, Any]], path: Path) -> None:
+    """Parameters and MACs side by side, one bar per variant, in the table's order."""
+    fig, axes = new_figure(1, 2, size=(10, 1.2 + 0.32 * len(rows)), sharey=True)
+    labels = [f"{r['model']} ({r['img_size']} px)" for r in rows]
+    panels = (("params_m", "parameters (M)", "C0"), ("gmacs", "MACs (G, recurrences counted)", "C1"))
+    for ax, (key, xlabel, color) in zip(axes[0], panels, strict=True):
+        values = [r[key] for r in rows]
+        bars = ax.barh(labels, values, color=color)
+        ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=7)
+        ax.set(xlabel=xlabel, xlim=(0, max(values) * 1.2))
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][0].invert_yaxis()  # the first row of the table on top
+    save_figure(fig, path)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Count every matching variant and print or write the table."""
-    fmt = args.format or ("csv" if args.output.endswith(".csv") else "markdown")
+    """Count every matching variant: the table on stdout, summary.csv and summary.png in the output folder."""
     # The progress bar goes to stderr, so the table on stdout stays clean for redirection.
-    table = format_table(summarize(variant_names(args.models), args.img_size, progress=True), fmt)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(table)
-        print(f"wrote {args.output}")
-    else:
-        print(table, end="")
+    rows = summarize(variant_names(args.models), args.img_size, progress=True)
+    print(format_table(rows, args.format), end="")
+    out = Path(args.output)
+    write_csv(rows, out / "summary.csv")
+    plot_summary(rows, out / "summary.png")
+    print(f"wrote {out / 'summary.csv'}, {out / 'summary.png'}", file=sys.stderr)
     return 0

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    add_output_option(parser, "bench", "file stem: writes OUTPUT.json, OUTPUT.csv (and OUTPUT.png)", kind="stem")
+    add_output_option(parser, "bench", "file stem: writes OUTPUT.json, OUTPUT.csv and OUTPUT.png", kind="stem")
     add_runtime_options(parser)
     parser.set_defaults(batch_size=8)
 

@@ -8,13 +8,16 @@ from sequencer.options import add_output_option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--models, --img-size, --format, --out."""
+    """--models, --img-size, --format, -o/--out."""
     parser.add_argument("--models", default="*", help="shell-style pattern of variant names (default: all)")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: each variant's own)")
     parser.add_argument(
-        "--format",
-        choices=("markdown", "csv"),
-        default=None,
-        help="table format (default: csv for an --out file ending in .csv, else markdown)",
+        "--format", choices=("markdown", "csv"), default="markdown", help="format of the table printed on stdout"
     )
-    add_output_option(parser, "", "write the table to this file instead of printing it", "--out")
+    add_output_option(
+        parser,
+        "results/summary",
+        "output folder for summary.csv and summary.png (MACs against parameters)",
+        "--out",
+        kind="folder",
+    )
