@@ -63,7 +63,8 @@ def test_static_export_is_fixed_to_its_batch_and_img_size(tiny_model, checkpoint
     path = tmp_path / "tiny.pt2"
     result = sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint, img_size=48, batch_size=2)
     assert result.passed and list(result.max_abs_diff) == [2] and result.input_size == (3, 48, 48)
-    assert not result.trivial
+    assert not result.trivial and result.quantization is None
+    assert result.summary().splitlines()[1].startswith("check against PyTorch: max |logit diff| ")
     program = deploy.load_exported(path)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():

@@ -190,11 +190,10 @@ class ExportResult:
         verdict = "passed" if self.passed else "FAILED"
         shape = "dynamic batch" if self.dynamic_batch else f"batch {next(iter(self.max_abs_diff))}"
         weights = f" with {self.quantization} weights" if self.quantization else ""
-        checked = "float32 export" if self.quantization else "PyTorch"
+        checked = " of the float32 export" if self.quantization else ""
         lines = [
             f"wrote {self.format}{weights} to {self.path} (input {shape} x {' x '.join(map(str, self.input_size))})",
-            f"check of the {checked} against PyTorch: max |logit diff| {diffs} (tolerance {self.tolerance:.0e}): "
-            f"{verdict}",
+            f"check{checked} against PyTorch: max |logit diff| {diffs} (tolerance {self.tolerance:.0e}): {verdict}",
         ]
         if self.quantized_top1_agreement is not None:
             same, total = self.quantized_top1_agreement
