@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=RUNTIMES,
         default=None,
         help="what runs the model: torch, or onnxruntime on the CPU (the `export` extra; a checkpoint is exported to "
-        "a temporary ONNX file and checked first, which takes a while for the large variants). Default: onnxruntime "
-        "for an .onnx --checkpoint, else torch",
+        "a temporary ONNX file and checked first, which takes a while for the large variants; --threads sets its "
+        "intra-op threads). Default: onnxruntime for an .onnx --checkpoint, else torch",
     )
     group = parser.add_argument_group("output")
     group.add_argument("--topk", type=int, default=5, help="classes to list per image")
