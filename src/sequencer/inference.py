@@ -192,8 +192,15 @@ def torch_classifier(
     return Classifier(forward, cfg, model.num_classes, cfg.get("label_names"), torch_device)
 
 
-def onnx_classifier(exported: OnnxModel, model_name: str | None, num_classes: int | None, in_chans: int) -> Classifier:
-    """An exported file in onnxruntime; a --model, --num-classes or --in-chans that contradicts the file is refused."""
+def onnx_classifier(
+    exported: OnnxModel,
+    model_name: str | None,
+    num_classes: int | None,
+    in_chans: int,
+    transform_overrides: dict[str, Any],
+) -> Classifier:
+    """An exported file in onnxruntime; a --model, --num-classes, --in-chans or input size that contradicts the file
+    is refused (its graph is fixed to the size it was exported at)."""
     config = exported.config
     if model_name and model_name != config.get("model_name"):
         raise UsageError(f"{exported.path} holds {config.get('model_name')}, not --model {model_name}")
@@ -204,6 +211,15 @@ def onnx_classifier(exported: OnnxModel, model_name: str | None, num_classes: in
         raise UsageError(f"{exported.path} takes {channels} input channels, not --in-chans {in_chans}")
     if channels != 3:
         raise UsageError(f"{exported.path} takes {channels}-channel inputs but images are read as RGB, 3 channels")
+    exported_size, asked_size = (
+        list(config["input_size"]),
+        list(data_config(config, **transform_overrides)["input_size"]),
+    )
+    if asked_size != exported_size:
+        raise UsageError(
+            f"{exported.path} was exported for {'x'.join(map(str, exported_size))} inputs, not "
+            f"{'x'.join(map(str, asked_size))} (--img-size / --input-size): export it again at that size"
+        )
     return Classifier(exported, config, exported.num_classes, config.get("class_names"), torch.device("cpu"))
 
 
@@ -256,16 +272,7 @@ def predict(
     if is_onnx_file(checkpoint):
         if use_ema:
             raise UsageError("--use-ema picks weights inside a training checkpoint; an .onnx file holds one set")
-        if not isinstance(model, str | None):
-            raise UsageError("pass either a ready model or an .onnx file, not both")
-        classifier = onnx_classifier(load_onnx(checkpoint, threads), model, num_classes, in_chans)
-        exported_size = list(classifier.config["input_size"])
-        asked_size = list(data_config(classifier.config, **transform_overrides)["input_size"])
-        if asked_size != exported_size:
-            raise UsageError(
-                f"{checkpoint} was exported for {'x'.join(map(str, exported_size))} inputs, not "
-                f"{'x'.join(map(str, asked_size))} (--img-size / --input-size): export it again at that size"
-            )
+        classifier = onnx_classifier(load_onnx(checkpoint, threads), model, num_classes, in_chans, transform_overrides)
     else:
         if model is None or isinstance(model, str):
             model = load_model(model or DEFAULT_MODEL, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
@@ -274,7 +281,7 @@ def predict(
             with tempfile.TemporaryDirectory() as folder:  # the session keeps what it needs from the file
                 path = Path(folder) / "model.onnx"
                 export(model, path, dynamic_batch=True, **transform_overrides)
-                classifier = onnx_classifier(load_onnx(path, threads), None, None, in_chans)
+                classifier = onnx_classifier(load_onnx(path, threads), None, None, in_chans, transform_overrides)
         else:
             classifier = torch_classifier(model, device, amp, amp_dtype)
     transform = create_transform(classifier.config, train=False, **transform_overrides)
