@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import sequencer
 from sequencer import deploy
@@ -191,3 +192,7 @@ def test_int8_export_is_quantized_checked_and_labelled(
     with torch.no_grad():
         diff = (deploy.load_exported(path)(x) - model(x)).abs().max().item()
     assert diff > 1e-4  # the float32 export is within 1e-4 (the check above): this is the quantized file
+    # predict labels the file's classes by the names stored in it, with no checkpoint or class map at hand.
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    [prediction] = sequencer.predict(tmp_path / "red.png", checkpoint=path, topk=3, threads=1)
+    assert sorted(score.label for score in prediction.top) == ["cat", "dog", "otter"]
