@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,12 @@ def test_memory_needs_a_resettable_peak_or_no_memory(
 def test_bad_lists_are_refused_by_the_parser() -> None:
     parser = build_parser("bench")
     # --impls names are the model's, checked when the command runs (tests/test_cli.py)
-    for flags in (["--precisions", "float64"], ["--resolutions", "224,big"], ["--batch-sizes", "0"]):
+    for flags in (
+        ["--precisions", "float64"],
+        ["--resolutions", "224,big"],
+        ["--batch-sizes", "0"],
+        ["--runtimes", "torch,tensorrt"],
+    ):
         with pytest.raises(SystemExit) as exited:
             parser.parse_args(["bench", *flags])
         assert exited.value.code == 2
@@ -118,3 +124,83 @@ def test_memory_probe_sees_what_a_training_step_adds() -> None:
     train = bench.measure_peak_memory(variant, bench.Setting("train", "float32", 64, 32), cpu, 1, None)
     # Training keeps every block's activations plus gradients and AdamW state; inference keeps one block's at most.
     assert 0 < infer < train / 2, (infer, train)
+
+
+def test_onnxruntime_runtimes_run_the_same_weights_beside_torch_in_float32_inference_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench, "cpu_has_native_bfloat16", lambda: False)  # an AVX2-only CPU
+    report = _run(
+        tmp_path,
+        "--models",
+        "sequencer2d_tiny",
+        "--resolutions",
+        "32",
+        "-b",
+        "2",
+        "--precisions",
+        "float32,amp",
+        "--runtimes",
+        "torch,onnxruntime,onnxruntime-int8",
+        "--impls",
+        "auto",
+        "--no-memory",
+    )
+    found = [(r["mode"], r["precision"], r["variant"], r["runtime"]) for r in report["results"]]
+    onnx_rows = [("infer", "float32", f"ours+{name}", name) for name in ("onnxruntime", "onnxruntime-int8")]
+    assert found == [
+        ("infer", "float32", "ours(auto)", "torch"),
+        *onnx_rows,
+        ("infer", "amp", "ours(auto)", "torch"),  # onnxruntime has no bfloat16 CPU path
+        ("train", "float32", "ours(auto)", "torch"),
+        ("train", "amp", "ours(auto)", "torch"),
+    ]
+    assert all(r["images_per_s"] > 0 for r in report["results"])
+    assert report["environment"]["onnxruntime"] and report["environment"]["cpu_native_bfloat16"] is False
+    assert "no AVX512-BF16 or AMX: the amp (bfloat16) settings time its emulation" in capsys.readouterr().out
+
+    # What those rows ran: the export of the weights the PyTorch rows ran, as is and with int8 weights.
+    variants = bench.plan_variants(["sequencer2d_tiny"], ["auto"], False, False, ["torch", *bench.ONNX_RUNTIMES])
+    models = bench.build_models(variants, 32, torch.device("cpu"), tmp_path, threads=1)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ours, exported, quantized = (models[v](x) for v in variants)
+    assert (exported - ours).abs().max().item() < 1e-4 < (quantized - ours).abs().max().item()
+    assert {p.name for p in tmp_path.glob("*.onnx")} == {
+        "sequencer2d_tiny-32-onnxruntime.onnx",
+        "sequencer2d_tiny-32-onnxruntime-int8.onnx",
+    }
+
+
+@pytest.mark.slow
+def test_compiled_and_onnxruntime_variants_get_their_peak_memory(tmp_path: Path) -> None:
+    report = _run(
+        tmp_path,
+        "--models",
+        "sequencer2d_tiny",
+        "--resolutions",
+        "32",
+        "-b",
+        "2",
+        "--modes",
+        "infer",
+        "--runtimes",
+        "torch-compile,onnxruntime",
+        "--impls",
+        "reference",
+    )
+    rows = {r["variant"]: r for r in report["results"]}
+    assert sorted(rows) == ["ours(reference)+compile", "ours+onnxruntime"]
+    assert rows["ours+onnxruntime"]["peak_memory_mib"] > 0  # its first run's arena, at least
+    assert rows["ours(reference)+compile"]["peak_memory_mib"] is not None
+
+
+def test_onnxruntime_runtimes_without_onnxruntime_name_the_extra_before_any_work(
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import` sees for a package that is not installed
+    argv = ["bench", "--models", "sequencer2d_tiny", "--runtimes", "torch,onnxruntime", "--no-memory"]
+    assert run_cli(*argv, "--output", tmp_path / "out" / "b") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sequencer bench: error: --runtimes onnxruntime") and err.count("\n") == 1, err
+    assert 'pip install "sequencer[export]"' in err and not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
 import zipfile
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import sequencer
 from sequencer import deploy
@@ -62,7 +64,8 @@ def test_static_export_is_fixed_to_its_batch_and_img_size(tiny_model, checkpoint
     path = tmp_path / "tiny.pt2"
     result = sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint, img_size=48, batch_size=2)
     assert result.passed and list(result.max_abs_diff) == [2] and result.input_size == (3, 48, 48)
-    assert not result.trivial
+    assert not result.trivial and result.quantization is None
+    assert result.summary().splitlines()[1].startswith("check against PyTorch: max |logit diff| ")
     program = deploy.load_exported(path)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
@@ -113,6 +116,8 @@ def test_bad_requests_give_clear_errors(
         (["-o", str(out / "model.onnx"), "--dynamic-batch", "-b", "1"], "batch_size must be >= 2"),
         (["-o", str(out / "model.pt"), "--model", "sequencer2d_nope"], "unknown model 'sequencer2d_nope'"),
         (["-o", str(out / "model.pt"), "--checkpoint", str(out / "none.pth")], "checkpoint not found"),
+        (["-o", str(out / "model.pt"), "--quantize", "int8"], "--quantize int8 needs the ONNX format"),
+        (["-o", str(out / "m.onnx"), "--format", "torchscript", "--quantize", "int8"], "not torchscript"),
     ):
         assert run_cli(*base, *flags) == 2
         err = capsys.readouterr().err
@@ -159,3 +164,36 @@ def test_a_failed_check_keeps_the_file_and_exits_1(
     assert isinstance(raised.value, SequencerError)  # the API's callers catch every expected failure alike
     assert run_cli("export", "--model", "sequencer2d_tiny", "-o", str(path), "--tolerance", "-1") == 2
     assert "--tolerance -1.0 is out of range: it must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_int8_export_is_quantized_checked_and_labelled(
+    run_cli, tiny_model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnx
+
+    model = tiny_model(num_classes=3)
+    model.pretrained_cfg["label_names"] = ["cat", "dog", "otter"]
+    weights = tmp_path / "labelled.safetensors"
+    sequencer.save_weights(model, weights)
+    path = tmp_path / "tiny-int8.onnx"
+    argv = ["--model", "sequencer2d_tiny", "--checkpoint", str(weights), "-o", str(path), "--dynamic-batch"]
+    assert run_cli("export", *argv, "--quantize", "int8") == 0
+    out = capsys.readouterr().out
+    assert "wrote onnx with int8 weights" in out and "check of the float32 export against PyTorch" in out
+    match = re.search(r"on the same 8 images: top-1 agreement (\d)/8 \(.*\), max \|logit diff\| (\S+)", out)
+    assert match and int(match.group(1)) >= 6, out  # 2 + 1 + 5 check images; int8 keeps most top-1 classes
+    # The weights really are int8 (integer MatMuls), the float file is gone, and the config says what was done.
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "MatMulInteger" in ops and "MatMul" not in ops
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labelled.safetensors", "tiny-int8.onnx"]
+    config = stored_config(path, "onnx")
+    assert config["quantization"] == "int8-dynamic" and config["class_names"] == ["cat", "dog", "otter"]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        diff = (deploy.load_exported(path)(x) - model(x)).abs().max().item()
+    assert diff > 1e-4  # the float32 export is within 1e-4 (the check above): this is the quantized file
+    # predict labels the file's classes by the names stored in it, with no checkpoint or class map at hand.
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    [prediction] = sequencer.predict(tmp_path / "red.png", checkpoint=path, topk=3, threads=1)
+    assert sorted(score.label for score in prediction.top) == ["cat", "dog", "otter"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,114 @@ def test_predict_labels_classes_by_the_names_the_checkpoint_records(
     sequencer.save_weights(labelled, tmp_path / "w.safetensors")
     [clean] = sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", tmp_path / "w.safetensors", topk=3)
     assert [s.label for s in clean.top] == [s.label for s in trained.top]
+
+
+@pytest.fixture(scope="module")
+def onnx_file(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `checkpoint` fixture's weights exported to ONNX (dynamic batch), as `sequencer export` writes them."""
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint, dynamic_batch=True)
+    return path
+
+
+def test_an_exported_onnx_file_predicts_the_checkpoints_top_k_in_every_output_format(
+    run_cli, checkpoint: Path, onnx_file: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    # batch_size 2 puts the corrupt file beside a good one, as in the PyTorch test above.
+    from_torch = sequencer.predict(image_folder, "sequencer2d_tiny", checkpoint, topk=5, batch_size=2)
+    from_onnx = sequencer.predict(image_folder, checkpoint=onnx_file, topk=5, batch_size=2, threads=1)
+    assert [p.path for p in from_onnx] == [p.path for p in from_torch]
+    assert [p.error is None for p in from_onnx] == [p.error is None for p in from_torch] == [True, True, False, True]
+    for ours, theirs in zip(from_onnx, from_torch, strict=True):
+        assert [(s.index, s.label) for s in ours.top] == [(s.index, s.label) for s in theirs.top]
+        assert [s.probability for s in ours.top] == pytest.approx([s.probability for s in theirs.top], abs=1e-5)
+
+    common = [str(image_folder), "-j", "0", "--threads", "1", "--topk", "3"]
+    for suffix in (".csv", ".json"):
+        assert run_cli("predict", *common, "--checkpoint", onnx_file, "-o", tmp_path / f"onnx{suffix}") == 0
+        assert (
+            run_cli(
+                "predict", *common, "--model sequencer2d_tiny --checkpoint", checkpoint, "-o", tmp_path / f"pt{suffix}"
+            )
+            == 0
+        )
+    with open(tmp_path / "onnx.csv", newline="") as f, open(tmp_path / "pt.csv", newline="") as g:
+        onnx_rows, torch_rows = list(csv.DictReader(f)), list(csv.DictReader(g))
+    ranks = ("index_1", "label_1", "index_2", "index_3")
+    assert [[r[k] for k in ("path", *ranks)] for r in onnx_rows] == [
+        [r[k] for k in ("path", *ranks)] for r in torch_rows
+    ]
+    onnx_json, torch_json = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("onnx", "pt"))
+    assert [[s["index"] for s in r["top"]] for r in onnx_json] == [[s["index"] for s in r["top"]] for r in torch_json]
+
+
+def test_runtime_onnxruntime_runs_a_checkpoint_through_an_optimised_session(
+    checkpoint: Path, onnx_file: Path, image_folder: Path
+) -> None:
+    import onnxruntime
+
+    from sequencer import deploy
+
+    exported = deploy.load_onnx(onnx_file, threads=1)
+    options = exported.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    from_torch = sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", checkpoint, topk=4)
+    converted = sequencer.predict(
+        image_folder / "a.png", "sequencer2d_tiny", checkpoint, topk=4, runtime="onnxruntime", threads=1
+    )
+    assert [s.index for s in converted[0].top] == [s.index for s in from_torch[0].top]
+
+
+def test_onnx_files_that_cannot_be_used_are_refused_in_one_line(
+    run_cli, onnx_file: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    # A valid ONNX model that `sequencer export` did not write: no stored preprocessing.
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3, 32, 32])],
+    )
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)]), foreign)
+    truncated = tmp_path / "truncated.onnx"
+    data = onnx_file.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out" / "preds.csv"
+    for flags, message in [
+        (f"--checkpoint {foreign}", f"{foreign} is not a Sequencer export: it has no 'sequencer_config' metadata"),
+        (f"--checkpoint {truncated}", f"{truncated} is not an ONNX file onnxruntime can load"),
+        (f"--checkpoint {tmp_path / 'none.onnx'}", "checkpoint not found"),
+        (f"--checkpoint {onnx_file} --model sequencer2d_s", f"{onnx_file} holds sequencer2d_tiny, not --model"),
+        (f"--checkpoint {onnx_file} --img-size 48", "was exported for 3x32x32 inputs, not 3x48x48"),
+        (f"--checkpoint {onnx_file} --num-classes 10", "has 1000 classes, not --num-classes 10"),
+        (f"--checkpoint {onnx_file} --amp", "--amp is for the torch runtime"),
+        (f"--checkpoint {onnx_file} --use-ema", "--use-ema picks weights inside a training checkpoint"),
+        (f"--checkpoint {onnx_file} --runtime torch", "onnxruntime runs it, not the torch runtime"),
+        (f"--model {onnx_file}", f"pass the exported file as --checkpoint {onnx_file}"),
+    ]:
+        assert run_cli("predict", image_folder, flags, "-j 0 -o", out) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("sequencer predict: error: ") and message in err and err.count("\n") == 1, err
+    assert not out.parent.exists()
+
+
+def test_without_onnxruntime_checkpoints_still_predict_and_onnx_files_name_the_extra(
+    run_cli,
+    checkpoint: Path,
+    onnx_file: Path,
+    image_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import` sees for a package that is not installed
+    assert run_cli("predict", image_folder / "a.png", "--model sequencer2d_tiny --checkpoint", checkpoint, "-j 0") == 0
+    capsys.readouterr()
+    assert run_cli("predict", image_folder / "a.png", "--checkpoint", onnx_file, "-j 0") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sequencer predict: error: running an .onnx file needs onnxruntime") and err.count("\n") == 1
+    assert 'pip install "sequencer[export]"' in err

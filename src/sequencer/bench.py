@@ -5,7 +5,10 @@ pass under no_grad) and "train" (forward, cross-entropy, backward, AdamW step). 
 `--impls` entry (rnn_impl), and timm's `sequencer2d_*` twin carries the same weights (its logits are checked
 against ours before anything is timed). Other names are timm models, for memory and throughput against resolution
 beside Sequencer's peers. A plot is written next to the JSON and CSV: against resolution when there are several,
-else bars side by side.
+else bars side by side. `--runtimes` adds other engines for our models' inference: torch.compile (inductor, per
+impl) and, on the CPU, onnxruntime running the file `export --dynamic-batch` writes from the same weights (checked
+against PyTorch), float32 or with int8 weights (`export --quantize int8`); onnxruntime has no bfloat16 CPU path, so
+it sits out the amp settings.
 
 Timing: the variants of one setting are timed in the same process, one step of each per round, so that a load
 change hits them alike; images/s comes from the median step. Peak memory: each (variant, setting) runs in a fresh
@@ -13,6 +16,9 @@ subprocess. On CUDA it is `torch.cuda.max_memory_allocated` above what was alloc
 CPU it is the process's peak resident set (VmHWM, reset through /proc/self/clear_refs once the model, optimizer and
 batch exist) above its resident set at that point, with glibc's mmap threshold fixed so that freed tensors leave
 the resident set. Both count what the steps add to the weights: activations, gradients, optimizer state, scratch.
+An onnxruntime variant's baseline is its loaded session, so its figure includes the arena its first run allocates.
+A torch-compile variant takes one step before the baseline (it compiles then), so its figure leaves out what any
+first step allocates once (oneDNN's caches, say), which the eager figures include.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,32 +45,18 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from sequencer.commands.bench import MODES
+from sequencer.commands.bench import MODES, ONNX_RUNTIMES
+from sequencer.deploy import OnnxModel, export, load_onnx, quantize_onnx, require_onnx_packages
 from sequencer.errors import UsageError
 from sequencer.model import create_model, list_models
 from sequencer.recurrence import IMPLEMENTATIONS
-from sequencer.runtime import autocast, resolve_device, set_threads
+from sequencer.runtime import autocast, compile_model, resolve_device, set_threads
 
+# What a variant runs: a PyTorch module (compiled or not) or an exported file in onnxruntime.
+Runner = nn.Module | OnnxModel
 # Writing "5" here resets the process's peak resident set (Linux): how CPU peak memory is measured.
 CLEAR_REFS = "/proc/self/clear_refs"
 TWIN_TOLERANCE = 1e-4
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One thing to measure: our model with an rnn_impl (optionally checkpointed), or a timm model."""
-
-    model: str
-    source: str  # "ours" or "timm"
-    rnn_impl: str | None = None
-    grad_checkpointing: bool = False
-
-    @property
-    def label(self) -> str:
-        """How tables, files and plots name it."""
-        if self.source == "timm":
-            return "timm"
-        return f"ours({self.rnn_impl}){'+ckpt' if self.grad_checkpointing else ''}"
 
 
 @dataclass(frozen=True)
@@ -76,6 +69,39 @@ class Setting:
     batch_size: int
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One thing to measure: our model with an rnn_impl (optionally checkpointed), or a timm model."""
+
+    model: str
+    source: str  # "ours" or "timm"
+    rnn_impl: str | None = None
+    grad_checkpointing: bool = False
+    runtime: str = "torch"  # one of RUNTIMES; timm models always run in eager torch
+
+    @property
+    def label(self) -> str:
+        """How tables, files and plots name it."""
+        if self.source == "timm":
+            return "timm"
+        if self.runtime in ONNX_RUNTIMES:
+            return f"ours+{self.runtime}"
+        compiled = "+compile" if self.runtime == "torch-compile" else ""
+        return f"ours({self.rnn_impl}){compiled}{'+ckpt' if self.grad_checkpointing else ''}"
+
+    @property
+    def compiled(self) -> bool:
+        """Whether it runs through torch.compile (its first step compiles)."""
+        return self.runtime == "torch-compile"
+
+    def runs_in(self, setting: Setting) -> bool:
+        """Whether this variant is measured in `setting`: checkpointing only trains, other runtimes only infer,
+        and onnxruntime has no amp (bfloat16) path."""
+        if setting.mode == "infer":
+            return not self.grad_checkpointing and not (self.runtime in ONNX_RUNTIMES and setting.precision == "amp")
+        return self.runtime == "torch"
+
+
 def run(args: argparse.Namespace) -> int:
     """Measure every variant in every setting, print the tables and write the files."""
     set_threads(args.threads)
@@ -85,29 +111,42 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"peak CPU memory is read by resetting {CLEAR_REFS}, which this system lacks: pass --no-memory"
         )
-    variants = plan_variants(args.models, args.impls, args.grad_checkpointing, not args.no_timm_twin)
+    runtimes = args.runtimes
+    variants = plan_variants(args.models, args.impls, args.grad_checkpointing, not args.no_timm_twin, runtimes)
     check_resolutions(variants, args.resolutions)
+    if set(runtimes) & set(ONNX_RUNTIMES):
+        if device.type != "cpu":
+            raise UsageError("--runtimes onnxruntime* run on the CPU (onnxruntime's CPU provider): pass --device cpu")
+        require_onnx_packages(purpose="--runtimes onnxruntime (an ONNX export run by onnxruntime)")
     precisions = args.precisions or (["amp"] if args.amp else ["float32"])
+    if "amp" in precisions and device.type == "cpu" and not cpu_has_native_bfloat16():
+        print("note: this CPU has no AVX512-BF16 or AMX: the amp (bfloat16) settings time its emulation")
     records = []
-    for resolution in args.resolutions:
-        models = build_models(variants, resolution, device)
-        for mode in args.modes:
-            for precision in precisions:
-                for batch_size in batch_sizes:
-                    setting = Setting(mode, precision, resolution, batch_size)
-                    chosen = [v for v in variants if mode == "train" or not v.grad_checkpointing]
-                    found = measure_setting(chosen, models, setting, device, args)
-                    add_ratios(found)
-                    print_table(found, setting)
-                    records += found
-        del models
-        gc.collect()
+    with tempfile.TemporaryDirectory(prefix="sequencer-bench-") as workdir:
+        for resolution in args.resolutions:
+            models = build_models(variants, resolution, device, Path(workdir), args.threads)
+            for mode in args.modes:
+                for precision in precisions:
+                    for batch_size in batch_sizes:
+                        setting = Setting(mode, precision, resolution, batch_size)
+                        chosen = [v for v in variants if v.runs_in(setting)]
+                        if not chosen:
+                            continue
+                        found = measure_setting(chosen, models, setting, device, args, Path(workdir))
+                        add_ratios(found)
+                        print_table(found, setting)
+                        records += found
+            del models
+            gc.collect()
     write_outputs(records, args, device)
     return 0
 
 
-def plan_variants(models: list[str], impls: list[str], checkpointing: bool, twins: bool) -> list[Variant]:
-    """Ours once per impl (and checkpointed), timm's twin for sequencer2d_s/m/l, peers as timm models."""
+def plan_variants(
+    models: list[str], impls: list[str], checkpointing: bool, twins: bool, runtimes: Sequence[str] = ("torch",)
+) -> list[Variant]:
+    """Ours once per impl and runtime (and checkpointed), once per onnxruntime runtime, timm's twin for
+    sequencer2d_s/m/l, peers as timm models."""
     unknown = sorted(set(impls) - set(IMPLEMENTATIONS))
     if unknown:
         raise UsageError(f"unknown --impls {', '.join(unknown)}; expected some of {', '.join(IMPLEMENTATIONS)}")
@@ -117,7 +156,11 @@ def plan_variants(models: list[str], impls: list[str], checkpointing: bool, twin
         if name in ours:
             if twins and timm.is_model(name):
                 variants.append(Variant(name, "timm"))
-            variants += [Variant(name, "ours", impl) for impl in impls]
+            for runtime in runtimes:
+                if runtime in ONNX_RUNTIMES:  # the export always takes the reference path: one file per model
+                    variants.append(Variant(name, "ours", runtime=runtime))
+                else:
+                    variants += [Variant(name, "ours", impl, runtime=runtime) for impl in impls]
             if checkpointing:
                 variants += [Variant(name, "ours", impl, True) for impl in impls]
         elif timm.is_model(name):
@@ -136,23 +179,58 @@ def check_resolutions(variants: list[Variant], resolutions: list[int]) -> None:
             raise UsageError(f"--resolutions {min(resolutions)} is below the {smallest} px that {name} needs")
 
 
-def build_models(variants: list[Variant], resolution: int, device: torch.device) -> dict[Variant, nn.Module]:
-    """Build every variant; our variants of a name share weights and timm's twin loads them, checked on logits."""
-    models: dict[Variant, nn.Module] = {}
-    weights: dict[str, dict[str, torch.Tensor]] = {}
-    for variant in sorted(variants, key=lambda v: v.source):  # "ours" first: the twin needs their weights
-        model = build_model(variant, resolution)
-        if variant.source == "ours":
-            weights.setdefault(variant.model, model.state_dict())
-            model.load_state_dict(weights[variant.model])
-        elif variant.model in weights:
-            model.load_state_dict(weights[variant.model])
-        models[variant] = model.to(device)
-    for variant, model in models.items():
-        if variant.source == "timm" and variant.model in weights:
-            ours = next(m for v, m in models.items() if v.model == variant.model and v.source == "ours")
-            check_twin(ours, model, variant.model, resolution, device)
+def build_models(
+    variants: list[Variant], resolution: int, device: torch.device, workdir: Path, threads: int | None = None
+) -> dict[Variant, Runner]:
+    """Build every variant: ours of a name and timm's twin carry the weights of one fresh model (the twin checked
+    on logits), and the onnxruntime variants run its export, written into `workdir`."""
+    names = dict.fromkeys(v.model for v in variants if v.source == "ours")
+    references = {name: build_model(Variant(name, "ours", "reference"), resolution) for name in names}
+    for name, reference in references.items():
+        wanted = {v.runtime for v in variants if v.model == name} & set(ONNX_RUNTIMES)
+        if wanted:
+            write_onnx_files(reference, name, resolution, workdir, wanted)
+    models: dict[Variant, Runner] = {}
+    for variant in variants:
+        reference = references.get(variant.model)
+        weights = reference.state_dict() if reference is not None else None
+        models[variant] = build_runner(variant, resolution, device, workdir, threads, weights)
+        if variant.source == "timm" and reference is not None:
+            check_twin(reference.to(device), models[variant], variant.model, resolution, device)
     return models
+
+
+def write_onnx_files(model: nn.Module, name: str, resolution: int, workdir: Path, runtimes: set[str]) -> None:
+    """The files the onnxruntime variants run: `export --dynamic-batch` of `model` (checked against it), and that
+    file with int8 weights."""
+    float_path = onnx_file(workdir, Variant(name, "ours", runtime="onnxruntime"), resolution)
+    export(model, float_path, dynamic_batch=True, img_size=resolution)
+    if "onnxruntime-int8" in runtimes:
+        quantize_onnx(float_path, onnx_file(workdir, Variant(name, "ours", runtime="onnxruntime-int8"), resolution))
+
+
+def onnx_file(workdir: Path, variant: Variant, resolution: int) -> Path:
+    """Where a run keeps the ONNX file an onnxruntime variant runs."""
+    return workdir / f"{variant.model}-{resolution}-{variant.runtime}.onnx"
+
+
+def build_runner(
+    variant: Variant,
+    resolution: int,
+    device: torch.device,
+    workdir: Path | None,
+    threads: int | None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Runner:
+    """What a variant runs: its model on `device` with `weights` (compiled for torch-compile), or an onnxruntime
+    session of its file in `workdir` (`threads` intra-op threads)."""
+    if variant.runtime in ONNX_RUNTIMES:
+        return load_onnx(onnx_file(workdir, variant, resolution), threads)
+    model = build_model(variant, resolution)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model = model.to(device)
+    return compile_model(model, "inductor") if variant.runtime == "torch-compile" else model
 
 
 def build_model(variant: Variant, resolution: int, seed: int = 0) -> nn.Module:
@@ -180,17 +258,23 @@ def check_twin(ours: nn.Module, twin: nn.Module, name: str, resolution: int, dev
         raise RuntimeError(f"timm's {name} with our weights differs from ours by {diff:.2e} in the logits")
 
 
-def make_step(model: nn.Module, setting: Setting, device: torch.device, amp_dtype: str | None) -> Callable[[], None]:
-    """One inference or training step on a fixed random batch."""
+def make_step(
+    model: Runner, setting: Setting, device: torch.device, amp_dtype: str | None, warm: bool = False
+) -> Callable[[], None]:
+    """One inference or training step on a fixed random batch; `warm` takes one first (torch.compile compiles then,
+    out of the timings and the memory baseline)."""
     x = torch.randn(setting.batch_size, 3, setting.resolution, setting.resolution, device=device)
     amp = setting.precision == "amp"
     if setting.mode == "infer":
-        model.eval()
+        if isinstance(model, nn.Module):  # an onnxruntime session has no modes
+            model.eval()
 
         def infer() -> None:
             with torch.no_grad(), autocast(device, amp, amp_dtype):
                 model(x)
 
+        if warm:
+            infer()
         return infer
     model.train()
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
@@ -209,23 +293,28 @@ def make_step(model: nn.Module, setting: Setting, device: torch.device, amp_dtyp
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    if warm:
+        train()
     return train
 
 
 def measure_setting(
     variants: list[Variant],
-    models: dict[Variant, nn.Module],
+    models: dict[Variant, Runner],
     setting: Setting,
     device: torch.device,
     args: argparse.Namespace,
+    workdir: Path,
 ) -> list[dict[str, Any]]:
     """Round-robin timing of the variants in one setting, then (unless disabled) their peak memory."""
-    steps = {v: make_step(models[v], setting, device, args.amp_dtype) for v in variants}
+    steps = {v: make_step(models[v], setting, device, args.amp_dtype, v.compiled) for v in variants}
     times = time_round_robin(steps, device, args.warmup, args.repeats)
     records = []
     for variant in variants:
         median = statistics.median(times[variant])
-        peak = None if args.no_memory else measure_peak_memory(variant, setting, device, args.threads, args.amp_dtype)
+        peak = None
+        if not args.no_memory:
+            peak = measure_peak_memory(variant, setting, device, args.threads, args.amp_dtype, workdir)
         records.append(
             dict(
                 variant=variant.label,
@@ -281,7 +370,7 @@ def print_table(records: list[dict[str, Any]], setting: Setting) -> None:
     print(f"\n{setting.mode} {setting.precision} {setting.resolution}px batch {setting.batch_size}")
     width = max(len(r["model"]) for r in records)
     print(
-        f"  {'model':<{width}} {'variant':<22} {'img/s':>9} {'vs timm':>8} {'vs ref':>7} {'peak MiB':>9} "
+        f"  {'model':<{width}} {'variant':<24} {'img/s':>9} {'vs timm':>8} {'vs ref':>7} {'peak MiB':>9} "
         f"{'vs timm':>8} {'vs ref':>7}"
     )
 
@@ -291,7 +380,7 @@ def print_table(records: list[dict[str, Any]], setting: Setting) -> None:
     for r in records:
         peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] else "-"
         print(
-            f"  {r['model']:<{width}} {r['variant']:<22} {r['images_per_s']:>9.2f} "
+            f"  {r['model']:<{width}} {r['variant']:<24} {r['images_per_s']:>9.2f} "
             f"{ratio(r.get('speed_vs_timm')):>8} {ratio(r.get('speed_vs_reference')):>7} {peak:>9} "
             f"{ratio(r.get('memory_vs_timm')):>8} {ratio(r.get('memory_vs_reference')):>7}"
         )
@@ -309,6 +398,8 @@ def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace, devic
         timm=timm.__version__,
         python=platform.python_version(),
         processor=_processor_name(device),
+        cpu_native_bfloat16=cpu_has_native_bfloat16() if device.type == "cpu" else None,
+        onnxruntime=_onnxruntime_version(records),
     )
     output.with_suffix(".json").write_text(json.dumps(dict(environment=environment, results=records), indent=1))
     columns = [key for key in records[0] if key != "step_ms_all"] if records else []
@@ -405,6 +496,24 @@ def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether the CPU computes bfloat16 natively: AVX512-BF16 or AMX-BF16 among /proc/cpuinfo's flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _onnxruntime_version(records: list[dict[str, Any]]) -> str | None:
+    if not any(r["runtime"] in ONNX_RUNTIMES for r in records):
+        return None
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def _processor_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -423,11 +532,22 @@ def _processor_name(device: torch.device) -> str:
 
 
 def measure_peak_memory(
-    variant: Variant, setting: Setting, device: torch.device, threads: int | None, amp_dtype: str | None
+    variant: Variant,
+    setting: Setting,
+    device: torch.device,
+    threads: int | None,
+    amp_dtype: str | None,
+    workdir: Path | None = None,
 ) -> float:
-    """Peak memory (MiB) that two steps of `variant` add to the built model, measured in a fresh subprocess."""
+    """Peak memory (MiB) that two steps of `variant` add to the built model (or loaded onnxruntime session, whose
+    file is in `workdir`), measured in a fresh subprocess."""
     spec = dict(
-        variant=asdict(variant), setting=asdict(setting), device=str(device), threads=threads, amp_dtype=amp_dtype
+        variant=asdict(variant),
+        setting=asdict(setting),
+        device=str(device),
+        threads=threads,
+        amp_dtype=amp_dtype,
+        workdir=str(workdir) if workdir else None,
     )
     # A fixed threshold stops glibc from raising it as tensors are freed, so freed tensors go back to the kernel
     # and the resident set tracks live memory.
@@ -445,8 +565,9 @@ def memory_probe(spec_json: str) -> None:
     set_threads(spec["threads"])
     device = torch.device(spec["device"])
     variant, setting = Variant(**spec["variant"]), Setting(**spec["setting"])
-    model = build_model(variant, setting.resolution).to(device)
-    step = make_step(model, setting, device, spec["amp_dtype"])
+    workdir = Path(spec["workdir"]) if spec["workdir"] else None
+    model = build_runner(variant, setting.resolution, device, workdir, spec["threads"])
+    step = make_step(model, setting, device, spec["amp_dtype"], variant.compiled)
     if device.type == "cuda":
         peak_mib = cuda_peak_mib(step, device)
     else:

@@ -8,6 +8,8 @@ import contextlib
 import copy
 import importlib.util
 import json
+import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from sequencer.checkpoint import load_model
+from sequencer.commands.export import QUANTIZATIONS
 from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
 from sequencer.model import list_models, route
@@ -32,20 +35,132 @@ CONFIG_FILE = f"{CONFIG_KEY}.json"
 _CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 # What torch.onnx's exporter (onnx, onnxscript) and our check of the written file (onnxruntime) import.
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+# What a file's config must hold for `predict` to rebuild the preprocessing (crop_mode and class_names are optional).
+_REQUIRED_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct")
 
 
 class ExportCheckError(SequencerError, RuntimeError):
     """The exported file's outputs differ from PyTorch's by more than the tolerance (the file is kept)."""
 
 
-def require_onnx_packages() -> None:
-    """Raise MissingDependencyError naming the `export` extra when a package the ONNX path needs is missing."""
-    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+def require_onnx_packages(packages: tuple[str, ...] = ONNX_PACKAGES, purpose: str = "ONNX export") -> None:
+    """Raise MissingDependencyError naming the `export` extra when one of `packages` (what `purpose` needs) is
+    missing."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if missing:
         raise MissingDependencyError(
-            f"ONNX export needs {', '.join(ONNX_PACKAGES)}; {', '.join(missing)} not installed: "
+            f"{purpose} needs {', '.join(packages)}; {', '.join(missing)} not installed: "
             'pip install "sequencer[export]"'
         )
+
+
+def is_onnx_file(path: str | Path | None) -> bool:
+    """Whether `path` names an ONNX file (by its suffix)."""
+    return path is not None and SUFFIXES.get(Path(path).suffix.lower()) == "onnx"
+
+
+def onnx_session(path: str | Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session for `path` with every graph optimisation on and `threads` intra-op threads
+    (default: onnxruntime's, one per physical core); a file onnxruntime cannot load is a CheckpointError."""
+    require_onnx_packages(("onnxruntime",), "running an .onnx file")
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidProtobuf, NoSuchFile
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except (Fail, InvalidArgument, InvalidProtobuf, NoSuchFile) as error:
+        reason = str(error).splitlines()[0].split(" failed:")[-1]
+        raise CheckpointError(f"{path} is not an ONNX file onnxruntime can load: {reason}") from None
+
+
+@dataclass
+class OnnxModel:
+    """An exported ONNX file in an onnxruntime session, with the preprocessing `export` stored in it."""
+
+    path: Path
+    session: Any
+    config: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        """Width of the logits."""
+        width = self.session.get_outputs()[0].shape[-1]
+        return width if isinstance(width, int) else int(self.config["num_classes"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a CPU float32 image batch."""
+        feed = {self.session.get_inputs()[0].name: x.detach().cpu().float().contiguous().numpy()}
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
+    """An ONNX file written by `export`, ready to run; a CheckpointError for any other file (no stored config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    session = onnx_session(path, threads)
+    text = session.get_modelmeta().custom_metadata_map.get(CONFIG_KEY)
+    if text is None:
+        raise CheckpointError(
+            f"{path} is not a Sequencer export: it has no {CONFIG_KEY!r} metadata (input size, mean, std, crop); "
+            "write the file with `sequencer export`"
+        )
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: its {CONFIG_KEY!r} metadata is not JSON ({error})") from None
+    missing = [key for key in _REQUIRED_CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+    if missing:
+        raise CheckpointError(f"{path}: its {CONFIG_KEY!r} metadata lacks {', '.join(missing)}")
+    return OnnxModel(path, session, config)
+
+
+def quantize_onnx(source: Path, target: Path) -> None:
+    """Write `source` to `target` with int8 weights (onnxruntime's dynamic quantization); the stored config says so.
+
+    Dynamic rather than static: it needs no calibration images, and the activation ranges it computes per batch
+    cannot be wrong for images unlike a calibration set; Sequencer's work is MatMuls, which it covers. Written to a
+    temporary file beside `target` first, so that a failure leaves no half-written file.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(source))
+    # The exporter records the weights' shapes too; the quantizer turns Gemm into MatMul by transposing its weight,
+    # and its shape inference then fails on the stale record. Shapes of initializers are implied by the data anyway.
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    kept = [info for info in model.graph.value_info if info.name not in initializers]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    [entry] = [prop for prop in model.metadata_props if prop.key == CONFIG_KEY]
+    entry.value = json.dumps({**json.loads(entry.value), "quantization": "int8-dynamic"})
+    scratch = target.with_name(f".{target.name}.tmp")
+    try:
+        with _quiet_quantizer_advice():
+            quantize_dynamic(model, scratch, weight_type=QuantType.QInt8)
+        os.replace(scratch, target)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer_advice() -> Iterator[None]:
+    """Drop the quantizer's root-logger advice to pre-process the model (its symbolic shape inference and graph
+    optimisations; onnxruntime's session applies the latter when it loads the file)."""
+
+    def advice(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing before quantization")
+
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
 
 
 @dataclass
@@ -59,6 +174,10 @@ class ExportResult:
     tolerance: float
     max_abs_diff: dict[int, float] = field(default_factory=dict)
     trivial: bool = False  # every reference logit was zero (an untrained zero head), so the check compared nothing
+    # With --quantize: the quantized file against PyTorch on the same check images (the tolerance is not applied).
+    quantization: str | None = None
+    quantized_top1_agreement: tuple[int, int] | None = None  # (images whose top-1 class is PyTorch's, images)
+    quantized_max_abs_diff: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -70,10 +189,18 @@ class ExportResult:
         diffs = ", ".join(f"{diff:.2e} at batch {batch}" for batch, diff in self.max_abs_diff.items())
         verdict = "passed" if self.passed else "FAILED"
         shape = "dynamic batch" if self.dynamic_batch else f"batch {next(iter(self.max_abs_diff))}"
+        weights = f" with {self.quantization} weights" if self.quantization else ""
+        checked = " of the float32 export" if self.quantization else ""
         lines = [
-            f"wrote {self.format} to {self.path} (input {shape} x {' x '.join(map(str, self.input_size))})",
-            f"check against PyTorch: max |logit diff| {diffs} (tolerance {self.tolerance:.0e}): {verdict}",
+            f"wrote {self.format}{weights} to {self.path} (input {shape} x {' x '.join(map(str, self.input_size))})",
+            f"check{checked} against PyTorch: max |logit diff| {diffs} (tolerance {self.tolerance:.0e}): {verdict}",
         ]
+        if self.quantized_top1_agreement is not None:
+            same, total = self.quantized_top1_agreement
+            lines.append(
+                f"{self.quantization} file against PyTorch on the same {total} images: top-1 agreement {same}/{total} "
+                f"({same / total:.1%}), max |logit diff| {self.quantized_max_abs_diff:.2e}"
+            )
         if self.trivial:
             lines.append(
                 "note: all reference logits are zero (untrained zero-initialised head); load a checkpoint "
@@ -159,11 +286,7 @@ def load_exported(path: str | Path, fmt: str | None = None) -> Callable[[torch.T
     fmt = format_for(path, fmt)
     if fmt == "onnx":
         require_onnx_packages()
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
-        return lambda x: torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
+        return load_onnx(path)
     if fmt == "torchscript":
         with _quiet_export_warnings():
             return torch.jit.load(str(path), map_location="cpu").eval()
@@ -184,16 +307,23 @@ def export(
     batch_size: int = 2,
     tolerance: float = 1e-4,
     opset: int | None = None,
+    quantize: str | None = None,
     **config_overrides: Any,
 ) -> ExportResult:
     """Write `model` (a variant name loaded from `checkpoint`, or a module) to `output`, reload it and check it.
 
     The example input has `batch_size` images of the model's input size (`img_size` / `input_size` override it);
     a static export is fixed to that batch, a dynamic one is checked at two more sizes. A module is copied, not
-    changed. The preprocessing config is stored in the file (key / extra file `sequencer_config`). Raises
-    ExportCheckError when the reloaded file's logits differ by more than `tolerance`.
+    changed. The preprocessing config (and the class names a checkpoint recorded) is stored in the file (key / extra
+    file `sequencer_config`). Raises ExportCheckError when the reloaded file's logits differ by more than `tolerance`.
+    `quantize="int8"` (ONNX only) then replaces the checked float32 file by `quantize_onnx`'s and reports how far its
+    top-1 classes and logits are from PyTorch's on the same images.
     """
     fmt = format_for(output, format)
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise UsageError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANTIZATIONS)}")
+    if quantize and fmt != "onnx":
+        raise UsageError(f"--quantize {quantize} needs the ONNX format (onnxruntime quantizes ONNX files), not {fmt}")
     if fmt == "onnx":
         require_onnx_packages()
     if fmt == "exported-program" and Path(output).suffix != ".pt2":
@@ -220,6 +350,9 @@ def export(
         "num_classes": getattr(model, "num_classes", None),
         **{key: cfg[key] for key in _CONFIG_KEYS if key in cfg},
     }
+    label_names = getattr(model, "pretrained_cfg", {}).get("label_names")
+    if label_names:
+        config["class_names"] = list(label_names)
     input_size = tuple(cfg["input_size"])
     check_input_fits(model, input_size)  # before any file or folder is made
     generator = torch.Generator().manual_seed(0)
@@ -239,6 +372,14 @@ def export(
     result.trivial = all(not ref.any() for ref in references.values())
     if not result.passed:
         raise ExportCheckError(f"{result.summary()}\nthe file was kept at {path} for inspection")
+    if quantize:
+        quantize_onnx(path, path)
+        quantized = load_exported(path, fmt)
+        logits = {batch: quantized(x) for batch, x in inputs.items()}
+        same = sum(int((logits[b].argmax(-1) == references[b].argmax(-1)).sum()) for b in inputs)
+        result.quantization = quantize
+        result.quantized_top1_agreement = (same, sum(batches))
+        result.quantized_max_abs_diff = max((logits[b] - references[b]).abs().max().item() for b in inputs)
     return result
 
 
@@ -260,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             tolerance=args.tolerance,
             opset=args.opset,
+            quantize=args.quantize,
             **overrides,
         )
     except ExportCheckError as error:

@@ -9,8 +9,9 @@ import functools
 import io
 import json
 import sys
+import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,8 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sequencer.checkpoint import load_model
-from sequencer.commands.predict import OUTPUT_FORMATS
+from sequencer.commands.predict import DEFAULT_MODEL, OUTPUT_FORMATS, RUNTIMES
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
+from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx
 from sequencer.errors import DatasetError, UsageError
 from sequencer.options import (
     INPUT_KEYS,
@@ -152,9 +154,77 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[
     return [index for index, _ in good], batch, failed
 
 
+@dataclass
+class Classifier:
+    """What `predict` runs, whatever the runtime: batch -> logits, its preprocessing config, its class names."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    config: dict[str, Any]  # a pretrained_cfg: input_size, crop_pct, interpolation, mean, std
+    num_classes: int
+    label_names: Sequence[str] | None
+    device: torch.device
+
+
+def choose_runtime(runtime: str | None, checkpoint: str | Path | None) -> str:
+    """The runtime asked for, else the file's: onnxruntime for an .onnx file, torch for anything else."""
+    if runtime is not None and runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    if is_onnx_file(checkpoint):
+        if runtime == "torch":
+            raise UsageError(f"{checkpoint} is an ONNX file: onnxruntime runs it, not the torch runtime")
+        return "onnxruntime"
+    return runtime or "torch"
+
+
+def torch_classifier(
+    model: nn.Module, device: str | torch.device | None, amp: bool, amp_dtype: str | None
+) -> Classifier:
+    """A PyTorch module on `device` in eval mode, under autocast when `amp`."""
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    model = model.to(torch_device).eval()
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        with autocast(torch_device, amp, amp_dtype):
+            return model(batch.to(torch_device, non_blocking=True))
+
+    cfg = getattr(model, "pretrained_cfg", {})
+    return Classifier(forward, cfg, model.num_classes, cfg.get("label_names"), torch_device)
+
+
+def onnx_classifier(
+    exported: OnnxModel,
+    model_name: str | None,
+    num_classes: int | None,
+    in_chans: int,
+    transform_overrides: dict[str, Any],
+) -> Classifier:
+    """An exported file in onnxruntime; a --model, --num-classes, --in-chans or input size that contradicts the file
+    is refused (its graph is fixed to the size it was exported at)."""
+    config = exported.config
+    if model_name and model_name != config.get("model_name"):
+        raise UsageError(f"{exported.path} holds {config.get('model_name')}, not --model {model_name}")
+    if num_classes is not None and num_classes != exported.num_classes:
+        raise UsageError(f"{exported.path} has {exported.num_classes} classes, not --num-classes {num_classes}")
+    channels = config["input_size"][0]
+    if in_chans != channels:
+        raise UsageError(f"{exported.path} takes {channels} input channels, not --in-chans {in_chans}")
+    if channels != 3:
+        raise UsageError(f"{exported.path} takes {channels}-channel inputs but images are read as RGB, 3 channels")
+    exported_size, asked_size = (
+        list(config["input_size"]),
+        list(data_config(config, **transform_overrides)["input_size"]),
+    )
+    if asked_size != exported_size:
+        raise UsageError(
+            f"{exported.path} was exported for {'x'.join(map(str, exported_size))} inputs, not "
+            f"{'x'.join(map(str, asked_size))} (--img-size / --input-size): export it again at that size"
+        )
+    return Classifier(exported, config, exported.num_classes, config.get("class_names"), torch.device("cpu"))
+
+
 def predict(
     inputs: str | Path | Sequence[str | Path],
-    model: str | nn.Module = "sequencer2d_s",
+    model: str | nn.Module | None = None,
     checkpoint: str | Path | None = None,
     *,
     topk: int = 5,
@@ -167,30 +237,54 @@ def predict(
     device: str | torch.device | None = None,
     amp: bool = False,
     amp_dtype: str | None = None,
+    runtime: str | None = None,
+    threads: int | None = None,
     progress: bool = False,
     unsafe_load: bool = False,
     **transform_overrides: Any,
 ) -> list[Prediction]:
     """Top-k classes of each image file (folders are searched recursively), in input order, failures included.
 
-    `model` is a variant name (built and loaded from `checkpoint`) or a ready module, which is moved to `device`
-    and put in eval mode. `transform_overrides` (img_size, crop_pct, mean, ...) adjust the model's preprocessing.
+    `model` is a variant name (default sequencer2d_s, built and loaded from `checkpoint`) or a ready module, which is
+    moved to `device` and put in eval mode. `checkpoint` may be an .onnx file from `export`: onnxruntime runs it with
+    the preprocessing and class names stored in it. `runtime` ("torch" or "onnxruntime") defaults to onnxruntime for
+    an .onnx file and torch otherwise; onnxruntime on a checkpoint exports it to a temporary ONNX file first.
+    `threads` sets onnxruntime's intra-op threads (torch's are the process's: `torch.set_num_threads`).
+    `transform_overrides` (img_size, crop_pct, mean, ...) adjust the model's preprocessing.
     """
     if topk < 1:
         raise UsageError(f"topk must be at least 1, got {topk}")
     unknown = set(transform_overrides) - set(INPUT_KEYS)
     if unknown:
         raise TypeError(f"unexpected arguments {sorted(unknown)}; preprocessing overrides are {INPUT_KEYS}")
-    files = find_images(inputs)
-    if isinstance(model, str):
-        model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
-    elif checkpoint:
+    if isinstance(model, str) and is_onnx_file(model):
+        raise UsageError(f"--model takes a variant name; pass the exported file as --checkpoint {model}")
+    if not isinstance(model, str) and model is not None and checkpoint:
         raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
-    check_image_input_fits(model, data_config(model, **transform_overrides)["input_size"])
-    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
-    model = model.to(torch_device).eval()
-    transform = create_transform(model, train=False, **transform_overrides)
-    names = class_names_for(model.num_classes, class_map, getattr(model, "pretrained_cfg", {}).get("label_names"))
+    files = find_images(inputs)
+    runtime = choose_runtime(runtime, checkpoint)
+    if runtime == "onnxruntime":
+        if amp:
+            raise UsageError("--amp is for the torch runtime; onnxruntime runs the file as exported (float32 or int8)")
+        if device is not None and resolve_device(device).type != "cpu":
+            raise UsageError(f"onnxruntime runs on the CPU here; --device {device} is for the torch runtime")
+    if is_onnx_file(checkpoint):
+        if use_ema:
+            raise UsageError("--use-ema picks weights inside a training checkpoint; an .onnx file holds one set")
+        classifier = onnx_classifier(load_onnx(checkpoint, threads), model, num_classes, in_chans, transform_overrides)
+    else:
+        if model is None or isinstance(model, str):
+            model = load_model(model or DEFAULT_MODEL, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
+        check_image_input_fits(model, data_config(model, **transform_overrides)["input_size"])
+        if runtime == "onnxruntime":
+            with tempfile.TemporaryDirectory() as folder:  # the session keeps what it needs from the file
+                path = Path(folder) / "model.onnx"
+                export(model, path, dynamic_batch=True, **transform_overrides)
+                classifier = onnx_classifier(load_onnx(path, threads), None, None, in_chans, transform_overrides)
+        else:
+            classifier = torch_classifier(model, device, amp, amp_dtype)
+    transform = create_transform(classifier.config, train=False, **transform_overrides)
+    names = class_names_for(classifier.num_classes, class_map, classifier.label_names)
     topk = min(topk, len(names))
 
     loader = DataLoader(
@@ -198,7 +292,7 @@ def predict(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
-        pin_memory=torch_device.type == "cuda",
+        pin_memory=classifier.device.type == "cuda",
     )
     results = [Prediction(str(path)) for path in files]
     bar = progress_bar(show=progress, total=len(files), unit="img", leave=True)
@@ -207,9 +301,7 @@ def predict(
             for index, error in failed:
                 results[index].error = error
             if batch is not None:
-                with autocast(torch_device, amp, amp_dtype):
-                    logits = model(batch.to(torch_device, non_blocking=True))
-                probabilities, classes = logits.float().softmax(dim=-1).topk(topk, dim=-1)
+                probabilities, classes = classifier.forward(batch).float().softmax(dim=-1).topk(topk, dim=-1)
                 for index, probs, top in zip(indices, probabilities.tolist(), classes.tolist(), strict=True):
                     results[index].top = [ClassScore(c, names[c], p) for c, p in zip(top, probs, strict=True)]
             bar.update(len(indices) + len(failed))
@@ -284,6 +376,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         amp_dtype=args.amp_dtype,
+        runtime=args.runtime,
+        threads=args.threads,
         progress=True,
         unsafe_load=args.unsafe_load,
         **overrides,

@@ -83,11 +83,16 @@ def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                 raise UsageError(f"{flag} {shown} is out of range: it must be {limits}")
 
 
-def add_model_options(parser: argparse.ArgumentParser, default_model: str = "sequencer2d_s") -> None:
+def add_model_options(
+    parser: argparse.ArgumentParser,
+    default_model: str | None = "sequencer2d_s",
+    model_help: str = "model name (see `sequencer summary`)",
+    checkpoint_help: str = "weights file (.pth, .pth.tar, .safetensors)",
+) -> None:
     """--model, --checkpoint / --pretrained, --num-classes, --in-chans."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=default_model, help="model name (see `sequencer summary`)")
-    group.add_argument("--checkpoint", default="", help="weights file (.pth, .pth.tar, .safetensors)")
+    group.add_argument("--model", default=default_model, help=model_help)
+    group.add_argument("--checkpoint", default="", help=checkpoint_help)
     group.add_argument("--num-classes", type=int, default=None, help="classes of the head (default: the data's)")
     group.add_argument("--in-chans", type=int, default=3, help="input channels")
     group.add_argument("--use-ema", action="store_true", help="load the EMA weights of a training checkpoint")
@@ -158,8 +163,8 @@ def input_overrides(args: argparse.Namespace, *exclude: str) -> dict[str, Any]:
     return {key: getattr(args, key) for key in INPUT_KEYS if key not in exclude}
 
 
-def add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    """--device, --amp, --amp-dtype, -b, -j, --threads."""
+def add_runtime_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--device, --amp, --amp-dtype, -b, -j, --threads; returns the group for a command's own runtime flags."""
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     group.add_argument(
@@ -173,6 +178,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-b", "--batch-size", type=int, default=32, help="batch size (per process)")
     group.add_argument("-j", "--workers", type=int, default=2, help="data-loading worker processes")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return group
 
 
 def add_output_option(

@@ -16,6 +16,8 @@ from sequencer.options import add_output_option, add_runtime_options
 
 MODES = ("infer", "train")
 PRECISIONS = ("float32", "amp")
+ONNX_RUNTIMES = ("onnxruntime", "onnxruntime-int8")
+RUNTIMES = ("torch", "torch-compile", *ONNX_RUNTIMES)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_names,
         default=["auto", "reference"],
         help="rnn_impl values to run our models with (auto, reference, fused)",
+    )
+    parser.add_argument(
+        "--runtimes",
+        type=_choices(RUNTIMES),
+        default=["torch"],
+        help="comma-separated engines for our models: torch (eager), torch-compile (inductor; inference only), "
+        "onnxruntime and onnxruntime-int8 (CPU, inference only, float32 settings: the file `export --dynamic-batch` "
+        "writes from the same weights, as is or with `--quantize int8`); timm's models run eager torch",
     )
     parser.add_argument(
         "--grad-checkpointing",

@@ -6,6 +6,8 @@ import argparse
 
 from sequencer.options import add_input_options, add_model_options, add_output_option
 
+QUANTIZATIONS = ("int8",)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, input size and export options."""
@@ -33,3 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |logit difference|")
     group.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    group.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="ONNX only: write the file with int8 weights (onnxruntime's dynamic quantization) once the float32 export "
+        "passed its check, and report its top-1 agreement and max |logit diff| against PyTorch on the check images",
+    )

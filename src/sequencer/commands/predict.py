@@ -7,14 +7,30 @@ import argparse
 from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
 
 OUTPUT_FORMATS = ("table", "csv", "json")
+RUNTIMES = ("torch", "onnxruntime")
+DEFAULT_MODEL = "sequencer2d_s"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Inputs, model, preprocessing, runtime and output options."""
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (recursive)")
-    add_model_options(parser)
+    add_model_options(
+        parser,
+        default_model=None,
+        model_help=f"model name (see `sequencer summary`; default: {DEFAULT_MODEL}, or the one an .onnx file holds)",
+        checkpoint_help="weights file (.pth, .pth.tar, .safetensors), or an .onnx file written by `sequencer export` "
+        "(run by onnxruntime with the preprocessing and class names stored in it)",
+    )
     add_input_options(parser)
-    add_runtime_options(parser)
+    runtime = add_runtime_options(parser)
+    runtime.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=None,
+        help="what runs the model: torch, or onnxruntime on the CPU (the `export` extra; a checkpoint is exported to "
+        "a temporary ONNX file and checked first, which takes a while for the large variants; --threads sets its "
+        "intra-op threads). Default: onnxruntime for an .onnx --checkpoint, else torch",
+    )
     group = parser.add_argument_group("output")
     group.add_argument("--topk", type=int, default=5, help="classes to list per image")
     group.add_argument(
