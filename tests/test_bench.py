@@ -129,7 +129,7 @@ def test_memory_probe_sees_what_a_training_step_adds() -> None:
 def test_onnxruntime_runtimes_run_the_same_weights_beside_torch_in_float32_inference_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(bench, "cpu_has_native_bfloat16", lambda: False)  # an AVX2-only CPU
+    monkeypatch.setattr(bench, "native_bfloat16_cpu", lambda: False)  # an AVX2-only CPU
     report = _run(
         tmp_path,
         "--models",

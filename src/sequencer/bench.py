@@ -50,7 +50,7 @@ from sequencer.deploy import OnnxModel, export, load_onnx, quantize_onnx, requir
 from sequencer.errors import UsageError
 from sequencer.model import create_model, list_models
 from sequencer.recurrence import IMPLEMENTATIONS
-from sequencer.runtime import autocast, compile_model, resolve_device, set_threads
+from sequencer.runtime import autocast, compile_model, native_bfloat16_cpu, resolve_device, set_threads
 
 # What a variant runs: a PyTorch module (compiled or not) or an exported file in onnxruntime.
 Runner = nn.Module | OnnxModel
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--runtimes onnxruntime* run on the CPU (onnxruntime's CPU provider): pass --device cpu")
         require_onnx_packages(purpose="--runtimes onnxruntime (an ONNX export run by onnxruntime)")
     precisions = args.precisions or (["amp"] if args.amp else ["float32"])
-    if "amp" in precisions and device.type == "cpu" and not cpu_has_native_bfloat16():
+    if "amp" in precisions and device.type == "cpu" and native_bfloat16_cpu() is False:
         print("note: this CPU has no AVX512-BF16 or AMX: the amp (bfloat16) settings time its emulation")
     records = []
     with tempfile.TemporaryDirectory(prefix="sequencer-bench-") as workdir:
@@ -398,7 +398,7 @@ def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace, devic
         timm=timm.__version__,
         python=platform.python_version(),
         processor=_processor_name(device),
-        cpu_native_bfloat16=cpu_has_native_bfloat16() if device.type == "cpu" else None,
+        cpu_native_bfloat16=native_bfloat16_cpu() if device.type == "cpu" else None,
         onnxruntime=_onnxruntime_version(records),
     )
     output.with_suffix(".json").write_text(json.dumps(dict(environment=environment, results=records), indent=1))
@@ -494,16 +494,6 @@ def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
     figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def cpu_has_native_bfloat16() -> bool:
-    """Whether the CPU computes bfloat16 natively: AVX512-BF16 or AMX-BF16 among /proc/cpuinfo's flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _onnxruntime_version(records: list[dict[str, Any]]) -> str | None:
