@@ -9,9 +9,10 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import sequencer
-from sequencer import cli
+from sequencer import cli, runtime
 from sequencer.analysis.robustness import CORRUPTIONS
 from sequencer.analysis.variants import VARIANTS
 from sequencer.commands.variants import DATASET_FLAGS
@@ -192,3 +193,24 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(
     assert exited.value.code == 2 and message.format(tmp=tmp_path) in error
     assert error.startswith(f"sequencer {words.split()[0]}: error: argument -o/--output") and error.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+@pytest.mark.parametrize("command", ["train {data}", "validate {data}", "predict {data}/val", "bench --resolutions 32"])
+def test_an_amp_dtype_the_device_cannot_run_is_one_line_naming_what_runs(
+    run_cli, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    monkeypatch.setattr(runtime, "_autocast_runs", lambda device, dtype: dtype == torch.bfloat16)  # a CPU without fp16
+    words = f"{command.format(data=data)} {TINY} --amp --amp-dtype float16 --output {tmp_path / 'out'}"
+    assert run_cli(words) == 2
+    error = capsys.readouterr().err
+    assert error.strip() == (
+        f"sequencer {command.split()[0]}: error: --amp in float16 cannot run on cpu: autocast there runs bfloat16 "
+        "(pass --amp-dtype bfloat16)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_autocast_probe_tells_a_dtype_autocast_switches_off_from_one_it_runs() -> None:
+    cpu = torch.device("cpu")
+    assert runtime._autocast_runs(cpu, torch.bfloat16)  # CPU autocast computes bfloat16 on every torch we support
+    assert not runtime._autocast_runs(cpu, torch.float64)  # autocast warns and disables itself for a non-half type

@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             _apply_config(parser.command_parsers[command], args.config)
             args = parser.parse_args(argv)
         check_bounds(parser.command_parsers[command], args)
+        if getattr(args, "amp", False):
+            from sequencer.runtime import check_amp
+
+            check_amp(args.device, args.amp_dtype)
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except SequencerError as error:
         print(f"sequencer {args.command}: error: {error}", file=sys.stderr)

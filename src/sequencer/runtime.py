@@ -36,6 +36,31 @@ def amp_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
+def check_amp(device_name: str | None, dtype: str | None) -> None:
+    """Refuse in one line (`UsageError`) an AMP dtype that autocast cannot run on the device, naming those it can."""
+    device = resolve_device(device_name)
+    chosen = dtype or str(amp_dtype(device)).removeprefix("torch.")
+    runnable = [name for name in ("float16", "bfloat16") if _autocast_runs(device, getattr(torch, name))]
+    if chosen not in runnable:
+        raise UsageError(
+            f"--amp in {chosen} cannot run on {device}: autocast there runs {' or '.join(runnable) or 'neither'} "
+            f"({'pass --amp-dtype ' + runnable[0] if runnable else 'leave --amp out'})"
+        )
+
+
+def _autocast_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether autocast on `device` computes in `dtype` (it warns and switches itself off, or raises, where not)."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        return torch.cuda.is_bf16_supported()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(device.type, dtype=dtype):
+                return torch.is_autocast_enabled(device.type)
+        except RuntimeError:
+            return False
+
+
 def native_bfloat16_cpu() -> bool | None:
     """Whether this CPU computes bfloat16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16), from /proc/cpuinfo; None
     where that cannot be read."""
