@@ -6,6 +6,7 @@ huggingface_hub's cache (HF_HOME, HF_HUB_CACHE), which later loads read from, al
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from urllib.parse import urlparse
@@ -57,12 +58,14 @@ def download(spec: str) -> str:
 
 def _why_unreachable(endpoint: str, timeout: float) -> str | None:
     """Why the Hub at `endpoint` cannot serve files now, from one request that is not retried; None if it can."""
-    import httpx2
     from huggingface_hub.utils import get_session
 
+    session = get_session()
+    # huggingface_hub 1.x's session is an httpx client, 2.x's an httpx2 one: catch that library's TransportError.
+    http = importlib.import_module(type(session).__module__.partition(".")[0])
     try:
-        response = get_session().head(endpoint, timeout=timeout)
-    except httpx2.TransportError as error:  # refused, timed out, no route, hung up: huggingface_hub retries these
+        response = session.head(endpoint, timeout=timeout)
+    except http.TransportError as error:  # refused, timed out, no route, hung up: huggingface_hub retries these
         return _first_line(error)
     return f"it answered HTTP {response.status_code}" if response.status_code >= 500 else None
 
