@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -377,6 +378,14 @@ def test_resolution_refuses_bad_input_in_one_line(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# The `robustness` extra: installed by `make test` and `make test-oldest`, maybe not where the suite runs by hand.
+needs_imagecorruptions = pytest.mark.skipif(
+    importlib.util.find_spec("imagecorruptions") is None,
+    reason='needs the robustness extra: pip install "sequencer[robustness]"',
+)
+
+
+@needs_imagecorruptions
 def test_every_corruption_runs_on_this_stack() -> None:
     # imagecorruptions 1.1.2 needs three bridges on NumPy 2 / recent scikit-image / setuptools (see robustness.py).
     library = robustness.imagecorruptions()
@@ -388,6 +397,7 @@ def test_every_corruption_runs_on_this_stack() -> None:
         assert np.abs(corrupted.astype(int) - clean).mean() > 1, name
 
 
+@needs_imagecorruptions
 def test_corrupted_images_are_reproducible_and_normalised(image_tree: Path) -> None:
     base = build_dataset(
         str(image_tree), "val", transform=create_transform(create_model("sequencer2d_tiny"), use_prefetcher=True)
@@ -422,6 +432,7 @@ def test_corruption_error_is_normalised_by_alexnet(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@needs_imagecorruptions
 def test_robustness_command_writes_per_corruption_tables_and_mce(
     run_cli, tmp_path: Path, image_tree: Path, tiny_checkpoint: Path
 ) -> None:
