@@ -690,3 +690,53 @@ def test_too_many_workers_warn_once_and_a_default_count_stays_within_the_cores(
         f"-j {workers} data-loading worker processes on 1 usable CPU core(s) can run slowly or freeze; lower "
         "-j/--workers to 1 or less"
     ]
+
+
+def test_resume_auto_starts_a_run_then_continues_it_and_refuses_another(
+    make_image_tree,
+    run_cli,
+    data_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    output = tmp_path / "run"
+    command = f"{data_root} {TINY} --resume auto --output {output}"
+    assert run_cli("train", f"{data_root} {TINY} --epochs 1 --resume auto") == 2
+    assert "--resume auto continues the run in -o/--output" in capsys.readouterr().err
+    assert run_cli("train", f"{command} --epochs 1") == 0
+    assert "--resume auto: no last.pth.tar, a new run" in caplog.text
+    # A start stopped before its first checkpoint leaves its args.yaml alone: the same command starts again there,
+    # another one is refused.
+    saved = (output / "args.yaml").read_text()
+    shutil.rmtree(output)
+    output.mkdir()
+    (output / "args.yaml").write_text(saved.replace("lr: 0.002", "lr: 0.003"))
+    assert run_cli("train", f"{command} --epochs 1") == 2
+    err = capsys.readouterr().err
+    assert f"--resume auto: {output} holds args.yaml but no last.pth.tar to continue from" in err
+    assert sorted(path.name for path in output.iterdir()) == ["args.yaml"]
+    (output / "args.yaml").write_text(saved)
+    assert run_cli("train", f"{command} --epochs 1") == 0
+    assert [row["epoch"] for row in summary_rows(output)] == ["0"]
+    caplog.clear()
+    # The same command with more epochs continues from last.pth.tar (a fresh start would have refused the folder).
+    assert run_cli("train", f"{command} --epochs 2") == 0
+    assert f"--resume auto: continuing from {output / 'last.pth.tar'}" in caplog.text
+    assert [row["epoch"] for row in summary_rows(output)] == ["0", "1"]
+    assert read_file(output / "last.pth.tar")["num_updates"] == 8
+    capsys.readouterr()
+    # A last.pth.tar of another model or class count is refused in one line, before anything is written.
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    other_model = command.replace("sequencer2d_tiny", "rnn_sequencer2d_s")
+    assert run_cli("train", f"{other_model} --epochs 3") == 2
+    err = capsys.readouterr().err
+    assert f"--resume {output / 'last.pth.tar'}: that run has --model sequencer2d_tiny, this command" in err
+    assert len(err.strip().splitlines()) == 1
+    three_classes = make_image_tree(tmp_path / "three", classes=3, per_class=4)
+    assert run_cli("train", f"{command.replace(str(data_root), str(three_classes))} --epochs 3") == 2
+    err = capsys.readouterr().err
+    assert "is a run of sequencer2d_tiny with 2 classes; this run is sequencer2d_tiny with 3 classes" in err
+    assert len(err.strip().splitlines()) == 1
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before

@@ -7,7 +7,7 @@ import logging
 import multiprocessing
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from timm.data import ImageNetInfo, auto_augment, resolve_data_config
 from timm.data import create_transform as timm_create_transform
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -423,6 +423,20 @@ def _warn_too_many_workers(workers: int, cores: int) -> None:
     )
 
 
+class ShardSampler(Sampler[int]):
+    """Rank r of `world_size` reads images r, r + world_size, r + 2 world_size ...: every image exactly once over
+    all ranks, in order, without the repeats a DistributedSampler pads the shards with (they would count twice)."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+        self.indices = range(rank, len(dataset), world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def create_loader(
     dataset: Dataset,
     batch_size: int,
@@ -432,8 +446,15 @@ def create_loader(
     drop_last: bool = False,
     collate_fn: Callable | None = None,
 ) -> DataLoader:
-    """A DataLoader; under DDP a DistributedSampler gives each rank its own shard (call `set_epoch` each epoch)."""
-    sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=drop_last) if distributed else None
+    """A DataLoader; under DDP each rank reads its own shard: for training (`shuffle`) a DistributedSampler's (call
+    `set_epoch` each epoch), for evaluation a `ShardSampler`'s, which counts every image exactly once."""
+    sampler: Sampler | None = None
+    if distributed and shuffle:
+        sampler = DistributedSampler(dataset, shuffle=True, drop_last=drop_last)
+    elif distributed:
+        sampler = ShardSampler(
+            dataset, rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size()
+        )
     if workers > (cores := usable_cpus()):
         _warn_too_many_workers(workers, cores)
     # Workers start afresh every epoch (not persistent): their random streams are then drawn from the epoch's

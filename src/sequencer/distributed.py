@@ -30,9 +30,14 @@ class DistributedContext:
         return self.rank == 0
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE), 1 outside torchrun; known before the group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_name: str | None = None) -> DistributedContext:
     """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if world_size <= 1:
@@ -54,6 +59,15 @@ def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.T
     value = value.detach().clone()
     dist.all_reduce(value)
     return value / context.world_size
+
+
+def all_reduce_sum(value: int, context: DistributedContext) -> int:
+    """The sum of a count over all processes (the count itself when alone)."""
+    if not context.distributed:
+        return value
+    total = torch.tensor(value, dtype=torch.int64, device=context.device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def on_every_rank(flag: bool, context: DistributedContext) -> bool:

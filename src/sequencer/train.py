@@ -38,8 +38,10 @@ from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_tr
 from sequencer.distributed import (
     DistributedContext,
     all_reduce_mean,
+    all_reduce_sum,
     cleanup_distributed,
     init_distributed,
+    launched_world_size,
     on_every_rank,
 )
 from sequencer.errors import CheckpointError, UsageError
@@ -69,6 +71,8 @@ RUN_FILES = ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar")
 # Flags that shape the learned state a checkpoint holds: a resumed run keeps them; every other flag (the schedule,
 # the epochs, augmentation ...) follows the command line.
 RESUME_FIXED = ("model", "num_classes", "in_chans", "img_size", "input_size", "opt", "layer_decay")
+# `--resume auto`: continue from the output folder's last.pth.tar if there is one, else start there afresh.
+AUTO_RESUME = "auto"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -437,6 +441,10 @@ def output_folder(args: argparse.Namespace) -> Path:
     """--output[/--experiment]; by default the resumed run's folder, else output/train/<date>-<model>-<size>."""
     if args.output:
         base = Path(args.output)
+    elif args.resume == AUTO_RESUME:
+        raise UsageError(
+            "--resume auto continues the run in -o/--output: name that folder (the default one is new at every start)"
+        )
     elif args.resume:
         base = Path(args.resume).parent
     else:
@@ -445,17 +453,62 @@ def output_folder(args: argparse.Namespace) -> Path:
     return base / args.experiment if args.experiment else base
 
 
-def check_output_folder(args: argparse.Namespace, output: Path) -> None:
-    """Refuse a new run in a folder that holds one (its files would be overwritten): only --resume continues there."""
+def resume_source(args: argparse.Namespace, output: Path) -> str:
+    """The checkpoint to resume from: --resume's, or for `--resume auto` the output folder's last.pth.tar when there
+    is one, else none (''), so that one unchanged command line serves every restart of a preemptible job."""
+    if args.resume != AUTO_RESUME:
+        return args.resume
+    last = output / "last.pth.tar"
+    return str(last) if last.is_file() else ""
+
+
+def check_output_folder(args: argparse.Namespace, output: Path, auto_resume: bool = False) -> None:
+    """Refuse a new run in a folder that holds one (its files would be overwritten): only --resume continues there.
+
+    `auto_resume` (--resume auto found no last.pth.tar): the folder may hold this same command's args.yaml alone,
+    written by a start that stopped before its first checkpoint, with nothing learned to lose."""
     held = [name for name in RUN_FILES if (output / name).exists()]
     held += sorted(path.name for path in output.glob("checkpoint-*.pth.tar"))
     if not held or (args.resume and Path(args.resume).resolve().parent == output.resolve()):
         return
+    if auto_resume and held == ["args.yaml"] and _saved_arguments(output / "args.yaml") == plain_arguments(args):
+        return
+    if auto_resume:
+        raise UsageError(
+            f"--resume auto: {output} holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} but no "
+            "last.pth.tar to continue from, and not as this command would have left it; pass another -o/--output"
+        )
     source = f" (-c {args.config} names it as its output)" if args.config else ""
     raise UsageError(
         f"{output} already holds a run{source}: {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}; continue it "
         f"with --resume {output / 'last.pth.tar'}, or pass another -o/--output (or --experiment NAME for a sub-folder)"
     )
+
+
+def save_epoch_files(
+    ckpt: dict[str, Any],
+    history: list[dict[str, Any]],
+    output: Path,
+    args: argparse.Namespace,
+    is_best: bool,
+    title: str,
+) -> None:
+    """What an epoch writes after last.pth.tar: model_best.pth.tar (if `is_best`), its checkpoint-EPOCH.pth.tar
+    (--checkpoint-hist), summary.csv and the training curves."""
+    if is_best:
+        atomic_save(ckpt, output / "model_best.pth.tar")
+    if args.checkpoint_hist:
+        update_checkpoint_history(ckpt, history, output, args.eval_metric, args.checkpoint_hist)
+    write_summary(history, output / "summary.csv")
+    plot_training_curves(history, output / CURVES_FILE, title=title)
+
+
+def _saved_arguments(path: Path) -> Any:
+    """A run's args.yaml as data; None when it cannot be read."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 def train(
@@ -580,9 +633,14 @@ def train(
     train_model = compile_model(train_model, args.torchcompile)
 
     saved_args = plain_arguments(args)
+    title = f"{args.model} on {source or 'digits'}"
     if context.is_primary:
         output.mkdir(parents=True, exist_ok=True)
         (output / "args.yaml").write_text(yaml.safe_dump(saved_args, sort_keys=False))
+        if resumed is not None and history and history[-1]["epoch"] == resumed["epoch"]:
+            # A run stopped (killed, preempted) between last.pth.tar and the files written after it: complete them.
+            is_best = resumed["best_epoch"] == resumed["epoch"]
+            save_epoch_files(resumed, history, output, args, is_best=is_best, title=title)
         _logger.info(
             "training %s (%d classes, input %s) on %s: %d train / %d held-out images, epochs %d-%d (counted from 0 "
             "as in summary.csv and checkpoint-EPOCH.pth.tar), %d process(es) on %s; output in %s",
@@ -633,12 +691,7 @@ def train(
         if context.is_primary:
             ckpt = checkpoint_dict(state, saved_args, history)
             atomic_save(ckpt, output / "last.pth.tar")
-            if is_best:
-                atomic_save(ckpt, output / "model_best.pth.tar")
-            if args.checkpoint_hist:
-                update_checkpoint_history(ckpt, history, output, args.eval_metric, args.checkpoint_hist)
-            write_summary(history, output / "summary.csv")
-            plot_training_curves(history, output / CURVES_FILE, title=f"{args.model} on {source or 'digits'}")
+            save_epoch_files(ckpt, history, output, args, is_best=is_best, title=title)
             _logger.info(
                 "epoch %d/%d  train loss %.4f  held-out loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s",
                 epoch,
@@ -650,7 +703,8 @@ def train(
                 row["lr"],
                 "  (best)" if is_best else "",
             )
-    skipped = getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)
+    # Each process counts the images it met: their sum is the run's.
+    skipped = all_reduce_sum(getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0), context)
     if skipped and context.is_primary:
         _logger.warning("%d unreadable image(s) were skipped (see the warnings above)", skipped)
     return {**row, "best_metric": state.best_metric, "best_epoch": state.best_epoch, "num_skipped": skipped}
@@ -659,13 +713,19 @@ def train(
 def run(args: argparse.Namespace) -> int:
     """`sequencer train`: set up (distributed) processes, train, print the held-out top-1."""
     start = time.perf_counter()
-    resolved = resolve_arguments(args)
-    check_arguments(resolved)
-    output = output_folder(resolved)
-    check_output_folder(resolved, output)
+    # Every check before the process group is joined: torchrun's WORLD_SIZE already gives the global batch.
+    args = resolve_arguments(args, launched_world_size())
+    check_arguments(args)
+    output = output_folder(args)
+    auto_resume = args.resume == AUTO_RESUME
+    args.resume = resume_source(args, output)
+    check_output_folder(args, output, auto_resume=auto_resume and not args.resume)
     context = init_distributed(args.device)
     logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
-    args = resolve_arguments(args, context.world_size)
+    if auto_resume and context.is_primary:
+        _logger.info(
+            "--resume auto: %s", f"continuing from {args.resume}" if args.resume else "no last.pth.tar, a new run"
+        )
     if context.is_primary:
         warn_if_emulated_bfloat16(context.device, args.amp, args.amp_dtype)
     resumed = read_resumed(args) if args.resume else None

@@ -107,8 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--resume",
         default="",
+        metavar="PATH|auto",
         help="continue a run from its last.pth.tar: its weights, optimizer state, EMA and epoch; the schedule and "
-        "every other setting follow these flags (model, classes, input size, optimizer and layer decay must match)",
+        "every other setting follow these flags (model, classes, input size, optimizer and layer decay must match). "
+        "auto: -o/--output's last.pth.tar when there is one, else a new run there, so that one unchanged command "
+        "serves every restart (torchrun --max-restarts, a requeued job)",
     )
     model.add_argument("--no-resume-opt", action="store_true", help="with --resume, do not restore optimizer state")
     model.add_argument("--start-epoch", type=int, default=None, help="epoch to start at (default: 0 or resumed)")
