@@ -740,3 +740,72 @@ def test_resume_auto_starts_a_run_then_continues_it_and_refuses_another(
     assert "is a run of sequencer2d_tiny with 2 classes; this run is sequencer2d_tiny with 3 classes" in err
     assert len(err.strip().splitlines()) == 1
     assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+
+
+PREEMPTED_TRAIN = Path(__file__).with_name("preempted_train.py")
+
+
+def assert_same_state(got: object, expected: object, where: str = "") -> None:
+    """Nested checkpoint contents equal bit for bit: tensors by value, everything else by ==."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, expected), where
+    elif isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), where
+        for key, value in expected.items():
+            assert_same_state(got[key], value, f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert isinstance(got, list | tuple) and len(got) == len(expected), where
+        for i, value in enumerate(expected):
+            assert_same_state(got[i], value, f"{where}[{i}]")
+    else:
+        assert got == expected, where
+
+
+def assert_same_run(got: Path, expected: Path) -> None:
+    """Two runs' final weights, EMA, optimizer state and summary.csv equal bit for bit."""
+    assert (got / "summary.csv").read_text() == (expected / "summary.csv").read_text()
+    got_ckpt, expected_ckpt = read_file(got / "last.pth.tar"), read_file(expected / "last.pth.tar")
+    for key in ("state_dict", "state_dict_ema", "optimizer", "epoch", "num_updates", "history"):
+        assert_same_state(got_ckpt.get(key), expected_ckpt.get(key), key)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_epoch_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(
+    torchrun, data_root: Path, tmp_path: Path
+) -> None:
+    # 16 images, 2 processes of batch 2: 4 steps per epoch. Rank 1 dies (SIGKILL) at step 6, in epoch 1.
+    def launch(output: Path) -> tuple[list[str], list[str]]:
+        restartable = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--max-restarts", "1"]
+        train = [str(PREEMPTED_TRAIN), str(data_root), *shlex.split(f"{TINY} {STATEFUL}"), "-b", "2"]
+        flags = ["--device", "cpu", "--epochs", "2", "--resume", "auto", "--output", str(output)]
+        return [*restartable, "--rdzv-endpoint", torchrun.endpoint()], [*train, *flags]
+
+    preempted, uninterrupted = tmp_path / "preempted", tmp_path / "uninterrupted"
+    own_store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as the README says (distributed.check_restartable)
+    kill = {**own_store, "KILL_STEP": "6", "KILL_RANK": "1"}
+    result = torchrun.run(*launch(preempted), cwd=tmp_path, timeout=300, env=kill)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "--resume auto: no last.pth.tar, a new run" in log  # the first attempt
+    assert f"--resume auto: continuing from {preempted / 'last.pth.tar'}" in log  # the restarted one
+    result = torchrun.run(*launch(uninterrupted), cwd=tmp_path, timeout=300, env=own_store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "continuing from" not in result.stdout + result.stderr
+    assert [row["epoch"] for row in summary_rows(uninterrupted)] == ["0", "1"]
+    assert_same_run(preempted, uninterrupted)
+
+
+def test_a_restartable_torchrun_launch_that_shares_its_store_is_refused_before_any_work(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # What torchrun --max-restarts 1 gives its workers by default; the group is never joined.
+    for name, value in {
+        "WORLD_SIZE": "2",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_MAX_RESTARTS": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert run_cli("train", f"{data_root} {TINY} --epochs 1 --device cpu --output {tmp_path / 'out'}") == 2
+    err = capsys.readouterr().err
+    assert "launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

