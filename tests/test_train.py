@@ -809,3 +809,43 @@ def test_a_restartable_torchrun_launch_that_shares_its_store_is_refused_before_a
     err = capsys.readouterr().err
     assert "launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_as_one_node_of_two(torchrun, data_root: Path, tmp_path: Path) -> None:
+    train = ["-m", "sequencer", "train", str(data_root), *shlex.split(f"{TINY} {STATEFUL}"), "-b", "2"]
+    train += ["--device", "cpu", "--epochs", "1", "--output"]
+    two_nodes = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint"]
+    two_nodes.append(torchrun.endpoint())
+    nodes = [
+        torchrun.start(
+            [*two_nodes, "--node-rank", str(rank), "--rdzv-conf", f"join_timeout=120,is_host={int(rank == 0)}"],
+            [*train, str(tmp_path / "two-nodes")],  # one folder, as on storage both nodes share
+            cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        result = torchrun.wait(node, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one_node = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint"]
+    result = torchrun.run([*one_node, torchrun.endpoint()], [*train, str(tmp_path / "one-node")], tmp_path, 300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_file(tmp_path / "one-node" / "last.pth.tar")["num_updates"] == 4  # 16 images, 2 x 2 per step
+    assert_same_run(tmp_path / "two-nodes", tmp_path / "one-node")
+
+
+@pytest.mark.slow
+def test_a_node_whose_peers_never_join_stops_at_the_join_timeout_and_leaves_the_folder_alone(
+    torchrun, data_root: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "last.pth.tar").write_bytes(b"an earlier run's")
+    launch = ["--nnodes", "2", "--nproc_per_node", "1", "--node-rank", "0", "--rdzv-backend", "c10d"]
+    launch += ["--rdzv-endpoint", torchrun.endpoint(), "--rdzv-conf", "join_timeout=5"]
+    command = ["-m", "sequencer", "train", str(data_root), *shlex.split(TINY), "--resume", "auto", "--output"]
+    result = torchrun.run(launch, [*command, str(output)], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0 and "RendezvousTimeoutError" in result.stderr
+    assert [path.name for path in output.iterdir()] == ["last.pth.tar"]
+    assert (output / "last.pth.tar").read_bytes() == b"an earlier run's"
