@@ -504,7 +504,7 @@ def test_a_folder_holding_a_run_is_never_overwritten_by_a_new_run(
     run_cli, parse_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     runs = []
-    monkeypatch.setattr(train_module, "train", lambda args, context, output, resumed=None: runs.append(output) or {})
+    monkeypatch.setattr(train_module, "train", lambda args, context, output, *_, **__: runs.append(output) or {})
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint-3.pth.tar").write_bytes(b"a kept epoch")
@@ -849,3 +849,31 @@ def test_a_node_whose_peers_never_join_stops_at_the_join_timeout_and_leaves_the_
     assert result.returncode != 0 and "RendezvousTimeoutError" in result.stderr
     assert [path.name for path in output.iterdir()] == ["last.pth.tar"]
     assert (output / "last.pth.tar").read_bytes() == b"an earlier run's"
+
+
+@pytest.mark.slow
+def test_resume_auto_completes_the_files_a_stop_after_last_pth_tar_left_out_and_leaves_a_finished_run_as_it_is(
+    run_cli, data_root: Path, two_epoch_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save = train_module.save_epoch_files
+
+    def stop_after_the_last_checkpoint(ckpt, *args, **kwargs):
+        if ckpt["epoch"] == 1:
+            raise KeyboardInterrupt  # last.pth.tar of the final epoch saved, nothing after it
+        return real_save(ckpt, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_epoch_files", stop_after_the_last_checkpoint)
+    command = f"{data_root} {TINY} {STATEFUL} --epochs 2 --resume auto --output {tmp_path}"
+    assert run_cli("train", command) == 130
+    assert read_file(tmp_path / "last.pth.tar")["epoch"] == 1 and len(summary_rows(tmp_path)) == 1
+    monkeypatch.setattr(train_module, "save_epoch_files", real_save)
+    # The same command again: nothing to train, the files of epoch 1 written as the uninterrupted run wrote them.
+    assert run_cli("train", command) == 0
+    assert_same_run(tmp_path, two_epoch_run)
+    expected = {path.name for path in two_epoch_run.iterdir()}
+    assert {path.name for path in tmp_path.iterdir()} == expected
+    best = read_file(two_epoch_run / "model_best.pth.tar")["epoch"]
+    assert read_file(tmp_path / "model_best.pth.tar")["epoch"] == best
+    last = (tmp_path / "last.pth.tar").read_bytes()
+    assert run_cli("train", command) == 0  # and once more: a finished run stays as it is
+    assert (tmp_path / "last.pth.tar").read_bytes() == last

@@ -512,10 +512,15 @@ def _saved_arguments(path: Path) -> Any:
 
 
 def train(
-    args: argparse.Namespace, context: DistributedContext, output: Path, resumed: dict[str, Any] | None = None
+    args: argparse.Namespace,
+    context: DistributedContext,
+    output: Path,
+    resumed: dict[str, Any] | None = None,
+    auto_resume: bool = False,
 ) -> dict[str, Any]:
     """The whole run (flags already resolved; `resumed`: the --resume checkpoint); returns the final summary row plus
-    best_metric / best_epoch."""
+    best_metric / best_epoch. `auto_resume` (--resume auto): a run whose schedule has ended is left as it is, its
+    files completed, rather than refused, so that restarting a finished job is no error."""
     source, data_dir = _dataset_source(args)
     # The data first: a missing or empty folder fails here, before any model is built. The built-in digits are
     # upscaled once, straight to the input size (8 -> 16 px), rather than twice through a 32 px copy.
@@ -595,7 +600,8 @@ def train(
         history = restore(state, resumed, args.resume, not args.no_resume_opt)
     if args.start_epoch is not None:
         state.epoch = args.start_epoch
-    if state.epoch >= num_epochs:
+    finished = resumed is not None and auto_resume and state.epoch >= num_epochs
+    if state.epoch >= num_epochs and not finished:
         raise UsageError(
             f"the schedule ended at epoch {num_epochs - 1} (epochs 0-{num_epochs - 1}: --epochs {args.epochs}"
             f"{f' + --cooldown-epochs {args.cooldown_epochs}' if args.cooldown_epochs else ''}) and the run would "
@@ -641,6 +647,11 @@ def train(
             # A run stopped (killed, preempted) between last.pth.tar and the files written after it: complete them.
             is_best = resumed["best_epoch"] == resumed["epoch"]
             save_epoch_files(resumed, history, output, args, is_best=is_best, title=title)
+    if context.is_primary and finished:
+        _logger.info(
+            "--resume auto: the run finished at epoch %d, the last of its schedule; nothing to train", state.epoch - 1
+        )
+    elif context.is_primary:
         _logger.info(
             "training %s (%d classes, input %s) on %s: %d train / %d held-out images, epochs %d-%d (counted from 0 "
             "as in summary.csv and checkpoint-EPOCH.pth.tar), %d process(es) on %s; output in %s",
@@ -731,7 +742,7 @@ def run(args: argparse.Namespace) -> int:
     resumed = read_resumed(args) if args.resume else None
     set_threads(args.threads)
     try:
-        result = train(args, context, output, resumed)
+        result = train(args, context, output, resumed, auto_resume=auto_resume)
     except NonFiniteLossError as error:
         last = output / "last.pth.tar"
         # The folder held no run before this one (or the resumed one): its last.pth.tar is of the epoch before.
