@@ -30,6 +30,7 @@ from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kw
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import IterableDataset
 
 from sequencer.average import EPOCH_CHECKPOINT
 from sequencer.checkpoint import atomic_save, load_pretrained, read_file
@@ -526,7 +527,14 @@ def train(
     # upscaled once, straight to the input size (8 -> 16 px), rather than twice through a 32 px copy.
     digits_size = args.input_size[-1] if args.input_size else args.img_size or 32
     train_set = build_dataset(
-        source, args.train_split, data_dir=data_dir, download=args.dataset_download, img_size=digits_size
+        source,
+        args.train_split,
+        data_dir=data_dir,
+        download=args.dataset_download,
+        img_size=digits_size,
+        train=True,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
     val_set = build_dataset(
         source, args.val_split, data_dir=data_dir, download=args.dataset_download, img_size=digits_size
@@ -538,11 +546,14 @@ def train(
             f"({len(train_set.classes)} vs {len(val_set.classes)}; in one split only: {', '.join(only) or 'none'})"
         )
     num_classes = args.num_classes or len(train_set.classes)
+    if not num_classes:
+        raise UsageError(f"--dataset {source}: its labels name no classes; pass --num-classes")
     if num_classes < len(train_set.classes):
         raise UsageError(f"--num-classes {num_classes} is smaller than the {len(train_set.classes)} classes found")
     # drop_last: a split smaller than one global batch would train on nothing and fail mid-run.
     global_batch = args.batch_size * context.world_size
-    if len(train_set) < global_batch:
+    # A streamed set (timm's readers) pads every process's share to whole batches instead.
+    if not isinstance(train_set, IterableDataset) and len(train_set) < global_batch:
         raise UsageError(
             f"the {args.train_split} split has {len(train_set)} images, fewer than one batch of {global_batch} "
             f"({args.batch_size} x {context.world_size} process(es)); lower -b/--batch-size"
@@ -673,7 +684,9 @@ def train(
     for epoch in range(state.epoch, num_epochs):
         state.epoch = epoch
         seed_epoch(args.seed, epoch, context.rank)
-        if context.distributed:
+        if isinstance(train_set, IterableDataset):
+            train_set.set_epoch(epoch)  # the shard shuffle of timm's streamed readers
+        elif context.distributed:
             train_loader.sampler.set_epoch(epoch)
         if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup.mixup_enabled = False

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from timm.utils import accuracy
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.datasets import ImageFolder
 
 from sequencer.checkpoint import load_model, open_checkpoint
@@ -156,7 +156,12 @@ def evaluate(
     totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top-1, top-5, images, ReaL hits, ReaL images
     mask = None
     start = time.perf_counter()
-    bar = progress_bar(loader, show=bool(progress), desc=progress, unit="batch")
+    # A streamed set read without its image count says its length is 0: no total then (torch would warn at every
+    # batch past a length it was asked for).
+    unsized = isinstance(loader.dataset, IterableDataset) and not len(loader.dataset)
+    bar = progress_bar(
+        loader, show=bool(progress), desc=progress, unit="batch", total=float("inf") if unsized else None
+    )
     for batch in bar:
         if batch is None:  # every image of the batch was unreadable (and counted by the dataset)
             continue
