@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from sequencer import data as data_module
-from sequencer.checkpoint import read_file
+from sequencer.checkpoint import read_file, save_weights
 
 TINY = (
     "--model sequencer2d_tiny --img-size 16 -b 2 -j 0 --threads 1 --no-progress --opt adamw --lr 2e-3 "
@@ -156,3 +156,22 @@ def test_two_processes_read_their_own_shards_and_validate_each_image_once(
     two = json.loads((tmp_path / "two.json").read_text())
     assert one["count"] == two["count"] == 15  # shards 2 + 1 per process, no image repeated to even them out
     assert two["top1"] == one["top1"] and two["loss"] == pytest.approx(one["loss"], abs=2e-4)
+
+
+@pytest.mark.slow
+def test_hugging_face_datasets_in_two_processes_validate_each_image_once(
+    run_cli, torchrun, tiny_model, hf_dataset: Path, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_weights(tiny_model(2), checkpoint)
+    launch = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint"]
+    for prefix in ("hfds", "hfids"):
+        data = f"--dataset {prefix}/{hf_dataset} --data-dir {tmp_path / 'cache'}"
+        one = validated(run_cli, data, checkpoint, tmp_path / f"{prefix}-one.json")
+        flags = [*shlex.split(data), "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-j", "0"]
+        flags += ["-b", "2", "--threads", "1", "--device", "cpu", "--results-file", str(tmp_path / f"{prefix}.json")]
+        result = torchrun.run([*launch, torchrun.endpoint()], ["-m", "sequencer", "validate", *flags], tmp_path, 240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        two = json.loads((tmp_path / f"{prefix}.json").read_text())
+        assert one["count"] == two["count"] == 15 and two["top1"] == one["top1"], prefix
+        assert two["loss"] == pytest.approx(one["loss"], abs=2e-4)
