@@ -99,6 +99,7 @@ def test_hugging_face_datasets_train_and_validate_by_name_and_streamed(
     [
         ("--train-split 'nope-{000000..000001}.tar|16'", "split 'nope-{000000..000001}.tar|16': no shard file"),
         (f"--train-split '{TRAIN_SHARDS.partition('|')[0]}'", "a training split needs its image count"),
+        ("--num-classes 2 -j 3", "2 training shard(s) for 3 readers (processes x -j workers, at least 1 each)"),
         ("--num-classes 0", "--num-classes 0 is out of range"),
         ("", "its labels name no classes; pass --num-classes"),
     ],
@@ -107,7 +108,7 @@ def test_bad_webdataset_flags_fail_in_one_line_before_any_work(
     run_cli, shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: str, message: str
 ) -> None:
     splits = f"--train-split '{TRAIN_SHARDS}' --val-split {VAL_SHARDS}"
-    command = f"--dataset wds/toy --data-dir {shards} {splits} {flags} {TINY} --output {tmp_path / 'out'}"
+    command = f"--dataset wds/toy --data-dir {shards} {splits} {TINY} --epochs 1 {flags} --output {tmp_path / 'out'}"
     assert run_cli("train", command) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

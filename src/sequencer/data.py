@@ -351,6 +351,11 @@ def _streamed_dataset(
             # timm pads each process's share to one length with repeated images; for evaluation each process
             # reads its own shards instead, each once, as a single reader.
             rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            if len(shards) < world_size:
+                raise DatasetError(
+                    f"--dataset {name}, split {split!r}: {len(shards)} shard(s) for {world_size} processes, each of "
+                    "which reads whole shards; use as many shards as processes or more"
+                )
             reader.split_info.filenames = reader.split_info.filenames[rank::world_size]
             reader.dist_rank, reader.dist_num_replicas = 0, 1
     by_index = sorted(reader.class_to_idx.items(), key=lambda item: item[1])
@@ -510,6 +515,14 @@ def create_loader(
     if isinstance(dataset, IterableDataset):  # timm's streamed readers: each process and worker reads its own shards
         dataset.set_loader_cfg(num_workers=workers)
         shuffle = False  # theirs, seeded by epoch (`set_epoch`)
+        reader = dataset.reader
+        shards = len(getattr(getattr(reader, "split_info", None), "filenames", ()))  # WebDataset's; none for hfids
+        if shards and reader.is_training and shards < reader.global_num_workers:
+            # A reader without a shard would repeat its empty stream forever to fill its share of the epoch.
+            raise DatasetError(
+                f"{shards} training shard(s) for {reader.global_num_workers} readers (processes x -j workers, at "
+                "least 1 each); each reads whole shards: lower -j/--workers or use more shards"
+            )
     elif distributed and shuffle:
         sampler = DistributedSampler(dataset, shuffle=True, drop_last=drop_last)
     elif distributed:
