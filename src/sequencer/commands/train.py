@@ -81,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"Without DATA (the digits demo) the defaults are {demo}; with data, the authors' train.py (timm 0.5.4) "
         "defaults apply "
         f"(model {TIMM_RECIPE['model']}, batch {TIMM_RECIPE['batch_size']}). Multi-GPU or multi-node: "
-        "torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m sequencer train ..."
+        "torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m sequencer train "
+        "...; restartable (preemptible machines, SLURM): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun "
+        "--max-restarts K ... -m sequencer train ... --output DIR --resume auto"
     )
     parser.add_argument(
         "-c",
