@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import os
 import shlex
+import signal
+import socket
+import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -155,3 +162,96 @@ def restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+class Torchrun:
+    """torchrun launches on 127.0.0.1, one thread per process; every process they start is ended with the test.
+
+    torchrun puts each worker in a session of its own, so a process group does not hold them: they are found by a
+    marker in their environment, which they inherit."""
+
+    def __init__(self) -> None:
+        self.marker = uuid.uuid4().hex
+        self.launches: list[subprocess.Popen] = []
+
+    @staticmethod
+    def endpoint() -> str:
+        """A rendezvous endpoint on 127.0.0.1, at a port that nothing listens on now."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return f"127.0.0.1:{probe.getsockname()[1]}"
+
+    def start(
+        self, launch: Sequence[str], command: Sequence[str], cwd: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        """`torchrun LAUNCH... COMMAND...` in the background, its output captured; `env`: more variables."""
+        env = {
+            **os.environ,
+            **(env or {}),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "SEQUENCER_TEST_LAUNCH": self.marker,
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--local-addr", "127.0.0.1", *launch, *command],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.launches.append(process)
+        return process
+
+    def wait(self, process: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+        """The launch's exit code and output; a launch still running after `timeout` s raises TimeoutExpired."""
+        stdout, stderr = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+    def run(
+        self,
+        launch: Sequence[str],
+        command: Sequence[str],
+        cwd: Path,
+        timeout: float,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
+        """`start` and `wait`."""
+        return self.wait(self.start(launch, command, cwd, env), timeout)
+
+    def close(self) -> None:
+        """Stop the launches still running (torchrun stops its workers on SIGTERM), then kill whatever is left."""
+        for process in self.launches:
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and self._marked_processes():
+            time.sleep(0.2)
+        for pid in self._marked_processes():
+            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                os.kill(pid, signal.SIGKILL)
+        for process in self.launches:
+            process.communicate()
+
+    def _marked_processes(self) -> list[int]:
+        """The processes (not zombies) whose environment carries this launcher's marker."""
+        needle = f"SEQUENCER_TEST_LAUNCH={self.marker}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                state = (entry / "stat").read_text().rpartition(")")[2].split()[0]  # after "PID (NAME)"
+                if state != "Z" and needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        return found
+
+
+@pytest.fixture
+def torchrun() -> Iterator[Torchrun]:
+    """A `Torchrun` launcher whose processes are all ended when the test ends, passed or failed."""
+    launcher = Torchrun()
+    yield launcher
+    launcher.close()

@@ -475,3 +475,23 @@ def test_evenly_spaced_subset_covers_every_class(image_tree: Path) -> None:
     subset = evenly_spaced_subset(dataset, 3)
     assert sorted(dataset.targets[i] for i in subset.indices) == [0, 1, 2]
     assert evenly_spaced_subset(dataset, 100) is dataset
+
+
+@pytest.mark.slow
+def test_robustness_in_two_processes_writes_what_one_process_does(
+    run_cli, torchrun, tmp_path: Path, image_tree: Path, tiny_checkpoint: Path
+) -> None:
+    flags = [str(image_tree), "--model", "sequencer2d_tiny", "--checkpoint", str(tiny_checkpoint)]
+    flags += ["--corruptions", "fog", "--severities", "1,2", "--limit", "7", "-b", "2", "-j", "0", "--device", "cpu"]
+    assert run_cli("robustness", *flags, "--out", tmp_path / "one") == 0
+    launch = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint"]
+    command = ["-m", "sequencer", "robustness", *flags, "--out", str(tmp_path / "two")]
+    result = torchrun.run([*launch, torchrun.endpoint()], command, cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone writes and prints
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert one["images"] == 7 and 0 < one["mean_corruption_error"] < 100  # 7 images: shards of 4 and 3
+    assert two == one
+    one, two = (read_csv(tmp_path / name / "corruptions" / "fog.csv") for name in ("one", "two"))
+    assert [float(row.pop("loss")) for row in two] == pytest.approx([float(row.pop("loss")) for row in one], abs=2e-4)
+    assert two == one and [row["images"] for row in one] == ["7", "7"]

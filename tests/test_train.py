@@ -504,7 +504,7 @@ def test_a_folder_holding_a_run_is_never_overwritten_by_a_new_run(
     run_cli, parse_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     runs = []
-    monkeypatch.setattr(train_module, "train", lambda args, context, output, resumed=None: runs.append(output) or {})
+    monkeypatch.setattr(train_module, "train", lambda args, context, output, *_, **__: runs.append(output) or {})
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint-3.pth.tar").write_bytes(b"a kept epoch")
@@ -690,3 +690,190 @@ def test_too_many_workers_warn_once_and_a_default_count_stays_within_the_cores(
         f"-j {workers} data-loading worker processes on 1 usable CPU core(s) can run slowly or freeze; lower "
         "-j/--workers to 1 or less"
     ]
+
+
+def test_resume_auto_starts_a_run_then_continues_it_and_refuses_another(
+    make_image_tree,
+    run_cli,
+    data_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    output = tmp_path / "run"
+    command = f"{data_root} {TINY} --resume auto --output {output}"
+    assert run_cli("train", f"{data_root} {TINY} --epochs 1 --resume auto") == 2
+    assert "--resume auto continues the run in -o/--output" in capsys.readouterr().err
+    assert run_cli("train", f"{command} --epochs 1") == 0
+    assert "--resume auto: no last.pth.tar, a new run" in caplog.text
+    # A start stopped before its first checkpoint leaves its args.yaml alone: the same command starts again there,
+    # another one is refused.
+    saved = (output / "args.yaml").read_text()
+    shutil.rmtree(output)
+    output.mkdir()
+    (output / "args.yaml").write_text(saved.replace("lr: 0.002", "lr: 0.003"))
+    assert run_cli("train", f"{command} --epochs 1") == 2
+    err = capsys.readouterr().err
+    assert f"--resume auto: {output} holds args.yaml but no last.pth.tar to continue from" in err
+    assert sorted(path.name for path in output.iterdir()) == ["args.yaml"]
+    (output / "args.yaml").write_text(saved)
+    assert run_cli("train", f"{command} --epochs 1") == 0
+    assert [row["epoch"] for row in summary_rows(output)] == ["0"]
+    caplog.clear()
+    # The same command with more epochs continues from last.pth.tar (a fresh start would have refused the folder).
+    assert run_cli("train", f"{command} --epochs 2") == 0
+    assert f"--resume auto: continuing from {output / 'last.pth.tar'}" in caplog.text
+    assert [row["epoch"] for row in summary_rows(output)] == ["0", "1"]
+    assert read_file(output / "last.pth.tar")["num_updates"] == 8
+    capsys.readouterr()
+    # A last.pth.tar of another model or class count is refused in one line, before anything is written.
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    other_model = command.replace("sequencer2d_tiny", "rnn_sequencer2d_s")
+    assert run_cli("train", f"{other_model} --epochs 3") == 2
+    err = capsys.readouterr().err
+    assert f"--resume {output / 'last.pth.tar'}: that run has --model sequencer2d_tiny, this command" in err
+    assert len(err.strip().splitlines()) == 1
+    three_classes = make_image_tree(tmp_path / "three", classes=3, per_class=4)
+    assert run_cli("train", f"{command.replace(str(data_root), str(three_classes))} --epochs 3") == 2
+    err = capsys.readouterr().err
+    assert "is a run of sequencer2d_tiny with 2 classes; this run is sequencer2d_tiny with 3 classes" in err
+    assert len(err.strip().splitlines()) == 1
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+
+
+PREEMPTED_TRAIN = Path(__file__).with_name("preempted_train.py")
+
+
+def assert_same_state(got: object, expected: object, where: str = "") -> None:
+    """Nested checkpoint contents equal bit for bit: tensors by value, everything else by ==."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, expected), where
+    elif isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), where
+        for key, value in expected.items():
+            assert_same_state(got[key], value, f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert isinstance(got, list | tuple) and len(got) == len(expected), where
+        for i, value in enumerate(expected):
+            assert_same_state(got[i], value, f"{where}[{i}]")
+    else:
+        assert got == expected, where
+
+
+def assert_same_run(got: Path, expected: Path) -> None:
+    """Two runs' final weights, EMA, optimizer state and summary.csv equal bit for bit."""
+    assert (got / "summary.csv").read_text() == (expected / "summary.csv").read_text()
+    got_ckpt, expected_ckpt = read_file(got / "last.pth.tar"), read_file(expected / "last.pth.tar")
+    for key in ("state_dict", "state_dict_ema", "optimizer", "epoch", "num_updates", "history"):
+        assert_same_state(got_ckpt.get(key), expected_ckpt.get(key), key)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_epoch_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(
+    torchrun, data_root: Path, tmp_path: Path
+) -> None:
+    # 16 images, 2 processes of batch 2: 4 steps per epoch. Rank 1 dies (SIGKILL) at step 6, in epoch 1.
+    def launch(output: Path) -> tuple[list[str], list[str]]:
+        restartable = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--max-restarts", "1"]
+        train = [str(PREEMPTED_TRAIN), str(data_root), *shlex.split(f"{TINY} {STATEFUL}"), "-b", "2"]
+        flags = ["--device", "cpu", "--epochs", "2", "--resume", "auto", "--output", str(output)]
+        return [*restartable, "--rdzv-endpoint", torchrun.endpoint()], [*train, *flags]
+
+    preempted, uninterrupted = tmp_path / "preempted", tmp_path / "uninterrupted"
+    own_store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as the README says (distributed.check_restartable)
+    kill = {**own_store, "KILL_STEP": "6", "KILL_RANK": "1"}
+    result = torchrun.run(*launch(preempted), cwd=tmp_path, timeout=300, env=kill)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "--resume auto: no last.pth.tar, a new run" in log  # the first attempt
+    assert f"--resume auto: continuing from {preempted / 'last.pth.tar'}" in log  # the restarted one
+    result = torchrun.run(*launch(uninterrupted), cwd=tmp_path, timeout=300, env=own_store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "continuing from" not in result.stdout + result.stderr
+    assert [row["epoch"] for row in summary_rows(uninterrupted)] == ["0", "1"]
+    assert_same_run(preempted, uninterrupted)
+
+
+def test_a_restartable_torchrun_launch_that_shares_its_store_is_refused_before_any_work(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # What torchrun --max-restarts 1 gives its workers by default; the group is never joined.
+    for name, value in {
+        "WORLD_SIZE": "2",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_MAX_RESTARTS": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert run_cli("train", f"{data_root} {TINY} --epochs 1 --device cpu --output {tmp_path / 'out'}") == 2
+    err = capsys.readouterr().err
+    assert "launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_as_one_node_of_two(torchrun, data_root: Path, tmp_path: Path) -> None:
+    train = ["-m", "sequencer", "train", str(data_root), *shlex.split(f"{TINY} {STATEFUL}"), "-b", "2"]
+    train += ["--device", "cpu", "--epochs", "1", "--output"]
+    two_nodes = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint"]
+    two_nodes.append(torchrun.endpoint())
+    nodes = [
+        torchrun.start(
+            [*two_nodes, "--node-rank", str(rank), "--rdzv-conf", f"join_timeout=120,is_host={int(rank == 0)}"],
+            [*train, str(tmp_path / "two-nodes")],  # one folder, as on storage both nodes share
+            cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        result = torchrun.wait(node, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one_node = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint"]
+    result = torchrun.run([*one_node, torchrun.endpoint()], [*train, str(tmp_path / "one-node")], tmp_path, 300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_file(tmp_path / "one-node" / "last.pth.tar")["num_updates"] == 4  # 16 images, 2 x 2 per step
+    assert_same_run(tmp_path / "two-nodes", tmp_path / "one-node")
+
+
+@pytest.mark.slow
+def test_a_node_whose_peers_never_join_stops_at_the_join_timeout_and_leaves_the_folder_alone(
+    torchrun, data_root: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "last.pth.tar").write_bytes(b"an earlier run's")
+    launch = ["--nnodes", "2", "--nproc_per_node", "1", "--node-rank", "0", "--rdzv-backend", "c10d"]
+    launch += ["--rdzv-endpoint", torchrun.endpoint(), "--rdzv-conf", "join_timeout=5"]
+    command = ["-m", "sequencer", "train", str(data_root), *shlex.split(TINY), "--resume", "auto", "--output"]
+    result = torchrun.run(launch, [*command, str(output)], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0 and "RendezvousTimeoutError" in result.stderr
+    assert [path.name for path in output.iterdir()] == ["last.pth.tar"]
+    assert (output / "last.pth.tar").read_bytes() == b"an earlier run's"
+
+
+@pytest.mark.slow
+def test_resume_auto_completes_the_files_a_stop_after_last_pth_tar_left_out_and_leaves_a_finished_run_as_it_is(
+    run_cli, data_root: Path, two_epoch_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save = train_module.save_epoch_files
+
+    def stop_after_the_last_checkpoint(ckpt, *args, **kwargs):
+        if ckpt["epoch"] == 1:
+            raise KeyboardInterrupt  # last.pth.tar of the final epoch saved, nothing after it
+        return real_save(ckpt, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_epoch_files", stop_after_the_last_checkpoint)
+    command = f"{data_root} {TINY} {STATEFUL} --epochs 2 --resume auto --output {tmp_path}"
+    assert run_cli("train", command) == 130
+    assert read_file(tmp_path / "last.pth.tar")["epoch"] == 1 and len(summary_rows(tmp_path)) == 1
+    monkeypatch.setattr(train_module, "save_epoch_files", real_save)
+    # The same command again: nothing to train, the files of epoch 1 written as the uninterrupted run wrote them.
+    assert run_cli("train", command) == 0
+    assert_same_run(tmp_path, two_epoch_run)
+    expected = {path.name for path in two_epoch_run.iterdir()}
+    assert {path.name for path in tmp_path.iterdir()} == expected
+    best = read_file(two_epoch_run / "model_best.pth.tar")["epoch"]
+    assert read_file(tmp_path / "model_best.pth.tar")["epoch"] == best
+    last = (tmp_path / "last.pth.tar").read_bytes()
+    assert run_cli("train", command) == 0  # and once more: a finished run stays as it is
+    assert (tmp_path / "last.pth.tar").read_bytes() == last

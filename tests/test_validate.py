@@ -239,3 +239,30 @@ def test_unknown_model_is_one_line_before_the_data_is_read(
     assert run_cli("validate", "--model", "sequencer2d_q") == 2
     err = capsys.readouterr().err
     assert err.startswith("sequencer validate: error: unknown model 'sequencer2d_q'") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_images_and_write_what_one_process_does(
+    make_image_tree, tiny_model, run_cli, torchrun, tmp_path: Path
+) -> None:
+    # 15 images: shards of 8 and 7, where a padded DistributedSampler would count one image twice (16).
+    root = make_image_tree(tmp_path / "data", classes=3, per_class=5, size=32, splits=("val",))
+    model = tiny_model(3)
+    with torch.no_grad():  # classes 0 and 2 swapped: this model then gets 2 of 3 classes right, not none
+        model.head.fc.weight[[0, 2]] = model.head.fc.weight[[2, 0]].clone()
+        model.head.fc.bias[[0, 2]] = model.head.fc.bias[[2, 0]].clone()
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_weights(model, checkpoint)
+    flags = f"{root} --model sequencer2d_tiny --checkpoint {checkpoint} -b 2 -j 0 --threads 1 --device cpu"
+    assert run_cli("validate", f"{flags} --results-file {tmp_path / 'one.json'}") == 0
+    command = ["-m", "sequencer", "validate", *shlex.split(flags), "--results-file", str(tmp_path / "two.json")]
+    launch = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint"]
+    result = torchrun.run([*launch, torchrun.endpoint()], command, cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("sequencer2d_tiny: top-1") == 1  # rank 0 alone prints
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["count"] == two["count"] == 15 and 0 < one["top1"] < 100  # a score that can differ
+    assert two["loss"] == pytest.approx(one["loss"], abs=2e-4)  # sums in another order
+    assert {k: v for k, v in two.items() if k not in ("loss", "images_per_sec")} == {
+        k: v for k, v in one.items() if k not in ("loss", "images_per_sec")
+    }

@@ -152,3 +152,27 @@ def test_robustness_without_its_extra_names_the_install_command(
     error = capsys.readouterr().err.strip()
     assert error.startswith("sequencer robustness: error: the ImageNet-C corruptions need the imagecorruptions")
     assert error.endswith('pip install "sequencer[robustness]"') and "\n" not in error and not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_share_every_dataset_and_write_what_one_process_does(
+    run_cli, torchrun, tmp_path: Path, variants_root: Path, sure_checkpoint: Path
+) -> None:
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps([[3], [3, SURE], [], [SURE]]))
+    flags = [str(variants_root), "--model", "sequencer2d_tiny", "--checkpoint", str(sure_checkpoint)]
+    flags += ["--real-labels", str(real), "--input-size", "3", "32", "32", "-b", "2", "-j", "0", "--device", "cpu"]
+    assert run_cli("variants", *flags, "--out", tmp_path / "one") == 0
+    launch = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint"]
+    command = ["-m", "sequencer", "variants", *flags, "--out", str(tmp_path / "two")]
+    result = torchrun.run([*launch, torchrun.endpoint()], command, cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone writes and prints
+    one, two = (read_rows(tmp_path / name / "variants.csv") for name in ("one", "two"))
+    # Shards of 2 and 2 (ImageNet, -A), 2 and 1 (-V2), 1 and none (each -C folder): every image counted once.
+    assert [(row["images"], row["value"]) for row in one.values()][:3] == [
+        ("4", "50.0"),
+        ("3", "66.667"),
+        ("4", "50.0"),
+    ]
+    assert two == one

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import multiprocessing
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,11 @@ from PIL import Image, ImageOps
 from timm.data import ImageNetInfo, auto_augment, resolve_data_config
 from timm.data import create_transform as timm_create_transform
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from sequencer.errors import DatasetError, UsageError
+from sequencer.errors import DatasetError, MissingDependencyError, UsageError
 from sequencer.options import INTERPOLATIONS
 from sequencer.runtime import usable_cpus
 
@@ -309,6 +310,59 @@ def _split_folder(root: Path, split: str) -> Path:
     raise DatasetError(f"no {split!r} folder in {root}; expected {root}/{names[0]}/<class>/<images>")
 
 
+# timm's streamed and Hugging Face datasets (`--dataset PREFIX/NAME`): the package each needs.
+STREAMED_PACKAGES = {"wds": "webdataset", "hfds": "datasets", "hfids": "datasets"}
+
+
+def _streamed_dataset(
+    name: str, split: str, root: str | None, download: bool, train: bool, batch_size: int, seed: int
+) -> Dataset:
+    """timm's reader of WebDataset shards (wds/), a Hugging Face dataset (hfds/) or a streamed one (hfids/).
+
+    Under torchrun each process reads its own shards. `.classes` are the dataset's class names (none for wds/: its
+    labels are class indices). For evaluation (not `train`) every image is read exactly once over all processes."""
+    prefix = name.partition("/")[0].lower()
+    package = STREAMED_PACKAGES[prefix]
+    if importlib.util.find_spec(package) is None:
+        raise MissingDependencyError(
+            f'--dataset {name} needs the {package} package, not installed: pip install "sequencer[streaming]"'
+        )
+    from timm.data import create_dataset
+
+    if prefix == "wds" and not root:
+        raise DatasetError(f"--dataset {name} needs --data-dir (or DATA): the folder holding the shards")
+    try:
+        dataset = create_dataset(
+            name, root=root, split=split, is_training=train, download=download, batch_size=batch_size, seed=seed
+        )
+    except (RuntimeError, ValueError, FileNotFoundError, ConnectionError) as error:  # unknown split, name, no count
+        hint = " (a training split needs its image count: SPLIT|COUNT, or an _info.json)" if prefix == "wds" else ""
+        raise DatasetError(f"--dataset {name}, split {split!r}: {str(error).splitlines()[0]}{hint}") from None
+    reader = dataset.reader
+    if prefix == "wds":
+        shards = [os.path.join(root, file) for file in reader.split_info.filenames]
+        local = [shard for shard in shards if "://" not in shard and not shard.startswith("pipe:")]
+        missing = [shard for shard in local if not os.path.isfile(shard)]
+        if not shards or missing:
+            raise DatasetError(
+                f"--dataset {name}, split {split!r}: no shard file {', '.join(missing[:3]) or 'named'} under {root}"
+            )
+        if not train and torch.distributed.is_initialized():
+            # timm pads each process's share to one length with repeated images; for evaluation each process
+            # reads its own shards instead, each once, as a single reader.
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            if len(shards) < world_size:
+                raise DatasetError(
+                    f"--dataset {name}, split {split!r}: {len(shards)} shard(s) for {world_size} processes, each of "
+                    "which reads whole shards; use as many shards as processes or more"
+                )
+            reader.split_info.filenames = reader.split_info.filenames[rank::world_size]
+            reader.dist_rank, reader.dist_num_replicas = 0, 1
+    by_index = sorted(reader.class_to_idx.items(), key=lambda item: item[1])
+    dataset.classes = [str(class_name) for class_name, _ in by_index]
+    return dataset
+
+
 def build_dataset(
     name_or_root: str | None,
     split: str,
@@ -316,10 +370,18 @@ def build_dataset(
     data_dir: str | None = None,
     download: bool = False,
     img_size: int = 32,
+    train: bool = False,
+    batch_size: int = 1,
+    seed: int = 42,
 ) -> Dataset:
-    """A dataset with `.classes`, `.transform` and `.num_skipped`: a class-folder tree, `torch/NAME`, or the digits."""
+    """A dataset with `.classes`, `.transform` and `.num_skipped`: a class-folder tree, `torch/NAME`, the digits, or
+    timm's `wds/`, `hfds/`, `hfids/` readers (`train`, `batch_size` and `seed` shape the streamed training order)."""
     if name_or_root is None or name_or_root.lower() in DIGITS_NAMES:
         return DigitsDataset(split, transform, img_size)
+    if name_or_root.partition("/")[0].lower() in STREAMED_PACKAGES and "/" in name_or_root:
+        dataset = _streamed_dataset(name_or_root, split, data_dir, download, train, batch_size, seed)
+        dataset.transform = transform
+        return dataset
     if name_or_root.startswith("torch/"):
         dataset = _torchvision_dataset(name_or_root, split, data_dir, download)
         dataset.transform = transform
@@ -382,7 +444,8 @@ def class_indices(
 def map_classes(dataset: Dataset, num_classes: int, model_class_names: Sequence[str] | None = None) -> Dataset:
     """Relabel a dataset's samples with the model's class indices (see `class_indices`); checked before any work."""
     if not isinstance(dataset, ImageFolder):  # the digits and torchvision's sets: fixed classes, in their own order
-        if len(dataset.classes) != num_classes:
+        # WebDataset shards name no classes: their labels are the model's class indices as they are.
+        if dataset.classes and len(dataset.classes) != num_classes:
             raise DatasetError(
                 f"the model has {num_classes} classes but the data has {len(dataset.classes)}: pass a checkpoint "
                 f"trained on this dataset or --num-classes {len(dataset.classes)}"
@@ -423,6 +486,20 @@ def _warn_too_many_workers(workers: int, cores: int) -> None:
     )
 
 
+class ShardSampler(Sampler[int]):
+    """Rank r of `world_size` reads images r, r + world_size, r + 2 world_size ...: every image exactly once over
+    all ranks, in order, without the repeats a DistributedSampler pads the shards with (they would count twice)."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+        self.indices = range(rank, len(dataset), world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def create_loader(
     dataset: Dataset,
     batch_size: int,
@@ -432,8 +509,26 @@ def create_loader(
     drop_last: bool = False,
     collate_fn: Callable | None = None,
 ) -> DataLoader:
-    """A DataLoader; under DDP a DistributedSampler gives each rank its own shard (call `set_epoch` each epoch)."""
-    sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=drop_last) if distributed else None
+    """A DataLoader; under DDP each rank reads its own shard: for training (`shuffle`) a DistributedSampler's (call
+    `set_epoch` each epoch), for evaluation a `ShardSampler`'s, which counts every image exactly once."""
+    sampler: Sampler | None = None
+    if isinstance(dataset, IterableDataset):  # timm's streamed readers: each process and worker reads its own shards
+        dataset.set_loader_cfg(num_workers=workers)
+        shuffle = False  # theirs, seeded by epoch (`set_epoch`)
+        reader = dataset.reader
+        shards = len(getattr(getattr(reader, "split_info", None), "filenames", ()))  # WebDataset's; none for hfids
+        if shards and reader.is_training and shards < reader.global_num_workers:
+            # A reader without a shard would repeat its empty stream forever to fill its share of the epoch.
+            raise DatasetError(
+                f"{shards} training shard(s) for {reader.global_num_workers} readers (processes x -j workers, at "
+                "least 1 each); each reads whole shards: lower -j/--workers or use more shards"
+            )
+    elif distributed and shuffle:
+        sampler = DistributedSampler(dataset, shuffle=True, drop_last=drop_last)
+    elif distributed:
+        sampler = ShardSampler(
+            dataset, rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size()
+        )
     if workers > (cores := usable_cpus()):
         _warn_too_many_workers(workers, cores)
     # Workers start afresh every epoch (not persistent): their random streams are then drawn from the epoch's

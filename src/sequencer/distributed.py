@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sequencer.errors import UsageError
 from sequencer.runtime import resolve_device
 
 
@@ -30,9 +31,14 @@ class DistributedContext:
         return self.rank == 0
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE), 1 outside torchrun; known before the group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_name: str | None = None) -> DistributedContext:
     """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if world_size <= 1:
@@ -41,10 +47,24 @@ def init_distributed(device_name: str | None = None) -> DistributedContext:
         # One GPU per process: the local rank picks it, whatever index the flag named.
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    check_restartable()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://")
     return DistributedContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def check_restartable() -> None:
+    """Refuse a torchrun launch with --max-restarts whose agent shares its rendezvous store with the workers.
+
+    A restarted group would read the addresses the group before it left in that store and fail or hang while
+    connecting (seen here with gloo in 3 of 4 restarts; NCCL: pytorch/pytorch#135712)."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        raise UsageError(
+            "torchrun --max-restarts shares its rendezvous store with the workers, and a restarted group would read "
+            "the addresses of the one before: launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment"
+        )
 
 
 def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
@@ -54,6 +74,15 @@ def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.T
     value = value.detach().clone()
     dist.all_reduce(value)
     return value / context.world_size
+
+
+def all_reduce_sum(value: int, context: DistributedContext) -> int:
+    """The sum of a count over all processes (the count itself when alone)."""
+    if not context.distributed:
+        return value
+    total = torch.tensor(value, dtype=torch.int64, device=context.device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def on_every_rank(flag: bool, context: DistributedContext) -> bool:

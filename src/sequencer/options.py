@@ -107,7 +107,10 @@ def add_model_options(
 DATASET_HELP = (
     "torch/cifar10, torch/cifar100, torch/flowers102, torch/stanford_cars or torch/oxford_iiit_pet, read from "
     "--data-dir (default: a class-folder tree). Splits: train -> Flowers train, Cars train, Pets trainval; "
-    "val/validation -> Flowers val, Cars test, Pets test; test -> each one's test split"
+    "val/validation -> Flowers val, Cars test, Pets test; test -> each one's test split. Streamed through timm "
+    '(pip install "sequencer[streaming]"): wds/NAME, WebDataset shards in --data-dir, each split a shard pattern '
+    "('train-{000000..000127}.tar|N', N its images) or a split of --data-dir's _info.json; hfds/NAME and "
+    "hfids/NAME (streamed), a Hugging Face dataset by Hub name or local folder, --data-dir its cache"
 )
 
 

@@ -30,6 +30,7 @@ from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kw
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import IterableDataset
 
 from sequencer.average import EPOCH_CHECKPOINT
 from sequencer.checkpoint import atomic_save, load_pretrained, read_file
@@ -38,8 +39,10 @@ from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_tr
 from sequencer.distributed import (
     DistributedContext,
     all_reduce_mean,
+    all_reduce_sum,
     cleanup_distributed,
     init_distributed,
+    launched_world_size,
     on_every_rank,
 )
 from sequencer.errors import CheckpointError, UsageError
@@ -69,6 +72,8 @@ RUN_FILES = ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar")
 # Flags that shape the learned state a checkpoint holds: a resumed run keeps them; every other flag (the schedule,
 # the epochs, augmentation ...) follows the command line.
 RESUME_FIXED = ("model", "num_classes", "in_chans", "img_size", "input_size", "opt", "layer_decay")
+# `--resume auto`: continue from the output folder's last.pth.tar if there is one, else start there afresh.
+AUTO_RESUME = "auto"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -437,6 +442,10 @@ def output_folder(args: argparse.Namespace) -> Path:
     """--output[/--experiment]; by default the resumed run's folder, else output/train/<date>-<model>-<size>."""
     if args.output:
         base = Path(args.output)
+    elif args.resume == AUTO_RESUME:
+        raise UsageError(
+            "--resume auto continues the run in -o/--output: name that folder (the default one is new at every start)"
+        )
     elif args.resume:
         base = Path(args.resume).parent
     else:
@@ -445,12 +454,31 @@ def output_folder(args: argparse.Namespace) -> Path:
     return base / args.experiment if args.experiment else base
 
 
-def check_output_folder(args: argparse.Namespace, output: Path) -> None:
-    """Refuse a new run in a folder that holds one (its files would be overwritten): only --resume continues there."""
+def resume_source(args: argparse.Namespace, output: Path) -> str:
+    """The checkpoint to resume from: --resume's, or for `--resume auto` the output folder's last.pth.tar when there
+    is one, else none (''), so that one unchanged command line serves every restart of a preemptible job."""
+    if args.resume != AUTO_RESUME:
+        return args.resume
+    last = output / "last.pth.tar"
+    return str(last) if last.is_file() else ""
+
+
+def check_output_folder(args: argparse.Namespace, output: Path, auto_resume: bool = False) -> None:
+    """Refuse a new run in a folder that holds one (its files would be overwritten): only --resume continues there.
+
+    `auto_resume` (--resume auto found no last.pth.tar): the folder may hold this same command's args.yaml alone,
+    written by a start that stopped before its first checkpoint, with nothing learned to lose."""
     held = [name for name in RUN_FILES if (output / name).exists()]
     held += sorted(path.name for path in output.glob("checkpoint-*.pth.tar"))
     if not held or (args.resume and Path(args.resume).resolve().parent == output.resolve()):
         return
+    if auto_resume and held == ["args.yaml"] and _saved_arguments(output / "args.yaml") == plain_arguments(args):
+        return
+    if auto_resume:
+        raise UsageError(
+            f"--resume auto: {output} holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} but no "
+            "last.pth.tar to continue from, and not as this command would have left it; pass another -o/--output"
+        )
     source = f" (-c {args.config} names it as its output)" if args.config else ""
     raise UsageError(
         f"{output} already holds a run{source}: {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}; continue it "
@@ -458,17 +486,55 @@ def check_output_folder(args: argparse.Namespace, output: Path) -> None:
     )
 
 
+def save_epoch_files(
+    ckpt: dict[str, Any],
+    history: list[dict[str, Any]],
+    output: Path,
+    args: argparse.Namespace,
+    is_best: bool,
+    title: str,
+) -> None:
+    """What an epoch writes after last.pth.tar: model_best.pth.tar (if `is_best`), its checkpoint-EPOCH.pth.tar
+    (--checkpoint-hist), summary.csv and the training curves."""
+    if is_best:
+        atomic_save(ckpt, output / "model_best.pth.tar")
+    if args.checkpoint_hist:
+        update_checkpoint_history(ckpt, history, output, args.eval_metric, args.checkpoint_hist)
+    write_summary(history, output / "summary.csv")
+    plot_training_curves(history, output / CURVES_FILE, title=title)
+
+
+def _saved_arguments(path: Path) -> Any:
+    """A run's args.yaml as data; None when it cannot be read."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
 def train(
-    args: argparse.Namespace, context: DistributedContext, output: Path, resumed: dict[str, Any] | None = None
+    args: argparse.Namespace,
+    context: DistributedContext,
+    output: Path,
+    resumed: dict[str, Any] | None = None,
+    auto_resume: bool = False,
 ) -> dict[str, Any]:
     """The whole run (flags already resolved; `resumed`: the --resume checkpoint); returns the final summary row plus
-    best_metric / best_epoch."""
+    best_metric / best_epoch. `auto_resume` (--resume auto): a run whose schedule has ended is left as it is, its
+    files completed, rather than refused, so that restarting a finished job is no error."""
     source, data_dir = _dataset_source(args)
     # The data first: a missing or empty folder fails here, before any model is built. The built-in digits are
     # upscaled once, straight to the input size (8 -> 16 px), rather than twice through a 32 px copy.
     digits_size = args.input_size[-1] if args.input_size else args.img_size or 32
     train_set = build_dataset(
-        source, args.train_split, data_dir=data_dir, download=args.dataset_download, img_size=digits_size
+        source,
+        args.train_split,
+        data_dir=data_dir,
+        download=args.dataset_download,
+        img_size=digits_size,
+        train=True,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
     val_set = build_dataset(
         source, args.val_split, data_dir=data_dir, download=args.dataset_download, img_size=digits_size
@@ -480,11 +546,14 @@ def train(
             f"({len(train_set.classes)} vs {len(val_set.classes)}; in one split only: {', '.join(only) or 'none'})"
         )
     num_classes = args.num_classes or len(train_set.classes)
+    if not num_classes:
+        raise UsageError(f"--dataset {source}: its labels name no classes; pass --num-classes")
     if num_classes < len(train_set.classes):
         raise UsageError(f"--num-classes {num_classes} is smaller than the {len(train_set.classes)} classes found")
     # drop_last: a split smaller than one global batch would train on nothing and fail mid-run.
     global_batch = args.batch_size * context.world_size
-    if len(train_set) < global_batch:
+    # A streamed set (timm's readers) pads every process's share to whole batches instead.
+    if not isinstance(train_set, IterableDataset) and len(train_set) < global_batch:
         raise UsageError(
             f"the {args.train_split} split has {len(train_set)} images, fewer than one batch of {global_batch} "
             f"({args.batch_size} x {context.world_size} process(es)); lower -b/--batch-size"
@@ -542,7 +611,8 @@ def train(
         history = restore(state, resumed, args.resume, not args.no_resume_opt)
     if args.start_epoch is not None:
         state.epoch = args.start_epoch
-    if state.epoch >= num_epochs:
+    finished = resumed is not None and auto_resume and state.epoch >= num_epochs
+    if state.epoch >= num_epochs and not finished:
         raise UsageError(
             f"the schedule ended at epoch {num_epochs - 1} (epochs 0-{num_epochs - 1}: --epochs {args.epochs}"
             f"{f' + --cooldown-epochs {args.cooldown_epochs}' if args.cooldown_epochs else ''}) and the run would "
@@ -580,9 +650,19 @@ def train(
     train_model = compile_model(train_model, args.torchcompile)
 
     saved_args = plain_arguments(args)
+    title = f"{args.model} on {source or 'digits'}"
     if context.is_primary:
         output.mkdir(parents=True, exist_ok=True)
         (output / "args.yaml").write_text(yaml.safe_dump(saved_args, sort_keys=False))
+        if resumed is not None and history and history[-1]["epoch"] == resumed["epoch"]:
+            # A run stopped (killed, preempted) between last.pth.tar and the files written after it: complete them.
+            is_best = resumed["best_epoch"] == resumed["epoch"]
+            save_epoch_files(resumed, history, output, args, is_best=is_best, title=title)
+    if context.is_primary and finished:
+        _logger.info(
+            "--resume auto: the run finished at epoch %d, the last of its schedule; nothing to train", state.epoch - 1
+        )
+    elif context.is_primary:
         _logger.info(
             "training %s (%d classes, input %s) on %s: %d train / %d held-out images, epochs %d-%d (counted from 0 "
             "as in summary.csv and checkpoint-EPOCH.pth.tar), %d process(es) on %s; output in %s",
@@ -604,7 +684,9 @@ def train(
     for epoch in range(state.epoch, num_epochs):
         state.epoch = epoch
         seed_epoch(args.seed, epoch, context.rank)
-        if context.distributed:
+        if isinstance(train_set, IterableDataset):
+            train_set.set_epoch(epoch)  # the shard shuffle of timm's streamed readers
+        elif context.distributed:
             train_loader.sampler.set_epoch(epoch)
         if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup.mixup_enabled = False
@@ -633,12 +715,7 @@ def train(
         if context.is_primary:
             ckpt = checkpoint_dict(state, saved_args, history)
             atomic_save(ckpt, output / "last.pth.tar")
-            if is_best:
-                atomic_save(ckpt, output / "model_best.pth.tar")
-            if args.checkpoint_hist:
-                update_checkpoint_history(ckpt, history, output, args.eval_metric, args.checkpoint_hist)
-            write_summary(history, output / "summary.csv")
-            plot_training_curves(history, output / CURVES_FILE, title=f"{args.model} on {source or 'digits'}")
+            save_epoch_files(ckpt, history, output, args, is_best=is_best, title=title)
             _logger.info(
                 "epoch %d/%d  train loss %.4f  held-out loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s",
                 epoch,
@@ -650,7 +727,8 @@ def train(
                 row["lr"],
                 "  (best)" if is_best else "",
             )
-    skipped = getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)
+    # Each process counts the images it met: their sum is the run's.
+    skipped = all_reduce_sum(getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0), context)
     if skipped and context.is_primary:
         _logger.warning("%d unreadable image(s) were skipped (see the warnings above)", skipped)
     return {**row, "best_metric": state.best_metric, "best_epoch": state.best_epoch, "num_skipped": skipped}
@@ -659,19 +737,25 @@ def train(
 def run(args: argparse.Namespace) -> int:
     """`sequencer train`: set up (distributed) processes, train, print the held-out top-1."""
     start = time.perf_counter()
-    resolved = resolve_arguments(args)
-    check_arguments(resolved)
-    output = output_folder(resolved)
-    check_output_folder(resolved, output)
+    # Every check before the process group is joined: torchrun's WORLD_SIZE already gives the global batch.
+    args = resolve_arguments(args, launched_world_size())
+    check_arguments(args)
+    output = output_folder(args)
+    auto_resume = args.resume == AUTO_RESUME
+    args.resume = resume_source(args, output)
+    check_output_folder(args, output, auto_resume=auto_resume and not args.resume)
     context = init_distributed(args.device)
     logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
-    args = resolve_arguments(args, context.world_size)
+    if auto_resume and context.is_primary:
+        _logger.info(
+            "--resume auto: %s", f"continuing from {args.resume}" if args.resume else "no last.pth.tar, a new run"
+        )
     if context.is_primary:
         warn_if_emulated_bfloat16(context.device, args.amp, args.amp_dtype)
     resumed = read_resumed(args) if args.resume else None
     set_threads(args.threads)
     try:
-        result = train(args, context, output, resumed)
+        result = train(args, context, output, resumed, auto_resume=auto_resume)
     except NonFiniteLossError as error:
         last = output / "last.pth.tar"
         # The folder held no run before this one (or the resumed one): its last.pth.tar is of the epoch before.

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from timm.utils import accuracy
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.datasets import ImageFolder
 
 from sequencer.checkpoint import load_model, open_checkpoint
@@ -28,6 +28,7 @@ from sequencer.data import (
     data_config,
     map_classes,
 )
+from sequencer.distributed import DistributedContext, all_reduce_sum, cleanup_distributed, init_distributed
 from sequencer.errors import DatasetError, UsageError
 from sequencer.model import check_model_name
 from sequencer.options import input_overrides
@@ -155,7 +156,12 @@ def evaluate(
     totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top-1, top-5, images, ReaL hits, ReaL images
     mask = None
     start = time.perf_counter()
-    bar = progress_bar(loader, show=bool(progress), desc=progress, unit="batch")
+    # A streamed set read without its image count says its length is 0: no total then (torch would warn at every
+    # batch past a length it was asked for).
+    unsized = isinstance(loader.dataset, IterableDataset) and not len(loader.dataset)
+    bar = progress_bar(
+        loader, show=bool(progress), desc=progress, unit="batch", total=float("inf") if unsized else None
+    )
     for batch in bar:
         if batch is None:  # every image of the batch was unreadable (and counted by the dataset)
             continue
@@ -218,21 +224,30 @@ def check_targets_within(dataset: Dataset, valid_classes: torch.Tensor) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the model and data from the flags, evaluate, print and optionally save the metrics."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    """Build the model and data from the flags, evaluate, print and optionally save the metrics; under torchrun
+    each process evaluates its share of the images and rank 0 prints and saves the totals."""
     set_threads(args.threads)
-    results = validate(args)
-    if args.output:
+    context = init_distributed(args.device)
+    logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
+    try:
+        results = validate(args, context)
+    finally:
+        cleanup_distributed()
+    if args.output and context.is_primary:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
-def validate(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate the model the flags describe on the data they name; print and return the results."""
+def validate(args: argparse.Namespace, context: DistributedContext | None = None) -> dict[str, Any]:
+    """Evaluate the model the flags describe on the data they name; print (rank 0) and return the results.
+
+    `context`: the processes that share the images (torchrun's); none: this process alone, on --device."""
     check_model_name(args.model)  # before the data is read
-    device = resolve_device(args.device)
-    warn_if_emulated_bfloat16(device, args.amp, args.amp_dtype)
+    context = context or DistributedContext(0, 1, resolve_device(args.device))
+    device = context.device
+    if context.is_primary:
+        warn_if_emulated_bfloat16(device, args.amp, args.amp_dtype)
     root = args.data or args.data_dir
     name = args.dataset or root
     checkpoint = open_checkpoint(args.checkpoint, args.use_ema, args.unsafe_load) if args.checkpoint else None
@@ -258,11 +273,20 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     config = data_config(model, **overrides)
     check_image_input_fits(model, config["input_size"])
     dataset.transform = create_transform(model, train=False, **overrides)
-    loader = create_loader(dataset, args.batch_size, args.workers)
+    loader = create_loader(dataset, args.batch_size, args.workers, distributed=context.distributed)
     model = compile_model(model.to(device), args.torchcompile)
-    label = f"{args.model} on {name or 'digits'}"
-    metrics = evaluate(model, loader, device, args.amp, args.amp_dtype, valid_classes=valid_classes, progress=label)
-    metrics["num_skipped"] = getattr(getattr(dataset, "base", dataset), "num_skipped", 0)
+    label = f"{args.model} on {name or 'digits'}" if context.is_primary else ""
+    metrics = evaluate(
+        model,
+        loader,
+        device,
+        args.amp,
+        args.amp_dtype,
+        distributed=context.distributed,
+        valid_classes=valid_classes,
+        progress=label,
+    )
+    metrics["num_skipped"] = all_reduce_sum(getattr(getattr(dataset, "base", dataset), "num_skipped", 0), context)
     results: dict[str, Any] = {
         "model": args.model,
         "checkpoint": args.checkpoint,
@@ -275,6 +299,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         "amp": args.amp,
         "valid_labels": args.valid_labels or None,
     }
+    if not context.is_primary:
+        return results
     real = f"  ReaL top-1 {metrics['real_top1']:.3f}" if "real_top1" in metrics else ""
     print(
         f"{args.model}: top-1 {metrics['top1']:.3f}{real}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "

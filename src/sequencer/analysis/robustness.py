@@ -36,9 +36,10 @@ from sequencer.analysis.common import (
     write_csv,
 )
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
+from sequencer.distributed import DistributedContext, cleanup_distributed, init_distributed
 from sequencer.errors import MissingDependencyError, UsageError
 from sequencer.options import input_overrides
-from sequencer.runtime import resolve_device, set_threads
+from sequencer.runtime import set_threads
 from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
@@ -302,9 +303,19 @@ def plot_examples(base: Dataset, corruptions: tuple, severities: tuple, seed: in
 
 
 def run(args: argparse.Namespace) -> int:
-    """Clean and corrupted accuracy: a CSV per corruption, robustness.csv/.png, examples.png and summary.json."""
+    """Clean and corrupted accuracy: a CSV per corruption, robustness.csv/.png, examples.png and summary.json; under
+    torchrun each process evaluates its share of the images and rank 0 writes and prints the totals."""
     set_threads(args.threads)
-    device = resolve_device(args.device)
+    context = init_distributed(args.device)
+    try:
+        return _run(args, context)
+    finally:
+        cleanup_distributed()
+
+
+def _run(args: argparse.Namespace, context: DistributedContext) -> int:
+    """`run` in the processes of `context`."""
+    device = context.device
     corruptions = parse_choices(args.corruptions, CORRUPTIONS, str, "--corruptions")
     severities = parse_choices(args.severities, SEVERITIES, int, "--severities")
     alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else ALEXNET_MEAN_ERRORS
@@ -333,19 +344,23 @@ def run(args: argparse.Namespace) -> int:
 
     def accuracy(corruption: str, severity: int) -> dict[str, Any]:
         images = CorruptedImages(base, corruption, severity, config["mean"], config["std"], args.seed)
-        loader = create_loader(images, args.batch_size, args.workers)
-        label = f"{corruption}, severity {severity}" if severity else "clean"
-        return evaluate(model, loader, device, args.amp, args.amp_dtype, progress=label)
+        loader = create_loader(images, args.batch_size, args.workers, distributed=context.distributed)
+        label = (f"{corruption}, severity {severity}" if severity else "clean") if context.is_primary else ""
+        return evaluate(
+            model, loader, device, args.amp, args.amp_dtype, distributed=context.distributed, progress=label
+        )
 
     clean = accuracy(CORRUPTIONS[0], 0)
-    _logger.info("clean: top-1 %.2f (%d images)", clean["top1"], clean["count"])
+    if context.is_primary:
+        _logger.info("clean: top-1 %.2f (%d images)", clean["top1"], clean["count"])
     out = Path(args.output)
     rows = []
     for corruption in corruptions:
         per_severity = []
         for severity in severities:
             metrics = accuracy(corruption, severity)
-            _logger.info("%s, severity %d: top-1 %.2f", corruption, severity, metrics["top1"])
+            if context.is_primary:
+                _logger.info("%s, severity %d: top-1 %.2f", corruption, severity, metrics["top1"])
             per_severity.append(
                 dict(
                     severity=severity,
@@ -356,7 +371,8 @@ def run(args: argparse.Namespace) -> int:
                     images=metrics["count"],
                 )
             )
-        write_csv(per_severity, out / "corruptions" / f"{corruption}.csv")
+        if context.is_primary:
+            write_csv(per_severity, out / "corruptions" / f"{corruption}.csv")
         errors = {r["severity"]: r["error"] / 100 for r in per_severity}
         ce = corruption_error(errors, alexnet.get(corruption))
         rows.append(
@@ -367,6 +383,8 @@ def run(args: argparse.Namespace) -> int:
                 ce="" if ce is None else round(100 * ce, 2),
             )
         )
+    if not context.is_primary:
+        return 0
     write_csv(rows, out / "robustness.csv")
     mean_error = float(np.mean([r["mean_error"] for r in rows]))
     normalised = all(r["ce"] != "" for r in rows)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -24,9 +23,10 @@ from sequencer.analysis.common import write_csv as write_rows
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, CORRUPTIONS, SEVERITIES, corruption_error
 from sequencer.commands.variants import DATASET_FLAGS
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
+from sequencer.distributed import DistributedContext, cleanup_distributed, init_distributed
 from sequencer.errors import UsageError
 from sequencer.options import input_overrides
-from sequencer.runtime import resolve_device, set_threads
+from sequencer.runtime import set_threads
 from sequencer.validate import WithRealLabels, check_targets_within, evaluate, load_real_labels, load_valid_classes
 
 _logger = logging.getLogger(__name__)
@@ -109,9 +109,19 @@ def _load(folder: Path, transform: Any, limit: int | None, real: dict[str, list[
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate on every dataset found, then write variants.csv and variants.png and say which were missing."""
+    """Evaluate on every dataset found, then write variants.csv and variants.png and say which were missing; under
+    torchrun each process evaluates its share of every dataset and rank 0 writes and prints the totals."""
     set_threads(args.threads)
-    device = resolve_device(args.device)
+    context = init_distributed(args.device)
+    try:
+        return _run(args, context)
+    finally:
+        cleanup_distributed()
+
+
+def _run(args: argparse.Namespace, context: DistributedContext) -> int:
+    """`run` in the processes of `context`."""
+    device = context.device
     found, missing = find_datasets(args.root, {key: getattr(args, f"dataset_{key}") for key in DATASET_FLAGS})
     check_model_specs([(args.model, args.checkpoint)])
     model = build_model(
@@ -139,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for key, dataset in datasets.items():
         variant = next(v for v in VARIANTS if v.key == key)
-        metrics = _evaluate(model, dataset, device, args, variant.title, valid_classes.get(key))
+        metrics = _evaluate(model, dataset, context, args, variant.title, valid_classes.get(key))
         if key == "real":
             results["imagenet"] = dict(value=metrics["top1"], images=metrics["count"], folder=found[key])
             # An evenly spaced subset (--limit) may hold no labelled image: no ReaL figure then.
@@ -147,9 +157,12 @@ def run(args: argparse.Namespace) -> int:
             results["real"] = dict(value=real_top1, images=real_count, folder=found[key])
         else:
             results[key] = dict(value=metrics["top1"], images=metrics["count"], folder=found[key])
-        _logger.info("%s: top-1 %.2f (%d images)", variant.title, results[key]["value"], results[key]["images"])
+        if context.is_primary:
+            _logger.info("%s: top-1 %.2f (%d images)", variant.title, results[key]["value"], results[key]["images"])
     if corrupted:
-        results["c"] = _imagenet_c(model, corrupted, device, args) | dict(folder=found["c"])
+        results["c"] = _imagenet_c(model, corrupted, context, args) | dict(folder=found["c"])
+    if not context.is_primary:
+        return 0
     rows = _rows(results, missing)
     out = Path(args.output)
     write_rows(rows, out / "variants.csv")
@@ -168,24 +181,40 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(
-    model: nn.Module, dataset: Dataset, device: torch.device, args: argparse.Namespace, label: str, valid: Any = None
+    model: nn.Module,
+    dataset: Dataset,
+    context: DistributedContext,
+    args: argparse.Namespace,
+    label: str,
+    valid: Any = None,
 ) -> dict[str, Any]:
-    """`evaluate` over one dataset with the run's batch size, workers and AMP flags, `label` on its progress bar."""
-    loader = create_loader(dataset, args.batch_size, args.workers)
-    return evaluate(model, loader, device, args.amp, args.amp_dtype, valid_classes=valid, progress=label)
+    """`evaluate` over one dataset (each process its share) with the run's batch size, workers and AMP flags,
+    `label` on rank 0's progress bar."""
+    loader = create_loader(dataset, args.batch_size, args.workers, distributed=context.distributed)
+    return evaluate(
+        model,
+        loader,
+        context.device,
+        args.amp,
+        args.amp_dtype,
+        distributed=context.distributed,
+        valid_classes=valid,
+        progress=label if context.is_primary else "",
+    )
 
 
 def _imagenet_c(
-    model: nn.Module, folders: dict[tuple[str, int], Dataset], device: torch.device, args: argparse.Namespace
+    model: nn.Module, folders: dict[tuple[str, int], Dataset], context: DistributedContext, args: argparse.Namespace
 ) -> dict[str, Any]:
     """The mCE over the corruptions present (AlexNet-normalised when all five severities are), else the mean error."""
     errors: dict[str, dict[int, float]] = {}
     images = 0
     for (corruption, severity), dataset in folders.items():
-        metrics = _evaluate(model, dataset, device, args, f"ImageNet-C {corruption}, severity {severity}")
+        metrics = _evaluate(model, dataset, context, args, f"ImageNet-C {corruption}, severity {severity}")
         errors.setdefault(corruption, {})[severity] = 1 - metrics["top1"] / 100
         images += metrics["count"]
-        _logger.info("ImageNet-C %s, severity %d: top-1 %.2f", corruption, severity, metrics["top1"])
+        if context.is_primary:
+            _logger.info("ImageNet-C %s, severity %d: top-1 %.2f", corruption, severity, metrics["top1"])
     ces = [corruption_error(e, ALEXNET_MEAN_ERRORS[c]) for c, e in errors.items()]
     scope = "" if len(errors) == len(CORRUPTIONS) else f" over {len(errors)} of {len(CORRUPTIONS)} corruptions"
     if all(ce is not None for ce in ces):

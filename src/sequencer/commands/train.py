@@ -81,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"Without DATA (the digits demo) the defaults are {demo}; with data, the authors' train.py (timm 0.5.4) "
         "defaults apply "
         f"(model {TIMM_RECIPE['model']}, batch {TIMM_RECIPE['batch_size']}). Multi-GPU or multi-node: "
-        "torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m sequencer train ..."
+        "torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m sequencer train "
+        "...; restartable (preemptible machines, SLURM): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun "
+        "--max-restarts K ... -m sequencer train ... --output DIR --resume auto"
     )
     parser.add_argument(
         "-c",
@@ -107,8 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--resume",
         default="",
+        metavar="PATH|auto",
         help="continue a run from its last.pth.tar: its weights, optimizer state, EMA and epoch; the schedule and "
-        "every other setting follow these flags (model, classes, input size, optimizer and layer decay must match)",
+        "every other setting follow these flags (model, classes, input size, optimizer and layer decay must match). "
+        "auto: -o/--output's last.pth.tar when there is one, else a new run there, so that one unchanged command "
+        "serves every restart (torchrun --max-restarts, a requeued job)",
     )
     model.add_argument("--no-resume-opt", action="store_true", help="with --resume, do not restore optimizer state")
     model.add_argument("--start-epoch", type=int, default=None, help="epoch to start at (default: 0 or resumed)")
