@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -358,3 +359,13 @@ def test_block_linears_run_on_onednn_only_where_it_applies(monkeypatch: pytest.M
     assert len(calls) == 2
     mlp.double()
     torch.testing.assert_close(torch.jit.script(mlp)(x.double()), plain.double()(x.double()))
+
+
+def test_compiling_under_autocast_draws_no_warning() -> None:
+    """The compiled op asks which dtype the recurrences take: nothing dynamo traces there may warn (a cache did)."""
+    torch._dynamo.reset()
+    model = torch.compile(sequencer.create_model("sequencer2d_tiny").eval(), backend="aot_eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("always")
+        model(torch.randn(1, 3, 32, 32))
+    assert [str(w.message) for w in caught] == []

@@ -35,7 +35,6 @@ launches for Sequencer2D-S needed more shared memory per block than any of those
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -141,10 +140,14 @@ def recurrence_dtype(
     return autocast_dtype
 
 
-@functools.cache
+# Read once at import: torch.compile traces the function below under autocast, and a cache wrapper there draws
+# dynamo's warning about functools caches.
+_CPU_LOW_PRECISION_RNN = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def cpu_has_low_precision_rnn() -> bool:
     """Whether oneDNN can build its bfloat16 / float16 RNN primitives on this CPU (AVX-512 and later)."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return _CPU_LOW_PRECISION_RNN
 
 
 def directions_of(axes: tuple[str, ...], bidirectional: bool) -> tuple[Direction, ...]:
