@@ -478,6 +478,7 @@ def test_evenly_spaced_subset_covers_every_class(image_tree: Path) -> None:
 
 
 @pytest.mark.slow
+@needs_imagecorruptions
 def test_robustness_in_two_processes_writes_what_one_process_does(
     run_cli, torchrun, tmp_path: Path, image_tree: Path, tiny_checkpoint: Path
 ) -> None:
