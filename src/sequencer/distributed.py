@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,16 @@ def init_distributed(device_name: str | None = None) -> DistributedContext:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://")
     return DistributedContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+@contextlib.contextmanager
+def process_group(device_name: str | None = None) -> Iterator[DistributedContext]:
+    """This process's place in torchrun's group (or alone, outside torchrun), the group torn down on exit."""
+    context = init_distributed(device_name)
+    try:
+        yield context
+    finally:
+        cleanup_distributed()
 
 
 def check_restartable() -> None:

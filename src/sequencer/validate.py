@@ -28,7 +28,7 @@ from sequencer.data import (
     data_config,
     map_classes,
 )
-from sequencer.distributed import DistributedContext, all_reduce_sum, cleanup_distributed, init_distributed
+from sequencer.distributed import DistributedContext, all_reduce_sum, process_group
 from sequencer.errors import DatasetError, UsageError
 from sequencer.model import check_model_name
 from sequencer.options import input_overrides
@@ -227,12 +227,9 @@ def run(args: argparse.Namespace) -> int:
     """Build the model and data from the flags, evaluate, print and optionally save the metrics; under torchrun
     each process evaluates its share of the images and rank 0 prints and saves the totals."""
     set_threads(args.threads)
-    context = init_distributed(args.device)
-    logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
-    try:
+    with process_group(args.device) as context:
+        logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
         results = validate(args, context)
-    finally:
-        cleanup_distributed()
     if args.output and context.is_primary:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")

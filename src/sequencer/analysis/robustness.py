@@ -36,7 +36,7 @@ from sequencer.analysis.common import (
     write_csv,
 )
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
-from sequencer.distributed import DistributedContext, cleanup_distributed, init_distributed
+from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import MissingDependencyError, UsageError
 from sequencer.options import input_overrides
 from sequencer.runtime import set_threads
@@ -306,11 +306,8 @@ def run(args: argparse.Namespace) -> int:
     """Clean and corrupted accuracy: a CSV per corruption, robustness.csv/.png, examples.png and summary.json; under
     torchrun each process evaluates its share of the images and rank 0 writes and prints the totals."""
     set_threads(args.threads)
-    context = init_distributed(args.device)
-    try:
+    with process_group(args.device) as context:
         return _run(args, context)
-    finally:
-        cleanup_distributed()
 
 
 def _run(args: argparse.Namespace, context: DistributedContext) -> int:

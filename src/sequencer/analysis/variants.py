@@ -23,7 +23,7 @@ from sequencer.analysis.common import write_csv as write_rows
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, CORRUPTIONS, SEVERITIES, corruption_error
 from sequencer.commands.variants import DATASET_FLAGS
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
-from sequencer.distributed import DistributedContext, cleanup_distributed, init_distributed
+from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import UsageError
 from sequencer.options import input_overrides
 from sequencer.runtime import set_threads
@@ -112,11 +112,8 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate on every dataset found, then write variants.csv and variants.png and say which were missing; under
     torchrun each process evaluates its share of every dataset and rank 0 writes and prints the totals."""
     set_threads(args.threads)
-    context = init_distributed(args.device)
-    try:
+    with process_group(args.device) as context:
         return _run(args, context)
-    finally:
-        cleanup_distributed()
 
 
 def _run(args: argparse.Namespace, context: DistributedContext) -> int:
