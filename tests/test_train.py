@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.error
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -211,20 +212,19 @@ def test_resume_continues_exactly(
     assert summary_rows(tmp_path) == summary_rows(two_epoch_run)
 
 
-@pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
-    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def poison_training_steps(monkeypatch: pytest.MonkeyPatch, poisoned: Callable[[int], bool]) -> list[int]:
+    """Make the trainer's model output NaN at the training steps (counted from 1) that `poisoned` picks; returns the
+    list of steps run so far, which grows as the run goes."""
     real_create = train_module.create_model
-    training_calls = []
+    steps: list[int] = []
 
     def poisoned_model(*args, **kwargs):
         model = real_create(*args, **kwargs)
 
         def poison(module, inputs, output):
             if module.training:
-                training_calls.append(1)
-                if len(training_calls) > 4:  # 4 steps per epoch: the second epoch diverges
+                steps.append(len(steps) + 1)
+                if poisoned(len(steps)):
                     return output * float("nan")
             return output
 
@@ -232,6 +232,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
         return model
 
     monkeypatch.setattr(train_module, "create_model", poisoned_model)
+    return steps
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 4 steps per epoch: the second epoch diverges
+    poison_training_steps(monkeypatch, lambda step: step > 4)
     with caplog.at_level(logging.ERROR):
         assert run_cli("train", f"{data_root} {TINY} --epochs 3 --output {tmp_path}") == 1
     assert "non-finite training loss (nan) at epoch 1, step 1" in caplog.text
@@ -245,23 +254,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 def test_a_non_finite_loss_within_a_log_interval_stops_before_any_checkpoint_holds_it(
     run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real_create = train_module.create_model
-    training_calls = []
-
-    def poisoned_once(*args, **kwargs):
-        model = real_create(*args, **kwargs)
-
-        def poison(module, inputs, output):
-            if module.training:
-                training_calls.append(1)
-                if len(training_calls) == 6:  # epoch 1, step 2 of 4; its update spreads NaN into the weights
-                    return output * float("nan")
-            return output
-
-        model.register_forward_hook(poison)
-        return model
-
-    monkeypatch.setattr(train_module, "create_model", poisoned_once)
+    # epoch 1, step 2 of 4; its update spreads NaN into the weights
+    training_calls = poison_training_steps(monkeypatch, lambda step: step == 6)
     with caplog.at_level(logging.INFO):
         assert run_cli("train", f"{data_root} {TINY} --epochs 3 --log-interval 3 --output {tmp_path}") == 1
     # Read every 3 steps: the window of steps 1-3 shows the loss of step 2 as the first non-finite one.
