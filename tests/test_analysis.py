@@ -17,9 +17,9 @@ from torch import nn
 
 from sequencer.analysis import erf, resolution, robustness, summary
 from sequencer.analysis.common import build_model, evenly_spaced_subset, model_labels
+from sequencer.builder import create_model
 from sequencer.checkpoint import save_weights
 from sequencer.data import build_dataset, create_loader, create_transform
-from sequencer.model import create_model
 from sequencer.validate import evaluate
 
 NUM_CLASSES = 3

@@ -24,9 +24,9 @@ import yaml
 from sequencer import data as data_module
 from sequencer import hub, runtime
 from sequencer import train as train_module
+from sequencer.builder import create_model
 from sequencer.checkpoint import load_pretrained, read_file
 from sequencer.errors import CheckpointError
-from sequencer.model import create_model
 
 # The authors' README command lines, verbatim (`./distributed_train.sh 8 /path/to/imagenet` becomes torchrun + DATA).
 IMAGENET_RECIPE = (

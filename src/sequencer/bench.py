@@ -45,10 +45,11 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
 
+from sequencer.builder import create_model
 from sequencer.commands.bench import MODES, ONNX_RUNTIMES
 from sequencer.deploy import OnnxModel, export, load_onnx, quantize_onnx, require_onnx_packages
 from sequencer.errors import UsageError
-from sequencer.model import create_model, list_models
+from sequencer.model import list_models
 from sequencer.recurrence import IMPLEMENTATIONS
 from sequencer.runtime import autocast, compile_model, native_bfloat16_cpu, resolve_device, set_threads
 

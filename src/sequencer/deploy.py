@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sequencer.checkpoint import load_model
+from sequencer.builder import load_model
 from sequencer.commands.export import QUANTIZATIONS
 from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
-from sequencer.model import list_models, route
+from sequencer.model import list_models
 from sequencer.options import input_overrides
+from sequencer.recurrence import route
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}

@@ -22,7 +22,7 @@ from timm.data import ImageNetInfo
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sequencer.checkpoint import load_model
+from sequencer.builder import load_model
 from sequencer.commands.predict import DEFAULT_MODEL, OUTPUT_FORMATS, RUNTIMES
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
 from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx

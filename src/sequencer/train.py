@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import IterableDataset
 
 from sequencer.average import EPOCH_CHECKPOINT
+from sequencer.builder import create_model, model_config, resolve_model_name
 from sequencer.checkpoint import atomic_save, load_pretrained, read_file
 from sequencer.commands.train import DIGITS_RECIPE, TIMM_RECIPE
 from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
@@ -47,7 +48,6 @@ from sequencer.distributed import (
 )
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.hub import released_weights
-from sequencer.model import VARIANTS, check_model_name, create_model
 from sequencer.options import input_overrides
 from sequencer.plotting import plot_training_curves
 from sequencer.runtime import (
@@ -104,9 +104,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work together or name nothing known with a `UsageError`, before any work starts.
 
     Single values out of range were refused before this runs (`sequencer.options.BOUNDS`)."""
-    check_model_name(args.model)
+    resolve_model_name(args.model)
     size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
-    patches = math.prod(VARIANTS[check_model_name(args.model)]["patch_sizes"])
+    patches = math.prod(model_config(args.model).patch_sizes)
     if size and min(size) < patches:
         raise UsageError(
             f"input size {'x'.join(map(str, size))} is smaller than the {patches}x{patches} pixels that "
