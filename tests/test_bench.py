@@ -104,8 +104,8 @@ def test_memory_needs_a_resettable_peak_or_no_memory(
 
 def test_bad_lists_are_refused_by_the_parser() -> None:
     parser = build_parser("bench")
-    # --impls names are the model's, checked when the command runs (tests/test_cli.py)
     for flags in (
+        ["--impls", "auto,triton"],
         ["--precisions", "float64"],
         ["--resolutions", "224,big"],
         ["--batch-sizes", "0"],

@@ -422,7 +422,7 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
         ("--drop-path 1.5", "--drop-path 1.5 is out of range: it must be >= 0 and <= 1"),
         ("--lr -0.1", "--lr -0.1 is out of range: it must be >= 0"),
         ("--opt adamq", "unknown optimizer --opt 'adamq'"),
-        ("--sched cosin", "unknown schedule --sched 'cosin'"),
+        ("--sched cosin", "argument --sched: invalid choice: 'cosin'"),
         ("--model sequencer2d_q", "unknown model 'sequencer2d_q'"),
         ("--initial-checkpoint x.pth --pretrained", "--pretrained and --initial-checkpoint both"),
         ("--log-interval 0", "--log-interval 0 is out of range: it must be >= 1"),

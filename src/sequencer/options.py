@@ -9,10 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sequencer.choices import AMP_DTYPES, DEFAULT_MODEL, INTERPOLATIONS
 from sequencer.errors import UsageError
-
-# timm's interpolation names; training also takes "random" (bilinear or bicubic per image).
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 # Option (its dest) -> (lowest value, whether the lowest itself is allowed, highest or None), for every command that
 # has the option: `check_bounds` refuses any other value before the command starts. Lists are checked item by item.
@@ -85,7 +83,7 @@ def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def add_model_options(
     parser: argparse.ArgumentParser,
-    default_model: str | None = "sequencer2d_s",
+    default_model: str | None = DEFAULT_MODEL,
     model_help: str = "model name (see `sequencer summary`)",
     checkpoint_help: str = "weights file (.pth, .pth.tar, .safetensors)",
 ) -> None:
@@ -177,7 +175,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         action="store_true",
         help="automatic mixed precision (float16 on GPU, bfloat16 on CPU)",
     )
-    group.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"], help="override the AMP dtype")
+    group.add_argument("--amp-dtype", default=None, choices=AMP_DTYPES, help="override the AMP dtype")
     group.add_argument("-b", "--batch-size", type=int, default=32, help="batch size (per process)")
     group.add_argument("-j", "--workers", type=int, default=2, help="data-loading worker processes")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads")

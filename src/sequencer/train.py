@@ -1,4 +1,4 @@
-"""The trainer behind `sequencer train` (its flags and recipes: `sequencer.commands.train`).
+"""The trainer behind `sequencer train` (its flags: `sequencer.commands.train`; its recipes: `sequencer.choices`).
 
 One process per device (torchrun for several): timm's data pipeline, optimizers, schedulers, mixup and EMA around a
 plain training loop; every epoch is evaluated and checkpointed atomically, seeded from (seed, epoch, rank) so that a
@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset
 
 from sequencer.average import EPOCH_CHECKPOINT
 from sequencer.checkpoint import atomic_save, load_pretrained, read_file
-from sequencer.commands.train import DIGITS_RECIPE, TIMM_RECIPE
+from sequencer.choices import DIGITS_RECIPE, SCHEDULERS, TIMM_RECIPE
 from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
 from sequencer.distributed import (
     DistributedContext,
@@ -63,8 +63,6 @@ from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
 
-# timm's create_scheduler_v2 names ("none" trains at a constant rate).
-SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "none")
 SUMMARY_FIELDS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 CURVES_FILE = "training_curves.png"
 # The files that mark a folder as holding a run (besides checkpoint-EPOCH.pth.tar): a new run must not overwrite them.

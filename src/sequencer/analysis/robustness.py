@@ -35,6 +35,7 @@ from sequencer.analysis.common import (
     save_figure,
     write_csv,
 )
+from sequencer.choices import CORRUPTION_FAMILIES, CORRUPTIONS, SEVERITIES
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import MissingDependencyError, UsageError
@@ -44,15 +45,6 @@ from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
 
-# The 15 ImageNet-C corruptions in their usual order, by family.
-FAMILIES = {
-    "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
-    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
-    "weather": ("snow", "frost", "fog", "brightness"),
-    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
-}
-CORRUPTIONS = tuple(name for names in FAMILIES.values() for name in names)
-SEVERITIES = (1, 2, 3, 4, 5)
 # AlexNet's top-1 error on ImageNet-C, each averaged over the five severities (Hendrycks & Dietterich, ICLR 2019;
 # the normalisers published in their hendrycks/robustness repository and used for every reported mCE since).
 ALEXNET_MEAN_ERRORS = dict(
@@ -254,8 +246,8 @@ def plot_robustness(rows: list[dict[str, Any]], clean_top1: float, title: str, p
     """One bar per corruption (top-1 averaged over severities), coloured by family, clean top-1 as a dashed line."""
     fig, axes = new_figure(size=(max(7.0, 0.55 * len(rows) + 2.5), 4.8))
     ax = axes[0, 0]
-    colours = dict(zip(FAMILIES, ("tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=True))
-    family_of = {c: family for family, names in FAMILIES.items() for c in names}
+    colours = dict(zip(CORRUPTION_FAMILIES, ("tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=True))
+    family_of = {c: family for family, names in CORRUPTION_FAMILIES.items() for c in names}
     positions = np.arange(len(rows))
     bars = ax.bar(positions, [r["mean_top1"] for r in rows], color=[colours[family_of[r["corruption"]]] for r in rows])
     for bar, row in zip(bars, rows, strict=True):

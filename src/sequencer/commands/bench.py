@@ -12,12 +12,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from sequencer.choices import BENCH_MODES, BENCH_PRECISIONS, BENCH_RUNTIMES, DEFAULT_MODEL, IMPLEMENTATIONS
 from sequencer.options import add_output_option, add_runtime_options
-
-MODES = ("infer", "train")
-PRECISIONS = ("float32", "amp")
-ONNX_RUNTIMES = ("onnxruntime", "onnxruntime-int8")
-RUNTIMES = ("torch", "torch-compile", *ONNX_RUNTIMES)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,27 +21,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models",
         type=_names,
-        default=["sequencer2d_s"],
+        default=[DEFAULT_MODEL],
         help="comma-separated: our variants (see `sequencer summary`) and/or timm models",
     )
     parser.add_argument("--resolutions", type=_ints, default=[224], help="comma-separated input sizes")
     parser.add_argument("--batch-sizes", type=_ints, default=None, help="comma-separated (default: -b)")
     parser.add_argument(
         "--precisions",
-        type=_choices(PRECISIONS),
+        type=_choices(BENCH_PRECISIONS),
         default=None,
         help="comma-separated float32 and/or amp (default: amp with --amp, else float32)",
     )
-    parser.add_argument("--modes", type=_choices(MODES), default=list(MODES), help="infer and/or train")
+    parser.add_argument("--modes", type=_choices(BENCH_MODES), default=list(BENCH_MODES), help="infer and/or train")
     parser.add_argument(
         "--impls",
-        type=_names,
+        type=_choices(IMPLEMENTATIONS),
         default=["auto", "reference"],
-        help="rnn_impl values to run our models with (auto, reference, fused)",
+        help=f"rnn_impl values to run our models with: {', '.join(IMPLEMENTATIONS)}",
     )
     parser.add_argument(
         "--runtimes",
-        type=_choices(RUNTIMES),
+        type=_choices(BENCH_RUNTIMES),
         default=["torch"],
         help="comma-separated engines for our models: torch (eager), torch-compile (inductor; inference only), "
         "onnxruntime and onnxruntime-int8 (CPU, inference only, float32 settings: the file `export --dynamic-batch` "

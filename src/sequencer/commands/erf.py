@@ -14,7 +14,7 @@ from sequencer.options import add_compare_options, add_model_options, add_output
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, comparison (random init without a checkpoint), data, image count and size, output options."""
-    add_model_options(parser, default_model="sequencer2d_s")
+    add_model_options(parser)
     add_compare_options(parser)
     parser.add_argument(
         "data",

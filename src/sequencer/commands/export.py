@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
 from sequencer.options import add_input_options, add_model_options, add_output_option
-
-QUANTIZATIONS = ("int8",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--format",
         default=None,
-        metavar="FORMAT",
-        help="onnx, torchscript or exported-program (default: from the suffix of -o)",
+        choices=EXPORT_FORMATS,
+        help="export format (default: from the suffix of -o)",
     )
     add_output_option(group, None, "file to write (.onnx, .pt, .pt2)", required=True)
     group.add_argument(

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sequencer.choices import DEFAULT_MODEL, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
-
-OUTPUT_FORMATS = ("table", "csv", "json")
-RUNTIMES = ("torch", "onnxruntime")
-DEFAULT_MODEL = "sequencer2d_s"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime = add_runtime_options(parser)
     runtime.add_argument(
         "--runtime",
-        choices=RUNTIMES,
+        choices=PREDICT_RUNTIMES,
         default=None,
         help="what runs the model: torch, or onnxruntime on the CPU (the `export` extra; a checkpoint is exported to "
         "a temporary ONNX file and checked first, which takes a while for the large variants; --threads sets its "
@@ -43,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--format",
         dest="output_format",
-        choices=OUTPUT_FORMATS,
+        choices=PREDICTION_FORMATS,
         default=None,
         help="output format (default: from --output's suffix .csv / .json, else a table)",
     )

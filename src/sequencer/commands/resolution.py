@@ -16,7 +16,7 @@ from sequencer.options import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """DATA, --model/--checkpoint, --compare, --sizes, --out, input and runtime options."""
     parser.add_argument("data", help="labelled images: DATA/val/<class>/* or DATA/<class>/*")
-    add_model_options(parser, default_model="sequencer2d_s")
+    add_model_options(parser)
     add_compare_options(parser)
     parser.add_argument("--sizes", default="160,224,288,384,448", help="comma-separated inference sizes")
     add_output_option(parser, "results/resolution", "output folder for resolution.csv and .png", "--out", kind="folder")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sequencer.choices import SUMMARY_FORMATS
 from sequencer.options import add_output_option
 
 
@@ -12,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="*", help="shell-style pattern of variant names (default: all)")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: each variant's own)")
     parser.add_argument(
-        "--format", choices=("markdown", "csv"), default="markdown", help="format of the table printed on stdout"
+        "--format", choices=SUMMARY_FORMATS, default="markdown", help="format of the table printed on stdout"
     )
     add_output_option(
         parser,

@@ -9,64 +9,25 @@ continues exactly where it stopped.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
+from sequencer.choices import (
+    CLIP_MODES,
+    DIGITS_RECIPE,
+    ERASING_MODES,
+    EVAL_METRICS,
+    LR_BASE_SCALES,
+    MIXUP_MODES,
+    SCHEDULERS,
+    TIMM_RECIPE,
+    TRAIN_INTERPOLATIONS,
+)
 from sequencer.options import (
-    INTERPOLATIONS,
     add_compile_options,
     add_dataset_options,
     add_input_options,
     add_model_options,
     add_output_option,
     add_runtime_options,
-)
-
-# Flags whose default depends on the data. With no DATA the run is the built-in digits demo (>= 98% held-out top-1 in
-# well under 90 s on two CPU cores, see BENCHMARKS.md); with real data the defaults are timm's train.py's.
-# Demo choices, from trial runs: the 8x8 digits go to 16 px, not the model's 32 (3x faster and no less accurate);
-# no flips (a mirrored digit is another glyph); crops keep >= 80% of the digit; one thread, because two threads on a
-# machine whose other core is busy ran more than ten times slower.
-DIGITS_RECIPE: dict[str, Any] = dict(
-    model="sequencer2d_tiny",
-    img_size=16,
-    batch_size=64,
-    workers=0,
-    epochs=25,
-    opt="adamw",
-    lr=3e-3,
-    weight_decay=0.05,
-    warmup_epochs=1,
-    warmup_lr=1e-4,
-    min_lr=0.0,
-    cooldown_epochs=0,
-    sched_on_updates=True,
-    hflip=0.0,
-    scale=(0.8, 1.0),
-    color_jitter=0.0,
-    train_interpolation="bicubic",
-    threads=1,
-)
-# The authors' train.py (timm 0.5.4) defaults, which their command lines rely on (SEQUENCER.md, "Recipes"); the
-# flags whose default is the same for both recipes carry it in `add_arguments`.
-TIMM_RECIPE: dict[str, Any] = dict(
-    model="sequencer2d_s",
-    img_size=None,
-    batch_size=128,
-    workers=2,
-    epochs=300,
-    opt="sgd",
-    lr=None,
-    weight_decay=2e-5,
-    warmup_epochs=3,
-    warmup_lr=1e-4,
-    min_lr=1e-6,
-    cooldown_epochs=10,
-    sched_on_updates=False,
-    hflip=0.5,
-    scale=(0.08, 1.0),
-    color_jitter=0.4,
-    train_interpolation="random",
-    threads=None,
 )
 
 
@@ -133,11 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     opt.add_argument("--weight-decay", type=float, default=None, help="weight decay" + _recipe_help("weight_decay"))
     opt.add_argument("--clip-grad", type=float, default=None, help="clip gradients at this norm (value, agc)")
-    opt.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"], help="gradient clipping mode")
+    opt.add_argument("--clip-mode", default="norm", choices=CLIP_MODES, help="gradient clipping mode")
     opt.add_argument("--layer-decay", type=float, default=None, help="layer-wise learning-rate decay")
 
     sched = parser.add_argument_group("learning-rate schedule")
-    sched.add_argument("--sched", default="cosine", help="timm scheduler: cosine, step, multistep, poly, none, ...")
+    sched.add_argument("--sched", default="cosine", choices=SCHEDULERS, help="timm scheduler")
     sched.add_argument(
         "--sched-on-updates",
         action="store_true",
@@ -155,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument(
         "--lr-base-scale",
         default="",
-        choices=["", "linear", "sqrt"],
+        choices=LR_BASE_SCALES,
         help="scaling rule of --lr-base (default: sqrt for adaptive optimizers, else linear)",
     )
     sched.add_argument(
@@ -207,18 +168,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     aug.add_argument(
         "--train-interpolation",
         default=None,
-        choices=(*INTERPOLATIONS, "random"),
+        choices=TRAIN_INTERPOLATIONS,
         help="training resize interpolation" + _recipe_help("train_interpolation"),
     )
     aug.add_argument("--reprob", type=float, default=0.0, help="random-erasing probability")
-    aug.add_argument("--remode", default="pixel", choices=("const", "rand", "pixel"), help="random-erasing mode")
+    aug.add_argument("--remode", default="pixel", choices=ERASING_MODES, help="random-erasing mode")
     aug.add_argument("--recount", type=int, default=1, help="random-erasing count")
     aug.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (on when > 0)")
     aug.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (on when > 0)")
     aug.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, help="cutmix box ratio range")
     aug.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
     aug.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix instead of mixup")
-    aug.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"], help="mixup granularity")
+    aug.add_argument("--mixup-mode", default="batch", choices=MIXUP_MODES, help="mixup granularity")
     aug.add_argument("--mixup-off-epoch", type=int, default=0, help="turn mixup off from this epoch (0: never)")
     aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
 
@@ -233,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_option(misc, "", "output folder (default: output/train/<date>-<model>-<size>)", kind="folder")
     misc.add_argument("--experiment", default="", help="sub-folder of --output for this run")
     misc.add_argument(
-        "--eval-metric", default="top1", choices=["top1", "top5", "loss"], help="metric that picks model_best.pth.tar"
+        "--eval-metric", default="top1", choices=EVAL_METRICS, help="metric that picks model_best.pth.tar"
     )
     misc.add_argument(
         "--checkpoint-hist",
