@@ -78,8 +78,8 @@ def test_resolution_sweep_of_peers_writes_csv_and_plot(tmp_path: Path) -> None:
     ("flags", "message"),
     [
         (["--models", "sequencer9"], "unknown model 'sequencer9'"),
-        (["--repeats", "0"], "--repeats 0 is out of range: it must be >= 1"),
-        (["-b", "0"], "-b/--batch-size 0 is out of range: it must be >= 1"),
+        (["--repeats", "0"], "argument --repeats: 0 is out of range: it must be >= 1"),
+        (["-b", "0"], "argument -b/--batch-size: 0 is out of range: it must be >= 1"),
         (["--resolutions", "4"], "--resolutions 4 is below the 8 px that sequencer2d_tiny needs"),
         (["--device", "tpu9"], "unknown device 'tpu9'"),
     ],

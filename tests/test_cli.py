@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 
 import sequencer
 from sequencer import cli, runtime
+from sequencer.options import Bounded
 
 HEAVY = ("torch", "timm", "torchvision", "numpy", "matplotlib", "PIL")
 
@@ -87,23 +89,23 @@ TINY = "--model sequencer2d_tiny -j 0 --device cpu"
 @pytest.mark.parametrize(
     ("words", "message"),
     [
-        ("predict {data}/val -b 0 " + TINY, "-b/--batch-size 0 is out of range: it must be >= 1"),
+        ("predict {data}/val -b 0 " + TINY, "argument -b/--batch-size: 0 is out of range: it must be >= 1"),
         ("predict {data}/val --img-size 4 " + TINY, "input 4x4 is smaller than the 8x8"),
-        ("predict {data}/val --topk 0 " + TINY, "--topk 0 is out of range"),
-        ("validate {data} --crop-pct 1.5 " + TINY, "--crop-pct 1.5 is out of range: it must be > 0 and <= 1"),
-        ("validate {data} --std 0.2 0 0.2 " + TINY, "--std 0.2 0.0 0.2 is out of range: it must be > 0"),
+        ("predict {data}/val --topk 0 " + TINY, "argument --topk: 0 is out of range"),
+        ("validate {data} --crop-pct 1.5 " + TINY, "argument --crop-pct: 1.5 is out of range: it must be > 0 and <= 1"),
+        ("validate {data} --std 0.2 0 0.2 " + TINY, "argument --std: 0 is out of range: it must be > 0"),
         ("validate {data} --in-chans 1 " + TINY, "the input has 1 channels (--in-chans / --input-size) but images"),
         ("validate {data} --input-size 1 32 32 " + TINY, "the input has 1 channels (--in-chans / --input-size)"),
         ("predict {data}/val --input-size 3 32 4 " + TINY, "input 32x4 is smaller than the 8x8"),
-        ("validate {data} --threads 0 " + TINY, "--threads 0 is out of range: it must be >= 1"),
+        ("validate {data} --threads 0 " + TINY, "argument --threads: 0 is out of range: it must be >= 1"),
         ("train {data} --in-chans 1 " + TINY, "--in-chans 1: training reads images as RGB"),
         ("train {data} --scale 0.9 0.1 " + TINY, "--scale 0.9 0.1: the first value must be <= the second"),
         ("train {data} --cutmix-minmax 0.5 0.5 " + TINY, "--cutmix-minmax 0.5 0.5: the first value must be <"),
-        ("train {data} --ratio 0 1 " + TINY, "--ratio 0.0 1.0 is out of range: it must be > 0"),
-        ("robustness {data} --limit 0 " + TINY, "--limit 0 is out of range"),
+        ("train {data} --ratio 0 1 " + TINY, "argument --ratio: 0 is out of range: it must be > 0"),
+        ("robustness {data} --limit 0 " + TINY, "argument --limit: 0 is out of range"),
         ("robustness {data} --alexnet-errors {tmp}/no.json " + TINY, "--alexnet-errors {tmp}/no.json: file not found"),
-        ("erf --num-images 0 " + TINY, "--num-images 0 is out of range"),
-        ("average {tmp} -n 0 -o {tmp}/avg.pth", "-n/--num 0 is out of range"),
+        ("erf --num-images 0 " + TINY, "argument --num-images: 0 is out of range"),
+        ("average {tmp} -n 0 -o {tmp}/avg.pth", "argument -n/--num: 0 is out of range"),
         ("variants " + TINY, "name ROOT, the folder holding the datasets, or their folders with --imagenet-val"),
     ],
 )
@@ -118,13 +120,90 @@ def test_bad_values_of_any_command_end_in_one_line_before_any_work(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("epochs: 0", "argument --epochs: 0 is out of range: it must be >= 1"),
+        ("std: [0.2, 0, 0.2]", "argument --std: 0 is out of range: it must be > 0"),
+        ("drop_path: lots", "argument --drop-path: invalid float value: 'lots'"),
+        ("sched: cosin", "argument --sched: invalid choice: 'cosin'"),
+    ],
+)
 def test_config_values_are_checked_like_the_command_line(
-    run_cli, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    run_cli, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, config: str, message: str
 ) -> None:
-    (tmp_path / "args.yaml").write_text("epochs: 0\n")
+    (tmp_path / "args.yaml").write_text(config + "\n")
     assert run_cli(f"train {data} {TINY} -c {tmp_path / 'args.yaml'} --output {tmp_path / 'out'}") == 2
-    assert "--epochs 0 is out of range: it must be >= 1" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    error = capsys.readouterr().err
+    assert error.startswith(f"sequencer train: error: --config {tmp_path / 'args.yaml'}: {message}")
+    assert error.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_config_values_are_read_like_the_command_line(tmp_path: Path) -> None:
+    # YAML reads 1e-3 (no dot) as a string; the flag's type makes it the number the command line would.
+    (tmp_path / "args.yaml").write_text("lr: 1e-3\nscale: [0.5, 1]\ninterpolation: ''\nepochs: 3\n")
+    parser = cli.build_parser("train")
+    cli._apply_config(parser.command_parsers["train"], str(tmp_path / "args.yaml"))
+    args = parser.parse_args(["train", "--epochs", "5"])
+    assert args.lr == 0.001 and args.scale == [0.5, 1.0] and args.interpolation == ""
+    assert args.epochs == 5  # the command line wins
+
+
+def bounded_flags() -> list[tuple[str, argparse.Action, Bounded]]:
+    """(command, flag, its range) for every flag of every subcommand whose values have a range."""
+    found = []
+    for command in cli.COMMANDS:
+        for action in cli.build_parser(command).command_parsers[command]._actions:
+            if isinstance(action.type, Bounded):
+                found.append((command, action, action.type))
+    return found
+
+
+# The options whose every flag must keep a range (the former table of ranges, keyed by dest).
+RANGED = {
+    *("batch_size", "workers", "threads", "num_classes", "in_chans", "img_size", "input_size", "crop_pct", "std"),
+    *("validation_batch_size", "epochs", "lr", "lr_base", "lr_base_size", "warmup_lr", "min_lr", "warmup_epochs"),
+    *("cooldown_epochs", "weight_decay", "momentum", "clip_grad", "drop", "drop_path", "smoothing", "scale", "ratio"),
+    *("hflip", "vflip", "reprob", "recount", "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob"),
+    *("model_ema_decay", "checkpoint_hist", "log_interval", "topk", "tolerance", "num", "repeats", "warmup"),
+    *("num_images", "limit"),
+}
+
+
+def test_every_ranged_option_of_every_command_keeps_its_range() -> None:
+    ranged = {(command, action.dest) for command, action, _ in bounded_flags()}
+    for command in cli.COMMANDS:
+        dests = {action.dest for action in cli.build_parser(command).command_parsers[command]._actions}
+        assert {(command, dest) for dest in dests & RANGED} <= ranged, command
+    assert {dest for _, dest in ranged} >= RANGED
+
+
+def _out_of_range(limits: Bounded) -> list[float]:
+    """The values just outside `limits`: below the lowest allowed, the excluded bound itself, above the highest."""
+    step = 1 if limits.kind is int else 0.01
+    values = [limits.low - step] if limits.low is not None else []
+    values += [limits.above] if limits.above is not None else []
+    return values + ([limits.high + step] if limits.high is not None else [])
+
+
+@pytest.mark.parametrize(
+    ("command", "action", "limits"), bounded_flags(), ids=[f"{c} {a.dest}" for c, a, _ in bounded_flags()]
+)
+def test_each_ranged_flag_refuses_values_outside_its_range_while_parsing(
+    run_cli, capsys: pytest.CaptureFixture, command: str, action: argparse.Action, limits: Bounded
+) -> None:
+    inside = limits.low if limits.low is not None else limits.high if limits.high is not None else limits.above + 1
+    count = action.nargs if isinstance(action.nargs, int) else 1 if action.nargs is None else 2
+    flag = action.option_strings[-1]
+    assert limits(str(inside)) == inside  # the lowest (or highest) allowed value itself is taken
+    for value in _out_of_range(limits):
+        # A list is checked item by item: only its last value is outside.
+        assert run_cli(command, flag, *[inside] * (count - 1), value) == 2
+        error = capsys.readouterr().err
+        assert error == (
+            f"sequencer {command}: error: argument {'/'.join(action.option_strings)}: {value} is out of range: "
+            f"it must be {limits.limits}\n"
+        )
 
 
 @pytest.mark.parametrize(

@@ -415,17 +415,17 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ("--epochs 0", "--epochs 0 is out of range: it must be >= 1"),
-        ("-b -4", "-b/--batch-size -4 is out of range: it must be >= 1"),
-        ("--num-classes 0", "--num-classes 0 is out of range: it must be >= 1"),
+        ("--epochs 0", "argument --epochs: 0 is out of range: it must be >= 1"),
+        ("-b -4", "argument -b/--batch-size: -4 is out of range: it must be >= 1"),
+        ("--num-classes 0", "argument --num-classes: 0 is out of range: it must be >= 1"),
         ("--img-size 3", "input size 3x3 is smaller than the 8x8 pixels that sequencer2d_tiny"),
-        ("--drop-path 1.5", "--drop-path 1.5 is out of range: it must be >= 0 and <= 1"),
-        ("--lr -0.1", "--lr -0.1 is out of range: it must be >= 0"),
+        ("--drop-path 1.5", "argument --drop-path: 1.5 is out of range: it must be >= 0 and <= 1"),
+        ("--lr -0.1", "argument --lr: -0.1 is out of range: it must be >= 0"),
         ("--opt adamq", "unknown optimizer --opt 'adamq'"),
         ("--sched cosin", "argument --sched: invalid choice: 'cosin'"),
         ("--model sequencer2d_q", "unknown model 'sequencer2d_q'"),
         ("--initial-checkpoint x.pth --pretrained", "--pretrained and --initial-checkpoint both"),
-        ("--log-interval 0", "--log-interval 0 is out of range: it must be >= 1"),
+        ("--log-interval 0", "argument --log-interval: 0 is out of range: it must be >= 1"),
         ("--aa bogus", "unknown --aa policy 'bogus' (Unknown AA policy bogus); timm takes e.g. rand-m9-mstd0.5-inc1"),
     ],
 )

@@ -101,7 +101,7 @@ def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work together or name nothing known with a `UsageError`, before any work starts.
 
-    Single values out of range were refused before this runs (`sequencer.options.BOUNDS`)."""
+    Single values out of range were refused while parsing (each flag's type, `sequencer.options.bounded`)."""
     check_model_name(args.model)
     size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
     patches = math.prod(VARIANTS[check_model_name(args.model)]["patch_sizes"])

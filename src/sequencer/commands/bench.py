@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Callable
 
 from sequencer.choices import BENCH_MODES, BENCH_PRECISIONS, BENCH_RUNTIMES, DEFAULT_MODEL, IMPLEMENTATIONS
-from sequencer.options import add_output_option, add_runtime_options
+from sequencer.options import add_output_option, add_runtime_options, bounded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-timm-twin", action="store_true", help="skip timm's sequencer2d_* with our weights")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--repeats", type=bounded(int, min=1), default=5, help="timed rounds (the median is reported)")
+    parser.add_argument("--warmup", type=bounded(int, min=0), default=1, help="untimed rounds first")
     add_output_option(parser, "bench", "file stem: writes OUTPUT.json, OUTPUT.csv and OUTPUT.png", kind="stem")
     add_runtime_options(parser)
     parser.set_defaults(batch_size=8)

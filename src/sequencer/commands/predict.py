@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import DEFAULT_MODEL, PREDICT_RUNTIMES, PREDICTION_FORMATS
-from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
+from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options, bounded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "intra-op threads). Default: onnxruntime for an .onnx --checkpoint, else torch",
     )
     group = parser.add_argument_group("output")
-    group.add_argument("--topk", type=int, default=5, help="classes to list per image")
+    group.add_argument("--topk", type=bounded(int, min=1), default=5, help="classes to list per image")
     group.add_argument(
         "--class-map",
         default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import CORRUPTIONS, SEVERITIES
-from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
+from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options, bounded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--severities", default="", help=f"comma-separated subset of {','.join(map(str, SEVERITIES))} (default: all)"
     )
-    parser.add_argument("--limit", type=int, default=None, help="use N images spread over the whole set")
+    parser.add_argument(
+        "--limit", type=bounded(int, min=1), default=None, help="use N images spread over the whole set"
+    )
     parser.add_argument(
         "--alexnet-errors",
         default="",
