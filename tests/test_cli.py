@@ -14,7 +14,8 @@ import torch
 
 import sequencer
 from sequencer import cli, runtime
-from sequencer.options import Bounded
+from sequencer.choices import CORRUPTIONS
+from sequencer.options import Bounded, CommaList
 
 HEAVY = ("torch", "timm", "torchvision", "numpy", "matplotlib", "PIL")
 
@@ -150,23 +151,24 @@ def test_config_values_are_read_like_the_command_line(tmp_path: Path) -> None:
 
 
 def bounded_flags() -> list[tuple[str, argparse.Action, Bounded]]:
-    """(command, flag, its range) for every flag of every subcommand whose values have a range."""
+    """(command, flag, its range) for every flag of every subcommand whose values (or list items) have a range."""
     found = []
     for command in cli.COMMANDS:
         for action in cli.build_parser(command).command_parsers[command]._actions:
-            if isinstance(action.type, Bounded):
-                found.append((command, action, action.type))
+            limits = action.type.item if isinstance(action.type, CommaList) else action.type
+            if isinstance(limits, Bounded):
+                found.append((command, action, limits))
     return found
 
 
-# The options whose every flag must keep a range (the former table of ranges, keyed by dest).
+# The options whose every flag must keep a range: the former table of ranges (keyed by dest), and the lists of sizes.
 RANGED = {
     *("batch_size", "workers", "threads", "num_classes", "in_chans", "img_size", "input_size", "crop_pct", "std"),
     *("validation_batch_size", "epochs", "lr", "lr_base", "lr_base_size", "warmup_lr", "min_lr", "warmup_epochs"),
     *("cooldown_epochs", "weight_decay", "momentum", "clip_grad", "drop", "drop_path", "smoothing", "scale", "ratio"),
     *("hflip", "vflip", "reprob", "recount", "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob"),
     *("model_ema_decay", "checkpoint_hist", "log_interval", "topk", "tolerance", "num", "repeats", "warmup"),
-    *("num_images", "limit"),
+    *("num_images", "limit", "resolutions", "batch_sizes", "sizes"),
 }
 
 
@@ -193,12 +195,14 @@ def test_each_ranged_flag_refuses_values_outside_its_range_while_parsing(
     run_cli, capsys: pytest.CaptureFixture, command: str, action: argparse.Action, limits: Bounded
 ) -> None:
     inside = limits.low if limits.low is not None else limits.high if limits.high is not None else limits.above + 1
-    count = action.nargs if isinstance(action.nargs, int) else 1 if action.nargs is None else 2
+    count = 2 if action.nargs == "+" or isinstance(action.type, CommaList) else action.nargs or 1
     flag = action.option_strings[-1]
     assert limits(str(inside)) == inside  # the lowest (or highest) allowed value itself is taken
     for value in _out_of_range(limits):
         # A list is checked item by item: only its last value is outside.
-        assert run_cli(command, flag, *[inside] * (count - 1), value) == 2
+        values = [*[inside] * (count - 1), value]
+        words = [",".join(map(str, values))] if isinstance(action.type, CommaList) else values
+        assert run_cli(command, flag, *words) == 2
         error = capsys.readouterr().err
         assert error == (
             f"sequencer {command}: error: argument {'/'.join(action.option_strings)}: {value} is out of range: "
@@ -214,14 +218,51 @@ def test_each_ranged_flag_refuses_values_outside_its_range_while_parsing(
         ("train --sched cosin", "argument --sched: invalid choice: 'cosin'"),
         ("export --format tflite -o m.onnx", "argument --format: invalid choice: 'tflite'"),
         ("bench --impls auto,triton", "argument --impls: unknown triton; expected some of auto, reference, fused"),
+        ("bench --runtimes torch,trt", "argument --runtimes: unknown trt; expected some of torch, torch-compile, onnx"),
+        ("bench --models ,", "argument --models: expected a comma-separated list, got ','"),
+        ("resolution d --sizes 224,big", "argument --sizes: invalid int value: 'big'"),
+        (
+            "robustness d --corruptions fog,rain",
+            "argument --corruptions: unknown rain; expected some of gaussian_noise,",
+        ),
+        ("robustness d --severities 2,6", "argument --severities: unknown 6; expected some of 1, 2, 3, 4, 5"),
+        ("robustness d --severities 2,x", "argument --severities: invalid int value: 'x'"),
     ],
 )
-def test_unknown_names_are_refused_by_the_parser(
+def test_unknown_names_and_bad_lists_are_refused_by_the_parser(
     run_cli, words: str, message: str, capsys: pytest.CaptureFixture
 ) -> None:
     assert run_cli(words) == 2
     error = capsys.readouterr().err
-    assert message in error and error.count("\n") == 1  # no usage block
+    assert error.startswith(f"sequencer {words.split()[0]}: error: {message}") and error.count("\n") == 1  # no usage
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ("resolution d --sizes '288, 160,224,160'", {"sizes": [160, 224, 288]}),
+        ("resolution d", {"sizes": [160, 224, 288, 384, 448]}),
+        # ImageNet-C's order, each once, whatever the order asked in; empty or left out: all of them.
+        (
+            "robustness d --corruptions fog,gaussian_noise,fog",
+            {"corruptions": ["gaussian_noise", "fog"]},
+        ),
+        ("robustness d --severities 3,1", {"severities": [1, 3], "corruptions": list(CORRUPTIONS)}),
+        (
+            "robustness d --corruptions '' --severities ''",
+            {"corruptions": list(CORRUPTIONS), "severities": [1, 2, 3, 4, 5]},
+        ),
+        # bench measures in the order given
+        (
+            "bench --resolutions 64,32 --impls fused,auto",
+            {"resolutions": [64, 32], "impls": ["fused", "auto"]},
+        ),
+        ("bench", {"models": ["sequencer2d_s"], "resolutions": [224], "modes": ["infer", "train"]}),
+    ],
+)
+def test_comma_lists_reach_the_command_as_lists(parse_cli, words: str, expected: dict[str, list]) -> None:
+    args = parse_cli(words)
+    assert {key: getattr(args, key) for key in expected} == expected
 
 
 def test_warnings_read_as_one_line_while_the_command_runs_only(

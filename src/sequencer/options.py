@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,52 @@ def bounded(
 ) -> Bounded:
     """The argparse type of a number flag with a range: `min` and `max` allowed, `above` itself not."""
     return Bounded(kind, low=min, above=above, high=max)
+
+
+@dataclass(frozen=True)
+class CommaList:
+    """An argparse type: 'a,b,c' as a list of `item` values (each read and checked by `item`, and one of `choices`
+    when given). `distinct_sorted`: each value once, in the order of `choices` (ascending without them); `empty`:
+    what an empty text stands for (refused when None)."""
+
+    item: Callable[[str], Any]
+    choices: tuple | None = None
+    distinct_sorted: bool = False
+    empty: tuple | None = None
+
+    def __call__(self, text: str) -> list:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if not parts:
+            if self.empty is None:
+                raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+            return list(self.empty)
+        values = []
+        for part in parts:
+            try:
+                values.append(self.item(part))
+            except ValueError:
+                name = getattr(self.item, "__name__", "")
+                raise argparse.ArgumentTypeError(f"invalid {name} value: {part!r}") from None
+        if self.choices is not None:
+            unknown = [value for value in values if value not in self.choices]
+            if unknown:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {', '.join(map(str, unknown))}; expected some of {', '.join(map(str, self.choices))}"
+                )
+        if self.distinct_sorted:
+            return sorted(set(values), key=self.choices.index if self.choices is not None else None)
+        return values
+
+
+def comma_list(
+    item: Callable[[str], Any],
+    choices: tuple | None = None,
+    *,
+    distinct_sorted: bool = False,
+    empty: tuple | None = None,
+) -> CommaList:
+    """The argparse type of a flag that takes a comma-separated list (see `CommaList`)."""
+    return CommaList(item, choices, distinct_sorted, empty)
 
 
 def add_model_options(

@@ -18,7 +18,7 @@ import os
 import sys
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,20 +174,6 @@ class CorruptedImages(Dataset):
         return (image.float() / 255.0 - self.mean) / self.std, target
 
 
-def parse_choices(text: str | None, allowed: tuple, kind: type, flag: str) -> tuple:
-    """'a,b' to a tuple of allowed values (all of them when `text` is empty), with a clear error otherwise."""
-    if not text:
-        return allowed
-    try:
-        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-    except ValueError as error:
-        raise UsageError(f"{flag}: cannot read {text!r}; expected a comma-separated list of {allowed}") from error
-    unknown = [v for v in values if v not in allowed]
-    if unknown or not values:
-        raise UsageError(f"{flag}: unknown {unknown or text!r}; choose among {', '.join(map(str, allowed))}")
-    return tuple(v for v in allowed if v in values)
-
-
 def load_alexnet_errors(path: str | os.PathLike) -> dict[str, dict[int, float] | float]:
     """AlexNet's errors from a JSON or CSV file, as fractions: per corruption a mean, or one error per severity."""
     path = Path(path)
@@ -275,7 +261,9 @@ def plot_robustness(rows: list[dict[str, Any]], clean_top1: float, title: str, p
     return save_figure(fig, path)
 
 
-def plot_examples(base: Dataset, corruptions: tuple, severities: tuple, seed: int, path: str | Path) -> Path:
+def plot_examples(
+    base: Dataset, corruptions: Sequence[str], severities: Sequence[int], seed: int, path: str | Path
+) -> Path:
     """The first image of the set, clean and under each corruption (rows) at each severity (columns)."""
     cols = 1 + len(severities)
     fig, axes = new_figure(len(corruptions), cols, size=(1.5 * cols + 1.2, 1.5 * len(corruptions) + 0.3))
@@ -305,8 +293,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, context: DistributedContext) -> int:
     """`run` in the processes of `context`."""
     device = context.device
-    corruptions = parse_choices(args.corruptions, CORRUPTIONS, str, "--corruptions")
-    severities = parse_choices(args.severities, SEVERITIES, int, "--severities")
+    corruptions, severities = args.corruptions, args.severities
     alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else ALEXNET_MEAN_ERRORS
     check_model_specs([(args.model, args.checkpoint)], need_weights=True)
     if args.in_chans != 3:

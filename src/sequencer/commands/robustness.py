@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import CORRUPTIONS, SEVERITIES
-from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options, bounded
+from sequencer.options import (
+    add_input_options,
+    add_model_options,
+    add_output_option,
+    add_runtime_options,
+    bounded,
+    comma_list,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,11 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     parser.add_argument(
         "--corruptions",
+        type=comma_list(str, CORRUPTIONS, distinct_sorted=True, empty=CORRUPTIONS),
         default="",
         help=f"comma-separated subset of ImageNet-C's corruptions: {', '.join(CORRUPTIONS)} (default: all)",
     )
     parser.add_argument(
-        "--severities", default="", help=f"comma-separated subset of {','.join(map(str, SEVERITIES))} (default: all)"
+        "--severities",
+        type=comma_list(int, SEVERITIES, distinct_sorted=True, empty=SEVERITIES),
+        default="",
+        help=f"comma-separated subset of {','.join(map(str, SEVERITIES))} (default: all)",
     )
     parser.add_argument(
         "--limit", type=bounded(int, min=1), default=None, help="use N images spread over the whole set"
