@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import subprocess
 import sys
@@ -37,6 +38,21 @@ def test_every_parser_and_help_builds_without_importing_torch() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The modules a source file imports (absolute imports)."""
+    tree = ast.parse(path.read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return names | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+
+def test_flag_names_live_in_choices_which_the_work_modules_import_instead_of_the_parsers() -> None:
+    package = Path(sequencer.__file__).parent
+    assert imported_modules(package / "choices.py") <= {"__future__", "typing"}  # no torch: every parser reads it
+    work_modules = [p for p in package.rglob("*.py") if p.parent.name != "commands" and p.name != "cli.py"]
+    importers = [p.name for p in work_modules if any(m.startswith("sequencer.commands") for m in imported_modules(p))]
+    assert importers == []
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
