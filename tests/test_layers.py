@@ -13,9 +13,10 @@ PACKAGE = Path(sequencer.__file__).parent
 # What the bottom layers may import from the package; everything else in it sits above them.
 LOWER_LAYERS = {
     "sequencer.errors": set(),
+    "sequencer.choices": set(),
     "sequencer.kernels.onednn": set(),
     "sequencer.model": {"sequencer.errors"},
-    "sequencer.recurrence": {"sequencer.kernels.onednn", "sequencer.model"},
+    "sequencer.recurrence": {"sequencer.choices", "sequencer.kernels.onednn", "sequencer.model"},
     "sequencer.files": set(),
     "sequencer.hub": {"sequencer.errors"},
     "sequencer.checkpoint": {"sequencer.errors", "sequencer.files", "sequencer.hub"},

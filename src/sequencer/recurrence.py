@@ -40,10 +40,10 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from sequencer.choices import IMPLEMENTATIONS
 from sequencer.kernels.onednn import FastLinear, linear
 from sequencer.model import BiLSTM1D, BiLSTM2D, SequencerBlock
 
-IMPLEMENTATIONS = ("auto", "reference", "fused")
 # What `resolve_impl` returns under torch.compile, whatever was asked: the `rnn2d` op.
 COMPILED = "compiled"
 # Tokens per map (B * H * W) from which the fused CPU path trains: from there it is about as fast as nn.LSTM or

@@ -1,4 +1,4 @@
-"""The trainer behind `sequencer train` (its flags and recipes: `sequencer.commands.train`).
+"""The trainer behind `sequencer train` (its flags: `sequencer.commands.train`; its recipes: `sequencer.choices`).
 
 One process per device (torchrun for several): timm's data pipeline, optimizers, schedulers, mixup and EMA around a
 plain training loop; every epoch is evaluated and checkpointed atomically, seeded from (seed, epoch, rank) so that a
@@ -35,7 +35,7 @@ from torch.utils.data import IterableDataset
 from sequencer.average import EPOCH_CHECKPOINT
 from sequencer.builder import create_model, model_config, resolve_model_name
 from sequencer.checkpoint import atomic_save, load_pretrained, read_file
-from sequencer.commands.train import DIGITS_RECIPE, TIMM_RECIPE
+from sequencer.choices import DIGITS_RECIPE, SCHEDULERS, TIMM_RECIPE
 from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
 from sequencer.distributed import (
     DistributedContext,
@@ -63,8 +63,6 @@ from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
 
-# timm's create_scheduler_v2 names ("none" trains at a constant rate).
-SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "none")
 SUMMARY_FIELDS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 CURVES_FILE = "training_curves.png"
 # The files that mark a folder as holding a run (besides checkpoint-EPOCH.pth.tar): a new run must not overwrite them.
@@ -103,7 +101,7 @@ def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work together or name nothing known with a `UsageError`, before any work starts.
 
-    Single values out of range were refused before this runs (`sequencer.options.BOUNDS`)."""
+    Single values out of range were refused while parsing (each flag's type, `sequencer.options.bounded`)."""
     resolve_model_name(args.model)
     size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
     patches = math.prod(model_config(args.model).patch_sizes)
