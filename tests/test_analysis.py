@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,12 +91,8 @@ def test_summary_counts_exactly_what_the_model_zoo_says(capsys: pytest.CaptureFi
     ("flags", "message"),
     [(["--models", "resnet*"], "no model matches 'resnet*'"), (["--img-size", "4"], "below the 8 px")],
 )
-def test_summary_refuses_bad_input_in_one_line(
-    run_cli, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert run_cli("summary", "--models", "sequencer2d_tiny", *flags) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer summary: error: ") and message in err and err.count("\n") == 1, err
+def test_summary_refuses_bad_input_in_one_line(assert_refused, flags: list[str], message: str) -> None:
+    assert_refused("summary", "--models", "sequencer2d_tiny", *flags, match=re.escape(message))
 
 
 def test_summary_markdown_table_and_aliases() -> None:
@@ -281,14 +278,12 @@ def test_erf_seed_fixes_the_random_weights(run_cli, tmp_path: Path) -> None:
     ],
 )
 def test_erf_refuses_bad_input_in_one_line_before_any_work(
-    run_cli, flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    assert_refused, flags: list[str], message: str, tmp_path: Path
 ) -> None:
     flags = [flag.replace("MISSING", str(tmp_path / "missing")) for flag in flags]
     out = tmp_path / "out"
-    assert run_cli("erf", "--model", "sequencer2d_tiny", "--device", "cpu", "--out", str(out), *flags) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer erf: error: ") and message in err and err.count("\n") == 1, err
-    assert not out.exists()
+    argv = ["erf", "--model", "sequencer2d_tiny", "--device", "cpu", "--out", out, *flags]
+    assert_refused(*argv, match=re.escape(message), absent=[out])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,14 +345,7 @@ def test_resolution_labels_models() -> None:
     ],
 )
 def test_resolution_refuses_bad_input_in_one_line(
-    run_cli,
-    tiny_model,
-    flags: list[str],
-    message: str,
-    tmp_path: Path,
-    image_tree: Path,
-    tiny_checkpoint: Path,
-    capsys: pytest.CaptureFixture[str],
+    assert_refused, tiny_model, flags: list[str], message: str, tmp_path: Path, image_tree: Path, tiny_checkpoint: Path
 ) -> None:
     if "TWO_CLASSES" in flags:
         save_weights(tiny_model(2), tmp_path / "two.safetensors")
@@ -366,10 +354,7 @@ def test_resolution_refuses_bad_input_in_one_line(
     flags = [str(tmp_path / "two.safetensors") if f == "TWO_CLASSES" else f for f in flags]
     out = tmp_path / "out"
     argv = ["resolution", data, "--model", "sequencer2d_tiny", "--checkpoint", str(tiny_checkpoint), "-j", "0"]
-    assert run_cli(*argv, "--device", "cpu", "--out", str(out), *flags) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer resolution: error: ") and message in err and err.count("\n") == 1, err
-    assert not out.exists()
+    assert_refused(*argv, "--device", "cpu", "--out", out, *flags, match=re.escape(message), absent=[out])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -76,26 +77,36 @@ def test_readme_command_parses_verbatim(parse_cli) -> None:
 def test_validate_command_prints_and_writes_results(
     make_image_tree, parse_cli, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    root = make_image_tree(tmp_path / "data", classes=3, per_class=3)
-    model = create_model("sequencer2d_tiny", num_classes=3)
+    root = make_image_tree(tmp_path / "data", classes=6, per_class=2)
+    # Class 0 one image, class 1 three, the rest two: no class but 1 has a quarter of the images.
+    (root / "val" / "class_0" / "0.png").rename(root / "val" / "class_1" / "moved.png")
+    model = create_model("sequencer2d_tiny", num_classes=6)
+    # A head of zero weights makes every image's logits its bias: class 1 first, class 0 last, on every image.
+    bias = torch.tensor([0.0, 5, 4, 3, 2, 1])
+    with torch.no_grad():
+        model.head.fc.weight.zero_()
+        model.head.fc.bias.copy_(bias)
     save_weights(model, tmp_path / "tiny.pth")
     results = tmp_path / "results.json"
     args = parse_cli(
         "validate",
-        f"{root} --model sequencer2d_tiny --checkpoint {tmp_path / 'tiny.pth'} -b 4 "
+        f"{root} --model sequencer2d_tiny --checkpoint {tmp_path / 'tiny.pth'} -b 5 "
         f"--input-size 3 32 32 --amp -j 0 --results-file {results}",
     )
     assert validate.run(args) == 0
     written = json.loads(results.read_text())
-    assert written["count"] == 9 and written["input_size"] == [3, 32, 32] and written["amp"]
-    # The head is zero-initialised: every logit ties, so top-1 is whatever the tie-break gives, top-5 covers all.
-    assert written["top5"] == 100.0 and written["loss"] == pytest.approx(torch.log(torch.tensor(3.0)).item(), 1e-3)
-    assert "top-1" in capsys.readouterr().out
+    assert written["count"] == 12 and written["input_size"] == [3, 32, 32] and written["amp"]
+    # Top-1: the 3 images of class 1; top-5: all but the one of class 0.
+    assert written["top1"] == 25.0 and written["top5"] == round(100 * 11 / 12, 4)
+    labels = torch.tensor([0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    loss = nn.functional.cross_entropy(bias.expand(12, 6), labels).item()
+    assert written["loss"] == pytest.approx(loss, rel=1e-3)
+    assert "top-1 25.000  top-5 91.667" in capsys.readouterr().out
 
 
-def test_missing_dataset_is_a_clear_error(run_cli, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert run_cli("validate", f"{tmp_path / 'missing'} --model sequencer2d_tiny") == 2
-    assert f"error: dataset folder not found: {tmp_path / 'missing'}" in capsys.readouterr().err
+def test_missing_dataset_is_a_clear_error(assert_refused, tmp_path: Path) -> None:
+    match = re.escape(f"error: dataset folder not found: {tmp_path / 'missing'}")
+    assert_refused("validate", f"{tmp_path / 'missing'} --model sequencer2d_tiny", match=match)
 
 
 def test_training_checkpoint_supplies_the_input_size(make_image_tree, run_cli, tmp_path: Path) -> None:
@@ -157,7 +168,7 @@ def test_numbered_folders_take_their_number_also_when_some_are_missing(
 
 
 def test_class_count_mismatch_is_one_line_before_the_model_runs(
-    make_image_tree, run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    make_image_tree, assert_refused, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = make_image_tree(tmp_path / "data", classes=3, per_class=1)
     checkpoint = sure_of(tmp_path, {0: 1.0})
@@ -167,10 +178,8 @@ def test_class_count_mismatch_is_one_line_before_the_model_runs(
 
     monkeypatch.setattr(validate, "load_model", no_model)
     command = f"{root} --model sequencer2d_tiny --checkpoint {checkpoint} -j 0 --results-file {tmp_path / 'r.json'}"
-    assert run_cli("validate", *shlex.split(command)) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("sequencer validate: error: the model has 1000 classes but the data has 3")
-    assert "\n" not in error and "--num-classes 3" in error and not (tmp_path / "r.json").exists()
+    match = r"error: the model has 1000 classes but the data has 3.*--num-classes 3"
+    assert_refused("validate", *shlex.split(command), match=match, absent=[tmp_path / "r.json"])
 
 
 def test_class_indices_rules() -> None:
@@ -232,13 +241,9 @@ def test_real_labels_score_against_the_reassessed_labels(make_image_tree, parse_
         )
 
 
-def test_unknown_model_is_one_line_before_the_data_is_read(
-    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_unknown_model_is_one_line_before_the_data_is_read(assert_refused, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(validate, "build_dataset", lambda *a, **k: pytest.fail("the data was read first"))
-    assert run_cli("validate", "--model", "sequencer2d_q") == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer validate: error: unknown model 'sequencer2d_q'") and err.count("\n") == 1
+    assert_refused("validate", "--model", "sequencer2d_q", match="error: unknown model 'sequencer2d_q'")
 
 
 @pytest.mark.slow

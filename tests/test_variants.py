@@ -114,19 +114,15 @@ def test_suite_mce_when_every_severity_is_present_and_the_flags_override_root(
     assert float(rows["ImageNet-Sketch"]["value"]) == 100.0 and rows["ImageNet-A"]["value"] == ""
 
 
-def test_suite_errors_are_one_line_before_any_work(
-    run_cli, tmp_path: Path, variants_root: Path, capsys: pytest.CaptureFixture
-) -> None:
-    assert (
-        run_cli("variants", str(tmp_path / "empty"), "--model", "sequencer2d_tiny", "--out", str(tmp_path / "o")) == 2
-    )
-    assert capsys.readouterr().err.startswith("sequencer variants: error: no dataset found: ImageNet-ReaL (looked for")
+def test_suite_errors_are_one_line_before_any_work(assert_refused, tmp_path: Path, variants_root: Path) -> None:
+    out = tmp_path / "o"
+    empty = tmp_path / "empty"
+    match = r"error: no dataset found: ImageNet-ReaL \(looked for"
+    assert_refused("variants", empty, "--model", "sequencer2d_tiny", "--out", out, match=match, absent=[out])
     three = tmp_path / "three.safetensors"
     save_weights(create_model("sequencer2d_tiny", num_classes=3), three)
-    command = f"variants {variants_root} --model sequencer2d_tiny --checkpoint {three} --out {tmp_path / 'o'}"
-    assert run_cli(command) == 2
-    assert "need a 1000-class model; sequencer2d_tiny has 3" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    command = f"variants {variants_root} --model sequencer2d_tiny --checkpoint {three} --out {out}"
+    assert_refused(command, match="need a 1000-class model; sequencer2d_tiny has 3", absent=[out])
 
 
 @pytest.fixture
@@ -139,19 +135,12 @@ def without_imagecorruptions(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_robustness_without_its_extra_names_the_install_command(
-    run_cli,
-    tmp_path: Path,
-    variants_root: Path,
-    checkpoint: Path,
-    capsys: pytest.CaptureFixture,
-    without_imagecorruptions,
+    assert_refused, tmp_path: Path, variants_root: Path, checkpoint: Path, without_imagecorruptions
 ) -> None:
     out = tmp_path / "rob"
     command = f"robustness {variants_root / 'imagenet'} --model sequencer2d_tiny --checkpoint {checkpoint} --out {out}"
-    assert run_cli(command) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("sequencer robustness: error: the ImageNet-C corruptions need the imagecorruptions")
-    assert error.endswith('pip install "sequencer[robustness]"') and "\n" not in error and not out.exists()
+    match = r'error: the ImageNet-C corruptions need the imagecorruptions.*pip install "sequencer\[robustness\]"$'
+    assert_refused(command, match=match, absent=[out])
 
 
 @pytest.mark.slow
