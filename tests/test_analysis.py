@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from sequencer.analysis import erf, resolution, robustness, summary
-from sequencer.analysis.common import build_model, evenly_spaced_subset, model_labels
+from sequencer.analysis.common import build_compared_model, evenly_spaced_subset, model_labels
 from sequencer.checkpoint import save_weights
 from sequencer.data import build_dataset, create_loader, create_transform
 from sequencer.model import create_model
@@ -204,12 +204,12 @@ def test_input_gradient_mode_runs_the_reference_recurrences_and_restores_the_cho
     assert not any(m.training for m in model.modules())
 
 
-def test_stage_indices_pick_one_level_per_stage() -> None:
+def test_stage_feature_levels_pick_one_level_per_stage() -> None:
     resnet = [dict(reduction=r) for r in (2, 4, 8, 16, 32)]  # act1, layer1..4
-    assert erf.stage_indices(resnet) == [1, 2, 3, 4]
-    assert erf.stage_indices([dict(reduction=16)] * 12) == [2, 5, 8, 11]  # a ViT's blocks
-    assert erf.stage_indices([dict(reduction=16)] * 2) == [0, 1]
-    assert erf.stage_indices([dict(reduction=r) for r in (4, 8, 16, 32)]) == [0, 1, 2, 3]
+    assert erf.stage_feature_levels(resnet) == [1, 2, 3, 4]
+    assert erf.stage_feature_levels([dict(reduction=16)] * 12) == [2, 5, 8, 11]  # a ViT's blocks
+    assert erf.stage_feature_levels([dict(reduction=16)] * 2) == [0, 1]
+    assert erf.stage_feature_levels([dict(reduction=r) for r in (4, 8, 16, 32)]) == [0, 1, 2, 3]
 
 
 def test_erf_command_writes_table_maps_and_figure(
@@ -299,7 +299,7 @@ def test_erf_refuses_bad_input_in_one_line_before_any_work(
 def test_timm_checkpoint_keeps_its_classifier(tmp_path: Path) -> None:
     saved = timm.create_model("resnet18", num_classes=NUM_CLASSES)
     torch.save({"state_dict": saved.state_dict()}, tmp_path / "r18.pth")
-    model = build_model("resnet18", tmp_path / "r18.pth")
+    model = build_compared_model("resnet18", tmp_path / "r18.pth")
     assert model.fc.out_features == NUM_CLASSES and not model.training
     torch.testing.assert_close(model.fc.weight, saved.fc.weight)
 
@@ -320,7 +320,7 @@ def test_resolution_command_evaluates_every_size(
     assert all(r["images"] == "12" and r["train_size"] == "32" for r in rows)
     # Same weights, same numbers; and the 32 px row is what a plain evaluation at 32 px gives.
     assert [r["top1"] for r in rows[:2]] == [r["top1"] for r in rows[2:]]
-    model = build_model("sequencer2d_tiny", tiny_checkpoint)
+    model = build_compared_model("sequencer2d_tiny", tiny_checkpoint)
     dataset = build_dataset(str(image_tree), "val", transform=create_transform(model, img_size=32))
     plain = evaluate(model, create_loader(dataset, 4, workers=0), torch.device("cpu"))
     assert float(rows[0]["top1"]) == pytest.approx(plain["top1"], abs=1e-3)

@@ -28,7 +28,7 @@ from matplotlib.patches import Patch
 from torch.utils.data import Dataset
 
 from sequencer.analysis.common import (
-    build_model,
+    build_compared_model,
     check_model_specs,
     evenly_spaced_subset,
     new_figure,
@@ -321,7 +321,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> int:
         raise UsageError(f"--in-chans {args.in_chans}: the ImageNet-C corruptions are defined on RGB images")
     imagecorruptions()  # fail now, not after the clean pass, if the package is missing
     overrides = input_overrides(args)
-    model = build_model(
+    model = build_compared_model(
         args.model,
         args.checkpoint,
         num_classes=args.num_classes,

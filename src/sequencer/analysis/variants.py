@@ -18,8 +18,14 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from sequencer.analysis.common import build_model, check_model_specs, evenly_spaced_subset, new_figure, save_figure
-from sequencer.analysis.common import write_csv as write_rows
+from sequencer.analysis.common import (
+    build_compared_model,
+    check_model_specs,
+    evenly_spaced_subset,
+    new_figure,
+    save_figure,
+    write_csv,
+)
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, CORRUPTIONS, SEVERITIES, corruption_error
 from sequencer.commands.variants import DATASET_FLAGS
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
@@ -121,7 +127,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> int:
     device = context.device
     found, missing = find_datasets(args.root, {key: getattr(args, f"dataset_{key}") for key in DATASET_FLAGS})
     check_model_specs([(args.model, args.checkpoint)])
-    model = build_model(
+    model = build_compared_model(
         args.model, args.checkpoint, num_classes=args.num_classes, use_ema=args.use_ema, unsafe_load=args.unsafe_load
     )
     if getattr(model, "num_classes", None) != 1000:
@@ -162,7 +168,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> int:
         return 0
     rows = _rows(results, missing)
     out = Path(args.output)
-    write_rows(rows, out / "variants.csv")
+    write_csv(rows, out / "variants.csv")
     plot_variants(
         rows,
         f"{args.model} {Path(args.checkpoint).name if args.checkpoint else '(random weights)'}",
