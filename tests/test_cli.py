@@ -14,7 +14,7 @@ import torch
 import sequencer
 from sequencer import cli, runtime
 from sequencer.analysis.robustness import CORRUPTIONS
-from sequencer.analysis.variants import VARIANTS
+from sequencer.analysis.variants import TEST_SETS
 from sequencer.commands.variants import DATASET_FLAGS
 from sequencer.deploy import FORMATS
 from sequencer.recurrence import IMPLEMENTATIONS
@@ -62,8 +62,8 @@ def test_help_names_everything_the_library_accepts() -> None:
     assert all(name in help_text("bench") for name in IMPLEMENTATIONS)
     assert all(name in help_text("robustness") for name in CORRUPTIONS)
     variants_help = help_text("variants").replace("- ", "-")  # argparse wraps after hyphens
-    assert all(folder in variants_help for variant in VARIANTS for folder in variant.folders)
-    assert set(DATASET_FLAGS) == {variant.key for variant in VARIANTS} - {"imagenet"}
+    assert all(folder in variants_help for test_set in TEST_SETS for folder in test_set.folders)
+    assert set(DATASET_FLAGS) == {test_set.key for test_set in TEST_SETS} - {"imagenet"}
 
 
 def test_version(run_cli, capsys: pytest.CaptureFixture) -> None:

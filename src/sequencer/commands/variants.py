@@ -11,7 +11,7 @@ import argparse
 
 from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
 
-# Dataset key (see sequencer.analysis.variants.VARIANTS) -> the flag naming its folder, and what it holds.
+# Test-set key (see sequencer.analysis.variants.TEST_SETS) -> the flag naming its folder, and what it holds.
 DATASET_FLAGS = {
     "real": ("imagenet-val", "ImageNet val images, for ImageNet and ImageNet-ReaL"),
     "a": ("imagenet-a", "ImageNet-A"),
