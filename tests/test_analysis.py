@@ -19,6 +19,7 @@ from sequencer.analysis import erf, resolution, robustness, summary
 from sequencer.analysis.common import build_compared_model, evenly_spaced_subset, model_labels
 from sequencer.checkpoint import save_weights
 from sequencer.data import build_dataset, create_loader, create_transform
+from sequencer.errors import UsageError
 from sequencer.model import create_model
 from sequencer.validate import evaluate
 
@@ -429,6 +430,36 @@ def test_corruption_error_is_normalised_by_alexnet(tmp_path: Path) -> None:
     assert len(robustness.ALEXNET_MEAN_ERRORS) == 15
     with pytest.raises(ValueError, match="--corruptions: unknown"):
         robustness.parse_choices("fog,rain", robustness.CORRUPTIONS, str, "--corruptions")
+
+
+@needs_imagecorruptions
+def test_robustness_in_python_returns_each_severity_and_the_ce_against_the_alexnet_errors_given(
+    tmp_path: Path, image_tree: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = robustness.robustness(
+        data=image_tree,
+        model="sequencer2d_tiny",
+        checkpoint=tiny_checkpoint,
+        corruptions=["brightness", "gaussian_noise"],
+        severities=[2, 1],
+        alexnet_errors={"gaussian_noise": {1: 0.4, 2: 0.6}, "brightness": 0.5},
+        limit=6,
+        batch_size=4,
+        workers=0,
+    )
+    assert result.clean["count"] == 6 and len(result.clean_images) == 6
+    assert [row["corruption"] for row in result.rows] == ["gaussian_noise", "brightness"]  # ImageNet-C order
+    noise = result.by_severity["gaussian_noise"]
+    assert [r["severity"] for r in noise] == [1, 2] and all(r["images"] == 6 for r in noise)
+    assert all(r["error"] == pytest.approx(100 - r["top1"]) for r in noise)
+    # CE in percent: the summed errors over AlexNet's at the same severities.
+    assert result.rows[0]["ce"] == pytest.approx((noise[0]["error"] + noise[1]["error"]) / (0.4 + 0.6), abs=0.01)
+    assert result.rows[1]["ce"] == ""  # a mean over five severities cannot normalise two
+    assert result.mce is None and result.mean_error == pytest.approx(np.mean([r["mean_error"] for r in result.rows]))
+    assert not list(tmp_path.iterdir())  # the command writes the files, not the function
+    with pytest.raises(UsageError, match="--severities: unknown \\[7\\]"):
+        robustness.robustness(data=image_tree, model="sequencer2d_tiny", checkpoint=tiny_checkpoint, severities=[7])
 
 
 @pytest.mark.slow
