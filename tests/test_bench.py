@@ -1,4 +1,4 @@
-"""`sequencer bench`: the twin check, the side-by-side records and ratios, the files, the memory probe."""
+"""`bench()` and `sequencer bench`: the twin check, the side-by-side records and ratios, the files, the memory probe."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from sequencer import bench
 from sequencer.cli import build_parser
+from sequencer.errors import UsageError
 
 
 def _run(tmp_path: Path, *flags: str) -> dict:
@@ -28,7 +29,7 @@ def test_ours_runs_beside_timms_twin_and_our_reference_with_ratios(tmp_path: Pat
     report = _run(tmp_path, "--models", "sequencer2d_s", "--resolutions", "32", "-b", "1", "--no-memory")
     rows = report["results"]
     assert [(r["mode"], r["variant"]) for r in rows] == [
-        (mode, variant) for mode in ("infer", "train") for variant in ("timm", "ours(auto)", "ours(reference)")
+        (mode, label) for mode in ("infer", "train") for label in ("timm", "ours(auto)", "ours(reference)")
     ]
 
     def speed_of(variant: str, beside: dict) -> float:
@@ -48,8 +49,40 @@ def test_ours_runs_beside_timms_twin_and_our_reference_with_ratios(tmp_path: Pat
     assert (tmp_path / "b.png").stat().st_size > 10_000  # one resolution: bars side by side
 
 
+def test_bench_in_python_returns_a_record_per_subject_and_setting_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    reported = []
+    records = bench.bench(
+        models=["sequencer2d_tiny"],
+        resolutions=[32],
+        batch_sizes=[1, 2],
+        modes=["infer"],
+        measure_memory=False,
+        repeats=3,
+        warmup=0,
+        threads=1,
+        report=lambda setting, found: reported.append((setting, found)),
+    )
+    assert [(r["batch_size"], r["variant"]) for r in records] == [
+        (b, v) for b in (1, 2) for v in ("ours(auto)", "ours(reference)")
+    ]
+    assert [setting.batch_size for setting, _ in reported] == [1, 2]
+    assert [r for _, found in reported for r in found] == records
+    for r in records:
+        assert len(r["step_ms_all"]) == 3 and r["step_ms"] == pytest.approx(sorted(r["step_ms_all"])[1])
+        assert r["images_per_s"] == pytest.approx(1000 * r["batch_size"] / r["step_ms"])
+        assert r["peak_memory_mib"] is None and r["speed_vs_timm"] is None  # sequencer2d_tiny has no timm twin
+    reference = [r for r in records if r["variant"] == "ours(reference)"]
+    assert [r["speed_vs_reference"] for r in reference] == [1.0, 1.0]
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(UsageError, match="--precisions fp16: expected some of float32, amp"):
+        bench.bench(models=["sequencer2d_tiny"], precisions=["fp16"], measure_memory=False)
+
+
 def test_twin_check_refuses_a_timm_model_with_other_weights() -> None:
-    ours = bench.build_model(bench.Variant("sequencer2d_s", "ours", "auto"), 32)
+    ours = bench.build_subject_model(bench.Subject("sequencer2d_s", "ours", "auto"), 32)
     twin = timm.create_model("sequencer2d_s")
     torch.nn.init.normal_(twin.head.fc.weight, std=0.02)  # timm's head starts at zero too: make them differ
     with pytest.raises(RuntimeError, match="differs from ours"):
@@ -118,10 +151,10 @@ def test_bad_lists_are_refused_by_the_parser(assert_refused) -> None:
 
 @pytest.mark.slow
 def test_memory_probe_sees_what_a_training_step_adds() -> None:
-    variant = bench.Variant("sequencer2d_tiny", "ours", "reference")
+    subject = bench.Subject("sequencer2d_tiny", "ours", "reference")
     cpu = torch.device("cpu")
-    infer = bench.measure_peak_memory(variant, bench.Setting("infer", "float32", 64, 32), cpu, 1, None)
-    train = bench.measure_peak_memory(variant, bench.Setting("train", "float32", 64, 32), cpu, 1, None)
+    infer = bench.measure_peak_memory(subject, bench.Setting("infer", "float32", 64, 32), cpu, 1, None)
+    train = bench.measure_peak_memory(subject, bench.Setting("train", "float32", 64, 32), cpu, 1, None)
     # Training keeps every block's activations plus gradients and AdamW state; inference keeps one block's at most.
     assert 0 < infer < train / 2, (infer, train)
 
@@ -160,11 +193,11 @@ def test_onnxruntime_runtimes_run_the_same_weights_beside_torch_in_float32_infer
     assert "no AVX512-BF16 or AMX: the amp (bfloat16) settings time its emulation" in capsys.readouterr().out
 
     # What those rows ran: the export of the weights the PyTorch rows ran, as is and with int8 weights.
-    variants = bench.plan_variants(["sequencer2d_tiny"], ["auto"], False, False, ["torch", *bench.ONNX_RUNTIMES])
-    models = bench.build_models(variants, 32, torch.device("cpu"), tmp_path, threads=1)
+    subjects = bench.plan_subjects(["sequencer2d_tiny"], ["auto"], False, False, ["torch", *bench.ONNX_RUNTIMES])
+    models = bench.build_models(subjects, 32, torch.device("cpu"), tmp_path, threads=1)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        outputs = {v.runtime: models[v](x) for v in variants}
+        outputs = {subject.runtime: models[subject](x) for subject in subjects}
     ours, exported, quantized = outputs["torch"], outputs["onnxruntime"], outputs["onnxruntime-int8"]
     assert (exported - ours).abs().max().item() < 1e-4 < (quantized - ours).abs().max().item()
     assert {p.name for p in tmp_path.glob("*.onnx")} == {
@@ -174,7 +207,7 @@ def test_onnxruntime_runtimes_run_the_same_weights_beside_torch_in_float32_infer
 
 
 @pytest.mark.slow
-def test_compiled_and_onnxruntime_variants_get_their_peak_memory(tmp_path: Path) -> None:
+def test_compiled_and_onnxruntime_subjects_get_their_peak_memory(tmp_path: Path) -> None:
     report = _run(
         tmp_path,
         "--models",

@@ -1,4 +1,5 @@
-"""`evaluate` against hand-computed metrics, and the `sequencer validate` command line of the paper's README."""
+"""`evaluate` and `validate` against hand-computed metrics, and the `sequencer validate` command line of the paper's
+README."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from sequencer import validate
 from sequencer.builder import create_model
 from sequencer.checkpoint import save_weights
-from sequencer.data import class_indices, imagenet_synsets
+from sequencer.data import DigitsDataset, class_indices, imagenet_synsets
 from sequencer.errors import DatasetError, UsageError
 from sequencer.validate import load_real_labels, load_valid_classes
 
@@ -124,15 +125,28 @@ def test_training_checkpoint_supplies_the_input_size(make_image_tree, run_cli, t
     assert json.loads(results.read_text())["input_size"] == [3, 20, 20]
 
 
-def sure_of(tmp_path: Path, scores: dict[int, float]) -> Path:
-    """A 1000-class sequencer2d_tiny checkpoint whose logits are `scores` (class -> logit, others 0) for any image."""
-    model = create_model("sequencer2d_tiny", num_classes=1000)  # zero-initialised head: the bias is the logit
+def sure_of(tmp_path: Path, scores: dict[int, float], num_classes: int = 1000) -> Path:
+    """A sequencer2d_tiny checkpoint whose logits are `scores` (class -> logit, others 0) for any image."""
+    model = create_model("sequencer2d_tiny", num_classes=num_classes)  # zero-initialised head: the bias is the logit
     with torch.no_grad():
         for index, score in scores.items():
             model.head.fc.bias[index] = score
     path = tmp_path / f"sure_of_{'_'.join(map(str, scores))}.safetensors"
     save_weights(model, path)
     return path
+
+
+def test_validate_in_python_scores_the_digits_as_worked_out_by_hand(tmp_path: Path) -> None:
+    # The same logits for every image, sure of class 3: top-1 is the share of 3s, the loss follows from the two cases.
+    checkpoint = sure_of(tmp_path, {3: 4.0}, num_classes=10)
+    results = validate.validate(model="sequencer2d_tiny", checkpoint=checkpoint, batch_size=100, workers=0)
+    targets = DigitsDataset("validation").targets
+    share = targets.count(3) / len(targets)
+    assert results["data"] == "digits" and results["count"] == len(targets) == 360 and results["num_skipped"] == 0
+    assert results["top1"] == pytest.approx(100 * share) and results["input_size"] == [3, 32, 32]
+    log_p = torch.log_softmax(torch.tensor([0.0, 0, 0, 4, 0, 0, 0, 0, 0, 0], dtype=torch.float64), dim=0)
+    assert results["loss"] == pytest.approx(-(share * log_p[3] + (1 - share) * log_p[0]).item(), rel=1e-5)
+    assert results["checkpoint"] == str(checkpoint) and results["valid_labels"] is None and "real_top1" not in results
 
 
 def tiny_args(parse_cli: Callable[..., argparse.Namespace], command: str, tmp_path: Path) -> argparse.Namespace:
@@ -212,7 +226,9 @@ def test_valid_labels_mask_the_logits_to_imagenet_a(make_image_tree, parse_cli, 
     )
     with pytest.raises(DatasetError, match="not among --valid-labels"):
         # class 15 is not one of ImageNet-R's 200
-        validate.validate(tiny_args(parse_cli, f"{root} --checkpoint {checkpoint} --valid-labels imagenet-r", tmp_path))
+        validate.validate(
+            data=root, model="sequencer2d_tiny", checkpoint=checkpoint, workers=0, valid_labels="imagenet-r"
+        )
     with pytest.raises(UsageError, match="neither imagenet-a nor imagenet-r nor a file"):
         load_valid_classes("imagenet-b", 1000)
 
@@ -237,7 +253,7 @@ def test_real_labels_score_against_the_reassessed_labels(make_image_tree, parse_
     other = make_image_tree(tmp_path / "other", [synsets[5]], per_class=2, size=12, splits=(), suffix=".JPEG")
     with pytest.raises(DatasetError, match="have no ReaL labels"):
         validate.validate(
-            tiny_args(parse_cli, f"{other} --checkpoint {sure_of(tmp_path, {5: 10.0})} --real-labels {real}", tmp_path)
+            data=other, model="sequencer2d_tiny", checkpoint=sure_of(tmp_path, {5: 10.0}), workers=0, real_labels=real
         )
 
 

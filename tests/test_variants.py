@@ -1,4 +1,5 @@
-"""`sequencer variants` on generated trees under the released folder names, and the robustness extra's absence."""
+"""`variants()` and `sequencer variants` on generated trees under the released folder names, and the robustness
+extra's absence."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from sequencer.analysis import robustness
+from sequencer.analysis.variants import TEST_SETS, variants
 from sequencer.builder import create_model
 from sequencer.checkpoint import save_weights
 from sequencer.data import imagenet_synsets
@@ -90,6 +92,32 @@ def test_suite_scores_each_dataset_found_and_names_the_missing(
     assert "missing: ImageNet-R (looked for" in printed and "ImageNet-Sketch (looked for" in printed
     with Image.open(out / "variants.png") as figure:
         assert figure.size[0] > 600
+
+
+def test_variants_in_python_scores_the_folders_named_and_returns_rows_and_the_missing(
+    tmp_path: Path, variants_root: Path, sure_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    rows, missing = variants(
+        imagenet_a=variants_root / "imagenet-a",
+        imagenetv2=variants_root / "imagenetv2-matched-frequency-format-val",
+        model="sequencer2d_tiny",
+        checkpoint=sure_checkpoint,
+        input_size=(3, 32, 32),
+        batch_size=2,
+        workers=0,
+    )
+    by_title = {row["dataset"]: row for row in rows}
+    assert [row["dataset"] for row in rows] == [test_set.title for test_set in TEST_SETS]
+    assert by_title["ImageNet-A"]["value"] == 50.0 and by_title["ImageNet-A"]["images"] == 4
+    assert (
+        by_title["ImageNet-V2"]["value"] == pytest.approx(100 / 3, abs=1e-3) and by_title["ImageNet-V2"]["images"] == 3
+    )
+    assert by_title["ImageNet-A"]["sequencer2d_l"] == 35.1 and by_title["ImageNet-R"]["value"] == ""
+    assert [text.split(" (")[0] for text in missing] == ["ImageNet-ReaL", "ImageNet-R", "ImageNet-Sketch", "ImageNet-C"]
+    assert all(text.endswith("(looked for no ROOT given)") for text in missing)
+    assert not list((tmp_path / "cwd").iterdir())  # the command writes the files, not the function
 
 
 def test_suite_mce_when_every_severity_is_present_and_the_flags_override_root(
