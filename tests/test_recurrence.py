@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import pytest
@@ -16,7 +17,7 @@ from sequencer.builder import create_model
 from sequencer.kernels import onednn
 from sequencer.kernels.onednn import FastLinear
 from sequencer.model import BiLSTM2D, SequencerBlock
-from sequencer.recurrence import FUSED_MIN_TOKENS, resolve_impl, rnn2d, route
+from sequencer.recurrence import resolve_impl, rnn2d, route
 
 CELLS = ("lstm", "gru", "rnn")
 UNIONS = ("cat", "add", "vertical", "horizontal")
@@ -169,18 +170,56 @@ def test_custom_op_passes_torch_library_opcheck() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_auto_picks_fused_for_cpu_training_on_large_maps_only() -> None:
-    def maps(batch: int, height: int, width: int) -> torch.Tensor:
-        return torch.zeros(1, 1, 1, 8).expand(batch, height, width, 8)
+def test_auto_trains_on_the_cpu_path_measured_faster_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recurrence, "_CPU_TRAINING_PATHS", {})
+    measured: list[tuple[int, ...]] = []
+    # A processor where the fused path wins on 6x6 maps and loses on 4x4 ones, whatever this one measures.
+    fake_seconds = {6: {"reference": 2.0, "fused": 1.0}, 4: {"reference": 1.0, "fused": 3.0}}
 
-    side = 32
-    batch = FUSED_MIN_TOKENS // side**2
-    assert resolve_impl("auto", maps(batch, side, side), needs_backward=True) == "fused"
-    assert resolve_impl("auto", maps(batch, side, side), needs_backward=False) == "reference"
-    assert resolve_impl("auto", maps(batch, side, side - 1), needs_backward=True) == "reference"
-    assert resolve_impl("fused", maps(1, 4, 4), needs_backward=False) == "fused"
-    meta = torch.empty(batch, side, side, 8, device="meta")  # any device but the CPU: the library's kernels
-    assert resolve_impl("auto", meta, needs_backward=True) == "reference"
+    def measure(mixer: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+        measured.append(tuple(x.shape))
+        return fake_seconds[x.shape[1]]
+
+    monkeypatch.setattr(recurrence, "measure_training_paths", measure)
+    mixer = _mixer("lstm", "cat", True)
+    mixer.rnn_impl = "auto"
+    square = torch.randn(2, 6, 6, 16)
+    assert resolve_impl("auto", square, needs_backward=True, mixer=mixer) == "fused"
+    assert resolve_impl("auto", square[:1], needs_backward=True, mixer=mixer) == "fused"  # the batch is no part of it
+    assert resolve_impl("auto", torch.randn(2, 4, 4, 16), needs_backward=True, mixer=mixer) == "reference"
+    assert measured == [(2, 6, 6, 16), (2, 4, 4, 16)]  # once per map
+    assert resolve_impl("auto", square, needs_backward=False, mixer=mixer) == "reference"  # inference: oneDNN's
+    assert resolve_impl("fused", torch.randn(1, 4, 4, 16), needs_backward=False, mixer=mixer) == "fused"
+    meta = torch.empty(2, 6, 6, 16, device="meta")  # any device but the CPU: the library's kernels
+    assert resolve_impl("auto", meta, needs_backward=True, mixer=mixer) == "reference"
+    # What a checkpoint records, a resumed process takes without measuring.
+    recorded = recurrence.training_paths()
+    assert sorted(recorded.values()) == ["fused", "reference"]
+    monkeypatch.setattr(recurrence, "_CPU_TRAINING_PATHS", {})
+    recurrence.adopt_training_paths({**recorded, "ignored": "triton"})
+    assert recurrence.training_paths() == recorded
+    mixer(square.requires_grad_()).sum().backward()  # the model's own call takes the recorded path
+    assert measured == [(2, 6, 6, 16), (2, 4, 4, 16)]
+
+
+def test_the_first_measured_step_works_under_gradient_checkpointing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The measurement runs inside the block's checkpointed forward: its own saved tensors must not count as the block's.
+    monkeypatch.setattr(recurrence, "_CPU_TRAINING_PATHS", {})
+    model, reference = _tiny_pair()
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+    F.cross_entropy(reference(x), torch.tensor([1, 2])).backward()
+    assert len(recurrence.training_paths()) == 2  # the two map sizes of the tiny model
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_measurement_trains_a_copy_and_leaves_the_callers_gradients_alone() -> None:
+    mixer = _mixer("lstm", "cat", True)
+    seconds = recurrence.measure_training_paths(mixer, torch.randn(2, 4, 4, 16), rounds=1)
+    assert set(seconds) == {"reference", "fused"} and all(0 < t < math.inf for t in seconds.values())
+    assert all(p.grad is None for p in mixer.parameters())
 
 
 def test_rnn_impl_is_a_model_option_and_keeps_the_checkpoint_layout() -> None:

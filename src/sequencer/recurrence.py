@@ -25,14 +25,18 @@ op cannot hand over. Everything around it (LayerNorms, linears, GELUs, residuals
 Implementations, chosen by name (`route(model, rnn_impl=...)`): "reference", "fused", and "auto", which picks per
 call (`resolve_impl`): under torch.compile the op above (for any name: neither of the others traces); on CUDA the
 reference, i.e. cuDNN, which no measurement on a GPU has shown slower than anything here (BENCHMARKS.md, "GPU");
-on the CPU the fused path for training steps on large enough maps, nn.LSTM otherwise (CPU inference, where
-oneDNN's LSTM is hard to beat; tracing and export). `route` swaps a model's mixers for the routed subclasses
+on the CPU, for training steps, whichever of the fused path and nn.LSTM a measurement at the first step of each
+shape found faster on this processor (`cpu_training_path`), nn.LSTM otherwise (CPU inference, where oneDNN's LSTM
+is hard to beat; tracing and export). `route` swaps a model's mixers for the routed subclasses
 below (`RoutedBiLSTM2D`), which share their parameters and state dict, so the paper's modules stay plain.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
+import time
 import types
 from collections.abc import Callable, Iterator
 
@@ -46,9 +50,8 @@ from sequencer.model import BiLSTM1D, BiLSTM2D, SequencerBlock
 
 # What `resolve_impl` returns under torch.compile, whatever was asked: the `rnn2d` op.
 COMPILED = "compiled"
-# Tokens per map (B * H * W) from which the fused CPU path trains: from there it is about as fast as nn.LSTM or
-# faster, and needs less memory; below, its fixed per-step overhead loses (benchmarks/recurrence.py, BENCHMARKS.md).
-FUSED_MIN_TOKENS = 4096
+# Which CPU training path "auto" took for each mixer shape in this process (`cpu_training_path`), by shape key.
+_CPU_TRAINING_PATHS: dict[str, str] = {}
 
 Direction = tuple[str, bool]  # (axis "v" or "h", reverse)
 
@@ -60,19 +63,82 @@ def check_impl(name: str) -> str:
     return name
 
 
-def resolve_impl(name: str, x: torch.Tensor, needs_backward: bool) -> str:
-    """The implementation that `name` means for input x (B, H, W, C): "auto" picks per device, shape and pass."""
+def resolve_impl(name: str, x: torch.Tensor, needs_backward: bool, mixer: nn.Module | None = None) -> str:
+    """The implementation that `name` means for input x (B, H, W, C): "auto" picks per device, shape and pass.
+
+    On the CPU "auto" trains on whichever path `cpu_training_path` measured faster for `mixer` at this shape.
+    """
     if tracing_or_exporting():
         return "reference"  # nn.LSTM exports as one ONNX/aten op
     if torch.compiler.is_compiling():
         return COMPILED  # dynamo traces neither nn.LSTM nor the fused path's in-place writes
     if name != "auto":
         return name
-    # CPU: nn.LSTM runs on oneDNN, whose fused inference kernels nothing built from torch ops beats; the fused path
-    # pays when a backward pass follows on a large enough map. CUDA (and anything else): the library's kernels.
-    if x.device.type == "cpu" and needs_backward and x.shape[0] * x.shape[1] * x.shape[2] >= FUSED_MIN_TOKENS:
-        return "fused"
+    # CPU inference: nn.LSTM runs on oneDNN, whose fused inference kernels nothing built from torch ops beats.
+    # CUDA (and anything else): the library's kernels.
+    if x.device.type == "cpu" and needs_backward and mixer is not None:
+        return cpu_training_path(mixer, x)
     return "reference"
+
+
+def cpu_training_path(mixer: nn.Module, x: torch.Tensor) -> str:
+    """ "fused" or "reference", whichever ran a training step (forward and backward) of `mixer` faster at x's map,
+    measured on the first call for the shape and kept for the process (`training_paths`, `adopt_training_paths`).
+
+    Which wins depends on the processor: the fused path trained Sequencer2D-S faster from 4,096 tokens on an
+    AVX-512 EPYC and slower (0.91x timm) on an AVX2 one, so no threshold holds for every CPU. The two paths differ in
+    float32 rounding: processes that train together take rank 0's measurement, and `sequencer train` records the
+    choices in its checkpoints so that a resumed run takes the same paths.
+    """
+    key = training_path_key(mixer, x)
+    if key not in _CPU_TRAINING_PATHS:
+        times = measure_training_paths(mixer, x)
+        choice = min(times, key=times.get)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            agreed = [choice]
+            torch.distributed.broadcast_object_list(agreed, src=0)
+            choice = agreed[0]
+        _CPU_TRAINING_PATHS[key] = choice
+    return _CPU_TRAINING_PATHS[key]
+
+
+def training_path_key(mixer: nn.Module, x: torch.Tensor) -> str:
+    """What the choice between the CPU training paths depends on: the mixer, the map (not the batch), the precision
+    and the threads."""
+    rnn = mixer.rnns[0]
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return (
+        f"{mixer.cell} {getattr(mixer, 'union', 'raster')} bidirectional={mixer.bidirectional} "
+        f"C={rnn.input_size} D={rnn.hidden_size} map={x.shape[1]}x{x.shape[2]} dtype={x.dtype} "
+        f"autocast={autocast} threads={torch.get_num_threads()}"
+    )
+
+
+def measure_training_paths(mixer: nn.Module, x: torch.Tensor, rounds: int = 3) -> dict[str, float]:
+    """Seconds of the fastest of `rounds` training steps of a copy of `mixer` at x's shape, per path, alternated."""
+    probe = copy.deepcopy(mixer)  # its own parameters: the caller's gradients stay untouched
+    sample = torch.randn(x.shape, dtype=x.dtype, device=x.device, requires_grad=True)
+    seconds = {"reference": math.inf, "fused": math.inf}
+    # Identity hooks shadow any outer ones (gradient checkpointing's would count the probe's saved tensors as the
+    # block's and fail at recomputation).
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        for _ in range(rounds + 1):  # the first round warms both paths up
+            for impl in seconds:
+                probe.rnn_impl = impl
+                start = time.perf_counter()
+                probe(sample).sum().backward()
+                seconds[impl] = min(seconds[impl], time.perf_counter() - start)
+    return seconds
+
+
+def training_paths() -> dict[str, str]:
+    """The CPU training paths chosen in this process so far, by shape key: what a checkpoint records."""
+    return dict(_CPU_TRAINING_PATHS)
+
+
+def adopt_training_paths(paths: dict[str, str]) -> None:
+    """Take the CPU training paths a checkpoint recorded, so that a resumed run trains as the first did."""
+    _CPU_TRAINING_PATHS.update({key: path for key, path in paths.items() if path in ("fused", "reference")})
 
 
 def tracing_or_exporting() -> bool:
@@ -649,7 +715,7 @@ class RoutedBiLSTM2D(BiLSTM2D):
     def _forward_routed(self, x: torch.Tensor) -> torch.Tensor:
         weights = weights_for_call(self)
         needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-        impl = resolve_impl(self.rnn_impl, x, needs_backward)
+        impl = resolve_impl(self.rnn_impl, x, needs_backward, self)
         if impl == "reference":
             with train_mode_for_backward(self.rnns, needs_backward):
                 return in_recurrence_precision(self.paper_forward, x)
@@ -714,7 +780,8 @@ def route(model: nn.Module, rnn_impl: str | None = None, onednn_linear: bool | N
     `onednn_linear=True`; a `Sequencer` built directly runs the paper's modules as they are.
 
     - `rnn_impl`: how the mixers' recurrences run. "auto" picks per call: cuDNN's nn.LSTM on CUDA; on the CPU the
-      fused path for training steps on large maps, nn.LSTM (oneDNN) otherwise. "reference" always runs the paper's
+      fused path or nn.LSTM for training steps, as measured at the first step of each shape
+      (`cpu_training_path`), nn.LSTM (oneDNN) otherwise. "reference" always runs the paper's
       nn.LSTM calls: what module hooks see, what can backpropagate twice through one graph. "fused" always runs
       the fused path. torch.compile (one custom op), tracing and export (nn.LSTM) override it; the vanilla 1D
       mixer always runs nn.LSTM. Every routed mixer runs its recurrences in `recurrence_dtype` under autocast and
@@ -775,8 +842,10 @@ __all__ = [
     "RoutedBiLSTM1D",
     "RoutedBiLSTM2D",
     "Routing",
+    "adopt_training_paths",
     "check_impl",
     "compiled_rnn2d",
+    "cpu_training_path",
     "directions_of",
     "pack_weights",
     "recurrent_weights",
@@ -785,4 +854,5 @@ __all__ = [
     "route",
     "scan",
     "train_mode_for_backward",
+    "training_paths",
 ]
