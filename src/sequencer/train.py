@@ -104,9 +104,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work together or name nothing known with a `UsageError`, before any work starts.
 
     Single values out of range were refused before this runs (`sequencer.options.BOUNDS`)."""
-    check_model_name(args.model)
-    size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
     patches = math.prod(VARIANTS[check_model_name(args.model)]["patch_sizes"])
+    size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
     if size and min(size) < patches:
         raise UsageError(
             f"input size {'x'.join(map(str, size))} is smaller than the {patches}x{patches} pixels that "
@@ -424,7 +423,7 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
     return sum(group["lr"] for group in groups) / len(groups)
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+def build_training_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The model with its starting weights: released (--pretrained), a file (--initial-checkpoint), or fresh."""
     model = create_model(
         args.model, num_classes=num_classes, drop_path_rate=args.drop_path, in_chans=args.in_chans, drop_rate=args.drop
@@ -561,7 +560,7 @@ def train(
 
     # The same initial weights on every rank, so that each rank's EMA copy starts equal too.
     seed_epoch(args.seed, -1, 0)
-    model = build_model(args, num_classes)
+    model = build_training_model(args, num_classes)
     # Validation resizes with --interpolation, training with --train-interpolation.
     overrides = input_overrides(args, "interpolation")
     config = data_config(model, interpolation=args.interpolation, **overrides)
