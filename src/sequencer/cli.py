@@ -14,8 +14,8 @@ import warnings
 from typing import NoReturn
 
 from sequencer import __version__
-from sequencer.errors import SequencerError, UsageError
-from sequencer.options import check_bounds
+from sequencer.errors import SequencerError
+from sequencer.options import apply_config, check_bounds
 
 # name -> (module whose `run(args) -> int` does the work, one-line help); the flags: sequencer.commands.<name>
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,24 +69,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_config(parser: argparse.ArgumentParser, path: str) -> None:
-    """Make the flags a YAML file sets (a run's args.yaml, say) the parser's defaults: the command line still wins."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"cannot read --config {path}: {error}") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"--config {path} must hold a mapping of option names to values")
-    values = {key: value for key, value in values.items() if key not in ("command", "config")}
-    unknown = sorted(set(values) - {action.dest for action in parser._actions})
-    if unknown:
-        raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
-    parser.set_defaults(**values)
-
-
 def _command_of(argv: list[str]) -> str | None:
     """The subcommand named on the command line (the first word that is one), if any."""
     return next((word for word in argv if word in COMMANDS), None)
@@ -104,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_: f"sequencer {args.command}: warning: {message}\n"
     try:
         if getattr(args, "config", None):
-            _apply_config(parser.command_parsers[command], args.config)
+            apply_config(parser.command_parsers[command], args.config)
             args = parser.parse_args(argv)
         check_bounds(parser.command_parsers[command], args)
         if getattr(args, "amp", False):

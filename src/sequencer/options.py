@@ -254,3 +254,21 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
         help="more models side by side: Sequencer variants or any timm model, e.g. "
         "resnet50=resnet50.pth deit_small_patch16_224=deit_s.pth",
     )
+
+
+def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the flags a YAML file sets (a run's args.yaml, say) the parser's defaults: the command line still wins."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"cannot read --config {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a mapping of option names to values")
+    values = {key: value for key, value in values.items() if key not in ("command", "config")}
+    unknown = sorted(set(values) - {action.dest for action in parser._actions})
+    if unknown:
+        raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
+    parser.set_defaults(**values)
