@@ -5,8 +5,11 @@ ones a caller leaves out at these defaults."""
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 from typing import Any
 
+from sequencer.errors import UsageError
 from sequencer.options import (
     INTERPOLATIONS,
     add_compile_options,
@@ -15,6 +18,8 @@ from sequencer.options import (
     add_model_options,
     add_output_option,
     add_runtime_options,
+    apply_config,
+    check_bounds,
 )
 
 # Flags whose default depends on the data. With no DATA the run is the built-in digits demo (>= 98% held-out top-1 in
@@ -248,3 +253,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-progress); the loss is read from the device and checked for NaN only then, not at every step",
     )
     misc.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def keyword_arguments(options: dict[str, Any]) -> argparse.Namespace:
+    """The arguments of a run from keywords named as the flags' dests, each checked as its flag's text would be; the
+    flags left out take the command's defaults (under `config`'s, as -c gives them). An unknown name is a UsageError."""
+    parser = argparse.ArgumentParser(prog="sequencer train", add_help=False)
+    add_arguments(parser)
+    actions = {action.dest: action for action in parser._actions}
+    for key in options:
+        if key not in actions:
+            close = difflib.get_close_matches(key, actions, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(
+                f"train() got an unknown keyword argument {key!r}{hint}; its keywords are the dests of `sequencer "
+                "train`'s flags (batch_size for -b/--batch-size)"
+            )
+    if options.get("config"):
+        apply_config(parser, os.fspath(options["config"]))
+    values = vars(parser.parse_args([]))
+    values.update({key: _flag_value(actions[key], key, value) for key, value in options.items()})
+    # The command line's namespace names its subcommand too, and args.yaml records every key of it.
+    args = argparse.Namespace(command="train", **values)
+    check_bounds(parser, args)
+    return args
+
+
+def _flag_value(action: argparse.Action, key: str, value: Any) -> Any:
+    """`value` as its flag's parser would give it: paths as text, each item through the flag's type and choices."""
+    if value is None or value == action.default:
+        # None leaves the flag out; argparse never checks a default either (--interpolation's '' is no choice).
+        return action.default
+    if action.nargs == 0:  # --amp, --pretrained, ...: on or off
+        if not isinstance(value, bool):
+            raise UsageError(f"{key}={value!r}: expected True or False")
+        return value
+    several = action.nargs not in (None, "?")  # nargs 2, 3 or +: a sequence, as the flag takes several words
+    if several != isinstance(value, list | tuple):
+        raise UsageError(f"{key}={value!r}: expected {'a list of values' if several else 'one value, not a sequence'}")
+    items = list(value) if several else [value]
+    count = action.nargs if isinstance(action.nargs, int) else None  # None: one or more
+    if several and (len(items) != count if count else not items):
+        raise UsageError(f"{key}={value!r}: expected {count or 'one or more'} values")
+    converted = []
+    for item in items:
+        if isinstance(item, os.PathLike):
+            item = os.fspath(item)
+        if action.type is not None:
+            try:
+                item = action.type(str(item))
+            except argparse.ArgumentTypeError as error:
+                raise UsageError(f"{key}={value!r}: {error}") from None
+            except (TypeError, ValueError):
+                raise UsageError(f"{key}={value!r}: invalid {getattr(action.type, '__name__', '')} value") from None
+        if action.choices is not None and item not in action.choices:
+            raise UsageError(f"{key}={item!r}: expected one of {', '.join(map(repr, action.choices))}")
+        converted.append(item)
+    return converted if several else converted[0]
