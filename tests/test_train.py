@@ -494,11 +494,22 @@ def test_config_reads_back_args_yaml_and_the_command_line_wins(
     assert "sets options this command does not have: warp_speed" in capsys.readouterr().err
 
 
+def skip_the_work(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Leave out a run's three steps (data, state, epochs), keeping its checks and set-up; returns the output folders
+    of the runs that got past those, as they come."""
+    outputs: list[Path] = []
+    monkeypatch.setattr(train_module, "build_data", lambda args, context: None)
+    monkeypatch.setattr(train_module, "build_state", lambda *args: None)
+    monkeypatch.setattr(
+        train_module, "run_epochs", lambda args, context, data, state, output, resumed: outputs.append(output) or {}
+    )
+    return outputs
+
+
 def test_a_folder_holding_a_run_is_never_overwritten_by_a_new_run(
     run_cli, parse_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    runs = []
-    monkeypatch.setattr(train_module, "train", lambda args, context, output, *_, **__: runs.append(output) or {})
+    runs = skip_the_work(monkeypatch)
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint-3.pth.tar").write_bytes(b"a kept epoch")
@@ -647,7 +658,7 @@ def test_resume_follows_the_command_line_but_for_the_learned_state(
 def test_amp_on_a_cpu_that_emulates_bfloat16_warns_once_in_train_and_validate(
     run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: {})
+    skip_the_work(monkeypatch)
     validate = f"{data_root} --model sequencer2d_tiny --num-classes 2 --amp --device cpu -j 0 --threads 1"
     for native in (False, True):
         monkeypatch.setattr(runtime, "native_bfloat16_cpu", lambda native=native: native)
