@@ -24,9 +24,10 @@ import yaml
 from sequencer import data as data_module
 from sequencer import hub, runtime
 from sequencer import train as train_module
-from sequencer.checkpoint import load_pretrained, read_file
-from sequencer.errors import CheckpointError
+from sequencer.checkpoint import load_pretrained, open_checkpoint, read_file
+from sequencer.errors import CheckpointError, UsageError
 from sequencer.model import create_model
+from sequencer.train_options import keyword_arguments
 
 # The authors' README command lines, verbatim (`./distributed_train.sh 8 /path/to/imagenet` becomes torchrun + DATA).
 IMAGENET_RECIPE = (
@@ -100,6 +101,62 @@ def test_paper_command_lines_parse_verbatim(parse_cli) -> None:
 
     assert parse_cli("train", "--lr 0.1 --epochs 3 --lr 0.2 --epochs 4").lr == 0.2  # later flags win
     assert parse_cli("train", "--amp").amp and parse_cli("train", "--native-amp").amp
+
+
+def test_train_called_from_python_with_keywords_is_the_command_line_run(run_cli, tmp_path: Path) -> None:
+    # The built-in digits, a short epoch: trained on the 360 held-out images rather than the 1,437 training ones.
+    python, command_line = tmp_path / "python", tmp_path / "command-line"
+    result = train_module.train(epochs=1, train_split="val", no_progress=True, output=python)
+    assert run_cli("train", f"--epochs 1 --train-split val --no-progress --output {command_line}") == 0
+    row = summary_rows(python)[0]
+    assert result["output"] == python and result["epoch"] == 0 and result["best_epoch"] == 0
+    assert result["num_skipped"] == 0 and result["best_metric"] == pytest.approx(result["eval_top1"])
+    assert {key: str(value) for key, value in result.items() if key in row} == row
+    saved, expected = (yaml.safe_load((folder / "args.yaml").read_text()) for folder in (python, command_line))
+    assert (saved.pop("output"), expected.pop("output")) == (str(python), str(command_line))
+    assert saved == expected and list(saved) == list(expected)  # every key, in the command line's order
+    assert (saved["model"], saved["img_size"], saved["batch_size"]) == ("sequencer2d_tiny", 16, 64)  # digits recipe
+    # What `sequencer validate` reads back: the same keys as args.yaml.
+    assert open_checkpoint(python / "last.pth.tar").trained_args == {**saved, "output": str(python)}
+    assert_same_run(python, command_line)
+
+
+def test_train_refuses_an_unknown_keyword_in_one_line_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"unknown keyword argument 'epoch' \(did you mean 'epochs'\?\)") as refused:
+        train_module.train(epoch=1, output=tmp_path / "out")
+    assert len(str(refused.value).splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(epochs=0), "--epochs 0 is out of range: it must be >= 1"),
+        (dict(epochs="two"), "epochs='two': invalid int value"),
+        (dict(eval_metric="acc"), "eval_metric='acc': expected one of 'top1', 'top5', 'loss'"),
+        (dict(scale=(0.5,)), "scale=(0.5,): expected 2 values"),
+        (dict(scale=0.5), "scale=0.5: expected a list of values"),
+        (dict(amp="yes"), "amp='yes': expected True or False"),
+    ],
+)
+def test_train_checks_each_keyword_as_the_command_line_checks_its_flag(
+    tmp_path: Path, options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(UsageError) as refused:
+        train_module.train(**options, output=tmp_path / "out")
+    assert message in str(refused.value) and not (tmp_path / "out").exists()
+
+
+def test_train_takes_a_config_file_as_the_command_line_does(
+    run_cli, parse_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved = train_module.plain_arguments(parse_cli("train", f"/data/imagenet {IMAGENET_RECIPE}"))
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    seen = []
+    monkeypatch.setattr(train_module, "run", lambda args: seen.append(args) or 0)
+    assert run_cli("train", "-c", str(tmp_path / "args.yaml"), "--epochs", "7") == 0
+    options = keyword_arguments({"config": tmp_path / "args.yaml", "epochs": 7})
+    assert vars(options) == vars(seen[0])
+    assert (options.data, options.mixup, options.epochs) == ("/data/imagenet", 0.8, 7)
 
 
 def test_defaults_are_the_digits_demo_without_data_and_timm_with_data(parse_cli) -> None:

@@ -2,7 +2,9 @@
 
 A run is checked whole before any work (`prepare_run`), then goes in three steps: `build_data` (splits, loaders,
 mixup and loss), `build_state` (model, optimizer, schedule, EMA, scaler, resumed state) and `run_epochs`. Its options
-are the flags of `sequencer.train_options`, keyword by dest. Each epoch is seeded from (seed, epoch, rank): that is
+are the flags of `sequencer.train_options`, keyword by dest; its result is the last epoch's summary row with
+best_metric / best_epoch, num_skipped (unreadable images) and output (the run's folder). A loss that turns non-finite
+raises `NonFiniteLossError` (exit code 1 on the command line). Each epoch is seeded from (seed, epoch, rank): that is
 what lets a resumed run replay the uninterrupted one bit for bit.
 """
 
@@ -524,9 +526,7 @@ def _saved_arguments(path: Path) -> Any:
 
 
 def train(**options: Any) -> dict[str, Any]:
-    """Train as `sequencer train` does, its flags given as keywords named by their dests (`train(epochs=1,
-    output="runs/x")`; the rest at the command's defaults); returns the last epoch's summary row with best_metric,
-    best_epoch, num_skipped (unreadable images) and output (the run's folder)."""
+    """`sequencer train` from Python: keywords named as its flags' dests, the rest at its defaults (module doc)."""
     args, output, auto_resume = prepare_run(options)
     with process_group(args.device) as context, _stops_logged(context, output):
         resumed = start_process(args, context, auto_resume)
@@ -582,8 +582,7 @@ def _stops_logged(context: DistributedContext, output: Path) -> Iterator[None]:
 
 
 def build_data(args: argparse.Namespace, context: DistributedContext) -> TrainingData:
-    """The splits (checked against the flags before any model is built), their loaders, mixup and the training loss;
-    their transforms follow the model (`set_transforms`)."""
+    """The splits, checked before any model is built, their loaders, mixup and loss (transforms: `set_transforms`)."""
     train_set, val_set, num_classes = read_datasets(args, context)
     train_loader = create_loader(
         train_set, args.batch_size, args.workers, shuffle=True, distributed=context.distributed, drop_last=True
@@ -743,8 +742,7 @@ def run_epochs(
     output: Path,
     resumed: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Train, evaluate and checkpoint every epoch left in the schedule; returns the last summary row with best_metric,
-    best_epoch and num_skipped, the unreadable images of all processes."""
+    """Train, evaluate and checkpoint each epoch left in the schedule; returns the last summary row, the best, skips."""
     train_model = training_module(state.model, args, context)
     title = f"{args.model} on {data.source or 'digits'}"
     if context.is_primary:
@@ -819,8 +817,7 @@ def run_epoch(
     state: TrainState,
     train_model: nn.Module,
 ) -> tuple[float, dict[str, float]]:
-    """Train epoch `state.epoch`, seeded to replay exactly after a resume, and evaluate; returns the training loss
-    and the held-out metrics (loss, top1, top5)."""
+    """Train epoch `state.epoch`, seeded to replay exactly after a resume, and evaluate; returns loss and metrics."""
     epoch = state.epoch
     seed_epoch(args.seed, epoch, context.rank)
     if isinstance(data.train_set, IterableDataset):
@@ -847,8 +844,7 @@ def record_epoch(
     output: Path,
     title: str,
 ) -> dict[str, Any]:
-    """The epoch's summary row, the schedule stepped past it, the best metric updated, and on rank 0 its checkpoints,
-    summary.csv and log line; returns the row."""
+    """The epoch's summary row (returned), the schedule stepped, the best updated; rank 0 saves and logs the epoch."""
     epoch = state.epoch
     row = dict(
         epoch=epoch,
@@ -885,8 +881,7 @@ def record_epoch(
 
 
 def run(args: argparse.Namespace) -> int:
-    """`sequencer train`: `train` with the command line's flags, then print the held-out top-1; exit code 1 when the
-    loss became non-finite, 130 when interrupted."""
+    """`sequencer train`: `train` with the command line's flags, then the held-out top-1; returns the exit code."""
     start = time.perf_counter()
     # torchrun's rank of this process, as the process group will give it: only rank 0 logs progress and prints.
     primary = int(os.environ.get("RANK", "0")) == 0

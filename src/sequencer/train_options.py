@@ -256,8 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def keyword_arguments(options: dict[str, Any]) -> argparse.Namespace:
-    """The arguments of a run from keywords named as the flags' dests, each checked as its flag's text would be; the
-    flags left out take the command's defaults (under `config`'s, as -c gives them). An unknown name is a UsageError."""
+    """A run's arguments from keywords named as the flags' dests, checked as their text is; the rest at the defaults."""
     parser = argparse.ArgumentParser(prog="sequencer train", add_help=False)
     add_arguments(parser)
     actions = {action.dest: action for action in parser._actions}
@@ -269,7 +268,7 @@ def keyword_arguments(options: dict[str, Any]) -> argparse.Namespace:
                 f"train() got an unknown keyword argument {key!r}{hint}; its keywords are the dests of `sequencer "
                 "train`'s flags (batch_size for -b/--batch-size)"
             )
-    if options.get("config"):
+    if options.get("config"):  # its values become the defaults, as -c makes them
         apply_config(parser, os.fspath(options["config"]))
     values = vars(parser.parse_args([]))
     values.update({key: _flag_value(actions[key], key, value) for key, value in options.items()})
