@@ -742,7 +742,7 @@ def run_epochs(
     output: Path,
     resumed: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Train, evaluate and checkpoint each epoch left in the schedule; returns the last summary row, the best, skips."""
+    """Train, evaluate and checkpoint each epoch left in the schedule; returns the last row with the best and skips."""
     train_model = training_module(state.model, args, context)
     title = f"{args.model} on {data.source or 'digits'}"
     if context.is_primary:
@@ -792,13 +792,13 @@ def start_output(
             "--resume auto: the run finished at epoch %d, the last of its schedule; nothing to train", state.epoch - 1
         )
         return
-    input_size = data_config(state.model, interpolation=args.interpolation, **input_overrides(args, "interpolation"))
+    config = data_config(state.model, interpolation=args.interpolation, **input_overrides(args, "interpolation"))
     _logger.info(
         "training %s (%d classes, input %s) on %s: %d train / %d held-out images, epochs %d-%d (counted from 0 "
         "as in summary.csv and checkpoint-EPOCH.pth.tar), %d process(es) on %s; output in %s",
         args.model,
         data.num_classes,
-        "x".join(map(str, input_size["input_size"])),
+        "x".join(map(str, config["input_size"])),
         data.source or "the built-in digits",
         len(data.train_set),
         len(data.val_set),
