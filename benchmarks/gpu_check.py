@@ -58,8 +58,9 @@ from sequencer.bench import (
     make_step,
     time_round_robin,
 )
-from sequencer.model import RNN2D, create_model
-from sequencer.recurrence import recurrent_weights
+from sequencer.builder import create_model
+from sequencer.model import BiLSTM2D
+from sequencer.recurrence import recurrent_weights, route
 
 CELLS = ("lstm", "gru", "rnn")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -189,13 +190,21 @@ def main(argv: list[str] | None = None) -> int:
 # 1. Every implementation against nn.LSTM / GRU / RNN in float64
 # ----------------------------------------------------------------------------------------------------------------
 
-Runner = Callable[[RNN2D, torch.Tensor], torch.Tensor]
+
+def routed_mixer(dim: int, hidden: int, cell: str = "lstm") -> BiLSTM2D:
+    """One BiLSTM2D whose `rnn_impl` picks its path, starting on the reference."""
+    mixer = BiLSTM2D(dim, hidden, cell=cell)
+    route(mixer, rnn_impl="reference")
+    return mixer
+
+
+Runner = Callable[[BiLSTM2D, torch.Tensor], torch.Tensor]
 
 
 def runner(impl: str) -> Runner:
     """How a mixer runs with `impl`: an rnn_impl, or "compiled" (the torch.compile op, aot_eager around it)."""
 
-    def run(mixer: RNN2D, x: torch.Tensor) -> torch.Tensor:
+    def run(mixer: BiLSTM2D, x: torch.Tensor) -> torch.Tensor:
         mixer.rnn_impl = "auto" if impl == "compiled" else impl
         if impl == "compiled":
             torch._dynamo.reset()
@@ -205,14 +214,14 @@ def runner(impl: str) -> Runner:
     return run
 
 
-Truth = tuple[RNN2D, torch.Tensor, torch.Tensor, list[torch.Tensor]]
+Truth = tuple[BiLSTM2D, torch.Tensor, torch.Tensor, list[torch.Tensor]]
 
 
 def float64_truth(cell: str, shape: tuple[int, ...]) -> Truth:
     """(mixer, input, upstream gradient, [output, input grad, parameter grads]) of nn.LSTM/GRU/RNN in float64."""
     batch, height, width, dim, hidden = shape
     torch.manual_seed(0)
-    mixer = RNN2D(dim, hidden, cell=cell, rnn_impl="reference").double()
+    mixer = routed_mixer(dim, hidden, cell=cell).double()
     x = torch.randn(batch, height, width, dim, dtype=torch.float64)
     upstream = torch.randn(batch, height, width, dim, dtype=torch.float64)
     return mixer, x, upstream, outputs_and_grads(runner("reference"), mixer, x, upstream, None)
@@ -248,7 +257,7 @@ def check_implementation(
 
 
 def outputs_and_grads(
-    run: Runner, mixer: RNN2D, x: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype | None
+    run: Runner, mixer: BiLSTM2D, x: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype | None
 ) -> list[torch.Tensor]:
     """[output, input grad, every parameter grad], under autocast to `dtype` when it is a half type."""
     x = x.detach().requires_grad_()
@@ -377,7 +386,7 @@ def build_variants(
     models: dict[str, nn.Module] = {"ours(auto)": auto}
     for impl in ("reference", "fused"):
         models[f"ours({impl})"] = copy.deepcopy(auto)
-        models[f"ours({impl})"].set_rnn_impl(impl)
+        route(models[f"ours({impl})"], rnn_impl=impl)
     if backend:
         models["ours(compiled)"] = torch.compile(copy.deepcopy(auto), backend=backend)
     if timm.is_model(name):
@@ -446,7 +455,7 @@ def block_diagonal_lstm(weights: list[torch.Tensor], train: bool) -> Callable[[t
     return lstm
 
 
-def block_diagonal_module(mixer: RNN2D) -> nn.LSTM:
+def block_diagonal_module(mixer: BiLSTM2D) -> nn.LSTM:
     """An nn.LSTM (flat cuDNN weights, as the reference's modules have) holding `block_diagonal_weights(mixer)`."""
     dim, hidden = mixer.rnn_v.input_size, mixer.rnn_v.hidden_size
     module = nn.LSTM(2 * dim, 2 * hidden, batch_first=True, bidirectional=True).to(mixer.rnn_v.weight_ih_l0.device)
@@ -480,7 +489,7 @@ def time_block_diagonal(shape: tuple[int, int, int, int], device: torch.device, 
     """
     batch, side, dim, hidden = shape
     torch.manual_seed(0)
-    mixer = RNN2D(dim, hidden, rnn_impl="reference").to(device)
+    mixer = routed_mixer(dim, hidden).to(device)
     candidate = block_diagonal_module(mixer)
     x = torch.randn(batch, side, side, dim, device=device, requires_grad=True)
     runs = {

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 import sequencer
-from sequencer.checkpoint import load_model, open_checkpoint
+from sequencer.builder import load_model
+from sequencer.checkpoint import open_checkpoint
 from sequencer.data import DigitsDataset, create_transform
 from sequencer.deploy import load_onnx
 

@@ -1,4 +1,4 @@
-"""One BiLSTM2D mixer (RNN2D) per stage shape: each rnn_impl against the nn.LSTM reference, forward and training.
+"""One BiLSTM2D mixer per stage shape: each rnn_impl against the nn.LSTM reference, forward and training.
 
     .venv/bin/python benchmarks/recurrence.py --threads 2 --batch-sizes 8 --repeats 9
     .venv/bin/python benchmarks/recurrence.py --threads 2 --impls fused,fused-mkl
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from sequencer.bench import time_round_robin
-from sequencer.model import RNN2D
+from sequencer.model import BiLSTM2D
+from sequencer.recurrence import route
 from sequencer.runtime import autocast, resolve_device, set_threads
 
 STAGES = {"stage1": (32, 192, 48), "stage2-4": (16, 384, 96)}  # map side, channels, hidden at 224 px
@@ -62,7 +63,8 @@ def main() -> None:
         for side_used in sides or [side]:
             for batch in (int(b) for b in args.batch_sizes.split(",")):
                 torch.manual_seed(0)
-                mixer = RNN2D(dim, hidden, cell=args.cell).to(device)
+                mixer = BiLSTM2D(dim, hidden, cell=args.cell).to(device)
+                route(mixer, rnn_impl="reference")
                 x = torch.randn(batch, side_used, side_used, dim, device=device)
                 for mode in ("infer", "train"):
                     steps = {impl: _step(mixer, impl, x, mode, device, args.amp) for impl in impls}
@@ -92,7 +94,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
-def _step(mixer: RNN2D, impl: str, x: torch.Tensor, mode: str, device: torch.device, amp: bool):
+def _step(mixer: BiLSTM2D, impl: str, x: torch.Tensor, mode: str, device: torch.device, amp: bool):
     run = _variant(mixer, impl)
 
     def infer() -> None:
@@ -109,7 +111,7 @@ def _step(mixer: RNN2D, impl: str, x: torch.Tensor, mode: str, device: torch.dev
     return infer if mode == "infer" else train
 
 
-def _variant(mixer: RNN2D, impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _variant(mixer: BiLSTM2D, impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """An rnn_impl, or a variant that was tried and dropped (see BENCHMARKS.md)."""
     if impl == "fused-mkl":  # the fused path with MKL's sgemm for the projection and fc instead of oneDNN
 

@@ -123,7 +123,14 @@ def _argv(parts: tuple[object, ...]) -> list[str]:
 @pytest.fixture(scope="session")
 def run_cli() -> Callable[..., int]:
     """`sequencer WORDS...` run in-process through the real entry point; returns its exit code."""
-    return lambda *parts: main(_argv(parts))
+
+    def run(*parts: object) -> int:
+        try:
+            return main(_argv(parts))
+        except SystemExit as exited:  # what argparse ends with: a refused flag (2), --help or --version (0)
+            return exited.code
+
+    return run
 
 
 @pytest.fixture(scope="session")

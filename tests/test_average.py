@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sequencer import train as train_module
+from sequencer.builder import create_model
 from sequencer.checkpoint import extract_state_dict, read_file, save_weights
-from sequencer.model import create_model
 from sequencer.train import update_checkpoint_history
 
 TINY_RUN = (

@@ -78,8 +78,8 @@ def test_resolution_sweep_of_peers_writes_csv_and_plot(tmp_path: Path) -> None:
     ("flags", "message"),
     [
         (["--models", "sequencer9"], "unknown model 'sequencer9'"),
-        (["--repeats", "0"], "--repeats 0 is out of range: it must be >= 1"),
-        (["-b", "0"], "-b/--batch-size 0 is out of range: it must be >= 1"),
+        (["--repeats", "0"], "argument --repeats: 0 is out of range: it must be >= 1"),
+        (["-b", "0"], "argument -b/--batch-size: 0 is out of range: it must be >= 1"),
         (["--resolutions", "4"], "--resolutions 4 is below the 8 px that sequencer2d_tiny needs"),
         (["--device", "tpu9"], "unknown device 'tpu9'"),
     ],
@@ -104,8 +104,8 @@ def test_memory_needs_a_resettable_peak_or_no_memory(
 
 def test_bad_lists_are_refused_by_the_parser() -> None:
     parser = build_parser("bench")
-    # --impls names are the model's, checked when the command runs (tests/test_cli.py)
     for flags in (
+        ["--impls", "auto,triton"],
         ["--precisions", "float64"],
         ["--resolutions", "224,big"],
         ["--batch-sizes", "0"],

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from sequencer.builder import create_model
 from sequencer.data import DatasetError, build_dataset, create_loader, create_transform
 from sequencer.errors import UsageError
-from sequencer.model import create_model
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint() -> None:

@@ -163,7 +163,7 @@ def test_a_failed_check_keeps_the_file_and_exits_1(
         sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint)
     assert isinstance(raised.value, SequencerError)  # the API's callers catch every expected failure alike
     assert run_cli("export", "--model", "sequencer2d_tiny", "-o", str(path), "--tolerance", "-1") == 2
-    assert "--tolerance -1.0 is out of range: it must be >= 0" in capsys.readouterr().err
+    assert "argument --tolerance: -1 is out of range: it must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sequencer.model import RNN2D
-from sequencer.recurrence import library_rnn2d
+from sequencer.model import BiLSTM2D
+from sequencer.recurrence import library_rnn2d, recurrent_weights
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 
@@ -61,11 +61,11 @@ def test_relative_error_is_scaled_by_the_truth_and_infinite_for_nan(gpu_check) -
 def test_the_block_diagonal_lstm_is_the_two_axis_lstms_exactly(gpu_check) -> None:
     """The candidate of part 4: one LSTM with block-diagonal weights gives the reference's outputs and gradients."""
     torch.manual_seed(0)
-    mixer = RNN2D(6, 4, rnn_impl="reference").double()
+    mixer = BiLSTM2D(6, 4).double()
     x = torch.randn(2, 5, 5, 6, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 5, 5, 16, dtype=torch.float64)
-    params = [x, *mixer._weights]
-    reference = library_rnn2d(x, mixer._weights, "lstm", "vh", True, train=True)
+    params = [x, *recurrent_weights(mixer.rnns)]
+    reference = library_rnn2d(x, params[1:], "lstm", "vh", True, train=True)
     weights = gpu_check.block_diagonal_weights(mixer.rnn_v, mixer.rnn_h)
     candidate = gpu_check.block_diagonal_rnn2d(x, gpu_check.block_diagonal_lstm(weights, train=True))
     assert (candidate - reference).abs().max() < 1e-12
@@ -82,9 +82,9 @@ def test_the_block_diagonal_lstm_is_the_two_axis_lstms_exactly(gpu_check) -> Non
 def test_a_block_diagonal_lstm_with_the_axes_swapped_is_caught(gpu_check) -> None:
     """The exactness test above can fail: the horizontal net's blocks where the vertical's belong differ."""
     torch.manual_seed(0)
-    mixer = RNN2D(6, 4, rnn_impl="reference").double()
+    mixer = BiLSTM2D(6, 4).double()
     x = torch.randn(2, 5, 5, 6, dtype=torch.float64)
-    reference = library_rnn2d(x, mixer._weights, "lstm", "vh", True, train=False)
+    reference = library_rnn2d(x, recurrent_weights(mixer.rnns), "lstm", "vh", True, train=False)
     weights = gpu_check.block_diagonal_weights(mixer.rnn_h, mixer.rnn_v)
     swapped = gpu_check.block_diagonal_rnn2d(x, gpu_check.block_diagonal_lstm(weights, train=False))
     assert (swapped - reference).abs().max() > 1e-2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,11 @@ from torch import nn
 
 import sequencer
 from sequencer.analysis.complexity import count_macs
-from sequencer.model import RNN2D, Linear, SequencerBlock, route
+from sequencer.errors import UsageError
+from sequencer.kernels import onednn
+from sequencer.kernels.onednn import FastLinear
+from sequencer.model import BiLSTM2D, Sequencer, SequencerBlock, SequencerConfig
+from sequencer.recurrence import RoutedBiLSTM2D, route
 
 torch.set_num_threads(2)
 
@@ -116,7 +121,7 @@ def test_stochastic_depth_grows_linearly_over_all_blocks() -> None:
     assert rates == pytest.approx([0.1 * i / 17 for i in range(18)])
 
 
-def _plain_2d(mixer: RNN2D, x: torch.Tensor) -> torch.Tensor:
+def _plain_2d(mixer: BiLSTM2D, x: torch.Tensor) -> torch.Tensor:
     """The definition, sequence by sequence: each column through rnn_v, each row through rnn_h, unite, project."""
     H, W = x.shape[1], x.shape[2]
     parts = []
@@ -145,7 +150,7 @@ MIXER_CASES = [
 def test_2d_mixer_equals_the_plain_column_and_row_formulation(case: dict) -> None:
     torch.manual_seed(0)
     dim, hidden = 16, (4 if not case["with_fc"] else 6)
-    mixer = RNN2D(dim, hidden, **case).double()
+    mixer = BiLSTM2D(dim, hidden, **case).double()
     x = torch.randn(2, 5, 7, dim, dtype=torch.float64, requires_grad=True)
     y = mixer(x)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -274,25 +279,40 @@ def test_features_only_leaves_the_model_it_was_handed_whole() -> None:
 
 def test_route_switches_every_mixer_and_linear_and_restores_them_when_the_body_raises() -> None:
     model = sequencer.create_model("sequencer2d_tiny", rnn_impl="fused")
-    mixers = [m for m in model.modules() if isinstance(m, RNN2D)]
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    mixers = [m for m in model.modules() if isinstance(m, BiLSTM2D)]
+    linears = [m for m in model.modules() if type(m) in (nn.Linear, FastLinear) and m is not model.head.fc]
+    assert all(type(m) is RoutedBiLSTM2D for m in mixers) and all(type(m) is FastLinear for m in linears)
+    assert type(model.head.fc) is nn.Linear  # the classifier is no block linear
     mixers[0].rnn_impl = "auto"  # each mixer gets back its own choice, not a model-wide one
     before = [m.rnn_impl for m in mixers]
     # A wrapper holding the model is routed too: every mixer and block linear inside it.
     wrapper = nn.Sequential(model)
     with pytest.raises(RuntimeError, match="body failed"), route(wrapper, rnn_impl="reference", onednn_linear=False):
         assert {m.rnn_impl for m in mixers} == {"reference"}
-        assert len(linears) == 3 * len(mixers) and not any(m.onednn for m in linears)  # mixer fc, mlp fc1, fc2
+        assert len(linears) == 3 * len(mixers) and all(type(m) is nn.Linear for m in linears)  # fc, fc1, fc2
         raise RuntimeError("body failed")
-    assert [m.rnn_impl for m in mixers] == before and all(m.onednn for m in linears)
+    assert [m.rnn_impl for m in mixers] == before and all(type(m) is FastLinear for m in linears)
     with pytest.raises(ValueError, match="unknown rnn_impl 'cudnn'"):
         route(model, rnn_impl="cudnn", onednn_linear=False)
-    assert [m.rnn_impl for m in mixers] == before and all(m.onednn for m in linears)  # refused before any change
-    # Called as a statement the change stays, as set_rnn_impl's does; a switch left at None is not touched.
+    assert [m.rnn_impl for m in mixers] == before and all(type(m) is FastLinear for m in linears)  # refused first
+    # Called as a statement the change stays; a switch left at None is not touched.
     route(model, rnn_impl="reference")
-    assert {m.rnn_impl for m in mixers} == {"reference"} and all(m.onednn for m in linears)
-    model.set_rnn_impl("fused")
-    assert {m.rnn_impl for m in mixers} == {"fused"}
+    assert {m.rnn_impl for m in mixers} == {"reference"} and all(type(m) is FastLinear for m in linears)
+
+
+def test_a_model_built_directly_is_the_plain_paper_network_and_routing_keeps_its_state_dict() -> None:
+    torch.manual_seed(0)
+    plain = Sequencer(sequencer.model.VARIANTS["sequencer2d_tiny"], num_classes=10).eval()
+    assert {type(m) for m in plain.modules() if isinstance(m, BiLSTM2D)} == {BiLSTM2D}
+    assert not any(isinstance(m, FastLinear) for m in plain.modules())
+    keys = list(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = plain(x)
+        with route(plain, rnn_impl="fused", onednn_linear=True):
+            assert list(plain.state_dict()) == keys  # routing changes classes, never parameters or their names
+            torch.testing.assert_close(plain(x), expected, atol=1e-5, rtol=1e-5)
+    assert {type(m) for m in plain.modules() if isinstance(m, BiLSTM2D)} == {BiLSTM2D}  # back to the paper's
 
 
 def test_onednn_linear_off_keeps_the_block_linears_on_f_linear_with_the_same_logits(
@@ -308,8 +328,8 @@ def test_onednn_linear_off_keeps_the_block_linears_on_f_linear_with_the_same_log
         calls.append(args[0].shape)
         return fast_linear(*args)
 
-    fast_linear = sequencer.model.fast_linear
-    monkeypatch.setattr(sequencer.model, "fast_linear", counted)
+    fast_linear = onednn.linear
+    monkeypatch.setattr(onednn, "linear", counted)
     with torch.no_grad():
         routed = model(x)
         assert len(calls) == 3 * 5  # three linears in each of the five blocks
@@ -404,3 +424,27 @@ def test_prune_intermediate_layers_keeps_what_timms_port_keeps() -> None:
 def test_constructor_refuses_values_that_cannot_work(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         sequencer.create_model("sequencer2d_tiny", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"union": "max"}, "unknown union 'max'"),
+        ({"cell": "lstm2"}, "unknown cell 'lstm2'"),
+        ({"mixer": "3d"}, "unknown mixer '3d'"),
+        ({"layers": (1, 1)}, "one entry per stage"),
+        ({"with_fc": False, "union": "add"}, "without an fc the 2d mixer must output the block width: 96 channels"),
+        ({"mixer": "1d", "hidden_sizes": (48, 96, 96, 96)}, "the 1d mixer must output the block width"),
+    ],
+)
+def test_a_config_is_checked_once_when_built_and_then_frozen(fields: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        SequencerConfig(**fields)
+    config = sequencer.model.VARIANTS["sequencer2d_s"]
+    assert config == SequencerConfig()  # the defaults are Sequencer2D-S's
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.union = "add"
+    # Lists (a YAML or JSON config) become tuples, so that a config stays hashable and comparable.
+    assert SequencerConfig(layers=[4, 3, 8, 3]) == config
+    model = Sequencer(config, num_classes=10)
+    assert model.config == dataclasses.replace(config, num_classes=10) and model.num_classes == 10

@@ -12,21 +12,26 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import sequencer
 from sequencer import recurrence
+from sequencer.builder import create_model
 from sequencer.kernels import onednn
-from sequencer.model import RNN2D, Linear, Mlp, create_model
-from sequencer.recurrence import FUSED_MIN_TOKENS, resolve_impl, rnn2d
+from sequencer.kernels.onednn import FastLinear
+from sequencer.model import BiLSTM2D, SequencerBlock
+from sequencer.recurrence import FUSED_MIN_TOKENS, resolve_impl, rnn2d, route
 
 CELLS = ("lstm", "gru", "rnn")
 UNIONS = ("cat", "add", "vertical", "horizontal")
 CASES = list(itertools.product(CELLS, UNIONS, (True, False)))
 
 
-def _mixer(cell: str, union: str, bidirectional: bool, dim: int = 16, hidden: int = 8, seed: int = 0) -> RNN2D:
+def _mixer(cell: str, union: str, bidirectional: bool, dim: int = 16, hidden: int = 8, seed: int = 0) -> BiLSTM2D:
+    """A routed mixer (its `rnn_impl` chooses the path) with seeded weights."""
     torch.manual_seed(seed)
-    return RNN2D(dim, hidden, cell=cell, bidirectional=bidirectional, union=union, with_fc=True)
+    mixer = BiLSTM2D(dim, hidden, cell=cell, bidirectional=bidirectional, union=union, with_fc=True)
+    route(mixer, rnn_impl="reference")
+    return mixer
 
 
-def _outputs_and_grads(mixer: RNN2D, impl: str, x: torch.Tensor, upstream: torch.Tensor) -> list[torch.Tensor]:
+def _outputs_and_grads(mixer: BiLSTM2D, impl: str, x: torch.Tensor, upstream: torch.Tensor) -> list[torch.Tensor]:
     mixer.rnn_impl = impl
     x = x.detach().requires_grad_()
     y = mixer(x)
@@ -34,7 +39,7 @@ def _outputs_and_grads(mixer: RNN2D, impl: str, x: torch.Tensor, upstream: torch
     return [y, *grads]
 
 
-def _assert_matches_reference(mixer: RNN2D, impl: str, x: torch.Tensor, atol: float, rtol: float) -> None:
+def _assert_matches_reference(mixer: BiLSTM2D, impl: str, x: torch.Tensor, atol: float, rtol: float) -> None:
     upstream = torch.randn(*x.shape[:3], mixer.fc.out_features, dtype=x.dtype)
     expected = _outputs_and_grads(mixer, "reference", x, upstream)
     got = _outputs_and_grads(mixer, impl, x, upstream)
@@ -112,7 +117,7 @@ def test_a_float32_recurrence_dtype_runs_every_lstm_in_float32_under_autocast(mo
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x)
-        weights = next(m for m in model.modules() if isinstance(m, sequencer.model.RNN2D))._weights
+        weights = recurrence.recurrent_weights(next(m for m in model.modules() if isinstance(m, BiLSTM2D)).rnns)
         compiled = recurrence.compiled_rnn2d(torch.randn(1, 4, 4, weights[0].shape[1]), weights, "lstm", "vh", True)
     assert seen and set(seen) == {torch.float32} and logits.dtype == torch.bfloat16
     assert compiled.dtype == torch.float32  # the torch.compile op follows the same choice
@@ -136,9 +141,11 @@ def test_backward_twice_through_the_fused_graph_is_refused_clearly() -> None:
 def test_custom_op_matches_the_reference_outputs_and_gradients(cell: str, union: str, bidirectional: bool) -> None:
     mixer = _mixer(cell, union, bidirectional)
     x = torch.randn(2, 4, 5, 16, requires_grad=True)
-    mixer.rnn_impl = "reference"
-    expected = torch.cat([t for t in mixer._reference(x) if t is not None], dim=-1)
-    got = rnn2d(x, mixer._recurrent_weights(), cell, mixer.axes, bidirectional)
+    # The paper's forward without its projection and union: the axes' outputs side by side, as the op returns them.
+    mixer.fc, mixer.union = torch.nn.Identity(), "cat" if union == "add" else union
+    expected = BiLSTM2D.forward(mixer, x)
+    axes = {"vertical": "v", "horizontal": "h"}.get(union, "vh")
+    got = rnn2d(x, recurrence.recurrent_weights(mixer.rnns), cell, axes, bidirectional)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     upstream = torch.randn_like(got)
     inputs = [x, *mixer.parameters()]
@@ -153,7 +160,7 @@ def test_custom_op_matches_the_reference_outputs_and_gradients(cell: str, union:
 def test_custom_op_passes_torch_library_opcheck() -> None:
     # Schema, fake (meta) implementation, autograd registration and dispatch, as torch.compile relies on them.
     mixer = _mixer("lstm", "cat", True)
-    weights = [w.detach().requires_grad_() for w in mixer._recurrent_weights()]
+    weights = [w.detach().requires_grad_() for w in recurrence.recurrent_weights(mixer.rnns)]
     torch.library.opcheck(rnn2d, (torch.randn(2, 3, 4, 16, requires_grad=True), weights, "lstm", "vh", True))
 
 
@@ -178,15 +185,15 @@ def test_auto_picks_fused_for_cpu_training_on_large_maps_only() -> None:
 
 def test_rnn_impl_is_a_model_option_and_keeps_the_checkpoint_layout() -> None:
     model = create_model("sequencer2d_tiny", rnn_impl="fused")
-    mixers = [m for m in model.modules() if isinstance(m, RNN2D)]
+    mixers = [m for m in model.modules() if isinstance(m, BiLSTM2D)]
     assert mixers and all(m.rnn_impl == "fused" for m in mixers)
     assert "stages.0.blocks.0.rnn_tokens.rnn_v.weight_ih_l0_reverse" in model.state_dict()
     reference = create_model("sequencer2d_tiny", rnn_impl="reference")
     reference.load_state_dict(model.state_dict())
-    model.set_rnn_impl("reference")
+    route(model, rnn_impl="reference")
     assert all(m.rnn_impl == "reference" for m in mixers)
     with pytest.raises(ValueError, match=r"unknown rnn_impl 'cudnn'; expected one of \('auto', 'reference', 'fused'\)"):
-        model.set_rnn_impl("cudnn")
+        route(model, rnn_impl="cudnn")
     with pytest.raises(ValueError, match="unknown rnn_impl"):
         create_model("sequencer2d_tiny", rnn_impl="fast")
 
@@ -197,7 +204,7 @@ def test_the_removed_triton_kernel_is_refused_with_the_supported_names() -> None
     ):
         create_model("sequencer2d_tiny", rnn_impl="triton")
     with pytest.raises(ValueError, match="unknown rnn_impl 'triton'"):
-        RNN2D(16, 8, rnn_impl="triton")
+        route(BiLSTM2D(16, 8), rnn_impl="triton")
 
 
 @pytest.mark.parametrize("mixer", ["2d", "1d"])
@@ -298,7 +305,7 @@ def test_torch_compile_is_one_graph_and_trains_like_eager(overrides: dict, backe
 
 def test_torchscript_runs_the_reference_path() -> None:
     model, reference = _tiny_pair()
-    model.set_rnn_impl("fused")
+    route(model, rnn_impl="fused")
     scripted = torch.jit.script(model)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(scripted(x), reference(x), atol=1e-6, rtol=1e-6)
@@ -306,7 +313,7 @@ def test_torchscript_runs_the_reference_path() -> None:
 
 def test_fused_path_under_gradient_checkpointing_gives_the_reference_gradients() -> None:
     model, reference = _tiny_pair()
-    model.set_rnn_impl("fused")
+    route(model, rnn_impl="fused")
     model.set_grad_checkpointing(True)
     x = torch.randn(2, 3, 32, 32)
     target = torch.tensor([1, 2])
@@ -341,12 +348,14 @@ def test_block_linears_run_on_onednn_only_where_it_applies(monkeypatch: pytest.M
     original = onednn.OneDnnLinear.apply
     monkeypatch.setattr(onednn.OneDnnLinear, "apply", lambda *args: calls.append(1) or original(*args))
     torch.manual_seed(0)
-    mlp = Mlp(24, 72)
+    block = SequencerBlock(24, torch.nn.Identity(), 3.0, 0.0, 0.0)
+    route(block, onednn_linear=True)
+    mlp = block.mlp_channels
     plain = torch.nn.Sequential(torch.nn.Linear(24, 72), torch.nn.GELU(), torch.nn.Linear(72, 24))
     plain.load_state_dict(
         {"0.weight": mlp.fc1.weight, "0.bias": mlp.fc1.bias, "2.weight": mlp.fc2.weight, "2.bias": mlp.fc2.bias}
     )
-    assert isinstance(mlp.fc1, Linear) and isinstance(mlp.fc2, Linear)
+    assert type(mlp.fc1) is FastLinear and type(mlp.fc2) is FastLinear
     x = torch.randn(2, 5, 5, 24)
     torch.testing.assert_close(mlp(x), plain(x), atol=1e-5, rtol=1e-5)
     assert len(calls) == 2

@@ -100,7 +100,7 @@ def test_hugging_face_datasets_train_and_validate_by_name_and_streamed(
         ("--train-split 'nope-{000000..000001}.tar|16'", "split 'nope-{000000..000001}.tar|16': no shard file"),
         (f"--train-split '{TRAIN_SHARDS.partition('|')[0]}'", "a training split needs its image count"),
         ("--num-classes 2 -j 3", "2 training shard(s) for 3 readers (processes x -j workers, at least 1 each)"),
-        ("--num-classes 0", "--num-classes 0 is out of range"),
+        ("--num-classes 0", "argument --num-classes: 0 is out of range"),
         ("", "its labels name no classes; pass --num-classes"),
     ],
 )

@@ -24,9 +24,9 @@ import yaml
 from sequencer import data as data_module
 from sequencer import hub, runtime
 from sequencer import train as train_module
+from sequencer.builder import create_model
 from sequencer.checkpoint import load_pretrained, open_checkpoint, read_file
 from sequencer.errors import CheckpointError, UsageError
-from sequencer.model import create_model
 from sequencer.train_options import keyword_arguments
 
 # The authors' README command lines, verbatim (`./distributed_train.sh 8 /path/to/imagenet` becomes torchrun + DATA).
@@ -130,12 +130,12 @@ def test_train_refuses_an_unknown_keyword_in_one_line_naming_it(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(epochs=0), "--epochs 0 is out of range: it must be >= 1"),
-        (dict(epochs="two"), "epochs='two': invalid int value"),
-        (dict(eval_metric="acc"), "eval_metric='acc': expected one of 'top1', 'top5', 'loss'"),
-        (dict(scale=(0.5,)), "scale=(0.5,): expected 2 values"),
-        (dict(scale=0.5), "scale=0.5: expected a list of values"),
-        (dict(amp="yes"), "amp='yes': expected True or False"),
+        (dict(epochs=0), "train(epochs=0): argument --epochs: 0 is out of range: it must be >= 1"),
+        (dict(epochs="two"), "train(epochs='two'): argument --epochs: invalid int value: 'two'"),
+        (dict(eval_metric="acc"), "train(eval_metric='acc'): argument --eval-metric: invalid choice: 'acc'"),
+        (dict(scale=(0.5,)), "train(scale=(0.5,)): argument --scale: expected 2 values, not (0.5,)"),
+        (dict(scale=0.5), "train(scale=0.5): argument --scale: expected 2 values, not 0.5"),
+        (dict(amp="yes"), "train(amp='yes'): argument --amp/--native-amp: expected true or false, not 'yes'"),
     ],
 )
 def test_train_checks_each_keyword_as_the_command_line_checks_its_flag(
@@ -472,17 +472,17 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ("--epochs 0", "--epochs 0 is out of range: it must be >= 1"),
-        ("-b -4", "-b/--batch-size -4 is out of range: it must be >= 1"),
-        ("--num-classes 0", "--num-classes 0 is out of range: it must be >= 1"),
+        ("--epochs 0", "argument --epochs: 0 is out of range: it must be >= 1"),
+        ("-b -4", "argument -b/--batch-size: -4 is out of range: it must be >= 1"),
+        ("--num-classes 0", "argument --num-classes: 0 is out of range: it must be >= 1"),
         ("--img-size 3", "input size 3x3 is smaller than the 8x8 pixels that sequencer2d_tiny"),
-        ("--drop-path 1.5", "--drop-path 1.5 is out of range: it must be >= 0 and <= 1"),
-        ("--lr -0.1", "--lr -0.1 is out of range: it must be >= 0"),
+        ("--drop-path 1.5", "argument --drop-path: 1.5 is out of range: it must be >= 0 and <= 1"),
+        ("--lr -0.1", "argument --lr: -0.1 is out of range: it must be >= 0"),
         ("--opt adamq", "unknown optimizer --opt 'adamq'"),
-        ("--sched cosin", "unknown schedule --sched 'cosin'"),
+        ("--sched cosin", "argument --sched: invalid choice: 'cosin'"),
         ("--model sequencer2d_q", "unknown model 'sequencer2d_q'"),
         ("--initial-checkpoint x.pth --pretrained", "--pretrained and --initial-checkpoint both"),
-        ("--log-interval 0", "--log-interval 0 is out of range: it must be >= 1"),
+        ("--log-interval 0", "argument --log-interval: 0 is out of range: it must be >= 1"),
         ("--aa bogus", "unknown --aa policy 'bogus' (Unknown AA policy bogus); timm takes e.g. rand-m9-mstd0.5-inc1"),
     ],
 )

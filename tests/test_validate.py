@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sequencer import validate
+from sequencer.builder import create_model
 from sequencer.checkpoint import save_weights
 from sequencer.data import class_indices, imagenet_synsets
 from sequencer.errors import DatasetError, UsageError
-from sequencer.model import create_model
 from sequencer.validate import load_real_labels, load_valid_classes
 
 # The authors' README validation command, verbatim except the script name and the dataset path.

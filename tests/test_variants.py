@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from sequencer.analysis import robustness
+from sequencer.builder import create_model
 from sequencer.checkpoint import save_weights
 from sequencer.data import imagenet_synsets
-from sequencer.model import create_model
 
 SURE = 15  # the class the test model always predicts: one of ImageNet-A's 200, not one of ImageNet-R's
 

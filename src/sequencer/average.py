@@ -132,8 +132,6 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if not output.name.endswith(OUTPUT_SUFFIXES):
         raise UsageError(f"-o {output}: name a .safetensors or .pth file")
-    if args.num is not None and args.num < 1:
-        raise UsageError(f"-n {args.num}: average at least one checkpoint")
     files = find_checkpoints(args.inputs)
     if any(path.resolve() == output.resolve() for path in files):
         raise UsageError(f"-o {output} is one of the inputs; write the average to another file")

@@ -45,11 +45,11 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from sequencer.commands.bench import MODES, ONNX_RUNTIMES
+from sequencer.builder import create_model
+from sequencer.choices import BENCH_MODES, ONNX_RUNTIMES
 from sequencer.deploy import OnnxModel, export, load_onnx, quantize_onnx, require_onnx_packages
 from sequencer.errors import UsageError
-from sequencer.model import create_model, list_models
-from sequencer.recurrence import IMPLEMENTATIONS
+from sequencer.model import list_models
 from sequencer.runtime import autocast, compile_model, native_bfloat16_cpu, resolve_device, set_threads
 
 # What a variant runs: a PyTorch module (compiled or not) or an exported file in onnxruntime.
@@ -77,7 +77,7 @@ class Variant:
     source: str  # "ours" or "timm"
     rnn_impl: str | None = None
     grad_checkpointing: bool = False
-    runtime: str = "torch"  # one of RUNTIMES; timm models always run in eager torch
+    runtime: str = "torch"  # one of sequencer.choices.BENCH_RUNTIMES; timm models always run in eager torch
 
     @property
     def label(self) -> str:
@@ -147,9 +147,6 @@ def plan_variants(
 ) -> list[Variant]:
     """Ours once per impl and runtime (and checkpointed), once per onnxruntime runtime, timm's twin for
     sequencer2d_s/m/l, peers as timm models."""
-    unknown = sorted(set(impls) - set(IMPLEMENTATIONS))
-    if unknown:
-        raise UsageError(f"unknown --impls {', '.join(unknown)}; expected some of {', '.join(IMPLEMENTATIONS)}")
     ours = set(list_models())
     variants = []
     for name in models:
@@ -425,7 +422,7 @@ def plot_side_by_side(records: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = sorted({r["mode"] for r in records}, key=MODES.index)
+    modes = sorted({r["mode"] for r in records}, key=BENCH_MODES.index)
     panels = [("images_per_s", "images / s")]
     if any(r["peak_memory_mib"] for r in records):
         panels.insert(0, ("peak_memory_mib", "peak memory (MiB)"))
@@ -464,7 +461,7 @@ def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
 
-    modes = sorted({r["mode"] for r in records}, key=MODES.index)
+    modes = sorted({r["mode"] for r in records}, key=BENCH_MODES.index)
     resolutions = sorted({r["resolution"] for r in records})
     figure, axes = plt.subplots(
         len(modes), 2, figsize=(11, 3.6 * len(modes) + 1.2), squeeze=False, layout="constrained"

@@ -9,7 +9,6 @@ import logging
 import os
 import pickle
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -279,44 +278,6 @@ def open_checkpoint(path: str | os.PathLike, use_ema: bool = False, unsafe_load:
     """Read a checkpoint in any supported format (see `read_file`) and unwrap its weights."""
     contents = read_file(path, unsafe_load=unsafe_load)
     return Checkpoint(str(path), contents, from_authors_format(extract_state_dict(contents, use_ema=use_ema)))
-
-
-def load_model(
-    name: str,
-    checkpoint: str | os.PathLike | Checkpoint | None = None,
-    num_classes: int | None = None,
-    in_chans: int = 3,
-    use_ema: bool = False,
-    unsafe_load: bool = False,
-) -> nn.Module:
-    """A variant in eval mode with a checkpoint's weights, for inference: `num_classes` defaults to the file's head,
-    whose size must then match (loading would otherwise re-initialise it), and its class names are kept."""
-    from sequencer.model import check_model_name, create_model
-
-    check_model_name(name)  # an unknown name is the error, before any warning about weights
-    if not checkpoint:
-        warnings.warn(
-            f"no checkpoint given: {name} has random initial weights (and a zero classifier), so its outputs are "
-            "meaningless; pass a weights file (--checkpoint PATH)",
-            UserWarning,
-            stacklevel=2,
-        )
-        return create_model(name, num_classes=num_classes or 1000, in_chans=in_chans).eval()
-    if not isinstance(checkpoint, Checkpoint):
-        checkpoint = open_checkpoint(checkpoint, use_ema=use_ema, unsafe_load=unsafe_load)
-    file_classes = checkpoint.num_classes
-    if num_classes is None:
-        num_classes = file_classes or 1000
-    elif file_classes is not None and file_classes != num_classes:
-        raise CheckpointError(
-            f"{checkpoint.path} has a {file_classes}-class head but {num_classes} classes were asked for"
-        )
-    model = create_model(name, num_classes=num_classes, in_chans=in_chans)
-    load_state_dict(
-        model, checkpoint.state_dict, source=checkpoint.path, recorded_model=recorded_model_name(checkpoint.contents)
-    )
-    adopt_class_names(model, checkpoint.contents)
-    return model.eval()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

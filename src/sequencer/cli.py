@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from sequencer import __version__
 from sequencer.errors import SequencerError
-from sequencer.options import apply_config, check_bounds
+from sequencer.options import apply_config
 
 # name -> (module whose `run(args) -> int` does the work, one-line help); the flags: sequencer.commands.<name>
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "config", None):
             apply_config(parser.command_parsers[command], args.config)
             args = parser.parse_args(argv)
-        check_bounds(parser.command_parsers[command], args)
         if getattr(args, "amp", False):
             from sequencer.runtime import check_amp
 

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from sequencer.choices import INTERPOLATIONS, TRAIN_INTERPOLATIONS
 from sequencer.errors import DatasetError, MissingDependencyError, UsageError
-from sequencer.options import INTERPOLATIONS
 from sequencer.runtime import usable_cpus
 
 _logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
 
 def create_transform(model: nn.Module | dict[str, Any], train: bool = False, **overrides: Any) -> Callable:
     """The transform a model expects: resize by crop_pct, centre crop, normalise (or timm's training pipeline)."""
-    allowed = (*INTERPOLATIONS, "random") if train else INTERPOLATIONS  # random: bilinear or bicubic per image
+    allowed = TRAIN_INTERPOLATIONS if train else INTERPOLATIONS
     if overrides.get("interpolation") and overrides["interpolation"] not in allowed:
         raise UsageError(f"unknown interpolation {overrides['interpolation']!r}; expected one of {', '.join(allowed)}")
     cfg = data_config(model, **{k: overrides.pop(k) for k in list(overrides) if k in _CONFIG_KEYS})

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sequencer.checkpoint import load_model
-from sequencer.commands.export import QUANTIZATIONS
+from sequencer.builder import load_model
+from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
 from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
-from sequencer.model import list_models, route
+from sequencer.model import list_models
 from sequencer.options import input_overrides
+from sequencer.recurrence import route
 
-FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}
 # Where the preprocessing is recorded: an ONNX metadata_props key, or an extra file in the TorchScript / .pt2 archive.
 CONFIG_KEY = "sequencer_config"
@@ -223,8 +223,8 @@ def _check_name_and_file(name: str, checkpoint: str | Path | None) -> None:
 def format_for(path: str | Path, requested: str | None = None) -> str:
     """The requested format, else the one the file suffix names (.onnx, .pt / .ts, .pt2)."""
     if requested:
-        if requested not in FORMATS:
-            raise UsageError(f"unknown export format {requested!r}; expected one of {', '.join(FORMATS)}")
+        if requested not in EXPORT_FORMATS:
+            raise UsageError(f"unknown export format {requested!r}; expected one of {', '.join(EXPORT_FORMATS)}")
         return requested
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:

@@ -27,8 +27,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from sequencer.builder import create_model
 from sequencer.errors import UsageError
-from sequencer.model import SequencerFeatures, create_model
+from sequencer.model import SequencerFeatures
 
 POOL_LEVEL = "pool"  # the name torchvision's LastLevelMaxPool gives its level
 

@@ -22,8 +22,8 @@ from timm.data import ImageNetInfo
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sequencer.checkpoint import load_model
-from sequencer.commands.predict import DEFAULT_MODEL, OUTPUT_FORMATS, RUNTIMES
+from sequencer.builder import load_model
+from sequencer.choices import DEFAULT_MODEL, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
 from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx
 from sequencer.errors import DatasetError, UsageError
@@ -167,8 +167,8 @@ class Classifier:
 
 def choose_runtime(runtime: str | None, checkpoint: str | Path | None) -> str:
     """The runtime asked for, else the file's: onnxruntime for an .onnx file, torch for anything else."""
-    if runtime is not None and runtime not in RUNTIMES:
-        raise UsageError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    if runtime is not None and runtime not in PREDICT_RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r}; expected one of {', '.join(PREDICT_RUNTIMES)}")
     if is_onnx_file(checkpoint):
         if runtime == "torch":
             raise UsageError(f"{checkpoint} is an ONNX file: onnxruntime runs it, not the torch runtime")
@@ -347,7 +347,7 @@ def render(predictions: Sequence[Prediction], output_format: str) -> str:
         return buffer.getvalue()
     if output_format == "json":
         return json.dumps([asdict(p) for p in predictions], indent=2) + "\n"
-    raise UsageError(f"unknown output format {output_format!r}; expected one of {OUTPUT_FORMATS}")
+    raise UsageError(f"unknown output format {output_format!r}; expected one of {PREDICTION_FORMATS}")
 
 
 def output_format_for(output: str | None, requested: str | None) -> str:

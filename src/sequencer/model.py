@@ -1,9 +1,12 @@
 """Sequencer: Deep LSTM for Image Classification (Tatsunami & Taki, NeurIPS 2022), in one file.
 
-Read top to bottom: the token mixers (the linear layer they project with, the 2D recurrent mixer BiLSTM2D, the
-vanilla 1D mixer), the channel MLP and the block, the stem, the downsampling and the stage, the head and the network
-with its backbone wrapper (`features_only`), the switch that routes the recurrences and linears to their kernels
-(`route`), then the table of official variants and the registry (`create_model`, `list_models`).
+Read top to bottom: the configuration (`SequencerConfig`), the token mixers (the 2D recurrent mixer BiLSTM2D and
+the vanilla 1D mixer, on one base), the channel MLP and the block, the stem, the downsampling and the stage, the
+head and the network with its backbone wrapper (`features_only`), then the table of official variants as data.
+
+This file is the paper's network and nothing else: no file or network I/O, no kernel choice. `sequencer.builder`
+builds variants by name (`create_model`) and loads weights; `sequencer.recurrence.route` swaps the mixers and the
+block linears for faster kernels computing the same function, which `create_model` does by default.
 
 Tensors inside the network are channels-last, (B, H, W, C), as in the authors' code; the input and the
 `features_only` outputs are NCHW. In the shape comments D is a recurrent layer's hidden size, as in the paper: a
@@ -16,10 +19,11 @@ authors' layout (`blocks.{stage}.{j}...`) is converted by `sequencer.checkpoint`
 from __future__ import annotations
 
 import copy
-import difflib
+import dataclasses
 import fnmatch
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,18 +33,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sequencer.errors import UsageError
-from sequencer.kernels.onednn import linear as fast_linear
-from sequencer.recurrence import (
-    COMPILED,
-    check_impl,
-    compiled_rnn2d,
-    directions_of,
-    in_recurrence_precision,
-    recurrent_weights,
-    resolve_impl,
-    scan,
-    train_mode_for_backward,
-)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,31 +41,95 @@ UNIONS = ("cat", "add", "vertical", "horizontal")
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SequencerConfig:
+    """Every field that shapes a Sequencer, checked once when built; the defaults are Sequencer2D-S's."""
+
+    layers: tuple[int, ...] = (4, 3, 8, 3)  # blocks per stage
+    patch_sizes: tuple[int, ...] = (7, 2, 1, 1)  # the stem's patch, then each stage's downsampling
+    embed_dims: tuple[int, ...] = (192, 384, 384, 384)  # channels C per stage
+    hidden_sizes: tuple[int, ...] = (48, 96, 96, 96)  # the recurrent layers' hidden size D per stage
+    mlp_ratio: float = 3.0
+    mixer: str = "2d"  # "2d": BiLSTM2D; "1d": the vanilla Sequencer's one LSTM over the raster
+    cell: str = "lstm"  # "gru" and "rnn": the paper's ablations of the cell
+    bidirectional: bool = True
+    union: str = "cat"  # how the vertical and horizontal outputs meet: "cat", "add", or one axis alone
+    with_fc: bool = True  # the 2D mixer's projection back to C
+    pos_embed: bool = False  # a learned absolute position table after the stem
+    img_size: int = 224  # the input side the position table and the default preprocessing are made for
+    num_classes: int = 1000  # 0: no classifier, pooled features out
+    in_chans: int = 3
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "patch_sizes", "embed_dims", "hidden_sizes"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # lists from YAML or JSON become tuples
+        stages = {len(self.layers), len(self.patch_sizes), len(self.embed_dims), len(self.hidden_sizes)}
+        if len(stages) != 1:
+            raise UsageError("layers, patch_sizes, embed_dims and hidden_sizes need one entry per stage")
+        if self.mixer not in ("1d", "2d"):
+            raise UsageError(f"unknown mixer {self.mixer!r}; expected '1d' or '2d'")
+        if self.cell not in CELLS:
+            raise UsageError(f"unknown cell {self.cell!r}; expected one of {sorted(CELLS)}")
+        if self.union not in UNIONS:
+            raise UsageError(f"unknown union {self.union!r}; expected one of {UNIONS}")
+        if self.num_classes < 0 or self.in_chans < 1:
+            raise UsageError(
+                f"num_classes must be >= 0 (0: no head) and in_chans >= 1, got {self.num_classes}, {self.in_chans}"
+            )
+        if not (0 <= self.drop_rate <= 1 and 0 <= self.drop_path_rate <= 1):
+            raise UsageError(
+                f"drop_rate and drop_path_rate are probabilities, got {self.drop_rate}, {self.drop_path_rate}"
+            )
+        for dim, hidden in zip(self.embed_dims, self.hidden_sizes, strict=True):
+            if self.mixed_channels(hidden) != dim and (self.mixer == "1d" or not self.with_fc):
+                raise UsageError(
+                    f"without an fc the {self.mixer} mixer must output the block width: "
+                    f"{self.mixed_channels(hidden)} channels != dim {dim}"
+                )
+
+    def mixed_channels(self, hidden_size: int) -> int:
+        """Channels a token mixer with recurrent layers of `hidden_size` outputs before any projection."""
+        axis = hidden_size * (2 if self.bidirectional else 1)
+        return 2 * axis if self.mixer == "2d" and self.union == "cat" else axis
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Token mixers
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose float32 CPU matmuls run on oneDNN (`sequencer.kernels.onednn`): same parameters and results."""
+class RecurrentMixer(nn.Module):
+    """What the 2D and the 1D mixers share: their recurrent cell, built the same way, and the list of their RNNs."""
 
-    # Whether this layer may take oneDNN's matmul where it applies (AMD processors); `route` switches it off and on.
-    onednn = True
+    __jit_unused_properties__ = ["rnns"]  # TorchScript compiles properties, and this one it cannot
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return F.linear(x, self.weight, self.bias)
-        return self._forward_fast(x)
+    def __init__(self, cell: str, bidirectional: bool) -> None:
+        super().__init__()
+        self.cell = cell
+        self.bidirectional = bidirectional
 
-    @torch.jit.unused
-    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's F.linear calls MKL's sgemm on the CPU, at about half oneDNN's speed on some processors.
-        if self.onednn:
-            return fast_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+    def make_rnn(self, dim: int, hidden_size: int) -> nn.RNNBase:
+        """One single-layer, batch-first recurrent layer of the mixer's cell (LSTM, or the ablations' GRU or RNN)."""
+        return CELLS[self.cell](dim, hidden_size, batch_first=True, bidirectional=self.bidirectional)
+
+    @property
+    def rnns(self) -> list[nn.RNNBase]:
+        """The mixer's recurrent layers, in output-channel order."""
+        return [module for module in self.children() if isinstance(module, nn.RNNBase)]
 
 
-class RNN2D(nn.Module):
-    """BiLSTM2D: a recurrent net down every column and another along every row, united and projected back to C."""
+class BiLSTM2D(RecurrentMixer):
+    """BiLSTM2D: a BiLSTM down every column and another along every row, concatenated and projected back to C.
+
+    With cell "gru" or "rnn" the same mixer on the ablations' cells; union "add" sums the two axes, "vertical" and
+    "horizontal" keep one.
+    """
 
     def __init__(
         self,
@@ -83,136 +139,45 @@ class RNN2D(nn.Module):
         bidirectional: bool = True,
         union: str = "cat",
         with_fc: bool = True,
-        rnn_impl: str = "auto",
     ) -> None:
-        super().__init__()
-        if cell not in CELLS:
-            raise ValueError(f"unknown cell {cell!r}; expected one of {sorted(CELLS)}")
-        if union not in UNIONS:
-            raise ValueError(f"unknown union {union!r}; expected one of {UNIONS}")
+        super().__init__(cell, bidirectional)
         self.union = union
-        self.cell = cell
         self.hidden_size = hidden_size
-        # How the recurrences run (see sequencer.recurrence): "reference" is the authors' two nn.LSTM calls (cuDNN
-        # on CUDA); "fused" projects the tokens once for all four directions and advances them together, with a
-        # hand-written backward; "auto" picks per device and shape. Under torch.compile all run one custom op.
-        self.rnn_impl = check_impl(rnn_impl)
-        axis_dim = hidden_size * (2 if bidirectional else 1)
-        mixed_dim = 2 * axis_dim if union == "cat" else axis_dim
-
-        def make_rnn() -> nn.RNNBase:
-            return CELLS[cell](dim, hidden_size, batch_first=True, bidirectional=bidirectional)
-
         # Shared by all columns (rnn_v) and by all rows (rnn_h): the axis sequences are folded into the batch.
-        self.rnn_v = None if union == "horizontal" else make_rnn()
-        self.rnn_h = None if union == "vertical" else make_rnn()
-        axes = tuple(axis for axis, rnn in (("v", self.rnn_v), ("h", self.rnn_h)) if rnn is not None)
-        self.directions = directions_of(axes, bidirectional)
-        self.axes = "".join(axes)
-        self.bidirectional = bidirectional
-        # The recurrent parameters as a plain list: torch.compile cannot trace through nn.LSTM modules at all.
-        self._weights = self._recurrent_weights()
-        if with_fc:
-            self.fc = Linear(mixed_dim, dim)
-        elif mixed_dim != dim:
-            raise ValueError(f"without fc the mixer must output the block width: {mixed_dim} channels != dim {dim}")
-        else:
-            self.fc = nn.Identity()
+        self.rnn_v = None if union == "horizontal" else self.make_rnn(dim, hidden_size)
+        self.rnn_h = None if union == "vertical" else self.make_rnn(dim, hidden_size)
+        axis_dim = hidden_size * (2 if bidirectional else 1)
+        self.fc = nn.Linear(2 * axis_dim if union == "cat" else axis_dim, dim) if with_fc else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_reference(x)
-        return self._forward(x)
-
-    @torch.jit.unused
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dispatch on `rnn_impl`, resolved for this input by `sequencer.recurrence.resolve_impl`."""
-        if not torch.compiler.is_compiling():
-            self._weights = self._recurrent_weights()  # follow replaced parameters (DataParallel replicas, ...)
-        needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self._weights))
-        impl = resolve_impl(self.rnn_impl, x, needs_backward)
-        if impl == "reference":
-            rnns = [rnn for rnn in (self.rnn_v, self.rnn_h) if rnn is not None]
-            with train_mode_for_backward(rnns, needs_backward):
-                return in_recurrence_precision(self._forward_reference, x)
-        # (B, H, W, C) -> (B, H, W, 4D), channels [v fwd, v bwd, h fwd, h bwd] (those the variant has): "cat" already.
-        if impl == COMPILED:
-            x = compiled_rnn2d(x, self._weights, self.cell, self.axes, self.bidirectional)
-        else:
-            x = scan(x, self._weights, self.cell, self.directions)
-        if self.union == "add":
-            # (B, H, W, 4D) -> (B, H, W, 2D): the vertical half plus the horizontal half, the reference's v + h.
-            half = x.shape[-1] // 2
-            x = x[..., :half] + x[..., half:]
-        return self.fc(x)  # (B, H, W, 4D or 2D) -> (B, H, W, C)
-
-    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        v, h = self._reference(x)  # each (B, H, W, 2D), or None for an axis the variant leaves out
-        if v is not None and h is not None:
-            # "cat": (B, H, W, 4D), [vertical, horizontal] along the channels, the order the fc's trained weights
-            # expect; "add": (B, H, W, 2D).
-            x = torch.cat([v, h], dim=-1) if self.union == "cat" else v + h
-        elif v is not None:
-            x = v
-        elif h is not None:
-            x = h
-        return self.fc(x)
-
-    def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The authors' formulation: two library RNN calls on permuted copies of the map."""
         B, H, W, C = x.shape
-        v: torch.Tensor | None = None
-        h: torch.Tensor | None = None
+        axes = []
         if self.rnn_v is not None:
             # (B, H, W, C) -> (B, W, H, C) -> (B*W, H, C): every column is a sequence of H tokens, top to bottom.
             v = self.rnn_v(x.transpose(1, 2).reshape(B * W, H, C))[0]
             # (B*W, H, 2D) -> (B, W, H, 2D) -> (B, H, W, 2D): each column's outputs back in place.
-            v = v.reshape(B, W, H, -1).transpose(1, 2)
+            axes.append(v.reshape(B, W, H, -1).transpose(1, 2))
         if self.rnn_h is not None:
             # (B, H, W, C) -> (B*H, W, C): every row is a sequence of W tokens, left to right (a view, no copy);
             # (B*H, W, 2D) -> (B, H, W, 2D).
-            h = self.rnn_h(x.reshape(B * H, W, C))[0].reshape(B, H, W, -1)
-        return v, h
+            axes.append(self.rnn_h(x.reshape(B * H, W, C))[0].reshape(B, H, W, -1))
+        if len(axes) == 2:
+            # "cat": (B, H, W, 4D), [vertical, horizontal] along the channels, the order the fc's trained weights
+            # expect; "add": (B, H, W, 2D).
+            x = torch.cat(axes, dim=-1) if self.union == "cat" else axes[0] + axes[1]
+        else:
+            x = axes[0]
+        return self.fc(x)  # (B, H, W, 4D or 2D) -> (B, H, W, C)
 
-    @torch.jit.unused
-    def _recurrent_weights(self) -> list[torch.Tensor]:
-        return recurrent_weights([rnn for rnn in (self.rnn_v, self.rnn_h) if rnn is not None])
 
-
-class RNN1D(nn.Module):
-    """The vanilla Sequencer mixer: one bidirectional LSTM over the flattened H*W raster, no projection."""
+class BiLSTM1D(RecurrentMixer):
+    """The vanilla Sequencer mixer: one BiLSTM over the flattened H*W raster, no projection."""
 
     def __init__(self, dim: int, hidden_size: int, cell: str = "lstm", bidirectional: bool = True) -> None:
-        super().__init__()
-        out_dim = hidden_size * (2 if bidirectional else 1)
-        if out_dim != dim:
-            raise ValueError(f"the 1D mixer has no fc: its {out_dim} output channels must equal dim {dim}")
-        self.cell = cell
-        self.bidirectional = bidirectional
-        self.rnn = CELLS[cell](dim, hidden_size, batch_first=True, bidirectional=bidirectional)
-        self._weights = recurrent_weights([self.rnn])  # torch.compile cannot read them off the nn.LSTM
+        super().__init__(cell, bidirectional)
+        self.rnn = self.make_rnn(dim, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_reference(x)
-        return self._forward(x)
-
-    @torch.jit.unused
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """nn.LSTM (in train mode if a backward follows, for cuDNN), or the `rnn2d` op over the raster as one row."""
-        if not torch.compiler.is_compiling():
-            self._weights = recurrent_weights([self.rnn])
-        needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self._weights))
-        if resolve_impl("reference", x, needs_backward) == COMPILED:
-            B, H, W, C = x.shape
-            # (B, H, W, C) -> (B, 1, H*W, C): the raster as a map of one row, scanned horizontally by the 2D op;
-            # (B, 1, H*W, 2D) -> (B, H, W, 2D).
-            raster = compiled_rnn2d(x.reshape(B, 1, H * W, C), self._weights, self.cell, "h", self.bidirectional)
-            return raster.reshape(B, H, W, -1)
-        with train_mode_for_backward([self.rnn], needs_backward):
-            return in_recurrence_precision(self._forward_reference, x)
-
-    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         # (B, H, W, C) -> (B, H*W, C): the tokens in raster order, row after row, as one sequence per image;
         # (B, H*W, 2D) -> (B, H, W, 2D), where 2D = C (no projection follows).
@@ -229,9 +194,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,69 +289,50 @@ class Head(nn.Module):
         return x if pre_logits else self.fc(x)  # (B, C) -> (B, num_classes)
 
 
+def token_mixer(config: SequencerConfig, stage: int) -> RecurrentMixer:
+    """The token mixer of one block of `stage`: BiLSTM2D, or the vanilla model's BiLSTM1D."""
+    dim, hidden = config.embed_dims[stage], config.hidden_sizes[stage]
+    if config.mixer == "1d":
+        return BiLSTM1D(dim, hidden, config.cell, config.bidirectional)
+    return BiLSTM2D(dim, hidden, config.cell, config.bidirectional, config.union, config.with_fc)
+
+
 class Sequencer(nn.Module):
     """Sequencer2D (mixer="2d") or vanilla Sequencer (mixer="1d"): stem, four stages, LayerNorm, pooled head."""
 
-    def __init__(
-        self,
-        layers: tuple[int, ...] = (4, 3, 8, 3),
-        patch_sizes: tuple[int, ...] = (7, 2, 1, 1),
-        embed_dims: tuple[int, ...] = (192, 384, 384, 384),
-        hidden_sizes: tuple[int, ...] = (48, 96, 96, 96),
-        mlp_ratio: float = 3.0,
-        mixer: str = "2d",
-        cell: str = "lstm",
-        bidirectional: bool = True,
-        union: str = "cat",
-        with_fc: bool = True,
-        pos_embed: bool = False,
-        img_size: int = 224,
-        num_classes: int = 1000,
-        in_chans: int = 3,
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        rnn_impl: str = "auto",
-    ) -> None:
+    def __init__(self, config: SequencerConfig | None = None, **fields: Any) -> None:
+        """Build from `config`, with any of its fields given as keywords on top (`Sequencer(num_classes=10)`)."""
         super().__init__()
-        if not len(layers) == len(patch_sizes) == len(embed_dims) == len(hidden_sizes):
-            raise ValueError("layers, patch_sizes, embed_dims and hidden_sizes need one entry per stage")
-        if mixer not in ("1d", "2d"):
-            raise ValueError(f"unknown mixer {mixer!r}; expected '1d' or '2d'")
-        if num_classes < 0 or in_chans < 1:
-            raise ValueError(f"num_classes must be >= 0 (0: no head) and in_chans >= 1, got {num_classes}, {in_chans}")
-        if not (0 <= drop_rate <= 1 and 0 <= drop_path_rate <= 1):
-            raise ValueError(f"drop_rate and drop_path_rate are probabilities, got {drop_rate}, {drop_path_rate}")
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.num_features = embed_dims[-1]
-        self.min_input_size = math.prod(patch_sizes)
-        self.stem = PatchEmbed(in_chans, embed_dims[0], patch_sizes[0])
+        config = dataclasses.replace(config or SequencerConfig(), **fields) if fields else config or SequencerConfig()
+        self.config = config
+        self.num_classes = config.num_classes
+        self.in_chans = config.in_chans
+        self.num_features = config.embed_dims[-1]
+        self.min_input_size = math.prod(config.patch_sizes)
+        dims = config.embed_dims
+        self.stem = PatchEmbed(config.in_chans, dims[0], config.patch_sizes[0])
         # A learned (1, h, w, C) position table for the default input size; other sizes interpolate it.
-        grid = img_size // patch_sizes[0]
-        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dims[0])) if pos_embed else None
+        grid = config.img_size // config.patch_sizes[0]
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dims[0])) if config.pos_embed else None
 
         # Stochastic depth grows linearly from 0 to drop_path_rate over all blocks, as in the authors' code.
-        total = sum(layers)
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        total = sum(config.layers)
+        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         stages, reduction, first = [], 1, 0
         self.feature_info = []
-        for i, depth in enumerate(layers):
-            dim = embed_dims[i]
-            blocks = []
-            for j in range(depth):
-                if mixer == "2d":
-                    token_mixer: nn.Module = RNN2D(dim, hidden_sizes[i], cell, bidirectional, union, with_fc, rnn_impl)
-                else:
-                    token_mixer = RNN1D(dim, hidden_sizes[i], cell, bidirectional)
-                blocks.append(SequencerBlock(dim, token_mixer, mlp_ratio, drop_rate, rates[first + j]))
-            downsample = Downsample(embed_dims[i - 1], dim, patch_sizes[i]) if i > 0 else nn.Identity()
+        for i, depth in enumerate(config.layers):
+            blocks = [
+                SequencerBlock(dims[i], token_mixer(config, i), config.mlp_ratio, config.drop_rate, rates[first + j])
+                for j in range(depth)
+            ]
+            downsample = Downsample(dims[i - 1], dims[i], config.patch_sizes[i]) if i > 0 else nn.Identity()
             stages.append(SequencerStage(downsample, blocks))
             first += depth
-            reduction *= patch_sizes[i]
-            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
+            reduction *= config.patch_sizes[i]
+            self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
-        self.head = Head(embed_dims[-1], num_classes, drop_rate)
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = Head(dims[-1], config.num_classes, config.drop_rate)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -413,10 +359,6 @@ class Sequencer(nn.Module):
             ]
         )
         return dict(stem=r"^stem|^absolute_pos_embed", blocks=[*blocks, (r"^norm", (99999,))])
-
-    def set_rnn_impl(self, name: str) -> None:
-        """Run every 2D mixer's recurrences with implementation `name` ("auto", "reference" or "fused"), for good."""
-        route(self, rnn_impl=name)
 
     def get_classifier(self) -> nn.Module:
         """The final linear layer."""
@@ -571,61 +513,6 @@ def _init_module(name: str, module: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Performance routing: which kernels the recurrences and the linears run on
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def route(model: nn.Module, rnn_impl: str | None = None, onednn_linear: bool | None = None) -> Routing:
-    """Route every 2D mixer and block linear of `model` (any module holding them) to kernels; `with` it to undo.
-
-    The model's only two performance switches. Neither touches the parameters; every path computes the same
-    function, to float32 rounding.
-
-    - `rnn_impl`, per 2D mixer (`RNN2D.rnn_impl`), how the recurrences run (`sequencer.recurrence`). "auto", the
-      default, picks per call: cuDNN's nn.LSTM on CUDA; on the CPU the fused path for training steps on large maps,
-      nn.LSTM (oneDNN) otherwise. "reference" always runs the authors' two nn.LSTM calls: what module hooks see,
-      what can backpropagate twice through one graph. "fused" always runs the fused path. torch.compile (one custom
-      op), tracing and export (nn.LSTM) override it; the vanilla 1D mixer always runs nn.LSTM.
-    - `onednn_linear`, per block linear (`Linear.onednn`). True, the default, sends float32 CPU matmuls outside
-      autocast, compile and export to oneDNN's matmul on AMD processors, where MKL's sgemm trails it
-      (`sequencer.kernels.onednn.applies`); False keeps them on F.linear everywhere. The fused recurrence's input
-      projection follows only `torch.backends.mkldnn.flags(enabled=False)`, which takes the whole process off
-      oneDNN (nn.LSTM and convolutions too).
-
-    A switch left at None is not touched. Called as a statement, the change stays (`Sequencer.set_rnn_impl` is
-    `route(model, rnn_impl=name)`); as a context manager, every value comes back on exit, even when the body raises:
-
-        with route(model, rnn_impl="reference", onednn_linear=False):
-            logits = model(images)
-    """
-    if rnn_impl is not None:
-        check_impl(rnn_impl)
-    previous = []
-    for module in model.modules():
-        if rnn_impl is not None and isinstance(module, RNN2D):
-            previous.append((module, "rnn_impl", module.rnn_impl))
-            module.rnn_impl = rnn_impl
-        elif onednn_linear is not None and isinstance(module, Linear):
-            previous.append((module, "onednn", module.onednn))
-            module.onednn = onednn_linear
-    return Routing(previous)
-
-
-class Routing:
-    """What `route` changed, as (module, attribute, previous value); restored when a `with` block exits."""
-
-    def __init__(self, previous: list[tuple[nn.Module, str, Any]]) -> None:
-        self.previous = previous
-
-    def __enter__(self) -> Routing:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for module, name, value in reversed(self.previous):
-            setattr(module, name, value)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Official variants, as data: every architecture field of every variant, spelled out (no hidden defaults).
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -667,7 +554,9 @@ _TABLE = [
     ("sequencer2d_tiny",             _T,    _PT,  _DT,  _HT,   "2d", "lstm", True,  "cat",        True,  False, 32),
 ]
 # fmt: on
-VARIANTS: dict[str, dict[str, Any]] = {name: dict(zip(ARCHITECTURE_FIELDS, row, strict=True)) for name, *row in _TABLE}
+VARIANTS: dict[str, SequencerConfig] = {
+    name: SequencerConfig(**dict(zip(ARCHITECTURE_FIELDS, row, strict=True))) for name, *row in _TABLE
+}
 # The authors named the vertical-only ablation without "_s"; the consistent name is an alias.
 ALIASES = {"sequencer2d_s_vertical": "sequencer2d_vertical"}
 WEIGHTS = {name: f"{RELEASES}/{name}.pth" for name in ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")}
@@ -675,8 +564,8 @@ WEIGHTS.update({f"{name}_392": url for name, url in WEIGHTS.items()})
 
 
 def default_cfg(name: str) -> dict[str, Any]:
-    """The preprocessing a variant expects, in timm's `pretrained_cfg` keys."""
-    size = VARIANTS[ALIASES.get(name, name)]["img_size"]
+    """The preprocessing a registered variant expects, in timm's `pretrained_cfg` keys."""
+    size = VARIANTS[ALIASES.get(name, name)].img_size
     return dict(
         architecture=name,
         url=WEIGHTS.get(name, ""),
@@ -697,55 +586,6 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in [*VARIANTS, *ALIASES] if fnmatch.fnmatch(n, pattern))
 
 
-def check_model_name(name: str) -> str:
-    """The registered variant that `name` (an alias or a timm-style "name.tag" too) means; UsageError if none."""
-    base = name.split(".")[0]
-    canonical = ALIASES.get(base, base)
-    if canonical not in VARIANTS:
-        close = difflib.get_close_matches(base, list_models(), n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
-        raise UsageError(f"unknown model {name!r}{hint}")
-    return canonical
-
-
-def create_model(
-    name: str,
-    pretrained: str | bool | None = None,
-    num_classes: int = 1000,
-    drop_path_rate: float = 0.0,
-    in_chans: int = 3,
-    features_only: bool = False,
-    out_indices: tuple[int, ...] = (0, 1, 2, 3),
-    unsafe_load: bool = False,
-    **overrides: Any,
-) -> nn.Module:
-    """Build a registered variant, optionally with weights (a file, an hf-hub:ORG/REPO, or True for the released).
-
-    A pickled checkpoint that needs more than tensors and plain containers is refused unless `unsafe_load`.
-    """
-    canonical = check_model_name(name)
-    base = name.split(".")[0]  # timm-style tags such as "sequencer2d_s.in1k" name the same network
-    args = {**VARIANTS[canonical], **overrides}
-    model = Sequencer(num_classes=num_classes, drop_path_rate=drop_path_rate, in_chans=in_chans, **args)
-    cfg = default_cfg(base)
-    if "img_size" in overrides:
-        cfg["input_size"] = (in_chans, overrides["img_size"], overrides["img_size"])
-    cfg.update(num_classes=num_classes, input_size=(in_chans, *cfg["input_size"][1:]))
-    model.pretrained_cfg = model.default_cfg = cfg
-    model.model_name = base
-    if pretrained:
-        from sequencer.checkpoint import load_pretrained
-
-        if pretrained is True:
-            from sequencer.hub import released_weights
-
-            pretrained = released_weights(base, cfg["url"])
-        load_pretrained(model, pretrained, unsafe_load=unsafe_load)
-    if features_only:
-        return SequencerFeatures(model, tuple(out_indices))
-    return model
-
-
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters."""
     return sum(p.numel() for p in model.parameters())
@@ -753,16 +593,15 @@ def count_parameters(model: nn.Module) -> int:
 
 __all__ = [
     "ALIASES",
-    "RNN1D",
-    "RNN2D",
     "VARIANTS",
+    "BiLSTM1D",
+    "BiLSTM2D",
+    "RecurrentMixer",
     "Sequencer",
     "SequencerBlock",
+    "SequencerConfig",
     "SequencerFeatures",
-    "check_model_name",
     "count_parameters",
-    "create_model",
     "default_cfg",
     "list_models",
-    "route",
 ]

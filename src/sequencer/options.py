@@ -1,91 +1,112 @@
-"""Option groups shared by the subcommands, so each flag is defined once, and the checks their values get before
-any command runs: ranges (`BOUNDS`), names (argparse choices) and writable outputs (`writable_path`)."""
+"""Option groups shared by the subcommands, so each flag is defined once, and the argparse types that check a
+flag's value while the command line is parsed: ranges (`bounded`), comma lists (`comma_list`) and writable outputs
+(`writable_path`); the names a flag offers come from `sequencer.choices`."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sequencer.choices import AMP_DTYPES, DEFAULT_MODEL, INTERPOLATIONS
 from sequencer.errors import UsageError
 
-# timm's interpolation names; training also takes "random" (bilinear or bicubic per image).
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
-# Option (its dest) -> (lowest value, whether the lowest itself is allowed, highest or None), for every command that
-# has the option: `check_bounds` refuses any other value before the command starts. Lists are checked item by item.
-BOUNDS: dict[str, tuple[float, bool, float | None]] = {
-    # shared options
-    "batch_size": (1, True, None),
-    "workers": (0, True, None),
-    "threads": (1, True, None),
-    "num_classes": (1, True, None),
-    "in_chans": (1, True, None),
-    "img_size": (1, True, None),
-    "input_size": (1, True, None),
-    "crop_pct": (0, False, 1),
-    "std": (0, False, None),
-    # train
-    "validation_batch_size": (1, True, None),
-    "epochs": (1, True, None),
-    "lr": (0, True, None),  # 0 is legitimate: a run that only checks loading or evaluates
-    "lr_base": (0, True, None),
-    "lr_base_size": (1, True, None),
-    "warmup_lr": (0, True, None),
-    "min_lr": (0, True, None),
-    "warmup_epochs": (0, True, None),
-    "cooldown_epochs": (0, True, None),
-    "weight_decay": (0, True, None),
-    "momentum": (0, True, 1),
-    "clip_grad": (0, False, None),
-    "drop": (0, True, 1),
-    "drop_path": (0, True, 1),
-    "smoothing": (0, True, 1),
-    "scale": (0, False, 1),
-    "ratio": (0, False, None),
-    "hflip": (0, True, 1),
-    "vflip": (0, True, 1),
-    "reprob": (0, True, 1),
-    "recount": (1, True, None),
-    "mixup": (0, True, None),
-    "cutmix": (0, True, None),
-    "cutmix_minmax": (0, False, 1),
-    "mixup_prob": (0, True, 1),
-    "mixup_switch_prob": (0, True, 1),
-    "model_ema_decay": (0, True, 1),
-    "checkpoint_hist": (0, True, None),
-    "log_interval": (1, True, None),
-    # predict, export, average, bench and the analyses
-    "topk": (1, True, None),
-    "tolerance": (0, True, None),
-    "num": (1, True, None),
-    "repeats": (1, True, None),
-    "warmup": (0, True, None),
-    "num_images": (1, True, None),
-    "limit": (1, True, None),
-}
+@dataclass(frozen=True)
+class Bounded:
+    """An argparse type: the text read as `kind`, refused unless it is >= `low`, > `above` and <= `high` (each
+    bound that is not None)."""
+
+    kind: type[int] | type[float]
+    low: float | None = None
+    above: float | None = None
+    high: float | None = None
+
+    def __call__(self, text: str) -> float:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {self.kind.__name__} value: {text!r}") from None
+        # Written so that NaN, which compares false with everything, is refused.
+        within = (
+            (self.low is None or value >= self.low)
+            and (self.above is None or value > self.above)
+            and (self.high is None or value <= self.high)
+        )
+        if not within:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {self.limits}")
+        return value
+
+    @property
+    def limits(self) -> str:
+        """The bounds as the error states them: ">= 1", "> 0 and <= 1"."""
+        parts = [f">= {self.low}"] if self.low is not None else []
+        parts += [f"> {self.above}"] if self.above is not None else []
+        parts += [f"<= {self.high}"] if self.high is not None else []
+        return " and ".join(parts)
 
 
-def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Raise a UsageError naming the flag for the first value outside `BOUNDS` among the options `parser` has."""
-    for action in parser._actions:
-        if action.dest not in BOUNDS or getattr(args, action.dest, None) is None:
-            continue
-        low, low_allowed, high = BOUNDS[action.dest]
-        value = getattr(args, action.dest)
-        for item in value if isinstance(value, list | tuple) else [value]:
-            if item < low or (item == low and not low_allowed) or (high is not None and item > high):
-                flag = "/".join(action.option_strings)
-                shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
-                limits = f"{'>=' if low_allowed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-                raise UsageError(f"{flag} {shown} is out of range: it must be {limits}")
+def bounded(
+    kind: type[int] | type[float], *, min: float | None = None, max: float | None = None, above: float | None = None
+) -> Bounded:
+    """The argparse type of a number flag with a range: `min` and `max` allowed, `above` itself not."""
+    return Bounded(kind, low=min, above=above, high=max)
+
+
+@dataclass(frozen=True)
+class CommaList:
+    """An argparse type: 'a,b,c' as a list of `item` values (each read and checked by `item`, and one of `choices`
+    when given). `distinct_sorted`: each value once, in the order of `choices` (ascending without them); `empty`:
+    what an empty text stands for (refused when None)."""
+
+    item: Callable[[str], Any]
+    choices: tuple | None = None
+    distinct_sorted: bool = False
+    empty: tuple | None = None
+
+    def __call__(self, text: str) -> list:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if not parts:
+            if self.empty is None:
+                raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+            return list(self.empty)
+        values = []
+        for part in parts:
+            try:
+                values.append(self.item(part))
+            except ValueError:
+                name = getattr(self.item, "__name__", "")
+                raise argparse.ArgumentTypeError(f"invalid {name} value: {part!r}") from None
+        if self.choices is not None:
+            unknown = [value for value in values if value not in self.choices]
+            if unknown:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {', '.join(map(str, unknown))}; expected some of {', '.join(map(str, self.choices))}"
+                )
+        if self.distinct_sorted:
+            return sorted(set(values), key=self.choices.index if self.choices is not None else None)
+        return values
+
+
+def comma_list(
+    item: Callable[[str], Any],
+    choices: tuple | None = None,
+    *,
+    distinct_sorted: bool = False,
+    empty: tuple | None = None,
+) -> CommaList:
+    """The argparse type of a flag that takes a comma-separated list (see `CommaList`)."""
+    return CommaList(item, choices, distinct_sorted, empty)
 
 
 def add_model_options(
     parser: argparse.ArgumentParser,
-    default_model: str | None = "sequencer2d_s",
+    default_model: str | None = DEFAULT_MODEL,
     model_help: str = "model name (see `sequencer summary`)",
     checkpoint_help: str = "weights file (.pth, .pth.tar, .safetensors)",
 ) -> None:
@@ -93,8 +114,10 @@ def add_model_options(
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=default_model, help=model_help)
     group.add_argument("--checkpoint", default="", help=checkpoint_help)
-    group.add_argument("--num-classes", type=int, default=None, help="classes of the head (default: the data's)")
-    group.add_argument("--in-chans", type=int, default=3, help="input channels")
+    group.add_argument(
+        "--num-classes", type=bounded(int, min=1), default=None, help="classes of the head (default: the data's)"
+    )
+    group.add_argument("--in-chans", type=bounded(int, min=1), default=3, help="input channels")
     group.add_argument("--use-ema", action="store_true", help="load the EMA weights of a training checkpoint")
     group.add_argument(
         "--unsafe-load",
@@ -129,26 +152,33 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input")
     group.add_argument(
         "--img-size",
-        type=int,
+        type=bounded(int, min=1),
         default=None,
         help="square input size (default: the model's, 224 for the paper's variants)",
     )
     group.add_argument(
         "--input-size",
-        type=int,
+        type=bounded(int, min=1),
         nargs=3,
         default=None,
         metavar=("C", "H", "W"),
         help="input size C H W (overrides --img-size; default: the model's)",
     )
     group.add_argument(
-        "--crop-pct", type=float, default=None, help="centre-crop fraction for evaluation (default: the model's, 0.875)"
+        "--crop-pct",
+        type=bounded(float, above=0, max=1),
+        default=None,
+        help="centre-crop fraction for evaluation (default: the model's, 0.875)",
     )
     group.add_argument(
         "--mean", type=float, nargs="+", default=None, help="normalisation mean (default: the model's, ImageNet's)"
     )
     group.add_argument(
-        "--std", type=float, nargs="+", default=None, help="normalisation std (default: the model's, ImageNet's)"
+        "--std",
+        type=bounded(float, above=0),
+        nargs="+",
+        default=None,
+        help="normalisation std (default: the model's, ImageNet's)",
     )
     group.add_argument(
         "--interpolation",
@@ -177,10 +207,10 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         action="store_true",
         help="automatic mixed precision (float16 on GPU, bfloat16 on CPU)",
     )
-    group.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"], help="override the AMP dtype")
-    group.add_argument("-b", "--batch-size", type=int, default=32, help="batch size (per process)")
-    group.add_argument("-j", "--workers", type=int, default=2, help="data-loading worker processes")
-    group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    group.add_argument("--amp-dtype", default=None, choices=AMP_DTYPES, help="override the AMP dtype")
+    group.add_argument("-b", "--batch-size", type=bounded(int, min=1), default=32, help="batch size (per process)")
+    group.add_argument("-j", "--workers", type=bounded(int, min=0), default=2, help="data-loading worker processes")
+    group.add_argument("--threads", type=bounded(int, min=1), default=None, help="torch CPU threads")
     return group
 
 
@@ -268,7 +298,43 @@ def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
     if not isinstance(values, dict):
         raise UsageError(f"--config {path} must hold a mapping of option names to values")
     values = {key: value for key, value in values.items() if key not in ("command", "config")}
-    unknown = sorted(set(values) - {action.dest for action in parser._actions})
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
-    parser.set_defaults(**values)
+    try:
+        checked = {key: as_parsed(parser, actions[key], value) for key, value in values.items()}
+    except argparse.ArgumentError as error:
+        raise UsageError(f"--config {path}: {error}") from None
+    parser.set_defaults(**checked)
+
+
+def as_parsed(parser: argparse.ArgumentParser, action: argparse.Action, value: Any) -> Any:
+    """`value` for `action`, from a config file or a keyword argument, as the command line would give it: as many
+    values as the flag takes, each read and checked by its type (argparse runs none on a default that is not a
+    string) and one of its choices unless it is the default; an `argparse.ArgumentError` naming the flag otherwise."""
+    if value is None:
+        return value
+    given = value
+    if isinstance(value, os.PathLike | tuple):
+        value = os.fspath(value) if isinstance(value, os.PathLike) else list(value)
+    if action.nargs == 0:  # an on/off flag: --amp, --pretrained, ...
+        if not isinstance(value, bool):
+            raise argparse.ArgumentError(action, f"expected true or false, not {given!r}")
+        return value
+    if action.nargs not in (None, "?"):  # a flag that takes several words: 2, 3, or + of them
+        count = action.nargs if isinstance(action.nargs, int) else None
+        if not isinstance(value, list) or (len(value) != count if count else not value):
+            raise argparse.ArgumentError(action, f"expected {count or 'one or more'} values, not {given!r}")
+        value = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in value]
+    if action.type is not None:
+        if isinstance(value, list) and action.nargs is None:  # one word on the command line: a comma list
+            value = parser._get_value(action, ",".join(map(str, value)))
+        elif isinstance(value, list):
+            value = [parser._get_value(action, str(item)) for item in value]
+        else:
+            value = parser._get_value(action, str(value))
+    if action.choices is not None and value != action.default:
+        for item in value if isinstance(value, list) else [value]:
+            parser._check_value(action, item)
+    return value

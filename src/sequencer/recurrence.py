@@ -1,8 +1,9 @@
-"""BiLSTM2D recurrences: torch's RNN layers (the reference), a fused CPU training path, and a torch.compile op.
+"""BiLSTM2D recurrences: torch's RNN layers (the reference), a fused CPU training path, a torch.compile op, and the
+switch that installs them in a model (`route`).
 
-The reference formulation (`RNN2D._reference`) makes two `nn.LSTM` calls on permuted copies of the map, each with
-its own input projection and one direction after the other; on CUDA they run cuDNN's persistent RNN kernels, on
-the CPU oneDNN's. The fused path (`scan`, "fused") does this instead:
+The paper's formulation (`sequencer.model.BiLSTM2D.forward`) makes two `nn.LSTM` calls on permuted copies of
+the map, each with its own input projection and one direction after the other; on CUDA they run cuDNN's persistent
+RNN kernels, on the CPU oneDNN's. The fused path (`scan`, "fused") does this instead:
 
 1. the input projections of every direction (vertical/horizontal, forward/backward) are one matmul of the
    normalised tokens, `P = x @ W_ih_all^T + b` of shape (B, H, W, K * G * D) for K directions and G gates;
@@ -21,29 +22,28 @@ differentiates it: in compiled training the recurrence's forward runs twice, as 
 the recurrence alone, because cuDNN's backward needs the workspace of a training-mode forward that a functional
 op cannot hand over. Everything around it (LayerNorms, linears, GELUs, residuals) compiles into one graph.
 
-Implementations, chosen by name (`RNN2D.rnn_impl`): "reference", "fused", and "auto", which picks per call
-(`resolve_impl`): under torch.compile the op above (for any name: neither of the others traces); on CUDA the
+Implementations, chosen by name (`route(model, rnn_impl=...)`): "reference", "fused", and "auto", which picks per
+call (`resolve_impl`): under torch.compile the op above (for any name: neither of the others traces); on CUDA the
 reference, i.e. cuDNN, which no measurement on a GPU has shown slower than anything here (BENCHMARKS.md, "GPU");
 on the CPU the fused path for training steps on large enough maps, nn.LSTM otherwise (CPU inference, where
-oneDNN's LSTM is hard to beat; tracing and export).
-
-A Triton kernel of the fused algorithm ("triton") was removed: compiled ahead of time for sm_80-sm_90, its
-launches for Sequencer2D-S needed more shared memory per block than any of those GPUs has (float32 forward
-270 KB, float16 backward 233 KB against 101-232 KB), and it had never been measured faster than cuDNN.
+oneDNN's LSTM is hard to beat; tracing and export). `route` swaps a model's mixers for the routed subclasses
+below (`RoutedBiLSTM2D`), which share their parameters and state dict, so the paper's modules stay plain.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from sequencer.kernels.onednn import linear
+from sequencer.choices import IMPLEMENTATIONS
+from sequencer.kernels.onednn import FastLinear, linear
+from sequencer.model import BiLSTM1D, BiLSTM2D, SequencerBlock
 
-IMPLEMENTATIONS = ("auto", "reference", "fused")
 # What `resolve_impl` returns under torch.compile, whatever was asked: the `rnn2d` op.
 COMPILED = "compiled"
 # Tokens per map (B * H * W) from which the fused CPU path trains: from there it is about as fast as nn.LSTM or
@@ -621,10 +621,160 @@ def compiled_rnn2d(
     return rnn2d(x, weights, cell, axes, bidirectional)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The switch: which kernels a model's mixers and block linears run on
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def method_alias(function: Callable, name: str) -> Callable:
+    """`function` under another name: TorchScript compiles a method by its function's name, and a routed mixer's
+    `forward` must not collide with the paper's `forward` it calls when scripted."""
+    alias = types.FunctionType(function.__code__, function.__globals__, name, function.__defaults__)
+    alias.__qualname__ = alias.__name__ = name
+    return alias
+
+
+class RoutedBiLSTM2D(BiLSTM2D):
+    """BiLSTM2D whose recurrences run on the implementation `rnn_impl` names, picked per call by `resolve_impl`."""
+
+    rnn_impl = "auto"
+    paper_forward = method_alias(BiLSTM2D.forward, "paper_forward")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.paper_forward(x)
+        return self._forward_routed(x)
+
+    @torch.jit.unused
+    def _forward_routed(self, x: torch.Tensor) -> torch.Tensor:
+        weights = weights_for_call(self)
+        needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+        impl = resolve_impl(self.rnn_impl, x, needs_backward)
+        if impl == "reference":
+            with train_mode_for_backward(self.rnns, needs_backward):
+                return in_recurrence_precision(self.paper_forward, x)
+        # Named from `union`, not from rnn_v / rnn_h: dynamo breaks the graph at any touch of an nn.LSTM module.
+        axes = {"vertical": "v", "horizontal": "h"}.get(self.union, "vh")
+        # (B, H, W, C) -> (B, H, W, 4D), channels [v fwd, v bwd, h fwd, h bwd] (those the variant has): "cat" already.
+        if impl == COMPILED:
+            x = compiled_rnn2d(x, weights, self.cell, axes, self.bidirectional)
+        else:
+            x = scan(x, weights, self.cell, directions_of(tuple(axes), self.bidirectional))
+        if self.union == "add":
+            # (B, H, W, 4D) -> (B, H, W, 2D): the vertical half plus the horizontal half, the paper's v + h.
+            half = x.shape[-1] // 2
+            x = x[..., :half] + x[..., half:]
+        return self.fc(x)  # (B, H, W, 4D or 2D) -> (B, H, W, C)
+
+
+class RoutedBiLSTM1D(BiLSTM1D):
+    """The vanilla mixer on nn.LSTM with the same precision and backward care, or on the `rnn2d` op when compiled."""
+
+    paper_forward = method_alias(BiLSTM1D.forward, "paper_forward")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.paper_forward(x)
+        return self._forward_routed(x)
+
+    @torch.jit.unused
+    def _forward_routed(self, x: torch.Tensor) -> torch.Tensor:
+        weights = weights_for_call(self)
+        needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+        if resolve_impl("reference", x, needs_backward) == COMPILED:
+            B, H, W, C = x.shape
+            # (B, H, W, C) -> (B, 1, H*W, C): the raster as a map of one row, scanned horizontally by the 2D op;
+            # (B, 1, H*W, 2D) -> (B, H, W, 2D).
+            raster = compiled_rnn2d(x.reshape(B, 1, H * W, C), weights, self.cell, "h", self.bidirectional)
+            return raster.reshape(B, H, W, -1)
+        with train_mode_for_backward([self.rnn], needs_backward):
+            return in_recurrence_precision(self.paper_forward, x)
+
+
+def weights_for_call(mixer: nn.Module) -> list[torch.Tensor]:
+    """The mixer's recurrent parameters (`recurrent_weights`), as its nn.LSTM modules hold them now.
+
+    Dynamo refuses to touch nn.LSTM modules at all (graph breaks), so a compiled call reads the list the last eager
+    call (or `route`) left on the mixer; eager calls read it afresh, following parameters replaced since
+    (DataParallel replicas, load_state_dict with assign=True).
+    """
+    if not torch.compiler.is_compiling():
+        mixer.recurrent_weights = recurrent_weights(mixer.rnns)
+    return mixer.recurrent_weights
+
+
+ROUTED_MIXERS: dict[type[nn.Module], type[nn.Module]] = {BiLSTM2D: RoutedBiLSTM2D, BiLSTM1D: RoutedBiLSTM1D}
+
+
+def route(model: nn.Module, rnn_impl: str | None = None, onednn_linear: bool | None = None) -> Routing:
+    """Route the token mixers and block linears of `model` (any module holding them) to kernels; `with` it to undo.
+
+    The model's only two performance switches. Neither touches the parameters or the state dict; every path
+    computes the paper's function, to float32 rounding. `sequencer.create_model` routes with `rnn_impl="auto"` and
+    `onednn_linear=True`; a `Sequencer` built directly runs the paper's modules as they are.
+
+    - `rnn_impl`: how the mixers' recurrences run. "auto" picks per call: cuDNN's nn.LSTM on CUDA; on the CPU the
+      fused path for training steps on large maps, nn.LSTM (oneDNN) otherwise. "reference" always runs the paper's
+      nn.LSTM calls: what module hooks see, what can backpropagate twice through one graph. "fused" always runs
+      the fused path. torch.compile (one custom op), tracing and export (nn.LSTM) override it; the vanilla 1D
+      mixer always runs nn.LSTM. Every routed mixer runs its recurrences in `recurrence_dtype` under autocast and
+      in train mode when a backward pass follows (what cuDNN needs).
+    - `onednn_linear`: True sends the blocks' float32 CPU matmuls outside autocast, compile and export to oneDNN's
+      matmul on AMD processors, where MKL's sgemm trails it (`sequencer.kernels.onednn.FastLinear`); False keeps
+      them plain nn.Linear. The fused recurrence's input projection follows only
+      `torch.backends.mkldnn.flags(enabled=False)`, which takes the whole process off oneDNN.
+
+    A switch left at None is not touched. Called as a statement, the change stays; as a context manager, every
+    module comes back as it was on exit, even when the body raises:
+
+        with route(model, rnn_impl="reference", onednn_linear=False):
+            logits = model(images)
+    """
+    if rnn_impl is not None:
+        check_impl(rnn_impl)
+    routed = set(ROUTED_MIXERS.values())
+    linears = (nn.Linear, FastLinear)
+    previous = []
+    for module in model.modules():
+        if rnn_impl is not None and (type(module) in ROUTED_MIXERS or type(module) in routed):
+            previous.append((module, type(module), module.__dict__.get("rnn_impl")))
+            module.__class__ = ROUTED_MIXERS.get(type(module), type(module))
+            module.recurrent_weights = recurrent_weights(module.rnns)
+            if isinstance(module, RoutedBiLSTM2D):
+                module.rnn_impl = rnn_impl
+        elif onednn_linear is not None and isinstance(module, SequencerBlock):
+            for linear_layer in module.modules():
+                if type(linear_layer) in linears:
+                    previous.append((linear_layer, type(linear_layer), None))
+                    linear_layer.__class__ = FastLinear if onednn_linear else nn.Linear
+    return Routing(previous)
+
+
+class Routing:
+    """What `route` changed, as (module, its class before, its own `rnn_impl` before); restored when `with` exits."""
+
+    def __init__(self, previous: list[tuple[nn.Module, type[nn.Module], str | None]]) -> None:
+        self.previous = previous
+
+    def __enter__(self) -> Routing:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for module, cls, rnn_impl in reversed(self.previous):
+            module.__class__ = cls
+            if rnn_impl is None:
+                module.__dict__.pop("rnn_impl", None)
+            else:
+                module.rnn_impl = rnn_impl
+
+
 __all__ = [
     "COMPILED",
     "IMPLEMENTATIONS",
     "FusedScan",
+    "RoutedBiLSTM1D",
+    "RoutedBiLSTM2D",
+    "Routing",
     "check_impl",
     "compiled_rnn2d",
     "directions_of",
@@ -632,6 +782,7 @@ __all__ = [
     "recurrent_weights",
     "resolve_impl",
     "rnn2d",
+    "route",
     "scan",
     "train_mode_for_backward",
 ]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from sequencer.choices import AMP_DTYPES
 from sequencer.errors import UsageError
 
 
@@ -40,7 +41,7 @@ def check_amp(device_name: str | None, dtype: str | None) -> None:
     """Refuse in one line (`UsageError`) an AMP dtype that autocast cannot run on the device, naming those it can."""
     device = resolve_device(device_name)
     chosen = dtype or str(amp_dtype(device)).removeprefix("torch.")
-    runnable = [name for name in ("float16", "bfloat16") if _autocast_runs(device, getattr(torch, name))]
+    runnable = [name for name in AMP_DTYPES if _autocast_runs(device, getattr(torch, name))]
     if chosen not in runnable:
         raise UsageError(
             f"--amp in {chosen} cannot run on {device}: autocast there runs {' or '.join(runnable) or 'neither'} "

@@ -38,8 +38,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sequencer.average import EPOCH_CHECKPOINT
+from sequencer.builder import create_model, model_config
 from sequencer.checkpoint import atomic_save, load_pretrained, read_file
-from sequencer.commands.train import DIGITS_RECIPE, TIMM_RECIPE
+from sequencer.choices import DIGITS_RECIPE, SCHEDULERS, TIMM_RECIPE
 from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
 from sequencer.distributed import (
     DistributedContext,
@@ -51,7 +52,6 @@ from sequencer.distributed import (
 )
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.hub import released_weights
-from sequencer.model import VARIANTS, check_model_name, create_model
 from sequencer.options import input_overrides
 from sequencer.plotting import plot_training_curves
 from sequencer.runtime import (
@@ -68,8 +68,6 @@ from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
 
-# timm's create_scheduler_v2 names ("none" trains at a constant rate).
-SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "none")
 SUMMARY_FIELDS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 CURVES_FILE = "training_curves.png"
 # The files that mark a folder as holding a run (besides checkpoint-EPOCH.pth.tar): a new run must not overwrite them.
@@ -108,8 +106,8 @@ def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work together or name nothing known with a `UsageError`, before any work starts.
 
-    Single values out of range were refused before this runs (`sequencer.options.BOUNDS`)."""
-    patches = math.prod(VARIANTS[check_model_name(args.model)]["patch_sizes"])
+    Single values out of range were refused before: a flag's type (`sequencer.options.bounded`) reads keywords too."""
+    patches = math.prod(model_config(args.model).patch_sizes)
     size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
     if size and min(size) < patches:
         raise UsageError(

@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.datasets import ImageFolder
 
-from sequencer.checkpoint import load_model, open_checkpoint
+from sequencer.builder import load_model, resolve_model_name
+from sequencer.checkpoint import open_checkpoint
 from sequencer.data import (
     build_dataset,
     check_image_input_fits,
@@ -30,7 +31,6 @@ from sequencer.data import (
 )
 from sequencer.distributed import DistributedContext, all_reduce_sum, process_group
 from sequencer.errors import DatasetError, UsageError
-from sequencer.model import check_model_name
 from sequencer.options import input_overrides
 from sequencer.runtime import (
     autocast,
@@ -240,7 +240,7 @@ def validate(args: argparse.Namespace, context: DistributedContext | None = None
     """Evaluate the model the flags describe on the data they name; print (rank 0) and return the results.
 
     `context`: the processes that share the images (torchrun's); none: this process alone, on --device."""
-    check_model_name(args.model)  # before the data is read
+    resolve_model_name(args.model)  # before the data is read
     context = context or DistributedContext(0, 1, resolve_device(args.device))
     device = context.device
     if context.is_primary:

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from sequencer.checkpoint import extract_state_dict, load_model, read_file
+from sequencer.builder import create_model, load_model
+from sequencer.checkpoint import extract_state_dict, read_file
 from sequencer.errors import CheckpointError, UsageError
-from sequencer.model import create_model, default_cfg, list_models
+from sequencer.model import default_cfg, list_models
 
 
 def is_sequencer(name: str) -> bool:

@@ -33,17 +33,6 @@ from sequencer.validate import evaluate
 _logger = logging.getLogger(__name__)
 
 
-def parse_sizes(text: str) -> list[int]:
-    """'160,224,288' to [160, 224, 288], with a clear error for anything else."""
-    try:
-        sizes = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as error:
-        raise UsageError(f"--sizes must be comma-separated integers such as 160,224,288, got {text!r}") from error
-    if not sizes or min(sizes) < 1:
-        raise UsageError(f"--sizes needs at least one positive size, got {text!r}")
-    return sorted(set(sizes))
-
-
 def accuracy_by_resolution(
     name: str,
     checkpoint: str,
@@ -143,7 +132,6 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.img_size or args.input_size:
         raise UsageError("--img-size / --input-size do not apply here: list the sizes with --sizes")
-    sizes = parse_sizes(args.sizes)
     specs = [(args.model, args.checkpoint), *map(parse_model_spec, args.compare)]
     check_model_specs(specs, need_weights=True)
     overrides = input_overrides(args, "img_size", "input_size")  # the sizes come from --sizes
@@ -152,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     for (name, checkpoint), label in zip(specs, model_labels(specs), strict=True):
         # Each model gets its own copy: the folders are relabelled with that model's class indices.
         dataset = build_dataset(args.data, "val")
-        for row in accuracy_by_resolution(name, checkpoint, dataset, sizes, device, args, overrides):
+        for row in accuracy_by_resolution(name, checkpoint, dataset, args.sizes, device, args, overrides):
             rows.append(dict(model=label, **row))
     out = Path(args.output)
     write_csv(rows, out / "resolution.csv")

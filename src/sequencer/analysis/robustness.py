@@ -18,7 +18,7 @@ import os
 import sys
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from sequencer.analysis.common import (
     save_figure,
     write_csv,
 )
+from sequencer.choices import CORRUPTION_FAMILIES, CORRUPTIONS, SEVERITIES
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import MissingDependencyError, UsageError
@@ -44,15 +45,6 @@ from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
 
-# The 15 ImageNet-C corruptions in their usual order, by family.
-FAMILIES = {
-    "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
-    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
-    "weather": ("snow", "frost", "fog", "brightness"),
-    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
-}
-CORRUPTIONS = tuple(name for names in FAMILIES.values() for name in names)
-SEVERITIES = (1, 2, 3, 4, 5)
 # AlexNet's top-1 error on ImageNet-C, each averaged over the five severities (Hendrycks & Dietterich, ICLR 2019;
 # the normalisers published in their hendrycks/robustness repository and used for every reported mCE since).
 ALEXNET_MEAN_ERRORS = dict(
@@ -182,20 +174,6 @@ class CorruptedImages(Dataset):
         return (image.float() / 255.0 - self.mean) / self.std, target
 
 
-def parse_choices(text: str | None, allowed: tuple, kind: type, flag: str) -> tuple:
-    """'a,b' to a tuple of allowed values (all of them when `text` is empty), with a clear error otherwise."""
-    if not text:
-        return allowed
-    try:
-        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-    except ValueError as error:
-        raise UsageError(f"{flag}: cannot read {text!r}; expected a comma-separated list of {allowed}") from error
-    unknown = [v for v in values if v not in allowed]
-    if unknown or not values:
-        raise UsageError(f"{flag}: unknown {unknown or text!r}; choose among {', '.join(map(str, allowed))}")
-    return tuple(v for v in allowed if v in values)
-
-
 def load_alexnet_errors(path: str | os.PathLike) -> dict[str, dict[int, float] | float]:
     """AlexNet's errors from a JSON or CSV file, as fractions: per corruption a mean, or one error per severity."""
     path = Path(path)
@@ -254,8 +232,8 @@ def plot_robustness(rows: list[dict[str, Any]], clean_top1: float, title: str, p
     """One bar per corruption (top-1 averaged over severities), coloured by family, clean top-1 as a dashed line."""
     fig, axes = new_figure(size=(max(7.0, 0.55 * len(rows) + 2.5), 4.8))
     ax = axes[0, 0]
-    colours = dict(zip(FAMILIES, ("tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=True))
-    family_of = {c: family for family, names in FAMILIES.items() for c in names}
+    colours = dict(zip(CORRUPTION_FAMILIES, ("tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=True))
+    family_of = {c: family for family, names in CORRUPTION_FAMILIES.items() for c in names}
     positions = np.arange(len(rows))
     bars = ax.bar(positions, [r["mean_top1"] for r in rows], color=[colours[family_of[r["corruption"]]] for r in rows])
     for bar, row in zip(bars, rows, strict=True):
@@ -283,7 +261,9 @@ def plot_robustness(rows: list[dict[str, Any]], clean_top1: float, title: str, p
     return save_figure(fig, path)
 
 
-def plot_examples(base: Dataset, corruptions: tuple, severities: tuple, seed: int, path: str | Path) -> Path:
+def plot_examples(
+    base: Dataset, corruptions: Sequence[str], severities: Sequence[int], seed: int, path: str | Path
+) -> Path:
     """The first image of the set, clean and under each corruption (rows) at each severity (columns)."""
     cols = 1 + len(severities)
     fig, axes = new_figure(len(corruptions), cols, size=(1.5 * cols + 1.2, 1.5 * len(corruptions) + 0.3))
@@ -313,8 +293,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, context: DistributedContext) -> int:
     """`run` in the processes of `context`."""
     device = context.device
-    corruptions = parse_choices(args.corruptions, CORRUPTIONS, str, "--corruptions")
-    severities = parse_choices(args.severities, SEVERITIES, int, "--severities")
+    corruptions, severities = args.corruptions, args.severities
     alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else ALEXNET_MEAN_ERRORS
     check_model_specs([(args.model, args.checkpoint)], need_weights=True)
     if args.in_chans != 3:

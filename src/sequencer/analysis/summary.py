@@ -13,8 +13,9 @@ import torch
 
 from sequencer.analysis.common import new_figure, save_figure, write_csv
 from sequencer.analysis.complexity import count_macs
+from sequencer.builder import create_model
 from sequencer.errors import UsageError
-from sequencer.model import ALIASES, VARIANTS, count_parameters, create_model, list_models
+from sequencer.model import ALIASES, VARIANTS, count_parameters, list_models
 from sequencer.runtime import progress_bar
 
 COLUMNS = ("model", "params_m", "gmacs", "img_size", "params", "macs")

@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 from sequencer.analysis.common import build_model, check_model_specs, evenly_spaced_subset, new_figure, save_figure
 from sequencer.analysis.common import write_csv as write_rows
-from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, CORRUPTIONS, SEVERITIES, corruption_error
-from sequencer.commands.variants import DATASET_FLAGS
+from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, corruption_error
+from sequencer.choices import CORRUPTIONS, DATASET_FLAGS, DATASET_FOLDERS, SEVERITIES
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import UsageError
@@ -46,18 +46,13 @@ class Variant:
 # The published figures of the released Sequencer2D-S / M / L weights (timm's evaluation; ImageNet-C: the paper's,
 # L only). ImageNet-ReaL and plain ImageNet top-1 come from the same pass over the ImageNet val folder.
 VARIANTS = (
-    Variant("imagenet", "ImageNet", ("imagenet/val", "imagenet-val", "val"), (82.3, 82.8, 83.4)),
-    Variant("real", "ImageNet-ReaL", ("imagenet/val", "imagenet-val", "val"), (87.37, 87.57, 87.91)),
-    Variant("a", "ImageNet-A", ("imagenet-a",), (26.4, 30.4, 35.1), "imagenet-a"),
-    Variant("r", "ImageNet-R", ("imagenet-r",), (45.0, 46.2, 48.1), "imagenet-r"),
-    Variant("sketch", "ImageNet-Sketch", ("imagenet-sketch/sketch", "imagenet-sketch", "sketch"), (33.4, 34.7, 35.8)),
-    Variant(
-        "v2",
-        "ImageNet-V2",
-        ("imagenetv2-matched-frequency-format-val", "imagenetv2-matched-frequency", "imagenet-v2"),
-        (71.7, 72.4, 73.6),
-    ),
-    Variant("c", "ImageNet-C", ("imagenet-c",), (None, None, 48.9)),
+    Variant("imagenet", "ImageNet", DATASET_FOLDERS["real"], (82.3, 82.8, 83.4)),
+    Variant("real", "ImageNet-ReaL", DATASET_FOLDERS["real"], (87.37, 87.57, 87.91)),
+    Variant("a", "ImageNet-A", DATASET_FOLDERS["a"], (26.4, 30.4, 35.1), "imagenet-a"),
+    Variant("r", "ImageNet-R", DATASET_FOLDERS["r"], (45.0, 46.2, 48.1), "imagenet-r"),
+    Variant("sketch", "ImageNet-Sketch", DATASET_FOLDERS["sketch"], (33.4, 34.7, 35.8)),
+    Variant("v2", "ImageNet-V2", DATASET_FOLDERS["v2"], (71.7, 72.4, 73.6)),
+    Variant("c", "ImageNet-C", DATASET_FOLDERS["c"], (None, None, 48.9)),
 )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.options import add_output_option
+from sequencer.options import add_output_option, bounded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR|FILE",
         help="a training output folder (its checkpoint-EPOCH.pth.tar files) or checkpoint files",
     )
-    parser.add_argument("-n", "--num", type=int, default=None, metavar="N", help="average the N best (default: all)")
+    parser.add_argument(
+        "-n", "--num", type=bounded(int, min=1), default=None, metavar="N", help="average the N best (default: all)"
+    )
     add_output_option(parser, None, "weights file to write: .safetensors or .pth", required=True)
     parser.add_argument(
         "--use-ema",

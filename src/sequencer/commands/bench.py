@@ -10,42 +10,46 @@ anything is timed); other names are timm models. The variants of one setting are
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
-from sequencer.options import add_output_option, add_runtime_options
-
-MODES = ("infer", "train")
-PRECISIONS = ("float32", "amp")
-ONNX_RUNTIMES = ("onnxruntime", "onnxruntime-int8")
-RUNTIMES = ("torch", "torch-compile", *ONNX_RUNTIMES)
+from sequencer.choices import BENCH_MODES, BENCH_PRECISIONS, BENCH_RUNTIMES, DEFAULT_MODEL, IMPLEMENTATIONS
+from sequencer.options import add_output_option, add_runtime_options, bounded, comma_list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Models, settings, repeats and outputs; device, threads and -b come from the shared runtime options."""
     parser.add_argument(
         "--models",
-        type=_names,
-        default=["sequencer2d_s"],
+        type=comma_list(str),
+        default=[DEFAULT_MODEL],
         help="comma-separated: our variants (see `sequencer summary`) and/or timm models",
     )
-    parser.add_argument("--resolutions", type=_ints, default=[224], help="comma-separated input sizes")
-    parser.add_argument("--batch-sizes", type=_ints, default=None, help="comma-separated (default: -b)")
+    parser.add_argument(
+        "--resolutions", type=comma_list(bounded(int, min=1)), default=[224], help="comma-separated input sizes"
+    )
+    parser.add_argument(
+        "--batch-sizes", type=comma_list(bounded(int, min=1)), default=None, help="comma-separated (default: -b)"
+    )
     parser.add_argument(
         "--precisions",
-        type=_choices(PRECISIONS),
+        type=comma_list(str, BENCH_PRECISIONS),
         default=None,
-        help="comma-separated float32 and/or amp (default: amp with --amp, else float32)",
+        help=f"comma-separated, some of {', '.join(BENCH_PRECISIONS)} (default: amp with --amp, else float32)",
     )
-    parser.add_argument("--modes", type=_choices(MODES), default=list(MODES), help="infer and/or train")
+    parser.add_argument(
+        "--modes",
+        type=comma_list(str, BENCH_MODES),
+        default=list(BENCH_MODES),
+        help=f"comma-separated, some of {', '.join(BENCH_MODES)}",
+    )
     parser.add_argument(
         "--impls",
-        type=_names,
+        type=comma_list(str, IMPLEMENTATIONS),
         default=["auto", "reference"],
-        help="rnn_impl values to run our models with (auto, reference, fused)",
+        help=f"comma-separated rnn_impl values to run our models with, some of {', '.join(IMPLEMENTATIONS)}",
     )
     parser.add_argument(
         "--runtimes",
-        type=_choices(RUNTIMES),
+        type=comma_list(str, BENCH_RUNTIMES),
         default=["torch"],
         help="comma-separated engines for our models: torch (eager), torch-compile (inductor; inference only), "
         "onnxruntime and onnxruntime-int8 (CPU, inference only, float32 settings: the file `export --dynamic-batch` "
@@ -58,36 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-timm-twin", action="store_true", help="skip timm's sequencer2d_* with our weights")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--repeats", type=bounded(int, min=1), default=5, help="timed rounds (the median is reported)")
+    parser.add_argument("--warmup", type=bounded(int, min=0), default=1, help="untimed rounds first")
     add_output_option(parser, "bench", "file stem: writes OUTPUT.json, OUTPUT.csv and OUTPUT.png", kind="stem")
     add_runtime_options(parser)
     parser.set_defaults(batch_size=8)
-
-
-def _names(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
-    return names
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in _names(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(value < 1 for value in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        values = _names(text)
-        unknown = [v for v in values if v not in allowed]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; expected some of {', '.join(allowed)}")
-        return values
-
-    return parse

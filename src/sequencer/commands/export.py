@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.options import add_input_options, add_model_options, add_output_option
-
-QUANTIZATIONS = ("int8",)
+from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
+from sequencer.options import add_input_options, add_model_options, add_output_option, bounded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--format",
         default=None,
-        metavar="FORMAT",
-        help="onnx, torchscript or exported-program (default: from the suffix of -o)",
+        choices=EXPORT_FORMATS,
+        help="export format (default: from the suffix of -o)",
     )
     add_output_option(group, None, "file to write (.onnx, .pt, .pt2)", required=True)
     group.add_argument(
@@ -29,11 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "-b",
         "--batch-size",
-        type=int,
+        type=bounded(int, min=1),
         default=2,
         help="batch of the example input, and the fixed batch of a static export (default 2)",
     )
-    group.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |logit difference|")
+    group.add_argument(
+        "--tolerance", type=bounded(float, min=0), default=1e-4, help="largest accepted |logit difference|"
+    )
     group.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     group.add_argument(
         "--quantize",

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
-
-OUTPUT_FORMATS = ("table", "csv", "json")
-RUNTIMES = ("torch", "onnxruntime")
-DEFAULT_MODEL = "sequencer2d_s"
+from sequencer.choices import DEFAULT_MODEL, PREDICT_RUNTIMES, PREDICTION_FORMATS
+from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options, bounded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,14 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime = add_runtime_options(parser)
     runtime.add_argument(
         "--runtime",
-        choices=RUNTIMES,
+        choices=PREDICT_RUNTIMES,
         default=None,
         help="what runs the model: torch, or onnxruntime on the CPU (the `export` extra; a checkpoint is exported to "
         "a temporary ONNX file and checked first, which takes a while for the large variants; --threads sets its "
         "intra-op threads). Default: onnxruntime for an .onnx --checkpoint, else torch",
     )
     group = parser.add_argument_group("output")
-    group.add_argument("--topk", type=int, default=5, help="classes to list per image")
+    group.add_argument("--topk", type=bounded(int, min=1), default=5, help="classes to list per image")
     group.add_argument(
         "--class-map",
         default=None,
@@ -43,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--format",
         dest="output_format",
-        choices=OUTPUT_FORMATS,
+        choices=PREDICTION_FORMATS,
         default=None,
         help="output format (default: from --output's suffix .csv / .json, else a table)",
     )

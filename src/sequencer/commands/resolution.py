@@ -10,15 +10,22 @@ from sequencer.options import (
     add_model_options,
     add_output_option,
     add_runtime_options,
+    bounded,
+    comma_list,
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """DATA, --model/--checkpoint, --compare, --sizes, --out, input and runtime options."""
     parser.add_argument("data", help="labelled images: DATA/val/<class>/* or DATA/<class>/*")
-    add_model_options(parser, default_model="sequencer2d_s")
+    add_model_options(parser)
     add_compare_options(parser)
-    parser.add_argument("--sizes", default="160,224,288,384,448", help="comma-separated inference sizes")
+    parser.add_argument(
+        "--sizes",
+        type=comma_list(bounded(int, min=1), distinct_sorted=True),
+        default="160,224,288,384,448",
+        help="comma-separated inference sizes",
+    )
     add_output_option(parser, "results/resolution", "output folder for resolution.csv and .png", "--out", kind="folder")
     add_input_options(parser)
     add_runtime_options(parser)

@@ -4,22 +4,36 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
+from sequencer.choices import CORRUPTIONS, SEVERITIES
+from sequencer.options import (
+    add_input_options,
+    add_model_options,
+    add_output_option,
+    add_runtime_options,
+    bounded,
+    comma_list,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """DATA, model, --corruptions, --severities, --limit, --alexnet-errors, --out, input and runtime options."""
     parser.add_argument("data", help="clean labelled images: DATA/val/<class>/* or DATA/<class>/*")
-    add_model_options(parser, default_model="sequencer2d_s")
+    add_model_options(parser)
     parser.add_argument(
         "--corruptions",
+        type=comma_list(str, CORRUPTIONS, distinct_sorted=True, empty=CORRUPTIONS),
         default="",
-        help="comma-separated subset of ImageNet-C's corruptions: gaussian_noise, shot_noise, impulse_noise, "
-        "defocus_blur, glass_blur, motion_blur, zoom_blur, snow, frost, fog, brightness, contrast, elastic_transform, "
-        "pixelate, jpeg_compression (default: all)",
+        help=f"comma-separated subset of ImageNet-C's corruptions: {', '.join(CORRUPTIONS)} (default: all)",
     )
-    parser.add_argument("--severities", default="", help="comma-separated subset of 1,2,3,4,5")
-    parser.add_argument("--limit", type=int, default=None, help="use N images spread over the whole set")
+    parser.add_argument(
+        "--severities",
+        type=comma_list(int, SEVERITIES, distinct_sorted=True, empty=SEVERITIES),
+        default="",
+        help=f"comma-separated subset of {','.join(map(str, SEVERITIES))} (default: all)",
+    )
+    parser.add_argument(
+        "--limit", type=bounded(int, min=1), default=None, help="use N images spread over the whole set"
+    )
     parser.add_argument(
         "--alexnet-errors",
         default="",

@@ -8,6 +8,6 @@ continues exactly where it stopped.
 
 from __future__ import annotations
 
-from sequencer.train_options import DIGITS_RECIPE, TIMM_RECIPE, add_arguments
+from sequencer.train_options import add_arguments
 
-__all__ = ["DIGITS_RECIPE", "TIMM_RECIPE", "add_arguments"]
+__all__ = ["add_arguments"]

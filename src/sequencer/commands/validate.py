@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser, "dataset root (DATA/val/<class>/*, or DATA/<class>/*); none: the built-in digits"
     )
     data.add_argument("--split", default="validation", help="split to evaluate (val, validation, train)")
-    add_model_options(parser, default_model="sequencer2d_s")
+    add_model_options(parser)
     add_input_options(parser)
     add_runtime_options(parser)
     add_compile_options(parser)

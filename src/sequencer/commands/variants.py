@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
+from sequencer.choices import DATASET_FLAGS, DATASET_FOLDERS
+from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options, bounded
 
-# Dataset key (see sequencer.analysis.variants.VARIANTS) -> the flag naming its folder, and what it holds.
-DATASET_FLAGS = {
-    "real": ("imagenet-val", "ImageNet val images, for ImageNet and ImageNet-ReaL"),
-    "a": ("imagenet-a", "ImageNet-A"),
-    "r": ("imagenet-r", "ImageNet-R"),
-    "sketch": ("imagenet-sketch", "ImageNet-Sketch"),
-    "v2": ("imagenetv2", "ImageNet-V2 (matched frequency)"),
-    "c": ("imagenet-c", "ImageNet-C, as released: <corruption>/<severity>/<wnid>/*"),
-}
-ROOT_HELP = (
-    "folder holding the datasets under their usual names: imagenet/val, imagenet-val or val (ImageNet and ReaL); "
-    "imagenet-a; imagenet-r; imagenet-sketch/sketch, imagenet-sketch or sketch; "
-    "imagenetv2-matched-frequency-format-val, imagenetv2-matched-frequency or imagenet-v2; imagenet-c"
+ROOT_HELP = "folder holding the datasets under their usual names, the first one found: " + "; ".join(
+    f"{holds.partition(',')[0].partition(' (')[0]}: {' or '.join(DATASET_FOLDERS[key])}"
+    for key, (_, holds) in DATASET_FLAGS.items()
 )
 
 
@@ -39,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="ImageNet-ReaL labels (JSON list, one entry per val image); default: timm's packaged file",
     )
-    parser.add_argument("--limit", type=int, default=None, help="at most N images per dataset (and per -C folder)")
+    parser.add_argument(
+        "--limit", type=bounded(int, min=1), default=None, help="at most N images per dataset (and per -C folder)"
+    )
     add_output_option(parser, "results/variants", "output folder (variants.csv, variants.png)", "--out", kind="folder")
-    add_model_options(parser, default_model="sequencer2d_s")
+    add_model_options(parser)
     add_input_options(parser)
     add_runtime_options(parser)

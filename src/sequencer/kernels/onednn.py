@@ -18,6 +18,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 
@@ -86,3 +87,16 @@ class OneDnnLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear whose eager float32 CPU matmuls take `linear` (oneDNN where it applies): same parameters, results."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.linear(x, self.weight, self.bias)
+        return self._forward_fast(x)
+
+    @torch.jit.unused
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

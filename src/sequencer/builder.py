@@ -1,0 +1,121 @@
+"""Models by name: `create_model` (timm's factory), `load_model` (a checkpoint, ready for inference).
+
+The one place a model name is resolved (aliases, timm-style "name.tag"), a variant's config looked up, the
+preprocessing config attached, weights loaded (a file, the Hugging Face Hub, the released files) and the mixers
+routed to their fast kernels (`sequencer.recurrence.route`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import warnings
+from typing import Any
+
+from torch import nn
+
+from sequencer.checkpoint import (
+    Checkpoint,
+    adopt_class_names,
+    load_pretrained,
+    load_state_dict,
+    open_checkpoint,
+    recorded_model_name,
+)
+from sequencer.errors import CheckpointError, UsageError
+from sequencer.hub import released_weights
+from sequencer.model import ALIASES, VARIANTS, Sequencer, SequencerConfig, SequencerFeatures, default_cfg, list_models
+from sequencer.recurrence import route
+
+
+def resolve_model_name(name: str) -> str:
+    """The registered variant that `name` (an alias or a timm-style "name.tag" too) means; UsageError if none."""
+    base = name.split(".")[0]
+    canonical = ALIASES.get(base, base)
+    if canonical not in VARIANTS:
+        close = difflib.get_close_matches(base, list_models(), n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
+        raise UsageError(f"unknown model {name!r}{hint}")
+    return canonical
+
+
+def model_config(name: str) -> SequencerConfig:
+    """The architecture of the registered variant `name`."""
+    return VARIANTS[resolve_model_name(name)]
+
+
+def create_model(
+    name: str,
+    pretrained: str | os.PathLike | bool | None = None,
+    num_classes: int = 1000,
+    drop_path_rate: float = 0.0,
+    in_chans: int = 3,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] = (0, 1, 2, 3),
+    unsafe_load: bool = False,
+    rnn_impl: str = "auto",
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered variant, optionally with weights (a file, an hf-hub:ORG/REPO, or True for the released).
+
+    `overrides` replace fields of the variant's `SequencerConfig` (`img_size=392`, `drop_rate=0.1`). The mixers
+    run on `rnn_impl` (see `sequencer.recurrence.route`). A pickled checkpoint that needs more than tensors and
+    plain containers is refused unless `unsafe_load`.
+    """
+    canonical = resolve_model_name(name)
+    base = name.split(".")[0]  # timm-style tags such as "sequencer2d_s.in1k" name the same network
+    try:
+        config = dataclasses.replace(
+            VARIANTS[canonical], num_classes=num_classes, drop_path_rate=drop_path_rate, in_chans=in_chans, **overrides
+        )
+    except TypeError as error:  # a keyword that is no config field
+        raise UsageError(f"create_model({name!r}): {error}") from None
+    model = Sequencer(config)
+    route(model, rnn_impl=rnn_impl, onednn_linear=True)
+    cfg = default_cfg(base)
+    cfg.update(num_classes=num_classes, input_size=(in_chans, config.img_size, config.img_size))
+    model.pretrained_cfg = model.default_cfg = cfg
+    model.model_name = base
+    if pretrained:
+        weights = released_weights(base, cfg["url"]) if pretrained is True else pretrained
+        load_pretrained(model, weights, unsafe_load=unsafe_load)
+    if features_only:
+        return SequencerFeatures(model, tuple(out_indices))
+    return model
+
+
+def load_model(
+    name: str,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    use_ema: bool = False,
+    unsafe_load: bool = False,
+) -> nn.Module:
+    """A variant in eval mode with a checkpoint's weights, for inference: `num_classes` defaults to the file's head,
+    whose size must then match (loading would otherwise re-initialise it), and its class names are kept."""
+    resolve_model_name(name)  # an unknown name is the error, before any warning about weights or reading a file
+    if not checkpoint:
+        warnings.warn(
+            f"no checkpoint given: {name} has random initial weights (and a zero classifier), so its outputs are "
+            "meaningless; pass a weights file (--checkpoint PATH)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return create_model(name, num_classes=num_classes or 1000, in_chans=in_chans).eval()
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = open_checkpoint(checkpoint, use_ema=use_ema, unsafe_load=unsafe_load)
+    file_classes = checkpoint.num_classes
+    if num_classes is None:
+        num_classes = file_classes or 1000
+    elif file_classes is not None and file_classes != num_classes:
+        raise CheckpointError(
+            f"{checkpoint.path} has a {file_classes}-class head but {num_classes} classes were asked for"
+        )
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans)
+    load_state_dict(
+        model, checkpoint.state_dict, source=checkpoint.path, recorded_model=recorded_model_name(checkpoint.contents)
+    )
+    adopt_class_names(model, checkpoint.contents)
+    return model.eval()

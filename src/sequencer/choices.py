@@ -1,0 +1,123 @@
+"""The names and defaults the flags offer, in one place: the parsers (`sequencer.commands`, `sequencer.options`)
+offer them and the modules doing the work read them, so neither keeps a copy of the other's.
+
+Standard library only: every parser imports this module, and building a parser must not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# --model of the commands that evaluate one model (predict: unless an .onnx --checkpoint names its own).
+DEFAULT_MODEL = "sequencer2d_s"
+
+# --interpolation: timm's interpolation names; training also takes "random" (bilinear or bicubic per image).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+TRAIN_INTERPOLATIONS = (*INTERPOLATIONS, "random")
+# --amp-dtype
+AMP_DTYPES = ("float16", "bfloat16")
+# rnn_impl of our models (bench --impls): sequencer.recurrence says what each one runs.
+IMPLEMENTATIONS = ("auto", "reference", "fused")
+
+# export --format and --quantize
+EXPORT_FORMATS = ("onnx", "torchscript", "exported-program")
+QUANTIZATIONS = ("int8",)
+
+# predict --format and --runtime
+PREDICTION_FORMATS = ("table", "csv", "json")
+PREDICT_RUNTIMES = ("torch", "onnxruntime")
+
+# bench --modes, --precisions and --runtimes
+BENCH_MODES = ("infer", "train")
+BENCH_PRECISIONS = ("float32", "amp")
+ONNX_RUNTIMES = ("onnxruntime", "onnxruntime-int8")
+BENCH_RUNTIMES = ("torch", "torch-compile", *ONNX_RUNTIMES)
+
+# summary --format
+SUMMARY_FORMATS = ("markdown", "csv")
+
+# robustness --corruptions: the 15 ImageNet-C corruptions in their usual order, by family; --severities.
+CORRUPTION_FAMILIES = {
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
+    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
+    "weather": ("snow", "frost", "fog", "brightness"),
+    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
+}
+CORRUPTIONS = tuple(name for names in CORRUPTION_FAMILIES.values() for name in names)
+SEVERITIES = (1, 2, 3, 4, 5)
+
+# variants: dataset key (see sequencer.analysis.variants.VARIANTS) -> the flag naming its folder, and what it holds;
+# and the folder names each one is looked for under ROOT, the first found taken.
+DATASET_FLAGS = {
+    "real": ("imagenet-val", "ImageNet val images, for ImageNet and ImageNet-ReaL"),
+    "a": ("imagenet-a", "ImageNet-A"),
+    "r": ("imagenet-r", "ImageNet-R"),
+    "sketch": ("imagenet-sketch", "ImageNet-Sketch"),
+    "v2": ("imagenetv2", "ImageNet-V2 (matched frequency)"),
+    "c": ("imagenet-c", "ImageNet-C, as released: <corruption>/<severity>/<wnid>/*"),
+}
+DATASET_FOLDERS = {
+    "real": ("imagenet/val", "imagenet-val", "val"),
+    "a": ("imagenet-a",),
+    "r": ("imagenet-r",),
+    "sketch": ("imagenet-sketch/sketch", "imagenet-sketch", "sketch"),
+    "v2": ("imagenetv2-matched-frequency-format-val", "imagenetv2-matched-frequency", "imagenet-v2"),
+    "c": ("imagenet-c",),
+}
+
+# train: --sched (timm's create_scheduler_v2 names; "none" trains at a constant rate), --lr-base-scale ("": by the
+# optimizer), --clip-mode, --remode, --mixup-mode, --eval-metric.
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "none")
+LR_BASE_SCALES = ("", "linear", "sqrt")
+CLIP_MODES = ("norm", "value", "agc")
+ERASING_MODES = ("const", "rand", "pixel")
+MIXUP_MODES = ("batch", "pair", "elem")
+EVAL_METRICS = ("top1", "top5", "loss")
+
+# train: the flags whose default depends on the data. With no DATA the run is the built-in digits demo (>= 98%
+# held-out top-1 in well under 90 s on two CPU cores, see BENCHMARKS.md); with real data the defaults are timm's
+# train.py's. Demo choices, from trial runs: the 8x8 digits go to 16 px, not the model's 32 (3x faster and no less
+# accurate); no flips (a mirrored digit is another glyph); crops keep >= 80% of the digit; one thread, because two
+# threads on a machine whose other core is busy ran more than ten times slower.
+DIGITS_RECIPE: dict[str, Any] = dict(
+    model="sequencer2d_tiny",
+    img_size=16,
+    batch_size=64,
+    workers=0,
+    epochs=25,
+    opt="adamw",
+    lr=3e-3,
+    weight_decay=0.05,
+    warmup_epochs=1,
+    warmup_lr=1e-4,
+    min_lr=0.0,
+    cooldown_epochs=0,
+    sched_on_updates=True,
+    hflip=0.0,
+    scale=(0.8, 1.0),
+    color_jitter=0.0,
+    train_interpolation="bicubic",
+    threads=1,
+)
+# The authors' train.py (timm 0.5.4) defaults, which their command lines rely on (SEQUENCER.md, "Recipes"); the
+# flags whose default is the same for both recipes carry it in `sequencer.commands.train.add_arguments`.
+TIMM_RECIPE: dict[str, Any] = dict(
+    model="sequencer2d_s",
+    img_size=None,
+    batch_size=128,
+    workers=2,
+    epochs=300,
+    opt="sgd",
+    lr=None,
+    weight_decay=2e-5,
+    warmup_epochs=3,
+    warmup_lr=1e-4,
+    min_lr=1e-6,
+    cooldown_epochs=10,
+    sched_on_updates=False,
+    hflip=0.5,
+    scale=(0.08, 1.0),
+    color_jitter=0.4,
+    train_interpolation="random",
+    threads=None,
+)
