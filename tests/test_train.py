@@ -112,12 +112,13 @@ def test_train_called_from_python_with_keywords_is_the_command_line_run(run_cli,
     assert result["output"] == python and result["epoch"] == 0 and result["best_epoch"] == 0
     assert result["num_skipped"] == 0 and result["best_metric"] == pytest.approx(result["eval_top1"])
     assert {key: str(value) for key, value in result.items() if key in row} == row
-    saved, expected = (yaml.safe_load((folder / "args.yaml").read_text()) for folder in (python, command_line))
-    assert (saved.pop("output"), expected.pop("output")) == (str(python), str(command_line))
-    assert saved == expected and list(saved) == list(expected)  # every key, in the command line's order
+    # The same text, but for the folder: every key in the command line's order, each value of the same type.
+    text = (python / "args.yaml").read_text()
+    assert text.replace(str(python), str(command_line)) == (command_line / "args.yaml").read_text()
+    saved = yaml.safe_load(text)
     assert (saved["model"], saved["img_size"], saved["batch_size"]) == ("sequencer2d_tiny", 16, 64)  # digits recipe
     # What `sequencer validate` reads back: the same keys as args.yaml.
-    assert open_checkpoint(python / "last.pth.tar").trained_args == {**saved, "output": str(python)}
+    assert open_checkpoint(python / "last.pth.tar").trained_args == saved
     assert_same_run(python, command_line)
 
 

@@ -272,8 +272,8 @@ def keyword_arguments(options: dict[str, Any]) -> argparse.Namespace:
         apply_config(parser, os.fspath(options["config"]))
     values = vars(parser.parse_args([]))
     for key, value in options.items():
-        if value is None:
-            continue  # None leaves the flag at its default, as not naming it on the command line does
+        if value is None or value == values[key]:
+            continue  # the flag left at its default, as not naming it on the command line does (argparse reads none)
         try:
             values[key] = as_parsed(parser, actions[key], value)
         except argparse.ArgumentError as error:
