@@ -50,9 +50,9 @@ from torch import nn
 
 from sequencer.bench import (
     Setting,
-    Variant,
+    Subject,
     _processor_name,
-    build_model,
+    build_subject_model,
     check_twin,
     cuda_peak_mib,
     make_step,
@@ -381,8 +381,8 @@ def build_variants(
 ) -> dict[str, nn.Module]:
     """Ours as auto/reference/fused (and compiled with `backend`) plus timm's twin on the same weights; or timm's."""
     if not ours:
-        return {"timm": build_model(Variant(name, "timm"), resolution).to(device)}
-    auto = build_model(Variant(name, "ours", "auto"), resolution).to(device)
+        return {"timm": build_subject_model(Subject(name, "timm"), resolution).to(device)}
+    auto = build_subject_model(Subject(name, "ours", "auto"), resolution).to(device)
     models: dict[str, nn.Module] = {"ours(auto)": auto}
     for impl in ("reference", "fused"):
         models[f"ours({impl})"] = copy.deepcopy(auto)
@@ -538,7 +538,7 @@ def profile_training_step(config: dict[str, Any], device: torch.device, top: int
     from torch.profiler import ProfilerActivity, profile
 
     name = config["models"][0]
-    model = build_model(Variant(name, "ours", "auto"), config["resolution"]).to(device)
+    model = build_subject_model(Subject(name, "ours", "auto"), config["resolution"]).to(device)
     setting = Setting(
         "train", "amp" if device.type == "cuda" else "float32", config["resolution"], config["train_batch"]
     )

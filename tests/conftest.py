@@ -1,4 +1,5 @@
-"""Shared test fixtures: the CLI runner, the image-tree builder, a small model whose logits differ between images."""
+"""Shared test fixtures: the CLI runner and its refusal check, the image-tree builder, a small model whose logits differ
+between images."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import shlex
 import signal
 import socket
@@ -131,6 +133,43 @@ def run_cli() -> Callable[..., int]:
             return exited.code
 
     return run
+
+
+def _contents(folder: Path) -> dict[str, bytes | None] | None:
+    """Every path under `folder` with its bytes (None for a folder); None when `folder` does not exist."""
+    if not folder.exists():
+        return None
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None for path in folder.rglob("*")}
+
+
+@pytest.fixture
+def assert_refused(request: pytest.FixtureRequest) -> Callable[..., str]:
+    """`assert_refused(WORDS..., match=REGEX, absent=PATHS, unchanged=FOLDER)`: `sequencer WORDS...` is refused (exit
+    code 2, one line on stderr, "sequencer COMMAND: error: ..." in which REGEX is found) and writes nothing (no path
+    of PATHS exists afterwards; FOLDER holds what it held before). Returns the line, without its newline."""
+    # pytest allows one capture per test: stderr is read through the test's capfd if it has one
+    capture = request.getfixturevalue("capfd" if "capfd" in request.fixturenames else "capsys")
+
+    def check(*words: object, match: str, absent: Sequence[Path] = (), unchanged: Path | None = None) -> str:
+        argv = _argv(words)
+        before = _contents(unchanged) if unchanged is not None else None
+        capture.readouterr()  # what the test printed before
+        try:
+            code = main(argv)
+        except SystemExit as exited:  # the parser refuses from inside parse_args
+            code = exited.code
+        error = capture.readouterr().err
+        assert code == 2, f"exit code {code}, not 2; stderr: {error!r}"
+        assert error.endswith("\n") and error.count("\n") == 1, f"not one line: {error!r}"
+        assert error.startswith(f"sequencer {argv[0]}: error: "), error
+        assert re.search(match, error), f"{match!r} not found in {error!r}"
+        for path in absent:
+            assert not Path(path).exists(), f"{path} was written"
+        if unchanged is not None:
+            assert _contents(unchanged) == before, f"{unchanged} changed"
+        return error.removesuffix("\n")
+
+    return check
 
 
 @pytest.fixture(scope="session")

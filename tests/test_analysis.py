@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,10 +17,11 @@ from PIL import Image
 from torch import nn
 
 from sequencer.analysis import erf, robustness, summary
-from sequencer.analysis.common import build_model, evenly_spaced_subset, model_labels
+from sequencer.analysis.common import build_compared_model, evenly_spaced_subset, model_labels
 from sequencer.builder import create_model
 from sequencer.checkpoint import save_weights
 from sequencer.data import build_dataset, create_loader, create_transform
+from sequencer.errors import UsageError
 from sequencer.validate import evaluate
 
 NUM_CLASSES = 3
@@ -90,12 +92,8 @@ def test_summary_counts_exactly_what_the_model_zoo_says(capsys: pytest.CaptureFi
     ("flags", "message"),
     [(["--models", "resnet*"], "no model matches 'resnet*'"), (["--img-size", "4"], "below the 8 px")],
 )
-def test_summary_refuses_bad_input_in_one_line(
-    run_cli, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert run_cli("summary", "--models", "sequencer2d_tiny", *flags) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer summary: error: ") and message in err and err.count("\n") == 1, err
+def test_summary_refuses_bad_input_in_one_line(assert_refused, flags: list[str], message: str) -> None:
+    assert_refused("summary", "--models", "sequencer2d_tiny", *flags, match=re.escape(message))
 
 
 def test_summary_markdown_table_and_aliases() -> None:
@@ -204,12 +202,12 @@ def test_input_gradient_mode_runs_the_reference_recurrences_and_restores_the_cho
     assert not any(m.training for m in model.modules())
 
 
-def test_stage_indices_pick_one_level_per_stage() -> None:
+def test_stage_feature_levels_pick_one_level_per_stage() -> None:
     resnet = [dict(reduction=r) for r in (2, 4, 8, 16, 32)]  # act1, layer1..4
-    assert erf.stage_indices(resnet) == [1, 2, 3, 4]
-    assert erf.stage_indices([dict(reduction=16)] * 12) == [2, 5, 8, 11]  # a ViT's blocks
-    assert erf.stage_indices([dict(reduction=16)] * 2) == [0, 1]
-    assert erf.stage_indices([dict(reduction=r) for r in (4, 8, 16, 32)]) == [0, 1, 2, 3]
+    assert erf.stage_feature_levels(resnet) == [1, 2, 3, 4]
+    assert erf.stage_feature_levels([dict(reduction=16)] * 12) == [2, 5, 8, 11]  # a ViT's blocks
+    assert erf.stage_feature_levels([dict(reduction=16)] * 2) == [0, 1]
+    assert erf.stage_feature_levels([dict(reduction=r) for r in (4, 8, 16, 32)]) == [0, 1, 2, 3]
 
 
 def test_erf_command_writes_table_maps_and_figure(
@@ -281,14 +279,12 @@ def test_erf_seed_fixes_the_random_weights(run_cli, tmp_path: Path) -> None:
     ],
 )
 def test_erf_refuses_bad_input_in_one_line_before_any_work(
-    run_cli, flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    assert_refused, flags: list[str], message: str, tmp_path: Path
 ) -> None:
     flags = [flag.replace("MISSING", str(tmp_path / "missing")) for flag in flags]
     out = tmp_path / "out"
-    assert run_cli("erf", "--model", "sequencer2d_tiny", "--device", "cpu", "--out", str(out), *flags) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer erf: error: ") and message in err and err.count("\n") == 1, err
-    assert not out.exists()
+    argv = ["erf", "--model", "sequencer2d_tiny", "--device", "cpu", "--out", out, *flags]
+    assert_refused(*argv, match=re.escape(message), absent=[out])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,7 +295,7 @@ def test_erf_refuses_bad_input_in_one_line_before_any_work(
 def test_timm_checkpoint_keeps_its_classifier(tmp_path: Path) -> None:
     saved = timm.create_model("resnet18", num_classes=NUM_CLASSES)
     torch.save({"state_dict": saved.state_dict()}, tmp_path / "r18.pth")
-    model = build_model("resnet18", tmp_path / "r18.pth")
+    model = build_compared_model("resnet18", tmp_path / "r18.pth")
     assert model.fc.out_features == NUM_CLASSES and not model.training
     torch.testing.assert_close(model.fc.weight, saved.fc.weight)
 
@@ -320,7 +316,7 @@ def test_resolution_command_evaluates_every_size(
     assert all(r["images"] == "12" and r["train_size"] == "32" for r in rows)
     # Same weights, same numbers; and the 32 px row is what a plain evaluation at 32 px gives.
     assert [r["top1"] for r in rows[:2]] == [r["top1"] for r in rows[2:]]
-    model = build_model("sequencer2d_tiny", tiny_checkpoint)
+    model = build_compared_model("sequencer2d_tiny", tiny_checkpoint)
     dataset = build_dataset(str(image_tree), "val", transform=create_transform(model, img_size=32))
     plain = evaluate(model, create_loader(dataset, 4, workers=0), torch.device("cpu"))
     assert float(rows[0]["top1"]) == pytest.approx(plain["top1"], abs=1e-3)
@@ -350,14 +346,7 @@ def test_resolution_labels_models() -> None:
     ],
 )
 def test_resolution_refuses_bad_input_in_one_line(
-    run_cli,
-    tiny_model,
-    flags: list[str],
-    message: str,
-    tmp_path: Path,
-    image_tree: Path,
-    tiny_checkpoint: Path,
-    capsys: pytest.CaptureFixture[str],
+    assert_refused, tiny_model, flags: list[str], message: str, tmp_path: Path, image_tree: Path, tiny_checkpoint: Path
 ) -> None:
     if "TWO_CLASSES" in flags:
         save_weights(tiny_model(2), tmp_path / "two.safetensors")
@@ -366,10 +355,7 @@ def test_resolution_refuses_bad_input_in_one_line(
     flags = [str(tmp_path / "two.safetensors") if f == "TWO_CLASSES" else f for f in flags]
     out = tmp_path / "out"
     argv = ["resolution", data, "--model", "sequencer2d_tiny", "--checkpoint", str(tiny_checkpoint), "-j", "0"]
-    assert run_cli(*argv, "--device", "cpu", "--out", str(out), *flags) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer resolution: error: ") and message in err and err.count("\n") == 1, err
-    assert not out.exists()
+    assert_refused(*argv, "--device", "cpu", "--out", out, *flags, match=re.escape(message), absent=[out])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,6 +412,36 @@ def test_corruption_error_is_normalised_by_alexnet(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown corruptions"):
         robustness.load_alexnet_errors(tmp_path / "b.json")
     assert len(robustness.ALEXNET_MEAN_ERRORS) == 15
+
+
+@needs_imagecorruptions
+def test_robustness_in_python_returns_each_severity_and_the_ce_against_the_alexnet_errors_given(
+    tmp_path: Path, image_tree: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = robustness.robustness(
+        data=image_tree,
+        model="sequencer2d_tiny",
+        checkpoint=tiny_checkpoint,
+        corruptions=["brightness", "gaussian_noise"],
+        severities=[2, 1],
+        alexnet_errors={"gaussian_noise": {1: 0.4, 2: 0.6}, "brightness": 0.5},
+        limit=6,
+        batch_size=4,
+        workers=0,
+    )
+    assert result.clean["count"] == 6 and len(result.clean_images) == 6
+    assert [row["corruption"] for row in result.rows] == ["gaussian_noise", "brightness"]  # ImageNet-C order
+    noise = result.by_severity["gaussian_noise"]
+    assert [r["severity"] for r in noise] == [1, 2] and all(r["images"] == 6 for r in noise)
+    assert all(r["error"] == pytest.approx(100 - r["top1"]) for r in noise)
+    # CE in percent: the summed errors over AlexNet's at the same severities.
+    assert result.rows[0]["ce"] == pytest.approx((noise[0]["error"] + noise[1]["error"]) / (0.4 + 0.6), abs=0.01)
+    assert result.rows[1]["ce"] == ""  # a mean over five severities cannot normalise two
+    assert result.mce is None and result.mean_error == pytest.approx(np.mean([r["mean_error"] for r in result.rows]))
+    assert not list(tmp_path.iterdir())  # the command writes the files, not the function
+    with pytest.raises(UsageError, match="--severities: unknown \\[7\\]"):
+        robustness.robustness(data=image_tree, model="sequencer2d_tiny", checkpoint=tiny_checkpoint, severities=[7])
 
 
 @pytest.mark.slow

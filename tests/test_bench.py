@@ -1,9 +1,10 @@
-"""`sequencer bench`: the twin check, the side-by-side records and ratios, the files, the memory probe."""
+"""`bench()` and `sequencer bench`: the twin check, the side-by-side records and ratios, the files, the memory probe."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from sequencer import bench
 from sequencer.cli import build_parser
+from sequencer.errors import UsageError
 
 
 def _run(tmp_path: Path, *flags: str) -> dict:
@@ -27,23 +29,60 @@ def test_ours_runs_beside_timms_twin_and_our_reference_with_ratios(tmp_path: Pat
     report = _run(tmp_path, "--models", "sequencer2d_s", "--resolutions", "32", "-b", "1", "--no-memory")
     rows = report["results"]
     assert [(r["mode"], r["variant"]) for r in rows] == [
-        (mode, variant) for mode in ("infer", "train") for variant in ("timm", "ours(auto)", "ours(reference)")
+        (mode, label) for mode in ("infer", "train") for label in ("timm", "ours(auto)", "ours(reference)")
     ]
+
+    def speed_of(variant: str, beside: dict) -> float:
+        """The images/s of `variant` measured on the same model in the same setting as the row `beside`."""
+        same = ("model", "mode", "precision", "resolution", "batch_size")
+        [peer] = [r for r in rows if r["variant"] == variant and all(r[key] == beside[key] for key in same)]
+        return peer["images_per_s"]
+
     for r in rows:
         assert r["images_per_s"] > 0 and r["precision"] == "float32" and r["resolution"] == 32
         if r["source"] == "ours":
-            assert r["speed_vs_timm"] == pytest.approx(
-                r["images_per_s"] / rows[0 if r["mode"] == "infer" else 3]["images_per_s"]
-            )
-            assert r["speed_vs_reference"] is not None
+            assert r["speed_vs_timm"] == pytest.approx(r["images_per_s"] / speed_of("timm", r))
+            assert r["speed_vs_reference"] == pytest.approx(r["images_per_s"] / speed_of("ours(reference)", r))
     assert report["environment"]["threads"] == 1
     with (tmp_path / "b.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(rows)
     assert (tmp_path / "b.png").stat().st_size > 10_000  # one resolution: bars side by side
 
 
+def test_bench_in_python_returns_a_record_per_subject_and_setting_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    reported = []
+    records = bench.bench(
+        models=["sequencer2d_tiny"],
+        resolutions=[32],
+        batch_sizes=[1, 2],
+        modes=["infer"],
+        measure_memory=False,
+        repeats=3,
+        warmup=0,
+        threads=1,
+        report=lambda setting, found: reported.append((setting, found)),
+    )
+    assert [(r["batch_size"], r["variant"]) for r in records] == [
+        (b, v) for b in (1, 2) for v in ("ours(auto)", "ours(reference)")
+    ]
+    assert [setting.batch_size for setting, _ in reported] == [1, 2]
+    assert [r for _, found in reported for r in found] == records
+    for r in records:
+        assert len(r["step_ms_all"]) == 3 and r["step_ms"] == pytest.approx(sorted(r["step_ms_all"])[1])
+        assert r["images_per_s"] == pytest.approx(1000 * r["batch_size"] / r["step_ms"])
+        assert r["peak_memory_mib"] is None and r["speed_vs_timm"] is None  # sequencer2d_tiny has no timm twin
+    reference = [r for r in records if r["variant"] == "ours(reference)"]
+    assert [r["speed_vs_reference"] for r in reference] == [1.0, 1.0]
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(UsageError, match="--precisions fp16: expected some of float32, amp"):
+        bench.bench(models=["sequencer2d_tiny"], precisions=["fp16"], measure_memory=False)
+
+
 def test_twin_check_refuses_a_timm_model_with_other_weights() -> None:
-    ours = bench.build_model(bench.Variant("sequencer2d_s", "ours", "auto"), 32)
+    ours = bench.build_subject_model(bench.Subject("sequencer2d_s", "ours", "auto"), 32)
     twin = timm.create_model("sequencer2d_s")
     torch.nn.init.normal_(twin.head.fc.weight, std=0.02)  # timm's head starts at zero too: make them differ
     with pytest.raises(RuntimeError, match="differs from ours"):
@@ -85,43 +124,37 @@ def test_resolution_sweep_of_peers_writes_csv_and_plot(tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_is_refused_in_one_line_before_any_work(
-    run_cli, flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    assert_refused, flags: list[str], message: str, tmp_path: Path
 ) -> None:
     argv = ["bench", "--models", "sequencer2d_tiny", "--output", str(tmp_path / "out" / "b"), "--no-memory", *flags]
-    assert run_cli(*argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer bench: error: ") and message in err and err.count("\n") == 1, err
-    assert not (tmp_path / "out").exists()
+    assert_refused(*argv, match=re.escape(message), absent=[tmp_path / "out"])
 
 
 def test_memory_needs_a_resettable_peak_or_no_memory(
-    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    assert_refused, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(bench, "CLEAR_REFS", str(tmp_path / "no" / "clear_refs"))  # a system without it
-    assert run_cli("bench", "--models", "sequencer2d_tiny", "--device", "cpu", "--output", str(tmp_path / "b")) == 2
-    assert "pass --no-memory" in capsys.readouterr().err
+    argv = ["bench", "--models", "sequencer2d_tiny", "--device", "cpu", "--output", str(tmp_path / "b")]
+    assert_refused(*argv, match="pass --no-memory", unchanged=tmp_path)
 
 
-def test_bad_lists_are_refused_by_the_parser() -> None:
-    parser = build_parser("bench")
-    for flags in (
-        ["--impls", "auto,triton"],
-        ["--precisions", "float64"],
-        ["--resolutions", "224,big"],
-        ["--batch-sizes", "0"],
-        ["--runtimes", "torch,tensorrt"],
+def test_bad_lists_are_refused_by_the_parser(assert_refused) -> None:
+    for flags, message in (
+        (["--impls", "auto,triton"], "unknown triton; expected some of auto, reference, fused"),
+        (["--precisions", "float64"], "unknown float64"),
+        (["--resolutions", "224,big"], "invalid int value: 'big'"),
+        (["--batch-sizes", "0"], "0 is out of range: it must be >= 1"),
+        (["--runtimes", "torch,tensorrt"], "unknown tensorrt"),
     ):
-        with pytest.raises(SystemExit) as exited:
-            parser.parse_args(["bench", *flags])
-        assert exited.value.code == 2
+        assert_refused("bench", *flags, match=f"error: argument {flags[0]}: {re.escape(message)}")
 
 
 @pytest.mark.slow
 def test_memory_probe_sees_what_a_training_step_adds() -> None:
-    variant = bench.Variant("sequencer2d_tiny", "ours", "reference")
+    subject = bench.Subject("sequencer2d_tiny", "ours", "reference")
     cpu = torch.device("cpu")
-    infer = bench.measure_peak_memory(variant, bench.Setting("infer", "float32", 64, 32), cpu, 1, None)
-    train = bench.measure_peak_memory(variant, bench.Setting("train", "float32", 64, 32), cpu, 1, None)
+    infer = bench.measure_peak_memory(subject, bench.Setting("infer", "float32", 64, 32), cpu, 1, None)
+    train = bench.measure_peak_memory(subject, bench.Setting("train", "float32", 64, 32), cpu, 1, None)
     # Training keeps every block's activations plus gradients and AdamW state; inference keeps one block's at most.
     assert 0 < infer < train / 2, (infer, train)
 
@@ -160,11 +193,12 @@ def test_onnxruntime_runtimes_run_the_same_weights_beside_torch_in_float32_infer
     assert "no AVX512-BF16 or AMX: the amp (bfloat16) settings time its emulation" in capsys.readouterr().out
 
     # What those rows ran: the export of the weights the PyTorch rows ran, as is and with int8 weights.
-    variants = bench.plan_variants(["sequencer2d_tiny"], ["auto"], False, False, ["torch", *bench.ONNX_RUNTIMES])
-    models = bench.build_models(variants, 32, torch.device("cpu"), tmp_path, threads=1)
+    subjects = bench.plan_subjects(["sequencer2d_tiny"], ["auto"], False, False, ["torch", *bench.ONNX_RUNTIMES])
+    models = bench.build_models(subjects, 32, torch.device("cpu"), tmp_path, threads=1)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        ours, exported, quantized = (models[v](x) for v in variants)
+        outputs = {subject.runtime: models[subject](x) for subject in subjects}
+    ours, exported, quantized = outputs["torch"], outputs["onnxruntime"], outputs["onnxruntime-int8"]
     assert (exported - ours).abs().max().item() < 1e-4 < (quantized - ours).abs().max().item()
     assert {p.name for p in tmp_path.glob("*.onnx")} == {
         "sequencer2d_tiny-32-onnxruntime.onnx",
@@ -173,7 +207,7 @@ def test_onnxruntime_runtimes_run_the_same_weights_beside_torch_in_float32_infer
 
 
 @pytest.mark.slow
-def test_compiled_and_onnxruntime_variants_get_their_peak_memory(tmp_path: Path) -> None:
+def test_compiled_and_onnxruntime_subjects_get_their_peak_memory(tmp_path: Path) -> None:
     report = _run(
         tmp_path,
         "--models",
@@ -196,11 +230,9 @@ def test_compiled_and_onnxruntime_variants_get_their_peak_memory(tmp_path: Path)
 
 
 def test_onnxruntime_runtimes_without_onnxruntime_name_the_extra_before_any_work(
-    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    assert_refused, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import` sees for a package that is not installed
     argv = ["bench", "--models", "sequencer2d_tiny", "--runtimes", "torch,onnxruntime", "--no-memory"]
-    assert run_cli(*argv, "--output", tmp_path / "out" / "b") == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer bench: error: --runtimes onnxruntime") and err.count("\n") == 1, err
-    assert 'pip install "sequencer[export]"' in err and not (tmp_path / "out").exists()
+    match = r'error: --runtimes onnxruntime.*pip install "sequencer\[export\]"'
+    assert_refused(*argv, "--output", tmp_path / "out" / "b", match=match, absent=[tmp_path / "out"])

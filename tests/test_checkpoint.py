@@ -130,18 +130,17 @@ def test_keys_that_do_not_fit_are_named(tmp_path: Path) -> None:
     )
 
 
-def test_a_checkpoint_of_another_model_is_named_in_one_line(
-    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_a_checkpoint_of_another_model_is_named_in_one_line(assert_refused, tmp_path: Path) -> None:
     tiny = sequencer.create_model("sequencer2d_tiny")
     sequencer.save_weights(tiny, tmp_path / "tiny.safetensors")  # records the model name in its metadata
     torch.save({"epoch": 3, "model_name": "sequencer2d_tiny", "state_dict": tiny.state_dict()}, tmp_path / "run.pth")
     Image.new("RGB", (40, 40)).save(tmp_path / "black.png")
     for name in ("tiny.safetensors", "run.pth"):
-        assert run_cli("predict", tmp_path / "black.png", "--model sequencer2d_s --checkpoint", tmp_path / name) == 2
-        err = capsys.readouterr().err
-        expected = f"error: {tmp_path / name} holds sequencer2d_tiny weights; this model is sequencer2d_s\n"
-        assert err == f"sequencer predict: {expected}"
+        error = assert_refused(
+            "predict", tmp_path / "black.png", "--model sequencer2d_s --checkpoint", tmp_path / name, match="holds"
+        )
+        expected = f"error: {tmp_path / name} holds sequencer2d_tiny weights; this model is sequencer2d_s"
+        assert error == f"sequencer predict: {expected}"
     with torch.device("meta"):  # shapes only: the comparison of keys needs no weights
         small = sequencer.create_model("sequencer2d_s")
     with pytest.raises(CheckpointError, match="holds sequencer2d_tiny weights; this model is sequencer2d_s"):
@@ -294,15 +293,10 @@ def test_a_safetensors_file_named_pth_says_so(tmp_path: Path) -> None:
         "train --model sequencer2d_tiny --img-size 16 -b 8 -j 0 --initial-checkpoint {ckpt} --output {out}/run",
     ],
 )
-def test_every_command_refuses_a_hostile_checkpoint_in_one_line(
-    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, command: str
-) -> None:
+def test_every_command_refuses_a_hostile_checkpoint_in_one_line(assert_refused, tmp_path: Path, command: str) -> None:
     path, marker = _hostile(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "red.png")
     argv = command.format(images=images, ckpt=path, out=tmp_path / "out").split()
-    assert run_cli(*argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"sequencer {argv[0]}: error: ") and "refused" in err and len(err.splitlines()) == 1
-    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert_refused(*argv, match="refused", absent=[marker, tmp_path / "out"])

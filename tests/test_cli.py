@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import re
 import subprocess
 import sys
 import warnings
@@ -87,12 +88,9 @@ def test_help_shows_real_defaults() -> None:
     ],
 )
 def test_names_checked_when_the_command_runs_end_in_one_line_before_any_work(
-    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, words: str, message: str
+    assert_refused, tmp_path: Path, words: str, message: str
 ) -> None:
-    assert run_cli(words.format(tmp=tmp_path)) == 2
-    error = capsys.readouterr().err
-    assert message in error and len(error.strip().splitlines()) == 1
-    assert list(tmp_path.iterdir()) == []
+    assert_refused(words.format(tmp=tmp_path), match=re.escape(message), unchanged=tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +125,12 @@ TINY = "--model sequencer2d_tiny -j 0 --device cpu"
     ],
 )
 def test_bad_values_of_any_command_end_in_one_line_before_any_work(
-    run_cli, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, words: str, message: str
+    assert_refused, data: Path, tmp_path: Path, words: str, message: str
 ) -> None:
-    command = words.split()[0]
-    assert run_cli(words.format(data=data, tmp=tmp_path), "--output", tmp_path / "out") == 2
-    error = capsys.readouterr().err
-    assert error.startswith(f"sequencer {command}: error: ") and len(error.strip().splitlines()) == 1
-    assert message.format(tmp=tmp_path) in error
-    assert list(tmp_path.iterdir()) == []
+    words = words.format(data=data, tmp=tmp_path)
+    assert_refused(
+        words, "--output", tmp_path / "out", match=re.escape(message.format(tmp=tmp_path)), unchanged=tmp_path
+    )
 
 
 @pytest.mark.parametrize(
@@ -311,29 +307,26 @@ def test_warnings_read_as_one_line_while_the_command_runs_only(
     ],
 )
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(
-    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, words: str, message: str
+    assert_refused, tmp_path: Path, words: str, message: str
 ) -> None:
     (tmp_path / "blocker").write_text("a file where a folder would have to be")
-    assert run_cli(words.format(tmp=tmp_path)) == 2
-    error = capsys.readouterr().err
-    assert message.format(tmp=tmp_path) in error
-    assert error.startswith(f"sequencer {words.split()[0]}: error: argument -o/--output") and error.count("\n") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+    error = assert_refused(
+        words.format(tmp=tmp_path), match=re.escape(message.format(tmp=tmp_path)), unchanged=tmp_path
+    )
+    assert error.startswith(f"sequencer {words.split()[0]}: error: argument -o/--output")
 
 
 @pytest.mark.parametrize("command", ["train {data}", "validate {data}", "predict {data}/val", "bench --resolutions 32"])
 def test_an_amp_dtype_the_device_cannot_run_is_one_line_naming_what_runs(
-    run_cli, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, command: str
+    assert_refused, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
     monkeypatch.setattr(runtime, "_autocast_runs", lambda device, dtype: dtype == torch.bfloat16)  # a CPU without fp16
     words = f"{command.format(data=data)} {TINY} --amp --amp-dtype float16 --output {tmp_path / 'out'}"
-    assert run_cli(words) == 2
-    error = capsys.readouterr().err
-    assert error.strip() == (
+    error = assert_refused(words, match="--amp in float16", unchanged=tmp_path)
+    assert error == (
         f"sequencer {command.split()[0]}: error: --amp in float16 cannot run on cpu: autocast there runs bfloat16 "
         "(pass --amp-dtype bfloat16)"
     )
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_autocast_probe_tells_a_dtype_autocast_switches_off_from_one_it_runs() -> None:

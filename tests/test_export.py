@@ -101,9 +101,7 @@ def test_untrained_model_warns_and_says_the_check_is_trivial(tmp_path: Path) -> 
     assert result.passed and result.trivial and "all reference logits are zero" in result.summary()
 
 
-def test_bad_requests_give_clear_errors(
-    run_cli, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bad_requests_give_clear_errors(assert_refused, checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     base = ["export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint)]
     for flags, message in (
@@ -119,9 +117,7 @@ def test_bad_requests_give_clear_errors(
         (["-o", str(out / "model.pt"), "--quantize", "int8"], "--quantize int8 needs the ONNX format"),
         (["-o", str(out / "m.onnx"), "--format", "torchscript", "--quantize", "int8"], "not torchscript"),
     ):
-        assert run_cli(*base, *flags) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("sequencer export: error: ") and message in err and err.count("\n") == 1, err
+        assert_refused(*base, *flags, match=re.escape(message), absent=[out])
     with pytest.raises(UsageError, match=r"\*\.pt2"):
         sequencer.export("sequencer2d_tiny", out / "model.pt", "exported-program", checkpoint=checkpoint)
     assert not out.exists()  # nothing half-written, not even the folder
@@ -129,26 +125,24 @@ def test_bad_requests_give_clear_errors(
 
 @pytest.mark.parametrize("package", deploy.ONNX_PACKAGES)
 def test_onnx_export_without_its_packages_names_the_extra(
-    run_cli,
-    package: str,
-    checkpoint: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    assert_refused, package: str, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, package, None)  # what `import` sees for a package that is not installed
     out = tmp_path / "out" / "model.onnx"
-    assert run_cli("export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-o", str(out)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer export: error: ONNX export needs") and err.count("\n") == 1, err
-    assert f"{package} not installed" in err and 'pip install "sequencer[export]"' in err
-    assert not out.parent.exists()  # refused before any work
+    match = rf'error: ONNX export needs.*{package} not installed.*pip install "sequencer\[export\]"'
+    argv = ["export", "--model", "sequencer2d_tiny", "--checkpoint", checkpoint, "-o", out]
+    assert_refused(*argv, match=match, absent=[out.parent])  # refused before any work
     with pytest.raises(MissingDependencyError):
         deploy.load_exported(out)
 
 
 def test_a_failed_check_keeps_the_file_and_exits_1(
-    run_cli, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    run_cli,
+    assert_refused,
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # A written file whose logits are off by 0.01: the check fails, which is the command's answer (exit 1 and the
     # whole report), not a refused request (exit 2).
@@ -162,8 +156,10 @@ def test_a_failed_check_keeps_the_file_and_exits_1(
     with pytest.raises(deploy.ExportCheckError) as raised:
         sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint)
     assert isinstance(raised.value, SequencerError)  # the API's callers catch every expected failure alike
-    assert run_cli("export", "--model", "sequencer2d_tiny", "-o", str(path), "--tolerance", "-1") == 2
-    assert "argument --tolerance: -1 is out of range: it must be >= 0" in capsys.readouterr().err
+    match = re.escape("argument --tolerance: -1 is out of range: it must be >= 0")
+    assert_refused(
+        "export", "--model", "sequencer2d_tiny", "-o", path, "--tolerance", "-1", match=match, unchanged=tmp_path
+    )
 
 
 @pytest.mark.slow

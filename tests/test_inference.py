@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -120,17 +121,15 @@ def test_cli_writes_csv_json_and_table(
 
 
 def test_cli_refuses_in_one_line_when_nothing_can_be_read_or_a_path_is_missing(
-    run_cli, checkpoint: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    assert_refused, checkpoint: Path, image_folder: Path, tmp_path: Path
 ) -> None:
     model = f"--model sequencer2d_tiny --checkpoint {checkpoint} -j 0"
     for inputs, message in [
         (image_folder / "corrupt.jpg", f"no image could be read: {image_folder / 'corrupt.jpg'}: "),
         (f"{image_folder / 'a.png'} {tmp_path / 'nope.jpg'}", f"{tmp_path / 'nope.jpg'}: no such file or folder"),
     ]:
-        assert run_cli("predict", f"{inputs} {model} -o {tmp_path / 'out.json'}") == 2
-        err = capsys.readouterr().err
-        assert err.startswith("sequencer predict: error: ") and message in err and len(err.splitlines()) == 1
-        assert not (tmp_path / "out.json").exists()
+        command = f"{inputs} {model} -o {tmp_path / 'out.json'}"
+        assert_refused("predict", command, match=re.escape(message), absent=[tmp_path / "out.json"])
 
 
 def test_class_map_and_num_classes(tiny_model, tmp_path: Path, image_folder: Path) -> None:
@@ -250,7 +249,7 @@ def test_runtime_onnxruntime_runs_a_checkpoint_through_an_optimised_session(
 
 
 def test_onnx_files_that_cannot_be_used_are_refused_in_one_line(
-    run_cli, onnx_file: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    assert_refused, onnx_file: Path, image_folder: Path, tmp_path: Path
 ) -> None:
     import onnx
     from onnx import TensorProto, helper
@@ -280,24 +279,13 @@ def test_onnx_files_that_cannot_be_used_are_refused_in_one_line(
         (f"--checkpoint {onnx_file} --runtime torch", "onnxruntime runs it, not the torch runtime"),
         (f"--model {onnx_file}", f"pass the exported file as --checkpoint {onnx_file}"),
     ]:
-        assert run_cli("predict", image_folder, flags, "-j 0 -o", out) == 2, flags
-        err = capsys.readouterr().err
-        assert err.startswith("sequencer predict: error: ") and message in err and err.count("\n") == 1, err
-    assert not out.parent.exists()
+        assert_refused("predict", image_folder, flags, "-j 0 -o", out, match=re.escape(message), absent=[out.parent])
 
 
 def test_without_onnxruntime_checkpoints_still_predict_and_onnx_files_name_the_extra(
-    run_cli,
-    checkpoint: Path,
-    onnx_file: Path,
-    image_folder: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    run_cli, assert_refused, checkpoint: Path, onnx_file: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import` sees for a package that is not installed
     assert run_cli("predict", image_folder / "a.png", "--model sequencer2d_tiny --checkpoint", checkpoint, "-j 0") == 0
-    capsys.readouterr()
-    assert run_cli("predict", image_folder / "a.png", "--checkpoint", onnx_file, "-j 0") == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer predict: error: running an .onnx file needs onnxruntime") and err.count("\n") == 1
-    assert 'pip install "sequencer[export]"' in err
+    match = r'error: running an \.onnx file needs onnxruntime.*pip install "sequencer\[export\]"'
+    assert_refused("predict", image_folder / "a.png", "--checkpoint", onnx_file, "-j 0", match=match)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -105,18 +106,20 @@ def test_hugging_face_datasets_train_and_validate_by_name_and_streamed(
     ],
 )
 def test_bad_webdataset_flags_fail_in_one_line_before_any_work(
-    run_cli, shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: str, message: str
+    assert_refused, shards: Path, tmp_path: Path, flags: str, message: str
 ) -> None:
     splits = f"--train-split '{TRAIN_SHARDS}' --val-split {VAL_SHARDS}"
     command = f"--dataset wds/toy --data-dir {shards} {splits} {TINY} --epochs 1 {flags} --output {tmp_path / 'out'}"
-    assert run_cli("train", command) == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
+    assert_refused("train", command, match=re.escape(message), absent=[tmp_path / "out"])
 
 
 def test_an_unknown_split_or_a_missing_package_fails_in_one_line(
-    run_cli, hf_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    run_cli,
+    assert_refused,
+    hf_dataset: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = f"--dataset hfds/{hf_dataset} --data-dir {tmp_path / 'cache'}"
     assert run_cli("train", f"{data} --val-split test {TINY} --output {tmp_path / 'out'}") == 2
@@ -128,10 +131,10 @@ def test_an_unknown_split_or_a_missing_package_fails_in_one_line(
     monkeypatch.setattr(
         data_module.importlib.util, "find_spec", lambda name: None if name == "datasets" else real_find_spec(name)
     )
-    assert run_cli("validate", f"{data} --model sequencer2d_tiny --num-classes 2") == 2
-    err = capsys.readouterr().err
-    assert 'needs the datasets package, not installed: pip install "sequencer[streaming]"' in err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    match = re.escape('needs the datasets package, not installed: pip install "sequencer[streaming]"')
+    assert_refused(
+        "validate", f"{data} --model sequencer2d_tiny --num-classes 2", match=match, absent=[tmp_path / "out"]
+    )
 
 
 @pytest.mark.slow

@@ -237,11 +237,13 @@ def test_torchcompile_trains_and_validates_like_eager(
     assert fast["top1"] == plain["top1"] and fast["loss"] == pytest.approx(plain["loss"], abs=1e-5)
 
 
-def test_unknown_compile_backend_is_refused(
-    run_cli, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    assert run_cli("train", f"{data_root} {TINY} --epochs 1 --torchcompile inductr --output {tmp_path}") == 2
-    assert "unknown torch.compile backend 'inductr'; expected one of" in capsys.readouterr().err
+def test_unknown_compile_backend_is_refused(assert_refused, data_root: Path, tmp_path: Path) -> None:
+    assert_refused(
+        "train",
+        f"{data_root} {TINY} --epochs 1 --torchcompile inductr --output {tmp_path}",
+        match=re.escape("unknown torch.compile backend 'inductr'; expected one of"),
+        unchanged=tmp_path,
+    )
 
 
 @pytest.mark.slow
@@ -330,7 +332,7 @@ def test_a_non_finite_loss_within_a_log_interval_stops_before_any_checkpoint_hol
 
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_in_one_line_and_the_previous_checkpoint_survives(
-    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    assert_refused, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_save = torch.save
 
@@ -341,10 +343,10 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_previous_checkpoint_survi
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_at_epoch_1)
-    assert run_cli("train", f"{data_root} {TINY} --epochs 2 --output {tmp_path}") == 2
-    assert capsys.readouterr().err == (
+    error = assert_refused("train", f"{data_root} {TINY} --epochs 2 --output {tmp_path}", match="no space left")
+    assert error == (
         f"sequencer train: error: cannot write {tmp_path / 'last.pth.tar'}: no space left on the disk; the previous "
-        "last.pth.tar survives intact\n"
+        "last.pth.tar survives intact"
     )
     assert read_file(tmp_path / "last.pth.tar")["epoch"] == 0
     assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
@@ -391,10 +393,10 @@ def test_fine_tune_at_another_resolution_and_class_count(
 
 
 def test_pretrained_fails_clearly_without_network(
-    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    assert_refused, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert run_cli("train", f"{data_root} {TINY} --pretrained --output {tmp_path}") == 2
-    assert "no released weights for 'sequencer2d_tiny'" in capsys.readouterr().err
+    match = "no released weights for 'sequencer2d_tiny'"
+    assert_refused("train", f"{data_root} {TINY} --pretrained --output {tmp_path}", match=match, unchanged=tmp_path)
 
     def hub_unreachable(spec: str) -> str:
         raise CheckpointError(f"could not get {spec} from the Hugging Face Hub or its cache")
@@ -405,20 +407,22 @@ def test_pretrained_fails_clearly_without_network(
     monkeypatch.setattr(hub, "download", hub_unreachable)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    assert run_cli("train", f"{data_root} --model sequencer2d_s -b 4 --pretrained --output {tmp_path / 'out'}") == 2
-    error = capsys.readouterr().err
-    assert "the released weights of sequencer2d_s are unreachable" in error and "timm/sequencer2d_s.in1k" in error
+    error = assert_refused(
+        "train",
+        f"{data_root} --model sequencer2d_s -b 4 --pretrained --output {tmp_path / 'out'}",
+        match="the released weights of sequencer2d_s are unreachable",
+        absent=[tmp_path / "out"],
+    )
+    assert "timm/sequencer2d_s.in1k" in error
     assert "could not fetch https://" in error and "--initial-checkpoint PATH" in error
-    assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_missing_or_empty_data_fails_before_any_work(run_cli, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert run_cli("train", f"{tmp_path / 'missing'} --output {tmp_path / 'out'}") == 2
-    assert f"sequencer train: error: dataset folder not found: {tmp_path / 'missing'}" in capsys.readouterr().err
+def test_missing_or_empty_data_fails_before_any_work(assert_refused, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    match = re.escape(f"error: dataset folder not found: {tmp_path / 'missing'}")
+    assert_refused("train", f"{tmp_path / 'missing'} --output {out}", match=match, absent=[out])
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    assert run_cli("train", f"{tmp_path / 'empty'} --output {tmp_path / 'out'}") == 2
-    assert "empty dataset folder" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert_refused("train", f"{tmp_path / 'empty'} --output {out}", match="empty dataset folder", absent=[out])
 
 
 @pytest.mark.slow
@@ -488,44 +492,49 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
     ],
 )
 def test_flags_out_of_range_fail_in_one_line_before_any_work(
-    run_cli, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: str, message: str
+    assert_refused, data_root: Path, tmp_path: Path, flags: str, message: str
 ) -> None:
     base = TINY.replace("--model sequencer2d_tiny ", "") if "--model" in flags else TINY
-    assert run_cli("train", f"{data_root} {base} {flags} --output {tmp_path / 'out'}") == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer train: error: ") and message in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
+    command = f"{data_root} {base} {flags} --output {tmp_path / 'out'}"
+    assert_refused("train", command, match=re.escape(message), absent=[tmp_path / "out"])
 
 
 def test_a_split_smaller_than_one_batch_is_refused_before_the_run(
-    run_cli, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    assert_refused, data_root: Path, tmp_path: Path
 ) -> None:
     # The README's tiny tree with the default batch (128): drop_last would leave no step at all.
-    assert run_cli("train", f"{data_root} --model sequencer2d_tiny --img-size 16 -j 0 --output {tmp_path / 'out'}") == 2
-    err = capsys.readouterr().err
-    assert "the train split has 16 images, fewer than one batch of 128" in err and "lower -b/--batch-size" in err
-    assert not (tmp_path / "out").exists()
+    assert_refused(
+        "train",
+        f"{data_root} --model sequencer2d_tiny --img-size 16 -j 0 --output {tmp_path / 'out'}",
+        match="the train split has 16 images, fewer than one batch of 128.*lower -b/--batch-size",
+        absent=[tmp_path / "out"],
+    )
 
 
 @pytest.mark.slow
 def test_resume_with_another_model_or_class_count_says_so(
-    make_image_tree, run_cli, data_root: Path, two_epoch_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    make_image_tree, assert_refused, data_root: Path, two_epoch_run: Path, tmp_path: Path
 ) -> None:
     last = two_epoch_run / "last.pth.tar"
     assert read_file(last)["class_names"] == ["class_0", "class_1"]  # what predict and validate name classes by
     other_classes = make_image_tree(tmp_path / "three", classes=3, per_class=4)
-    assert run_cli("train", f"{other_classes} {TINY} --epochs 3 --resume {last} --output {tmp_path / 'a'}") == 2
-    err = capsys.readouterr().err
-    assert "is a run of sequencer2d_tiny with 2 classes; this run is sequencer2d_tiny with 3 classes" in err
+    assert_refused(
+        "train",
+        f"{other_classes} {TINY} --epochs 3 --resume {last} --output {tmp_path / 'a'}",
+        match="is a run of sequencer2d_tiny with 2 classes; this run is sequencer2d_tiny with 3 classes",
+        absent=[tmp_path / "a"],
+    )
     command = f"{data_root} {TINY.replace('sequencer2d_tiny', 'rnn_sequencer2d_s')} --epochs 3 --resume {last}"
-    assert run_cli("train", f"{command} --output {tmp_path / 'b'}") == 2
-    err = capsys.readouterr().err
-    assert "that run has --model sequencer2d_tiny, this command rnn_sequencer2d_s" in err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+    assert_refused(
+        "train",
+        f"{command} --output {tmp_path / 'b'}",
+        match="that run has --model sequencer2d_tiny, this command rnn_sequencer2d_s",
+        absent=[tmp_path / "b"],
+    )
 
 
 def test_config_reads_back_args_yaml_and_the_command_line_wins(
-    run_cli, parse_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    run_cli, assert_refused, parse_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     saved = train_module.plain_arguments(
         train_module.resolve_arguments(parse_cli("train", f"/data/imagenet {IMAGENET_RECIPE}"))
@@ -548,8 +557,7 @@ def test_config_reads_back_args_yaml_and_the_command_line_wins(
     }
 
     (tmp_path / "bad.yaml").write_text("epochs: 3\nwarp_speed: 9\n")
-    assert run_cli("train", "-c", str(tmp_path / "bad.yaml")) == 2
-    assert "sets options this command does not have: warp_speed" in capsys.readouterr().err
+    assert_refused("train", "-c", tmp_path / "bad.yaml", match="sets options this command does not have: warp_speed")
 
 
 def skip_the_work(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
@@ -565,21 +573,26 @@ def skip_the_work(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
 
 def test_a_folder_holding_a_run_is_never_overwritten_by_a_new_run(
-    run_cli, parse_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    run_cli, assert_refused, parse_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runs = skip_the_work(monkeypatch)
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint-3.pth.tar").write_bytes(b"a kept epoch")
-    assert run_cli("train", f"{data_root} {TINY} --epochs 1 --output {run}") == 2
-    err = capsys.readouterr().err
-    assert f"{run} already holds a run: checkpoint-3.pth.tar; continue it with --resume {run / 'last.pth.tar'}" in err
-    assert "or pass another -o/--output" in err and len(err.strip().splitlines()) == 1
+    match = re.escape(
+        f"{run} already holds a run: checkpoint-3.pth.tar; continue it with --resume {run / 'last.pth.tar'}"
+    )
+    assert_refused(
+        "train",
+        f"{data_root} {TINY} --epochs 1 --output {run}",
+        match=f"{match}.*or pass another -o/--output",
+        unchanged=run,
+    )
     # The README's `-c runs/s/args.yaml`: the file names the earlier run's folder as its output.
     args = parse_cli("train", f"{data_root} {TINY} --epochs 1 --output {run}")
     (run / "args.yaml").write_text(yaml.safe_dump(train_module.plain_arguments(args), sort_keys=False))
-    assert run_cli("train", "-c", str(run / "args.yaml")) == 2
-    assert f"already holds a run (-c {run / 'args.yaml'} names it as its output)" in capsys.readouterr().err
+    match = re.escape(f"already holds a run (-c {run / 'args.yaml'} names it as its output)")
+    assert_refused("train", "-c", run / "args.yaml", match=match, unchanged=run)
     assert runs == [] and sorted(p.name for p in run.iterdir()) == ["args.yaml", "checkpoint-3.pth.tar"]
     assert (run / "checkpoint-3.pth.tar").read_bytes() == b"a kept epoch"
     # Resuming continues in the run's own folder; another folder, or an empty one, takes a new run.
@@ -676,7 +689,7 @@ def test_cooldown_epochs_run_at_min_lr_and_epochs_count_from_zero_everywhere(
 
 @pytest.mark.slow
 def test_resume_follows_the_command_line_but_for_the_learned_state(
-    run_cli, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    run_cli, assert_refused, data_root: Path, tmp_path: Path
 ) -> None:
     short, long = tmp_path / "short", tmp_path / "long"
     base = f"{data_root} {TINY} --warmup-epochs 0"
@@ -697,16 +710,13 @@ def test_resume_follows_the_command_line_but_for_the_learned_state(
     assert float(summary_rows(short)[4]["lr"]) == 0
     after_five = read_file(short / "last.pth.tar")
     assert after_five["epoch"] == 4 and all(torch.equal(after_five["state_dict"][k], v) for k, v in after_four.items())
-    capsys.readouterr()
     # A schedule that has ended, or a flag the learned state depends on, is refused in one line, before any work.
-    assert run_cli("train", f"{base} --epochs 5 {resume}") == 2
-    err = capsys.readouterr().err
-    assert "the schedule ended at epoch 4 (epochs 0-4: --epochs 5) and the run would start at epoch 5" in err
-    assert err.strip().endswith("raise --epochs") and len(err.strip().splitlines()) == 1
-    assert run_cli("train", f"{base} --epochs 6 --img-size 24 {resume}") == 2
-    assert "that run has --img-size 16, this command 24" in capsys.readouterr().err
-    assert run_cli("train", f"{base} --epochs 6 --num-classes 3 {resume}") == 2
-    assert "that run has --num-classes 2, this command 3" in capsys.readouterr().err
+    ended = re.escape("the schedule ended at epoch 4 (epochs 0-4: --epochs 5) and the run would start at epoch 5")
+    assert_refused("train", f"{base} --epochs 5 {resume}", match=f"{ended}.*raise --epochs$", unchanged=short)
+    match = "that run has --img-size 16, this command 24"
+    assert_refused("train", f"{base} --epochs 6 --img-size 24 {resume}", match=match, unchanged=short)
+    match = "that run has --num-classes 2, this command 3"
+    assert_refused("train", f"{base} --epochs 6 --num-classes 3 {resume}", match=match, unchanged=short)
     assert read_file(short / "last.pth.tar")["epoch"] == 4 and len(summary_rows(short)) == 5
     # Naming the class count the run took from its data is no change.
     assert run_cli("train", f"{base} --epochs 6 --num-classes 2 {resume}") == 0
@@ -756,18 +766,13 @@ def test_too_many_workers_warn_once_and_a_default_count_stays_within_the_cores(
 
 
 def test_resume_auto_starts_a_run_then_continues_it_and_refuses_another(
-    make_image_tree,
-    run_cli,
-    data_root: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture,
-    caplog: pytest.LogCaptureFixture,
+    make_image_tree, run_cli, assert_refused, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     output = tmp_path / "run"
     command = f"{data_root} {TINY} --resume auto --output {output}"
-    assert run_cli("train", f"{data_root} {TINY} --epochs 1 --resume auto") == 2
-    assert "--resume auto continues the run in -o/--output" in capsys.readouterr().err
+    match = "--resume auto continues the run in -o/--output"
+    assert_refused("train", f"{data_root} {TINY} --epochs 1 --resume auto", match=match)
     assert run_cli("train", f"{command} --epochs 1") == 0
     assert "--resume auto: no last.pth.tar, a new run" in caplog.text
     # A start stopped before its first checkpoint leaves its args.yaml alone: the same command starts again there,
@@ -776,10 +781,8 @@ def test_resume_auto_starts_a_run_then_continues_it_and_refuses_another(
     shutil.rmtree(output)
     output.mkdir()
     (output / "args.yaml").write_text(saved.replace("lr: 0.002", "lr: 0.003"))
-    assert run_cli("train", f"{command} --epochs 1") == 2
-    err = capsys.readouterr().err
-    assert f"--resume auto: {output} holds args.yaml but no last.pth.tar to continue from" in err
-    assert sorted(path.name for path in output.iterdir()) == ["args.yaml"]
+    match = re.escape(f"--resume auto: {output} holds args.yaml but no last.pth.tar to continue from")
+    assert_refused("train", f"{command} --epochs 1", match=match, unchanged=output)
     (output / "args.yaml").write_text(saved)
     assert run_cli("train", f"{command} --epochs 1") == 0
     assert [row["epoch"] for row in summary_rows(output)] == ["0"]
@@ -789,20 +792,17 @@ def test_resume_auto_starts_a_run_then_continues_it_and_refuses_another(
     assert f"--resume auto: continuing from {output / 'last.pth.tar'}" in caplog.text
     assert [row["epoch"] for row in summary_rows(output)] == ["0", "1"]
     assert read_file(output / "last.pth.tar")["num_updates"] == 8
-    capsys.readouterr()
     # A last.pth.tar of another model or class count is refused in one line, before anything is written.
-    before = {path.name: path.read_bytes() for path in output.iterdir()}
     other_model = command.replace("sequencer2d_tiny", "rnn_sequencer2d_s")
-    assert run_cli("train", f"{other_model} --epochs 3") == 2
-    err = capsys.readouterr().err
-    assert f"--resume {output / 'last.pth.tar'}: that run has --model sequencer2d_tiny, this command" in err
-    assert len(err.strip().splitlines()) == 1
+    match = re.escape(f"--resume {output / 'last.pth.tar'}: that run has --model sequencer2d_tiny, this command")
+    assert_refused("train", f"{other_model} --epochs 3", match=match, unchanged=output)
     three_classes = make_image_tree(tmp_path / "three", classes=3, per_class=4)
-    assert run_cli("train", f"{command.replace(str(data_root), str(three_classes))} --epochs 3") == 2
-    err = capsys.readouterr().err
-    assert "is a run of sequencer2d_tiny with 2 classes; this run is sequencer2d_tiny with 3 classes" in err
-    assert len(err.strip().splitlines()) == 1
-    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+    assert_refused(
+        "train",
+        f"{command.replace(str(data_root), str(three_classes))} --epochs 3",
+        match="is a run of sequencer2d_tiny with 2 classes; this run is sequencer2d_tiny with 3 classes",
+        unchanged=output,
+    )
 
 
 PREEMPTED_TRAIN = Path(__file__).with_name("preempted_train.py")
@@ -859,7 +859,7 @@ def test_a_worker_killed_mid_epoch_is_restarted_by_torchrun_and_the_run_ends_as_
 
 
 def test_a_restartable_torchrun_launch_that_shares_its_store_is_refused_before_any_work(
-    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    assert_refused, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What torchrun --max-restarts 1 gives its workers by default; the group is never joined.
     for name, value in {
@@ -868,10 +868,12 @@ def test_a_restartable_torchrun_launch_that_shares_its_store_is_refused_before_a
         "TORCHELASTIC_MAX_RESTARTS": "1",
     }.items():
         monkeypatch.setenv(name, value)
-    assert run_cli("train", f"{data_root} {TINY} --epochs 1 --device cpu --output {tmp_path / 'out'}") == 2
-    err = capsys.readouterr().err
-    assert "launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
+    assert_refused(
+        "train",
+        f"{data_root} {TINY} --epochs 1 --device cpu --output {tmp_path / 'out'}",
+        match="launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+        absent=[tmp_path / "out"],
+    )
 
 
 @pytest.mark.slow

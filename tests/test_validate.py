@@ -1,9 +1,11 @@
-"""`evaluate` against hand-computed metrics, and the `sequencer validate` command line of the paper's README."""
+"""`evaluate` and `validate` against hand-computed metrics, and the `sequencer validate` command line of the paper's
+README."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from sequencer import validate
 from sequencer.builder import create_model
 from sequencer.checkpoint import save_weights
-from sequencer.data import class_indices, imagenet_synsets
+from sequencer.data import DigitsDataset, class_indices, imagenet_synsets
 from sequencer.errors import DatasetError, UsageError
 from sequencer.validate import load_real_labels, load_valid_classes
 
@@ -76,26 +78,36 @@ def test_readme_command_parses_verbatim(parse_cli) -> None:
 def test_validate_command_prints_and_writes_results(
     make_image_tree, parse_cli, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    root = make_image_tree(tmp_path / "data", classes=3, per_class=3)
-    model = create_model("sequencer2d_tiny", num_classes=3)
+    root = make_image_tree(tmp_path / "data", classes=6, per_class=2)
+    # Class 0 one image, class 1 three, the rest two: no class but 1 has a quarter of the images.
+    (root / "val" / "class_0" / "0.png").rename(root / "val" / "class_1" / "moved.png")
+    model = create_model("sequencer2d_tiny", num_classes=6)
+    # A head of zero weights makes every image's logits its bias: class 1 first, class 0 last, on every image.
+    bias = torch.tensor([0.0, 5, 4, 3, 2, 1])
+    with torch.no_grad():
+        model.head.fc.weight.zero_()
+        model.head.fc.bias.copy_(bias)
     save_weights(model, tmp_path / "tiny.pth")
     results = tmp_path / "results.json"
     args = parse_cli(
         "validate",
-        f"{root} --model sequencer2d_tiny --checkpoint {tmp_path / 'tiny.pth'} -b 4 "
+        f"{root} --model sequencer2d_tiny --checkpoint {tmp_path / 'tiny.pth'} -b 5 "
         f"--input-size 3 32 32 --amp -j 0 --results-file {results}",
     )
     assert validate.run(args) == 0
     written = json.loads(results.read_text())
-    assert written["count"] == 9 and written["input_size"] == [3, 32, 32] and written["amp"]
-    # The head is zero-initialised: every logit ties, so top-1 is whatever the tie-break gives, top-5 covers all.
-    assert written["top5"] == 100.0 and written["loss"] == pytest.approx(torch.log(torch.tensor(3.0)).item(), 1e-3)
-    assert "top-1" in capsys.readouterr().out
+    assert written["count"] == 12 and written["input_size"] == [3, 32, 32] and written["amp"]
+    # Top-1: the 3 images of class 1; top-5: all but the one of class 0.
+    assert written["top1"] == 25.0 and written["top5"] == round(100 * 11 / 12, 4)
+    labels = torch.tensor([0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    loss = nn.functional.cross_entropy(bias.expand(12, 6), labels).item()
+    assert written["loss"] == pytest.approx(loss, rel=1e-3)
+    assert "top-1 25.000  top-5 91.667" in capsys.readouterr().out
 
 
-def test_missing_dataset_is_a_clear_error(run_cli, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert run_cli("validate", f"{tmp_path / 'missing'} --model sequencer2d_tiny") == 2
-    assert f"error: dataset folder not found: {tmp_path / 'missing'}" in capsys.readouterr().err
+def test_missing_dataset_is_a_clear_error(assert_refused, tmp_path: Path) -> None:
+    match = re.escape(f"error: dataset folder not found: {tmp_path / 'missing'}")
+    assert_refused("validate", f"{tmp_path / 'missing'} --model sequencer2d_tiny", match=match)
 
 
 def test_training_checkpoint_supplies_the_input_size(make_image_tree, run_cli, tmp_path: Path) -> None:
@@ -113,15 +125,28 @@ def test_training_checkpoint_supplies_the_input_size(make_image_tree, run_cli, t
     assert json.loads(results.read_text())["input_size"] == [3, 20, 20]
 
 
-def sure_of(tmp_path: Path, scores: dict[int, float]) -> Path:
-    """A 1000-class sequencer2d_tiny checkpoint whose logits are `scores` (class -> logit, others 0) for any image."""
-    model = create_model("sequencer2d_tiny", num_classes=1000)  # zero-initialised head: the bias is the logit
+def sure_of(tmp_path: Path, scores: dict[int, float], num_classes: int = 1000) -> Path:
+    """A sequencer2d_tiny checkpoint whose logits are `scores` (class -> logit, others 0) for any image."""
+    model = create_model("sequencer2d_tiny", num_classes=num_classes)  # zero-initialised head: the bias is the logit
     with torch.no_grad():
         for index, score in scores.items():
             model.head.fc.bias[index] = score
     path = tmp_path / f"sure_of_{'_'.join(map(str, scores))}.safetensors"
     save_weights(model, path)
     return path
+
+
+def test_validate_in_python_scores_the_digits_as_worked_out_by_hand(tmp_path: Path) -> None:
+    # The same logits for every image, sure of class 3: top-1 is the share of 3s, the loss follows from the two cases.
+    checkpoint = sure_of(tmp_path, {3: 4.0}, num_classes=10)
+    results = validate.validate(model="sequencer2d_tiny", checkpoint=checkpoint, batch_size=100, workers=0)
+    targets = DigitsDataset("validation").targets
+    share = targets.count(3) / len(targets)
+    assert results["data"] == "digits" and results["count"] == len(targets) == 360 and results["num_skipped"] == 0
+    assert results["top1"] == pytest.approx(100 * share) and results["input_size"] == [3, 32, 32]
+    log_p = torch.log_softmax(torch.tensor([0.0, 0, 0, 4, 0, 0, 0, 0, 0, 0], dtype=torch.float64), dim=0)
+    assert results["loss"] == pytest.approx(-(share * log_p[3] + (1 - share) * log_p[0]).item(), rel=1e-5)
+    assert results["checkpoint"] == str(checkpoint) and results["valid_labels"] is None and "real_top1" not in results
 
 
 def tiny_args(parse_cli: Callable[..., argparse.Namespace], command: str, tmp_path: Path) -> argparse.Namespace:
@@ -157,7 +182,7 @@ def test_numbered_folders_take_their_number_also_when_some_are_missing(
 
 
 def test_class_count_mismatch_is_one_line_before_the_model_runs(
-    make_image_tree, run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    make_image_tree, assert_refused, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = make_image_tree(tmp_path / "data", classes=3, per_class=1)
     checkpoint = sure_of(tmp_path, {0: 1.0})
@@ -167,10 +192,8 @@ def test_class_count_mismatch_is_one_line_before_the_model_runs(
 
     monkeypatch.setattr(validate, "load_model", no_model)
     command = f"{root} --model sequencer2d_tiny --checkpoint {checkpoint} -j 0 --results-file {tmp_path / 'r.json'}"
-    assert run_cli("validate", *shlex.split(command)) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("sequencer validate: error: the model has 1000 classes but the data has 3")
-    assert "\n" not in error and "--num-classes 3" in error and not (tmp_path / "r.json").exists()
+    match = r"error: the model has 1000 classes but the data has 3.*--num-classes 3"
+    assert_refused("validate", *shlex.split(command), match=match, absent=[tmp_path / "r.json"])
 
 
 def test_class_indices_rules() -> None:
@@ -203,7 +226,9 @@ def test_valid_labels_mask_the_logits_to_imagenet_a(make_image_tree, parse_cli, 
     )
     with pytest.raises(DatasetError, match="not among --valid-labels"):
         # class 15 is not one of ImageNet-R's 200
-        validate.validate(tiny_args(parse_cli, f"{root} --checkpoint {checkpoint} --valid-labels imagenet-r", tmp_path))
+        validate.validate(
+            data=root, model="sequencer2d_tiny", checkpoint=checkpoint, workers=0, valid_labels="imagenet-r"
+        )
     with pytest.raises(UsageError, match="neither imagenet-a nor imagenet-r nor a file"):
         load_valid_classes("imagenet-b", 1000)
 
@@ -228,17 +253,13 @@ def test_real_labels_score_against_the_reassessed_labels(make_image_tree, parse_
     other = make_image_tree(tmp_path / "other", [synsets[5]], per_class=2, size=12, splits=(), suffix=".JPEG")
     with pytest.raises(DatasetError, match="have no ReaL labels"):
         validate.validate(
-            tiny_args(parse_cli, f"{other} --checkpoint {sure_of(tmp_path, {5: 10.0})} --real-labels {real}", tmp_path)
+            data=other, model="sequencer2d_tiny", checkpoint=sure_of(tmp_path, {5: 10.0}), workers=0, real_labels=real
         )
 
 
-def test_unknown_model_is_one_line_before_the_data_is_read(
-    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_unknown_model_is_one_line_before_the_data_is_read(assert_refused, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(validate, "build_dataset", lambda *a, **k: pytest.fail("the data was read first"))
-    assert run_cli("validate", "--model", "sequencer2d_q") == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sequencer validate: error: unknown model 'sequencer2d_q'") and err.count("\n") == 1
+    assert_refused("validate", "--model", "sequencer2d_q", match="error: unknown model 'sequencer2d_q'")
 
 
 @pytest.mark.slow

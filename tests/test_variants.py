@@ -1,4 +1,5 @@
-"""`sequencer variants` on generated trees under the released folder names, and the robustness extra's absence."""
+"""`variants()` and `sequencer variants` on generated trees under the released folder names, and the robustness
+extra's absence."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from sequencer.analysis import robustness
+from sequencer.analysis.variants import TEST_SETS, variants
 from sequencer.builder import create_model
 from sequencer.checkpoint import save_weights
 from sequencer.data import imagenet_synsets
@@ -92,6 +94,32 @@ def test_suite_scores_each_dataset_found_and_names_the_missing(
         assert figure.size[0] > 600
 
 
+def test_variants_in_python_scores_the_folders_named_and_returns_rows_and_the_missing(
+    tmp_path: Path, variants_root: Path, sure_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    rows, missing = variants(
+        imagenet_a=variants_root / "imagenet-a",
+        imagenetv2=variants_root / "imagenetv2-matched-frequency-format-val",
+        model="sequencer2d_tiny",
+        checkpoint=sure_checkpoint,
+        input_size=(3, 32, 32),
+        batch_size=2,
+        workers=0,
+    )
+    by_title = {row["dataset"]: row for row in rows}
+    assert [row["dataset"] for row in rows] == [test_set.title for test_set in TEST_SETS]
+    assert by_title["ImageNet-A"]["value"] == 50.0 and by_title["ImageNet-A"]["images"] == 4
+    assert (
+        by_title["ImageNet-V2"]["value"] == pytest.approx(100 / 3, abs=1e-3) and by_title["ImageNet-V2"]["images"] == 3
+    )
+    assert by_title["ImageNet-A"]["sequencer2d_l"] == 35.1 and by_title["ImageNet-R"]["value"] == ""
+    assert [text.split(" (")[0] for text in missing] == ["ImageNet-ReaL", "ImageNet-R", "ImageNet-Sketch", "ImageNet-C"]
+    assert all(text.endswith("(looked for no ROOT given)") for text in missing)
+    assert not list((tmp_path / "cwd").iterdir())  # the command writes the files, not the function
+
+
 def test_suite_mce_when_every_severity_is_present_and_the_flags_override_root(
     make_image_tree, run_cli, tmp_path: Path, variants_root: Path, sure_checkpoint: Path
 ) -> None:
@@ -114,19 +142,15 @@ def test_suite_mce_when_every_severity_is_present_and_the_flags_override_root(
     assert float(rows["ImageNet-Sketch"]["value"]) == 100.0 and rows["ImageNet-A"]["value"] == ""
 
 
-def test_suite_errors_are_one_line_before_any_work(
-    run_cli, tmp_path: Path, variants_root: Path, capsys: pytest.CaptureFixture
-) -> None:
-    assert (
-        run_cli("variants", str(tmp_path / "empty"), "--model", "sequencer2d_tiny", "--out", str(tmp_path / "o")) == 2
-    )
-    assert capsys.readouterr().err.startswith("sequencer variants: error: no dataset found: ImageNet-ReaL (looked for")
+def test_suite_errors_are_one_line_before_any_work(assert_refused, tmp_path: Path, variants_root: Path) -> None:
+    out = tmp_path / "o"
+    empty = tmp_path / "empty"
+    match = r"error: no dataset found: ImageNet-ReaL \(looked for"
+    assert_refused("variants", empty, "--model", "sequencer2d_tiny", "--out", out, match=match, absent=[out])
     three = tmp_path / "three.safetensors"
     save_weights(create_model("sequencer2d_tiny", num_classes=3), three)
-    command = f"variants {variants_root} --model sequencer2d_tiny --checkpoint {three} --out {tmp_path / 'o'}"
-    assert run_cli(command) == 2
-    assert "need a 1000-class model; sequencer2d_tiny has 3" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    command = f"variants {variants_root} --model sequencer2d_tiny --checkpoint {three} --out {out}"
+    assert_refused(command, match="need a 1000-class model; sequencer2d_tiny has 3", absent=[out])
 
 
 @pytest.fixture
@@ -139,19 +163,12 @@ def without_imagecorruptions(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_robustness_without_its_extra_names_the_install_command(
-    run_cli,
-    tmp_path: Path,
-    variants_root: Path,
-    checkpoint: Path,
-    capsys: pytest.CaptureFixture,
-    without_imagecorruptions,
+    assert_refused, tmp_path: Path, variants_root: Path, checkpoint: Path, without_imagecorruptions
 ) -> None:
     out = tmp_path / "rob"
     command = f"robustness {variants_root / 'imagenet'} --model sequencer2d_tiny --checkpoint {checkpoint} --out {out}"
-    assert run_cli(command) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("sequencer robustness: error: the ImageNet-C corruptions need the imagecorruptions")
-    assert error.endswith('pip install "sequencer[robustness]"') and "\n" not in error and not out.exists()
+    match = r'error: the ImageNet-C corruptions need the imagecorruptions.*pip install "sequencer\[robustness\]"$'
+    assert_refused(command, match=match, absent=[out])
 
 
 @pytest.mark.slow

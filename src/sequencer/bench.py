@@ -1,4 +1,6 @@
-"""Images/s and peak memory of inference and training steps: ours beside timm's port, our reference path and peers.
+"""Benchmarking: `bench()`, which times and measures the peak memory of a list of models (our Sequencers in their
+implementations and runtimes, timm's twin of each, timm's other models: the subjects), and the tables, files and
+plots of `sequencer bench`.
 
 Every model is measured at each asked-for resolution, batch size and precision, in two modes: "infer" (a forward
 pass under no_grad) and "train" (forward, cross-entropy, backward, AdamW step). Our Sequencer models run once per
@@ -10,14 +12,14 @@ impl) and, on the CPU, onnxruntime running the file `export --dynamic-batch` wri
 against PyTorch), float32 or with int8 weights (`export --quantize int8`); onnxruntime has no bfloat16 CPU path, so
 it sits out the amp settings.
 
-Timing: the variants of one setting are timed in the same process, one step of each per round, so that a load
-change hits them alike; images/s comes from the median step. Peak memory: each (variant, setting) runs in a fresh
+Timing: the subjects of one setting are timed in the same process, one step of each per round, so that a load
+change hits them alike; images/s comes from the median step. Peak memory: each (subject, setting) runs in a fresh
 subprocess. On CUDA it is `torch.cuda.max_memory_allocated` above what was allocated before the first step. On the
 CPU it is the process's peak resident set (VmHWM, reset through /proc/self/clear_refs once the model, optimizer and
 batch exist) above its resident set at that point, with glibc's mmap threshold fixed so that freed tensors leave
 the resident set. Both count what the steps add to the weights: activations, gradients, optimizer state, scratch.
-An onnxruntime variant's baseline is its loaded session, so its figure includes the arena its first run allocates.
-A torch-compile variant takes one step before the baseline (it compiles then), so its figure leaves out what any
+An onnxruntime subject's baseline is its loaded session, so its figure includes the arena its first run allocates.
+A torch-compile subject takes one step before the baseline (it compiles then), so its figure leaves out what any
 first step allocates once (oneDNN's caches, say), which the eager figures include.
 """
 
@@ -46,13 +48,13 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from sequencer.builder import create_model
-from sequencer.choices import BENCH_MODES, ONNX_RUNTIMES
+from sequencer.choices import BENCH_MODES, BENCH_PRECISIONS, BENCH_RUNTIMES, ONNX_RUNTIMES
 from sequencer.deploy import OnnxModel, export, load_onnx, quantize_onnx, require_onnx_packages
 from sequencer.errors import UsageError
 from sequencer.model import list_models
 from sequencer.runtime import autocast, compile_model, native_bfloat16_cpu, resolve_device, set_threads
 
-# What a variant runs: a PyTorch module (compiled or not) or an exported file in onnxruntime.
+# What a subject runs: a PyTorch module (compiled or not) or an exported file in onnxruntime.
 Runner = nn.Module | OnnxModel
 # Writing "5" here resets the process's peak resident set (Linux): how CPU peak memory is measured.
 CLEAR_REFS = "/proc/self/clear_refs"
@@ -61,7 +63,7 @@ TWIN_TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class Setting:
-    """Where a variant is measured."""
+    """Where a subject is measured."""
 
     mode: str
     precision: str
@@ -70,7 +72,7 @@ class Setting:
 
 
 @dataclass(frozen=True)
-class Variant:
+class Subject:
     """One thing to measure: our model with an rnn_impl (optionally checkpointed), or a timm model."""
 
     model: str
@@ -95,81 +97,148 @@ class Variant:
         return self.runtime == "torch-compile"
 
     def runs_in(self, setting: Setting) -> bool:
-        """Whether this variant is measured in `setting`: checkpointing only trains, other runtimes only infer,
+        """Whether this subject is measured in `setting`: checkpointing only trains, other runtimes only infer,
         and onnxruntime has no amp (bfloat16) path."""
         if setting.mode == "infer":
             return not self.grad_checkpointing and not (self.runtime in ONNX_RUNTIMES and setting.precision == "amp")
         return self.runtime == "torch"
 
 
-def run(args: argparse.Namespace) -> int:
-    """Measure every variant in every setting, print the tables and write the files."""
-    set_threads(args.threads)
-    device = resolve_device(args.device)
-    batch_sizes = args.batch_sizes or [args.batch_size]
-    if not args.no_memory and device.type == "cpu" and not os.access(CLEAR_REFS, os.W_OK):
+def bench(
+    *,
+    models: Sequence[str] = ("sequencer2d_s",),
+    resolutions: Sequence[int] = (224,),
+    batch_sizes: Sequence[int] = (8,),
+    precisions: Sequence[str] = ("float32",),
+    modes: Sequence[str] = BENCH_MODES,
+    impls: Sequence[str] = ("auto", "reference"),
+    runtimes: Sequence[str] = ("torch",),
+    grad_checkpointing: bool = False,
+    timm_twin: bool = True,
+    measure_memory: bool = True,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | None = None,
+    amp_dtype: str | None = None,
+    threads: int | None = None,
+    report: Callable[[Setting, list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per subject and setting: images/s (median step), step times, peak memory, ratios to timm's twin
+    and to our reference path.
+
+    The arguments are `sequencer bench`'s flags (`precisions`: "float32" and/or "amp", autocast in `amp_dtype`;
+    `timm_twin`, `measure_memory`: the opposites of --no-timm-twin, --no-memory). `threads` sets the memory
+    subprocesses' and onnxruntime's threads (this process's: `torch.set_num_threads`). `report` is called with each
+    setting's records as soon as they are measured (the command prints a table).
+    """
+    named = (
+        ("--modes", modes, BENCH_MODES),
+        ("--precisions", precisions, BENCH_PRECISIONS),
+        ("--runtimes", runtimes, BENCH_RUNTIMES),
+    )
+    for flag, names, known in named:
+        if not names or set(names) - set(known):
+            raise UsageError(f"{flag} {','.join(names)}: expected some of {', '.join(known)}")
+    device = resolve_device(device)
+    if measure_memory and device.type == "cpu" and not os.access(CLEAR_REFS, os.W_OK):
         raise UsageError(
             f"peak CPU memory is read by resetting {CLEAR_REFS}, which this system lacks: pass --no-memory"
         )
-    runtimes = args.runtimes
-    variants = plan_variants(args.models, args.impls, args.grad_checkpointing, not args.no_timm_twin, runtimes)
-    check_resolutions(variants, args.resolutions)
+    subjects = plan_subjects(models, impls, grad_checkpointing, timm_twin, runtimes)
+    check_resolutions(subjects, resolutions)
     if set(runtimes) & set(ONNX_RUNTIMES):
         if device.type != "cpu":
             raise UsageError("--runtimes onnxruntime* run on the CPU (onnxruntime's CPU provider): pass --device cpu")
         require_onnx_packages(purpose="--runtimes onnxruntime (an ONNX export run by onnxruntime)")
-    precisions = args.precisions or (["amp"] if args.amp else ["float32"])
-    if "amp" in precisions and device.type == "cpu" and native_bfloat16_cpu() is False:
-        print("note: this CPU has no AVX512-BF16 or AMX: the amp (bfloat16) settings time its emulation")
     records = []
     with tempfile.TemporaryDirectory(prefix="sequencer-bench-") as workdir:
-        for resolution in args.resolutions:
-            models = build_models(variants, resolution, device, Path(workdir), args.threads)
-            for mode in args.modes:
+        for resolution in resolutions:
+            built = build_models(subjects, resolution, device, Path(workdir), threads)
+            for mode in modes:
                 for precision in precisions:
                     for batch_size in batch_sizes:
                         setting = Setting(mode, precision, resolution, batch_size)
-                        chosen = [v for v in variants if v.runs_in(setting)]
+                        chosen = [subject for subject in subjects if subject.runs_in(setting)]
                         if not chosen:
                             continue
-                        found = measure_setting(chosen, models, setting, device, args, Path(workdir))
+                        found = measure_setting(
+                            chosen,
+                            built,
+                            setting,
+                            device,
+                            Path(workdir),
+                            amp_dtype=amp_dtype,
+                            warmup=warmup,
+                            repeats=repeats,
+                            measure_memory=measure_memory,
+                            threads=threads,
+                        )
                         add_ratios(found)
-                        print_table(found, setting)
+                        if report is not None:
+                            report(setting, found)
                         records += found
-            del models
+            del built
             gc.collect()
-    write_outputs(records, args, device)
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    """`bench` with the flags: prints a table per setting and writes OUTPUT.json, OUTPUT.csv and OUTPUT.png."""
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    precisions = args.precisions or (["amp"] if args.amp else ["float32"])
+    if "amp" in precisions and device.type == "cpu" and native_bfloat16_cpu() is False:
+        print("note: this CPU has no AVX512-BF16 or AMX: the amp (bfloat16) settings time its emulation")
+    records = bench(
+        models=args.models,
+        resolutions=args.resolutions,
+        batch_sizes=args.batch_sizes or [args.batch_size],
+        precisions=precisions,
+        modes=args.modes,
+        impls=args.impls,
+        runtimes=args.runtimes,
+        grad_checkpointing=args.grad_checkpointing,
+        timm_twin=not args.no_timm_twin,
+        measure_memory=not args.no_memory,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=args.device,
+        amp_dtype=args.amp_dtype,
+        threads=args.threads,
+        report=print_table,
+    )
+    write_outputs(records, args.output, device)
     return 0
 
 
-def plan_variants(
+def plan_subjects(
     models: list[str], impls: list[str], checkpointing: bool, twins: bool, runtimes: Sequence[str] = ("torch",)
-) -> list[Variant]:
+) -> list[Subject]:
     """Ours once per impl and runtime (and checkpointed), once per onnxruntime runtime, timm's twin for
     sequencer2d_s/m/l, peers as timm models."""
     ours = set(list_models())
-    variants = []
+    subjects = []
     for name in models:
         if name in ours:
             if twins and timm.is_model(name):
-                variants.append(Variant(name, "timm"))
+                subjects.append(Subject(name, "timm"))
             for runtime in runtimes:
                 if runtime in ONNX_RUNTIMES:  # the export always takes the reference path: one file per model
-                    variants.append(Variant(name, "ours", runtime=runtime))
+                    subjects.append(Subject(name, "ours", runtime=runtime))
                 else:
-                    variants += [Variant(name, "ours", impl, runtime=runtime) for impl in impls]
+                    subjects += [Subject(name, "ours", impl, runtime=runtime) for impl in impls]
             if checkpointing:
-                variants += [Variant(name, "ours", impl, True) for impl in impls]
+                subjects += [Subject(name, "ours", impl, True) for impl in impls]
         elif timm.is_model(name):
-            variants.append(Variant(name, "timm"))
+            subjects.append(Subject(name, "timm"))
         else:
             raise UsageError(f"unknown model {name!r}: neither one of ours (see `sequencer summary`) nor in timm")
-    return variants
+    return subjects
 
 
-def check_resolutions(variants: list[Variant], resolutions: list[int]) -> None:
+def check_resolutions(subjects: list[Subject], resolutions: list[int]) -> None:
     """Raise UsageError when one of our models cannot take the smallest resolution."""
-    for name in dict.fromkeys(v.model for v in variants if v.source == "ours"):
+    for name in dict.fromkeys(subject.model for subject in subjects if subject.source == "ours"):
         with torch.device("meta"):  # shapes only: no weights allocated
             smallest = create_model(name).min_input_size
         if min(resolutions) < smallest:
@@ -177,68 +246,68 @@ def check_resolutions(variants: list[Variant], resolutions: list[int]) -> None:
 
 
 def build_models(
-    variants: list[Variant], resolution: int, device: torch.device, workdir: Path, threads: int | None = None
-) -> dict[Variant, Runner]:
-    """Build every variant: ours of a name and timm's twin carry the weights of one fresh model (the twin checked
-    on logits), and the onnxruntime variants run its export, written into `workdir`."""
-    names = dict.fromkeys(v.model for v in variants if v.source == "ours")
-    references = {name: build_model(Variant(name, "ours", "reference"), resolution) for name in names}
+    subjects: list[Subject], resolution: int, device: torch.device, workdir: Path, threads: int | None = None
+) -> dict[Subject, Runner]:
+    """Build every subject: ours of a name and timm's twin carry the weights of one fresh model (the twin checked
+    on logits), and the onnxruntime subjects run its export, written into `workdir`."""
+    names = dict.fromkeys(subject.model for subject in subjects if subject.source == "ours")
+    references = {name: build_subject_model(Subject(name, "ours", "reference"), resolution) for name in names}
     for name, reference in references.items():
-        wanted = {v.runtime for v in variants if v.model == name} & set(ONNX_RUNTIMES)
+        wanted = {subject.runtime for subject in subjects if subject.model == name} & set(ONNX_RUNTIMES)
         if wanted:
             write_onnx_files(reference, name, resolution, workdir, wanted)
-    models: dict[Variant, Runner] = {}
-    for variant in variants:
-        reference = references.get(variant.model)
+    models: dict[Subject, Runner] = {}
+    for subject in subjects:
+        reference = references.get(subject.model)
         weights = reference.state_dict() if reference is not None else None
-        models[variant] = build_runner(variant, resolution, device, workdir, threads, weights)
-        if variant.source == "timm" and reference is not None:
-            check_twin(reference.to(device), models[variant], variant.model, resolution, device)
+        models[subject] = build_runner(subject, resolution, device, workdir, threads, weights)
+        if subject.source == "timm" and reference is not None:
+            check_twin(reference.to(device), models[subject], subject.model, resolution, device)
     return models
 
 
 def write_onnx_files(model: nn.Module, name: str, resolution: int, workdir: Path, runtimes: set[str]) -> None:
-    """The files the onnxruntime variants run: `export --dynamic-batch` of `model` (checked against it), and that
+    """The files the onnxruntime subjects run: `export --dynamic-batch` of `model` (checked against it), and that
     file with int8 weights."""
-    float_path = onnx_file(workdir, Variant(name, "ours", runtime="onnxruntime"), resolution)
+    float_path = onnx_file(workdir, Subject(name, "ours", runtime="onnxruntime"), resolution)
     export(model, float_path, dynamic_batch=True, img_size=resolution)
     if "onnxruntime-int8" in runtimes:
-        quantize_onnx(float_path, onnx_file(workdir, Variant(name, "ours", runtime="onnxruntime-int8"), resolution))
+        quantize_onnx(float_path, onnx_file(workdir, Subject(name, "ours", runtime="onnxruntime-int8"), resolution))
 
 
-def onnx_file(workdir: Path, variant: Variant, resolution: int) -> Path:
-    """Where a run keeps the ONNX file an onnxruntime variant runs."""
-    return workdir / f"{variant.model}-{resolution}-{variant.runtime}.onnx"
+def onnx_file(workdir: Path, subject: Subject, resolution: int) -> Path:
+    """Where a run keeps the ONNX file an onnxruntime subject runs."""
+    return workdir / f"{subject.model}-{resolution}-{subject.runtime}.onnx"
 
 
 def build_runner(
-    variant: Variant,
+    subject: Subject,
     resolution: int,
     device: torch.device,
     workdir: Path | None,
     threads: int | None,
     weights: dict[str, torch.Tensor] | None = None,
 ) -> Runner:
-    """What a variant runs: its model on `device` with `weights` (compiled for torch-compile), or an onnxruntime
+    """What a subject runs: its model on `device` with `weights` (compiled for torch-compile), or an onnxruntime
     session of its file in `workdir` (`threads` intra-op threads)."""
-    if variant.runtime in ONNX_RUNTIMES:
-        return load_onnx(onnx_file(workdir, variant, resolution), threads)
-    model = build_model(variant, resolution)
+    if subject.runtime in ONNX_RUNTIMES:
+        return load_onnx(onnx_file(workdir, subject, resolution), threads)
+    model = build_subject_model(subject, resolution)
     if weights is not None:
         model.load_state_dict(weights)
     model = model.to(device)
-    return compile_model(model, "inductor") if variant.runtime == "torch-compile" else model
+    return compile_model(model, "inductor") if subject.runtime == "torch-compile" else model
 
 
-def build_model(variant: Variant, resolution: int, seed: int = 0) -> nn.Module:
+def build_subject_model(subject: Subject, resolution: int, seed: int = 0) -> nn.Module:
     """A fresh model: ours with a random (not zero) head so that logits can be compared, or timm's."""
     torch.manual_seed(seed)
-    if variant.source == "ours":
-        model = create_model(variant.model, rnn_impl=variant.rnn_impl)
+    if subject.source == "ours":
+        model = create_model(subject.model, rnn_impl=subject.rnn_impl)
         nn.init.normal_(model.head.fc.weight, std=0.02)
-        model.set_grad_checkpointing(variant.grad_checkpointing)
+        model.set_grad_checkpointing(subject.grad_checkpointing)
         return model
-    model = timm.create_model(variant.model)
+    model = timm.create_model(subject.model)
     if hasattr(model, "set_input_size") and model.pretrained_cfg["input_size"][-1] != resolution:
         model.set_input_size(img_size=(resolution, resolution))  # ViTs and Swins fix their grid at build time
     return model
@@ -296,30 +365,35 @@ def make_step(
 
 
 def measure_setting(
-    variants: list[Variant],
-    models: dict[Variant, Runner],
+    subjects: list[Subject],
+    models: dict[Subject, Runner],
     setting: Setting,
     device: torch.device,
-    args: argparse.Namespace,
     workdir: Path,
+    *,
+    amp_dtype: str | None,
+    warmup: int,
+    repeats: int,
+    measure_memory: bool,
+    threads: int | None,
 ) -> list[dict[str, Any]]:
-    """Round-robin timing of the variants in one setting, then (unless disabled) their peak memory."""
-    steps = {v: make_step(models[v], setting, device, args.amp_dtype, v.compiled) for v in variants}
-    times = time_round_robin(steps, device, args.warmup, args.repeats)
+    """Round-robin timing of the subjects in one setting, then (when `measure_memory`) their peak memory."""
+    steps = {subject: make_step(models[subject], setting, device, amp_dtype, subject.compiled) for subject in subjects}
+    times = time_round_robin(steps, device, warmup, repeats)
     records = []
-    for variant in variants:
-        median = statistics.median(times[variant])
+    for subject in subjects:
+        median = statistics.median(times[subject])
         peak = None
-        if not args.no_memory:
-            peak = measure_peak_memory(variant, setting, device, args.threads, args.amp_dtype, workdir)
+        if measure_memory:
+            peak = measure_peak_memory(subject, setting, device, threads, amp_dtype, workdir)
         records.append(
             dict(
-                variant=variant.label,
-                **asdict(variant),
+                variant=subject.label,
+                **asdict(subject),
                 **asdict(setting),
                 images_per_s=setting.batch_size / median,
                 step_ms=1000 * median,
-                step_ms_all=[1000 * t for t in times[variant]],
+                step_ms_all=[1000 * t for t in times[subject]],
                 peak_memory_mib=peak,
             )
         )
@@ -362,7 +436,7 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             record[f"memory_vs_{key}"] = record["peak_memory_mib"] / other["peak_memory_mib"] if both else None
 
 
-def print_table(records: list[dict[str, Any]], setting: Setting) -> None:
+def print_table(setting: Setting, records: list[dict[str, Any]]) -> None:
     """One block per setting: images/s, peak memory and the ratios."""
     print(f"\n{setting.mode} {setting.precision} {setting.resolution}px batch {setting.batch_size}")
     width = max(len(r["model"]) for r in records)
@@ -383,9 +457,9 @@ def print_table(records: list[dict[str, Any]], setting: Setting) -> None:
         )
 
 
-def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> None:
+def write_outputs(records: list[dict[str, Any]], output: str | os.PathLike, device: torch.device) -> None:
     """OUTPUT.json (everything, with the environment), OUTPUT.csv (one row per measurement), OUTPUT.png."""
-    output = Path(args.output)
+    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     environment = dict(
         command=" ".join(sys.argv),
@@ -410,13 +484,13 @@ def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace, devic
 
 
 def _curve_label(record: dict[str, Any]) -> str:
-    """How a plot names the measurements of one model, variant, batch size and precision."""
+    """How a plot names the measurements of one subject at one batch size and precision."""
     name = f"timm {record['model']}" if record["source"] == "timm" else f"{record['model']} {record['variant']}"
     return f"{name}, batch {record['batch_size']}, {record['precision']}"
 
 
 def plot_side_by_side(records: list[dict[str, Any]], path: Path) -> None:
-    """Peak memory (when measured) and images/s of every model and variant at the one resolution, as bars."""
+    """Peak memory (when measured) and images/s of every subject at the one resolution, as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -454,7 +528,7 @@ def plot_side_by_side(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
-    """Peak memory and images/s against input size, one line per model and variant (the paper's memory figure)."""
+    """Peak memory and images/s against input size, one line per subject (the paper's memory figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -519,17 +593,17 @@ def _processor_name(device: torch.device) -> str:
 
 
 def measure_peak_memory(
-    variant: Variant,
+    subject: Subject,
     setting: Setting,
     device: torch.device,
     threads: int | None,
     amp_dtype: str | None,
     workdir: Path | None = None,
 ) -> float:
-    """Peak memory (MiB) that two steps of `variant` add to the built model (or loaded onnxruntime session, whose
+    """Peak memory (MiB) that two steps of `subject` add to the built model (or loaded onnxruntime session, whose
     file is in `workdir`), measured in a fresh subprocess."""
     spec = dict(
-        variant=asdict(variant),
+        subject=asdict(subject),
         setting=asdict(setting),
         device=str(device),
         threads=threads,
@@ -542,7 +616,7 @@ def measure_peak_memory(
     code = "import sys; from sequencer.bench import memory_probe; memory_probe(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"memory measurement of {variant.label} {setting} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"memory measurement of {subject.label} {setting} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
@@ -551,10 +625,10 @@ def memory_probe(spec_json: str) -> None:
     spec = json.loads(spec_json)
     set_threads(spec["threads"])
     device = torch.device(spec["device"])
-    variant, setting = Variant(**spec["variant"]), Setting(**spec["setting"])
+    subject, setting = Subject(**spec["subject"]), Setting(**spec["setting"])
     workdir = Path(spec["workdir"]) if spec["workdir"] else None
-    model = build_runner(variant, setting.resolution, device, workdir, spec["threads"])
-    step = make_step(model, setting, device, spec["amp_dtype"], variant.compiled)
+    model = build_runner(subject, setting.resolution, device, workdir, spec["threads"])
+    step = make_step(model, setting, device, spec["amp_dtype"], subject.compiled)
     if device.type == "cuda":
         peak_mib = cuda_peak_mib(step, device)
     else:
@@ -592,8 +666,3 @@ def _status_kib(field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Argument types
-# ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""The project's error types: every expected failure (bad input, unusable file) derives from `SequencerError`.
+"""The project's error types: every expected failure (bad input, unusable file, missing package) derives from
+`SequencerError`.
 
 `sequencer.cli.main` turns a `SequencerError` into one line on stderr and exit code 2; anything else is a bug and
-keeps its traceback. The subclasses are also `ValueError`s, so code that caught ValueError keeps working.
+keeps its traceback. The subclasses also derive from the built-in error of their kind, which callers may catch
+instead: `UsageError`, `CheckpointError` and `DatasetError` are `ValueError`s, `MissingDependencyError` is an
+`ImportError` (and `sequencer.deploy.ExportCheckError` a `RuntimeError`).
 """
 
 from __future__ import annotations

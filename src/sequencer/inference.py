@@ -321,7 +321,7 @@ def format_table(predictions: Sequence[Prediction]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_csv(predictions: Sequence[Prediction], stream: TextIO) -> None:
+def write_predictions_csv(predictions: Sequence[Prediction], stream: TextIO) -> None:
     """One row per file: path, error, then index / label / probability for each rank."""
     k = max((len(p.top) for p in predictions), default=0)
     writer = csv.writer(stream, lineterminator="\n")
@@ -343,7 +343,7 @@ def render(predictions: Sequence[Prediction], output_format: str) -> str:
         return format_table(predictions)
     if output_format == "csv":
         buffer = io.StringIO()
-        write_csv(predictions, buffer)
+        write_predictions_csv(predictions, buffer)
         return buffer.getvalue()
     if output_format == "json":
         return json.dumps([asdict(p) for p in predictions], indent=2) + "\n"

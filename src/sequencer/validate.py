@@ -1,4 +1,5 @@
-"""Evaluation: top-1, top-5 and loss of a model on a dataset (`evaluate`), and the run of `sequencer validate`."""
+"""Evaluation: `evaluate` (top-1, top-5 and loss of a model over a loader), `validate` (a model on a dataset, from
+names and files, as `sequencer validate` runs it), the ImageNet-A/-R class subsets and the ImageNet-ReaL labels."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import os
 import pkgutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,11 @@ class WithRealLabels(Dataset):
         return (*sample, row)
 
 
+# The running sums `evaluate` keeps, by name: sums rather than means, so that batches of any size and shards of any
+# length weigh by their images.
+SUMS = ("loss", "top1_hits", "top5_hits", "images", "real_hits", "real_images")
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -152,8 +158,7 @@ def evaluate(
     """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    # Sums, not averages, so that batches of any size and shards of any length weigh by their images.
-    totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top-1, top-5, images, ReaL hits, ReaL images
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in SUMS}
     mask = None
     start = time.perf_counter()
     # A streamed set read without its image count says its length is 0: no total then (torch would warn at every
@@ -178,39 +183,43 @@ def evaluate(
         # timm's accuracy caps k at the class count, so top-5 of a 3-class problem is top-3.
         top1, top5 = accuracy(logits, targets, topk=(1, 5))
         count = targets.numel()
-        real_hits = real_count = torch.zeros((), dtype=torch.float64, device=device)
+        sums["loss"] += criterion(logits, targets).double()
+        sums["top1_hits"] += top1.double() * count / 100
+        sums["top5_hits"] += top5.double() * count / 100
+        sums["images"] += count
         if real:
             rows = real[0].to(device)
             labelled = rows.any(dim=1)
             hits = rows.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
-            real_hits, real_count = (hits & labelled).sum().double(), labelled.sum().double()
-        totals += torch.stack(
-            [
-                criterion(logits, targets).double(),
-                top1.double() * count / 100,
-                top5.double() * count / 100,
-                torch.tensor(count, dtype=torch.float64, device=device),
-                real_hits,
-                real_count,
-            ]
-        )
+            sums["real_hits"] += (hits & labelled).sum().double()
+            sums["real_images"] += labelled.sum().double()
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+    totals = _sum_over_processes(sums, distributed)
     if distributed:
-        dist.all_reduce(totals)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    loss, hits1, hits5, count, real_hits, real_count = totals.tolist()
+    count = totals["images"]
     if count == 0:
         raise DatasetError("nothing to evaluate: the loader yielded no images")
     metrics = {
-        "top1": 100.0 * hits1 / count,
-        "top5": 100.0 * hits5 / count,
-        "loss": loss / count,
+        "top1": 100.0 * totals["top1_hits"] / count,
+        "top5": 100.0 * totals["top5_hits"] / count,
+        "loss": totals["loss"] / count,
         "images_per_sec": count / max(elapsed.item(), 1e-9),
         "count": int(count),
     }
-    if real_count:
-        metrics.update(real_top1=100.0 * real_hits / real_count, real_count=int(real_count))
+    if totals["real_images"]:
+        metrics.update(
+            real_top1=100.0 * totals["real_hits"] / totals["real_images"], real_count=int(totals["real_images"])
+        )
     return metrics
+
+
+def _sum_over_processes(sums: dict[str, torch.Tensor], distributed: bool) -> dict[str, float]:
+    """Each named sum added up over all processes (one all_reduce of them stacked), as floats."""
+    stacked = torch.stack(list(sums.values()))
+    if distributed:
+        dist.all_reduce(stacked)
+    return dict(zip(sums, stacked.tolist(), strict=True))
 
 
 def check_targets_within(dataset: Dataset, valid_classes: torch.Tensor) -> None:
@@ -223,84 +232,147 @@ def check_targets_within(dataset: Dataset, valid_classes: torch.Tensor) -> None:
         )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Build the model and data from the flags, evaluate, print and optionally save the metrics; under torchrun
-    each process evaluates its share of the images and rank 0 prints and saves the totals."""
-    set_threads(args.threads)
-    with process_group(args.device) as context:
-        logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
-        results = validate(args, context)
-    if args.output and context.is_primary:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+def validate(
+    *,
+    data: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    dataset: str = "",
+    split: str = "validation",
+    dataset_download: bool = False,
+    model: str = "sequencer2d_s",
+    checkpoint: str | os.PathLike = "",
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    use_ema: bool = False,
+    unsafe_load: bool = False,
+    img_size: int | None = None,
+    input_size: Sequence[int] | None = None,
+    crop_pct: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str = "",
+    batch_size: int = 32,
+    workers: int = 2,
+    device: str | None = None,
+    amp: bool = False,
+    amp_dtype: str | None = None,
+    torchcompile: str | None = None,
+    valid_labels: str = "",
+    real_labels: str | None = None,
+    context: DistributedContext | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate `model` (with `checkpoint`'s weights) on a dataset and return what `sequencer validate` reports.
 
-
-def validate(args: argparse.Namespace, context: DistributedContext | None = None) -> dict[str, Any]:
-    """Evaluate the model the flags describe on the data they name; print (rank 0) and return the results.
-
-    `context`: the processes that share the images (torchrun's); none: this process alone, on --device."""
-    resolve_model_name(args.model)  # before the data is read
-    context = context or DistributedContext(0, 1, resolve_device(args.device))
+    The arguments are the command's flags: `data` (or `data_dir`) is a class-folder tree, `dataset` a torch/, wds/,
+    hfds/ name, and neither: the built-in digits. `input_size`, `img_size`, `crop_pct`, `mean`, `std` and
+    `interpolation` default to what a training checkpoint records, else to the model's. `real_labels=""` scores
+    ImageNet-ReaL with timm's packaged labels (None: not at all). `context`: the processes that share the images
+    (torchrun's, from `sequencer.distributed.process_group`); none: this process alone, on `device`. `progress`
+    draws a progress bar on a terminal (rank 0's).
+    """
+    resolve_model_name(model)  # before the data is read
+    context = context or DistributedContext(0, 1, resolve_device(device))
     device = context.device
     if context.is_primary:
-        warn_if_emulated_bfloat16(device, args.amp, args.amp_dtype)
-    root = args.data or args.data_dir
-    name = args.dataset or root
-    checkpoint = open_checkpoint(args.checkpoint, args.use_ema, args.unsafe_load) if args.checkpoint else None
+        warn_if_emulated_bfloat16(device, amp, amp_dtype)
+    root = os.fspath(data or data_dir) if data or data_dir else None
+    name = dataset or root
+    checkpoint = os.fspath(checkpoint) if checkpoint else ""
+    opened = open_checkpoint(checkpoint, use_ema, unsafe_load) if checkpoint else None
     # A checkpoint of `sequencer train` records the input it was trained at: the default here too.
-    trained = checkpoint.trained_args if checkpoint else {}
-    overrides = {
-        key: value if value not in (None, "") else trained.get(key) for key, value in input_overrides(args).items()
-    }
+    trained = opened.trained_args if opened else {}
+    asked = dict(
+        input_size=input_size, img_size=img_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation
+    )
+    overrides = {key: value if value not in (None, "") else trained.get(key) for key, value in asked.items()}
     # The built-in digits are upscaled straight to the input size, as `sequencer train` does.
     digits_size = overrides["input_size"][-1] if overrides["input_size"] else overrides["img_size"] or 32
-    dataset = build_dataset(name, args.split, data_dir=root, download=args.dataset_download, img_size=digits_size)
-    num_classes = args.num_classes or (checkpoint and checkpoint.num_classes) or len(dataset.classes)
+    eval_set = build_dataset(name, split, data_dir=root, download=dataset_download, img_size=digits_size)
+    num_classes = num_classes or (opened and opened.num_classes) or len(eval_set.classes)
     # Folders named by WordNet id (ImageNet-A, -R, -Sketch) or number (ImageNet-V2) take the model's class indices.
-    dataset = map_classes(dataset, num_classes, checkpoint.class_names if checkpoint else None)
-    valid_classes = load_valid_classes(args.valid_labels, num_classes) if args.valid_labels else None
+    eval_set = map_classes(eval_set, num_classes, opened.class_names if opened else None)
+    valid_classes = load_valid_classes(valid_labels, num_classes) if valid_labels else None
     if valid_classes is not None:
-        check_targets_within(dataset, valid_classes)
-    if args.real_labels is not None:
-        if not isinstance(dataset, ImageFolder) or num_classes != 1000:
+        check_targets_within(eval_set, valid_classes)
+    if real_labels is not None:
+        if not isinstance(eval_set, ImageFolder) or num_classes != 1000:
             raise UsageError("--real-labels needs a 1000-class model and the ImageNet val folder")
-        dataset = WithRealLabels(dataset, load_real_labels(args.real_labels), num_classes)
-    model = load_model(args.model, checkpoint, num_classes, args.in_chans)
-    config = data_config(model, **overrides)
-    check_image_input_fits(model, config["input_size"])
-    dataset.transform = create_transform(model, train=False, **overrides)
-    loader = create_loader(dataset, args.batch_size, args.workers, distributed=context.distributed)
-    model = compile_model(model.to(device), args.torchcompile)
-    label = f"{args.model} on {name or 'digits'}" if context.is_primary else ""
+        eval_set = WithRealLabels(eval_set, load_real_labels(real_labels), num_classes)
+    network = load_model(model, opened, num_classes, in_chans)
+    config = data_config(network, **overrides)
+    check_image_input_fits(network, config["input_size"])
+    eval_set.transform = create_transform(network, train=False, **overrides)
+    loader = create_loader(eval_set, batch_size, workers, distributed=context.distributed)
+    network = compile_model(network.to(device), torchcompile)
+    label = f"{model} on {name or 'digits'}" if progress and context.is_primary else ""
     metrics = evaluate(
-        model,
+        network,
         loader,
         device,
-        args.amp,
-        args.amp_dtype,
+        amp,
+        amp_dtype,
         distributed=context.distributed,
         valid_classes=valid_classes,
         progress=label,
     )
-    metrics["num_skipped"] = all_reduce_sum(getattr(getattr(dataset, "base", dataset), "num_skipped", 0), context)
-    results: dict[str, Any] = {
-        "model": args.model,
-        "checkpoint": args.checkpoint,
+    metrics["num_skipped"] = all_reduce_sum(getattr(getattr(eval_set, "base", eval_set), "num_skipped", 0), context)
+    return {
+        "model": model,
+        "checkpoint": checkpoint,
         "data": name or "digits",
-        "split": args.split,
-        **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+        "split": split,
+        **metrics,
         "input_size": list(config["input_size"]),
         "crop_pct": config["crop_pct"],
         "interpolation": config["interpolation"],
-        "amp": args.amp,
-        "valid_labels": args.valid_labels or None,
+        "amp": amp,
+        "valid_labels": valid_labels or None,
     }
+
+
+# The results `sequencer validate` writes rounded (to 4 decimals): the float metrics of `evaluate`.
+ROUNDED = ("top1", "top5", "loss", "images_per_sec", "real_top1")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`validate` with the flags; rank 0 prints the metrics and writes them to --results-file. Under torchrun each
+    process evaluates its share of the images."""
+    set_threads(args.threads)
+    with process_group(args.device) as context:
+        logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
+        results = validate(
+            data=args.data,
+            data_dir=args.data_dir,
+            dataset=args.dataset,
+            split=args.split,
+            dataset_download=args.dataset_download,
+            model=args.model,
+            checkpoint=args.checkpoint,
+            num_classes=args.num_classes,
+            in_chans=args.in_chans,
+            use_ema=args.use_ema,
+            unsafe_load=args.unsafe_load,
+            **input_overrides(args),
+            batch_size=args.batch_size,
+            workers=args.workers,
+            amp=args.amp,
+            amp_dtype=args.amp_dtype,
+            torchcompile=args.torchcompile,
+            valid_labels=args.valid_labels,
+            real_labels=args.real_labels,
+            context=context,
+            progress=True,
+        )
     if not context.is_primary:
-        return results
-    real = f"  ReaL top-1 {metrics['real_top1']:.3f}" if "real_top1" in metrics else ""
+        return 0
+    real = f"  ReaL top-1 {results['real_top1']:.3f}" if "real_top1" in results else ""
     print(
-        f"{args.model}: top-1 {metrics['top1']:.3f}{real}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "
-        f"{metrics['images_per_sec']:.1f} images/s  ({metrics['count']} images, {metrics['num_skipped']} skipped)"
+        f"{args.model}: top-1 {results['top1']:.3f}{real}  top-5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
+        f"{results['images_per_sec']:.1f} images/s  ({results['count']} images, {results['num_skipped']} skipped)"
     )
-    return results
+    if args.output:
+        rounded = {key: round(value, 4) if key in ROUNDED else value for key, value in results.items()}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(rounded, indent=2) + "\n")
+    return 0

@@ -67,7 +67,7 @@ def _classifier_classes(state_dict: dict[str, torch.Tensor], classifier: str) ->
     return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
 
 
-def build_model(
+def build_compared_model(
     name: str,
     checkpoint: str | os.PathLike = "",
     num_classes: int | None = None,
@@ -76,7 +76,8 @@ def build_model(
     in_chans: int = 3,
     unsafe_load: bool = False,
 ) -> nn.Module:
-    """One of our variants or any timm model, in eval mode, with weights from `checkpoint` (none: random init)."""
+    """A model the analyses measure or compare: one of our variants or any timm model, in eval mode, with weights from
+    `checkpoint` (none: random init)."""
     # Classes: `num_classes`, else the checkpoint's classifier, else 1000. timm models with a fixed input size
     # (ViTs) are built for `img_size`; timm resamples their position embeddings when loading the file.
     checkpoint = str(checkpoint or "")

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sequencer.analysis.common import (
-    build_model,
+    build_compared_model,
     check_model_specs,
     evenly_spaced_subset,
     model_labels,
@@ -58,7 +58,7 @@ class StageERF:
         return self.erf.shape[0] / self.feature_size[0] / 2
 
 
-def stage_indices(feature_info: list[dict]) -> list[int]:
+def stage_feature_levels(feature_info: list[dict]) -> list[int]:
     """Feature levels standing for a timm model's stages: the last of each resolution, or four spread over a ViT."""
     # Hierarchical models: the deepest four resolutions. Isotropic ones (one resolution, a ViT's blocks): four
     # evenly spaced levels ending at the last.
@@ -81,7 +81,7 @@ def stage_extractor(model: nn.Module) -> tuple[Callable[[torch.Tensor], list[tor
         indices = list(range(len(model.stages)))
         names = [f"stage {i + 1}" for i in indices]
     else:
-        indices = stage_indices(model.feature_info)
+        indices = stage_feature_levels(model.feature_info)
         names = [model.feature_info[i]["module"] for i in indices]
 
     def extract(x: torch.Tensor) -> list[torch.Tensor]:
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     for (name, checkpoint), label in zip(specs, model_labels(specs), strict=True):
         # The weights of a model without checkpoint come from --seed, whatever the order of the models.
         torch.manual_seed(args.seed)
-        model = build_model(
+        model = build_compared_model(
             name,
             checkpoint,
             num_classes=args.num_classes,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sequencer.analysis.common import (
-    build_model,
+    build_compared_model,
     check_model_specs,
     model_labels,
     new_figure,
@@ -47,7 +47,7 @@ def accuracy_by_resolution(
     train_size = training_size(name)
     for size in sizes:
         # Rebuilt per size: a fixed-size timm model needs its position embeddings resampled for each one.
-        model = build_model(
+        model = build_compared_model(
             name,
             checkpoint,
             num_classes=args.num_classes,

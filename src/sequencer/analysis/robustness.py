@@ -1,4 +1,6 @@
-"""Accuracy under the 15 ImageNet-C corruptions at 5 severities, made on the fly from a clean val set, and the mCE.
+"""ImageNet-C made on the fly: the corruptions and AlexNet's errors (`CORRUPTIONS`, `ALEXNET_MEAN_ERRORS`), the
+corrupted dataset (`CorruptedImages`), the corruption error, `robustness()`, which scores a model under them, and the
+files and figures of `sequencer robustness`.
 
 Each image is resized and centre-cropped as for evaluation, corrupted as uint8 pixels by the `imagecorruptions`
 package (Hendrycks & Dietterich's ImageNet-C code, packaged by bethgelab), then normalised. The corruption error of
@@ -18,7 +20,8 @@ import os
 import sys
 import types
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from matplotlib.patches import Patch
 from torch.utils.data import Dataset
 
 from sequencer.analysis.common import (
-    build_model,
+    build_compared_model,
     check_model_specs,
     evenly_spaced_subset,
     new_figure,
@@ -40,7 +43,7 @@ from sequencer.data import build_dataset, create_loader, create_transform, data_
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import MissingDependencyError, UsageError
 from sequencer.options import input_overrides
-from sequencer.runtime import set_threads
+from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
@@ -174,6 +177,15 @@ class CorruptedImages(Dataset):
         return (image.float() / 255.0 - self.mean) / self.std, target
 
 
+def in_order(values: Sequence, allowed: tuple, flag: str) -> tuple:
+    """The values in `allowed`'s order; a UsageError naming `flag` for an unknown value or none."""
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        problem = f"unknown {unknown}" if unknown else "none given"
+        raise UsageError(f"{flag}: {problem}; choose among {', '.join(map(str, allowed))}")
+    return tuple(v for v in allowed if v in values)
+
+
 def load_alexnet_errors(path: str | os.PathLike) -> dict[str, dict[int, float] | float]:
     """AlexNet's errors from a JSON or CSV file, as fractions: per corruption a mean, or one error per severity."""
     path = Path(path)
@@ -282,55 +294,96 @@ def plot_examples(
     return save_figure(fig, path)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Clean and corrupted accuracy: a CSV per corruption, robustness.csv/.png, examples.png and summary.json; under
-    torchrun each process evaluates its share of the images and rank 0 writes and prints the totals."""
-    set_threads(args.threads)
-    with process_group(args.device) as context:
-        return _run(args, context)
+@dataclass(frozen=True)
+class RobustnessResult:
+    """What `robustness` measured, in percent: clean and corrupted accuracy, each corruption's error and its CE."""
+
+    clean: dict[str, Any]  # `evaluate`'s metrics on the clean images
+    by_severity: dict[str, list[dict[str, Any]]]  # per corruption: severity, top1, top5, error, loss, images
+    rows: list[dict[str, Any]]  # per corruption: mean_top1, mean_error, ce ("" when AlexNet's errors do not cover it)
+    mean_error: float  # over the corruptions
+    mce: float | None  # the mean CE (AlexNet = 100), when every corruption has its CE
+    clean_images: Dataset = field(repr=False)  # uint8 images, as `CorruptedImages` and `plot_examples` take them
 
 
-def _run(args: argparse.Namespace, context: DistributedContext) -> int:
-    """`run` in the processes of `context`."""
-    device = context.device
-    corruptions, severities = args.corruptions, args.severities
-    alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else ALEXNET_MEAN_ERRORS
-    check_model_specs([(args.model, args.checkpoint)], need_weights=True)
-    if args.in_chans != 3:
-        raise UsageError(f"--in-chans {args.in_chans}: the ImageNet-C corruptions are defined on RGB images")
+def robustness(
+    *,
+    data: str | os.PathLike,
+    model: str = "sequencer2d_s",
+    checkpoint: str | os.PathLike = "",
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severities: Sequence[int] = SEVERITIES,
+    alexnet_errors: Mapping[str, dict[int, float] | float] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    use_ema: bool = False,
+    unsafe_load: bool = False,
+    img_size: int | None = None,
+    input_size: Sequence[int] | None = None,
+    crop_pct: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str = "",
+    batch_size: int = 32,
+    workers: int = 2,
+    device: str | None = None,
+    amp: bool = False,
+    amp_dtype: str | None = None,
+    context: DistributedContext | None = None,
+    progress: bool = False,
+) -> RobustnessResult:
+    """Top-1 of a trained model on the clean images of `data` and under each corruption at each severity, and the
+    corruption errors normalised by AlexNet's (`alexnet_errors`, fractions; none: the published means).
+
+    The arguments are `sequencer robustness`'s flags, with `corruptions` and `severities` as lists. `context`: the
+    processes that share the images (torchrun's, from `sequencer.distributed.process_group`); none: this process
+    alone, on `device`. `progress` draws a progress bar per pass on a terminal (rank 0's).
+    """
+    corruptions = in_order(corruptions, CORRUPTIONS, "--corruptions")
+    severities = in_order(severities, SEVERITIES, "--severities")
+    alexnet = ALEXNET_MEAN_ERRORS if alexnet_errors is None else alexnet_errors
+    checkpoint = os.fspath(checkpoint) if checkpoint else ""
+    check_model_specs([(model, checkpoint)], need_weights=True)
+    if in_chans != 3:
+        raise UsageError(f"--in-chans {in_chans}: the ImageNet-C corruptions are defined on RGB images")
     imagecorruptions()  # fail now, not after the clean pass, if the package is missing
-    overrides = input_overrides(args)
-    model = build_model(
-        args.model,
-        args.checkpoint,
-        num_classes=args.num_classes,
-        img_size=args.img_size,
-        use_ema=args.use_ema,
-        unsafe_load=args.unsafe_load,
-    ).to(device)
-    config = data_config(model, **overrides)
+    context = context or DistributedContext(0, 1, resolve_device(device))
+    overrides = dict(
+        img_size=img_size, input_size=input_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation
+    )
+    network = build_compared_model(
+        model, checkpoint, num_classes=num_classes, img_size=img_size, use_ema=use_ema, unsafe_load=unsafe_load
+    ).to(context.device)
+    config = data_config(network, **overrides)
     if min(config["input_size"][1:]) < 32:
         raise UsageError(f"input size {config['input_size']} is too small: imagecorruptions needs 32 px or more")
     # uint8 tensors (timm's prefetcher layout): corrupted as pixels, normalised afterwards by CorruptedImages.
-    transform = create_transform(model, train=False, use_prefetcher=True, **overrides)
-    base = build_dataset(args.data, "val", transform=transform)
+    transform = create_transform(network, train=False, use_prefetcher=True, **overrides)
+    base = build_dataset(os.fspath(data), "val", transform=transform)
     # Folders named by WordNet id (a subset of ImageNet val) take their ImageNet-1k index.
-    base = map_classes(base, model.num_classes)
-    base = evenly_spaced_subset(base, args.limit)
+    base = map_classes(base, network.num_classes)
+    base = evenly_spaced_subset(base, limit)
 
     def accuracy(corruption: str, severity: int) -> dict[str, Any]:
-        images = CorruptedImages(base, corruption, severity, config["mean"], config["std"], args.seed)
-        loader = create_loader(images, args.batch_size, args.workers, distributed=context.distributed)
-        label = (f"{corruption}, severity {severity}" if severity else "clean") if context.is_primary else ""
+        images = CorruptedImages(base, corruption, severity, config["mean"], config["std"], seed)
+        loader = create_loader(images, batch_size, workers, distributed=context.distributed)
+        label = f"{corruption}, severity {severity}" if severity else "clean"
         return evaluate(
-            model, loader, device, args.amp, args.amp_dtype, distributed=context.distributed, progress=label
+            network,
+            loader,
+            context.device,
+            amp,
+            amp_dtype,
+            distributed=context.distributed,
+            progress=label if progress and context.is_primary else "",
         )
 
     clean = accuracy(CORRUPTIONS[0], 0)
     if context.is_primary:
         _logger.info("clean: top-1 %.2f (%d images)", clean["top1"], clean["count"])
-    out = Path(args.output)
-    rows = []
+    by_severity, rows = {}, []
     for corruption in corruptions:
         per_severity = []
         for severity in severities:
@@ -347,8 +400,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> int:
                     images=metrics["count"],
                 )
             )
-        if context.is_primary:
-            write_csv(per_severity, out / "corruptions" / f"{corruption}.csv")
+        by_severity[corruption] = per_severity
         errors = {r["severity"]: r["error"] / 100 for r in per_severity}
         ce = corruption_error(errors, alexnet.get(corruption))
         rows.append(
@@ -359,22 +411,72 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> int:
                 ce="" if ce is None else round(100 * ce, 2),
             )
         )
-    if not context.is_primary:
-        return 0
-    write_csv(rows, out / "robustness.csv")
-    mean_error = float(np.mean([r["mean_error"] for r in rows]))
     normalised = all(r["ce"] != "" for r in rows)
-    mce = float(np.mean([r["ce"] for r in rows])) if normalised else None
+    return RobustnessResult(
+        clean=clean,
+        by_severity=by_severity,
+        rows=rows,
+        mean_error=float(np.mean([r["mean_error"] for r in rows])),
+        mce=float(np.mean([r["ce"] for r in rows])) if normalised else None,
+        clean_images=base,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """`robustness` with the flags (AlexNet's file read first); rank 0 writes a CSV per corruption,
+    robustness.csv/.png, examples.png and summary.json. Under torchrun each process evaluates its share of the images.
+    """
+    set_threads(args.threads)
+    alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else None
+    with process_group(args.device) as context:
+        result = robustness(
+            data=args.data,
+            model=args.model,
+            checkpoint=args.checkpoint,
+            corruptions=args.corruptions,
+            severities=args.severities,
+            alexnet_errors=alexnet,
+            limit=args.limit,
+            seed=args.seed,
+            num_classes=args.num_classes,
+            in_chans=args.in_chans,
+            use_ema=args.use_ema,
+            unsafe_load=args.unsafe_load,
+            **input_overrides(args),
+            batch_size=args.batch_size,
+            workers=args.workers,
+            amp=args.amp,
+            amp_dtype=args.amp_dtype,
+            context=context,
+            progress=True,
+        )
+    if context.is_primary:
+        alexnet_source = args.alexnet_errors or "published per-corruption means (Hendrycks & Dietterich)"
+        write_report(result, Path(args.output), args.model, args.checkpoint, alexnet_source, args.seed)
+    return 0
+
+
+def write_report(
+    result: RobustnessResult, out: Path, model: str, checkpoint: str, alexnet_source: str, seed: int
+) -> None:
+    """The files of `sequencer robustness` in `out` (corruptions/<name>.csv, robustness.csv/.png, examples.png,
+    summary.json) and its lines on stdout."""
+    for corruption, per_severity in result.by_severity.items():
+        write_csv(per_severity, out / "corruptions" / f"{corruption}.csv")
+    write_csv(result.rows, out / "robustness.csv")
+    corruptions = [row["corruption"] for row in result.rows]
+    severities = [row["severity"] for row in result.by_severity[corruptions[0]]]
+    clean, mce, mean_error = result.clean, result.mce, result.mean_error
     summary = dict(
-        model=args.model,
-        checkpoint=args.checkpoint,
+        model=model,
+        checkpoint=checkpoint,
         images=clean["count"],
         clean_top1=round(clean["top1"], 3),
         mean_corruption_error=round(mean_error, 3),
         mce=None if mce is None else round(mce, 2),
-        corruptions=list(corruptions),
-        severities=list(severities),
-        alexnet_errors=args.alexnet_errors or "published per-corruption means (Hendrycks & Dietterich)",
+        corruptions=corruptions,
+        severities=severities,
+        alexnet_errors=alexnet_source,
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     partial = len(corruptions) < len(CORRUPTIONS)
@@ -387,14 +489,13 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> int:
         )
     else:
         headline = f"mCE {mce:.2f}% (AlexNet = 100){scope}, mean corruption error {mean_error:.2f}%"
-    plot_robustness(rows, clean["top1"], f"{args.model}\n{headline}", out / "robustness.png")
-    plot_examples(base, corruptions, severities, args.seed, out / "examples.png")
-    print(f"{args.model}: clean top-1 {clean['top1']:.2f}%, {headline} ({clean['count']} images)")
-    for row in rows:
+    plot_robustness(result.rows, clean["top1"], f"{model}\n{headline}", out / "robustness.png")
+    plot_examples(result.clean_images, tuple(corruptions), tuple(severities), seed, out / "examples.png")
+    print(f"{model}: clean top-1 {clean['top1']:.2f}%, {headline} ({clean['count']} images)")
+    for row in result.rows:
         ce_text = "" if row["ce"] == "" else f"  CE {row['ce']:6.2f}"
         print(f"{row['corruption']:>18}  top-1 {row['mean_top1']:6.2f}  error {row['mean_error']:6.2f}{ce_text}")
     print(
         f"wrote {out / 'robustness.csv'}, {out / 'robustness.png'}, {out / 'examples.png'}, {out / 'summary.json'}, "
         f"{out / 'corruptions'}/"
     )
-    return 0

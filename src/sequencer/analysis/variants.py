@@ -1,40 +1,50 @@
-"""Top-1 on the ImageNet variants found under one root (ReaL, -A, -R, -Sketch, -V2, -C), beside the published figures.
+"""The ImageNet test sets beside ImageNet (ReaL, -A, -R, -Sketch, -V2, -C): where they are found, how each is scored,
+their published Sequencer2D-S/M/L figures (`TEST_SETS`), `variants()`, which scores a model on those found, and the
+table and chart of `sequencer variants`.
 
-Each dataset is read from its released folder, found under ROOT by its usual name (listed under ROOT in --help) or
-named by its own flag. Class folders named by WordNet id or number take their ImageNet-1k index; ImageNet-A and -R
-are scored on their 200 classes (the other logits masked out), ReaL against timm's packaged reassessed labels, and
-ImageNet-C (`imagenet-c/<corruption>/<severity>/<wnid>/*`, the released images) as the mCE normalised by AlexNet.
+Class folders named by WordNet id or number take their ImageNet-1k index; ImageNet-A and -R are scored with the other
+logits masked out, ImageNet-C (`imagenet-c/<corruption>/<severity>/<wnid>/*`, the released images) by the mCE of its
+corruptions present, AlexNet-normalised when all five severities are.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
+import torch
 from torch.utils.data import Dataset
 
-from sequencer.analysis.common import build_model, check_model_specs, evenly_spaced_subset, new_figure, save_figure
-from sequencer.analysis.common import write_csv as write_rows
+from sequencer.analysis.common import (
+    build_compared_model,
+    check_model_specs,
+    evenly_spaced_subset,
+    new_figure,
+    save_figure,
+    write_csv,
+)
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, corruption_error
 from sequencer.choices import CORRUPTIONS, DATASET_FLAGS, DATASET_FOLDERS, SEVERITIES
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import UsageError
 from sequencer.options import input_overrides
-from sequencer.runtime import set_threads
+from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import WithRealLabels, check_targets_within, evaluate, load_real_labels, load_valid_classes
 
 _logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Variant:
-    """One evaluation set: its flag, the folder names it is looked for under ROOT, and its published S/M/L figures."""
+class TestSet:
+    """One test set: its key (DATASET_FLAGS'), title, the folder names it is looked for under ROOT, its published
+    S/M/L figures and the class subset it is scored on."""
 
     key: str
     title: str
@@ -45,38 +55,40 @@ class Variant:
 
 # The published figures of the released Sequencer2D-S / M / L weights (timm's evaluation; ImageNet-C: the paper's,
 # L only). ImageNet-ReaL and plain ImageNet top-1 come from the same pass over the ImageNet val folder.
-VARIANTS = (
-    Variant("imagenet", "ImageNet", DATASET_FOLDERS["real"], (82.3, 82.8, 83.4)),
-    Variant("real", "ImageNet-ReaL", DATASET_FOLDERS["real"], (87.37, 87.57, 87.91)),
-    Variant("a", "ImageNet-A", DATASET_FOLDERS["a"], (26.4, 30.4, 35.1), "imagenet-a"),
-    Variant("r", "ImageNet-R", DATASET_FOLDERS["r"], (45.0, 46.2, 48.1), "imagenet-r"),
-    Variant("sketch", "ImageNet-Sketch", DATASET_FOLDERS["sketch"], (33.4, 34.7, 35.8)),
-    Variant("v2", "ImageNet-V2", DATASET_FOLDERS["v2"], (71.7, 72.4, 73.6)),
-    Variant("c", "ImageNet-C", DATASET_FOLDERS["c"], (None, None, 48.9)),
+TEST_SETS = (
+    TestSet("imagenet", "ImageNet", DATASET_FOLDERS["real"], (82.3, 82.8, 83.4)),
+    TestSet("real", "ImageNet-ReaL", DATASET_FOLDERS["real"], (87.37, 87.57, 87.91)),
+    TestSet("a", "ImageNet-A", DATASET_FOLDERS["a"], (26.4, 30.4, 35.1), "imagenet-a"),
+    TestSet("r", "ImageNet-R", DATASET_FOLDERS["r"], (45.0, 46.2, 48.1), "imagenet-r"),
+    TestSet("sketch", "ImageNet-Sketch", DATASET_FOLDERS["sketch"], (33.4, 34.7, 35.8)),
+    TestSet("v2", "ImageNet-V2", DATASET_FOLDERS["v2"], (71.7, 72.4, 73.6)),
+    TestSet("c", "ImageNet-C", DATASET_FOLDERS["c"], (None, None, 48.9)),
 )
 
 
-def find_datasets(root: str | None, overrides: dict[str, str | None]) -> tuple[dict[str, Path], list[str]]:
+def find_datasets(
+    root: str | os.PathLike | None, overrides: dict[str, str | os.PathLike | None]
+) -> tuple[dict[str, Path], list[str]]:
     """The folder of each dataset (its flag's, else the first usual name under ROOT) and the titles not found."""
     if not root and not any(overrides.values()):
         flags = ", ".join(f"--{flag}" for flag, _ in DATASET_FLAGS.values())
         raise UsageError(f"name ROOT, the folder holding the datasets, or their folders with {flags}")
     found, missing = {}, []
-    for variant in VARIANTS:
-        if variant.key == "imagenet":
+    for test_set in TEST_SETS:
+        if test_set.key == "imagenet":
             continue
-        flagged = overrides.get(variant.key)
+        flagged = overrides.get(test_set.key)
         if flagged:
             if not Path(flagged).is_dir():
-                raise UsageError(f"--{DATASET_FLAGS[variant.key][0]} {flagged}: folder not found")
-            found[variant.key] = Path(flagged)
+                raise UsageError(f"--{DATASET_FLAGS[test_set.key][0]} {flagged}: folder not found")
+            found[test_set.key] = Path(flagged)
             continue
-        candidates = [Path(root) / name for name in variant.folders] if root else []
+        candidates = [Path(root) / name for name in test_set.folders] if root else []
         folder = next((c for c in candidates if c.is_dir()), None)
         if folder is None:
-            missing.append(f"{variant.title} (looked for {', '.join(map(str, candidates)) or 'no ROOT given'})")
+            missing.append(f"{test_set.title} (looked for {', '.join(map(str, candidates)) or 'no ROOT given'})")
         else:
-            found[variant.key] = folder
+            found[test_set.key] = folder
     if not found:
         raise UsageError(f"no dataset found: {'; '.join(missing)}")
     return found, missing
@@ -103,45 +115,91 @@ def _load(folder: Path, transform: Any, limit: int | None, real: dict[str, list[
     return evenly_spaced_subset(dataset, limit)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Evaluate on every dataset found, then write variants.csv and variants.png and say which were missing; under
-    torchrun each process evaluates its share of every dataset and rank 0 writes and prints the totals."""
-    set_threads(args.threads)
-    with process_group(args.device) as context:
-        return _run(args, context)
+def variants(
+    *,
+    root: str | os.PathLike | None = None,
+    imagenet_val: str | os.PathLike | None = None,
+    imagenet_a: str | os.PathLike | None = None,
+    imagenet_r: str | os.PathLike | None = None,
+    imagenet_sketch: str | os.PathLike | None = None,
+    imagenetv2: str | os.PathLike | None = None,
+    imagenet_c: str | os.PathLike | None = None,
+    real_labels: str | os.PathLike = "",
+    limit: int | None = None,
+    model: str = "sequencer2d_s",
+    checkpoint: str | os.PathLike = "",
+    num_classes: int | None = None,
+    use_ema: bool = False,
+    unsafe_load: bool = False,
+    img_size: int | None = None,
+    input_size: Sequence[int] | None = None,
+    crop_pct: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str = "",
+    batch_size: int = 32,
+    workers: int = 2,
+    device: str | None = None,
+    amp: bool = False,
+    amp_dtype: str | None = None,
+    context: DistributedContext | None = None,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Score a 1000-class model on each test set found: one row per test set of `TEST_SETS` (found or not, beside
+    the published figures) and the test sets not found, with where they were looked for.
 
-
-def _run(args: argparse.Namespace, context: DistributedContext) -> int:
-    """`run` in the processes of `context`."""
-    device = context.device
-    found, missing = find_datasets(args.root, {key: getattr(args, f"dataset_{key}") for key in DATASET_FLAGS})
-    check_model_specs([(args.model, args.checkpoint)])
-    model = build_model(
-        args.model, args.checkpoint, num_classes=args.num_classes, use_ema=args.use_ema, unsafe_load=args.unsafe_load
+    The arguments are `sequencer variants`'s flags: `root` holds the test sets under their usual names, and
+    `imagenet_val` ... `imagenet_c` (--imagenet-val ... --imagenet-c) name a test set's folder instead. `context`:
+    the processes that share the images (torchrun's, from `sequencer.distributed.process_group`); none: this process
+    alone, on `device`. `progress` draws a progress bar per test set on a terminal (rank 0's).
+    """
+    context = context or DistributedContext(0, 1, resolve_device(device))
+    flagged = dict(real=imagenet_val, a=imagenet_a, r=imagenet_r, sketch=imagenet_sketch, v2=imagenetv2, c=imagenet_c)
+    found, missing = find_datasets(root, flagged)
+    checkpoint = os.fspath(checkpoint) if checkpoint else ""
+    check_model_specs([(model, checkpoint)])
+    network = build_compared_model(model, checkpoint, num_classes=num_classes, use_ema=use_ema, unsafe_load=unsafe_load)
+    if getattr(network, "num_classes", None) != 1000:
+        raise UsageError(f"the ImageNet test sets need a 1000-class model; {model} has {network.num_classes}")
+    overrides = dict(
+        img_size=img_size, input_size=input_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation
     )
-    if getattr(model, "num_classes", None) != 1000:
-        raise UsageError(f"the ImageNet variants need a 1000-class model; {args.model} has {model.num_classes}")
-    overrides = input_overrides(args)
-    transform = create_transform(model, train=False, **overrides)
+    transform = create_transform(network, train=False, **overrides)
     # Every folder is read and labelled first, so a wrong tree fails before any evaluation.
-    real = load_real_labels(args.real_labels or None) if "real" in found else None
+    real = load_real_labels(real_labels or None) if "real" in found else None
     datasets = {
-        key: _load(folder, transform, args.limit, real if key == "real" else None)
+        key: _load(folder, transform, limit, real if key == "real" else None)
         for key, folder in found.items()
         if key != "c"
     }
-    valid_classes = {v.key: load_valid_classes(v.valid_labels, 1000) for v in VARIANTS if v.valid_labels}
+    valid_classes = {t.key: load_valid_classes(t.valid_labels, 1000) for t in TEST_SETS if t.valid_labels}
     for key, valid in valid_classes.items():
         if key in datasets:
             check_targets_within(getattr(datasets[key], "dataset", datasets[key]), valid)
     corrupted = {}
     if "c" in found:
-        corrupted = {k: _load(f, transform, args.limit) for k, f in corruption_folders(found["c"]).items()}
-    model = model.to(device)
+        corrupted = {k: _load(f, transform, limit) for k, f in corruption_folders(found["c"]).items()}
+    network = network.to(context.device)
+
+    def score(dataset: Dataset, label: str, valid: torch.Tensor | None = None) -> dict[str, Any]:
+        """`evaluate` over one dataset, each process its share, `label` on rank 0's progress bar."""
+        loader = create_loader(dataset, batch_size, workers, distributed=context.distributed)
+        shown = label if progress and context.is_primary else ""
+        return evaluate(
+            network,
+            loader,
+            context.device,
+            amp,
+            amp_dtype,
+            distributed=context.distributed,
+            valid_classes=valid,
+            progress=shown,
+        )
+
     results = {}
     for key, dataset in datasets.items():
-        variant = next(v for v in VARIANTS if v.key == key)
-        metrics = _evaluate(model, dataset, context, args, variant.title, valid_classes.get(key))
+        title = next(t.title for t in TEST_SETS if t.key == key)
+        metrics = score(dataset, title, valid_classes.get(key))
         if key == "real":
             results["imagenet"] = dict(value=metrics["top1"], images=metrics["count"], folder=found[key])
             # An evenly spaced subset (--limit) may hold no labelled image: no ReaL figure then.
@@ -150,15 +208,45 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> int:
         else:
             results[key] = dict(value=metrics["top1"], images=metrics["count"], folder=found[key])
         if context.is_primary:
-            _logger.info("%s: top-1 %.2f (%d images)", variant.title, results[key]["value"], results[key]["images"])
+            _logger.info("%s: top-1 %.2f (%d images)", title, results[key]["value"], results[key]["images"])
     if corrupted:
-        results["c"] = _imagenet_c(model, corrupted, context, args) | dict(folder=found["c"])
+        results["c"] = _imagenet_c(corrupted, score, context.is_primary) | dict(folder=found["c"])
+    return _rows(results), missing
+
+
+def run(args: argparse.Namespace) -> int:
+    """`variants` with the flags; rank 0 writes variants.csv and variants.png and says which test sets were missing.
+    Under torchrun each process evaluates its share of every test set."""
+    set_threads(args.threads)
+    with process_group(args.device) as context:
+        rows, missing = variants(
+            root=args.root,
+            imagenet_val=args.dataset_real,
+            imagenet_a=args.dataset_a,
+            imagenet_r=args.dataset_r,
+            imagenet_sketch=args.dataset_sketch,
+            imagenetv2=args.dataset_v2,
+            imagenet_c=args.dataset_c,
+            real_labels=args.real_labels,
+            limit=args.limit,
+            model=args.model,
+            checkpoint=args.checkpoint,
+            num_classes=args.num_classes,
+            use_ema=args.use_ema,
+            unsafe_load=args.unsafe_load,
+            **input_overrides(args),
+            batch_size=args.batch_size,
+            workers=args.workers,
+            amp=args.amp,
+            amp_dtype=args.amp_dtype,
+            context=context,
+            progress=True,
+        )
     if not context.is_primary:
         return 0
-    rows = _rows(results, missing)
     out = Path(args.output)
-    write_rows(rows, out / "variants.csv")
-    plot_variants(
+    write_csv(rows, out / "variants.csv")
+    plot_test_sets(
         rows,
         f"{args.model} {Path(args.checkpoint).name if args.checkpoint else '(random weights)'}",
         out / "variants.png",
@@ -172,40 +260,18 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> int:
     return 0
 
 
-def _evaluate(
-    model: nn.Module,
-    dataset: Dataset,
-    context: DistributedContext,
-    args: argparse.Namespace,
-    label: str,
-    valid: Any = None,
-) -> dict[str, Any]:
-    """`evaluate` over one dataset (each process its share) with the run's batch size, workers and AMP flags,
-    `label` on rank 0's progress bar."""
-    loader = create_loader(dataset, args.batch_size, args.workers, distributed=context.distributed)
-    return evaluate(
-        model,
-        loader,
-        context.device,
-        args.amp,
-        args.amp_dtype,
-        distributed=context.distributed,
-        valid_classes=valid,
-        progress=label if context.is_primary else "",
-    )
-
-
 def _imagenet_c(
-    model: nn.Module, folders: dict[tuple[str, int], Dataset], context: DistributedContext, args: argparse.Namespace
+    folders: dict[tuple[str, int], Dataset], score: Callable[[Dataset, str], dict[str, Any]], is_primary: bool
 ) -> dict[str, Any]:
-    """The mCE over the corruptions present (AlexNet-normalised when all five severities are), else the mean error."""
+    """The mCE over the corruptions present (AlexNet-normalised when all five severities are), else the mean error;
+    `score` evaluates one folder."""
     errors: dict[str, dict[int, float]] = {}
     images = 0
     for (corruption, severity), dataset in folders.items():
-        metrics = _evaluate(model, dataset, context, args, f"ImageNet-C {corruption}, severity {severity}")
+        metrics = score(dataset, f"ImageNet-C {corruption}, severity {severity}")
         errors.setdefault(corruption, {})[severity] = 1 - metrics["top1"] / 100
         images += metrics["count"]
-        if context.is_primary:
+        if is_primary:
             _logger.info("ImageNet-C %s, severity %d: top-1 %.2f", corruption, severity, metrics["top1"])
     ces = [corruption_error(e, ALEXNET_MEAN_ERRORS[c]) for c, e in errors.items()]
     scope = "" if len(errors) == len(CORRUPTIONS) else f" over {len(errors)} of {len(CORRUPTIONS)} corruptions"
@@ -215,16 +281,16 @@ def _imagenet_c(
     return dict(metric="mean error" + scope, value=mean_error, images=images)
 
 
-def _rows(results: dict[str, dict[str, Any]], missing: list[str]) -> list[dict[str, Any]]:
+def _rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One CSV row per dataset, found or not, with the published S / M / L figures beside ours."""
     rows = []
-    for variant in VARIANTS:
-        result = results.get(variant.key)
-        default_metric = "mCE" if variant.key == "c" else "ReaL top-1" if variant.key == "real" else "top-1"
-        published = ["" if figure is None else figure for figure in variant.reference]
+    for test_set in TEST_SETS:
+        result = results.get(test_set.key)
+        default_metric = "mCE" if test_set.key == "c" else "ReaL top-1" if test_set.key == "real" else "top-1"
+        published = ["" if figure is None else figure for figure in test_set.reference]
         rows.append(
             dict(
-                dataset=variant.title,
+                dataset=test_set.title,
                 metric=result.get("metric", default_metric) if result else default_metric,
                 value=round(result["value"], 3) if result else "",
                 images=result["images"] if result else 0,
@@ -237,7 +303,7 @@ def _rows(results: dict[str, dict[str, Any]], missing: list[str]) -> list[dict[s
     return rows
 
 
-def plot_variants(rows: list[dict[str, Any]], label: str, path: str | Path) -> Path:
+def plot_test_sets(rows: list[dict[str, Any]], label: str, path: str | Path) -> Path:
     """Grouped bars: the model's top-1 on each dataset found, beside the published S / M / L figures (and the mCE)."""
     top1 = [r for r in rows if r["value"] != "" and r["dataset"] != "ImageNet-C"]
     c_row = next((r for r in rows if r["value"] != "" and r["dataset"] == "ImageNet-C"), None)
