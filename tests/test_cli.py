@@ -17,7 +17,7 @@ import torch
 import sequencer
 from sequencer import cli, runtime
 from sequencer.choices import CORRUPTIONS
-from sequencer.options import Bounded, CommaList
+from sequencer.options import Bounded, CommaList, apply_config
 
 HEAVY = ("torch", "timm", "torchvision", "numpy", "matplotlib", "PIL")
 
@@ -156,7 +156,7 @@ def test_config_values_are_read_like_the_command_line(tmp_path: Path) -> None:
     # YAML reads 1e-3 (no dot) as a string; the flag's type makes it the number the command line would.
     (tmp_path / "args.yaml").write_text("lr: 1e-3\nscale: [0.5, 1]\ninterpolation: ''\nepochs: 3\n")
     parser = cli.build_parser("train")
-    cli._apply_config(parser.command_parsers["train"], str(tmp_path / "args.yaml"))
+    apply_config(parser.command_parsers["train"], str(tmp_path / "args.yaml"))
     args = parser.parse_args(["train", "--epochs", "5"])
     assert args.lr == 0.001 and args.scale == [0.5, 1.0] and args.interpolation == ""
     assert args.epochs == 5  # the command line wins

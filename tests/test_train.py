@@ -25,8 +25,9 @@ from sequencer import data as data_module
 from sequencer import hub, runtime
 from sequencer import train as train_module
 from sequencer.builder import create_model
-from sequencer.checkpoint import load_pretrained, read_file
-from sequencer.errors import CheckpointError
+from sequencer.checkpoint import load_pretrained, open_checkpoint, read_file
+from sequencer.errors import CheckpointError, UsageError
+from sequencer.train_options import keyword_arguments
 
 # The authors' README command lines, verbatim (`./distributed_train.sh 8 /path/to/imagenet` becomes torchrun + DATA).
 IMAGENET_RECIPE = (
@@ -100,6 +101,63 @@ def test_paper_command_lines_parse_verbatim(parse_cli) -> None:
 
     assert parse_cli("train", "--lr 0.1 --epochs 3 --lr 0.2 --epochs 4").lr == 0.2  # later flags win
     assert parse_cli("train", "--amp").amp and parse_cli("train", "--native-amp").amp
+
+
+def test_train_called_from_python_with_keywords_is_the_command_line_run(run_cli, tmp_path: Path) -> None:
+    # The built-in digits, a short epoch: trained on the 360 held-out images rather than the 1,437 training ones.
+    python, command_line = tmp_path / "python", tmp_path / "command-line"
+    result = train_module.train(epochs=1, train_split="val", no_progress=True, output=python)
+    assert run_cli("train", f"--epochs 1 --train-split val --no-progress --output {command_line}") == 0
+    row = summary_rows(python)[0]
+    assert result["output"] == python and result["epoch"] == 0 and result["best_epoch"] == 0
+    assert result["num_skipped"] == 0 and result["best_metric"] == pytest.approx(result["eval_top1"])
+    assert {key: str(value) for key, value in result.items() if key in row} == row
+    # The same text, but for the folder: every key in the command line's order, each value of the same type.
+    text = (python / "args.yaml").read_text()
+    assert text.replace(str(python), str(command_line)) == (command_line / "args.yaml").read_text()
+    saved = yaml.safe_load(text)
+    assert (saved["model"], saved["img_size"], saved["batch_size"]) == ("sequencer2d_tiny", 16, 64)  # digits recipe
+    # What `sequencer validate` reads back: the same keys as args.yaml.
+    assert open_checkpoint(python / "last.pth.tar").trained_args == saved
+    assert_same_run(python, command_line)
+
+
+def test_train_refuses_an_unknown_keyword_in_one_line_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"unknown keyword argument 'epoch' \(did you mean 'epochs'\?\)") as refused:
+        train_module.train(epoch=1, output=tmp_path / "out")
+    assert len(str(refused.value).splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(epochs=0), "train(epochs=0): argument --epochs: 0 is out of range: it must be >= 1"),
+        (dict(epochs="two"), "train(epochs='two'): argument --epochs: invalid int value: 'two'"),
+        (dict(eval_metric="acc"), "train(eval_metric='acc'): argument --eval-metric: invalid choice: 'acc'"),
+        (dict(scale=(0.5,)), "train(scale=(0.5,)): argument --scale: expected 2 values, not (0.5,)"),
+        (dict(scale=0.5), "train(scale=0.5): argument --scale: expected 2 values, not 0.5"),
+        (dict(amp="yes"), "train(amp='yes'): argument --amp/--native-amp: expected true or false, not 'yes'"),
+    ],
+)
+def test_train_checks_each_keyword_as_the_command_line_checks_its_flag(
+    tmp_path: Path, options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(UsageError) as refused:
+        train_module.train(**options, output=tmp_path / "out")
+    assert message in str(refused.value) and not (tmp_path / "out").exists()
+
+
+def test_train_takes_a_config_file_as_the_command_line_does(
+    run_cli, parse_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved = train_module.plain_arguments(parse_cli("train", f"/data/imagenet {IMAGENET_RECIPE}"))
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    seen = []
+    monkeypatch.setattr(train_module, "run", lambda args: seen.append(args) or 0)
+    assert run_cli("train", "-c", str(tmp_path / "args.yaml"), "--epochs", "7") == 0
+    options = keyword_arguments({"config": tmp_path / "args.yaml", "epochs": 7})
+    assert vars(options) == vars(seen[0])
+    assert (options.data, options.mixup, options.epochs) == ("/data/imagenet", 0.8, 7)
 
 
 def test_defaults_are_the_digits_demo_without_data_and_timm_with_data(parse_cli) -> None:
@@ -502,11 +560,22 @@ def test_config_reads_back_args_yaml_and_the_command_line_wins(
     assert_refused("train", "-c", tmp_path / "bad.yaml", match="sets options this command does not have: warp_speed")
 
 
+def skip_the_work(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Leave out a run's three steps (data, state, epochs), keeping its checks and set-up; returns the output folders
+    of the runs that got past those, as they come."""
+    outputs: list[Path] = []
+    monkeypatch.setattr(train_module, "build_data", lambda args, context: None)
+    monkeypatch.setattr(train_module, "build_state", lambda *args: None)
+    monkeypatch.setattr(
+        train_module, "run_epochs", lambda args, context, data, state, output, resumed: outputs.append(output) or {}
+    )
+    return outputs
+
+
 def test_a_folder_holding_a_run_is_never_overwritten_by_a_new_run(
     run_cli, assert_refused, parse_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runs = []
-    monkeypatch.setattr(train_module, "train", lambda args, context, output, *_, **__: runs.append(output) or {})
+    runs = skip_the_work(monkeypatch)
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint-3.pth.tar").write_bytes(b"a kept epoch")
@@ -657,7 +726,7 @@ def test_resume_follows_the_command_line_but_for_the_learned_state(
 def test_amp_on_a_cpu_that_emulates_bfloat16_warns_once_in_train_and_validate(
     run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: {})
+    skip_the_work(monkeypatch)
     validate = f"{data_root} --model sequencer2d_tiny --num-classes 2 --amp --device cpu -j 0 --threads 1"
     for native in (False, True):
         monkeypatch.setattr(runtime, "native_bfloat16_cpu", lambda native=native: native)

@@ -11,10 +11,11 @@ import argparse
 import importlib
 import sys
 import warnings
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from sequencer import __version__
-from sequencer.errors import SequencerError, UsageError
+from sequencer.errors import SequencerError
+from sequencer.options import apply_config
 
 # name -> (module whose `run(args) -> int` does the work, one-line help); the flags: sequencer.commands.<name>
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,47 +69,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_config(parser: argparse.ArgumentParser, path: str) -> None:
-    """Make the flags a YAML file sets (a run's args.yaml, say) the parser's defaults: the command line still wins."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"cannot read --config {path}: {error}") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"--config {path} must hold a mapping of option names to values")
-    values = {key: value for key, value in values.items() if key not in ("command", "config")}
-    actions = {action.dest: action for action in parser._actions}
-    unknown = sorted(set(values) - set(actions))
-    if unknown:
-        raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
-    try:
-        checked = {key: _as_parsed(parser, actions[key], value) for key, value in values.items()}
-    except argparse.ArgumentError as error:
-        raise UsageError(f"--config {path}: {error}") from None
-    parser.set_defaults(**checked)
-
-
-def _as_parsed(parser: argparse.ArgumentParser, action: argparse.Action, value: Any) -> Any:
-    """A config file's `value` for `action` as the command line would give it: read and checked by the flag's type
-    (argparse runs no type on a default that is not a string), and one of its choices unless it is the default."""
-    if value is None:
-        return value
-    if action.type is not None:
-        if isinstance(value, list) and action.nargs is None:  # one word on the command line: a comma list
-            value = parser._get_value(action, ",".join(map(str, value)))
-        elif isinstance(value, list):
-            value = [parser._get_value(action, str(item)) for item in value]
-        else:
-            value = parser._get_value(action, str(value))
-    if action.choices is not None and value != action.default:
-        for item in value if isinstance(value, list) else [value]:
-            parser._check_value(action, item)
-    return value
-
-
 def _command_of(argv: list[str]) -> str | None:
     """The subcommand named on the command line (the first word that is one), if any."""
     return next((word for word in argv if word in COMMANDS), None)
@@ -126,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_: f"sequencer {args.command}: warning: {message}\n"
     try:
         if getattr(args, "config", None):
-            _apply_config(parser.command_parsers[command], args.config)
+            apply_config(parser.command_parsers[command], args.config)
             args = parser.parse_args(argv)
         if getattr(args, "amp", False):
             from sequencer.runtime import check_amp

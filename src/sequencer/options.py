@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sequencer.choices import AMP_DTYPES, DEFAULT_MODEL, INTERPOLATIONS
+from sequencer.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -282,3 +284,57 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
         help="more models side by side: Sequencer variants or any timm model, e.g. "
         "resnet50=resnet50.pth deit_small_patch16_224=deit_s.pth",
     )
+
+
+def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the flags a YAML file sets (a run's args.yaml, say) the parser's defaults: the command line still wins."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"cannot read --config {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a mapping of option names to values")
+    values = {key: value for key, value in values.items() if key not in ("command", "config")}
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
+    try:
+        checked = {key: as_parsed(parser, actions[key], value) for key, value in values.items()}
+    except argparse.ArgumentError as error:
+        raise UsageError(f"--config {path}: {error}") from None
+    parser.set_defaults(**checked)
+
+
+def as_parsed(parser: argparse.ArgumentParser, action: argparse.Action, value: Any) -> Any:
+    """`value` for `action`, from a config file or a keyword argument, as the command line would give it: as many
+    values as the flag takes, each read and checked by its type (argparse runs none on a default that is not a
+    string) and one of its choices unless it is the default; an `argparse.ArgumentError` naming the flag otherwise."""
+    if value is None:
+        return value
+    given = value
+    if isinstance(value, os.PathLike | tuple):
+        value = os.fspath(value) if isinstance(value, os.PathLike) else list(value)
+    if action.nargs == 0:  # an on/off flag: --amp, --pretrained, ...
+        if not isinstance(value, bool):
+            raise argparse.ArgumentError(action, f"expected true or false, not {given!r}")
+        return value
+    if action.nargs not in (None, "?"):  # a flag that takes several words: 2, 3, or + of them
+        count = action.nargs if isinstance(action.nargs, int) else None
+        if not isinstance(value, list) or (len(value) != count if count else not value):
+            raise argparse.ArgumentError(action, f"expected {count or 'one or more'} values, not {given!r}")
+        value = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in value]
+    if action.type is not None:
+        if isinstance(value, list) and action.nargs is None:  # one word on the command line: a comma list
+            value = parser._get_value(action, ",".join(map(str, value)))
+        elif isinstance(value, list):
+            value = [parser._get_value(action, str(item)) for item in value]
+        else:
+            value = parser._get_value(action, str(value))
+    if action.choices is not None and value != action.default:
+        for item in value if isinstance(value, list) else [value]:
+            parser._check_value(action, item)
+    return value

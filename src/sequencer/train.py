@@ -1,13 +1,17 @@
-"""The trainer behind `sequencer train` (its flags: `sequencer.commands.train`; its recipes: `sequencer.choices`).
+"""The trainer: `train(**options)` for Python callers, `run(args)` its adapter for the command line.
 
-One process per device (torchrun for several): timm's data pipeline, optimizers, schedulers, mixup and EMA around a
-plain training loop; every epoch is evaluated and checkpointed atomically, seeded from (seed, epoch, rank) so that a
-resumed run replays exactly what the uninterrupted one would have done.
+A run is checked whole before any work (`prepare_run`), then goes in three steps: `build_data` (splits, loaders,
+mixup and loss), `build_state` (model, optimizer, schedule, EMA, scaler, resumed state) and `run_epochs`. Its options
+are the flags of `sequencer.train_options`, keyword by dest; its result is the last epoch's summary row with
+best_metric / best_epoch, num_skipped (unreadable images) and output (the run's folder). A loss that turns non-finite
+raises `NonFiniteLossError` (exit code 1 on the command line). Each epoch is seeded from (seed, epoch, rank): that is
+what lets a resumed run replay the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import logging
@@ -15,6 +19,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +35,10 @@ from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kw
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sequencer.average import EPOCH_CHECKPOINT
-from sequencer.builder import create_model, model_config, resolve_model_name
+from sequencer.builder import create_model, model_config
 from sequencer.checkpoint import atomic_save, load_pretrained, read_file
 from sequencer.choices import DIGITS_RECIPE, SCHEDULERS, TIMM_RECIPE
 from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
@@ -41,10 +46,9 @@ from sequencer.distributed import (
     DistributedContext,
     all_reduce_mean,
     all_reduce_sum,
-    cleanup_distributed,
-    init_distributed,
     launched_world_size,
     on_every_rank,
+    process_group,
 )
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.hub import released_weights
@@ -59,6 +63,7 @@ from sequencer.runtime import (
     usable_cpus,
     warn_if_emulated_bfloat16,
 )
+from sequencer.train_options import keyword_arguments
 from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
@@ -101,10 +106,9 @@ def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work together or name nothing known with a `UsageError`, before any work starts.
 
-    Single values out of range were refused while parsing (each flag's type, `sequencer.options.bounded`)."""
-    resolve_model_name(args.model)
-    size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
+    Single values out of range were refused before: a flag's type (`sequencer.options.bounded`) reads keywords too."""
     patches = math.prod(model_config(args.model).patch_sizes)
+    size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
     if size and min(size) < patches:
         raise UsageError(
             f"input size {'x'.join(map(str, size))} is smaller than the {patches}x{patches} pixels that "
@@ -170,22 +174,38 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 @dataclass
+class TrainingData:
+    """The splits a run learns from and is scored on, their loaders, and the training loss (after mixup, if on)."""
+
+    train_set: Dataset
+    val_set: Dataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    num_classes: int
+    source: str | None  # the dataset's name or folder as given; None: the built-in digits
+    criterion: nn.Module
+    mixup: Mixup | None
+
+
+@dataclass
 class TrainState:
-    """Everything a checkpoint restores."""
+    """Everything a checkpoint restores, and the length of the schedule."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: NativeScaler | None
     ema: ModelEmaV3 | None
+    num_epochs: int  # of the schedule, cool-down included: epochs 0 to num_epochs - 1
     epoch: int = 0
     num_updates: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
     class_names: list[str] = field(default_factory=list)  # index -> the data's class, for predict and validate
+    history: list[dict[str, Any]] = field(default_factory=list)  # the summary rows, one per epoch trained
 
 
-def checkpoint_dict(state: TrainState, args: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+def checkpoint_dict(state: TrainState, args: dict[str, Any]) -> dict[str, Any]:
     """A training checkpoint that `load_pretrained` also reads (`state_dict` in our key format)."""
     ckpt: dict[str, Any] = {
         "state_dict": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
@@ -197,7 +217,7 @@ def checkpoint_dict(state: TrainState, args: dict[str, Any], history: list[dict[
         "best_epoch": state.best_epoch,
         "optimizer": state.optimizer.state_dict(),
         "args": args,
-        "history": history,
+        "history": state.history,
         "class_names": state.class_names,
     }
     if state.scheduler is not None:
@@ -239,11 +259,11 @@ def _shown(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimizer: bool = True) -> list[dict[str, Any]]:
-    """Load the learned state of a training checkpoint (`read_resumed`) into `state`; returns its summary rows.
+def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimizer: bool = True) -> None:
+    """Load the learned state of a training checkpoint (`read_resumed`) into `state`.
 
-    Model, EMA, optimizer state, scaler, epoch and best metric come from the file; the optimizer's hyper-parameters
-    and the schedule stay as this run's flags built them."""
+    Model, EMA, optimizer state, scaler, epoch, best metric and summary rows come from the file; the optimizer's
+    hyper-parameters and the schedule stay as this run's flags built them."""
     model = state.model
     trained = (ckpt.get("model_name"), ckpt.get("num_classes"))
     if trained != (model.model_name, model.num_classes):
@@ -273,7 +293,7 @@ def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimize
     state.epoch = ckpt["epoch"] + 1
     state.num_updates = ckpt["num_updates"]
     state.best_metric, state.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
-    return list(ckpt.get("history", []))
+    state.history = list(ckpt.get("history", []))
 
 
 def update_checkpoint_history(
@@ -315,25 +335,18 @@ def write_summary(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def train_one_epoch(
-    state: TrainState,
-    loader: torch.utils.data.DataLoader,
-    criterion: nn.Module,
-    args: argparse.Namespace,
-    context: DistributedContext,
-    mixup: Mixup | None,
-    train_model: nn.Module,
-    num_epochs: int,
+    state: TrainState, data: TrainingData, train_model: nn.Module, args: argparse.Namespace, context: DistributedContext
 ) -> float:
     """One pass over the training data; returns the mean loss over all ranks. Stops at a non-finite loss.
 
     The losses stay on the device and are read (checked, shown on the bar or logged) every --log-interval steps and
     at the epoch's end: the host never waits for the device in between."""
     train_model.train()
-    device = context.device
+    device, loader, mixup = context.device, data.train_loader, data.mixup
     window: list[torch.Tensor] = []  # the losses since the last read, on the device
     total_loss, steps, images_seen, since = 0.0, 0, 0, time.perf_counter()
     show = not args.no_progress and context.is_primary
-    desc = f"epoch {state.epoch}/{num_epochs - 1}"
+    desc = f"epoch {state.epoch}/{state.num_epochs - 1}"
     bar = progress_bar(loader, show=show, desc=desc, dynamic_ncols=True)
     log = context.is_primary and bar.disable  # no bar drawn (a pipe, --no-progress): progress lines instead
     for batch in bar:
@@ -349,7 +362,7 @@ def train_one_epoch(
         if mixup is not None:
             images, targets = mixup(images, targets)
         with autocast(device, args.amp, args.amp_dtype):
-            loss = criterion(train_model(images), targets)
+            loss = data.criterion(train_model(images), targets)
         window.append(loss.detach())
         state.optimizer.zero_grad(set_to_none=True)
         if state.scaler is not None:
@@ -422,7 +435,7 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
     return sum(group["lr"] for group in groups) / len(groups)
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+def build_training_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The model with its starting weights: released (--pretrained), a file (--initial-checkpoint), or fresh."""
     model = create_model(
         args.model, num_classes=num_classes, drop_path_rate=args.drop_path, in_chans=args.in_chans, drop_rate=args.drop
@@ -510,19 +523,78 @@ def _saved_arguments(path: Path) -> Any:
         return None
 
 
-def train(
-    args: argparse.Namespace,
-    context: DistributedContext,
-    output: Path,
-    resumed: dict[str, Any] | None = None,
-    auto_resume: bool = False,
-) -> dict[str, Any]:
-    """The whole run (flags already resolved; `resumed`: the --resume checkpoint); returns the final summary row plus
-    best_metric / best_epoch. `auto_resume` (--resume auto): a run whose schedule has ended is left as it is, its
-    files completed, rather than refused, so that restarting a finished job is no error."""
+def train(**options: Any) -> dict[str, Any]:
+    """`sequencer train` from Python: keywords named as its flags' dests, the rest at its defaults (module doc)."""
+    args, output, auto_resume = prepare_run(options)
+    with process_group(args.device) as context, _stops_logged(context, output):
+        resumed = start_process(args, context, auto_resume)
+        data = build_data(args, context)
+        state = build_state(args, context, data, resumed, auto_resume)
+        return {**run_epochs(args, context, data, state, output, resumed), "output": output}
+
+
+def prepare_run(options: dict[str, Any]) -> tuple[argparse.Namespace, Path, bool]:
+    """The run's arguments, its output folder and whether --resume is auto, every refusal made before any work."""
+    # Before the process group is joined: torchrun's WORLD_SIZE already gives the global batch.
+    args = resolve_arguments(keyword_arguments(options), launched_world_size())
+    check_arguments(args)
+    output = output_folder(args)
+    auto_resume = args.resume == AUTO_RESUME
+    args.resume = resume_source(args, output)
+    check_output_folder(args, output, auto_resume=auto_resume and not args.resume)
+    return args, output, auto_resume
+
+
+def start_process(args: argparse.Namespace, context: DistributedContext, auto_resume: bool) -> dict[str, Any] | None:
+    """Say where the run starts, warn of an emulated bfloat16, set the threads; returns the --resume checkpoint."""
+    if auto_resume and context.is_primary:
+        _logger.info(
+            "--resume auto: %s", f"continuing from {args.resume}" if args.resume else "no last.pth.tar, a new run"
+        )
+    if context.is_primary:
+        warn_if_emulated_bfloat16(context.device, args.amp, args.amp_dtype)
+    resumed = read_resumed(args) if args.resume else None
+    set_threads(args.threads)
+    return resumed
+
+
+@contextlib.contextmanager
+def _stops_logged(context: DistributedContext, output: Path) -> Iterator[None]:
+    """Log why a run stopped before its end, a non-finite loss or an interruption, and what it leaves to go on from."""
+    try:
+        yield
+    except NonFiniteLossError as error:
+        last = output / "last.pth.tar"
+        # The folder held no run before this one (or the resumed one): its last.pth.tar is of the epoch before.
+        kept = (
+            f"the last good checkpoint is kept: {last} (epoch {error.epoch - 1})"
+            if last.is_file()
+            else "no checkpoint was written"
+        )
+        _logger.error("stopping: %s; %s. Lower --lr, set --clip-grad, or check the data.", error, kept)
+        raise
+    except KeyboardInterrupt:
+        if context.is_primary:
+            _logger.error("interrupted; continue with --resume on the output folder's last.pth.tar")
+        raise
+
+
+def build_data(args: argparse.Namespace, context: DistributedContext) -> TrainingData:
+    """The splits, checked before any model is built, their loaders, mixup and loss (transforms: `set_transforms`)."""
+    train_set, val_set, num_classes = read_datasets(args, context)
+    train_loader = create_loader(
+        train_set, args.batch_size, args.workers, shuffle=True, distributed=context.distributed, drop_last=True
+    )
+    val_loader = create_loader(val_set, args.validation_batch_size, args.workers, distributed=context.distributed)
+    mixup, criterion = training_loss(args, num_classes)
+    source, _ = _dataset_source(args)
+    return TrainingData(train_set, val_set, train_loader, val_loader, num_classes, source, criterion, mixup)
+
+
+def read_datasets(args: argparse.Namespace, context: DistributedContext) -> tuple[Dataset, Dataset, int]:
+    """The training and held-out splits and the class count, refused in one line when they do not fit the flags."""
     source, data_dir = _dataset_source(args)
-    # The data first: a missing or empty folder fails here, before any model is built. The built-in digits are
-    # upscaled once, straight to the input size (8 -> 16 px), rather than twice through a 32 px copy.
+    # The built-in digits are upscaled once, straight to the input size (8 -> 16 px), not twice through a 32 px copy.
     digits_size = args.input_size[-1] if args.input_size else args.img_size or 32
     train_set = build_dataset(
         source,
@@ -556,14 +628,33 @@ def train(
             f"the {args.train_split} split has {len(train_set)} images, fewer than one batch of {global_batch} "
             f"({args.batch_size} x {context.world_size} process(es)); lower -b/--batch-size"
         )
+    return train_set, val_set, num_classes
 
-    # The same initial weights on every rank, so that each rank's EMA copy starts equal too.
-    seed_epoch(args.seed, -1, 0)
-    model = build_model(args, num_classes)
+
+def training_loss(args: argparse.Namespace, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    """timm's mixup / cutmix when either is on, and the loss that fits: on soft targets, label-smoothed, or plain."""
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup = Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            num_classes=num_classes,
+        )
+        return mixup, SoftTargetCrossEntropy()
+    if args.smoothing:
+        return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+def set_transforms(data: TrainingData, model: nn.Module, args: argparse.Namespace) -> None:
+    """The model's preprocessing on both splits, timm's augmentations on the training one."""
     # Validation resizes with --interpolation, training with --train-interpolation.
     overrides = input_overrides(args, "interpolation")
-    config = data_config(model, interpolation=args.interpolation, **overrides)
-    train_set.transform = create_transform(
+    data.train_set.transform = create_transform(
         model,
         train=True,
         **overrides,
@@ -579,13 +670,25 @@ def train(
         re_mode=args.remode,
         re_count=args.recount,
     )
-    val_set.transform = create_transform(model, train=False, interpolation=args.interpolation, **overrides)
+    data.val_set.transform = create_transform(model, train=False, interpolation=args.interpolation, **overrides)
 
-    device = context.device
-    model.to(device)
+
+def build_state(
+    args: argparse.Namespace,
+    context: DistributedContext,
+    data: TrainingData,
+    resumed: dict[str, Any] | None,
+    auto_resume: bool,
+) -> TrainState:
+    """The model and its optimizer, gradient scaler, EMA and schedule, restored from `resumed` (--resume) if any."""
+    # The same initial weights on every rank, so that each rank's EMA copy starts equal too.
+    seed_epoch(args.seed, -1, 0)
+    model = build_training_model(args, data.num_classes)
+    set_transforms(data, model, args)
+    model.to(context.device)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
-    float16 = args.amp and amp_dtype(device, args.amp_dtype) == torch.float16
-    scaler = NativeScaler(device=device.type) if float16 else None
+    float16 = args.amp and amp_dtype(context.device, args.amp_dtype) == torch.float16
+    scaler = NativeScaler(device=context.device.type) if float16 else None
     ema = None
     if args.model_ema:
         ema = ModelEmaV3(
@@ -594,186 +697,204 @@ def train(
             use_warmup=args.model_ema_warmup,
             device=torch.device("cpu") if args.model_ema_force_cpu else None,
         )
-    train_loader = create_loader(
-        train_set, args.batch_size, args.workers, shuffle=True, distributed=context.distributed, drop_last=True
-    )
-    val_loader = create_loader(val_set, args.validation_batch_size, args.workers, distributed=context.distributed)
     scheduler, num_epochs = create_scheduler_v2(
         optimizer,
         **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
-        updates_per_epoch=len(train_loader),
+        updates_per_epoch=len(data.train_loader),
     )
-    state = TrainState(model, optimizer, scheduler, scaler, ema, class_names=[str(c) for c in train_set.classes])
-    history: list[dict[str, Any]] = []
+    class_names = [str(c) for c in data.train_set.classes]
+    state = TrainState(model, optimizer, scheduler, scaler, ema, num_epochs, class_names=class_names)
+    set_start(state, args, resumed, auto_resume)
+    return state
+
+
+def set_start(state: TrainState, args: argparse.Namespace, resumed: dict[str, Any] | None, auto_resume: bool) -> None:
+    """Put `state` where the run starts: the resumed checkpoint's next epoch, or --start-epoch, the schedule with it."""
     if resumed is not None:
-        history = restore(state, resumed, args.resume, not args.no_resume_opt)
+        restore(state, resumed, args.resume, not args.no_resume_opt)
     if args.start_epoch is not None:
         state.epoch = args.start_epoch
-    finished = resumed is not None and auto_resume and state.epoch >= num_epochs
-    if state.epoch >= num_epochs and not finished:
+    # --resume auto leaves a run whose schedule has ended as it is, rather than refuse it: restarting a finished job
+    # is no error.
+    finished = resumed is not None and auto_resume and state.epoch >= state.num_epochs
+    if state.epoch >= state.num_epochs and not finished:
         raise UsageError(
-            f"the schedule ended at epoch {num_epochs - 1} (epochs 0-{num_epochs - 1}: --epochs {args.epochs}"
-            f"{f' + --cooldown-epochs {args.cooldown_epochs}' if args.cooldown_epochs else ''}) and the run would "
-            f"start at epoch {state.epoch}; raise --epochs"
+            f"the schedule ended at epoch {state.num_epochs - 1} (epochs 0-{state.num_epochs - 1}: --epochs "
+            f"{args.epochs}{f' + --cooldown-epochs {args.cooldown_epochs}' if args.cooldown_epochs else ''}) and the "
+            f"run would start at epoch {state.epoch}; raise --epochs"
         )
-    history = [row for row in history if row["epoch"] < state.epoch]
-    if scheduler is not None and state.epoch > 0:
+    state.history = [row for row in state.history if row["epoch"] < state.epoch]
+    if state.scheduler is not None and state.epoch > 0:
         # timm's schedulers are functions of time: set the learning rate for where the run resumes.
         if args.sched_on_updates:
-            scheduler.step_update(state.num_updates)
+            state.scheduler.step_update(state.num_updates)
         else:
-            scheduler.step(state.epoch)
+            state.scheduler.step(state.epoch)
 
-    mixup = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup = Mixup(
-            mixup_alpha=args.mixup,
-            cutmix_alpha=args.cutmix,
-            cutmix_minmax=args.cutmix_minmax,
-            prob=args.mixup_prob,
-            switch_prob=args.mixup_switch_prob,
-            mode=args.mixup_mode,
-            label_smoothing=args.smoothing,
-            num_classes=num_classes,
-        )
-        criterion: nn.Module = SoftTargetCrossEntropy()
-    elif args.smoothing:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
-    train_model: nn.Module = model
-    if context.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # After DDP, as timm does, so that its gradient buckets are compiled too; checkpoints keep the plain model.
-    train_model = compile_model(train_model, args.torchcompile)
 
-    saved_args = plain_arguments(args)
-    title = f"{args.model} on {source or 'digits'}"
+def run_epochs(
+    args: argparse.Namespace,
+    context: DistributedContext,
+    data: TrainingData,
+    state: TrainState,
+    output: Path,
+    resumed: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Train, evaluate and checkpoint each epoch left in the schedule; returns the last row with the best and skips."""
+    train_model = training_module(state.model, args, context)
+    title = f"{args.model} on {data.source or 'digits'}"
     if context.is_primary:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "args.yaml").write_text(yaml.safe_dump(saved_args, sort_keys=False))
-        if resumed is not None and history and history[-1]["epoch"] == resumed["epoch"]:
-            # A run stopped (killed, preempted) between last.pth.tar and the files written after it: complete them.
-            is_best = resumed["best_epoch"] == resumed["epoch"]
-            save_epoch_files(resumed, history, output, args, is_best=is_best, title=title)
-    if context.is_primary and finished:
-        _logger.info(
-            "--resume auto: the run finished at epoch %d, the last of its schedule; nothing to train", state.epoch - 1
-        )
-    elif context.is_primary:
-        _logger.info(
-            "training %s (%d classes, input %s) on %s: %d train / %d held-out images, epochs %d-%d (counted from 0 "
-            "as in summary.csv and checkpoint-EPOCH.pth.tar), %d process(es) on %s; output in %s",
-            args.model,
-            num_classes,
-            "x".join(map(str, config["input_size"])),
-            source or "the built-in digits",
-            len(train_set),
-            len(val_set),
-            state.epoch,
-            num_epochs - 1,
-            context.world_size,
-            device,
-            output,
-        )
-
-    decreasing = args.eval_metric == "loss"
-    row: dict[str, Any] = history[-1] if history else {}
-    for epoch in range(state.epoch, num_epochs):
+        start_output(args, context, data, state, output, resumed, title)
+    row: dict[str, Any] = state.history[-1] if state.history else {}
+    for epoch in range(state.epoch, state.num_epochs):
         state.epoch = epoch
-        seed_epoch(args.seed, epoch, context.rank)
-        if isinstance(train_set, IterableDataset):
-            train_set.set_epoch(epoch)  # the shard shuffle of timm's streamed readers
-        elif context.distributed:
-            train_loader.sampler.set_epoch(epoch)
-        if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            mixup.mixup_enabled = False
-        train_loss = train_one_epoch(state, train_loader, criterion, args, context, mixup, train_model, num_epochs)
-        eval_model = ema.module if ema is not None else model
-        label = "" if args.no_progress or not context.is_primary else f"held-out, epoch {epoch}"
-        metrics = evaluate(
-            eval_model, val_loader, device, args.amp, args.amp_dtype, context.distributed, progress=label
-        )
-        row = dict(
-            epoch=epoch,
-            train_loss=round(train_loss, 6),
-            eval_loss=round(metrics["loss"], 6),
-            eval_top1=round(metrics["top1"], 4),
-            eval_top5=round(metrics["top5"], 4),
-            lr=_current_lr(optimizer),  # the rate this epoch ended at (timm's summary), before the next is set
-        )
-        if scheduler is not None:
-            scheduler.step(epoch + 1, metrics[args.eval_metric])
-        history.append(row)
-        metric = metrics[args.eval_metric]
-        best = state.best_metric
-        is_best = best is None or (metric < best if decreasing else metric > best)
-        if is_best:
-            state.best_metric, state.best_epoch = metric, epoch
-        if context.is_primary:
-            ckpt = checkpoint_dict(state, saved_args, history)
-            atomic_save(ckpt, output / "last.pth.tar")
-            save_epoch_files(ckpt, history, output, args, is_best=is_best, title=title)
-            _logger.info(
-                "epoch %d/%d  train loss %.4f  held-out loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s",
-                epoch,
-                num_epochs - 1,
-                train_loss,
-                metrics["loss"],
-                metrics["top1"],
-                metrics["top5"],
-                row["lr"],
-                "  (best)" if is_best else "",
-            )
+        train_loss, metrics = run_epoch(args, context, data, state, train_model)
+        row = record_epoch(args, context, state, train_loss, metrics, output, title)
     # Each process counts the images it met: their sum is the run's.
-    skipped = all_reduce_sum(getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0), context)
+    skipped = all_reduce_sum(
+        getattr(data.train_set, "num_skipped", 0) + getattr(data.val_set, "num_skipped", 0), context
+    )
     if skipped and context.is_primary:
         _logger.warning("%d unreadable image(s) were skipped (see the warnings above)", skipped)
     return {**row, "best_metric": state.best_metric, "best_epoch": state.best_epoch, "num_skipped": skipped}
 
 
-def run(args: argparse.Namespace) -> int:
-    """`sequencer train`: set up (distributed) processes, train, print the held-out top-1."""
-    start = time.perf_counter()
-    # Every check before the process group is joined: torchrun's WORLD_SIZE already gives the global batch.
-    args = resolve_arguments(args, launched_world_size())
-    check_arguments(args)
-    output = output_folder(args)
-    auto_resume = args.resume == AUTO_RESUME
-    args.resume = resume_source(args, output)
-    check_output_folder(args, output, auto_resume=auto_resume and not args.resume)
-    context = init_distributed(args.device)
-    logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
-    if auto_resume and context.is_primary:
+def training_module(model: nn.Module, args: argparse.Namespace, context: DistributedContext) -> nn.Module:
+    """What the training steps call: the model, under DDP when distributed, compiled when --torchcompile asks."""
+    if context.distributed:
+        device = context.device
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # After DDP, as timm does, so that its gradient buckets are compiled too; checkpoints keep the plain model.
+    return compile_model(model, args.torchcompile)
+
+
+def start_output(
+    args: argparse.Namespace,
+    context: DistributedContext,
+    data: TrainingData,
+    state: TrainState,
+    output: Path,
+    resumed: dict[str, Any] | None,
+    title: str,
+) -> None:
+    """Rank 0's start: args.yaml, the files a run stopped right after its last.pth.tar left out, and what comes."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "args.yaml").write_text(yaml.safe_dump(plain_arguments(args), sort_keys=False))
+    history = state.history
+    if resumed is not None and history and history[-1]["epoch"] == resumed["epoch"]:
+        # A run stopped (killed, preempted) between last.pth.tar and the files written after it: complete them.
+        is_best = resumed["best_epoch"] == resumed["epoch"]
+        save_epoch_files(resumed, history, output, args, is_best=is_best, title=title)
+    if state.epoch >= state.num_epochs:  # only a finished run under --resume auto (`set_start`)
         _logger.info(
-            "--resume auto: %s", f"continuing from {args.resume}" if args.resume else "no last.pth.tar, a new run"
+            "--resume auto: the run finished at epoch %d, the last of its schedule; nothing to train", state.epoch - 1
         )
+        return
+    config = data_config(state.model, interpolation=args.interpolation, **input_overrides(args, "interpolation"))
+    _logger.info(
+        "training %s (%d classes, input %s) on %s: %d train / %d held-out images, epochs %d-%d (counted from 0 "
+        "as in summary.csv and checkpoint-EPOCH.pth.tar), %d process(es) on %s; output in %s",
+        args.model,
+        data.num_classes,
+        "x".join(map(str, config["input_size"])),
+        data.source or "the built-in digits",
+        len(data.train_set),
+        len(data.val_set),
+        state.epoch,
+        state.num_epochs - 1,
+        context.world_size,
+        context.device,
+        output,
+    )
+
+
+def run_epoch(
+    args: argparse.Namespace,
+    context: DistributedContext,
+    data: TrainingData,
+    state: TrainState,
+    train_model: nn.Module,
+) -> tuple[float, dict[str, float]]:
+    """Train epoch `state.epoch`, seeded to replay exactly after a resume, and evaluate; returns loss and metrics."""
+    epoch = state.epoch
+    seed_epoch(args.seed, epoch, context.rank)
+    if isinstance(data.train_set, IterableDataset):
+        data.train_set.set_epoch(epoch)  # the shard shuffle of timm's streamed readers
+    elif context.distributed:
+        data.train_loader.sampler.set_epoch(epoch)
+    if data.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        data.mixup.mixup_enabled = False
+    train_loss = train_one_epoch(state, data, train_model, args, context)
+    eval_model = state.ema.module if state.ema is not None else state.model
+    label = "" if args.no_progress or not context.is_primary else f"held-out, epoch {epoch}"
+    metrics = evaluate(
+        eval_model, data.val_loader, context.device, args.amp, args.amp_dtype, context.distributed, progress=label
+    )
+    return train_loss, metrics
+
+
+def record_epoch(
+    args: argparse.Namespace,
+    context: DistributedContext,
+    state: TrainState,
+    train_loss: float,
+    metrics: dict[str, float],
+    output: Path,
+    title: str,
+) -> dict[str, Any]:
+    """The epoch's summary row (returned), the schedule stepped, the best updated; rank 0 saves and logs the epoch."""
+    epoch = state.epoch
+    row = dict(
+        epoch=epoch,
+        train_loss=round(train_loss, 6),
+        eval_loss=round(metrics["loss"], 6),
+        eval_top1=round(metrics["top1"], 4),
+        eval_top5=round(metrics["top5"], 4),
+        lr=_current_lr(state.optimizer),  # the rate this epoch ended at (timm's summary), before the next is set
+    )
+    metric = metrics[args.eval_metric]
+    if state.scheduler is not None:
+        state.scheduler.step(epoch + 1, metric)
+    state.history.append(row)
+    best = state.best_metric
+    is_best = best is None or (metric < best if args.eval_metric == "loss" else metric > best)
+    if is_best:
+        state.best_metric, state.best_epoch = metric, epoch
     if context.is_primary:
-        warn_if_emulated_bfloat16(context.device, args.amp, args.amp_dtype)
-    resumed = read_resumed(args) if args.resume else None
-    set_threads(args.threads)
-    try:
-        result = train(args, context, output, resumed, auto_resume=auto_resume)
-    except NonFiniteLossError as error:
-        last = output / "last.pth.tar"
-        # The folder held no run before this one (or the resumed one): its last.pth.tar is of the epoch before.
-        kept = (
-            f"the last good checkpoint is kept: {last} (epoch {error.epoch - 1})"
-            if last.is_file()
-            else "no checkpoint was written"
+        ckpt = checkpoint_dict(state, plain_arguments(args))
+        atomic_save(ckpt, output / "last.pth.tar")
+        save_epoch_files(ckpt, state.history, output, args, is_best=is_best, title=title)
+        _logger.info(
+            "epoch %d/%d  train loss %.4f  held-out loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s",
+            epoch,
+            state.num_epochs - 1,
+            train_loss,
+            metrics["loss"],
+            metrics["top1"],
+            metrics["top5"],
+            row["lr"],
+            "  (best)" if is_best else "",
         )
-        _logger.error("stopping: %s; %s. Lower --lr, set --clip-grad, or check the data.", error, kept)
+    return row
+
+
+def run(args: argparse.Namespace) -> int:
+    """`sequencer train`: `train` with the command line's flags, then the held-out top-1; returns the exit code."""
+    start = time.perf_counter()
+    # torchrun's rank of this process, as the process group will give it: only rank 0 logs progress and prints.
+    primary = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if primary else logging.WARNING, format="%(message)s")
+    try:
+        result = train(**{key: value for key, value in vars(args).items() if key != "command"})
+    except NonFiniteLossError:
         return 1
     except KeyboardInterrupt:
-        if context.is_primary:
-            _logger.error("interrupted; continue with --resume on the output folder's last.pth.tar")
         return 130
-    finally:
-        cleanup_distributed()
-    if context.is_primary and "eval_top1" in result:
+    if primary and "eval_top1" in result:
         print(
             f"held-out top-1 {result['eval_top1']:.2f}% (top-5 {result['eval_top5']:.2f}%) after epoch "
             f"{result['epoch']}; best {args.eval_metric} {result['best_metric']:.2f} at epoch "
-            f"{result['best_epoch']} (model_best.pth.tar); {time.perf_counter() - start:.1f} s; output in {output}"
+            f"{result['best_epoch']} (model_best.pth.tar); {time.perf_counter() - start:.1f} s; output in "
+            f"{result['output']}"
         )
     return 0
