@@ -215,9 +215,12 @@ def test_the_first_measured_step_works_under_gradient_checkpointing(monkeypatch:
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_the_measurement_trains_a_copy_and_leaves_the_callers_gradients_alone() -> None:
+def test_the_measurement_trains_a_copy_and_leaves_the_callers_gradients_and_random_stream_alone() -> None:
     mixer = _mixer("lstm", "cat", True)
-    seconds = recurrence.measure_training_paths(mixer, torch.randn(2, 4, 4, 16), rounds=1)
+    x = torch.randn(2, 4, 4, 16)
+    random_state = torch.get_rng_state()
+    seconds = recurrence.measure_training_paths(mixer, x, rounds=1)
+    assert torch.equal(torch.get_rng_state(), random_state)  # training's random stream is not moved
     assert set(seconds) == {"reference", "fused"} and all(0 < t < math.inf for t in seconds.values())
     assert all(p.grad is None for p in mixer.parameters())
 

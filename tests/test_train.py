@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from sequencer import data as data_module
-from sequencer import hub, runtime
+from sequencer import hub, recurrence, runtime
 from sequencer import train as train_module
 from sequencer.builder import create_model
 from sequencer.checkpoint import load_pretrained, open_checkpoint, read_file
@@ -260,8 +260,12 @@ def test_resume_continues_exactly(
     monkeypatch.setattr(train_module, "train_one_epoch", interrupt_second_epoch)
     command = f"{data_root} {TINY} {STATEFUL} --epochs 2 --output {tmp_path}"
     assert run_cli("train", command) == 130
-    assert read_file(tmp_path / "last.pth.tar")["epoch"] == 0
+    stopped = read_file(tmp_path / "last.pth.tar")
+    assert stopped["epoch"] == 0 and stopped["cpu_training_paths"] == recurrence.training_paths() != {}
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    # As a new process would: no path chosen yet, and no measurement allowed: the checkpoint's paths are taken.
+    monkeypatch.setattr(recurrence, "_CPU_TRAINING_PATHS", {})
+    monkeypatch.setattr(recurrence, "measure_training_paths", lambda *_: pytest.fail("measured again on resume"))
     assert run_cli("train", f"{command} --resume {tmp_path / 'last.pth.tar'}") == 0
 
     resumed, uninterrupted = read_file(tmp_path / "last.pth.tar"), read_file(two_epoch_run / "last.pth.tar")

@@ -117,7 +117,9 @@ def training_path_key(mixer: nn.Module, x: torch.Tensor) -> str:
 def measure_training_paths(mixer: nn.Module, x: torch.Tensor, rounds: int = 3) -> dict[str, float]:
     """Seconds of the fastest of `rounds` training steps of a copy of `mixer` at x's shape, per path, alternated."""
     probe = copy.deepcopy(mixer)  # its own parameters: the caller's gradients stay untouched
-    sample = torch.randn(x.shape, dtype=x.dtype, device=x.device, requires_grad=True)
+    # Drawn from its own generator: a measurement must not move the random stream that training replays on resume.
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    sample = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator).requires_grad_()
     seconds = {"reference": math.inf, "fused": math.inf}
     # Identity hooks shadow any outer ones (gradient checkpointing's would count the probe's saved tensors as the
     # block's and fail at recomputation).
