@@ -29,15 +29,20 @@ from sequencer.model import ALIASES, VARIANTS, Sequencer, SequencerConfig, Seque
 from sequencer.recurrence import route
 
 
+def is_registered(name: str) -> bool:
+    """Whether `name` (an alias or a timm-style "name.tag" too) is one of our variants rather than a timm model."""
+    base = name.split(".")[0]
+    return ALIASES.get(base, base) in VARIANTS
+
+
 def resolve_model_name(name: str) -> str:
     """The registered variant that `name` (an alias or a timm-style "name.tag" too) means; UsageError if none."""
     base = name.split(".")[0]
-    canonical = ALIASES.get(base, base)
-    if canonical not in VARIANTS:
+    if not is_registered(name):
         close = difflib.get_close_matches(base, list_models(), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
         raise UsageError(f"unknown model {name!r}{hint}")
-    return canonical
+    return ALIASES.get(base, base)
 
 
 def model_config(name: str) -> SequencerConfig:

@@ -20,11 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sequencer.builder import load_model
+from sequencer.builder import load_model, resolve_model_name
 from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
 from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
-from sequencer.model import list_models
 from sequencer.options import input_overrides
 from sequencer.recurrence import route
 
@@ -213,8 +212,7 @@ class ExportResult:
 
 def _check_name_and_file(name: str, checkpoint: str | Path | None) -> None:
     """Refuse an unknown variant or a local checkpoint file that does not exist, before anything is loaded."""
-    if name.split(".")[0] not in list_models():
-        raise UsageError(f"unknown model {name!r}; `sequencer summary` lists the variants")
+    resolve_model_name(name)
     remote = str(checkpoint).startswith(("http://", "https://", "hf-hub:"))
     if checkpoint and not remote and not Path(checkpoint).is_file():
         raise CheckpointError(f"checkpoint not found: {checkpoint}")

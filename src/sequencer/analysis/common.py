@@ -14,15 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from sequencer.builder import create_model, load_model
+from sequencer.builder import create_model, is_registered, load_model
 from sequencer.checkpoint import extract_state_dict, read_file
 from sequencer.errors import CheckpointError, UsageError
-from sequencer.model import default_cfg, list_models
-
-
-def is_sequencer(name: str) -> bool:
-    """Whether `name` (possibly with a timm-style `.tag`) is one of our variants rather than a timm model."""
-    return name.split(".")[0] in list_models()
+from sequencer.model import default_cfg
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -36,7 +31,7 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
 def check_model_specs(specs: Sequence[tuple[str, str]], need_weights: bool = False) -> None:
     """Fail before any work on an unknown model name, a missing checkpoint file or (if needed) no checkpoint."""
     for name, checkpoint in specs:
-        if not is_sequencer(name) and not timm.is_model(name):
+        if not is_registered(name) and not timm.is_model(name):
             raise UsageError(
                 f"unknown model {name!r}: neither a Sequencer variant (see `sequencer summary`) "
                 "nor a timm model (see timm.list_models())"
@@ -81,7 +76,7 @@ def build_compared_model(
     # Classes: `num_classes`, else the checkpoint's classifier, else 1000. timm models with a fixed input size
     # (ViTs) are built for `img_size`; timm resamples their position embeddings when loading the file.
     checkpoint = str(checkpoint or "")
-    if is_sequencer(name):
+    if is_registered(name):
         if not checkpoint:  # random weights are a legitimate subject here (the ERF at initialisation)
             return create_model(name, num_classes=num_classes or 1000, in_chans=in_chans).eval()
         return load_model(name, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
@@ -108,7 +103,7 @@ def build_compared_model(
 
 def training_size(name: str) -> int:
     """The input size a model is trained at by default: its config's input_size (ours or timm's)."""
-    if is_sequencer(name):
+    if is_registered(name):
         return default_cfg(name.split(".")[0])["input_size"][-1]
     cfg = timm.models.get_pretrained_cfg(name)
     return cfg.input_size[-1] if cfg is not None else 224

@@ -1,4 +1,5 @@
-"""Effective receptive fields per stage: how much each input pixel moves the centre output of every stage.
+"""Effective receptive fields (`effective_receptive_fields`), their shape measures and their figure, behind
+`sequencer erf`.
 
 The paper's recipe: the gradient of the centre output feature (summed over channels) with respect to the input
 image, ReLU, summed over colour channels, averaged over images, shown as log10(x + 1) heat maps. Sequencer's map is

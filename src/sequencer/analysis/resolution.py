@@ -1,4 +1,4 @@
-"""Top-1 against inference resolution: a model trained at one size, evaluated at others with the same weights.
+"""Accuracy against inference resolution (`accuracy_by_resolution`) and its figure, behind `sequencer resolution`.
 
 At each size N the images are resized by the model's crop_pct and centre-cropped to N x N. Sequencer runs at any
 size unchanged; timm models with a fixed input size (ViTs) are rebuilt for each size, with their position

@@ -1,4 +1,5 @@
-"""Parameters and MACs (recurrent layers counted) of every Sequencer variant: the paper's model-zoo table."""
+"""The model-zoo table behind `sequencer summary`: each variant's parameters and MACs (`summarize`), as a table,
+CSV or figure."""
 
 from __future__ import annotations
 
