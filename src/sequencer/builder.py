@@ -15,14 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from sequencer.checkpoint import (
-    Checkpoint,
-    adopt_class_names,
-    load_pretrained,
-    load_state_dict,
-    open_checkpoint,
-    recorded_model_name,
-)
+from sequencer.checkpoint import Checkpoint, load_checkpoint, load_pretrained, open_checkpoint
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.hub import released_weights
 from sequencer.model import ALIASES, VARIANTS, Sequencer, SequencerConfig, SequencerFeatures, default_cfg, list_models
@@ -68,25 +61,31 @@ def create_model(
     run on `rnn_impl` (see `sequencer.recurrence.route`). A pickled checkpoint that needs more than tensors and
     plain containers is refused unless `unsafe_load`.
     """
-    canonical = resolve_model_name(name)
-    base = name.split(".")[0]  # timm-style tags such as "sequencer2d_s.in1k" name the same network
+    model = build(
+        name, resolve_model_name(name), num_classes, in_chans, rnn_impl, drop_path_rate=drop_path_rate, **overrides
+    )
+    if pretrained:
+        url = model.pretrained_cfg["url"]
+        weights = released_weights(model.model_name, url) if pretrained is True else pretrained
+        load_pretrained(model, weights, unsafe_load=unsafe_load)
+    if features_only:
+        return SequencerFeatures(model, tuple(out_indices))
+    return model
+
+
+def build(name: str, variant: str, num_classes: int, in_chans: int, rnn_impl: str, **overrides: Any) -> Sequencer:
+    """The registered `variant` as `name` asked for it, routed, with its preprocessing config attached."""
     try:
-        config = dataclasses.replace(
-            VARIANTS[canonical], num_classes=num_classes, drop_path_rate=drop_path_rate, in_chans=in_chans, **overrides
-        )
+        config = dataclasses.replace(VARIANTS[variant], num_classes=num_classes, in_chans=in_chans, **overrides)
     except TypeError as error:  # a keyword that is no config field
         raise UsageError(f"create_model({name!r}): {error}") from None
     model = Sequencer(config)
     route(model, rnn_impl=rnn_impl, onednn_linear=True)
+    base = name.split(".")[0]  # timm-style tags such as "sequencer2d_s.in1k" name the same network
     cfg = default_cfg(base)
     cfg.update(num_classes=num_classes, input_size=(in_chans, config.img_size, config.img_size))
     model.pretrained_cfg = model.default_cfg = cfg
     model.model_name = base
-    if pretrained:
-        weights = released_weights(base, cfg["url"]) if pretrained is True else pretrained
-        load_pretrained(model, weights, unsafe_load=unsafe_load)
-    if features_only:
-        return SequencerFeatures(model, tuple(out_indices))
     return model
 
 
@@ -100,7 +99,7 @@ def load_model(
 ) -> nn.Module:
     """A variant in eval mode with a checkpoint's weights, for inference: `num_classes` defaults to the file's head,
     whose size must then match (loading would otherwise re-initialise it), and its class names are kept."""
-    resolve_model_name(name)  # an unknown name is the error, before any warning about weights or reading a file
+    variant = resolve_model_name(name)  # an unknown name is the error, before any warning or reading a file
     if not checkpoint:
         warnings.warn(
             f"no checkpoint given: {name} has random initial weights (and a zero classifier), so its outputs are "
@@ -108,7 +107,7 @@ def load_model(
             UserWarning,
             stacklevel=2,
         )
-        return create_model(name, num_classes=num_classes or 1000, in_chans=in_chans).eval()
+        return build(name, variant, num_classes or 1000, in_chans, "auto").eval()
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint, use_ema=use_ema, unsafe_load=unsafe_load)
     file_classes = checkpoint.num_classes
@@ -118,9 +117,6 @@ def load_model(
         raise CheckpointError(
             f"{checkpoint.path} has a {file_classes}-class head but {num_classes} classes were asked for"
         )
-    model = create_model(name, num_classes=num_classes, in_chans=in_chans)
-    load_state_dict(
-        model, checkpoint.state_dict, source=checkpoint.path, recorded_model=recorded_model_name(checkpoint.contents)
-    )
-    adopt_class_names(model, checkpoint.contents)
+    model = build(name, variant, num_classes, in_chans, "auto")
+    load_checkpoint(model, checkpoint)
     return model.eval()

@@ -135,15 +135,6 @@ def extract_state_dict(obj: dict[str, Any], use_ema: bool = False) -> dict[str, 
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def adopt_class_names(model: nn.Module, contents: dict[str, Any]) -> None:
-    """Record the class names a checkpoint holds (`sequencer train` and `save_weights` write them) as the model's
-    `pretrained_cfg["label_names"]` (timm's key), when they fit its head."""
-    names = contents.get("class_names")
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(names, list) and isinstance(cfg, dict) and len(names) == getattr(model, "num_classes", -1):
-        cfg["label_names"] = [str(name) for name in names]
-
-
 def from_authors_format(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the authors' keys (`blocks.{stage}.{j}`, `head`) to ours (`stages.{stage}.blocks.{j}`, `head.fc`)."""
     if not any(k.startswith("blocks.") for k in state_dict):
@@ -184,19 +175,53 @@ def recorded_model_name(contents: dict[str, Any]) -> str | None:
     return contents.get("model_name") or contents.get("arch") or from_args or None
 
 
-def load_state_dict(
-    model: nn.Module,
-    state_dict: dict[str, torch.Tensor],
-    strict: bool = True,
-    source: str = "the checkpoint",
-    recorded_model: str | None = None,
-) -> None:
-    """Load weights in any supported key format; a head of another size is re-initialised, with a warning.
+@dataclass
+class Checkpoint:
+    """A checkpoint file read as data: its weights unwrapped into our key format, and what its writer recorded."""
 
-    Weights that do not fit are a one-line `CheckpointError`: the model `source` holds when it records another
-    (`recorded_model`), else how many keys are missing, unexpected or of another shape, with the first of each.
+    path: str
+    contents: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the classifier head, or None for a file without one."""
+        weight = self.state_dict.get("head.fc.weight")
+        return int(weight.shape[0]) if weight is not None else None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class names in index order, when the file records them."""
+        names = self.contents.get("class_names")
+        return [str(name) for name in names] if isinstance(names, list) and names else None
+
+    @property
+    def model_name(self) -> str | None:
+        """The model the file says it holds (see `recorded_model_name`)."""
+        return recorded_model_name(self.contents)
+
+    @property
+    def trained_args(self) -> dict[str, Any]:
+        """The flags of the `sequencer train` run that wrote it (empty for other files)."""
+        args = self.contents.get("args")
+        return args if isinstance(args, dict) else {}
+
+
+def open_checkpoint(path: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False) -> Checkpoint:
+    """Read a checkpoint in any supported format (see `read_file`) and unwrap and rename its weights, once."""
+    contents = read_file(path, unsafe_load=unsafe_load)
+    return Checkpoint(str(path), contents, from_authors_format(extract_state_dict(contents, use_ema=use_ema)))
+
+
+def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) -> None:
+    """Load an opened checkpoint's weights into `model`; a head of another size is re-initialised, with a warning.
+
+    Weights that do not fit are a one-line `CheckpointError`: the model the file holds when it records another,
+    else how many keys are missing, unexpected or of another shape, with the first of each. The class names the
+    file records (`sequencer train` and `save_weights` write them) become the model's
+    `pretrained_cfg["label_names"]` (timm's key) when they fit its head.
     """
-    state_dict = from_authors_format(extract_state_dict(state_dict))
+    state_dict, source = checkpoint.state_dict, checkpoint.path
     own = model.state_dict()
     # Listed in the model's own order, so the first names point at the earliest layer that does not fit.
     missing = [k for k in own if k not in state_dict]
@@ -206,8 +231,8 @@ def load_state_dict(
     ]
     if strict and (missing or unexpected or mismatched):
         name = getattr(model, "model_name", type(model).__name__)
-        if recorded_model and recorded_model != name:
-            raise CheckpointError(f"{source} holds {recorded_model} weights; this model is {name}")
+        if checkpoint.model_name and checkpoint.model_name != name:
+            raise CheckpointError(f"{source} holds {checkpoint.model_name} weights; this model is {name}")
         problems = [
             f"{label} keys ({len(keys)}): {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
             for label, keys in (("missing", missing), ("unexpected", unexpected))
@@ -233,51 +258,23 @@ def load_state_dict(
         state_dict = {k: v for k, v in state_dict.items() if k not in head}
         state_dict.update({k: own[k] for k in head})
     model.load_state_dict(state_dict, strict=strict)
+    names, cfg = checkpoint.class_names, getattr(model, "pretrained_cfg", None)
+    if names and isinstance(cfg, dict) and len(names) == getattr(model, "num_classes", -1):
+        cfg["label_names"] = names
+
+
+def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load a state dict in any supported key format (authors', timm's, ours; wrapped or not) into `model`."""
+    weights = from_authors_format(extract_state_dict(state_dict))
+    load_checkpoint(model, Checkpoint("the state dict", {}, weights), strict=strict)
 
 
 def load_pretrained(
     model: nn.Module, path: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False
 ) -> None:
     """Load a checkpoint file (authors', timm's or ours, possibly wrapped) into `model`, strictly."""
-    obj = read_file(path, unsafe_load=unsafe_load)
-    load_state_dict(
-        model, extract_state_dict(obj, use_ema=use_ema), source=str(path), recorded_model=recorded_model_name(obj)
-    )
-    adopt_class_names(model, obj)
+    load_checkpoint(model, open_checkpoint(path, use_ema=use_ema, unsafe_load=unsafe_load))
     _logger.info("loaded weights from %s", path)
-
-
-@dataclass
-class Checkpoint:
-    """A checkpoint file read as data: its weights in our key format, and what `sequencer train` recorded."""
-
-    path: str
-    contents: dict[str, Any]
-    state_dict: dict[str, torch.Tensor]
-
-    @property
-    def num_classes(self) -> int | None:
-        """Classes of the classifier head, or None for a file without one."""
-        weight = self.state_dict.get("head.fc.weight")
-        return int(weight.shape[0]) if weight is not None else None
-
-    @property
-    def class_names(self) -> list[str] | None:
-        """The class names in index order, when the file records them."""
-        names = self.contents.get("class_names")
-        return [str(name) for name in names] if isinstance(names, list) and names else None
-
-    @property
-    def trained_args(self) -> dict[str, Any]:
-        """The flags of the `sequencer train` run that wrote it (empty for other files)."""
-        args = self.contents.get("args")
-        return args if isinstance(args, dict) else {}
-
-
-def open_checkpoint(path: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False) -> Checkpoint:
-    """Read a checkpoint in any supported format (see `read_file`) and unwrap its weights."""
-    contents = read_file(path, unsafe_load=unsafe_load)
-    return Checkpoint(str(path), contents, from_authors_format(extract_state_dict(contents, use_ema=use_ema)))
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
