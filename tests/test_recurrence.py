@@ -254,7 +254,8 @@ def test_eval_mode_input_gradients_run_the_recurrent_layers_in_train_mode(mixer:
     # cuDNN refuses an RNN backward in eval mode: the model switches its nn.LSTMs while a backward will follow.
     torch.manual_seed(0)
     overrides = dict(mixer="1d", hidden_sizes=(32, 64, 64, 64)) if mixer == "1d" else {}
-    model = create_model("sequencer2d_tiny", **overrides).eval()
+    # The reference path, whose nn.LSTMs must switch (auto might train on the fused path, or measure both).
+    model = create_model("sequencer2d_tiny", rnn_impl="reference", **overrides).eval()
     torch.nn.init.normal_(model.head.fc.weight, std=0.1)
     rnns = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
     modes: list[bool] = []

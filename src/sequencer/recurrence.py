@@ -34,7 +34,6 @@ below (`RoutedBiLSTM2D`), which share their parameters and state dict, so the pa
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 import types
@@ -115,15 +114,19 @@ def training_path_key(mixer: nn.Module, x: torch.Tensor) -> str:
 
 
 def measure_training_paths(mixer: nn.Module, x: torch.Tensor, rounds: int = 3) -> dict[str, float]:
-    """Seconds of the fastest of `rounds` training steps of a copy of `mixer` at x's shape, per path, alternated."""
-    probe = copy.deepcopy(mixer)  # its own parameters: the caller's gradients stay untouched
-    # Drawn from its own generator: a measurement must not move the random stream that training replays on resume.
-    generator = torch.Generator(device=x.device).manual_seed(0)
-    sample = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator).requires_grad_()
+    """Seconds of the fastest of `rounds` training steps of a mixer shaped like `mixer` at x's shape, per path."""
+    rnn = mixer.rnns[0]
     seconds = {"reference": math.inf, "fused": math.inf}
-    # Identity hooks shadow any outer ones (gradient checkpointing's would count the probe's saved tensors as the
-    # block's and fail at recomputation).
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    # A fresh mixer (no hooks, no gradients of the caller's), made and fed from its own random stream: a measurement
+    # must not move the one that training replays on resume. Identity hooks shadow any outer saved-tensor hooks
+    # (gradient checkpointing's would count the probe's tensors as the block's and fail at recomputation).
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    with torch.random.fork_rng(devices=[]), torch.enable_grad(), hooks:
+        torch.manual_seed(0)
+        shape = (rnn.input_size, rnn.hidden_size, mixer.cell, mixer.bidirectional, mixer.union)
+        probe = RoutedBiLSTM2D(*shape, with_fc=not isinstance(mixer.fc, nn.Identity))
+        probe.to(device=x.device, dtype=rnn.weight_ih_l0.dtype)
+        sample = torch.randn(x.shape, dtype=x.dtype).to(x.device).requires_grad_()
         for _ in range(rounds + 1):  # the first round warms both paths up
             for impl in seconds:
                 probe.rnn_impl = impl
@@ -702,21 +705,30 @@ def method_alias(function: Callable, name: str) -> Callable:
     return alias
 
 
-class RoutedBiLSTM2D(BiLSTM2D):
-    """BiLSTM2D whose recurrences run on the implementation `rnn_impl` names, picked per call by `resolve_impl`."""
-
-    rnn_impl = "auto"
-    paper_forward = method_alias(BiLSTM2D.forward, "paper_forward")
+class ScriptedAsThePaper:
+    """What both routed mixers do first: TorchScript compiles the paper's forward, eager calls take the routes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self.paper_forward(x)
         return self._forward_routed(x)
 
+
+def backward_follows(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether a backward pass can follow this call: gradients on and the input or a recurrent weight needs one."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+
+
+class RoutedBiLSTM2D(ScriptedAsThePaper, BiLSTM2D):
+    """BiLSTM2D whose recurrences run on the implementation `rnn_impl` names, picked per call by `resolve_impl`."""
+
+    rnn_impl = "auto"
+    paper_forward = method_alias(BiLSTM2D.forward, "paper_forward")
+
     @torch.jit.unused
     def _forward_routed(self, x: torch.Tensor) -> torch.Tensor:
         weights = weights_for_call(self)
-        needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+        needs_backward = backward_follows(x, weights)
         impl = resolve_impl(self.rnn_impl, x, needs_backward, self)
         if impl == "reference":
             with train_mode_for_backward(self.rnns, needs_backward):
@@ -735,20 +747,15 @@ class RoutedBiLSTM2D(BiLSTM2D):
         return self.fc(x)  # (B, H, W, 4D or 2D) -> (B, H, W, C)
 
 
-class RoutedBiLSTM1D(BiLSTM1D):
+class RoutedBiLSTM1D(ScriptedAsThePaper, BiLSTM1D):
     """The vanilla mixer on nn.LSTM with the same precision and backward care, or on the `rnn2d` op when compiled."""
 
     paper_forward = method_alias(BiLSTM1D.forward, "paper_forward")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self.paper_forward(x)
-        return self._forward_routed(x)
-
     @torch.jit.unused
     def _forward_routed(self, x: torch.Tensor) -> torch.Tensor:
         weights = weights_for_call(self)
-        needs_backward = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+        needs_backward = backward_follows(x, weights)
         if resolve_impl("reference", x, needs_backward) == COMPILED:
             B, H, W, C = x.shape
             # (B, H, W, C) -> (B, 1, H*W, C): the raster as a map of one row, scanned horizontally by the 2D op;
