@@ -228,9 +228,15 @@ class Torchrun:
             return f"127.0.0.1:{probe.getsockname()[1]}"
 
     def start(
-        self, launch: Sequence[str], command: Sequence[str], cwd: Path, env: dict[str, str] | None = None
+        self,
+        launch: Sequence[str],
+        command: Sequence[str],
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        launcher: str = "torch.distributed.run",
     ) -> subprocess.Popen:
-        """`torchrun LAUNCH... COMMAND...` in the background, its output captured; `env`: more variables."""
+        """`torchrun LAUNCH... COMMAND...` in the background, its output captured; `env`: more variables;
+        `launcher`: the module that launches (torchrun's, or `sequencer.launch`, which takes the same flags)."""
         env = {
             **os.environ,
             **(env or {}),
@@ -239,7 +245,7 @@ class Torchrun:
             "SEQUENCER_TEST_LAUNCH": self.marker,
         }
         process = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--local-addr", "127.0.0.1", *launch, *command],
+            [sys.executable, "-m", launcher, "--local-addr", "127.0.0.1", *launch, *command],
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
@@ -261,9 +267,10 @@ class Torchrun:
         cwd: Path,
         timeout: float,
         env: dict[str, str] | None = None,
+        launcher: str = "torch.distributed.run",
     ) -> subprocess.CompletedProcess:
         """`start` and `wait`."""
-        return self.wait(self.start(launch, command, cwd, env), timeout)
+        return self.wait(self.start(launch, command, cwd, env, launcher), timeout)
 
     def close(self) -> None:
         """Stop the launches still running (torchrun stops its workers on SIGTERM), then kill whatever is left."""

@@ -905,7 +905,7 @@ def test_two_nodes_of_one_process_train_as_one_node_of_two(torchrun, data_root: 
 
 
 @pytest.mark.slow
-def test_a_node_whose_peers_never_join_stops_at_the_join_timeout_and_leaves_the_folder_alone(
+def test_a_node_whose_peers_never_join_stops_in_one_line_at_the_join_timeout_and_leaves_the_folder_alone(
     torchrun, data_root: Path, tmp_path: Path
 ) -> None:
     output = tmp_path / "run"
@@ -914,8 +914,12 @@ def test_a_node_whose_peers_never_join_stops_at_the_join_timeout_and_leaves_the_
     launch = ["--nnodes", "2", "--nproc_per_node", "1", "--node-rank", "0", "--rdzv-backend", "c10d"]
     launch += ["--rdzv-endpoint", torchrun.endpoint(), "--rdzv-conf", "join_timeout=5"]
     command = ["-m", "sequencer", "train", str(data_root), *shlex.split(TINY), "--resume", "auto", "--output"]
-    result = torchrun.run(launch, [*command, str(output)], cwd=tmp_path, timeout=120)
-    assert result.returncode != 0 and "RendezvousTimeoutError" in result.stderr
+    result = torchrun.run(launch, [*command, str(output)], cwd=tmp_path, timeout=120, launcher="sequencer.launch")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr == (
+        f"sequencer-run: error: not all of the 2 node(s) joined the rendezvous at {launch[-3]} within 5 s: start every "
+        "node with the same --rdzv-endpoint and --nnodes (RendezvousTimeoutError)\n"
+    )
     assert [path.name for path in output.iterdir()] == ["last.pth.tar"]
     assert (output / "last.pth.tar").read_bytes() == b"an earlier run's"
 

@@ -1,0 +1,45 @@
+"""`sequencer-run`: torchrun with its flags unchanged, whose rendezvous failures end in one line and exit code 2.
+
+torchrun (`torch.distributed.run`) starts the workers only after every node has joined the rendezvous; a node whose
+peers never come (a wrong endpoint, a node that did not start) waits out the join timeout and then ends in
+torchrun's own traceback, before any code of ours runs. Launched through `sequencer-run`, the same command ends in
+one line naming the endpoint, the nodes expected and the timeout, and exit code 2; the workers never started, so
+nothing of an earlier run was touched. It also launches with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 unless set: the
+workers of a restartable run (`--max-restarts`) need their own store to rejoin (pytorch/pytorch#135712, and
+`sequencer train` refuses a restartable launch without it).
+
+    sequencer-run --nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m sequencer train ...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from torch.distributed.elastic.rendezvous.api import RendezvousError
+from torch.distributed.run import get_args_parser, run
+
+SHARED_STORE_SWITCH = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run torchrun with `argv`; a rendezvous that fails becomes one line on stderr and exit code 2."""
+    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault(SHARED_STORE_SWITCH, "1")
+    try:
+        run(args)
+    except RendezvousError as error:
+        timeout = next((item for item in args.rdzv_conf.split(",") if item.startswith("join_timeout=")), "")
+        waited = f"within {timeout.partition('=')[2]} s" if timeout else "within the join timeout"
+        print(
+            f"sequencer-run: error: not all of the {args.nnodes} node(s) joined the rendezvous at "
+            f"{args.rdzv_endpoint or 'the default endpoint'} {waited}: start every node with the same "
+            f"--rdzv-endpoint and --nnodes ({type(error).__name__})",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
