@@ -52,6 +52,7 @@ from sequencer.choices import BENCH_MODES, BENCH_PRECISIONS, BENCH_RUNTIMES, ONN
 from sequencer.deploy import OnnxModel, export, load_onnx, quantize_onnx, require_onnx_packages
 from sequencer.errors import UsageError
 from sequencer.model import list_models
+from sequencer.options import flag_values
 from sequencer.recurrence import training_paths
 from sequencer.runtime import autocast, compile_model, native_bfloat16_cpu, resolve_device, set_threads
 
@@ -191,22 +192,15 @@ def run(args: argparse.Namespace) -> int:
     if "amp" in precisions and device.type == "cpu" and native_bfloat16_cpu() is False:
         print("note: this CPU has no AVX512-BF16 or AMX: the amp (bfloat16) settings time its emulation")
     records = bench(
-        models=args.models,
-        resolutions=args.resolutions,
-        batch_sizes=args.batch_sizes or [args.batch_size],
-        precisions=precisions,
-        modes=args.modes,
-        impls=args.impls,
-        runtimes=args.runtimes,
-        grad_checkpointing=args.grad_checkpointing,
-        timm_twin=not args.no_timm_twin,
-        measure_memory=not args.no_memory,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        device=args.device,
-        amp_dtype=args.amp_dtype,
-        threads=args.threads,
-        report=print_table,
+        **flag_values(
+            bench,
+            args,
+            batch_sizes=args.batch_sizes or [args.batch_size],
+            precisions=precisions,
+            timm_twin=not args.no_timm_twin,
+            measure_memory=not args.no_memory,
+            report=print_table,
+        )
     )
     write_outputs(records, args.output, device)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 import tempfile
 from collections.abc import Callable
@@ -338,3 +339,10 @@ def as_parsed(parser: argparse.ArgumentParser, action: argparse.Action, value: A
         for item in value if isinstance(value, list) else [value]:
             parser._check_value(action, item)
     return value
+
+
+def flag_values(function: Callable[..., Any], args: argparse.Namespace, **given: Any) -> dict[str, Any]:
+    """The keyword arguments of library `function` that the parsed flags hold under the same names, plus `given`:
+    what a command's `run(args)` passes on, so that a flag reaches its parameter without being named twice."""
+    names = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return {**{name: getattr(args, name) for name in names if hasattr(args, name)}, **given}

@@ -32,7 +32,7 @@ from sequencer.data import (
 )
 from sequencer.distributed import DistributedContext, all_reduce_sum, process_group
 from sequencer.errors import DatasetError, UsageError
-from sequencer.options import input_overrides
+from sequencer.options import flag_values
 from sequencer.runtime import (
     autocast,
     compile_model,
@@ -341,29 +341,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     with process_group(args.device) as context:
         logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
-        results = validate(
-            data=args.data,
-            data_dir=args.data_dir,
-            dataset=args.dataset,
-            split=args.split,
-            dataset_download=args.dataset_download,
-            model=args.model,
-            checkpoint=args.checkpoint,
-            num_classes=args.num_classes,
-            in_chans=args.in_chans,
-            use_ema=args.use_ema,
-            unsafe_load=args.unsafe_load,
-            **input_overrides(args),
-            batch_size=args.batch_size,
-            workers=args.workers,
-            amp=args.amp,
-            amp_dtype=args.amp_dtype,
-            torchcompile=args.torchcompile,
-            valid_labels=args.valid_labels,
-            real_labels=args.real_labels,
-            context=context,
-            progress=True,
-        )
+        results = validate(**flag_values(validate, args, context=context, progress=True))
     if not context.is_primary:
         return 0
     real = f"  ReaL top-1 {results['real_top1']:.3f}" if "real_top1" in results else ""

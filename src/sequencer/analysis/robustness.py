@@ -42,7 +42,7 @@ from sequencer.choices import CORRUPTION_FAMILIES, CORRUPTIONS, SEVERITIES
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import MissingDependencyError, UsageError
-from sequencer.options import input_overrides
+from sequencer.options import flag_values
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
 
@@ -429,27 +429,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else None
     with process_group(args.device) as context:
-        result = robustness(
-            data=args.data,
-            model=args.model,
-            checkpoint=args.checkpoint,
-            corruptions=args.corruptions,
-            severities=args.severities,
-            alexnet_errors=alexnet,
-            limit=args.limit,
-            seed=args.seed,
-            num_classes=args.num_classes,
-            in_chans=args.in_chans,
-            use_ema=args.use_ema,
-            unsafe_load=args.unsafe_load,
-            **input_overrides(args),
-            batch_size=args.batch_size,
-            workers=args.workers,
-            amp=args.amp,
-            amp_dtype=args.amp_dtype,
-            context=context,
-            progress=True,
-        )
+        result = robustness(**flag_values(robustness, args, alexnet_errors=alexnet, context=context, progress=True))
     if context.is_primary:
         alexnet_source = args.alexnet_errors or "published per-corruption means (Hendrycks & Dietterich)"
         write_report(result, Path(args.output), args.model, args.checkpoint, alexnet_source, args.seed)

@@ -34,7 +34,7 @@ from sequencer.choices import CORRUPTIONS, DATASET_FLAGS, DATASET_FOLDERS, SEVER
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import UsageError
-from sequencer.options import input_overrides
+from sequencer.options import flag_values
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import WithRealLabels, check_targets_within, evaluate, load_real_labels, load_valid_classes
 
@@ -219,29 +219,7 @@ def run(args: argparse.Namespace) -> int:
     Under torchrun each process evaluates its share of every test set."""
     set_threads(args.threads)
     with process_group(args.device) as context:
-        rows, missing = variants(
-            root=args.root,
-            imagenet_val=args.dataset_real,
-            imagenet_a=args.dataset_a,
-            imagenet_r=args.dataset_r,
-            imagenet_sketch=args.dataset_sketch,
-            imagenetv2=args.dataset_v2,
-            imagenet_c=args.dataset_c,
-            real_labels=args.real_labels,
-            limit=args.limit,
-            model=args.model,
-            checkpoint=args.checkpoint,
-            num_classes=args.num_classes,
-            use_ema=args.use_ema,
-            unsafe_load=args.unsafe_load,
-            **input_overrides(args),
-            batch_size=args.batch_size,
-            workers=args.workers,
-            amp=args.amp,
-            amp_dtype=args.amp_dtype,
-            context=context,
-            progress=True,
-        )
+        rows, missing = variants(**flag_values(variants, args, context=context, progress=True))
     if not context.is_primary:
         return 0
     out = Path(args.output)

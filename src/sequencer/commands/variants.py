@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """ROOT, one flag per dataset, --real-labels, --limit, --out, model, input and runtime options."""
     parser.add_argument("root", nargs="?", default=None, help=ROOT_HELP)
     group = parser.add_argument_group("datasets (each overrides the folder found under ROOT)")
-    for key, (flag, holds) in DATASET_FLAGS.items():
-        group.add_argument(f"--{flag}", dest=f"dataset_{key}", default=None, metavar="DIR", help=f"{holds} folder")
+    for flag, holds in DATASET_FLAGS.values():
+        group.add_argument(f"--{flag}", default=None, metavar="DIR", help=f"{holds} folder")
     parser.add_argument(
         "--real-labels",
         default="",
