@@ -31,11 +31,12 @@ def is_registered(name: str) -> bool:
 def resolve_model_name(name: str) -> str:
     """The registered variant that `name` (an alias or a timm-style "name.tag" too) means; UsageError if none."""
     base = name.split(".")[0]
-    if not is_registered(name):
+    variant = ALIASES.get(base, base)
+    if variant not in VARIANTS:
         close = difflib.get_close_matches(base, list_models(), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
         raise UsageError(f"unknown model {name!r}{hint}")
-    return ALIASES.get(base, base)
+    return variant
 
 
 def model_config(name: str) -> SequencerConfig:

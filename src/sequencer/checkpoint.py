@@ -175,42 +175,39 @@ def recorded_model_name(contents: dict[str, Any]) -> str | None:
     return contents.get("model_name") or contents.get("arch") or from_args or None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint file read as data: its weights unwrapped into our key format, and what its writer recorded."""
+    """A checkpoint file read as data (`open_checkpoint`): its weights unwrapped into our key format, and what its
+    writer recorded, read once."""
 
     path: str
     contents: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
+    num_classes: int | None  # classes of the classifier head; None for a file without one
+    class_names: list[str] | None  # in index order, when the file records them
+    model_name: str | None  # the model the file says it holds (`recorded_model_name`)
+    trained_args: dict[str, Any]  # the flags of the `sequencer train` run that wrote it; empty for other files
 
-    @property
-    def num_classes(self) -> int | None:
-        """Classes of the classifier head, or None for a file without one."""
-        weight = self.state_dict.get("head.fc.weight")
-        return int(weight.shape[0]) if weight is not None else None
 
-    @property
-    def class_names(self) -> list[str] | None:
-        """The class names in index order, when the file records them."""
-        names = self.contents.get("class_names")
-        return [str(name) for name in names] if isinstance(names, list) and names else None
-
-    @property
-    def model_name(self) -> str | None:
-        """The model the file says it holds (see `recorded_model_name`)."""
-        return recorded_model_name(self.contents)
-
-    @property
-    def trained_args(self) -> dict[str, Any]:
-        """The flags of the `sequencer train` run that wrote it (empty for other files)."""
-        args = self.contents.get("args")
-        return args if isinstance(args, dict) else {}
+def checkpoint_of(path: str, contents: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Checkpoint:
+    """A `Checkpoint` of weights already in our key format and the file's `contents`."""
+    head = state_dict.get("head.fc.weight")
+    names, args = contents.get("class_names"), contents.get("args")
+    return Checkpoint(
+        path=path,
+        contents=contents,
+        state_dict=state_dict,
+        num_classes=int(head.shape[0]) if head is not None else None,
+        class_names=[str(name) for name in names] if isinstance(names, list) and names else None,
+        model_name=recorded_model_name(contents),
+        trained_args=args if isinstance(args, dict) else {},
+    )
 
 
 def open_checkpoint(path: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False) -> Checkpoint:
     """Read a checkpoint in any supported format (see `read_file`) and unwrap and rename its weights, once."""
     contents = read_file(path, unsafe_load=unsafe_load)
-    return Checkpoint(str(path), contents, from_authors_format(extract_state_dict(contents, use_ema=use_ema)))
+    return checkpoint_of(str(path), contents, from_authors_format(extract_state_dict(contents, use_ema=use_ema)))
 
 
 def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) -> None:
@@ -266,7 +263,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = Tru
 def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Load a state dict in any supported key format (authors', timm's, ours; wrapped or not) into `model`."""
     weights = from_authors_format(extract_state_dict(state_dict))
-    load_checkpoint(model, Checkpoint("the state dict", {}, weights), strict=strict)
+    load_checkpoint(model, checkpoint_of("the state dict", {}, weights), strict=strict)
 
 
 def load_pretrained(

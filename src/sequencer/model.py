@@ -87,16 +87,13 @@ class SequencerConfig:
                 f"drop_rate and drop_path_rate are probabilities, got {self.drop_rate}, {self.drop_path_rate}"
             )
         for dim, hidden in zip(self.embed_dims, self.hidden_sizes, strict=True):
-            if self.mixed_channels(hidden) != dim and (self.mixer == "1d" or not self.with_fc):
+            # What the mixer outputs before any projection: 2D per axis (D one-way), both axes concatenated.
+            axis = hidden * (2 if self.bidirectional else 1)
+            mixed = 2 * axis if self.mixer == "2d" and self.union == "cat" else axis
+            if mixed != dim and (self.mixer == "1d" or not self.with_fc):
                 raise UsageError(
-                    f"without an fc the {self.mixer} mixer must output the block width: "
-                    f"{self.mixed_channels(hidden)} channels != dim {dim}"
+                    f"without an fc the {self.mixer} mixer must output the block width: {mixed} channels != dim {dim}"
                 )
-
-    def mixed_channels(self, hidden_size: int) -> int:
-        """Channels a token mixer with recurrent layers of `hidden_size` outputs before any projection."""
-        axis = hidden_size * (2 if self.bidirectional else 1)
-        return 2 * axis if self.mixer == "2d" and self.union == "cat" else axis
 
 
 # ----------------------------------------------------------------------------------------------------------------
