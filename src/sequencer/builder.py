@@ -24,19 +24,23 @@ from sequencer.recurrence import route
 
 def is_registered(name: str) -> bool:
     """Whether `name` (an alias or a timm-style "name.tag" too) is one of our variants rather than a timm model."""
+    return variant_of(name) in VARIANTS
+
+
+def variant_of(name: str) -> str:
+    """The variant `name` would mean: its part before a timm-style ".tag", through the aliases (unchecked)."""
     base = name.split(".")[0]
-    return ALIASES.get(base, base) in VARIANTS
+    return ALIASES.get(base, base)
 
 
 def resolve_model_name(name: str) -> str:
     """The registered variant that `name` (an alias or a timm-style "name.tag" too) means; UsageError if none."""
-    base = name.split(".")[0]
-    variant = ALIASES.get(base, base)
-    if variant not in VARIANTS:
+    if not is_registered(name):
+        base = name.split(".")[0]
         close = difflib.get_close_matches(base, list_models(), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
         raise UsageError(f"unknown model {name!r}{hint}")
-    return variant
+    return variant_of(name)
 
 
 def model_config(name: str) -> SequencerConfig:

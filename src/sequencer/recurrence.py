@@ -107,7 +107,7 @@ def training_path_key(mixer: nn.Module, x: torch.Tensor) -> str:
     rnn = mixer.rnns[0]
     autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     return (
-        f"{mixer.cell} {getattr(mixer, 'union', 'raster')} bidirectional={mixer.bidirectional} "
+        f"{mixer.cell} {mixer.union} bidirectional={mixer.bidirectional} "
         f"C={rnn.input_size} D={rnn.hidden_size} map={x.shape[1]}x{x.shape[2]} dtype={x.dtype} "
         f"autocast={autocast} threads={torch.get_num_threads()}"
     )
