@@ -210,6 +210,15 @@ def restore_torch_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """predict's ONNX exports go to a folder of the run's, never to the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("sequencer_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEQUENCER_CACHE", str(folder))
+        yield folder
+
+
 class Torchrun:
     """torchrun launches on 127.0.0.1, one thread per process; every process they start is ended with the test.
 

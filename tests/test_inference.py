@@ -203,7 +203,7 @@ def test_an_exported_onnx_file_predicts_the_checkpoints_top_k_in_every_output_fo
     run_cli, checkpoint: Path, onnx_file: Path, image_folder: Path, tmp_path: Path
 ) -> None:
     # batch_size 2 puts the corrupt file beside a good one, as in the PyTorch test above.
-    from_torch = sequencer.predict(image_folder, "sequencer2d_tiny", checkpoint, topk=5, batch_size=2)
+    from_torch = sequencer.predict(image_folder, "sequencer2d_tiny", checkpoint, topk=5, batch_size=2, runtime="torch")
     from_onnx = sequencer.predict(image_folder, checkpoint=onnx_file, topk=5, batch_size=2, threads=1)
     assert [p.path for p in from_onnx] == [p.path for p in from_torch]
     assert [p.error is None for p in from_onnx] == [p.error is None for p in from_torch] == [True, True, False, True]
@@ -212,14 +212,10 @@ def test_an_exported_onnx_file_predicts_the_checkpoints_top_k_in_every_output_fo
         assert [s.probability for s in ours.top] == pytest.approx([s.probability for s in theirs.top], abs=1e-5)
 
     common = [str(image_folder), "-j", "0", "--threads", "1", "--topk", "3"]
+    torch_run = ["--runtime torch --model sequencer2d_tiny --checkpoint", checkpoint]
     for suffix in (".csv", ".json"):
         assert run_cli("predict", *common, "--checkpoint", onnx_file, "-o", tmp_path / f"onnx{suffix}") == 0
-        assert (
-            run_cli(
-                "predict", *common, "--model sequencer2d_tiny --checkpoint", checkpoint, "-o", tmp_path / f"pt{suffix}"
-            )
-            == 0
-        )
+        assert run_cli("predict", *common, *torch_run, "-o", tmp_path / f"pt{suffix}") == 0
     with open(tmp_path / "onnx.csv", newline="") as f, open(tmp_path / "pt.csv", newline="") as g:
         onnx_rows, torch_rows = list(csv.DictReader(f)), list(csv.DictReader(g))
     ranks = ("index_1", "label_1", "index_2", "index_3")
@@ -241,7 +237,7 @@ def test_runtime_onnxruntime_runs_a_checkpoint_through_an_optimised_session(
     options = exported.session.get_session_options()
     assert options.intra_op_num_threads == 1
     assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    from_torch = sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", checkpoint, topk=4)
+    from_torch = sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", checkpoint, topk=4, runtime="torch")
     converted = sequencer.predict(
         image_folder / "a.png", "sequencer2d_tiny", checkpoint, topk=4, runtime="onnxruntime", threads=1
     )
@@ -289,3 +285,78 @@ def test_without_onnxruntime_checkpoints_still_predict_and_onnx_files_name_the_e
     assert run_cli("predict", image_folder / "a.png", "--model sequencer2d_tiny --checkpoint", checkpoint, "-j 0") == 0
     match = r'error: running an \.onnx file needs onnxruntime.*pip install "sequencer\[export\]"'
     assert_refused("predict", image_folder / "a.png", "--checkpoint", onnx_file, "-j 0", match=match)
+
+
+def test_auto_runs_a_checkpoint_in_onnxruntime_through_one_cached_export(
+    tiny_model, checkpoint: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQUENCER_CACHE", str(tmp_path / "cache"))
+    exports: list[Path] = []
+    real_export = inference.export
+
+    def counted_export(model: torch.nn.Module, path: Path, **options: object) -> object:
+        exports.append(path)
+        return real_export(model, path, **options)
+
+    monkeypatch.setattr(inference, "export", counted_export)
+    image = image_folder / "a.png"
+    from_torch = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=5, runtime="torch")
+    assert exports == []
+    [first] = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=5, threads=1)
+    [again] = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=5, threads=1)
+    assert len(exports) == 1  # the second call read the cache
+    [cached] = (tmp_path / "cache" / "onnx").iterdir()
+    assert cached.name.startswith("sequencer2d_tiny-") and cached.suffix == ".onnx"
+    assert inference.load_onnx(cached).config["input_size"] == [3, 32, 32]
+    for ours in (first, again):
+        assert [s.index for s in ours.top] == [s.index for s in from_torch[0].top]
+        assert [s.probability for s in ours.top] == pytest.approx([s.probability for s in from_torch[0].top], abs=1e-5)
+
+    # Other weights are another export; the cache keeps only the most recently used files.
+    monkeypatch.setattr(inference, "EXPORT_CACHE_FILES", 1)
+    other = tmp_path / "other.pth"
+    sequencer.save_weights(tiny_model(num_classes=7), other)
+    [seven] = sequencer.predict(image, "sequencer2d_tiny", other, topk=7, threads=1)
+    assert len(exports) == 2 and sorted(s.index for s in seven.top) == list(range(7))
+    assert [path.name for path in (tmp_path / "cache" / "onnx").iterdir()] != [cached.name]
+    assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
+
+
+def test_auto_keeps_torch_where_onnxruntime_would_not_run_the_same_model(
+    tiny_model, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    choose = inference.choose_runtime
+    assert choose("auto", checkpoint, "sequencer2d_tiny", "cpu") == "onnxruntime"
+    assert choose("auto", checkpoint.with_suffix(".onnx"), None, "cpu") == "onnxruntime"
+    assert choose("auto", None, "sequencer2d_tiny", "cpu") == "torch"  # random weights: nothing worth caching
+    assert choose("auto", checkpoint, "sequencer2d_tiny", "cpu", amp=True) == "torch"
+    assert choose("auto", None, tiny_model(), "cpu") == "torch"
+    assert choose("torch", checkpoint, "sequencer2d_tiny", "cpu") == "torch"
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        choose("tensorrt", checkpoint)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # one of the exporter's packages missing
+    assert choose("auto", checkpoint, "sequencer2d_tiny", "cpu") == "torch"
+
+
+def test_auto_falls_back_to_torch_when_the_export_fails_and_says_so(
+    run_cli, checkpoint: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from sequencer.deploy import ExportCheckError
+
+    monkeypatch.setenv("SEQUENCER_CACHE", str(tmp_path / "cache"))
+
+    def failing_export(model: torch.nn.Module, path: Path, **options: object) -> None:
+        Path(path).write_bytes(b"half a file")
+        raise ExportCheckError("max |logit diff| 1.0 (tolerance 1e-04): failed")
+
+    monkeypatch.setattr(inference, "export", failing_export)
+    image = image_folder / "a.png"
+    from_torch = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=3, runtime="torch")
+    assert run_cli("predict", image, "--model sequencer2d_tiny --checkpoint", checkpoint, "-j 0 --topk 3") == 0
+    captured = capsys.readouterr()
+    assert "exporting sequencer2d_tiny to ONNX once" in captured.err
+    assert "onnxruntime not used (ExportCheckError: max |logit diff| 1.0" in captured.err
+    assert [line.split()[-1] for line in captured.out.splitlines()[1:4]] == [f"[{s.index}]" for s in from_torch[0].top]
+    assert list((tmp_path / "cache" / "onnx").iterdir()) == []  # no half-written file is left to be read later
+    with pytest.raises(ExportCheckError):
+        sequencer.predict(image, "sequencer2d_tiny", checkpoint, runtime="onnxruntime")

@@ -25,7 +25,7 @@ QUANTIZATIONS = ("int8",)
 
 # predict --format and --runtime
 PREDICTION_FORMATS = ("table", "csv", "json")
-PREDICT_RUNTIMES = ("torch", "onnxruntime")
+PREDICT_RUNTIMES = ("auto", "torch", "onnxruntime")
 
 # bench --modes, --precisions and --runtimes
 BENCH_MODES = ("infer", "train")

@@ -42,10 +42,15 @@ class ExportCheckError(SequencerError, RuntimeError):
     """The exported file's outputs differ from PyTorch's by more than the tolerance (the file is kept)."""
 
 
+def missing_onnx_packages(packages: tuple[str, ...] = ONNX_PACKAGES) -> list[str]:
+    """Those of `packages` that are not installed."""
+    return [name for name in packages if importlib.util.find_spec(name) is None]
+
+
 def require_onnx_packages(packages: tuple[str, ...] = ONNX_PACKAGES, purpose: str = "ONNX export") -> None:
     """Raise MissingDependencyError naming the `export` extra when one of `packages` (what `purpose` needs) is
     missing."""
-    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    missing = missing_onnx_packages(packages)
     if missing:
         raise MissingDependencyError(
             f"{purpose} needs {', '.join(packages)}; {', '.join(missing)} not installed: "

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import hashlib
 import io
 import json
+import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,16 +23,20 @@ from timm.data import ImageNetInfo
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from sequencer import deploy, recurrence
+from sequencer import model as model_module
 from sequencer.builder import load_model
 from sequencer.choices import DEFAULT_MODEL, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
-from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx
+from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages
 from sequencer.errors import DatasetError, UsageError
 from sequencer.options import (
     INPUT_KEYS,
     input_overrides,
 )
 from sequencer.runtime import autocast, progress_bar, resolve_device, set_threads
+
+EXPORT_CACHE_FILES = 8  # ONNX exports predict keeps (Sequencer2D-S's is 110 MB), the most recently used
 
 
 @dataclass
@@ -165,15 +170,81 @@ class Classifier:
     device: torch.device
 
 
-def choose_runtime(runtime: str | None, checkpoint: str | Path | None) -> str:
-    """The runtime asked for, else the file's: onnxruntime for an .onnx file, torch for anything else."""
-    if runtime is not None and runtime not in PREDICT_RUNTIMES:
+def choose_runtime(
+    runtime: str,
+    checkpoint: str | Path | None,
+    model: str | nn.Module | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+) -> str:
+    """The runtime asked for; `auto` is onnxruntime for an .onnx file, and for a named model's checkpoint on the CPU
+    without autocast when onnxruntime is installed (the fastest exact CPU path, BENCHMARKS.md), else torch."""
+    if runtime not in PREDICT_RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; expected one of {', '.join(PREDICT_RUNTIMES)}")
     if is_onnx_file(checkpoint):
         if runtime == "torch":
             raise UsageError(f"{checkpoint} is an ONNX file: onnxruntime runs it, not the torch runtime")
         return "onnxruntime"
-    return runtime or "torch"
+    if runtime != "auto":
+        return runtime
+    # A ready module may hold changes an exporter cannot trace, and random weights would be exported at every call.
+    exportable = checkpoint and not isinstance(model, nn.Module) and not amp
+    on_cpu = resolve_device(None if device is None else str(device)).type == "cpu"
+    return "onnxruntime" if exportable and on_cpu and not missing_onnx_packages() else "torch"
+
+
+def export_cache_dir() -> Path:
+    """Where `predict` keeps the ONNX files it exports: $SEQUENCER_CACHE/onnx, else under $XDG_CACHE_HOME or
+    ~/.cache."""
+    root = os.environ.get("SEQUENCER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(root) / ("onnx" if os.environ.get("SEQUENCER_CACHE") else "sequencer/onnx")
+
+
+def export_key(model: nn.Module, transform_overrides: dict[str, Any]) -> str:
+    """A digest of all that the exported file depends on: weights, config, preprocessing and the exporters' versions."""
+    from importlib.metadata import version
+
+    # The code that shapes the graph, not the package version: an edited checkout must not reuse an old export.
+    sources = [
+        hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest() for module in (model_module, recurrence, deploy)
+    ]
+    identity = {
+        "model_name": getattr(model, "model_name", type(model).__name__),
+        "pretrained_cfg": getattr(model, "pretrained_cfg", {}),
+        "overrides": transform_overrides,
+        "versions": [torch.__version__, version("onnx"), version("onnxscript"), *sources],
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def cached_export(model: nn.Module, transform_overrides: dict[str, Any], announce: bool = False) -> Path:
+    """The model's checked ONNX export (dynamic batch) from predict's cache, written there on first use; the cache
+    keeps the EXPORT_CACHE_FILES most recently used files."""
+    folder = export_cache_dir()
+    name = getattr(model, "model_name", type(model).__name__)
+    path = folder / f"{name}-{export_key(model, transform_overrides)[:24]}.onnx"
+    if path.is_file():
+        os.utime(path)
+        return path
+    if announce:
+        print(
+            f"exporting {name} to ONNX once for onnxruntime, into {folder} (--runtime torch skips it)", file=sys.stderr
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.onnx")  # renamed whole: no reader sees half a file
+    try:
+        export(model, temporary, dynamic_batch=True, **transform_overrides)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    exports = [file for file in folder.glob("*.onnx") if not file.name.startswith(".")]
+    for stale in sorted(exports, key=lambda file: file.stat().st_mtime, reverse=True)[EXPORT_CACHE_FILES:]:
+        stale.unlink(missing_ok=True)
+    return path
 
 
 def torch_classifier(
@@ -237,7 +308,7 @@ def predict(
     device: str | torch.device | None = None,
     amp: bool = False,
     amp_dtype: str | None = None,
-    runtime: str | None = None,
+    runtime: str = "auto",
     threads: int | None = None,
     progress: bool = False,
     unsafe_load: bool = False,
@@ -247,8 +318,9 @@ def predict(
 
     `model` is a variant name (default sequencer2d_s, built and loaded from `checkpoint`) or a ready module, which is
     moved to `device` and put in eval mode. `checkpoint` may be an .onnx file from `export`: onnxruntime runs it with
-    the preprocessing and class names stored in it. `runtime` ("torch" or "onnxruntime") defaults to onnxruntime for
-    an .onnx file and torch otherwise; onnxruntime on a checkpoint exports it to a temporary ONNX file first.
+    the preprocessing and class names stored in it. `runtime` is "torch", "onnxruntime" or "auto" (`choose_runtime`);
+    onnxruntime on a checkpoint runs its ONNX export, made and checked once and cached (`cached_export`), and `auto`
+    falls back to torch when that export fails. `progress` shows the progress and the export on stderr.
     `threads` sets onnxruntime's intra-op threads (torch's are the process's: `torch.set_num_threads`).
     `transform_overrides` (img_size, crop_pct, mean, ...) adjust the model's preprocessing.
     """
@@ -262,7 +334,8 @@ def predict(
     if not isinstance(model, str) and model is not None and checkpoint:
         raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
     files = find_images(inputs)
-    runtime = choose_runtime(runtime, checkpoint)
+    asked_runtime = runtime
+    runtime = choose_runtime(runtime, checkpoint, model, device, amp)
     if runtime == "onnxruntime":
         if amp:
             raise UsageError("--amp is for the torch runtime; onnxruntime runs the file as exported (float32 or int8)")
@@ -276,12 +349,18 @@ def predict(
         if model is None or isinstance(model, str):
             model = load_model(model or DEFAULT_MODEL, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
         check_image_input_fits(model, data_config(model, **transform_overrides)["input_size"])
+        classifier = None
         if runtime == "onnxruntime":
-            with tempfile.TemporaryDirectory() as folder:  # the session keeps what it needs from the file
-                path = Path(folder) / "model.onnx"
-                export(model, path, dynamic_batch=True, **transform_overrides)
+            try:
+                path = cached_export(model, transform_overrides, announce=progress)
                 classifier = onnx_classifier(load_onnx(path, threads), None, None, in_chans, transform_overrides)
-        else:
+            except Exception as error:
+                if asked_runtime != "auto":
+                    raise
+                # auto only chose onnxruntime for speed; PyTorch gives the same classes.
+                if progress:
+                    print(f"onnxruntime not used ({type(error).__name__}: {error}); running torch", file=sys.stderr)
+        if classifier is None:
             classifier = torch_classifier(model, device, amp, amp_dtype)
     transform = create_transform(classifier.config, train=False, **transform_overrides)
     names = class_names_for(classifier.num_classes, class_map, classifier.label_names)
