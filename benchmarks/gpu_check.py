@@ -51,11 +51,11 @@ from torch import nn
 from sequencer.bench import (
     Setting,
     Subject,
-    _processor_name,
     build_subject_model,
     check_twin,
     cuda_peak_mib,
     make_step,
+    processor_name,
     time_round_robin,
 )
 from sequencer.builder import create_model
@@ -579,7 +579,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return dict(
         command=" ".join(sys.argv),
         device=str(device),
-        device_name=_processor_name(device),
+        device_name=processor_name(device),
         torch=torch.__version__,
         cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,

@@ -463,7 +463,7 @@ def write_outputs(records: list[dict[str, Any]], output: str | os.PathLike, devi
         torch=torch.__version__,
         timm=timm.__version__,
         python=platform.python_version(),
-        processor=_processor_name(device),
+        processor=processor_name(device),
         cpu_native_bfloat16=native_bfloat16_cpu() if device.type == "cpu" else None,
         onnxruntime=_onnxruntime_version(records),
         # The paths "auto" measured and took for CPU training, by mixer shape: what its train rows ran.
@@ -572,7 +572,8 @@ def _onnxruntime_version(records: list[dict[str, Any]]) -> str | None:
     return onnxruntime.__version__
 
 
-def _processor_name(device: torch.device) -> str:
+def processor_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's as /proc/cpuinfo gives it."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
