@@ -194,10 +194,11 @@ def choose_runtime(
 
 
 def export_cache_dir() -> Path:
-    """Where `predict` keeps the ONNX files it exports: $SEQUENCER_CACHE/onnx, else under $XDG_CACHE_HOME or
-    ~/.cache."""
-    root = os.environ.get("SEQUENCER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(root) / ("onnx" if os.environ.get("SEQUENCER_CACHE") else "sequencer/onnx")
+    """Where `predict` keeps the ONNX files it exports: `onnx` in $SEQUENCER_CACHE, else in ~/.cache/sequencer."""
+    cache = os.environ.get("SEQUENCER_CACHE")
+    if not cache:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sequencer"
+    return Path(cache) / "onnx"
 
 
 def export_key(model: nn.Module, transform_overrides: dict[str, Any]) -> str:
