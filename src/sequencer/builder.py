@@ -21,26 +21,23 @@ from sequencer.hub import released_weights
 from sequencer.model import ALIASES, VARIANTS, Sequencer, SequencerConfig, SequencerFeatures, default_cfg, list_models
 from sequencer.recurrence import route
 
+# Every name of a registered variant (the variants' own and the aliases) to the variant it means.
+VARIANT_OF = {**{name: name for name in VARIANTS}, **ALIASES}
+
 
 def is_registered(name: str) -> bool:
     """Whether `name` (an alias or a timm-style "name.tag" too) is one of our variants rather than a timm model."""
-    return variant_of(name) in VARIANTS
-
-
-def variant_of(name: str) -> str:
-    """The variant `name` would mean: its part before a timm-style ".tag", through the aliases (unchecked)."""
-    base = name.split(".")[0]
-    return ALIASES.get(base, base)
+    return name.split(".")[0] in VARIANT_OF
 
 
 def resolve_model_name(name: str) -> str:
     """The registered variant that `name` (an alias or a timm-style "name.tag" too) means; UsageError if none."""
-    if not is_registered(name):
-        base = name.split(".")[0]
+    base = name.split(".")[0]
+    if base not in VARIANT_OF:
         close = difflib.get_close_matches(base, list_models(), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
         raise UsageError(f"unknown model {name!r}{hint}")
-    return variant_of(name)
+    return VARIANT_OF[base]
 
 
 def model_config(name: str) -> SequencerConfig:

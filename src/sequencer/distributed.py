@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,16 +21,12 @@ class DistributedContext:
     rank: int
     world_size: int
     device: torch.device
+    distributed: bool = field(init=False)  # more than one process takes part
+    is_primary: bool = field(init=False)  # rank 0: the only process that writes files and prints
 
-    @property
-    def distributed(self) -> bool:
-        """True when more than one process takes part."""
-        return self.world_size > 1
-
-    @property
-    def is_primary(self) -> bool:
-        """Rank 0: the only process that writes files and prints."""
-        return self.rank == 0
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "distributed", self.world_size > 1)
+        object.__setattr__(self, "is_primary", self.rank == 0)
 
 
 def launched_world_size() -> int:
@@ -38,28 +34,23 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device_name: str | None = None) -> DistributedContext:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*)."""
-    world_size = launched_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name)
-    if world_size <= 1:
-        return DistributedContext(0, 1, device)
-    if device.type == "cuda":
-        # One GPU per process: the local rank picks it, whatever index the flag named.
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    check_restartable()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://")
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), device)
-
-
 @contextlib.contextmanager
 def process_group(device_name: str | None = None) -> Iterator[DistributedContext]:
-    """This process's place in torchrun's group (or alone, outside torchrun), the group torn down on exit."""
-    context = init_distributed(device_name)
+    """This process's place in torchrun's group, joined from its environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*),
+    or alone outside torchrun; the group torn down on exit."""
+    world_size = launched_world_size()
+    device = resolve_device(device_name)
+    if world_size <= 1:
+        context = DistributedContext(0, 1, device)
+    else:
+        if device.type == "cuda":
+            # One GPU per process: the local rank picks it, whatever index the flag named.
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        check_restartable()
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        context = DistributedContext(dist.get_rank(), dist.get_world_size(), device)
     try:
         yield context
     finally:

@@ -38,6 +38,7 @@ import math
 import time
 import types
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -53,13 +54,6 @@ COMPILED = "compiled"
 _CPU_TRAINING_PATHS: dict[str, str] = {}
 
 Direction = tuple[str, bool]  # (axis "v" or "h", reverse)
-
-
-def check_impl(name: str) -> str:
-    """Return `name` if it names an implementation, else raise a ValueError listing them."""
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown rnn_impl {name!r}; expected one of {IMPLEMENTATIONS}")
-    return name
 
 
 def resolve_impl(name: str, x: torch.Tensor, needs_backward: bool, mixer: nn.Module | None = None) -> str:
@@ -806,8 +800,8 @@ def route(model: nn.Module, rnn_impl: str | None = None, onednn_linear: bool | N
         with route(model, rnn_impl="reference", onednn_linear=False):
             logits = model(images)
     """
-    if rnn_impl is not None:
-        check_impl(rnn_impl)
+    if rnn_impl is not None and rnn_impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown rnn_impl {rnn_impl!r}; expected one of {IMPLEMENTATIONS}")
     routed = set(ROUTED_MIXERS.values())
     linears = (nn.Linear, FastLinear)
     previous = []
@@ -826,11 +820,11 @@ def route(model: nn.Module, rnn_impl: str | None = None, onednn_linear: bool | N
     return Routing(previous)
 
 
+@dataclass(frozen=True)
 class Routing:
     """What `route` changed, as (module, its class before, its own `rnn_impl` before); restored when `with` exits."""
 
-    def __init__(self, previous: list[tuple[nn.Module, type[nn.Module], str | None]]) -> None:
-        self.previous = previous
+    previous: list[tuple[nn.Module, type[nn.Module], str | None]]
 
     def __enter__(self) -> Routing:
         return self
@@ -852,7 +846,6 @@ __all__ = [
     "RoutedBiLSTM2D",
     "Routing",
     "adopt_training_paths",
-    "check_impl",
     "compiled_rnn2d",
     "cpu_training_path",
     "directions_of",

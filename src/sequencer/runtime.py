@@ -73,14 +73,9 @@ def native_bfloat16_cpu() -> bool | None:
     return None if flags is None else bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
 
 
-def warn_if_emulated_bfloat16(device: torch.device, enabled: bool, dtype: str | None = None) -> None:
+def warn_if_emulated_bfloat16(device: torch.device, dtype: str | None = None) -> None:
     """One warning when --amp asks for bfloat16 on a CPU that only emulates it, where it runs slower than float32."""
-    if (
-        enabled
-        and device.type == "cpu"
-        and amp_dtype(device, dtype) == torch.bfloat16
-        and native_bfloat16_cpu() is False
-    ):
+    if device.type == "cpu" and amp_dtype(device, dtype) == torch.bfloat16 and native_bfloat16_cpu() is False:
         warnings.warn(
             "--amp on this CPU (no AVX512-BF16 or AMX) emulates bfloat16: 3-4.6x slower than float32 here, as "
             "measured; leave --amp out for speed",
@@ -113,13 +108,11 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def compile_model(model: nn.Module, backend: str | None) -> nn.Module:
-    """`torch.compile(model, backend=backend)`, or the model itself without a backend; unknown backends refused.
+def compile_model(model: nn.Module, backend: str) -> nn.Module:
+    """`torch.compile(model, backend=backend)`; unknown backends refused.
 
     Compiled, a Sequencer's recurrences run as the `sequencer::rnn2d` op (`sequencer.recurrence`): one graph.
     """
-    if not backend:
-        return model
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
         raise UsageError(f"unknown torch.compile backend {backend!r}; expected one of {', '.join(known)}")

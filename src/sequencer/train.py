@@ -555,8 +555,8 @@ def start_process(args: argparse.Namespace, context: DistributedContext, auto_re
         _logger.info(
             "--resume auto: %s", f"continuing from {args.resume}" if args.resume else "no last.pth.tar, a new run"
         )
-    if context.is_primary:
-        warn_if_emulated_bfloat16(context.device, args.amp, args.amp_dtype)
+    if args.amp and context.is_primary:
+        warn_if_emulated_bfloat16(context.device, args.amp_dtype)
     resumed = read_resumed(args) if args.resume else None
     set_threads(args.threads)
     return resumed
@@ -769,7 +769,7 @@ def training_module(model: nn.Module, args: argparse.Namespace, context: Distrib
         device = context.device
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     # After DDP, as timm does, so that its gradient buckets are compiled too; checkpoints keep the plain model.
-    return compile_model(model, args.torchcompile)
+    return compile_model(model, args.torchcompile) if args.torchcompile else model
 
 
 def start_output(

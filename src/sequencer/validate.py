@@ -274,8 +274,8 @@ def validate(
     resolve_model_name(model)  # before the data is read
     context = context or DistributedContext(0, 1, resolve_device(device))
     device = context.device
-    if context.is_primary:
-        warn_if_emulated_bfloat16(device, amp, amp_dtype)
+    if amp and context.is_primary:
+        warn_if_emulated_bfloat16(device, amp_dtype)
     root = os.fspath(data or data_dir) if data or data_dir else None
     name = dataset or root
     checkpoint = os.fspath(checkpoint) if checkpoint else ""
@@ -304,7 +304,9 @@ def validate(
     check_image_input_fits(network, config["input_size"])
     eval_set.transform = create_transform(network, train=False, **overrides)
     loader = create_loader(eval_set, batch_size, workers, distributed=context.distributed)
-    network = compile_model(network.to(device), torchcompile)
+    network = network.to(device)
+    if torchcompile:
+        network = compile_model(network, torchcompile)
     label = f"{model} on {name or 'digits'}" if progress and context.is_primary else ""
     metrics = evaluate(
         network,
