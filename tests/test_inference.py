@@ -288,7 +288,7 @@ def test_without_onnxruntime_checkpoints_still_predict_and_onnx_files_name_the_e
 
 
 def test_auto_runs_a_checkpoint_in_onnxruntime_through_one_cached_export(
-    tiny_model, checkpoint: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run_cli, tiny_model, checkpoint: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SEQUENCER_CACHE", str(tmp_path / "cache"))
     exports: list[Path] = []
@@ -304,7 +304,8 @@ def test_auto_runs_a_checkpoint_in_onnxruntime_through_one_cached_export(
     assert exports == []
     [first] = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=5, threads=1)
     [again] = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=5, threads=1)
-    assert len(exports) == 1  # the second call read the cache
+    assert run_cli("predict", image, "--model sequencer2d_tiny --checkpoint", checkpoint, "-j 0 --threads 1") == 0
+    assert len(exports) == 1  # the later calls read the cache, the command's (unset flags) as the function's
     [cached] = (tmp_path / "cache" / "onnx").iterdir()
     assert cached.name.startswith("sequencer2d_tiny-") and cached.suffix == ".onnx"
     assert inference.load_onnx(cached).config["input_size"] == [3, 32, 32]

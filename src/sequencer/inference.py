@@ -212,7 +212,7 @@ def export_key(model: nn.Module, transform_overrides: dict[str, Any]) -> str:
     identity = {
         "model_name": getattr(model, "model_name", type(model).__name__),
         "pretrained_cfg": getattr(model, "pretrained_cfg", {}),
-        "overrides": transform_overrides,
+        "preprocessing": data_config(model, **transform_overrides),  # resolved: unset flags and defaults agree
         "versions": [torch.__version__, version("onnx"), version("onnxscript"), *sources],
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
