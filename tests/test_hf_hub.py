@@ -197,6 +197,7 @@ def test_cli_checkpoint_from_the_hub_with_the_environment_variables(fill_hub_cac
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     env.pop("HF_HUB_CACHE", None)
     command = [sys.executable, "-m", "sequencer", "predict", str(tmp_path / "red.png"), "--model", "sequencer2d_tiny"]
+    command += ["--runtime", "torch"]  # the weights' way from the Hub is the subject, not the engine
     ok = subprocess.run([*command, "--checkpoint", f"hf-hub:{REPO}"], env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "red.png" in ok.stdout
