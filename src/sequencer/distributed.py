@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,12 +21,16 @@ class DistributedContext:
     rank: int
     world_size: int
     device: torch.device
-    distributed: bool = field(init=False)  # more than one process takes part
-    is_primary: bool = field(init=False)  # rank 0: the only process that writes files and prints
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "distributed", self.world_size > 1)
-        object.__setattr__(self, "is_primary", self.rank == 0)
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+    @property
+    def is_primary(self) -> bool:
+        """Rank 0: the only process that writes files and prints."""
+        return self.rank == 0
 
 
 def launched_world_size() -> int:
