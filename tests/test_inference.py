@@ -318,12 +318,21 @@ def test_auto_runs_a_checkpoint_in_onnxruntime_through_one_cached_export(
         assert [s.index for s in ours.top] == [s.index for s in from_torch[0].top]
         assert [s.probability for s in ours.top] == pytest.approx([s.probability for s in from_torch[0].top], abs=1e-5)
 
+    # A cached file damaged later (say a full disk elsewhere) is exported again, not a failure on every run.
+    good = cached.read_bytes()
+    cached.write_bytes(good[: len(good) // 2])
+    monkeypatch.setattr(inference, "export", lambda model, path, **options: exports.append(path.write_bytes(good)))
+    [repaired] = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=5, threads=1)
+    assert len(exports) == 2 and cached.read_bytes() == good
+    assert [s.index for s in repaired.top] == [s.index for s in from_torch[0].top]
+
     # Other weights are another export; the cache keeps only the most recently used files.
+    monkeypatch.setattr(inference, "export", counted_export)
     monkeypatch.setattr(inference, "EXPORT_CACHE_FILES", 1)
     other = tmp_path / "other.pth"
     sequencer.save_weights(tiny_model(num_classes=7), other)
     [seven] = sequencer.predict(image, "sequencer2d_tiny", other, topk=7, threads=1)
-    assert len(exports) == 2 and sorted(s.index for s in seven.top) == list(range(7))
+    assert len(exports) == 3 and sorted(s.index for s in seven.top) == list(range(7))
     assert [path.name for path in (tmp_path / "cache" / "onnx").iterdir()] != [cached.name]
     assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
 
@@ -366,3 +375,9 @@ def test_auto_falls_back_to_torch_when_the_export_fails_and_says_so(
     assert list((tmp_path / "cache" / "onnx").iterdir()) == []  # no half-written file is left to be read later
     with pytest.raises(ExportCheckError):
         sequencer.predict(image, "sequencer2d_tiny", checkpoint, runtime="onnxruntime")
+    # A cache that cannot be written (a read-only home, a file in its place) is one more reason to run torch.
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("SEQUENCER_CACHE", str(tmp_path / "a file"))
+    [fallback] = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=3, progress=True)
+    assert [s.index for s in fallback.top] == [s.index for s in from_torch[0].top]
+    assert "onnxruntime not used (NotADirectoryError" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from sequencer.builder import load_model
 from sequencer.choices import DEFAULT_MODEL, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
 from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages
-from sequencer.errors import DatasetError, UsageError
+from sequencer.errors import CheckpointError, DatasetError, UsageError
 from sequencer.options import (
     INPUT_KEYS,
     input_overrides,
@@ -222,15 +222,22 @@ def export_key(model: nn.Module, transform_overrides: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def cached_export(model: nn.Module, transform_overrides: dict[str, Any], announce: bool = False) -> Path:
-    """The model's checked ONNX export (dynamic batch) from predict's cache, written there on first use; the cache
-    keeps the EXPORT_CACHE_FILES most recently used files."""
+def cached_onnx_model(
+    model: nn.Module, transform_overrides: dict[str, Any], threads: int | None = None, announce: bool = False
+) -> OnnxModel:
+    """The model's checked ONNX export (dynamic batch) in onnxruntime, from predict's cache, where it is written on
+    first use; a cached file onnxruntime cannot load is exported again. The cache keeps the EXPORT_CACHE_FILES most
+    recently used files."""
     folder = export_cache_dir()
     name = getattr(model, "model_name", type(model).__name__)
     path = folder / f"{name}-{export_key(model, transform_overrides)[:24]}.onnx"
     if path.is_file():
-        os.utime(path)
-        return path
+        try:
+            loaded = load_onnx(path, threads)
+            os.utime(path)
+            return loaded
+        except CheckpointError:  # damaged since it was written (renamed whole, so not by us)
+            path.unlink(missing_ok=True)
     if announce:
         print(
             f"exporting {name} to ONNX once for onnxruntime, into {folder} (--runtime torch skips it)", file=sys.stderr
@@ -245,7 +252,7 @@ def cached_export(model: nn.Module, transform_overrides: dict[str, Any], announc
     exports = [file for file in folder.glob("*.onnx") if not file.name.startswith(".")]
     for stale in sorted(exports, key=lambda file: file.stat().st_mtime, reverse=True)[EXPORT_CACHE_FILES:]:
         stale.unlink(missing_ok=True)
-    return path
+    return load_onnx(path, threads)
 
 
 def torch_classifier(
@@ -320,7 +327,7 @@ def predict(
     `model` is a variant name (default sequencer2d_s, built and loaded from `checkpoint`) or a ready module, which is
     moved to `device` and put in eval mode. `checkpoint` may be an .onnx file from `export`: onnxruntime runs it with
     the preprocessing and class names stored in it. `runtime` is "torch", "onnxruntime" or "auto" (`choose_runtime`);
-    onnxruntime on a checkpoint runs its ONNX export, made and checked once and cached (`cached_export`), and `auto`
+    onnxruntime on a checkpoint runs its ONNX export, made and checked once and cached (`cached_onnx_model`), and `auto`
     falls back to torch when that export fails. `progress` shows the progress and the export on stderr.
     `threads` sets onnxruntime's intra-op threads (torch's are the process's: `torch.set_num_threads`).
     `transform_overrides` (img_size, crop_pct, mean, ...) adjust the model's preprocessing.
@@ -353,8 +360,8 @@ def predict(
         classifier = None
         if runtime == "onnxruntime":
             try:
-                path = cached_export(model, transform_overrides, announce=progress)
-                classifier = onnx_classifier(load_onnx(path, threads), None, None, in_chans, transform_overrides)
+                exported = cached_onnx_model(model, transform_overrides, threads, announce=progress)
+                classifier = onnx_classifier(exported, None, None, in_chans, transform_overrides)
             except Exception as error:
                 if asked_runtime != "auto":
                     raise
