@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="what runs the model: torch, or onnxruntime on the CPU (the `export` extra; --threads sets its intra-op "
         "threads). auto: onnxruntime for an .onnx --checkpoint, and for a --checkpoint on the CPU without --amp when "
-        "onnxruntime is installed (the fastest exact CPU path: the checkpoint is exported and checked once, about a "
-        "minute for Sequencer2D-S, and kept in $SEQUENCER_CACHE, default ~/.cache/sequencer); else torch",
+        "onnxruntime is installed (the fastest exact CPU path: the checkpoint is exported and checked once, about 40 s "
+        "for Sequencer2D-S on 2 cores, and kept in $SEQUENCER_CACHE, default ~/.cache/sequencer); else torch",
     )
     group = parser.add_argument_group("output")
     group.add_argument("--topk", type=bounded(int, min=1), default=5, help="classes to list per image")
