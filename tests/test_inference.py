@@ -381,3 +381,26 @@ def test_auto_falls_back_to_torch_when_the_export_fails_and_says_so(
     [fallback] = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=3, progress=True)
     assert [s.index for s in fallback.top] == [s.index for s in from_torch[0].top]
     assert "onnxruntime not used (NotADirectoryError" in capsys.readouterr().err
+
+
+def test_a_training_checkpoint_brings_the_input_it_was_trained_at(
+    tiny_model, image_folder: Path, tmp_path: Path
+) -> None:
+    model = tiny_model(num_classes=10)
+    trained = {"img_size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "crop_pct": None, "model": "x"}
+    torch.save({"state_dict": model.state_dict(), "epoch": 3, "args": trained}, tmp_path / "run.pth.tar")
+    sequencer.save_weights(model, tmp_path / "plain.pth")
+    loaded = sequencer.load_model("sequencer2d_tiny", tmp_path / "run.pth.tar")
+    cfg = loaded.pretrained_cfg
+    assert cfg["input_size"] == (3, 16, 16) and cfg["mean"] == (0.5,) * 3 and cfg["std"] == (0.25,) * 3
+    assert cfg["crop_pct"] == sequencer.create_model("sequencer2d_tiny").pretrained_cfg["crop_pct"]  # not given
+
+    def top(checkpoint: Path, **overrides: object) -> list[tuple[int, float]]:
+        [prediction] = sequencer.predict(
+            image_folder / "a.png", "sequencer2d_tiny", checkpoint, topk=10, runtime="torch", **overrides
+        )
+        return [(s.index, round(s.probability, 5)) for s in prediction.top]
+
+    as_trained = top(tmp_path / "plain.pth", img_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert top(tmp_path / "run.pth.tar") == as_trained != top(tmp_path / "plain.pth")
+    assert top(tmp_path / "run.pth.tar", img_size=32, mean=None) != as_trained  # flags still win

@@ -19,7 +19,7 @@ LOWER_LAYERS = {
     "sequencer.recurrence": {"sequencer.choices", "sequencer.kernels.onednn", "sequencer.model"},
     "sequencer.files": set(),
     "sequencer.hub": {"sequencer.errors"},
-    "sequencer.checkpoint": {"sequencer.errors", "sequencer.files", "sequencer.hub"},
+    "sequencer.checkpoint": {"sequencer.choices", "sequencer.errors", "sequencer.files", "sequencer.hub"},
     "sequencer.builder": {
         "sequencer.checkpoint",
         "sequencer.errors",

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sequencer import hub
+from sequencer.choices import INPUT_KEYS
 from sequencer.errors import CheckpointError
 from sequencer.files import atomic_write
 
@@ -216,7 +217,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = Tru
     Weights that do not fit are a one-line `CheckpointError`: the model the file holds when it records another,
     else how many keys are missing, unexpected or of another shape, with the first of each. The class names the
     file records (`sequencer train` and `save_weights` write them) become the model's
-    `pretrained_cfg["label_names"]` (timm's key) when they fit its head.
+    `pretrained_cfg["label_names"]` (timm's key) when they fit its head, and the input size, crop and normalisation a
+    training run was given its preprocessing (`trained_input`).
     """
     state_dict, source = checkpoint.state_dict, checkpoint.path
     own = model.state_dict()
@@ -256,8 +258,22 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = Tru
         state_dict.update({k: own[k] for k in head})
     model.load_state_dict(state_dict, strict=strict)
     names, cfg = checkpoint.class_names, getattr(model, "pretrained_cfg", None)
-    if names and isinstance(cfg, dict) and len(names) == getattr(model, "num_classes", -1):
+    if not isinstance(cfg, dict):
+        return
+    if names and len(names) == getattr(model, "num_classes", -1):
         cfg["label_names"] = names
+    cfg.update(trained_input(checkpoint, cfg))
+
+
+def trained_input(checkpoint: Checkpoint, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The input flags the `sequencer train` run that wrote the file was given, in `pretrained_cfg` keys: what the
+    weights expect, so every command reads images that way unless told otherwise."""
+    given = {key: checkpoint.trained_args.get(key) for key in INPUT_KEYS}
+    given = {key: tuple(value) if isinstance(value, list) else value for key, value in given.items() if value}
+    if "img_size" in given:
+        size = given.pop("img_size")
+        given.setdefault("input_size", (cfg.get("input_size", (3,))[0], size, size))
+    return given
 
 
 def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 # --model of the commands that evaluate one model (predict: unless an .onnx --checkpoint names its own).
 DEFAULT_MODEL = "sequencer2d_s"
 
+# The input flags (add_input_options): overrides of a model's preprocessing, and what a training checkpoint records.
+INPUT_KEYS = ("input_size", "img_size", "crop_pct", "mean", "std", "interpolation")
 # --interpolation: timm's interpolation names; training also takes "random" (bilinear or bicubic per image).
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 TRAIN_INTERPOLATIONS = (*INTERPOLATIONS, "random")

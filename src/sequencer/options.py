@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sequencer.choices import AMP_DTYPES, DEFAULT_MODEL, INTERPOLATIONS
+from sequencer.choices import AMP_DTYPES, DEFAULT_MODEL, INPUT_KEYS, INTERPOLATIONS
 from sequencer.errors import UsageError
 
 
@@ -187,9 +187,6 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
         choices=INTERPOLATIONS,
         help="resize interpolation (default: the model's, bicubic)",
     )
-
-
-INPUT_KEYS = ("input_size", "img_size", "crop_pct", "mean", "std", "interpolation")
 
 
 def input_overrides(args: argparse.Namespace, *exclude: str) -> dict[str, Any]:
