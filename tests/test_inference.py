@@ -404,3 +404,8 @@ def test_a_training_checkpoint_brings_the_input_it_was_trained_at(
     as_trained = top(tmp_path / "plain.pth", img_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
     assert top(tmp_path / "run.pth.tar") == as_trained != top(tmp_path / "plain.pth")
     assert top(tmp_path / "run.pth.tar", img_size=32, mean=None) != as_trained  # flags still win
+    # Weights saved from that model keep what it expects, in either format.
+    for name in ("clean.safetensors", "clean.pth"):
+        sequencer.save_weights(loaded, tmp_path / name)
+        assert sequencer.load_model("sequencer2d_tiny", tmp_path / name).pretrained_cfg == cfg
+        assert top(tmp_path / name) == as_trained

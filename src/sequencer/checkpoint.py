@@ -65,7 +65,8 @@ def _read_safetensors(path: str) -> dict[str, Any]:
     if "class_names" not in metadata and not metadata.get("model_name"):
         return tensors
     names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
-    return {"state_dict": tensors, "model_name": metadata.get("model_name"), "class_names": names}
+    args = json.loads(metadata["args"]) if "args" in metadata else None
+    return {"state_dict": tensors, "model_name": metadata.get("model_name"), "class_names": names, "args": args}
 
 
 def _unsafe_globals(f: BinaryIO) -> list[str]:
@@ -187,7 +188,7 @@ class Checkpoint:
     num_classes: int | None  # classes of the classifier head; None for a file without one
     class_names: list[str] | None  # in index order, when the file records them
     model_name: str | None  # the model the file says it holds (`recorded_model_name`)
-    trained_args: dict[str, Any]  # the flags of the `sequencer train` run that wrote it; empty for other files
+    trained_args: dict[str, Any]  # the flags of the `sequencer train` run that wrote it (save_weights: the input's)
 
 
 def checkpoint_of(path: str, contents: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Checkpoint:
@@ -325,7 +326,12 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     name = getattr(model, "model_name", type(model).__name__)
     metadata = {"model_name": name, "num_classes": str(getattr(model, "num_classes", ""))}
-    label_names = getattr(model, "pretrained_cfg", {}).get("label_names")
+    cfg = getattr(model, "pretrained_cfg", {})
+    label_names = cfg.get("label_names")
     if label_names:
         metadata["class_names"] = json.dumps(list(label_names))
-    atomic_save({"state_dict": state_dict, "metadata": metadata, "model_name": name}, path)
+    # The input the weights expect, as the flags that ask for it: read back as a training run's are (`trained_input`).
+    given = {key: cfg[key] for key in ("input_size", "crop_pct", "mean", "std", "interpolation") if cfg.get(key)}
+    metadata["args"] = json.dumps({key: list(v) if isinstance(v, tuple) else v for key, v in given.items()})
+    extra = {"args": json.loads(metadata["args"]), "class_names": list(label_names) if label_names else None}
+    atomic_save({"state_dict": state_dict, "metadata": metadata, "model_name": name, **extra}, path)
