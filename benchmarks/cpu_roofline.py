@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import onnxruntime
@@ -26,27 +26,18 @@ from onnx import TensorProto, helper, save
 
 import sequencer
 from sequencer.analysis.complexity import count_macs
-from sequencer.bench import processor_name
+from sequencer.bench import processor_name, time_round_robin
 from sequencer.deploy import load_onnx
+from sequencer.runtime import cpu_flags
 
 GEMM_SIZE = 2048
-
-
-def cpu_features() -> list[str]:
-    """The vector extensions that decide float32 and bfloat16 speed, as /proc/cpuinfo lists them."""
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    return sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+# The vector extensions that decide float32 and bfloat16 speed.
+FEATURES = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 
 
 def seconds_per_call(function: Callable[[], object], repeats: int) -> float:
     """The fastest of `repeats` timed calls after one warm-up call."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(time_round_robin({"call": function}, torch.device("cpu"), warmup=1, repeats=repeats)["call"])
 
 
 def matmul_peak(threads: int, folder: Path) -> dict[str, float]:
@@ -94,7 +85,8 @@ def main() -> None:
             sequencer.export(ours, path, dynamic_batch=True)
         exported = load_onnx(path, threads=args.threads)
         print(
-            f"{processor_name(torch.device('cpu'))} ({', '.join(cpu_features())}), {args.threads} threads, "
+            f"{processor_name(torch.device('cpu'))} ({', '.join(sorted((cpu_flags() or set()) & FEATURES))}), "
+            f"{args.threads} threads, "
             f"torch {torch.__version__}, "
             f"onnxruntime {onnxruntime.__version__}, timm {timm.__version__}"
         )
@@ -108,17 +100,9 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for batch in map(int, args.batch_sizes.split(",")):
             x = torch.randn(batch, *size)
-            engines = {"timm's port (PyTorch)": theirs, "ours, onnxruntime": exported}
-            times: dict[str, list[float]] = {name: [] for name in engines}
+            engines = {"timm's port (PyTorch)": partial(theirs, x), "ours, onnxruntime": partial(exported, x)}
             with torch.inference_mode():
-                for _ in range(2):
-                    for engine in engines.values():
-                        engine(x)
-                for _ in range(args.rounds):
-                    for name, engine in engines.items():
-                        start = time.perf_counter()
-                        engine(x)
-                        times[name].append(time.perf_counter() - start)
+                times = time_round_robin(engines, torch.device("cpu"), warmup=2, repeats=args.rounds)
             timm_rate = batch / statistics.median(times["timm's port (PyTorch)"])
             for name, samples in times.items():
                 rate = batch / statistics.median(samples)

@@ -331,7 +331,12 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     if label_names:
         metadata["class_names"] = json.dumps(list(label_names))
     # The input the weights expect, as the flags that ask for it: read back as a training run's are (`trained_input`).
-    given = {key: cfg[key] for key in ("input_size", "crop_pct", "mean", "std", "interpolation") if cfg.get(key)}
-    metadata["args"] = json.dumps({key: list(v) if isinstance(v, tuple) else v for key, v in given.items()})
-    extra = {"args": json.loads(metadata["args"]), "class_names": list(label_names) if label_names else None}
-    atomic_save({"state_dict": state_dict, "metadata": metadata, "model_name": name, **extra}, path)
+    input_flags = {
+        key: list(value) if isinstance(value, tuple) else value for key in INPUT_KEYS if (value := cfg.get(key))
+    }
+    metadata["args"] = json.dumps(input_flags)
+    names = list(label_names) if label_names else None
+    atomic_save(
+        {"state_dict": state_dict, "metadata": metadata, "model_name": name, "args": input_flags, "class_names": names},
+        path,
+    )

@@ -14,6 +14,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -200,8 +201,6 @@ def export_cache_dir() -> Path:
 
 def export_key(model: nn.Module, transform_overrides: dict[str, Any]) -> str:
     """A digest of all that the exported file depends on: weights, config, preprocessing and the exporters' versions."""
-    from importlib.metadata import version
-
     # The code that shapes the graph, not the package version: an edited checkout must not reuse an old export.
     sources = [
         hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest() for module in (model_module, recurrence, deploy)

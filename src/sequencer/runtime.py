@@ -62,15 +62,21 @@ def _autocast_runs(device: torch.device, dtype: torch.dtype) -> bool:
             return False
 
 
-def native_bfloat16_cpu() -> bool | None:
-    """Whether this CPU computes bfloat16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16), from /proc/cpuinfo; None
-    where that cannot be read."""
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as /proc/cpuinfo lists them (x86 `flags`, Arm `Features`); None where it cannot be
+    read."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return None
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith(("flags", "Features"))), None)
-    return None if flags is None else bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith(("flags", "Features"))), None)
+
+
+def native_bfloat16_cpu() -> bool | None:
+    """Whether this CPU computes bfloat16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16), from /proc/cpuinfo; None
+    where that cannot be read."""
+    flags = cpu_flags()
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
 
 
 def warn_if_emulated_bfloat16(device: torch.device, dtype: str | None = None) -> None:
