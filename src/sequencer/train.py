@@ -442,7 +442,12 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
 def build_training_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The model with its starting weights: released (--pretrained), a file (--initial-checkpoint), or fresh."""
     model = create_model(
-        args.model, num_classes=num_classes, drop_path_rate=args.drop_path, in_chans=args.in_chans, drop_rate=args.drop
+        args.model,
+        num_classes=num_classes,
+        drop_path_rate=args.drop_path,
+        in_chans=args.in_chans,
+        drop_rate=args.drop,
+        rnn_impl=args.rnn_impl,
     )
     if args.pretrained:
         load_pretrained(model, released_weights(model.model_name, model.pretrained_cfg["url"]))

@@ -14,6 +14,7 @@ from sequencer.choices import (
     DIGITS_RECIPE,
     ERASING_MODES,
     EVAL_METRICS,
+    IMPLEMENTATIONS,
     LR_BASE_SCALES,
     MIXUP_MODES,
     SCHEDULERS,
@@ -86,6 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--drop-path", type=bounded(float, min=0, max=1), default=0.0, help="stochastic depth rate (linear over blocks)"
     )
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    model.add_argument(
+        "--rnn-impl",
+        choices=IMPLEMENTATIONS,
+        default="auto",
+        help="how the mixers run their recurrences: auto picks per device, and for CPU training by timing both paths "
+        "at the first step, so two launches may round differently; reference (nn.LSTM) or fused pins it, for runs "
+        "that must match bit for bit",
+    )
     add_input_options(parser)
     add_runtime_options(parser)
     add_compile_options(parser)
