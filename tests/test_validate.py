@@ -123,6 +123,12 @@ def test_training_checkpoint_supplies_the_input_size(make_image_tree, run_cli, t
     assert json.loads(results.read_text())["input_size"] == [3, 24, 24]
     assert run_cli("validate", f"{base} --img-size 20") == 0  # an explicit flag still wins
     assert json.loads(results.read_text())["input_size"] == [3, 20, 20]
+    # A run trained with --input-size: an asked --img-size still wins (timm reads input_size first).
+    torch.save({"state_dict": model.state_dict(), "args": {"input_size": [3, 28, 28]}}, tmp_path / "last.pth.tar")
+    assert run_cli("validate", base) == 0
+    assert json.loads(results.read_text())["input_size"] == [3, 28, 28]
+    assert run_cli("validate", f"{base} --img-size 20") == 0
+    assert json.loads(results.read_text())["input_size"] == [3, 20, 20]
 
 
 def sure_of(tmp_path: Path, scores: dict[int, float], num_classes: int = 1000) -> Path:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.datasets import ImageFolder
 
 from sequencer.builder import load_model, resolve_model_name
-from sequencer.checkpoint import open_checkpoint
+from sequencer.checkpoint import open_checkpoint, trained_input
 from sequencer.data import (
     build_dataset,
     check_image_input_fits,
@@ -280,14 +280,13 @@ def validate(
     name = dataset or root
     checkpoint = os.fspath(checkpoint) if checkpoint else ""
     opened = open_checkpoint(checkpoint, use_ema, unsafe_load) if checkpoint else None
-    # A checkpoint of `sequencer train` records the input it was trained at: the default here too.
-    trained = opened.trained_args if opened else {}
+    # What is asked goes over the model's preprocessing, which holds the input a training checkpoint was trained at.
     asked = dict(
         input_size=input_size, img_size=img_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation
     )
-    overrides = {key: value if value not in (None, "") else trained.get(key) for key, value in asked.items()}
-    # The built-in digits are upscaled straight to the input size, as `sequencer train` does.
-    digits_size = overrides["input_size"][-1] if overrides["input_size"] else overrides["img_size"] or 32
+    # The built-in digits are upscaled straight to the input size, as `sequencer train` does: known before the model.
+    trained_size = trained_input(opened, {}).get("input_size", (32,))[-1] if opened else 32
+    digits_size = input_size[-1] if input_size else img_size or trained_size
     eval_set = build_dataset(name, split, data_dir=root, download=dataset_download, img_size=digits_size)
     num_classes = num_classes or (opened and opened.num_classes) or len(eval_set.classes)
     # Folders named by WordNet id (ImageNet-A, -R, -Sketch) or number (ImageNet-V2) take the model's class indices.
@@ -300,9 +299,9 @@ def validate(
             raise UsageError("--real-labels needs a 1000-class model and the ImageNet val folder")
         eval_set = WithRealLabels(eval_set, load_real_labels(real_labels), num_classes)
     network = load_model(model, opened, num_classes, in_chans)
-    config = data_config(network, **overrides)
+    config = data_config(network, **asked)
     check_image_input_fits(network, config["input_size"])
-    eval_set.transform = create_transform(network, train=False, **overrides)
+    eval_set.transform = create_transform(network, train=False, **asked)
     loader = create_loader(eval_set, batch_size, workers, distributed=context.distributed)
     network = network.to(device)
     if torchcompile:
