@@ -191,12 +191,17 @@ class Checkpoint:
     trained_args: dict[str, Any]  # the flags of the `sequencer train` run that wrote it (save_weights: the input's)
 
 
-def checkpoint_of(path: str, contents: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Checkpoint:
-    """A `Checkpoint` of weights already in our key format and the file's `contents`."""
+def open_checkpoint(
+    source: str | os.PathLike | dict[str, Any], use_ema: bool = False, unsafe_load: bool = False
+) -> Checkpoint:
+    """A checkpoint file in any supported format (see `read_file`), or its contents already in memory, with its
+    weights unwrapped and renamed to our keys and what its writer recorded read, once."""
+    contents = source if isinstance(source, dict) else read_file(source, unsafe_load=unsafe_load)
+    state_dict = from_authors_format(extract_state_dict(contents, use_ema=use_ema))
     head = state_dict.get("head.fc.weight")
     names, args = contents.get("class_names"), contents.get("args")
     return Checkpoint(
-        path=path,
+        path="the state dict" if isinstance(source, dict) else str(source),
         contents=contents,
         state_dict=state_dict,
         num_classes=int(head.shape[0]) if head is not None else None,
@@ -204,12 +209,6 @@ def checkpoint_of(path: str, contents: dict[str, Any], state_dict: dict[str, tor
         model_name=recorded_model_name(contents),
         trained_args=args if isinstance(args, dict) else {},
     )
-
-
-def open_checkpoint(path: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False) -> Checkpoint:
-    """Read a checkpoint in any supported format (see `read_file`) and unwrap and rename its weights, once."""
-    contents = read_file(path, unsafe_load=unsafe_load)
-    return checkpoint_of(str(path), contents, from_authors_format(extract_state_dict(contents, use_ema=use_ema)))
 
 
 def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) -> None:
@@ -279,8 +278,7 @@ def trained_input(checkpoint: Checkpoint, cfg: dict[str, Any]) -> dict[str, Any]
 
 def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Load a state dict in any supported key format (authors', timm's, ours; wrapped or not) into `model`."""
-    weights = from_authors_format(extract_state_dict(state_dict))
-    load_checkpoint(model, checkpoint_of("the state dict", {}, weights), strict=strict)
+    load_checkpoint(model, open_checkpoint(state_dict), strict=strict)
 
 
 def load_pretrained(
