@@ -304,13 +304,29 @@ def test_auto_runs_a_checkpoint_in_onnxruntime_through_one_cached_export(
         return real_export(model, path, **options)
 
     monkeypatch.setattr(inference, "export", counted_export)
+    onnx_runs: list[Path] = []
+    real_classifier = inference.onnx_classifier
+    monkeypatch.setattr(
+        inference,
+        "onnx_classifier",
+        lambda exported, *rest: onnx_runs.append(exported.path) or real_classifier(exported, *rest),
+    )
     image = image_folder / "a.png"
     from_torch = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=5, runtime="torch")
-    assert exports == []
-    [first] = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=5, threads=1)
+    # Two images, nothing cached: an export would cost more than it saves, so auto runs torch.
+    pays_off = inference.EXPORT_PAYS_OFF_AT
+    monkeypatch.setattr(inference, "EXPORT_PAYS_OFF_AT", 3)
+    short = sequencer.predict([image, image_folder / "c.jpeg"], "sequencer2d_tiny", checkpoint, topk=5, threads=1)
+    assert exports == [] and onnx_runs == []
+    assert [s.index for s in short[0].top] == [s.index for s in from_torch[0].top]
+    # Three images repay it: exported once; later runs of any length read the cache.
+    three = [image, image_folder / "c.jpeg", image_folder / "nested" / "b.jpg"]
+    [first, *_] = sequencer.predict(three, "sequencer2d_tiny", checkpoint, topk=5, threads=1)
+    assert len(exports) == 1 and len(onnx_runs) == 1
+    monkeypatch.setattr(inference, "EXPORT_PAYS_OFF_AT", pays_off)
     [again] = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=5, threads=1)
     assert run_cli("predict", image, "--model sequencer2d_tiny --checkpoint", checkpoint, "-j 0 --threads 1") == 0
-    assert len(exports) == 1  # the later calls read the cache, the command's (unset flags) as the function's
+    assert len(exports) == 1 and len(onnx_runs) == 3  # the command (unset flags) reads the function's file
     [cached] = (tmp_path / "cache" / "onnx").iterdir()
     assert cached.name.startswith("sequencer2d_tiny-") and cached.suffix == ".onnx"
     assert inference.load_onnx(cached).config["input_size"] == [3, 32, 32]
@@ -331,7 +347,7 @@ def test_auto_runs_a_checkpoint_in_onnxruntime_through_one_cached_export(
     monkeypatch.setattr(inference, "EXPORT_CACHE_FILES", 1)
     other = tmp_path / "other.pth"
     sequencer.save_weights(tiny_model(num_classes=7), other)
-    [seven] = sequencer.predict(image, "sequencer2d_tiny", other, topk=7, threads=1)
+    [seven] = sequencer.predict(image, "sequencer2d_tiny", other, topk=7, threads=1, runtime="onnxruntime")
     assert len(exports) == 3 and sorted(s.index for s in seven.top) == list(range(7))
     assert [path.name for path in (tmp_path / "cache" / "onnx").iterdir()] != [cached.name]
     assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
@@ -365,6 +381,7 @@ def test_auto_falls_back_to_torch_when_the_export_fails_and_says_so(
         raise ExportCheckError("max |logit diff| 1.0 (tolerance 1e-04): failed")
 
     monkeypatch.setattr(inference, "export", failing_export)
+    monkeypatch.setattr(inference, "EXPORT_PAYS_OFF_AT", 1)  # one image is worth an export here
     image = image_folder / "a.png"
     from_torch = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=3, runtime="torch")
     assert run_cli("predict", image, "--model sequencer2d_tiny --checkpoint", checkpoint, "-j 0 --topk 3") == 0

@@ -13,6 +13,7 @@ from PIL import Image
 
 import sequencer
 from sequencer.checkpoint import to_authors_format
+from sequencer.choices import EXPORT_PAYS_OFF_AT
 from sequencer.model import VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,3 +74,8 @@ def test_each_block_names_only_what_it_defines_or_imports() -> None:
                 defined.add(node.id)
         used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
         assert used <= defined, f"block {number} uses {sorted(used - defined)} without defining them"
+
+
+def test_the_readme_says_from_how_many_images_predict_exports() -> None:
+    assert f"The first run of {EXPORT_PAYS_OFF_AT:,} images or more" in README
+    assert f"a run of {EXPORT_PAYS_OFF_AT:,}+ images" in README

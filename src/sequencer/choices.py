@@ -28,6 +28,10 @@ QUANTIZATIONS = ("int8",)
 # predict --format and --runtime
 PREDICTION_FORMATS = ("table", "csv", "json")
 PREDICT_RUNTIMES = ("auto", "torch", "onnxruntime")
+# The images from which predict's `auto` exports a checkpoint it has no export of: an export takes 30-60 s for
+# Sequencer2D-S on 2 cores, and onnxruntime takes 1.08x-1.9x less time per image than eager PyTorch by processor
+# (BENCHMARKS.md), so only a run of many images repays it; fewer run in PyTorch.
+EXPORT_PAYS_OFF_AT = 1000
 
 # bench --modes, --precisions and --runtimes
 BENCH_MODES = ("infer", "train")

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from sequencer import deploy, recurrence
 from sequencer import model as model_module
 from sequencer.builder import load_model
-from sequencer.choices import DEFAULT_MODEL, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
+from sequencer.choices import DEFAULT_MODEL, EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
 from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages
 from sequencer.errors import CheckpointError, DatasetError, UsageError
@@ -176,7 +176,8 @@ def choose_runtime(
     amp: bool = False,
 ) -> str:
     """The runtime asked for; `auto` is onnxruntime for an .onnx file, and for a named model's checkpoint on the CPU
-    without autocast when onnxruntime is installed (the fastest exact CPU path, BENCHMARKS.md), else torch."""
+    without autocast when onnxruntime is installed (the fastest exact CPU path, BENCHMARKS.md), else torch. `predict`
+    then keeps torch for a checkpoint with no cached export and fewer than EXPORT_PAYS_OFF_AT images."""
     if runtime not in PREDICT_RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; expected one of {', '.join(PREDICT_RUNTIMES)}")
     if is_onnx_file(checkpoint):
@@ -218,15 +219,23 @@ def export_key(model: nn.Module, transform_overrides: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def cached_onnx_model(
-    model: nn.Module, transform_overrides: dict[str, Any], threads: int | None = None, announce: bool = False
-) -> OnnxModel:
-    """The model's checked ONNX export (dynamic batch) in onnxruntime, from predict's cache, where it is written on
-    first use; a cached file onnxruntime cannot load is exported again. The cache keeps the EXPORT_CACHE_FILES most
-    recently used files."""
-    folder = export_cache_dir()
+def cached_export_path(model: nn.Module, transform_overrides: dict[str, Any]) -> Path:
+    """Where predict's cache keeps (or would keep) the model's ONNX export."""
     name = getattr(model, "model_name", type(model).__name__)
-    path = folder / f"{name}-{export_key(model, transform_overrides)[:24]}.onnx"
+    return export_cache_dir() / f"{name}-{export_key(model, transform_overrides)[:24]}.onnx"
+
+
+def cached_onnx_model(
+    model: nn.Module,
+    path: Path,
+    transform_overrides: dict[str, Any],
+    threads: int | None = None,
+    announce: bool = False,
+) -> OnnxModel:
+    """The model's checked ONNX export (dynamic batch) in onnxruntime, from predict's cache at `path`
+    (`cached_export_path`), where it is written on first use; a cached file onnxruntime cannot load is exported
+    again. The cache keeps the EXPORT_CACHE_FILES most recently used files."""
+    folder, name = path.parent, getattr(model, "model_name", type(model).__name__)
     if path.is_file():
         try:
             loaded = load_onnx(path, threads)
@@ -323,8 +332,9 @@ def predict(
     `model` is a variant name (default sequencer2d_s, built and loaded from `checkpoint`) or a ready module, which is
     moved to `device` and put in eval mode. `checkpoint` may be an .onnx file from `export`: onnxruntime runs it with
     the preprocessing and class names stored in it. `runtime` is "torch", "onnxruntime" or "auto" (`choose_runtime`);
-    onnxruntime on a checkpoint runs its ONNX export, made and checked once and cached (`cached_onnx_model`), and `auto`
-    falls back to torch when that export fails. `progress` shows the progress and the export on stderr.
+    onnxruntime on a checkpoint runs its ONNX export, made and checked once and cached (`cached_onnx_model`); `auto`
+    makes that export only for EXPORT_PAYS_OFF_AT images or more and falls back to torch when it fails. `progress`
+    shows the progress and the export on stderr.
     `threads` sets onnxruntime's intra-op threads (torch's are the process's: `torch.set_num_threads`).
     `transform_overrides` (img_size, crop_pct, mean, ...) adjust the model's preprocessing.
     """
@@ -356,8 +366,11 @@ def predict(
         classifier = None
         if runtime == "onnxruntime":
             try:
-                exported = cached_onnx_model(model, transform_overrides, threads, announce=progress)
-                classifier = onnx_classifier(exported, None, None, in_chans, transform_overrides)
+                path = cached_export_path(model, transform_overrides)
+                # auto exports for a run long enough to repay the export, and otherwise runs one made before.
+                if asked_runtime != "auto" or path.is_file() or len(files) >= EXPORT_PAYS_OFF_AT:
+                    exported = cached_onnx_model(model, path, transform_overrides, threads, announce=progress)
+                    classifier = onnx_classifier(exported, None, None, in_chans, transform_overrides)
             except Exception as error:
                 if asked_runtime != "auto":
                     raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.choices import DEFAULT_MODEL, PREDICT_RUNTIMES, PREDICTION_FORMATS
+from sequencer.choices import DEFAULT_MODEL, EXPORT_PAYS_OFF_AT, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options, bounded
 
 
@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="what runs the model: torch, or onnxruntime on the CPU (the `export` extra; --threads sets its intra-op "
         "threads). auto: onnxruntime for an .onnx --checkpoint, and for a --checkpoint on the CPU without --amp when "
-        "onnxruntime is installed (the fastest exact CPU path: the checkpoint is exported and checked once, about 40 s "
-        "for Sequencer2D-S on 2 cores, and kept in $SEQUENCER_CACHE, default ~/.cache/sequencer); else torch",
+        "onnxruntime is installed (the fastest exact CPU path) and the checkpoint's export is cached or this run has "
+        f"{EXPORT_PAYS_OFF_AT} images or more to repay it (the export is checked and kept in $SEQUENCER_CACHE, default "
+        "~/.cache/sequencer: about 40 s for Sequencer2D-S on 2 cores); else torch",
     )
     group = parser.add_argument_group("output")
     group.add_argument("--topk", type=bounded(int, min=1), default=5, help="classes to list per image")
