@@ -426,3 +426,25 @@ def test_a_training_checkpoint_brings_the_input_it_was_trained_at(
         sequencer.save_weights(loaded, tmp_path / name)
         assert sequencer.load_model("sequencer2d_tiny", tmp_path / name).pretrained_cfg == cfg
         assert top(tmp_path / name) == as_trained
+
+
+def test_without_model_the_checkpoints_recorded_model_is_built(
+    run_cli, assert_refused, tiny_model, checkpoint: Path, image_folder: Path, tmp_path: Path, capsys
+) -> None:
+    image = image_folder / "a.png"
+    [named] = sequencer.predict(image, "sequencer2d_tiny", checkpoint, topk=3, runtime="torch")
+    [recorded] = sequencer.predict(image, checkpoint=checkpoint, topk=3, runtime="torch")  # save_weights records it
+    assert recorded.top == named.top
+    capsys.readouterr()
+    assert run_cli("predict", image, "--checkpoint", checkpoint, "-j 0 --runtime torch --topk 3") == 0
+    assert [line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:4]] == [
+        f"[{s.index}]" for s in named.top
+    ]
+    # A file that records no model, or one that is not ours, still means the default model, and says what it holds.
+    model = tiny_model()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "plain.pth")
+    match = "does not fit sequencer2d_s"
+    assert_refused("predict", image, "--checkpoint", tmp_path / "plain.pth", "-j 0", match=match)
+    torch.save({"state_dict": model.state_dict(), "arch": "resnet50"}, tmp_path / "foreign.pth")
+    match = "holds resnet50 weights; this model is sequencer2d_s"
+    assert_refused("predict", image, "--checkpoint", tmp_path / "foreign.pth", "-j 0", match=match)

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sequencer import deploy, recurrence
 from sequencer import model as model_module
-from sequencer.builder import load_model
+from sequencer.builder import is_registered, load_model
+from sequencer.checkpoint import open_checkpoint
 from sequencer.choices import DEFAULT_MODEL, EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
 from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages
@@ -329,7 +330,7 @@ def predict(
 ) -> list[Prediction]:
     """Top-k classes of each image file (folders are searched recursively), in input order, failures included.
 
-    `model` is a variant name (default sequencer2d_s, built and loaded from `checkpoint`) or a ready module, which is
+    `model` is a variant name (default: the one `checkpoint` records, else sequencer2d_s) or a ready module, which is
     moved to `device` and put in eval mode. `checkpoint` may be an .onnx file from `export`: onnxruntime runs it with
     the preprocessing and class names stored in it. `runtime` is "torch", "onnxruntime" or "auto" (`choose_runtime`);
     onnxruntime on a checkpoint runs its ONNX export, made and checked once and cached (`cached_onnx_model`); `auto`
@@ -360,6 +361,9 @@ def predict(
             raise UsageError("--use-ema picks weights inside a training checkpoint; an .onnx file holds one set")
         classifier = onnx_classifier(load_onnx(checkpoint, threads), model, num_classes, in_chans, transform_overrides)
     else:
+        if model is None and checkpoint:  # the model the checkpoint records, when it is one of ours
+            checkpoint = open_checkpoint(checkpoint, use_ema, unsafe_load)
+            model = checkpoint.model_name if is_registered(checkpoint.model_name or "") else None
         if model is None or isinstance(model, str):
             model = load_model(model or DEFAULT_MODEL, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
         check_image_input_fits(model, data_config(model, **transform_overrides)["input_size"])

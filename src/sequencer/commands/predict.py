@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(
         parser,
         default_model=None,
-        model_help=f"model name (see `sequencer summary`; default: {DEFAULT_MODEL}, or the one an .onnx file holds)",
+        model_help="model name (see `sequencer summary`; default: the one the --checkpoint or .onnx file records, "
+        f"else {DEFAULT_MODEL})",
         checkpoint_help="weights file (.pth, .pth.tar, .safetensors), or an .onnx file written by `sequencer export` "
         "(run by onnxruntime with the preprocessing and class names stored in it)",
     )
