@@ -22,6 +22,7 @@ LOWER_LAYERS = {
     "sequencer.checkpoint": {"sequencer.choices", "sequencer.errors", "sequencer.files", "sequencer.hub"},
     "sequencer.builder": {
         "sequencer.checkpoint",
+        "sequencer.choices",
         "sequencer.errors",
         "sequencer.hub",
         "sequencer.model",

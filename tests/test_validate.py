@@ -293,3 +293,14 @@ def test_two_processes_share_the_images_and_write_what_one_process_does(
     assert {k: v for k, v in two.items() if k not in ("loss", "images_per_sec")} == {
         k: v for k, v in one.items() if k not in ("loss", "images_per_sec")
     }
+
+
+def test_without_model_the_model_the_checkpoint_records_is_validated(run_cli, tmp_path: Path, capsys) -> None:
+    checkpoint = sure_of(tmp_path, {3: 4.0}, num_classes=10)  # save_weights records sequencer2d_tiny
+    results = tmp_path / "results.json"
+    assert run_cli("validate", f"--checkpoint {checkpoint} -b 100 -j 0 --results-file {results}") == 0
+    written = json.loads(results.read_text())
+    assert written["model"] == "sequencer2d_tiny" and written["input_size"] == [3, 32, 32]
+    assert capsys.readouterr().out.startswith("sequencer2d_tiny: top-1 ")
+    named = validate.validate(model="sequencer2d_tiny", checkpoint=checkpoint, batch_size=100, workers=0)
+    assert written["top1"] == round(named["top1"], 4)

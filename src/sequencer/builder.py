@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from sequencer.checkpoint import Checkpoint, load_checkpoint, load_pretrained, open_checkpoint
+from sequencer.choices import DEFAULT_MODEL
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.hub import released_weights
 from sequencer.model import ALIASES, VARIANTS, Sequencer, SequencerConfig, SequencerFeatures, default_cfg, list_models
@@ -92,7 +93,7 @@ def build(name: str, variant: str, num_classes: int, in_chans: int, rnn_impl: st
 
 
 def load_model(
-    name: str,
+    name: str | None,
     checkpoint: str | os.PathLike | Checkpoint | None = None,
     num_classes: int | None = None,
     in_chans: int = 3,
@@ -100,7 +101,14 @@ def load_model(
     unsafe_load: bool = False,
 ) -> nn.Module:
     """A variant in eval mode with a checkpoint's weights, for inference: `num_classes` defaults to the file's head,
-    whose size must then match (loading would otherwise re-initialise it), and its class names are kept."""
+    whose size must then match (loading would otherwise re-initialise it), and its class names are kept. `name`
+    None: the variant the checkpoint records when it is one of ours (`sequencer train` and timm's train.py name it),
+    else sequencer2d_s."""
+    if name is None:
+        if checkpoint and not isinstance(checkpoint, Checkpoint):
+            checkpoint = open_checkpoint(checkpoint, use_ema=use_ema, unsafe_load=unsafe_load)
+        recorded = checkpoint.model_name if checkpoint else None
+        name = recorded if recorded and is_registered(recorded) else DEFAULT_MODEL
     variant = resolve_model_name(name)  # an unknown name is the error, before any warning or reading a file
     if not checkpoint:
         warnings.warn(

@@ -215,9 +215,10 @@ class ExportResult:
         return "\n".join(lines)
 
 
-def _check_name_and_file(name: str, checkpoint: str | Path | None) -> None:
+def _check_name_and_file(name: str | None, checkpoint: str | Path | None) -> None:
     """Refuse an unknown variant or a local checkpoint file that does not exist, before anything is loaded."""
-    resolve_model_name(name)
+    if name:
+        resolve_model_name(name)
     remote = str(checkpoint).startswith(("http://", "https://", "hf-hub:"))
     if checkpoint and not remote and not Path(checkpoint).is_file():
         raise CheckpointError(f"checkpoint not found: {checkpoint}")
@@ -299,7 +300,7 @@ def load_exported(path: str | Path, fmt: str | None = None) -> Callable[[torch.T
 
 
 def export(
-    model: str | nn.Module,
+    model: str | nn.Module | None,
     output: str | Path,
     format: str | None = None,
     *,
@@ -315,7 +316,8 @@ def export(
     quantize: str | None = None,
     **config_overrides: Any,
 ) -> ExportResult:
-    """Write `model` (a variant name loaded from `checkpoint`, or a module) to `output`, reload it and check it.
+    """Write `model` (a variant name loaded from `checkpoint`, None for the one it records, or a module) to `output`,
+    reload it and check it.
 
     The example input has `batch_size` images of the model's input size (`img_size` / `input_size` override it);
     a static export is fixed to that batch, a dynamic one is checked at two more sizes. A module is copied, not
@@ -341,7 +343,7 @@ def export(
     if batch_size < 1 or (dynamic_batch and batch_size < 2):
         # torch.export specialises a dimension whose example size is 1, so a dynamic batch needs at least 2.
         raise UsageError(f"batch_size must be >= {2 if dynamic_batch else 1} here, got {batch_size}")
-    if isinstance(model, str):
+    if model is None or isinstance(model, str):
         _check_name_and_file(model, checkpoint)
         model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
     elif checkpoint:

@@ -26,9 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sequencer import deploy, recurrence
 from sequencer import model as model_module
-from sequencer.builder import is_registered, load_model
-from sequencer.checkpoint import open_checkpoint
-from sequencer.choices import DEFAULT_MODEL, EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
+from sequencer.builder import load_model
+from sequencer.choices import EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
 from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages
 from sequencer.errors import CheckpointError, DatasetError, UsageError
@@ -361,11 +360,8 @@ def predict(
             raise UsageError("--use-ema picks weights inside a training checkpoint; an .onnx file holds one set")
         classifier = onnx_classifier(load_onnx(checkpoint, threads), model, num_classes, in_chans, transform_overrides)
     else:
-        if model is None and checkpoint:  # the model the checkpoint records, when it is one of ours
-            checkpoint = open_checkpoint(checkpoint, use_ema, unsafe_load)
-            model = checkpoint.model_name if is_registered(checkpoint.model_name or "") else None
         if model is None or isinstance(model, str):
-            model = load_model(model or DEFAULT_MODEL, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
+            model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
         check_image_input_fits(model, data_config(model, **transform_overrides)["input_size"])
         classifier = None
         if runtime == "onnxruntime":

@@ -105,6 +105,12 @@ def comma_list(
     return CommaList(item, choices, distinct_sorted, empty)
 
 
+# --model of the commands that load one checkpoint: without it, the model the checkpoint records (`load_model`).
+RECORDED_MODEL_HELP = (
+    f"model name (see `sequencer summary`; default: the one the --checkpoint records, else {DEFAULT_MODEL})"
+)
+
+
 def add_model_options(
     parser: argparse.ArgumentParser,
     default_model: str | None = DEFAULT_MODEL,

@@ -239,7 +239,7 @@ def validate(
     dataset: str = "",
     split: str = "validation",
     dataset_download: bool = False,
-    model: str = "sequencer2d_s",
+    model: str | None = None,
     checkpoint: str | os.PathLike = "",
     num_classes: int | None = None,
     in_chans: int = 3,
@@ -265,13 +265,15 @@ def validate(
     """Evaluate `model` (with `checkpoint`'s weights) on a dataset and return what `sequencer validate` reports.
 
     The arguments are the command's flags: `data` (or `data_dir`) is a class-folder tree, `dataset` a torch/, wds/,
-    hfds/ name, and neither: the built-in digits. `input_size`, `img_size`, `crop_pct`, `mean`, `std` and
+    hfds/ name, and neither: the built-in digits. `model` None: the one the checkpoint records, else sequencer2d_s
+    (`load_model`). `input_size`, `img_size`, `crop_pct`, `mean`, `std` and
     `interpolation` default to what a training checkpoint records, else to the model's. `real_labels=""` scores
     ImageNet-ReaL with timm's packaged labels (None: not at all). `context`: the processes that share the images
     (torchrun's, from `sequencer.distributed.process_group`); none: this process alone, on `device`. `progress`
     draws a progress bar on a terminal (rank 0's).
     """
-    resolve_model_name(model)  # before the data is read
+    if model:
+        resolve_model_name(model)  # before the data is read
     context = context or DistributedContext(0, 1, resolve_device(device))
     device = context.device
     if amp and context.is_primary:
@@ -299,6 +301,7 @@ def validate(
             raise UsageError("--real-labels needs a 1000-class model and the ImageNet val folder")
         eval_set = WithRealLabels(eval_set, load_real_labels(real_labels), num_classes)
     network = load_model(model, opened, num_classes, in_chans)
+    model = model or network.model_name
     config = data_config(network, **asked)
     check_image_input_fits(network, config["input_size"])
     eval_set.transform = create_transform(network, train=False, **asked)
@@ -347,7 +350,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     real = f"  ReaL top-1 {results['real_top1']:.3f}" if "real_top1" in results else ""
     print(
-        f"{args.model}: top-1 {results['top1']:.3f}{real}  top-5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
+        f"{results['model']}: top-1 {results['top1']:.3f}{real}  top-5 {results['top5']:.3f}  "
+        f"loss {results['loss']:.4f}  "
         f"{results['images_per_sec']:.1f} images/s  ({results['count']} images, {results['num_skipped']} skipped)"
     )
     if args.output:

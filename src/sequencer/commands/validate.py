@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sequencer.options import (
+    RECORDED_MODEL_HELP,
     add_compile_options,
     add_dataset_options,
     add_input_options,
@@ -20,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser, "dataset root (DATA/val/<class>/*, or DATA/<class>/*); none: the built-in digits"
     )
     data.add_argument("--split", default="validation", help="split to evaluate (val, validation, train)")
-    add_model_options(parser)
+    add_model_options(parser, default_model=None, model_help=RECORDED_MODEL_HELP)
     add_input_options(parser)
     add_runtime_options(parser)
     add_compile_options(parser)
