@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# --model of the commands that evaluate one model (predict: unless an .onnx --checkpoint names its own).
+# --model of the commands that evaluate one model, when neither the flag nor the checkpoint names one.
 DEFAULT_MODEL = "sequencer2d_s"
 
 # The input flags (add_input_options): overrides of a model's preprocessing, and what a training checkpoint records.
@@ -29,7 +29,7 @@ QUANTIZATIONS = ("int8",)
 PREDICTION_FORMATS = ("table", "csv", "json")
 PREDICT_RUNTIMES = ("auto", "torch", "onnxruntime")
 # The images from which predict's `auto` exports a checkpoint it has no export of: an export takes 30-60 s for
-# Sequencer2D-S on 2 cores, and onnxruntime takes 1.08x-1.9x less time per image than eager PyTorch by processor
+# Sequencer2D-S on 2 cores, and onnxruntime runs each image only 1.08x-1.9x as fast as eager PyTorch, by processor
 # (BENCHMARKS.md), so only a run of many images repays it; fewer run in PyTorch.
 EXPORT_PAYS_OFF_AT = 1000
 
