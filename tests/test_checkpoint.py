@@ -97,7 +97,7 @@ def test_our_pth_format_round_trips_with_metadata(tmp_path: Path) -> None:
     source = _randomised("sequencer2d_tiny", num_classes=10)
     sequencer.save_weights(source, tmp_path / "w.pth")
     saved = torch.load(tmp_path / "w.pth", weights_only=True)
-    assert saved["model_name"] == "sequencer2d_tiny"
+    assert saved["sequencer_record"]["model_name"] == "sequencer2d_tiny"
     loaded = sequencer.create_model("sequencer2d_tiny", num_classes=10, pretrained=tmp_path / "w.pth").eval()
     torch.testing.assert_close(_logits(loaded), _logits(source))
 

@@ -62,7 +62,9 @@ def test_dynamic_batch_export_reloads_and_matches(
 
 def test_static_export_is_fixed_to_its_batch_and_img_size(tiny_model, checkpoint: Path, tmp_path: Path) -> None:
     path = tmp_path / "tiny.pt2"
-    result = sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint, img_size=48, batch_size=2)
+    result = sequencer.export(
+        "sequencer2d_tiny", path, checkpoint=checkpoint, img_size=48, batch_size=2, dynamic_batch=False
+    )
     assert result.passed and list(result.max_abs_diff) == [2] and result.input_size == (3, 48, 48)
     assert not result.trivial and result.quantization is None
     assert result.summary().splitlines()[1].startswith("check against PyTorch: max |logit diff| ")
@@ -97,7 +99,7 @@ def test_other_code_paths_export_to_onnx(tmp_path: Path) -> None:
 
 def test_untrained_model_warns_and_says_the_check_is_trivial(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="no checkpoint given"):
-        result = sequencer.export("sequencer2d_tiny", tmp_path / "tiny.pt", batch_size=1)
+        result = sequencer.export("sequencer2d_tiny", tmp_path / "tiny.pt", batch_size=1, dynamic_batch=False)
     assert result.passed and result.trivial and "all reference logits are zero" in result.summary()
 
 

@@ -862,22 +862,26 @@ def test_a_worker_killed_mid_epoch_is_restarted_by_torchrun_and_the_run_ends_as_
     assert_same_run(preempted, uninterrupted)
 
 
-def test_a_restartable_torchrun_launch_that_shares_its_store_is_refused_before_any_work(
-    assert_refused, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_restartable_torchrun_launch_that_shares_its_store_is_refused_once_and_not_restarted(
+    run_cli, capfd, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What torchrun --max-restarts 1 gives its workers by default; the group is never joined.
     for name, value in {
         "WORLD_SIZE": "2",
         "TORCHELASTIC_USE_AGENT_STORE": "True",
         "TORCHELASTIC_MAX_RESTARTS": "1",
+        "TORCHELASTIC_RESTART_COUNT": "0",
     }.items():
         monkeypatch.setenv(name, value)
-    assert_refused(
-        "train",
-        f"{data_root} {TINY} --epochs 1 --device cpu --output {tmp_path / 'out'}",
-        match="launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
-        absent=[tmp_path / "out"],
-    )
+    command = f"train {data_root} {TINY} --epochs 1 --device cpu --output {tmp_path / 'out'}"
+    for rank, lines in (("0", 1), ("1", 0)):  # rank 0 says it; exit 0, or torchrun would restart the refusal
+        monkeypatch.setenv("RANK", rank)
+        assert run_cli(command) == 0
+        error = capfd.readouterr().err
+        assert error.count("\n") == lines and error.count("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") == lines, error
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the last attempt: refused with exit 2
+    assert run_cli(command) == 2
 
 
 @pytest.mark.slow

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sequencer.checkpoint import atomic_save, extract_state_dict, read_file, recorded_model_name
+from sequencer.checkpoint import (
+    WeightsRecord,
+    extract_state_dict,
+    from_authors_format,
+    has_ema_weights,
+    read_file,
+    read_record,
+    write_weights,
+)
 from sequencer.errors import CheckpointError, UsageError
 
 # The names `sequencer train --checkpoint-hist` (and timm's train.py) give the kept epoch checkpoints.
@@ -52,8 +60,9 @@ def find_checkpoints(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def recorded_metric(obj: dict[str, Any], path: Path) -> Ranked:
-    """The metric a training checkpoint recorded for its epoch: ours (its history row) or timm's (`metric`)."""
+def recorded_metric(obj: dict[str, Any], path: Path, use_ema: bool = True) -> Ranked:
+    """The metric a training checkpoint recorded for its epoch: ours (its history row: the EMA's with `use_ema` when
+    the run evaluated one) or timm's (`metric`)."""
     args = obj.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
     name = str(args.get("eval_metric") or "top1")
@@ -61,14 +70,16 @@ def recorded_metric(obj: dict[str, Any], path: Path) -> Ranked:
     metric = obj.get("metric")
     if metric is None:
         row = next((row for row in obj.get("history", []) if row.get("epoch") == epoch), {})
-        metric = row.get(f"eval_{name}")
+        metric = row.get(f"ema_eval_{name}") if use_ema else None
+        metric = row.get(f"eval_{name}") if metric is None else metric
     lower_is_better = "loss" in name
     return Ranked(path, epoch, None if metric is None else float(metric), name, lower_is_better)
 
 
-def rank_checkpoints(files: list[Path], num: int) -> list[Ranked]:
-    """The `num` best files by their recorded metric, best first (ties: the earlier epoch)."""
-    ranked = [recorded_metric(read_file(path), path) for path in files]
+def rank_checkpoints(files: list[Path], num: int, use_ema: bool = True) -> list[Ranked]:
+    """The `num` best files by their recorded metric (the EMA's with `use_ema`), best first (ties: the earlier
+    epoch)."""
+    ranked = [recorded_metric(read_file(path), path, use_ema) for path in files]
     unranked = [r.path.name for r in ranked if r.metric is None]
     if unranked:
         raise CheckpointError(
@@ -80,25 +91,28 @@ def rank_checkpoints(files: list[Path], num: int) -> list[Ranked]:
     return sorted(ranked, key=lambda r: (sign * r.metric, r.epoch))[:num]
 
 
-def average_checkpoints(files: list[Path], use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str | None, bool]:
-    """The elementwise mean of the files' weights, their model name, and whether those were EMA weights."""
+def average_checkpoints(files: list[Path], use_ema: bool = True) -> tuple[dict[str, torch.Tensor], WeightsRecord]:
+    """The elementwise mean of the files' weights (their EMA weights when `use_ema` and all hold them), and the
+    record of the mean: the files' own (model, classes, trained input), which must agree, and what was averaged."""
     total: dict[str, torch.Tensor] = {}
     reference: dict[str, torch.Tensor] = {}
-    model_name = None
+    record = None
     kinds = set()
     for path in files:
         obj = read_file(path)
-        kinds.add("EMA" if use_ema and any(key in obj for key in ("state_dict_ema", "model_ema")) else "raw")
-        name = recorded_model_name(obj)
-        if model_name and name and name != model_name:
-            raise CheckpointError(f"{path} holds a {name}, {files[0]} a {model_name}: average checkpoints of one model")
-        model_name = model_name or name
-        state_dict = extract_state_dict(obj, use_ema=use_ema)
+        ema = use_ema and has_ema_weights(obj)
+        kinds.add("EMA" if ema else "raw")
+        state_dict = from_authors_format(extract_state_dict(obj, use_ema=ema))
+        own = replace(read_record(obj, state_dict, ema=ema), averaged_from=())
         if not reference:
-            reference = state_dict
+            reference, record = state_dict, own
             total = {k: v.double() if v.is_floating_point() else v.clone() for k, v in state_dict.items()}
             continue
         _check_same_layout(reference, state_dict, files[0], path)
+        if replace(own, ema=record.ema) != record:  # EMA or not: refused below, with its own message
+            raise CheckpointError(
+                f"{path} and {files[0]} record {_difference(own, record)}: average checkpoints of one run"
+            )
         for key, value in state_dict.items():
             if value.is_floating_point():
                 total[key] += value.double()
@@ -106,7 +120,15 @@ def average_checkpoints(files: list[Path], use_ema: bool = True) -> tuple[dict[s
         raise CheckpointError("only some of the checkpoints hold EMA weights; --no-use-ema averages the raw ones")
     # Integer buffers (counters) are not averaged: the first (best) checkpoint's are kept.
     mean = {k: (v / len(files)).to(reference[k].dtype) if v.is_floating_point() else v for k, v in total.items()}
-    return mean, model_name, kinds == {"EMA"}
+    return mean, replace(record, averaged_from=tuple(str(path) for path in files) if len(files) > 1 else ())
+
+
+def _difference(one: WeightsRecord, other: WeightsRecord) -> str:
+    """The first field in which two records differ, with both values."""
+    for key, value in one.as_dict().items():
+        if value != other.as_dict()[key]:
+            return f"different {key} ({value} vs {other.as_dict()[key]})"
+    return "different records"
 
 
 def _check_same_layout(
@@ -138,13 +160,10 @@ def run(args: argparse.Namespace) -> int:
     num = len(files) if args.num is None else args.num
     if num > len(files):
         raise UsageError(f"-n {num}, but only {len(files)} checkpoint(s) found: {', '.join(p.name for p in files)}")
-    chosen = [r.path for r in rank_checkpoints(files, num)] if num < len(files) else files
-    state_dict, model_name, ema = average_checkpoints(chosen, use_ema=args.use_ema)
-    metadata = {"model_name": model_name or "", "averaged_from": ", ".join(str(p) for p in chosen)}
-    if "head.fc.weight" in state_dict:
-        metadata["num_classes"] = str(state_dict["head.fc.weight"].shape[0])
-    atomic_save({"state_dict": state_dict, "metadata": metadata, "model_name": model_name or ""}, output)
-    kind = "EMA weights" if ema else "weights"
+    chosen = [r.path for r in rank_checkpoints(files, num, args.use_ema)] if num < len(files) else files
+    state_dict, record = average_checkpoints(chosen, use_ema=args.use_ema)
+    write_weights(state_dict, record, output)
+    kind = "EMA weights" if record.ema else "weights"
     what = f"{kind} of" if len(chosen) == 1 else f"mean of the {kind} of {len(chosen)} checkpoints:"
     print(f"wrote {output}: {what} {', '.join(str(p) for p in chosen)}")
     return 0

@@ -92,6 +92,14 @@ def build(name: str, variant: str, num_classes: int, in_chans: int, rnn_impl: st
     return model
 
 
+def recorded_or_default(name: str | None, checkpoint: Checkpoint | None) -> str:
+    """`name`, else the variant the checkpoint records when it is one of ours, else sequencer2d_s."""
+    if name:
+        return name
+    recorded = checkpoint.record.model_name if checkpoint else None
+    return recorded if recorded and is_registered(recorded) else DEFAULT_MODEL
+
+
 def load_model(
     name: str | None,
     checkpoint: str | os.PathLike | Checkpoint | None = None,
@@ -101,15 +109,14 @@ def load_model(
     unsafe_load: bool = False,
 ) -> nn.Module:
     """A variant in eval mode with a checkpoint's weights, for inference: `num_classes` defaults to the file's head,
-    whose size must then match (loading would otherwise re-initialise it), and its class names are kept. `name`
-    None: the variant the checkpoint records when it is one of ours (`sequencer train` and timm's train.py name it),
-    else sequencer2d_s."""
-    if name is None:
-        if checkpoint and not isinstance(checkpoint, Checkpoint):
-            checkpoint = open_checkpoint(checkpoint, use_ema=use_ema, unsafe_load=unsafe_load)
-        recorded = checkpoint.model_name if checkpoint else None
-        name = recorded if recorded and is_registered(recorded) else DEFAULT_MODEL
-    variant = resolve_model_name(name)  # an unknown name is the error, before any warning or reading a file
+    whose size must then match (loading would otherwise re-initialise it), and its record (class names, trained
+    input) is kept. `name` None: the variant the checkpoint records (`recorded_or_default`)."""
+    if name:
+        resolve_model_name(name)  # an unknown name is the error, before any warning or reading a file
+    if checkpoint and not isinstance(checkpoint, Checkpoint):
+        checkpoint = open_checkpoint(checkpoint, use_ema=use_ema, unsafe_load=unsafe_load)
+    name = recorded_or_default(name, checkpoint)
+    variant = resolve_model_name(name)
     if not checkpoint:
         warnings.warn(
             f"no checkpoint given: {name} has random initial weights (and a zero classifier), so its outputs are "
@@ -118,9 +125,7 @@ def load_model(
             stacklevel=2,
         )
         return build(name, variant, num_classes or 1000, in_chans, "auto").eval()
-    if not isinstance(checkpoint, Checkpoint):
-        checkpoint = open_checkpoint(checkpoint, use_ema=use_ema, unsafe_load=unsafe_load)
-    file_classes = checkpoint.num_classes
+    file_classes = checkpoint.record.num_classes
     if num_classes is None:
         num_classes = file_classes or 1000
     elif file_classes is not None and file_classes != num_classes:

@@ -9,7 +9,8 @@ import logging
 import os
 import pickle
 import re
-from dataclasses import dataclass
+import zipfile
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -17,7 +18,6 @@ import torch
 from torch import nn
 
 from sequencer import hub
-from sequencer.choices import INPUT_KEYS
 from sequencer.errors import CheckpointError
 from sequencer.files import atomic_write
 
@@ -43,8 +43,16 @@ def read_file(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, A
         path = hub.download(path)
     if path.startswith(("http://", "https://")):
         return _read_url(path, unsafe_load)
+    if Path(path).is_dir():
+        raise CheckpointError(
+            f"{path} is a folder: pass a weights file in it (a run's model_best.pth.tar), or the folder to "
+            "`sequencer average`"
+        )
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    export = _export_kind(path)
+    if export:
+        raise CheckpointError(f"{path} is {export}")
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     with open(path, "rb") as f:
@@ -52,7 +60,7 @@ def read_file(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, A
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
-    """The tensors, wrapped with the model and class names when the metadata records them (as `save_weights` does)."""
+    """The tensors, wrapped with the record their metadata holds (`save_weights`, `average`), when it holds one."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -62,11 +70,39 @@ def _read_safetensors(path: str) -> dict[str, Any]:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    if RECORD_KEY in metadata:
+        return {"state_dict": tensors, RECORD_KEY: metadata[RECORD_KEY]}
     if "class_names" not in metadata and not metadata.get("model_name"):
         return tensors
-    names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
-    args = json.loads(metadata["args"]) if "args" in metadata else None
-    return {"state_dict": tensors, "model_name": metadata.get("model_name"), "class_names": names, "args": args}
+    # Files written before the record: their metadata's loose keys, read as a training checkpoint's.
+    contents: dict[str, Any] = {"state_dict": tensors, "model_name": metadata.get("model_name")}
+    for key in ("class_names", "args"):
+        if key in metadata:
+            contents[key] = json.loads(metadata[key])
+    contents["averaged_from"] = metadata.get("averaged_from", "")
+    return contents
+
+
+def _export_kind(path: str) -> str | None:
+    """What `sequencer export` file `path` is, with what takes it, or None when it is no export."""
+    weights = "the other commands need the weights file it was exported from"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if path.endswith(".onnx") or (head[:1] == b"\x08" and not head.startswith(b"PK")):
+        return f"an ONNX export: `sequencer predict --checkpoint {path}` runs it; {weights}"
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    files = {name.rsplit("/", 1)[-1] for name in names}
+    if files & {"archive_format", "serialized_exported_program.json"}:
+        return f"a torch.export archive: torch.export.load runs it; {weights}"
+    if "constants.pkl" in files or any("/code/" in name for name in names):
+        return f"a TorchScript export: torch.jit.load runs it; {weights}"
+    return None
 
 
 def _unsafe_globals(f: BinaryIO) -> list[str]:
@@ -177,38 +213,143 @@ def recorded_model_name(contents: dict[str, Any]) -> str | None:
     return contents.get("model_name") or contents.get("arch") or from_args or None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# What a weights file is
+# ----------------------------------------------------------------------------------------------------------------
+
+# The key of the record in a torch checkpoint and in a safetensors file's metadata (JSON there).
+RECORD_KEY = "sequencer_record"
+# The record's input fields, in timm's pretrained_cfg keys: how images are read for these weights.
+RECORD_INPUT_KEYS = ("input_size", "crop_pct", "mean", "std", "interpolation")
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    """What a weights file is: the model, its classes, the input it was trained at, and whose weights these are.
+
+    Every writer stores it (training checkpoints, `average`, `save_weights`, `export`) and every reader gets it from
+    `read_record` (through `open_checkpoint`) or, for an exported file, `WeightsRecord.from_dict` of its metadata."""
+
+    model_name: str | None = None
+    num_classes: int | None = None
+    class_names: tuple[str, ...] | None = None  # in class-index order
+    input_size: tuple[int, int, int] | None = None  # (C, H, W) the weights were trained at
+    crop_pct: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
+    ema: bool = False  # the weights are an exponential moving average of the training weights
+    averaged_from: tuple[str, ...] = ()  # the checkpoints these weights are the mean of (`sequencer average`)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (lists, no tuples): what torch, JSON and YAML all store as it is."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WeightsRecord:
+        """The record a writer stored (`as_dict`); unknown keys are ignored, missing ones left unknown."""
+        known = {f.name for f in fields(cls)}
+        values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def input_config(self) -> dict[str, Any]:
+        """The recorded input as timm's pretrained_cfg keys (those recorded only)."""
+        return {key: getattr(self, key) for key in RECORD_INPUT_KEYS if getattr(self, key) is not None}
+
+    def describe(self) -> str:
+        """The weights in a few words: EMA, averaged, or plain."""
+        kind = "EMA weights" if self.ema else "weights"
+        if self.averaged_from:
+            return f"mean of the {kind} of {len(self.averaged_from)} checkpoint(s)"
+        return kind
+
+
+def record_of(model: nn.Module) -> WeightsRecord:
+    """The record of a built model's weights: its name, classes and the input its pretrained_cfg holds."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("label_names")
+    return WeightsRecord(
+        model_name=getattr(model, "model_name", None),
+        num_classes=getattr(model, "num_classes", None),
+        class_names=tuple(map(str, names)) if names else None,
+        ema=bool(cfg.get("ema", False)),
+        averaged_from=tuple(cfg.get("averaged_from", ())),
+        **{key: tuple(v) if isinstance(v := cfg.get(key), list) else v for key in RECORD_INPUT_KEYS},
+    )
+
+
+def apply_record(model: nn.Module, record: WeightsRecord) -> None:
+    """Make the record the model's own: its preprocessing, class names and what its weights are (pretrained_cfg)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict):
+        return
+    if record.class_names and len(record.class_names) == getattr(model, "num_classes", -1):
+        cfg["label_names"] = list(record.class_names)
+    cfg.update(record.input_config())
+    cfg.update(ema=record.ema, averaged_from=list(record.averaged_from))
+
+
+def read_record(contents: dict[str, Any], state_dict: dict[str, torch.Tensor], ema: bool = False) -> WeightsRecord:
+    """What a file's contents say they are: the stored record, else what older files and timm's train.py recorded
+    (their run's flags, class names and model name); `ema`: the EMA weights were the ones taken from the file."""
+    head = state_dict.get("head.fc.weight")
+    num_classes = int(head.shape[0]) if head is not None else None
+    stored = contents.get(RECORD_KEY)
+    if isinstance(stored, str):
+        stored = json.loads(stored)
+    if isinstance(stored, dict):
+        record = WeightsRecord.from_dict(stored)
+        return replace(record, num_classes=num_classes, ema=record.ema or ema)
+    args = contents.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    given = {key: tuple(v) if isinstance(v := args.get(key), list) else v for key in RECORD_INPUT_KEYS}
+    if not given["input_size"] and args.get("img_size"):
+        size = int(args["img_size"])
+        given["input_size"] = (int(args.get("in_chans") or 3), size, size)
+    names = contents.get("class_names")
+    averaged = contents.get("averaged_from") or ""
+    return WeightsRecord(
+        model_name=recorded_model_name(contents),
+        num_classes=num_classes,
+        class_names=tuple(map(str, names)) if isinstance(names, list) and names else None,
+        ema=ema,
+        averaged_from=tuple(averaged.split(", ")) if averaged else (),
+        **{key: value for key, value in given.items() if value},
+    )
+
+
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint file read as data (`open_checkpoint`): its weights unwrapped into our key format, and what its
-    writer recorded, read once."""
+    """A checkpoint file read as data (`open_checkpoint`): its weights unwrapped into our key format, and what the
+    file says they are, read once."""
 
     path: str
     contents: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
-    num_classes: int | None  # classes of the classifier head; None for a file without one
-    class_names: list[str] | None  # in index order, when the file records them
-    model_name: str | None  # the model the file says it holds (`recorded_model_name`)
-    trained_args: dict[str, Any]  # the flags of the `sequencer train` run that wrote it (save_weights: the input's)
+    record: WeightsRecord
+
+
+def has_ema_weights(contents: dict[str, Any]) -> bool:
+    """Whether a checkpoint holds EMA weights: a training run's beside its raw ones, or an EMA file of its own."""
+    if any(isinstance(contents.get(key), dict) for key in ("state_dict_ema", "model_ema")):
+        return True
+    stored = contents.get(RECORD_KEY)
+    return bool((json.loads(stored) if isinstance(stored, str) else stored or {}).get("ema"))
 
 
 def open_checkpoint(
     source: str | os.PathLike | dict[str, Any], use_ema: bool = False, unsafe_load: bool = False
 ) -> Checkpoint:
     """A checkpoint file in any supported format (see `read_file`), or its contents already in memory, with its
-    weights unwrapped and renamed to our keys and what its writer recorded read, once."""
+    weights unwrapped and renamed to our keys and its record read, once. `use_ema` on a file without EMA weights is
+    refused: the raw weights would be scored under the EMA's name."""
+    path = "the state dict" if isinstance(source, dict) else str(source)
     contents = source if isinstance(source, dict) else read_file(source, unsafe_load=unsafe_load)
+    if use_ema and not has_ema_weights(contents):
+        raise CheckpointError(f"--use-ema: {path} holds no EMA weights (train with --model-ema); drop --use-ema")
     state_dict = from_authors_format(extract_state_dict(contents, use_ema=use_ema))
-    head = state_dict.get("head.fc.weight")
-    names, args = contents.get("class_names"), contents.get("args")
-    return Checkpoint(
-        path="the state dict" if isinstance(source, dict) else str(source),
-        contents=contents,
-        state_dict=state_dict,
-        num_classes=int(head.shape[0]) if head is not None else None,
-        class_names=[str(name) for name in names] if isinstance(names, list) and names else None,
-        model_name=recorded_model_name(contents),
-        trained_args=args if isinstance(args, dict) else {},
-    )
+    record = read_record(contents, state_dict, ema=use_ema)
+    return Checkpoint(path=path, contents=contents, state_dict=state_dict, record=record)
 
 
 def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) -> None:
@@ -216,9 +357,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = Tru
 
     Weights that do not fit are a one-line `CheckpointError`: the model the file holds when it records another,
     else how many keys are missing, unexpected or of another shape, with the first of each. The class names the
-    file records (`sequencer train` and `save_weights` write them) become the model's
-    `pretrained_cfg["label_names"]` (timm's key) when they fit its head, and the input size, crop and normalisation a
-    training run was given its preprocessing (`trained_input`).
+    file records become the model's `pretrained_cfg["label_names"]` (timm's key) when they fit its head, and the
+    input the weights were trained at its preprocessing (`apply_record`).
     """
     state_dict, source = checkpoint.state_dict, checkpoint.path
     own = model.state_dict()
@@ -230,8 +370,9 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = Tru
     ]
     if strict and (missing or unexpected or mismatched):
         name = getattr(model, "model_name", type(model).__name__)
-        if checkpoint.model_name and checkpoint.model_name != name:
-            raise CheckpointError(f"{source} holds {checkpoint.model_name} weights; this model is {name}")
+        recorded = checkpoint.record.model_name
+        if recorded and recorded != name:
+            raise CheckpointError(f"{source} holds {recorded} weights; this model is {name}")
         problems = [
             f"{label} keys ({len(keys)}): {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
             for label, keys in (("missing", missing), ("unexpected", unexpected))
@@ -257,23 +398,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = Tru
         state_dict = {k: v for k, v in state_dict.items() if k not in head}
         state_dict.update({k: own[k] for k in head})
     model.load_state_dict(state_dict, strict=strict)
-    names, cfg = checkpoint.class_names, getattr(model, "pretrained_cfg", None)
-    if not isinstance(cfg, dict):
-        return
-    if names and len(names) == getattr(model, "num_classes", -1):
-        cfg["label_names"] = names
-    cfg.update(trained_input(checkpoint, cfg))
-
-
-def trained_input(checkpoint: Checkpoint, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The input flags the `sequencer train` run that wrote the file was given, in `pretrained_cfg` keys: what the
-    weights expect, so every command reads images that way unless told otherwise."""
-    given = {key: checkpoint.trained_args.get(key) for key in INPUT_KEYS}
-    given = {key: tuple(value) if isinstance(value, list) else value for key, value in given.items() if value}
-    if "img_size" in given:
-        size = given.pop("img_size")
-        given.setdefault("input_size", (cfg.get("input_size", (3,))[0], size, size))
-    return given
+    apply_record(model, checkpoint.record)
 
 
 def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -320,21 +445,13 @@ def _disk_full(error: BaseException | None) -> bool:
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the model's weights in our format: .safetensors (with metadata) or a torch .pth file."""
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    name = getattr(model, "model_name", type(model).__name__)
-    metadata = {"model_name": name, "num_classes": str(getattr(model, "num_classes", ""))}
-    cfg = getattr(model, "pretrained_cfg", {})
-    label_names = cfg.get("label_names")
-    if label_names:
-        metadata["class_names"] = json.dumps(list(label_names))
-    # The input the weights expect, as the flags that ask for it: read back as a training run's are (`trained_input`).
-    input_flags = {
-        key: list(value) if isinstance(value, tuple) else value for key in INPUT_KEYS if (value := cfg.get(key))
-    }
-    metadata["args"] = json.dumps(input_flags)
-    names = list(label_names) if label_names else None
-    atomic_save(
-        {"state_dict": state_dict, "metadata": metadata, "model_name": name, "args": input_flags, "class_names": names},
-        path,
-    )
+    """Write the model's weights in our format, .safetensors or a torch .pth file, with their record (`record_of`)."""
+    write_weights({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, record_of(model), path)
+
+
+def write_weights(state_dict: dict[str, torch.Tensor], record: WeightsRecord, path: str | os.PathLike) -> None:
+    """Write weights and their record, atomically: .safetensors (the record in its metadata) or a torch file."""
+    if Path(path).suffix == ".safetensors":
+        atomic_save({"state_dict": state_dict, "metadata": {RECORD_KEY: json.dumps(record.as_dict())}}, path)
+    else:
+        atomic_save({"state_dict": state_dict, RECORD_KEY: record.as_dict()}, path)

@@ -11,6 +11,9 @@ from typing import Any
 # --model of the commands that evaluate one model, when neither the flag nor the checkpoint names one.
 DEFAULT_MODEL = "sequencer2d_s"
 
+# The largest image side the size flags take: 18x the paper's 224, far past any analysis in it, and small enough that
+# one image of this side fits in memory (a 100,000 px side was a MemoryError mid-run).
+MAX_IMAGE_SIDE = 4096
 # The input flags (add_input_options): overrides of a model's preprocessing, and what a training checkpoint records.
 INPUT_KEYS = ("input_size", "img_size", "crop_pct", "mean", "std", "interpolation")
 # --interpolation: timm's interpolation names; training also takes "random" (bilinear or bicubic per image).

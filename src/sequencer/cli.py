@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from typing import NoReturn
 
 from sequencer import __version__
 from sequencer.errors import SequencerError
-from sequencer.options import apply_config
+from sequencer.options import apply_config, check_input_flags
 
 # name -> (module whose `run(args) -> int` does the work, one-line help); the flags: sequencer.commands.<name>
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -74,6 +75,12 @@ def _command_of(argv: list[str]) -> str | None:
     return next((word for word in argv if word in COMMANDS), None)
 
 
+def _torchrun_restarts_left() -> bool:
+    """Whether this process is a torchrun worker that torchrun would restart after a failure."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    return restarts > int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the subcommand; a `SequencerError` becomes one line and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
@@ -88,14 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "config", None):
             apply_config(parser.command_parsers[command], args.config)
             args = parser.parse_args(argv)
+        check_input_flags(args)
         if getattr(args, "amp", False):
             from sequencer.runtime import check_amp
 
             check_amp(args.device, args.amp_dtype)
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except SequencerError as error:
-        print(f"sequencer {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        # Under torchrun every process meets the same refusal: one says it. A restartable launch would only restart
+        # a command that is refused again (and print it again), so there the processes end with 0.
+        restart = _torchrun_restarts_left()
+        if int(os.environ.get("RANK", "0")) == 0:
+            note = " (exit 0, so that torchrun does not restart a refused command)" if restart else ""
+            print(f"sequencer {args.command}: error: {error}{note}", file=sys.stderr)
+        return 0 if restart else 2
+    except KeyboardInterrupt:  # Ctrl-C: the user's stop, not a bug (train says what it leaves to resume from)
+        print(f"sequencer {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         warnings.formatwarning = previous_format
 

@@ -428,6 +428,12 @@ def class_indices(
             return [by_synset[name] for name in folder_names]
         if all(name.isdigit() and int(name) < num_classes for name in folder_names):
             return [int(name) for name in folder_names]
+    if model_class_names is not None and len(model_class_names) == num_classes:
+        # Position would pair each folder with whatever class shares its index: a wrong score, silently.
+        raise DatasetError(
+            f"the data's classes ({_names_list(folder_names)}) are not the model's ({_names_list(model_class_names)}): "
+            "evaluate on the classes it was trained on, or pass --num-classes to score a new head"
+        )
     if len(folder_names) == num_classes:
         return list(range(num_classes))
     kinds = ["the model's class names"] if model_class_names is not None else []
@@ -449,6 +455,12 @@ def map_classes(dataset: Dataset, num_classes: int, model_class_names: Sequence[
             raise DatasetError(
                 f"the model has {num_classes} classes but the data has {len(dataset.classes)}: pass a checkpoint "
                 f"trained on this dataset or --num-classes {len(dataset.classes)}"
+            )
+        names = [str(name) for name in dataset.classes]
+        if dataset.classes and model_class_names is not None and list(model_class_names) != names:
+            raise DatasetError(
+                f"the data's classes ({_names_list(names)}) are not the model's ({_names_list(model_class_names)}) "
+                "in their order: evaluate on the dataset it was trained on"
             )
         return dataset
     indices = class_indices(dataset.classes, num_classes, model_class_names)

@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sequencer.builder import load_model, resolve_model_name
+from sequencer.checkpoint import RECORD_INPUT_KEYS, WeightsRecord, record_of
 from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
 from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
@@ -28,10 +29,14 @@ from sequencer.options import input_overrides
 from sequencer.recurrence import route
 
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}
-# Where the preprocessing is recorded: an ONNX metadata_props key, or an extra file in the TorchScript / .pt2 archive.
+# Where the weights' record (`WeightsRecord`, with crop_mode and any quantization) is stored: an ONNX metadata_props
+# key, or an extra file in the TorchScript / .pt2 archive.
 CONFIG_KEY = "sequencer_config"
 CONFIG_FILE = f"{CONFIG_KEY}.json"
-_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+_CONFIG_KEYS = (*RECORD_INPUT_KEYS, "crop_mode")
+# The lowest opset torch's ONNX exporter writes: it converts a lower request afterwards, which fails for nn.LSTM's
+# graph and then leaves the file at this opset.
+LOWEST_OPSET = 18
 # What torch.onnx's exporter (onnx, onnxscript) and our check of the written file (onnxruntime) import.
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 # What a file's config must hold for `predict` to rebuild the preprocessing (crop_mode and class_names are optional).
@@ -95,8 +100,26 @@ class OnnxModel:
         width = self.session.get_outputs()[0].shape[-1]
         return width if isinstance(width, int) else int(self.config["num_classes"])
 
+    @property
+    def record(self) -> WeightsRecord:
+        """What the exported weights are, as `export` stored it."""
+        return WeightsRecord.from_dict(self.config)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The one batch size the graph takes, or None when it takes any."""
+        batch = self.session.get_inputs()[0].shape[0]
+        return batch if isinstance(batch, int) else None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of a CPU float32 image batch."""
+        """Logits of a CPU float32 image batch of any size (a fixed-batch file runs it padded, chunk by chunk)."""
+        batch = self.fixed_batch
+        if batch is not None and x.shape[0] != batch:
+            chunks = []
+            for chunk in x.split(batch):
+                padded = torch.cat([chunk, chunk.new_zeros(batch - chunk.shape[0], *chunk.shape[1:])])
+                chunks.append(self(padded)[: chunk.shape[0]])
+            return torch.cat(chunks)
         feed = {self.session.get_inputs()[0].name: x.detach().cpu().float().contiguous().numpy()}
         return torch.from_numpy(self.session.run(None, feed)[0])
 
@@ -224,6 +247,20 @@ def _check_name_and_file(name: str | None, checkpoint: str | Path | None) -> Non
         raise CheckpointError(f"checkpoint not found: {checkpoint}")
 
 
+def check_opset(opset: int, fmt: str) -> None:
+    """Refuse an opset the ONNX exporter cannot write, before any work."""
+    if fmt != "onnx":
+        raise UsageError(f"--opset {opset} applies to ONNX files, not {fmt}")
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not LOWEST_OPSET <= opset <= newest:
+        raise UsageError(
+            f"--opset {opset}: torch's ONNX exporter writes opsets {LOWEST_OPSET} to {newest} (onnx "
+            f"{onnx.__version__}); nothing was written"
+        )
+
+
 def format_for(path: str | Path, requested: str | None = None) -> str:
     """The requested format, else the one the file suffix names (.onnx, .pt / .ts, .pt2)."""
     if requested:
@@ -277,6 +314,9 @@ def _write(
             dynamic_shapes=({0: batch_dim},) if dynamic_batch else None,
             opset_version=opset,
         )
+        written = next(entry.version for entry in program.model_proto.opset_import if entry.domain in ("", "ai.onnx"))
+        if opset is not None and written != opset:
+            raise UsageError(f"--opset {opset}: the exporter could only write opset {written}; nothing was written")
         program.model.metadata_props[CONFIG_KEY] = config_json
         program.save(path, external_data=False)
     elif fmt == "torchscript":
@@ -309,7 +349,7 @@ def export(
     in_chans: int = 3,
     use_ema: bool = False,
     unsafe_load: bool = False,
-    dynamic_batch: bool = False,
+    dynamic_batch: bool = True,
     batch_size: int = 2,
     tolerance: float = 1e-4,
     opset: int | None = None,
@@ -342,7 +382,10 @@ def export(
         raise TypeError(f"unexpected arguments {sorted(unknown)}")
     if batch_size < 1 or (dynamic_batch and batch_size < 2):
         # torch.export specialises a dimension whose example size is 1, so a dynamic batch needs at least 2.
-        raise UsageError(f"batch_size must be >= {2 if dynamic_batch else 1} here, got {batch_size}")
+        fixed = " (a fixed batch of 1: --no-dynamic-batch)" if dynamic_batch else ""
+        raise UsageError(f"batch_size must be >= {2 if dynamic_batch else 1} here, got {batch_size}{fixed}")
+    if opset is not None:
+        check_opset(opset, fmt)
     if model is None or isinstance(model, str):
         _check_name_and_file(model, checkpoint)
         model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
@@ -352,14 +395,9 @@ def export(
         model = copy.deepcopy(model)  # the caller's module keeps its device and RNN code path
     model = _prepare(model)
     cfg = data_config(model, **config_overrides)
-    config = {
-        "model_name": getattr(model, "model_name", type(model).__name__),
-        "num_classes": getattr(model, "num_classes", None),
-        **{key: cfg[key] for key in _CONFIG_KEYS if key in cfg},
-    }
-    label_names = getattr(model, "pretrained_cfg", {}).get("label_names")
-    if label_names:
-        config["class_names"] = list(label_names)
+    # What the file is: the model's record, with the input it is exported for (the overrides asked included).
+    record = replace(record_of(model), **{key: cfg[key] for key in RECORD_INPUT_KEYS})
+    config = {**record.as_dict(), "crop_mode": cfg.get("crop_mode")}
     input_size = tuple(cfg["input_size"])
     check_input_fits(model, input_size)  # before any file or folder is made
     generator = torch.Generator().manual_seed(0)

@@ -166,6 +166,7 @@ class Classifier:
     num_classes: int
     label_names: Sequence[str] | None
     device: torch.device
+    runs: str  # the runtime and the file it runs, as predict reports them
 
 
 def choose_runtime(
@@ -247,11 +248,16 @@ def cached_onnx_model(
         print(
             f"exporting {name} to ONNX once for onnxruntime, into {folder} (--runtime torch skips it)", file=sys.stderr
         )
-    folder.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.onnx")  # renamed whole: no reader sees half a file
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         export(model, temporary, dynamic_batch=True, **transform_overrides)
         os.replace(temporary, path)
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot write predict's ONNX export into {folder} ({error.strerror or error}): set SEQUENCER_CACHE to a "
+            "writable folder, or pass --runtime torch"
+        ) from None
     finally:
         temporary.unlink(missing_ok=True)
     exports = [file for file in folder.glob("*.onnx") if not file.name.startswith(".")]
@@ -272,7 +278,9 @@ def torch_classifier(
             return model(batch.to(torch_device, non_blocking=True))
 
     cfg = getattr(model, "pretrained_cfg", {})
-    return Classifier(forward, cfg, model.num_classes, cfg.get("label_names"), torch_device)
+    autocast_note = " under autocast" if amp else ""
+    runs = f"torch on {torch_device}{autocast_note}"
+    return Classifier(forward, cfg, model.num_classes, cfg.get("label_names"), torch_device, runs)
 
 
 def onnx_classifier(
@@ -303,7 +311,9 @@ def onnx_classifier(
             f"{exported.path} was exported for {'x'.join(map(str, exported_size))} inputs, not "
             f"{'x'.join(map(str, asked_size))} (--img-size / --input-size): export it again at that size"
         )
-    return Classifier(exported, config, exported.num_classes, config.get("class_names"), torch.device("cpu"))
+    weights = "int8" if config.get("quantization") else "float32"
+    runs = f"onnxruntime ({weights} weights) on {exported.path}"
+    return Classifier(exported, config, exported.num_classes, config.get("class_names"), torch.device("cpu"), runs)
 
 
 def predict(
@@ -401,6 +411,10 @@ def predict(
                 for index, probs, top in zip(indices, probabilities.tolist(), classes.tolist(), strict=True):
                     results[index].top = [ClassScore(c, names[c], p) for c, p in zip(top, probs, strict=True)]
             bar.update(len(indices) + len(failed))
+    classified = sum(prediction.error is None for prediction in results)
+    if progress and classified:
+        weights = f", weights from {checkpoint}" if checkpoint and not is_onnx_file(checkpoint) else ""
+        print(f"classified {classified} image(s) with {classifier.runs}{weights}", file=sys.stderr)
     return results
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sequencer.choices import AMP_DTYPES, DEFAULT_MODEL, INPUT_KEYS, INTERPOLATIONS
+from sequencer.choices import AMP_DTYPES, DEFAULT_MODEL, INPUT_KEYS, INTERPOLATIONS, MAX_IMAGE_SIDE
 from sequencer.errors import UsageError
 
 
@@ -159,13 +159,13 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input")
     group.add_argument(
         "--img-size",
-        type=bounded(int, min=1),
+        type=bounded(int, min=1, max=MAX_IMAGE_SIDE),
         default=None,
         help="square input size (default: the model's, 224 for the paper's variants)",
     )
     group.add_argument(
         "--input-size",
-        type=bounded(int, min=1),
+        type=bounded(int, min=1, max=MAX_IMAGE_SIDE),
         nargs=3,
         default=None,
         metavar=("C", "H", "W"),
@@ -193,6 +193,15 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
         choices=INTERPOLATIONS,
         help="resize interpolation (default: the model's, bicubic)",
     )
+
+
+def check_input_flags(args: argparse.Namespace) -> None:
+    """Refuse --mean / --std whose length is neither 1 nor the input's channels, before any work."""
+    channels = args.input_size[0] if getattr(args, "input_size", None) else getattr(args, "in_chans", None) or 3
+    for flag in ("mean", "std"):
+        values = getattr(args, flag, None)
+        if values and len(values) not in (1, channels):
+            raise UsageError(f"--{flag} takes 1 or {channels} values (one per input channel), got {len(values)}")
 
 
 def input_overrides(args: argparse.Namespace, *exclude: str) -> dict[str, Any]:

@@ -17,18 +17,25 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter
 
-    epochs = [row["epoch"] + 1 for row in history]  # counted as the progress bar and the log count them
+    epochs = [row["epoch"] for row in history]  # from 0, as the log, summary.csv and checkpoint-EPOCH count them
+    ema = [row for row in history if "ema_eval_loss" in row]
     figure, (loss_axes, accuracy_axes, lr_axes) = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
     loss_axes.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
     loss_axes.plot(epochs, [row["eval_loss"] for row in history], "s-", label="held-out")
+    if ema:
+        loss_axes.plot([row["epoch"] for row in ema], [row["ema_eval_loss"] for row in ema], "^-", label="EMA held-out")
     loss_axes.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_axes.legend()
     accuracy_axes.plot(epochs, [row["eval_top1"] for row in history], "o-", label="top-1")
     accuracy_axes.plot(epochs, [row["eval_top5"] for row in history], "s-", label="top-5")
+    if ema:
+        accuracy_axes.plot(
+            [row["epoch"] for row in ema], [row["ema_eval_top1"] for row in ema], "^-", label="EMA top-1"
+        )
     best = max(history, key=lambda row: row["eval_top1"])
     accuracy_axes.annotate(
         f"best {best['eval_top1']:.2f}",
-        (best["epoch"] + 1, best["eval_top1"]),
+        (best["epoch"], best["eval_top1"]),
         textcoords="offset points",
         xytext=(0, -14),
         ha="center",

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,7 +40,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sequencer.average import EPOCH_CHECKPOINT
 from sequencer.builder import create_model, model_config
-from sequencer.checkpoint import atomic_save, load_pretrained, read_file
+from sequencer.checkpoint import (
+    RECORD_INPUT_KEYS,
+    RECORD_KEY,
+    atomic_save,
+    load_pretrained,
+    read_file,
+    record_of,
+)
 from sequencer.choices import DIGITS_RECIPE, SCHEDULERS, TIMM_RECIPE
 from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
 from sequencer.distributed import (
@@ -70,6 +78,8 @@ from sequencer.validate import evaluate
 _logger = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
+# With --model-ema both the model and its EMA are evaluated (as timm's train.py does): the EMA's columns.
+EMA_FIELDS = ("ema_eval_loss", "ema_eval_top1", "ema_eval_top5")
 CURVES_FILE = "training_curves.png"
 # The files that mark a folder as holding a run (besides checkpoint-EPOCH.pth.tar): a new run must not overwrite them.
 RUN_FILES = ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar")
@@ -220,6 +230,7 @@ def checkpoint_dict(state: TrainState, args: dict[str, Any]) -> dict[str, Any]:
         "args": args,
         "history": state.history,
         "class_names": state.class_names,
+        RECORD_KEY: record_of(state.model).as_dict(),
         # The CPU recurrence paths `auto` measured and took: a resumed run takes them too, not a new measurement.
         "cpu_training_paths": training_paths(),
     }
@@ -301,7 +312,7 @@ def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimize
 
 
 def update_checkpoint_history(
-    ckpt: dict[str, Any], history: list[dict[str, Any]], output: Path, eval_metric: str, keep: int
+    ckpt: dict[str, Any], history: list[dict[str, Any]], output: Path, eval_metric: str, keep: int, ema: bool = False
 ) -> list[int]:
     """Save the latest epoch as checkpoint-EPOCH.pth.tar if it ranks among the `keep` best; delete those that do not.
 
@@ -317,7 +328,8 @@ def update_checkpoint_history(
     }
     candidates = [row for row in history if row["epoch"] in on_disk or row["epoch"] == epoch]
     sign = 1 if eval_metric == "loss" else -1  # the loss ranks lowest first, accuracies highest first
-    ranked = sorted(candidates, key=lambda row: (sign * row[f"eval_{eval_metric}"], row["epoch"]))
+    column = ranked_column(eval_metric, ema)
+    ranked = sorted(candidates, key=lambda row: (sign * row[column], row["epoch"]))
     kept = [row["epoch"] for row in ranked[:keep]]
     if epoch in kept:
         atomic_save(ckpt, output / f"checkpoint-{epoch}.pth.tar")
@@ -327,12 +339,18 @@ def update_checkpoint_history(
     return kept
 
 
+def ranked_column(eval_metric: str, ema: bool) -> str:
+    """The summary column that picks model_best and the kept checkpoints: the EMA's when it is evaluated."""
+    return f"{'ema_' if ema else ''}eval_{eval_metric}"
+
+
 def write_summary(history: list[dict[str, Any]], path: Path) -> None:
     """summary.csv, one row per epoch, rewritten whole (and atomically) from the recorded history."""
+    fields = SUMMARY_FIELDS + (EMA_FIELDS if any(EMA_FIELDS[0] in row for row in history) else ())
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS)
+    writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
     writer.writeheader()
-    writer.writerows({k: row[k] for k in SUMMARY_FIELDS} for row in history)
+    writer.writerows({k: row[k] for k in fields if k in row} for row in history)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(buffer.getvalue())
     os.replace(tmp, path)
@@ -486,14 +504,14 @@ def resume_source(args: argparse.Namespace, output: Path) -> str:
 def check_output_folder(args: argparse.Namespace, output: Path, auto_resume: bool = False) -> None:
     """Refuse a new run in a folder that holds one (its files would be overwritten): only --resume continues there.
 
-    `auto_resume` (--resume auto found no last.pth.tar): the folder may hold this same command's args.yaml alone,
-    written by a start that stopped before its first checkpoint, with nothing learned to lose."""
+    The folder may hold this same command's args.yaml alone, written by a start that stopped before its first
+    checkpoint, with nothing learned to lose. A folder that cannot be written is refused too."""
     held = [name for name in RUN_FILES if (output / name).exists()]
     held += sorted(path.name for path in output.glob("checkpoint-*.pth.tar"))
     if not held or (args.resume and Path(args.resume).resolve().parent == output.resolve()):
         return
-    if auto_resume and held == ["args.yaml"] and _saved_arguments(output / "args.yaml") == plain_arguments(args):
-        return
+    if held == ["args.yaml"] and _saved_arguments(output / "args.yaml") == plain_arguments(args):
+        return  # a start of this same command stopped before its first checkpoint: nothing learned to lose
     if auto_resume:
         raise UsageError(
             f"--resume auto: {output} holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} but no "
@@ -519,7 +537,7 @@ def save_epoch_files(
     if is_best:
         atomic_save(ckpt, output / "model_best.pth.tar")
     if args.checkpoint_hist:
-        update_checkpoint_history(ckpt, history, output, args.eval_metric, args.checkpoint_hist)
+        update_checkpoint_history(ckpt, history, output, args.eval_metric, args.checkpoint_hist, args.model_ema)
     write_summary(history, output / "summary.csv")
     plot_training_curves(history, output / CURVES_FILE, title=title)
 
@@ -551,7 +569,21 @@ def prepare_run(options: dict[str, Any]) -> tuple[argparse.Namespace, Path, bool
     auto_resume = args.resume == AUTO_RESUME
     args.resume = resume_source(args, output)
     check_output_folder(args, output, auto_resume=auto_resume and not args.resume)
+    check_writable(output)
     return args, output, auto_resume
+
+
+def check_writable(output: Path) -> None:
+    """Refuse an output folder this process cannot create or write into, before any work."""
+    existing = next(folder for folder in (output.absolute(), *output.absolute().parents) if folder.exists())
+    try:  # a probe, not os.access: root passes every permission check, but not a read-only file system
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"cannot write the run into {output}: {existing} is not a writable folder ({error.strerror}); "
+            "pass -o/--output"
+        ) from None
 
 
 def start_process(args: argparse.Namespace, context: DistributedContext, auto_resume: bool) -> dict[str, Any] | None:
@@ -578,14 +610,22 @@ def _stops_logged(context: DistributedContext, output: Path) -> Iterator[None]:
         kept = (
             f"the last good checkpoint is kept: {last} (epoch {error.epoch - 1})"
             if last.is_file()
-            else "no checkpoint was written"
+            else _how_to_go_on(output)
         )
         _logger.error("stopping: %s; %s. Lower --lr, set --clip-grad, or check the data.", error, kept)
         raise
     except KeyboardInterrupt:
         if context.is_primary:
-            _logger.error("interrupted; continue with --resume on the output folder's last.pth.tar")
+            _logger.error("interrupted; %s", _how_to_go_on(output))
         raise
+
+
+def _how_to_go_on(output: Path) -> str:
+    """What a stopped run leaves: the checkpoint to resume from, or (none written yet) the same command again."""
+    last = output / "last.pth.tar"
+    if last.is_file():
+        return f"continue with --resume {last}"
+    return "no checkpoint was written yet: the same command starts the run again"
 
 
 def build_data(args: argparse.Namespace, context: DistributedContext) -> TrainingData:
@@ -627,8 +667,12 @@ def read_datasets(args: argparse.Namespace, context: DistributedContext) -> tupl
     num_classes = args.num_classes or len(train_set.classes)
     if not num_classes:
         raise UsageError(f"--dataset {source}: its labels name no classes; pass --num-classes")
-    if num_classes < len(train_set.classes):
-        raise UsageError(f"--num-classes {num_classes} is smaller than the {len(train_set.classes)} classes found")
+    found = len(train_set.classes)
+    if found and num_classes != found:
+        # A larger head trains classes no image has; a smaller one cannot hold the labels.
+        raise UsageError(f"--num-classes {num_classes}, but the {args.train_split} split has {found} classes")
+    if num_classes < 2:
+        raise UsageError(f"the {args.train_split} split has one class: a classifier needs at least two")
     # drop_last: a split smaller than one global batch would train on nothing and fail mid-run.
     global_batch = args.batch_size * context.world_size
     # A streamed set (timm's readers) pads every process's share to whole batches instead.
@@ -680,6 +724,11 @@ def set_transforms(data: TrainingData, model: nn.Module, args: argparse.Namespac
         re_count=args.recount,
     )
     data.val_set.transform = create_transform(model, train=False, interpolation=args.interpolation, **overrides)
+    # What the run evaluates at and on becomes the model's own, so every checkpoint records it (`record_of`).
+    evaluated = data_config(model, interpolation=args.interpolation, **overrides)
+    model.pretrained_cfg.update({key: evaluated[key] for key in RECORD_INPUT_KEYS})
+    if data.train_set.classes:
+        model.pretrained_cfg["label_names"] = [str(c) for c in data.train_set.classes]
 
 
 def build_state(
@@ -800,6 +849,15 @@ def start_output(
         )
         return
     config = data_config(state.model, interpolation=args.interpolation, **input_overrides(args, "interpolation"))
+    if args.sched != "none" and args.warmup_epochs + args.cooldown_epochs >= args.epochs:
+        _logger.warning(
+            "--epochs %d with --warmup-epochs %d and --cooldown-epochs %d: the schedule runs %d epochs, most of them "
+            "warming up to --lr or cooling down at --min-lr (lower those, or raise --epochs)",
+            args.epochs,
+            args.warmup_epochs,
+            args.cooldown_epochs,
+            state.num_epochs,
+        )
     _logger.info(
         "training %s (%d classes, input %s) on %s: %d train / %d held-out images, epochs %d-%d (counted from 0 "
         "as in summary.csv and checkpoint-EPOCH.pth.tar), %d process(es) on %s; output in %s",
@@ -834,11 +892,18 @@ def run_epoch(
     if data.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         data.mixup.mixup_enabled = False
     train_loss = train_one_epoch(state, data, train_model, args, context)
-    eval_model = state.ema.module if state.ema is not None else state.model
-    label = "" if args.no_progress or not context.is_primary else f"held-out, epoch {epoch}"
-    metrics = evaluate(
-        eval_model, data.val_loader, context.device, args.amp, args.amp_dtype, context.distributed, progress=label
-    )
+    models = {"": state.model, "ema_": state.ema.module if state.ema is not None else None}
+    metrics = {}
+    for prefix, model in models.items():
+        if model is None:
+            continue
+        label = (
+            "" if args.no_progress or not context.is_primary else f"held-out, epoch {epoch}{' (EMA)' * bool(prefix)}"
+        )
+        scores = evaluate(
+            model, data.val_loader, context.device, args.amp, args.amp_dtype, context.distributed, progress=label
+        )
+        metrics.update({f"{prefix}{key}": value for key, value in scores.items()})
     return train_loss, metrics
 
 
@@ -861,7 +926,14 @@ def record_epoch(
         eval_top5=round(metrics["top5"], 4),
         lr=_current_lr(state.optimizer),  # the rate this epoch ended at (timm's summary), before the next is set
     )
-    metric = metrics[args.eval_metric]
+    if state.ema is not None:
+        row.update(
+            ema_eval_loss=round(metrics["ema_loss"], 6),
+            ema_eval_top1=round(metrics["ema_top1"], 4),
+            ema_eval_top5=round(metrics["ema_top5"], 4),
+        )
+    # The EMA's metric picks model_best when it is evaluated, as in timm's train.py; the log says so.
+    metric = metrics[f"{'ema_' if state.ema is not None else ''}{args.eval_metric}"]
     if state.scheduler is not None:
         state.scheduler.step(epoch + 1, metric)
     state.history.append(row)
@@ -873,16 +945,22 @@ def record_epoch(
         ckpt = checkpoint_dict(state, plain_arguments(args))
         atomic_save(ckpt, output / "last.pth.tar")
         save_epoch_files(ckpt, state.history, output, args, is_best=is_best, title=title)
+        ema = (
+            f"  EMA: loss {metrics['ema_loss']:.4f}  top-1 {metrics['ema_top1']:.2f}  top-5 {metrics['ema_top5']:.2f}"
+            if state.ema is not None
+            else ""
+        )
         _logger.info(
-            "epoch %d/%d  train loss %.4f  held-out loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s",
+            "epoch %d/%d  train loss %.4f  held-out loss %.4f  top-1 %.2f  top-5 %.2f%s  lr %.2e%s",
             epoch,
             state.num_epochs - 1,
             train_loss,
             metrics["loss"],
             metrics["top1"],
             metrics["top5"],
+            ema,
             row["lr"],
-            "  (best)" if is_best else "",
+            f"  (best{' by the EMA' if state.ema is not None else ''})" if is_best else "",
         )
     return row
 
@@ -900,9 +978,11 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     if primary and "eval_top1" in result:
+        ema = f", EMA {result['ema_eval_top1']:.2f}%" if "ema_eval_top1" in result else ""
+        best_of = " of the EMA (validate it with --use-ema)" if "ema_eval_top1" in result else ""
         print(
-            f"held-out top-1 {result['eval_top1']:.2f}% (top-5 {result['eval_top5']:.2f}%) after epoch "
-            f"{result['epoch']}; best {args.eval_metric} {result['best_metric']:.2f} at epoch "
+            f"held-out top-1 {result['eval_top1']:.2f}%{ema} (top-5 {result['eval_top5']:.2f}%) after epoch "
+            f"{result['epoch']}; best {args.eval_metric}{best_of} {result['best_metric']:.2f} at epoch "
             f"{result['best_epoch']} (model_best.pth.tar); {time.perf_counter() - start:.1f} s; output in "
             f"{result['output']}"
         )

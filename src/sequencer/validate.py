@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.datasets import ImageFolder
 
 from sequencer.builder import load_model, resolve_model_name
-from sequencer.checkpoint import open_checkpoint, trained_input
+from sequencer.checkpoint import open_checkpoint
 from sequencer.data import (
     build_dataset,
     check_image_input_fits,
@@ -287,12 +287,12 @@ def validate(
         input_size=input_size, img_size=img_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation
     )
     # The built-in digits are upscaled straight to the input size, as `sequencer train` does: known before the model.
-    trained_size = trained_input(opened, {}).get("input_size", (32,))[-1] if opened else 32
+    trained_size = opened.record.input_size[-1] if opened and opened.record.input_size else 32
     digits_size = input_size[-1] if input_size else img_size or trained_size
     eval_set = build_dataset(name, split, data_dir=root, download=dataset_download, img_size=digits_size)
-    num_classes = num_classes or (opened and opened.num_classes) or len(eval_set.classes)
+    num_classes = num_classes or (opened and opened.record.num_classes) or len(eval_set.classes)
     # Folders named by WordNet id (ImageNet-A, -R, -Sketch) or number (ImageNet-V2) take the model's class indices.
-    eval_set = map_classes(eval_set, num_classes, opened.class_names if opened else None)
+    eval_set = map_classes(eval_set, num_classes, opened.record.class_names if opened else None)
     valid_classes = load_valid_classes(valid_labels, num_classes) if valid_labels else None
     if valid_classes is not None:
         check_targets_within(eval_set, valid_classes)

@@ -14,10 +14,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from sequencer.builder import create_model, is_registered, load_model
-from sequencer.checkpoint import extract_state_dict, read_file
+from sequencer.builder import create_model, is_registered, load_model, recorded_or_default
+from sequencer.checkpoint import extract_state_dict, open_checkpoint, read_file
 from sequencer.errors import CheckpointError, UsageError
-from sequencer.model import default_cfg
+
+
+def model_of(name: str | None, checkpoint: str | os.PathLike = "", unsafe_load: bool = False) -> str:
+    """--model, else the model the checkpoint records (as predict, validate and export take it), else sequencer2d_s."""
+    if name or not checkpoint:
+        return recorded_or_default(name, None)
+    check_model_specs([("sequencer2d_s", str(checkpoint))])  # a missing file is its own error
+    return recorded_or_default(None, open_checkpoint(checkpoint, unsafe_load=unsafe_load))
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -101,12 +108,9 @@ def build_compared_model(
     return timm.create_model(name, **kwargs).eval()
 
 
-def training_size(name: str) -> int:
-    """The input size a model is trained at by default: its config's input_size (ours or timm's)."""
-    if is_registered(name):
-        return default_cfg(name.split(".")[0])["input_size"][-1]
-    cfg = timm.models.get_pretrained_cfg(name)
-    return cfg.input_size[-1] if cfg is not None else 224
+def training_size(model: nn.Module) -> int:
+    """The input side a built model's weights were trained at: what its file records, else its config's default."""
+    return int(getattr(model, "pretrained_cfg", None).get("input_size", (3, 224, 224))[-1])
 
 
 def evenly_spaced_subset(dataset: Dataset, limit: int | None) -> Dataset:

@@ -29,6 +29,7 @@ from sequencer.analysis.common import (
     check_model_specs,
     evenly_spaced_subset,
     model_labels,
+    model_of,
     new_figure,
     parse_model_spec,
     save_figure,
@@ -225,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.amp:
         raise UsageError("--amp does not apply to erf: the input gradients are computed in float32")
-    specs = [(args.model, args.checkpoint), *map(parse_model_spec, args.compare)]
+    specs = [(model_of(args.model, args.checkpoint, args.unsafe_load), args.checkpoint)]
+    specs += map(parse_model_spec, args.compare)
     check_model_specs(specs)
     dataset = build_dataset(args.data, "val") if args.data else None
     img_size = args.img_size

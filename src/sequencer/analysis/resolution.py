@@ -18,6 +18,7 @@ from sequencer.analysis.common import (
     build_compared_model,
     check_model_specs,
     model_labels,
+    model_of,
     new_figure,
     parse_model_spec,
     save_figure,
@@ -44,7 +45,6 @@ def accuracy_by_resolution(
 ) -> list[dict[str, Any]]:
     """top-1 / top-5 / loss of one model at every size in `sizes` (rows without the model's label)."""
     rows = []
-    train_size = training_size(name)
     for size in sizes:
         # Rebuilt per size: a fixed-size timm model needs its position embeddings resampled for each one.
         model = build_compared_model(
@@ -57,6 +57,7 @@ def accuracy_by_resolution(
             unsafe_load=args.unsafe_load,
         )
         check_input_fits(model, (3, size, size), "--sizes")
+        train_size = training_size(model)
         if not rows:  # WordNet-id or numbered folders take the model's class indices (see data.map_classes)
             dataset = map_classes(dataset, model.num_classes, model.pretrained_cfg.get("label_names"))
         dataset.transform = create_transform(model, train=False, img_size=size, **overrides)
@@ -132,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.img_size or args.input_size:
         raise UsageError("--img-size / --input-size do not apply here: list the sizes with --sizes")
-    specs = [(args.model, args.checkpoint), *map(parse_model_spec, args.compare)]
+    specs = [(model_of(args.model, args.checkpoint, args.unsafe_load), args.checkpoint)]
+    specs += map(parse_model_spec, args.compare)
     check_model_specs(specs, need_weights=True)
     overrides = input_overrides(args, "img_size", "input_size")  # the sizes come from --sizes
     build_dataset(args.data, "val")  # a missing or empty folder fails before any model is built

@@ -34,6 +34,7 @@ from sequencer.analysis.common import (
     build_compared_model,
     check_model_specs,
     evenly_spaced_subset,
+    model_of,
     new_figure,
     save_figure,
     write_csv,
@@ -309,7 +310,7 @@ class RobustnessResult:
 def robustness(
     *,
     data: str | os.PathLike,
-    model: str = "sequencer2d_s",
+    model: str | None = None,
     checkpoint: str | os.PathLike = "",
     corruptions: Sequence[str] = CORRUPTIONS,
     severities: Sequence[int] = SEVERITIES,
@@ -345,6 +346,7 @@ def robustness(
     severities = in_order(severities, SEVERITIES, "--severities")
     alexnet = ALEXNET_MEAN_ERRORS if alexnet_errors is None else alexnet_errors
     checkpoint = os.fspath(checkpoint) if checkpoint else ""
+    model = model_of(model, checkpoint, unsafe_load)
     check_model_specs([(model, checkpoint)], need_weights=True)
     if in_chans != 3:
         raise UsageError(f"--in-chans {in_chans}: the ImageNet-C corruptions are defined on RGB images")
@@ -363,7 +365,7 @@ def robustness(
     transform = create_transform(network, train=False, use_prefetcher=True, **overrides)
     base = build_dataset(os.fspath(data), "val", transform=transform)
     # Folders named by WordNet id (a subset of ImageNet val) take their ImageNet-1k index.
-    base = map_classes(base, network.num_classes)
+    base = map_classes(base, network.num_classes, network.pretrained_cfg.get("label_names"))
     base = evenly_spaced_subset(base, limit)
 
     def accuracy(corruption: str, severity: int) -> dict[str, Any]:
@@ -428,6 +430,7 @@ def run(args: argparse.Namespace) -> int:
     """
     set_threads(args.threads)
     alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else None
+    args.model = model_of(args.model, args.checkpoint, args.unsafe_load)  # named in the report
     with process_group(args.device) as context:
         result = robustness(**flag_values(robustness, args, alexnet_errors=alexnet, context=context, progress=True))
     if context.is_primary:

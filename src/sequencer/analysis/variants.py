@@ -25,6 +25,7 @@ from sequencer.analysis.common import (
     build_compared_model,
     check_model_specs,
     evenly_spaced_subset,
+    model_of,
     new_figure,
     save_figure,
     write_csv,
@@ -126,7 +127,7 @@ def variants(
     imagenet_c: str | os.PathLike | None = None,
     real_labels: str | os.PathLike = "",
     limit: int | None = None,
-    model: str = "sequencer2d_s",
+    model: str | None = None,
     checkpoint: str | os.PathLike = "",
     num_classes: int | None = None,
     use_ema: bool = False,
@@ -157,6 +158,7 @@ def variants(
     flagged = dict(real=imagenet_val, a=imagenet_a, r=imagenet_r, sketch=imagenet_sketch, v2=imagenetv2, c=imagenet_c)
     found, missing = find_datasets(root, flagged)
     checkpoint = os.fspath(checkpoint) if checkpoint else ""
+    model = model_of(model, checkpoint, unsafe_load)
     check_model_specs([(model, checkpoint)])
     network = build_compared_model(model, checkpoint, num_classes=num_classes, use_ema=use_ema, unsafe_load=unsafe_load)
     if getattr(network, "num_classes", None) != 1000:
@@ -218,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
     """`variants` with the flags; rank 0 writes variants.csv and variants.png and says which test sets were missing.
     Under torchrun each process evaluates its share of every test set."""
     set_threads(args.threads)
+    args.model = model_of(args.model, args.checkpoint, args.unsafe_load)  # named in the figure
     with process_group(args.device) as context:
         rows, missing = variants(**flag_values(variants, args, context=context, progress=True))
     if not context.is_primary:

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.options import add_compare_options, add_model_options, add_output_option, add_runtime_options, bounded
+from sequencer.choices import MAX_IMAGE_SIDE
+from sequencer.options import (
+    RECORDED_MODEL_HELP,
+    add_compare_options,
+    add_model_options,
+    add_output_option,
+    add_runtime_options,
+    bounded,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, comparison (random init without a checkpoint), data, image count and size, output options."""
-    add_model_options(parser)
+    add_model_options(parser, default_model=None, model_help=RECORDED_MODEL_HELP)
     add_compare_options(parser)
     parser.add_argument(
         "data",
@@ -25,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-images", type=bounded(int, min=1), default=32, help="images to average over")
     parser.add_argument(
-        "--img-size", type=bounded(int, min=1), default=None, help="input size (default: the first model's)"
+        "--img-size",
+        type=bounded(int, min=1, max=MAX_IMAGE_SIDE),
+        default=None,
+        help="input size (default: the first model's)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random images and of the weights of models without checkpoint"

@@ -22,15 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_option(group, None, "file to write (.onnx, .pt, .pt2)", required=True)
     group.add_argument(
         "--dynamic-batch",
-        action="store_true",
-        help="any batch size (TorchScript always allows it); checked at three batch sizes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="any batch size, checked at three (default); --no-dynamic-batch fixes it to -b (TorchScript takes any)",
     )
     group.add_argument(
         "-b",
         "--batch-size",
         type=bounded(int, min=1),
         default=2,
-        help="batch of the example input, and the fixed batch of a static export (default 2)",
+        help="batch of the example input, and the fixed batch of a --no-dynamic-batch export (default 2)",
     )
     group.add_argument(
         "--tolerance", type=bounded(float, min=0), default=1e-4, help="largest accepted |logit difference|"

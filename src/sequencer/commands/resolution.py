@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from sequencer.choices import MAX_IMAGE_SIDE
 from sequencer.options import (
+    RECORDED_MODEL_HELP,
     add_compare_options,
     add_input_options,
     add_model_options,
@@ -18,11 +20,11 @@ from sequencer.options import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """DATA, --model/--checkpoint, --compare, --sizes, --out, input and runtime options."""
     parser.add_argument("data", help="labelled images: DATA/val/<class>/* or DATA/<class>/*")
-    add_model_options(parser)
+    add_model_options(parser, default_model=None, model_help=RECORDED_MODEL_HELP)
     add_compare_options(parser)
     parser.add_argument(
         "--sizes",
-        type=comma_list(bounded(int, min=1), distinct_sorted=True),
+        type=comma_list(bounded(int, min=1, max=MAX_IMAGE_SIDE), distinct_sorted=True),
         default="160,224,288,384,448",
         help="comma-separated inference sizes",
     )

@@ -6,6 +6,7 @@ import argparse
 
 from sequencer.choices import CORRUPTIONS, SEVERITIES
 from sequencer.options import (
+    RECORDED_MODEL_HELP,
     add_input_options,
     add_model_options,
     add_output_option,
@@ -18,7 +19,7 @@ from sequencer.options import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """DATA, model, --corruptions, --severities, --limit, --alexnet-errors, --out, input and runtime options."""
     parser.add_argument("data", help="clean labelled images: DATA/val/<class>/* or DATA/<class>/*")
-    add_model_options(parser)
+    add_model_options(parser, default_model=None, model_help=RECORDED_MODEL_HELP)
     parser.add_argument(
         "--corruptions",
         type=comma_list(str, CORRUPTIONS, distinct_sorted=True, empty=CORRUPTIONS),

@@ -10,7 +10,14 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import DATASET_FLAGS, DATASET_FOLDERS
-from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options, bounded
+from sequencer.options import (
+    RECORDED_MODEL_HELP,
+    add_input_options,
+    add_model_options,
+    add_output_option,
+    add_runtime_options,
+    bounded,
+)
 
 ROOT_HELP = "folder holding the datasets under their usual names, the first one found: " + "; ".join(
     f"{holds.partition(',')[0].partition(' (')[0]}: {' or '.join(DATASET_FOLDERS[key])}"
@@ -34,6 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--limit", type=bounded(int, min=1), default=None, help="at most N images per dataset (and per -C folder)"
     )
     add_output_option(parser, "results/variants", "output folder (variants.csv, variants.png)", "--out", kind="folder")
-    add_model_options(parser)
+    add_model_options(parser, default_model=None, model_help=RECORDED_MODEL_HELP)
     add_input_options(parser)
     add_runtime_options(parser)
