@@ -244,26 +244,34 @@ def cached_onnx_model(
             return loaded
         except CheckpointError:  # damaged since it was written (renamed whole, so not by us)
             path.unlink(missing_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unwritable_cache(folder, error) from None
     if announce:
         print(
             f"exporting {name} to ONNX once for onnxruntime, into {folder} (--runtime torch skips it)", file=sys.stderr
         )
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.onnx")  # renamed whole: no reader sees half a file
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         export(model, temporary, dynamic_batch=True, **transform_overrides)
         os.replace(temporary, path)
     except OSError as error:
-        raise CheckpointError(
-            f"cannot write predict's ONNX export into {folder} ({error.strerror or error}): set SEQUENCER_CACHE to a "
-            "writable folder, or pass --runtime torch"
-        ) from None
+        raise _unwritable_cache(folder, error) from None
     finally:
         temporary.unlink(missing_ok=True)
     exports = [file for file in folder.glob("*.onnx") if not file.name.startswith(".")]
     for stale in sorted(exports, key=lambda file: file.stat().st_mtime, reverse=True)[EXPORT_CACHE_FILES:]:
         stale.unlink(missing_ok=True)
     return load_onnx(path, threads)
+
+
+def _unwritable_cache(folder: Path, error: OSError) -> CheckpointError:
+    """The one-line error for an export cache that cannot be written."""
+    return CheckpointError(
+        f"cannot write predict's ONNX export into {folder} ({error.strerror or error}): set SEQUENCER_CACHE to a "
+        "writable folder, or pass --runtime torch"
+    )
 
 
 def torch_classifier(
