@@ -47,7 +47,7 @@ def main() -> None:
     if not best.is_file():
         subprocess.run([sys.executable, "-m", "sequencer", "train", "--output", str(args.run)], check=True)
     checkpoint = open_checkpoint(best)
-    name, img_size = checkpoint.trained_args["model"], checkpoint.trained_args["img_size"]
+    name, img_size = checkpoint.record.model_name, checkpoint.record.input_size[-1]
     files = {"float32": args.run / "digits.onnx", "int8": args.run / "digits-int8.onnx"}
     for precision, path in files.items():
         quantize = "int8" if precision == "int8" else None

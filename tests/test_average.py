@@ -86,8 +86,9 @@ def test_export_of_one_training_checkpoint_keeps_only_the_weights(run_cli, run_d
     output = tmp_path / "weights.pth"
     assert run_cli("average", str(run_dir / "last.pth.tar"), "--no-use-ema", "-o", str(output)) == 0
     exported = read_file(output)
-    assert set(exported) == {"state_dict", "metadata", "model_name"}
-    assert exported["model_name"] == "sequencer2d_tiny" and exported["metadata"]["num_classes"] == "2"
+    assert set(exported) == {"state_dict", "sequencer_record"}
+    record = exported["sequencer_record"]
+    assert (record["model_name"], record["num_classes"], record["input_size"]) == ("sequencer2d_tiny", 2, [3, 16, 16])
     last = read_file(run_dir / "last.pth.tar")["state_dict"]
     assert all(torch.equal(exported["state_dict"][k], v) for k, v in last.items())
     model = create_model("sequencer2d_tiny", num_classes=2, pretrained=str(output))

@@ -117,8 +117,9 @@ def test_train_called_from_python_with_keywords_is_the_command_line_run(run_cli,
     assert text.replace(str(python), str(command_line)) == (command_line / "args.yaml").read_text()
     saved = yaml.safe_load(text)
     assert (saved["model"], saved["img_size"], saved["batch_size"]) == ("sequencer2d_tiny", 16, 64)  # digits recipe
-    # What `sequencer validate` reads back: the same keys as args.yaml.
-    assert open_checkpoint(python / "last.pth.tar").trained_args == saved
+    # What `sequencer validate` reads back: the model and the input the run evaluated at.
+    record = open_checkpoint(python / "last.pth.tar").record
+    assert (record.model_name, record.input_size, record.crop_pct) == ("sequencer2d_tiny", (3, 16, 16), 1.0)
     assert_same_run(python, command_line)
 
 
@@ -180,7 +181,11 @@ def test_outputs_and_checkpoint_format(two_epoch_run: Path) -> None:
     assert not [n for n in names if n.endswith(".tmp")]  # atomic writes leave no temporaries
     rows = summary_rows(two_epoch_run)
     assert [int(r["epoch"]) for r in rows] == [0, 1]
-    assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+    # --model-ema: the model's and its EMA's held-out scores, both.
+    assert list(rows[0]) == [
+        "epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "ema_eval_loss", "ema_eval_top1",
+        "ema_eval_top5",
+    ]  # fmt: skip
     saved = yaml.safe_load((two_epoch_run / "args.yaml").read_text())
     assert saved["model"] == "sequencer2d_tiny" and saved["mixup"] == 0.8 and saved["img_size"] == 16
     # weights_only loading works, and load_pretrained reads the training checkpoint as weights (EMA too).

@@ -381,13 +381,13 @@ def measure_setting(
         peak = None
         if measure_memory:
             peak = measure_peak_memory(subject, setting, device, threads, amp_dtype, workdir)
+        # What ran, not what the setting asked of PyTorch: the int8 file computes with int8 weights.
+        ran = dict(asdict(setting), precision="int8" if subject.runtime == "onnxruntime-int8" else setting.precision)
         records.append(
             dict(
                 variant=subject.label,
                 **asdict(subject),
-                **asdict(setting),
-                # What ran, not what the setting asked of PyTorch: the int8 file computes with int8 weights.
-                precision="int8" if subject.runtime == "onnxruntime-int8" else setting.precision,
+                **ran,
                 images_per_s=setting.batch_size / median,
                 step_ms=1000 * median,
                 step_ms_all=[1000 * t for t in times[subject]],
