@@ -59,7 +59,7 @@ def test_every_official_variant_is_registered_with_exact_parameter_count() -> No
         assert sequencer.count_parameters(model) == expected, name
 
 
-# The published sizes: the paper's (SEQUENCER.md, "Published numbers") and the model cards of timm's released
+# The published sizes: the paper's (Tatsunami & Taki 2022, Table 1) and the model cards of timm's released
 # sequencer2d_*.in1k weights ("Params (M)").
 PUBLISHED_MILLIONS = {"sequencer2d_s": (28, 27.7), "sequencer2d_m": (38, 38.3), "sequencer2d_l": (54, 54.3)}
 

@@ -613,7 +613,7 @@ def test_a_folder_holding_a_run_is_never_overwritten_by_a_new_run(
     assert runs == [run, tmp_path / "new", tmp_path / "empty"]
 
 
-# The authors' train.py (timm 0.5.4) defaults, SEQUENCER.md's "Recipes" table, by flag.
+# The authors' train.py (timm 0.5.4) defaults, its argparse's, by flag.
 AUTHORS_DEFAULTS = {
     "--opt": "sgd",
     "--momentum": 0.9,
@@ -961,3 +961,8 @@ def test_resume_auto_completes_the_files_a_stop_after_last_pth_tar_left_out_and_
     last = (tmp_path / "last.pth.tar").read_bytes()
     assert run_cli("train", command) == 0  # and once more: a finished run stays as it is
     assert (tmp_path / "last.pth.tar").read_bytes() == last
+
+
+def test_an_experiment_without_output_goes_where_timm_puts_it(parse_cli) -> None:
+    assert train_module.output_folder(parse_cli("train", "--experiment exp1")) == Path("output/train/exp1")
+    assert train_module.output_folder(parse_cli("train", "-o runs --experiment exp1")) == Path("runs/exp1")

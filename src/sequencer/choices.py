@@ -55,7 +55,7 @@ CORRUPTION_FAMILIES = {
 CORRUPTIONS = tuple(name for names in CORRUPTION_FAMILIES.values() for name in names)
 SEVERITIES = (1, 2, 3, 4, 5)
 
-# variants: dataset key (see sequencer.analysis.variants.VARIANTS) -> the flag naming its folder, and what it holds;
+# variants: dataset key (see sequencer.analysis.variants.TEST_SETS) -> the flag naming its folder, and what it holds;
 # and the folder names each one is looked for under ROOT, the first found taken.
 DATASET_FLAGS = {
     "real": ("imagenet-val", "ImageNet val images, for ImageNet and ImageNet-ReaL"),
@@ -108,7 +108,7 @@ DIGITS_RECIPE: dict[str, Any] = dict(
     train_interpolation="bicubic",
     threads=1,
 )
-# The authors' train.py (timm 0.5.4) defaults, which their command lines rely on (SEQUENCER.md, "Recipes"); the
+# The authors' train.py (timm 0.5.4) defaults, which their README's command lines rely on (its argparse); the
 # flags whose default is the same for both recipes carry it in `sequencer.commands.train.add_arguments`.
 TIMM_RECIPE: dict[str, Any] = dict(
     model="sequencer2d_s",

@@ -477,7 +477,8 @@ def build_training_model(args: argparse.Namespace, num_classes: int) -> nn.Modul
 
 
 def output_folder(args: argparse.Namespace) -> Path:
-    """--output[/--experiment]; by default the resumed run's folder, else output/train/<date>-<model>-<size>."""
+    """--output[/--experiment]; by default the resumed run's folder, else output/train/<experiment>, as timm's
+    train.py, or output/train/<date>-<model>-<size>."""
     if args.output:
         base = Path(args.output)
     elif args.resume == AUTO_RESUME:
@@ -486,9 +487,11 @@ def output_folder(args: argparse.Namespace) -> Path:
         )
     elif args.resume:
         base = Path(args.resume).parent
+    elif args.experiment:
+        return Path("output/train") / args.experiment
     else:
         size = args.img_size or (args.input_size[-1] if args.input_size else "default")
-        base = Path("output/train") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-{size}"
+        return Path("output/train") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-{size}"
     return base / args.experiment if args.experiment else base
 
 

@@ -241,7 +241,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     misc = parser.add_argument_group("output")
     misc.add_argument("--seed", type=int, default=42, help="random seed (per epoch and rank)")
     add_output_option(misc, "", "output folder (default: output/train/<date>-<model>-<size>)", kind="folder")
-    misc.add_argument("--experiment", default="", help="sub-folder of --output for this run")
+    misc.add_argument(
+        "--experiment", default="", help="sub-folder of --output for this run (without -o: output/train/NAME)"
+    )
     misc.add_argument(
         "--eval-metric", default="top1", choices=EVAL_METRICS, help="metric that picks model_best.pth.tar"
     )

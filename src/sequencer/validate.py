@@ -160,6 +160,7 @@ def evaluate(
     criterion = nn.CrossEntropyLoss(reduction="sum")
     sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in SUMS}
     mask = None
+    warmed_up = False
     start = time.perf_counter()
     # A streamed set read without its image count says its length is 0: no total then (torch would warn at every
     # batch past a length it was asked for).
@@ -172,6 +173,12 @@ def evaluate(
             continue
         images, targets, *real = batch
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if not warmed_up:
+            # As timm's validate.py: one unscored forward first, and the clock from there, so that images/s counts
+            # neither the loader's start nor the first call's one-time costs.
+            with autocast(device, amp, amp_dtype):
+                model(images)
+            warmed_up, start = True, time.perf_counter()
         with autocast(device, amp, amp_dtype):
             logits = model(images)
         logits = logits.float()
