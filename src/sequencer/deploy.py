@@ -9,7 +9,6 @@ import copy
 import importlib.util
 import json
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from sequencer.checkpoint import RECORD_INPUT_KEYS, WeightsRecord, record_of
 from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
 from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
+from sequencer.files import atomic_path
 from sequencer.options import input_overrides
 from sequencer.recurrence import route
 
@@ -165,15 +165,10 @@ def quantize_onnx(source: Path, target: Path) -> None:
     model.graph.value_info.extend(kept)
     [entry] = [prop for prop in model.metadata_props if prop.key == CONFIG_KEY]
     entry.value = json.dumps({**json.loads(entry.value), "quantization": "int8-dynamic"})
-    scratch = target.with_name(f".{target.name}.tmp")
-    try:
-        with _quiet_quantizer_advice():
-            # The linears only: the stem and downsampling convolutions are under 3% of Sequencer2D-S's MACs, and
-            # onnxruntime 1.23 has no CPU kernel for the ConvInteger that quantizing them writes.
-            quantize_dynamic(model, scratch, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        os.replace(scratch, target)
-    finally:
-        scratch.unlink(missing_ok=True)
+    with _quiet_quantizer_advice(), atomic_path(target) as scratch:
+        # The linears only: the stem and downsampling convolutions are under 3% of Sequencer2D-S's MACs, and
+        # onnxruntime 1.23 has no CPU kernel for the ConvInteger that quantizing them writes.
+        quantize_dynamic(model, scratch, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
 
 
 @contextlib.contextmanager

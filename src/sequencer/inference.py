@@ -31,6 +31,7 @@ from sequencer.choices import EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, 
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
 from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages
 from sequencer.errors import CheckpointError, DatasetError, UsageError
+from sequencer.files import atomic_path
 from sequencer.options import input_overrides
 from sequencer.runtime import autocast, progress_bar, resolve_device, set_threads
 
@@ -252,14 +253,11 @@ def cached_onnx_model(
         print(
             f"exporting {name} to ONNX once for onnxruntime, into {folder} (--runtime torch skips it)", file=sys.stderr
         )
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.onnx")  # renamed whole: no reader sees half a file
     try:
-        export(model, temporary, dynamic_batch=True, **transform_overrides)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:  # renamed whole: no reader sees half a file
+            export(model, temporary, dynamic_batch=True, **transform_overrides)
     except OSError as error:
         raise _unwritable_cache(folder, error) from None
-    finally:
-        temporary.unlink(missing_ok=True)
     exports = [file for file in folder.glob("*.onnx") if not file.name.startswith(".")]
     for stale in sorted(exports, key=lambda file: file.stat().st_mtime, reverse=True)[EXPORT_CACHE_FILES:]:
         stale.unlink(missing_ok=True)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import logging
 import math
 import os
@@ -59,6 +57,7 @@ from sequencer.distributed import (
     process_group,
 )
 from sequencer.errors import CheckpointError, UsageError
+from sequencer.files import write_csv
 from sequencer.hub import released_weights
 from sequencer.options import input_overrides
 from sequencer.plotting import plot_training_curves
@@ -347,13 +346,7 @@ def ranked_column(eval_metric: str, ema: bool) -> str:
 def write_summary(history: list[dict[str, Any]], path: Path) -> None:
     """summary.csv, one row per epoch, rewritten whole (and atomically) from the recorded history."""
     fields = SUMMARY_FIELDS + (EMA_FIELDS if any(EMA_FIELDS[0] in row for row in history) else ())
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
-    writer.writeheader()
-    writer.writerows({k: row[k] for k in fields if k in row} for row in history)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    write_csv(history, path, fields)
 
 
 def train_one_epoch(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,17 +119,6 @@ def evenly_spaced_subset(dataset: Dataset, limit: int | None) -> Dataset:
     if limit < 1:
         raise UsageError(f"--limit must be a positive number of images, got {limit}")
     return Subset(dataset, np.unique(np.linspace(0, len(dataset) - 1, limit).round().astype(int)).tolist())
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write dict rows (keys of the first row as the header) to a CSV file, creating its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def new_figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (6.4, 4.8), **kwargs: Any) -> tuple[Any, Any]:

@@ -33,10 +33,10 @@ from sequencer.analysis.common import (
     new_figure,
     parse_model_spec,
     save_figure,
-    write_csv,
 )
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, data_config
 from sequencer.errors import UsageError
+from sequencer.files import write_csv
 from sequencer.model import Sequencer
 from sequencer.recurrence import route
 from sequencer.runtime import progress_bar, resolve_device, set_threads
