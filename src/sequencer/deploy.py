@@ -24,8 +24,8 @@ from sequencer.builder import load_model, resolve_model_name
 from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
 from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
+from sequencer.model import route
 from sequencer.options import input_overrides
-from sequencer.recurrence import route
 
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}
 # Where the preprocessing is recorded: an ONNX metadata_props key, or an extra file in the TorchScript / .pt2 archive.

@@ -54,7 +54,6 @@ from sequencer.errors import CheckpointError, UsageError
 from sequencer.hub import released_weights
 from sequencer.options import input_overrides
 from sequencer.plotting import plot_training_curves
-from sequencer.recurrence import adopt_training_paths, training_paths
 from sequencer.runtime import (
     amp_dtype,
     autocast,
@@ -220,8 +219,6 @@ def checkpoint_dict(state: TrainState, args: dict[str, Any]) -> dict[str, Any]:
         "args": args,
         "history": state.history,
         "class_names": state.class_names,
-        # The CPU recurrence paths `auto` measured and took: a resumed run takes them too, not a new measurement.
-        "cpu_training_paths": training_paths(),
     }
     if state.scheduler is not None:
         ckpt["scheduler"] = state.scheduler.state_dict()
@@ -297,7 +294,6 @@ def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimize
     state.num_updates = ckpt["num_updates"]
     state.best_metric, state.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
     state.history = list(ckpt.get("history", []))
-    adopt_training_paths(ckpt.get("cpu_training_paths", {}))
 
 
 def update_checkpoint_history(
