@@ -252,7 +252,8 @@ class BiLSTM1D(RecurrentMixer):
 
     @torch.jit.unused
     def mix_all_at_once(self, x: torch.Tensor, compiled: bool) -> torch.Tensor:
-        """`mix` through a 2D recurrence, the `rnn2d` op (`compiled`) or the fused path: (B, H, W, C) -> (B, H, W, C)."""
+        """`mix` through a 2D recurrence, the `rnn2d` op (`compiled`) or the fused path: (B, H, W, C) -> (B, H, W,
+        C)."""
         rnn2d = compiled_rnn2d if compiled else fused_rnn2d
         B, H, W, C = x.shape
         # (B, H, W, C) -> (B, 1, H*W, C): the raster as a map of one row, scanned horizontally;
