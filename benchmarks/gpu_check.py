@@ -59,8 +59,8 @@ from sequencer.bench import (
     time_round_robin,
 )
 from sequencer.builder import create_model
-from sequencer.model import BiLSTM2D
-from sequencer.recurrence import recurrent_weights, route
+from sequencer.model import BiLSTM2D, route
+from sequencer.recurrence import recurrent_weights
 
 CELLS = ("lstm", "gru", "rnn")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

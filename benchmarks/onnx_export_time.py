@@ -24,7 +24,7 @@ from onnxscript.optimizer import fold_constants_ir, remove_unused_nodes
 
 import sequencer
 from sequencer.bench import processor_name, time_round_robin
-from sequencer.recurrence import route
+from sequencer.model import route
 
 
 def export(model: torch.nn.Module, path: Path, whole_optimizer: bool) -> float:

@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from sequencer.bench import time_round_robin
-from sequencer.model import BiLSTM2D
-from sequencer.recurrence import route
+from sequencer.model import BiLSTM2D, route
 from sequencer.runtime import autocast, resolve_device, set_threads
 
 STAGES = {"stage1": (32, 192, 48), "stage2-4": (16, 384, 96)}  # map side, channels, hidden at 224 px

@@ -1,4 +1,5 @@
-"""The package's layers import one way: errors <- model <- checkpoint <- builder <- library functions <- commands."""
+"""The package's layers import one way: errors, kernels <- model <- checkpoint <- builder <- library functions <-
+commands."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ LOWER_LAYERS = {
     "sequencer.errors": set(),
     "sequencer.choices": set(),
     "sequencer.kernels.onednn": set(),
-    "sequencer.model": {"sequencer.errors"},
-    "sequencer.recurrence": {"sequencer.choices", "sequencer.kernels.onednn", "sequencer.model"},
+    # The kernels sit below the model, whose mixers and linears show which one runs.
+    "sequencer.recurrence": {"sequencer.kernels.onednn"},
+    "sequencer.model": {"sequencer.choices", "sequencer.errors", "sequencer.kernels.onednn", "sequencer.recurrence"},
     "sequencer.files": set(),
     "sequencer.hub": {"sequencer.errors"},
     "sequencer.checkpoint": {"sequencer.choices", "sequencer.errors", "sequencer.files", "sequencer.hub"},
@@ -26,7 +28,6 @@ LOWER_LAYERS = {
         "sequencer.errors",
         "sequencer.hub",
         "sequencer.model",
-        "sequencer.recurrence",
     },
 }
 COMMAND_LAYER = ("sequencer.cli", "sequencer.commands", "sequencer.__main__")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+from timm.models import FeatureInfo
 from timm.optim._param_groups import param_groups_layer_decay
 from torch import nn
 
@@ -16,8 +18,7 @@ from sequencer.analysis.complexity import count_macs
 from sequencer.errors import UsageError
 from sequencer.kernels import onednn
 from sequencer.kernels.onednn import FastLinear
-from sequencer.model import BiLSTM2D, Sequencer, SequencerBlock, SequencerConfig
-from sequencer.recurrence import RoutedBiLSTM2D, route
+from sequencer.model import BiLSTM2D, Sequencer, SequencerBlock, SequencerConfig, route
 
 torch.set_num_threads(2)
 
@@ -229,6 +230,58 @@ def test_reset_classifier() -> None:
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 128)
 
 
+def test_reset_classifier_keeps_the_models_device_dtype_and_mode_and_takes_timms_global_pool() -> None:
+    model = sequencer.create_model("sequencer2d_tiny").to(torch.float64).eval()
+    model.reset_classifier(10)
+    head = model.get_classifier()
+    assert (head.weight.dtype, head.weight.device.type, head.training) == (torch.float64, "cpu", False)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert model(x).shape == (2, 10)
+    model.reset_classifier(0, global_pool="")
+    assert model(x).shape == (2, 4, 4, 128) == model.forward_features(x).shape  # no pooling: the tokens
+    model.reset_classifier(5, global_pool="avg")
+    assert model(x).shape == (2, 5) and model.head_hidden_size == model.num_features == 128
+    with pytest.raises(ValueError, match="global_pool must be 'avg' or ''"):
+        model.reset_classifier(5, global_pool="max")
+
+
+def test_create_model_builds_on_the_device_and_dtype_asked_and_refuses_unknown_keywords() -> None:
+    model = sequencer.create_model("sequencer2d_l", device="meta", dtype=torch.bfloat16)
+    assert {(t.device.type, t.dtype) for t in [*model.parameters(), *model.buffers()]} == {("meta", torch.bfloat16)}
+    assert model.output_fmt == "NHWC" and model.pretrained_cfg["pool_size"] == (16, 16)
+    assert sequencer.create_model("sequencer2d_s_392", device="meta").pretrained_cfg["pool_size"] == (28, 28)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'drop_path'"):
+        sequencer.create_model("sequencer2d_tiny", drop_path=0.1)  # timm's factory says drop_path_rate
+
+
+def test_feature_info_is_timms_for_plain_and_features_only_models() -> None:
+    model = sequencer.create_model("sequencer2d_s", device="meta")
+    info = model.feature_info
+    assert isinstance(info, FeatureInfo)
+    assert info.channels() == [192, 384, 384, 384] and info.reduction() == [7, 14, 14, 14]
+    assert info.module_name() == ["stages.0", "stages.1", "stages.2", "stages.3"]
+    assert [entry["num_chs"] for entry in info] == info.channels() and info[1]["reduction"] == 14
+    backbone = sequencer.SequencerFeatures(model, out_indices=(0, -1))
+    assert isinstance(backbone.feature_info, FeatureInfo) and backbone.feature_info.channels() == [192, 384]
+    assert [entry["module"] for entry in backbone.feature_info] == backbone.feature_info.module_name()
+    assert backbone.feature_info.module_name() == ["stages.0", "stages.3"]
+
+
+def test_torchvision_feature_extraction_returns_the_stage_maps_as_the_readme_shows() -> None:
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = sequencer.create_model("v_sequencer_s_pe", layers=(1, 1, 1, 1)).eval()  # resizes its position table
+    extractor = create_feature_extractor(model, return_nodes={"stages.1": "s1", "stages.3": "s3"})
+    x = torch.randn(1, 3, 56, 70)
+    with torch.no_grad():
+        maps = extractor(x)
+        expected = model.forward_intermediates(x, indices=[1, 3], output_fmt="NHWC", intermediates_only=True)
+    assert list(maps) == ["s1", "s3"]
+    for got, want in zip(maps.values(), expected, strict=True):
+        torch.testing.assert_close(got, want)  # (B, h, w, C): the stages are channels-last
+
+
 def test_features_only_returns_every_stage_as_nchw() -> None:
     torch.manual_seed(0)
     full = sequencer.create_model("sequencer2d_s").eval()
@@ -287,42 +340,42 @@ def test_features_only_leaves_the_model_it_was_handed_whole() -> None:
     assert sequencer.count_parameters(sequencer.create_model("sequencer2d_tiny")) == 1_043_688
 
 
-def test_route_switches_every_mixer_and_linear_and_restores_them_when_the_body_raises() -> None:
+def test_route_sets_every_mixer_and_linear_and_restores_them_when_the_body_raises() -> None:
     model = sequencer.create_model("sequencer2d_tiny", rnn_impl="fused")
     mixers = [m for m in model.modules() if isinstance(m, BiLSTM2D)]
-    linears = [m for m in model.modules() if type(m) in (nn.Linear, FastLinear) and m is not model.head.fc]
-    assert all(type(m) is RoutedBiLSTM2D for m in mixers) and all(type(m) is FastLinear for m in linears)
-    assert type(model.head.fc) is nn.Linear  # the classifier is no block linear
+    linears = [m for m in model.modules() if isinstance(m, FastLinear)]
+    assert len(linears) == 3 * len(mixers) and type(model.head.fc) is nn.Linear  # fc, fc1, fc2; no classifier
+    assert {m.rnn_impl for m in mixers} == {"fused"} and all(m.onednn for m in linears)
     mixers[0].rnn_impl = "auto"  # each mixer gets back its own choice, not a model-wide one
     before = [m.rnn_impl for m in mixers]
     # A wrapper holding the model is routed too: every mixer and block linear inside it.
     wrapper = nn.Sequential(model)
     with pytest.raises(RuntimeError, match="body failed"), route(wrapper, rnn_impl="reference", onednn_linear=False):
-        assert {m.rnn_impl for m in mixers} == {"reference"}
-        assert len(linears) == 3 * len(mixers) and all(type(m) is nn.Linear for m in linears)  # fc, fc1, fc2
+        assert {m.rnn_impl for m in mixers} == {"reference"} and not any(m.onednn for m in linears)
         raise RuntimeError("body failed")
-    assert [m.rnn_impl for m in mixers] == before and all(type(m) is FastLinear for m in linears)
+    assert [m.rnn_impl for m in mixers] == before and all(m.onednn for m in linears)
     with pytest.raises(ValueError, match="unknown rnn_impl 'cudnn'"):
         route(model, rnn_impl="cudnn", onednn_linear=False)
-    assert [m.rnn_impl for m in mixers] == before and all(type(m) is FastLinear for m in linears)  # refused first
+    assert [m.rnn_impl for m in mixers] == before and all(m.onednn for m in linears)  # refused first
     # Called as a statement the change stays; a switch left at None is not touched.
     route(model, rnn_impl="reference")
-    assert {m.rnn_impl for m in mixers} == {"reference"} and all(type(m) is FastLinear for m in linears)
+    assert {m.rnn_impl for m in mixers} == {"reference"} and all(m.onednn for m in linears)
 
 
-def test_a_model_built_directly_is_the_plain_paper_network_and_routing_keeps_its_state_dict() -> None:
+def test_no_module_changes_class_and_a_model_built_directly_is_the_one_create_model_builds() -> None:
+    source = "\n".join(path.read_text() for path in Path(sequencer.__file__).parent.rglob("*.py"))
+    assert "__class__ =" not in source  # the kernel choice is a branch in the forward, not a swapped class
     torch.manual_seed(0)
     plain = Sequencer(sequencer.model.VARIANTS["sequencer2d_tiny"], num_classes=10).eval()
-    assert {type(m) for m in plain.modules() if isinstance(m, BiLSTM2D)} == {BiLSTM2D}
-    assert not any(isinstance(m, FastLinear) for m in plain.modules())
+    built = sequencer.create_model("sequencer2d_tiny", num_classes=10).eval()
+    assert [type(m) for m in plain.modules()] == [type(m) for m in built.modules()]
     keys = list(plain.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = plain(x)
-        with route(plain, rnn_impl="fused", onednn_linear=True):
-            assert list(plain.state_dict()) == keys  # routing changes classes, never parameters or their names
+        with route(plain, rnn_impl="fused", onednn_linear=False):
+            assert list(plain.state_dict()) == keys  # routing sets attributes, never parameters or their names
             torch.testing.assert_close(plain(x), expected, atol=1e-5, rtol=1e-5)
-    assert {type(m) for m in plain.modules() if isinstance(m, BiLSTM2D)} == {BiLSTM2D}  # back to the paper's
 
 
 def test_onednn_linear_off_keeps_the_block_linears_on_f_linear_with_the_same_logits(

@@ -1,9 +1,9 @@
-"""The fused recurrence and the torch.compile op against the nn.LSTM/GRU/RNN reference: outputs and gradients."""
+"""The fused recurrence and the torch.compile op against the nn.LSTM/GRU/RNN reference: outputs and gradients;
+which of them a mixer runs."""
 
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 
 import pytest
@@ -16,8 +16,8 @@ from sequencer import recurrence
 from sequencer.builder import create_model
 from sequencer.kernels import onednn
 from sequencer.kernels.onednn import FastLinear
-from sequencer.model import BiLSTM2D, SequencerBlock
-from sequencer.recurrence import resolve_impl, rnn2d, route
+from sequencer.model import BiLSTM1D, BiLSTM2D, SequencerBlock, route
+from sequencer.recurrence import rnn2d
 
 CELLS = ("lstm", "gru", "rnn")
 UNIONS = ("cat", "add", "vertical", "horizontal")
@@ -41,7 +41,8 @@ def _outputs_and_grads(mixer: BiLSTM2D, impl: str, x: torch.Tensor, upstream: to
 
 
 def _assert_matches_reference(mixer: BiLSTM2D, impl: str, x: torch.Tensor, atol: float, rtol: float) -> None:
-    upstream = torch.randn(*x.shape[:3], mixer.fc.out_features, dtype=x.dtype)
+    with torch.no_grad():
+        upstream = torch.randn_like(mixer(x))
     expected = _outputs_and_grads(mixer, "reference", x, upstream)
     got = _outputs_and_grads(mixer, impl, x, upstream)
     names = ["output", "input grad", *(f"grad {n}" for n, _ in mixer.named_parameters())]
@@ -170,59 +171,44 @@ def test_custom_op_passes_torch_library_opcheck() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_auto_trains_on_the_cpu_path_measured_faster_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(recurrence, "_CPU_TRAINING_PATHS", {})
-    measured: list[tuple[int, ...]] = []
-    # A processor where the fused path wins on 6x6 maps and loses on 4x4 ones, whatever this one measures.
-    fake_seconds = {6: {"reference": 2.0, "fused": 1.0}, 4: {"reference": 1.0, "fused": 3.0}}
-
-    def measure(mixer: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
-        measured.append(tuple(x.shape))
-        return fake_seconds[x.shape[1]]
-
-    monkeypatch.setattr(recurrence, "measure_training_paths", measure)
+def test_auto_runs_torchs_rnn_layers_in_eager_mode_and_fused_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No choice by timing: a training step under "auto" calls the nn.LSTMs, whatever the processor would measure.
+    calls: list[str] = []
+    fused = recurrence.fused_rnn2d
+    monkeypatch.setattr(sequencer.model, "fused_rnn2d", lambda *args: calls.append("fused") or fused(*args))
     mixer = _mixer("lstm", "cat", True)
     mixer.rnn_impl = "auto"
-    square = torch.randn(2, 6, 6, 16)
-    assert resolve_impl("auto", square, needs_backward=True, mixer=mixer) == "fused"
-    assert resolve_impl("auto", square[:1], needs_backward=True, mixer=mixer) == "fused"  # the batch is no part of it
-    assert resolve_impl("auto", torch.randn(2, 4, 4, 16), needs_backward=True, mixer=mixer) == "reference"
-    assert measured == [(2, 6, 6, 16), (2, 4, 4, 16)]  # once per map
-    assert resolve_impl("auto", square, needs_backward=False, mixer=mixer) == "reference"  # inference: oneDNN's
-    assert resolve_impl("fused", torch.randn(1, 4, 4, 16), needs_backward=False, mixer=mixer) == "fused"
-    meta = torch.empty(2, 6, 6, 16, device="meta")  # any device but the CPU: the library's kernels
-    assert resolve_impl("auto", meta, needs_backward=True, mixer=mixer) == "reference"
-    # What a checkpoint records, a resumed process takes without measuring.
-    recorded = recurrence.training_paths()
-    assert sorted(recorded.values()) == ["fused", "reference"]
-    monkeypatch.setattr(recurrence, "_CPU_TRAINING_PATHS", {})
-    recurrence.adopt_training_paths({**recorded, "ignored": "triton"})
-    assert recurrence.training_paths() == recorded
-    mixer(square.requires_grad_()).sum().backward()  # the model's own call takes the recorded path
-    assert measured == [(2, 6, 6, 16), (2, 4, 4, 16)]
+    for rnn in mixer.rnns:
+        rnn.register_forward_pre_hook(lambda *_: calls.append("nn.LSTM"))
+    x = torch.randn(2, 6, 6, 16, requires_grad=True)
+    mixer(x).sum().backward()
+    assert calls == ["nn.LSTM", "nn.LSTM"]
+    mixer.rnn_impl = "fused"
+    mixer(x).sum().backward()
+    assert calls == ["nn.LSTM", "nn.LSTM", "fused"]
 
 
-def test_the_first_measured_step_works_under_gradient_checkpointing(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The measurement runs inside the block's checkpointed forward: its own saved tensors must not count as the block's.
-    monkeypatch.setattr(recurrence, "_CPU_TRAINING_PATHS", {})
-    model, reference = _tiny_pair()
-    model.set_grad_checkpointing(True)
-    x = torch.randn(2, 3, 32, 32)
-    F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
-    F.cross_entropy(reference(x), torch.tensor([1, 2])).backward()
-    assert len(recurrence.training_paths()) == 2  # the two map sizes of the tiny model
-    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+def test_the_mixers_read_their_weights_from_a_list_kept_when_the_parameters_are_replaced() -> None:
+    # The fused path and the compiled op read `flat_weights` (dynamo cannot touch an nn.LSTM): no list is rebuilt
+    # per call, and .to() and loading with assign=True, which make new parameters, refresh it.
+    model = create_model("sequencer2d_tiny", rnn_impl="fused")
+    mixer = model.stages[0].blocks[0].rnn_tokens
+    assert mixer.flat_weights == recurrence.recurrent_weights(mixer.rnns)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    model.double()
+    assert all(w is v for w, v in zip(mixer.flat_weights, recurrence.recurrent_weights(mixer.rnns), strict=True))
+    assert {w.dtype for w in mixer.flat_weights} == {torch.float64}
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    fused = model(x)
+    with route(model, rnn_impl="reference"):
+        torch.testing.assert_close(fused, model(x))
 
 
-def test_the_measurement_trains_a_copy_and_leaves_the_callers_gradients_and_random_stream_alone() -> None:
-    mixer = _mixer("lstm", "cat", True)
-    x = torch.randn(2, 4, 4, 16)
-    random_state = torch.get_rng_state()
-    seconds = recurrence.measure_training_paths(mixer, x, rounds=1)
-    assert torch.equal(torch.get_rng_state(), random_state)  # training's random stream is not moved
-    assert set(seconds) == {"reference", "fused"} and all(0 < t < math.inf for t in seconds.values())
-    assert all(p.grad is None for p in mixer.parameters())
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_vanilla_mixer_matches_reference(cell: str) -> None:
+    torch.manual_seed(0)
+    mixer = BiLSTM1D(16, 8, cell=cell)
+    _assert_matches_reference(mixer, "fused", torch.randn(2, 3, 5, 16), atol=1e-5, rtol=1e-5)
 
 
 def test_rnn_impl_is_a_model_option_and_keeps_the_checkpoint_layout() -> None:

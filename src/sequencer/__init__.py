@@ -18,7 +18,7 @@ _EXPORTS = {
     "list_models": "sequencer.model",
     "create_model": "sequencer.builder",
     "load_model": "sequencer.builder",
-    "route": "sequencer.recurrence",
+    "route": "sequencer.model",
     "create_transform": "sequencer.data",
     "export": "sequencer.deploy",
     "load_pretrained": "sequencer.checkpoint",

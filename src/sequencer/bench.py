@@ -53,7 +53,6 @@ from sequencer.deploy import OnnxModel, export, load_onnx, quantize_onnx, requir
 from sequencer.errors import UsageError
 from sequencer.model import list_models
 from sequencer.options import flag_values
-from sequencer.recurrence import training_paths
 from sequencer.runtime import autocast, compile_model, native_bfloat16_cpu, resolve_device, set_threads
 
 # What a subject runs: a PyTorch module (compiled or not) or an exported file in onnxruntime.
@@ -468,8 +467,6 @@ def write_outputs(records: list[dict[str, Any]], output: str | os.PathLike, devi
         processor=processor_name(device),
         cpu_native_bfloat16=native_bfloat16_cpu() if device.type == "cpu" else None,
         onnxruntime=_onnxruntime_version(records),
-        # The paths "auto" measured and took for CPU training, by mixer shape: what its train rows ran.
-        cpu_training_paths=training_paths(),
     )
     output.with_suffix(".json").write_text(json.dumps(dict(environment=environment, results=records), indent=1))
     columns = [key for key in records[0] if key != "step_ms_all"] if records else []

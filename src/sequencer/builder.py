@@ -1,26 +1,36 @@
 """Models by name: `create_model` (timm's factory), `load_model` (a checkpoint, ready for inference).
 
 The one place a model name is resolved (aliases, timm-style "name.tag"), a variant's config looked up, the
-preprocessing config attached, weights loaded (a file, the Hugging Face Hub, the released files) and the mixers
-routed to their fast kernels (`sequencer.recurrence.route`).
+preprocessing config attached, weights loaded (a file, the Hugging Face Hub, the released files) and the mixers'
+kernel chosen (`sequencer.model.route`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from sequencer.checkpoint import Checkpoint, load_checkpoint, load_pretrained, open_checkpoint
 from sequencer.choices import DEFAULT_MODEL
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.hub import released_weights
-from sequencer.model import ALIASES, VARIANTS, Sequencer, SequencerConfig, SequencerFeatures, default_cfg, list_models
-from sequencer.recurrence import route
+from sequencer.model import (
+    ALIASES,
+    VARIANTS,
+    Sequencer,
+    SequencerConfig,
+    SequencerFeatures,
+    default_cfg,
+    list_models,
+    route,
+)
 
 # Every name of a registered variant (the variants' own and the aliases) to the variant it means.
 VARIANT_OF = {**{name: name for name in VARIANTS}, **ALIASES}
@@ -56,17 +66,25 @@ def create_model(
     out_indices: tuple[int, ...] = (0, 1, 2, 3),
     unsafe_load: bool = False,
     rnn_impl: str = "auto",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered variant, optionally with weights (a file, an hf-hub:ORG/REPO, or True for the released).
 
-    `overrides` replace fields of the variant's `SequencerConfig` (`img_size=392`, `drop_rate=0.1`). The mixers
-    run on `rnn_impl` (see `sequencer.recurrence.route`). A pickled checkpoint that needs more than tensors and
-    plain containers is refused unless `unsafe_load`.
+    `overrides` replace fields of the variant's `SequencerConfig` (`img_size=392`, `drop_rate=0.1`); any other
+    keyword is a TypeError, as in timm's factory. The parameters are made on `device` (the "meta" device too) and
+    then cast to `dtype`. The mixers run on `rnn_impl` (see `sequencer.model.route`). A pickled checkpoint that
+    needs more than tensors and plain containers is refused unless `unsafe_load`.
     """
-    model = build(
-        name, resolve_model_name(name), num_classes, in_chans, rnn_impl, drop_path_rate=drop_path_rate, **overrides
-    )
+    unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(SequencerConfig)})
+    if unknown:
+        raise TypeError(f"create_model() got an unexpected keyword argument {unknown[0]!r}")
+    variant = resolve_model_name(name)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build(name, variant, num_classes, in_chans, rnn_impl, drop_path_rate=drop_path_rate, **overrides)
+    if dtype is not None:
+        model.to(dtype=dtype)
     if pretrained:
         url = model.pretrained_cfg["url"]
         weights = released_weights(model.model_name, url) if pretrained is True else pretrained
@@ -77,15 +95,12 @@ def create_model(
 
 
 def build(name: str, variant: str, num_classes: int, in_chans: int, rnn_impl: str, **overrides: Any) -> Sequencer:
-    """The registered `variant` as `name` asked for it, routed, with its preprocessing config attached."""
-    try:
-        config = dataclasses.replace(VARIANTS[variant], num_classes=num_classes, in_chans=in_chans, **overrides)
-    except TypeError as error:  # a keyword that is no config field
-        raise UsageError(f"create_model({name!r}): {error}") from None
+    """The registered `variant` as `name` asked for it, on `rnn_impl`, with its preprocessing config attached."""
+    config = dataclasses.replace(VARIANTS[variant], num_classes=num_classes, in_chans=in_chans, **overrides)
     model = Sequencer(config)
-    route(model, rnn_impl=rnn_impl, onednn_linear=True)
+    route(model, rnn_impl=rnn_impl)
     base = name.split(".")[0]  # timm-style tags such as "sequencer2d_s.in1k" name the same network
-    cfg = default_cfg(base)
+    cfg = default_cfg(base, config)
     cfg.update(num_classes=num_classes, input_size=(in_chans, config.img_size, config.img_size))
     model.pretrained_cfg = model.default_cfg = cfg
     model.model_name = base

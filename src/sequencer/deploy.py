@@ -25,8 +25,8 @@ from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
 from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
 from sequencer.files import atomic_path
+from sequencer.model import route
 from sequencer.options import input_overrides
-from sequencer.recurrence import route
 
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}
 # Where the weights' record (`WeightsRecord`, with crop_mode and any quantization) is stored: an ONNX metadata_props

@@ -1,12 +1,15 @@
 """Sequencer: Deep LSTM for Image Classification (Tatsunami & Taki, NeurIPS 2022), in one file.
 
 Read top to bottom: the configuration (`SequencerConfig`), the token mixers (the 2D recurrent mixer BiLSTM2D and
-the vanilla 1D mixer, on one base), the channel MLP and the block, the stem, the downsampling and the stage, the
-head and the network with its backbone wrapper (`features_only`), then the table of official variants as data.
+the vanilla 1D mixer, on one base whose `forward` picks the kernel), the channel MLP and the block, the stem, the
+downsampling and the stage, the head and the network with its backbone wrapper (`features_only`), then the table of
+official variants as data.
 
-This file is the paper's network and nothing else: no file or network I/O, no kernel choice. `sequencer.builder`
-builds variants by name (`create_model`) and loads weights; `sequencer.recurrence.route` swaps the mixers and the
-block linears for faster kernels computing the same function, which `create_model` does by default.
+This file is the paper's network; the kernels live below it. Each mixer's `mix` is the paper's formulation on
+torch's RNN layers, and `RecurrentMixer.forward` shows beside it the two other ways its recurrences run: one op for
+all of them under torch.compile, and the fused CPU path when asked for (`rnn_impl`, see `sequencer.recurrence`).
+The block linears are `FastLinear`, an nn.Linear that runs oneDNN's matmul on AMD CPUs
+(`sequencer.kernels.onednn`). `sequencer.builder` builds variants by name (`create_model`) and loads weights.
 
 Tensors inside the network are channels-last, (B, H, W, C), as in the authors' code; the input and the
 `features_only` outputs are NCHW. In the shape comments D is a recurrent layer's hidden size, as in the paper: a
@@ -16,23 +19,33 @@ Parameter names follow timm's layout (`stages.{i}.blocks.{j}...`) so that timm's
 authors' layout (`blocks.{stage}.{j}...`) is converted by `sequencer.checkpoint`.
 """
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
+from timm.models import FeatureInfo
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sequencer.choices import IMPLEMENTATIONS
 from sequencer.errors import UsageError
+from sequencer.kernels.onednn import FastLinear
+from sequencer.recurrence import (
+    compiled_rnn2d,
+    fused_rnn2d,
+    in_recurrence_precision,
+    records_graph,
+    recurrent_weights,
+    train_mode_for_backward,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,14 +115,20 @@ class SequencerConfig:
 
 
 class RecurrentMixer(nn.Module):
-    """What the 2D and the 1D mixers share: their recurrent cell, built the same way, and the list of their RNNs."""
+    """What the 2D and the 1D mixers share: their recurrent cell, built the same way, and the choice of the kernel
+    their recurrences run on (`forward`)."""
 
     __jit_unused_properties__ = ["rnns"]  # TorchScript compiles properties, and this one it cannot
+    __jit_ignored_attributes__ = ["flat_weights"]  # read by the kernel paths only, which TorchScript never takes
 
     def __init__(self, cell: str, bidirectional: bool) -> None:
         super().__init__()
         self.cell = cell
         self.bidirectional = bidirectional
+        # "auto": torch's RNN layers (cuDNN, oneDNN), or one op under torch.compile; "reference": torch's RNN layers
+        # everywhere (dynamo then breaks the graph at each); "fused": the fused CPU path (`sequencer.recurrence`).
+        self.rnn_impl = "auto"
+        self.register_load_state_dict_post_hook(RecurrentMixer.keep_flat_weights)
 
     def make_rnn(self, dim: int, hidden_size: int) -> nn.RNNBase:
         """One single-layer, batch-first recurrent layer of the mixer's cell (LSTM, or the ablations' GRU or RNN)."""
@@ -119,6 +138,39 @@ class RecurrentMixer(nn.Module):
     def rnns(self) -> list[nn.RNNBase]:
         """The mixer's recurrent layers, in output-channel order."""
         return [module for module in self.children() if isinstance(module, nn.RNNBase)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each mixer's `mix` (the paper's formulation, on torch's RNN layers) or, with the same result to float
+        rounding, its `mix_all_at_once`, where one function runs every recurrence of the mixer."""
+        if records_graph(x):  # TorchScript, fx, jit.trace, export: they record the paper's nn.LSTM calls as they are
+            return self.mix(x)
+        if self.rnn_impl != "reference" and torch.compiler.is_compiling():
+            # dynamo breaks the graph at every nn.LSTM and cannot trace the fused path: all recurrences as one op
+            return self.mix_all_at_once(x, compiled=True)
+        if self.rnn_impl == "fused":
+            return self.mix_all_at_once(x, compiled=False)
+        return self.mix_in_torch_rnns(x)
+
+    @torch.jit.unused
+    def mix_in_torch_rnns(self, x: torch.Tensor) -> torch.Tensor:
+        """`mix`, with the RNN layers in train mode when a backward follows (cuDNN has no eval-mode backward) and
+        in the dtype their kernels can run under autocast (`sequencer.recurrence.recurrence_dtype`)."""
+        needs_backward = torch.is_grad_enabled() and (
+            x.requires_grad or any(w.requires_grad for w in self.flat_weights)
+        )
+        with train_mode_for_backward(self.rnns, needs_backward):
+            return in_recurrence_precision(self.mix, x)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "RecurrentMixer":
+        module = super()._apply(fn, recurse)
+        self.keep_flat_weights()  # .to(), .cuda(), .to_empty() may have made new parameters
+        return module
+
+    def keep_flat_weights(self, *_: Any) -> None:
+        """Hold the RNN layers' parameters as a flat list: what the kernel paths read, since dynamo cannot touch an
+        nn.LSTM. Refreshed when the parameters are replaced by `.to()` and the like or by loading with assign=True
+        (a hook); replaced any other way (torch.func.functional_call, DataParallel replicas), run "reference"."""
+        self.flat_weights = recurrent_weights(self.rnns)
 
 
 class BiLSTM2D(RecurrentMixer):
@@ -143,10 +195,13 @@ class BiLSTM2D(RecurrentMixer):
         # Shared by all columns (rnn_v) and by all rows (rnn_h): the axis sequences are folded into the batch.
         self.rnn_v = None if union == "horizontal" else self.make_rnn(dim, hidden_size)
         self.rnn_h = None if union == "vertical" else self.make_rnn(dim, hidden_size)
+        self.axes = {"vertical": "v", "horizontal": "h"}.get(union, "vh")
         axis_dim = hidden_size * (2 if bidirectional else 1)
-        self.fc = nn.Linear(2 * axis_dim if union == "cat" else axis_dim, dim) if with_fc else nn.Identity()
+        self.fc = FastLinear(2 * axis_dim if union == "cat" else axis_dim, dim) if with_fc else nn.Identity()
+        self.keep_flat_weights()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's BiLSTM2D: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         axes = []
         if self.rnn_v is not None:
@@ -166,6 +221,19 @@ class BiLSTM2D(RecurrentMixer):
             x = axes[0]
         return self.fc(x)  # (B, H, W, 4D or 2D) -> (B, H, W, C)
 
+    @torch.jit.unused
+    def mix_all_at_once(self, x: torch.Tensor, compiled: bool) -> torch.Tensor:
+        """`mix` with every recurrence in one call, the `rnn2d` op (`compiled`) or the fused path: (B, H, W, C) ->
+        (B, H, W, C)."""
+        rnn2d = compiled_rnn2d if compiled else fused_rnn2d
+        # (B, H, W, C) -> (B, H, W, 4D), channels [v fwd, v bwd, h fwd, h bwd] (those the variant has): "cat" already.
+        x = rnn2d(x, self.flat_weights, self.cell, self.axes, self.bidirectional)
+        if self.union == "add":
+            # (B, H, W, 4D) -> (B, H, W, 2D): the vertical half plus the horizontal half, the paper's v + h.
+            half = x.shape[-1] // 2
+            x = x[..., :half] + x[..., half:]
+        return self.fc(x)  # (B, H, W, 4D or 2D) -> (B, H, W, C)
+
 
 class BiLSTM1D(RecurrentMixer):
     """The vanilla Sequencer mixer: one BiLSTM over the flattened H*W raster, no projection."""
@@ -173,12 +241,25 @@ class BiLSTM1D(RecurrentMixer):
     def __init__(self, dim: int, hidden_size: int, cell: str = "lstm", bidirectional: bool = True) -> None:
         super().__init__(cell, bidirectional)
         self.rnn = self.make_rnn(dim, hidden_size)
+        self.keep_flat_weights()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The vanilla Sequencer's mixing: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         # (B, H, W, C) -> (B, H*W, C): the tokens in raster order, row after row, as one sequence per image;
         # (B, H*W, 2D) -> (B, H, W, 2D), where 2D = C (no projection follows).
         return self.rnn(x.reshape(B, H * W, C))[0].reshape(B, H, W, -1)
+
+    @torch.jit.unused
+    def mix_all_at_once(self, x: torch.Tensor, compiled: bool) -> torch.Tensor:
+        """`mix` through a 2D recurrence, the `rnn2d` op (`compiled`) or the fused path: (B, H, W, C) -> (B, H, W,
+        C)."""
+        rnn2d = compiled_rnn2d if compiled else fused_rnn2d
+        B, H, W, C = x.shape
+        # (B, H, W, C) -> (B, 1, H*W, C): the raster as a map of one row, scanned horizontally;
+        # (B, 1, H*W, 2D) -> (B, H, W, 2D).
+        raster = rnn2d(x.reshape(B, 1, H * W, C), self.flat_weights, self.cell, "h", self.bidirectional)
+        return raster.reshape(B, H, W, -1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,9 +272,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = FastLinear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = FastLinear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +342,8 @@ class SequencerStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        # torch.fx (x a Proxy) records the blocks themselves: a traced graph recomputes nothing.
+        if self.grad_checkpointing and isinstance(x, torch.Tensor) and not torch.jit.is_scripting():
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
             return x
@@ -274,16 +356,20 @@ class SequencerStage(nn.Module):
 
 
 class Head(nn.Module):
-    """Mean over H and W, dropout, linear classifier (`head.fc`, as in timm)."""
+    """Mean over H and W (`global_pool` "avg"; "" keeps the tokens), dropout, linear classifier (`head.fc`, as in
+    timm)."""
 
-    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0) -> None:
+    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0, global_pool: str = "avg") -> None:
         super().__init__()
+        self.global_pool = global_pool
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x.mean(dim=(1, 2)))  # (B, h, w, C) -> (B, C): global average pooling over the tokens
-        return x if pre_logits else self.fc(x)  # (B, C) -> (B, num_classes)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))  # (B, h, w, C) -> (B, C): global average pooling over the tokens
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)  # (..., C) -> (..., num_classes)
 
 
 def token_mixer(config: SequencerConfig, stage: int) -> RecurrentMixer:
@@ -304,7 +390,8 @@ class Sequencer(nn.Module):
         self.config = config
         self.num_classes = config.num_classes
         self.in_chans = config.in_chans
-        self.num_features = config.embed_dims[-1]
+        self.num_features = self.head_hidden_size = config.embed_dims[-1]  # no layer between the pool and the fc
+        self.output_fmt, self.feature_dim = "NHWC", -1  # timm's names: forward_features is channels-last
         self.min_input_size = math.prod(config.patch_sizes)
         dims = config.embed_dims
         self.stem = PatchEmbed(config.in_chans, dims[0], config.patch_sizes[0])
@@ -315,8 +402,7 @@ class Sequencer(nn.Module):
         # Stochastic depth grows linearly from 0 to drop_path_rate over all blocks, as in the authors' code.
         total = sum(config.layers)
         rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        stages, reduction, first = [], 1, 0
-        self.feature_info = []
+        stages, reduction, first, feature_info = [], 1, 0, []
         for i, depth in enumerate(config.layers):
             blocks = [
                 SequencerBlock(dims[i], token_mixer(config, i), config.mlp_ratio, config.drop_rate, rates[first + j])
@@ -326,7 +412,8 @@ class Sequencer(nn.Module):
             stages.append(SequencerStage(downsample, blocks))
             first += depth
             reduction *= config.patch_sizes[i]
-            self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"stages.{i}"))
+            feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"stages.{i}"))
+        self.feature_info = FeatureInfo(feature_info, tuple(range(len(feature_info))))
         self.stages = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = Head(dims[-1], config.num_classes, config.drop_rate)
@@ -361,10 +448,17 @@ class Sequencer(nn.Module):
         """The final linear layer."""
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh zero-initialised one for `num_classes` (0 removes it)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh zero-initialised one for `num_classes` (0 removes it), on the model's
+        device and dtype; `global_pool` "avg" or "" (no pooling: per-token outputs), None keeps the current one."""
+        if global_pool is not None:
+            if global_pool not in ("", "avg"):
+                raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+            self.head.global_pool = global_pool
         self.num_classes = num_classes
-        self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        like = self.stem.proj.weight  # the new head goes where the model is, in its dtype and mode
+        fc = nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype) if num_classes else None
+        self.head.fc = (fc or nn.Identity()).train(self.training)
         _init_module("head.fc", self.head.fc)
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -381,15 +475,11 @@ class Sequencer(nn.Module):
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """Patchify and add the (resized) position embedding: NCHW image to NHWC tokens."""
-        self.check_input(x)
+        if isinstance(x, torch.Tensor):  # under torch.fx x is a Proxy, whose shape Python cannot branch on
+            self.check_input(x)
         x = self.stem(x)  # (B, C_in, H, W) -> (B, h, w, C)
         if self.absolute_pos_embed is not None:
-            pos = self.absolute_pos_embed  # (1, h0, w0, C), learned for the default input size
-            if pos.shape[1] != x.shape[1] or pos.shape[2] != x.shape[2]:
-                # (1, h0, w0, C) -> (1, C, h0, w0): F.interpolate resizes the last two dimensions; -> (1, C, h, w).
-                pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(x.shape[1], x.shape[2]), mode="bicubic")
-                pos = pos.permute(0, 2, 3, 1)  # (1, C, h, w) -> (1, h, w, C)
-            x = x + pos  # broadcast over the batch
+            x = x + resize_pos_embed(self.absolute_pos_embed, x.shape[1], x.shape[2])  # broadcast over the batch
         return x
 
     def forward_intermediates(
@@ -432,7 +522,7 @@ class Sequencer(nn.Module):
         if prune_norm or truncated:
             self.norm = nn.Identity()
         if truncated:
-            self.num_features = self.feature_info[take[-1]]["num_chs"]
+            self.num_features = self.head_hidden_size = self.feature_info[take[-1]]["num_chs"]
         if prune_head or truncated:
             self.reset_classifier(0)
         return take
@@ -447,6 +537,18 @@ class Sequencer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def resize_pos_embed(pos: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The position table (1, h0, w0, C), learned for the default input size, at (1, height, width, C): bicubic."""
+    if pos.shape[1] == height and pos.shape[2] == width:
+        return pos
+    # (1, h0, w0, C) -> (1, C, h0, w0): F.interpolate resizes the last two dimensions; -> (1, C, h, w) -> (1, h, w, C).
+    return F.interpolate(pos.permute(0, 3, 1, 2), size=(height, width), mode="bicubic").permute(0, 2, 3, 1)
+
+
+# torch.fx records the call and runs it with the real map size: a traced model takes every input size.
+torch.fx.wrap("resize_pos_embed")
 
 
 def stage_indices(count: int, indices: int | Sequence[int] | None) -> list[int]:
@@ -479,11 +581,59 @@ class SequencerFeatures(nn.Module):
         trunk.head = nn.Identity()
         trunk.num_classes = 0
         self.model = trunk
-        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+        # timm's FeatureInfo over the maps returned, so that iterating it gives one dict per map as before.
+        self.feature_info = FeatureInfo(
+            [dict(model.feature_info[i]) for i in self.out_indices], tuple(range(len(self.out_indices)))
+        )
         self.pretrained_cfg = self.default_cfg = model.pretrained_cfg
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What `route` changed, as (module, attribute, value before); put back when `with` exits."""
+
+    previous: list[tuple[nn.Module, str, Any]]
+
+    def __enter__(self) -> "Routing":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for module, name, value in reversed(self.previous):
+            setattr(module, name, value)
+
+
+def route(model: nn.Module, rnn_impl: str | None = None, onednn_linear: bool | None = None) -> Routing:
+    """Set which kernels the mixers and block linears of `model` (any module holding them) run on; `with` it to undo.
+
+    The model's only two performance switches, attributes that `RecurrentMixer.forward` and `FastLinear.forward`
+    read; neither touches a parameter, and every kernel computes the paper's function to float rounding.
+    - `rnn_impl`: "auto" (the default: torch's RNN layers, one op under torch.compile), "reference" (torch's RNN
+      layers everywhere: what module hooks see, what can backpropagate twice through one graph) or "fused" (the
+      fused CPU path, `sequencer.recurrence`). TorchScript, torch.fx, tracing and export take torch's RNN layers.
+    - `onednn_linear`: False keeps the block linears on F.linear where `sequencer.kernels.onednn` would take
+      oneDNN's matmul (AMD CPUs, float32, eager).
+
+    A switch left at None is not touched. Called as a statement, the change stays; as a context manager, every
+    module comes back as it was on exit, even when the body raises:
+
+        with route(model, rnn_impl="reference", onednn_linear=False):
+            logits = model(images)
+    """
+    if rnn_impl is not None and rnn_impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown rnn_impl {rnn_impl!r}; expected one of {IMPLEMENTATIONS}")
+    switches = [
+        (module, name, value)
+        for module in model.modules()
+        for kind, name, value in ((RecurrentMixer, "rnn_impl", rnn_impl), (FastLinear, "onednn", onednn_linear))
+        if isinstance(module, kind) and value is not None
+    ]
+    previous = [(module, name, getattr(module, name)) for module, name, _ in switches]
+    for module, name, value in switches:
+        setattr(module, name, value)
+    return Routing(previous)
 
 
 def _init_module(name: str, module: nn.Module) -> None:
@@ -560,14 +710,17 @@ WEIGHTS = {name: f"{RELEASES}/{name}.pth" for name in ("sequencer2d_s", "sequenc
 WEIGHTS.update({f"{name}_392": url for name, url in WEIGHTS.items()})
 
 
-def default_cfg(name: str) -> dict[str, Any]:
-    """The preprocessing a registered variant expects, in timm's `pretrained_cfg` keys."""
-    size = VARIANTS[ALIASES.get(name, name)].img_size
+def default_cfg(name: str, config: SequencerConfig | None = None) -> dict[str, Any]:
+    """The preprocessing a registered variant (or `config`, built under its name) expects, in timm's
+    `pretrained_cfg` keys."""
+    config = config or VARIANTS[ALIASES.get(name, name)]
+    size, side = config.img_size, config.img_size // math.prod(config.patch_sizes)
     return dict(
         architecture=name,
         url=WEIGHTS.get(name, ""),
         num_classes=1000,
         input_size=(3, size, size),
+        pool_size=(side, side),  # the token map forward_features returns at input_size
         crop_pct=1.0 if size == 32 else 0.875,
         crop_mode="center",
         interpolation="bicubic",
@@ -601,4 +754,5 @@ __all__ = [
     "count_parameters",
     "default_cfg",
     "list_models",
+    "route",
 ]

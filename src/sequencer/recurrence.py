@@ -1,9 +1,9 @@
-"""BiLSTM2D recurrences: torch's RNN layers (the reference), a fused CPU training path, a torch.compile op, and the
-switch that installs them in a model (`route`).
+"""The recurrences of the mixers' kernels, below `sequencer.model`: a fused CPU path, a torch.compile op, and the
+care torch's RNN layers need in eager mode. `BiLSTM2D.forward` (sequencer/model.py) shows which one runs.
 
-The paper's formulation (`sequencer.model.BiLSTM2D.forward`) makes two `nn.LSTM` calls on permuted copies of
-the map, each with its own input projection and one direction after the other; on CUDA they run cuDNN's persistent
-RNN kernels, on the CPU oneDNN's. The fused path (`scan`, "fused") does this instead:
+The paper's formulation (`sequencer.model.BiLSTM2D`) makes two `nn.LSTM` calls on permuted copies of the map,
+each with its own input projection and one direction after the other; on CUDA they run cuDNN's persistent RNN
+kernels, on the CPU oneDNN's. The fused path (`scan`, `rnn_impl="fused"`) does this instead:
 
 1. the input projections of every direction (vertical/horizontal, forward/backward) are one matmul of the
    normalised tokens, `P = x @ W_ih_all^T + b` of shape (B, H, W, K * G * D) for K directions and G gates;
@@ -14,6 +14,9 @@ RNN kernels, on the CPU oneDNN's. The fused path (`scan`, "fused") does this ins
    cell states) in the same buffer, and a hand-written backward runs the recurrence in reverse with one batched
    matmul per step, then gets the recurrent weight gradient from a single matmul over all time steps.
 
+It is chosen by name only, never by timing: on a 2-core AVX2 EPYC it trained Sequencer2D-S at 1.11x (batch 8)
+and 1.60x (batch 32) the speed of `nn.LSTM` (BENCHMARKS.md, "Recurrence paths"), while rounding differently.
+
 Under torch.compile the recurrence is one opaque op, `torch.ops.sequencer.rnn2d` (`rnn2d`): dynamo cannot trace
 `nn.LSTM` (it breaks the graph at every one) nor the fused path's writes into strided views, so both would cut the
 model into dozens of graphs. The op runs torch's own RNN functions (cuDNN on CUDA, oneDNN on the CPU), has a fake
@@ -21,130 +24,31 @@ implementation for shapes, and an autograd formula whose backward recomputes the
 differentiates it: in compiled training the recurrence's forward runs twice, as with activation checkpointing of
 the recurrence alone, because cuDNN's backward needs the workspace of a training-mode forward that a functional
 op cannot hand over. Everything around it (LayerNorms, linears, GELUs, residuals) compiles into one graph.
-
-Implementations, chosen by name (`route(model, rnn_impl=...)`): "reference", "fused", and "auto", which picks per
-call (`resolve_impl`): under torch.compile the op above (for any name: neither of the others traces); on CUDA the
-reference, i.e. cuDNN, which no measurement on a GPU has shown slower than anything here (BENCHMARKS.md, "GPU");
-on the CPU, for training steps, whichever of the fused path and nn.LSTM a measurement at the first step of each
-shape found faster on this processor (`cpu_training_path`), nn.LSTM otherwise (CPU inference, where oneDNN's LSTM
-is hard to beat; tracing and export). `route` swaps a model's mixers for the routed subclasses
-below (`RoutedBiLSTM2D`), which share their parameters and state dict, so the paper's modules stay plain.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import time
-import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
+import torch.fx
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from sequencer.choices import IMPLEMENTATIONS
-from sequencer.kernels.onednn import FastLinear, linear
-from sequencer.model import BiLSTM1D, BiLSTM2D, SequencerBlock
-
-# What `resolve_impl` returns under torch.compile, whatever was asked: the `rnn2d` op.
-COMPILED = "compiled"
-# Which CPU training path "auto" took for each mixer shape in this process (`cpu_training_path`), by shape key.
-_CPU_TRAINING_PATHS: dict[str, str] = {}
+from sequencer.kernels.onednn import linear
 
 Direction = tuple[str, bool]  # (axis "v" or "h", reverse)
 
 
-def resolve_impl(name: str, x: torch.Tensor, needs_backward: bool, mixer: nn.Module | None = None) -> str:
-    """The implementation that `name` means for input x (B, H, W, C): "auto" picks per device, shape and pass.
-
-    On the CPU "auto" trains on whichever path `cpu_training_path` measured faster for `mixer` at this shape.
-    """
-    if tracing_or_exporting():
-        return "reference"  # nn.LSTM exports as one ONNX/aten op
-    if torch.compiler.is_compiling():
-        return COMPILED  # dynamo traces neither nn.LSTM nor the fused path's in-place writes
-    if name != "auto":
-        return name
-    # CPU inference: nn.LSTM runs on oneDNN, whose fused inference kernels nothing built from torch ops beats.
-    # CUDA (and anything else): the library's kernels.
-    if x.device.type == "cpu" and needs_backward and mixer is not None:
-        return cpu_training_path(mixer, x)
-    return "reference"
-
-
-def cpu_training_path(mixer: nn.Module, x: torch.Tensor) -> str:
-    """ "fused" or "reference", whichever ran a training step (forward and backward) of `mixer` faster at x's map,
-    measured on the first call for the shape and kept for the process (`training_paths`, `adopt_training_paths`).
-
-    Which wins depends on the processor: the fused path trained Sequencer2D-S faster from 4,096 tokens on an
-    AVX-512 EPYC and slower (0.91x timm) on an AVX2 one, so no threshold holds for every CPU. The two paths differ in
-    float32 rounding: processes that train together take rank 0's measurement, and `sequencer train` records the
-    choices in its checkpoints so that a resumed run takes the same paths.
-    """
-    key = training_path_key(mixer, x)
-    if key not in _CPU_TRAINING_PATHS:
-        times = measure_training_paths(mixer, x)
-        choice = min(times, key=times.get)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            agreed = [choice]
-            torch.distributed.broadcast_object_list(agreed, src=0)
-            choice = agreed[0]
-        _CPU_TRAINING_PATHS[key] = choice
-    return _CPU_TRAINING_PATHS[key]
-
-
-def training_path_key(mixer: nn.Module, x: torch.Tensor) -> str:
-    """What the choice between the CPU training paths depends on: the mixer, the map (not the batch), the precision
-    and the threads."""
-    rnn = mixer.rnns[0]
-    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    return (
-        f"{mixer.cell} {mixer.union} bidirectional={mixer.bidirectional} "
-        f"C={rnn.input_size} D={rnn.hidden_size} map={x.shape[1]}x{x.shape[2]} dtype={x.dtype} "
-        f"autocast={autocast} threads={torch.get_num_threads()}"
-    )
-
-
-def measure_training_paths(mixer: nn.Module, x: torch.Tensor, rounds: int = 3) -> dict[str, float]:
-    """Seconds of the fastest of `rounds` training steps of a mixer shaped like `mixer` at x's shape, per path."""
-    rnn = mixer.rnns[0]
-    seconds = {"reference": math.inf, "fused": math.inf}
-    # A fresh mixer (no hooks, no gradients of the caller's), made and fed from its own random stream: a measurement
-    # must not move the one that training replays on resume. Identity hooks shadow any outer saved-tensor hooks
-    # (gradient checkpointing's would count the probe's tensors as the block's and fail at recomputation).
-    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
-    with torch.random.fork_rng(devices=[]), torch.enable_grad(), hooks:
-        torch.manual_seed(0)
-        shape = (rnn.input_size, rnn.hidden_size, mixer.cell, mixer.bidirectional, mixer.union)
-        probe = RoutedBiLSTM2D(*shape, with_fc=not isinstance(mixer.fc, nn.Identity))
-        probe.to(device=x.device, dtype=rnn.weight_ih_l0.dtype)
-        sample = torch.randn(x.shape, dtype=x.dtype).to(x.device).requires_grad_()
-        for _ in range(rounds + 1):  # the first round warms both paths up
-            for impl in seconds:
-                probe.rnn_impl = impl
-                start = time.perf_counter()
-                probe(sample).sum().backward()
-                seconds[impl] = min(seconds[impl], time.perf_counter() - start)
-    return seconds
-
-
-def training_paths() -> dict[str, str]:
-    """The CPU training paths chosen in this process so far, by shape key: what a checkpoint records."""
-    return dict(_CPU_TRAINING_PATHS)
-
-
-def adopt_training_paths(paths: dict[str, str]) -> None:
-    """Take the CPU training paths a checkpoint recorded, so that a resumed run trains as the first did."""
-    _CPU_TRAINING_PATHS.update({key: path for key, path in paths.items() if path in ("fused", "reference")})
-
-
-def tracing_or_exporting() -> bool:
-    """Whether torch.jit.trace, ONNX export or torch.export is recording the model."""
+def records_graph(x: torch.Tensor) -> bool:
+    """Whether this call is being recorded rather than run: TorchScript, torch.fx, torch.jit.trace or an export."""
+    if torch.jit.is_scripting():
+        return True
     # The flag behind torch.compiler.is_exporting(): torch 2.7 and 2.8's dynamo folds that call to True under
     # torch.compile as well, which would take compiled models off the `rnn2d` op; the flag reads true in export only.
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler._is_exporting_flag
+    exporting = torch.onnx.is_in_onnx_export() or torch.compiler._is_exporting_flag
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or exporting
 
 
 @contextlib.contextmanager
@@ -153,9 +57,8 @@ def train_mode_for_backward(rnns: list[nn.RNNBase], needs_backward: bool) -> Ite
 
     A single-layer RNN has no dropout, so both modes compute the same; doing it on every device keeps one code
     path. Input gradients of an eval-mode model (effective receptive fields, attacks) need nothing from the caller.
-    Tracing and export record the modules as they are (a mode switch inside a trace fails its consistency check).
     """
-    switched = [rnn for rnn in rnns if needs_backward and not rnn.training and not tracing_or_exporting()]
+    switched = [rnn for rnn in rnns if needs_backward and not rnn.training]
     for rnn in switched:
         if rnn.dropout and rnn.num_layers > 1:
             raise ValueError(f"{rnn} has dropout between layers: train mode would change its output")
@@ -231,16 +134,18 @@ def recurrent_weights(rnns: list[nn.RNNBase]) -> list[torch.Tensor]:
     return weights
 
 
-def scan(x: torch.Tensor, weights: list[torch.Tensor], cell: str, directions: tuple[Direction, ...]) -> torch.Tensor:
-    """Run every direction's recurrence over x (B, H, W, C) on the fused path: (B, H, W, K*D).
+def fused_rnn2d(
+    x: torch.Tensor, weights: list[torch.Tensor], cell: str, axes: str, bidirectional: bool
+) -> torch.Tensor:
+    """Every directional recurrence over x (B, H, W, C) on the fused path: (B, H, W, K*D), in `rnn2d`'s order.
 
-    `weights` holds torch's per-direction parameters (see `recurrent_weights`); the output channels follow
-    `directions`, which for both axes is the reference's concat order [v fwd, v bwd, h fwd, h bwd].
+    `axes` is "vh", "v" or "h"; `weights` are `recurrent_weights` of the axes' nets in that order, and the output
+    channels follow `directions_of`, for both axes the reference's concat order [v fwd, v bwd, h fwd, h bwd].
     """
     w_ih, bias, w_hh_t, b_hn = pack_weights(weights, cell)
     projected = linear(x, w_ih, bias)
     save = torch.is_grad_enabled() and (projected.requires_grad or w_hh_t.requires_grad)
-    return FusedScan.apply(projected, w_hh_t, b_hn, cell, directions, save)
+    return FusedScan.apply(projected, w_hh_t, b_hn, cell, directions_of(tuple(axes), bidirectional), save)
 
 
 def pack_weights(
@@ -687,174 +592,3 @@ def compiled_rnn2d(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The switch: which kernels a model's mixers and block linears run on
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def method_alias(function: Callable, name: str) -> Callable:
-    """`function` under another name: TorchScript compiles a method by its function's name, and a routed mixer's
-    `forward` must not collide with the paper's `forward` it calls when scripted."""
-    alias = types.FunctionType(function.__code__, function.__globals__, name, function.__defaults__)
-    alias.__qualname__ = alias.__name__ = name
-    return alias
-
-
-class ScriptedAsThePaper:
-    """What both routed mixers do first: TorchScript compiles the paper's forward, eager calls take the routes."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self.paper_forward(x)
-        return self._forward_routed(x)
-
-
-def backward_follows(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
-    """Whether a backward pass can follow this call: gradients on and the input or a recurrent weight needs one."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-
-
-class RoutedBiLSTM2D(ScriptedAsThePaper, BiLSTM2D):
-    """BiLSTM2D whose recurrences run on the implementation `rnn_impl` names, picked per call by `resolve_impl`."""
-
-    rnn_impl = "auto"
-    paper_forward = method_alias(BiLSTM2D.forward, "paper_forward")
-
-    @torch.jit.unused
-    def _forward_routed(self, x: torch.Tensor) -> torch.Tensor:
-        weights = weights_for_call(self)
-        needs_backward = backward_follows(x, weights)
-        impl = resolve_impl(self.rnn_impl, x, needs_backward, self)
-        if impl == "reference":
-            with train_mode_for_backward(self.rnns, needs_backward):
-                return in_recurrence_precision(self.paper_forward, x)
-        # Named from `union`, not from rnn_v / rnn_h: dynamo breaks the graph at any touch of an nn.LSTM module.
-        axes = {"vertical": "v", "horizontal": "h"}.get(self.union, "vh")
-        # (B, H, W, C) -> (B, H, W, 4D), channels [v fwd, v bwd, h fwd, h bwd] (those the variant has): "cat" already.
-        if impl == COMPILED:
-            x = compiled_rnn2d(x, weights, self.cell, axes, self.bidirectional)
-        else:
-            x = scan(x, weights, self.cell, directions_of(tuple(axes), self.bidirectional))
-        if self.union == "add":
-            # (B, H, W, 4D) -> (B, H, W, 2D): the vertical half plus the horizontal half, the paper's v + h.
-            half = x.shape[-1] // 2
-            x = x[..., :half] + x[..., half:]
-        return self.fc(x)  # (B, H, W, 4D or 2D) -> (B, H, W, C)
-
-
-class RoutedBiLSTM1D(ScriptedAsThePaper, BiLSTM1D):
-    """The vanilla mixer on nn.LSTM with the same precision and backward care, or on the `rnn2d` op when compiled."""
-
-    paper_forward = method_alias(BiLSTM1D.forward, "paper_forward")
-
-    @torch.jit.unused
-    def _forward_routed(self, x: torch.Tensor) -> torch.Tensor:
-        weights = weights_for_call(self)
-        needs_backward = backward_follows(x, weights)
-        if resolve_impl("reference", x, needs_backward) == COMPILED:
-            B, H, W, C = x.shape
-            # (B, H, W, C) -> (B, 1, H*W, C): the raster as a map of one row, scanned horizontally by the 2D op;
-            # (B, 1, H*W, 2D) -> (B, H, W, 2D).
-            raster = compiled_rnn2d(x.reshape(B, 1, H * W, C), weights, self.cell, "h", self.bidirectional)
-            return raster.reshape(B, H, W, -1)
-        with train_mode_for_backward([self.rnn], needs_backward):
-            return in_recurrence_precision(self.paper_forward, x)
-
-
-def weights_for_call(mixer: nn.Module) -> list[torch.Tensor]:
-    """The mixer's recurrent parameters (`recurrent_weights`), as its nn.LSTM modules hold them now.
-
-    Dynamo refuses to touch nn.LSTM modules at all (graph breaks), so a compiled call reads the list the last eager
-    call (or `route`) left on the mixer; eager calls read it afresh, following parameters replaced since
-    (DataParallel replicas, load_state_dict with assign=True).
-    """
-    if not torch.compiler.is_compiling():
-        mixer.recurrent_weights = recurrent_weights(mixer.rnns)
-    return mixer.recurrent_weights
-
-
-ROUTED_MIXERS: dict[type[nn.Module], type[nn.Module]] = {BiLSTM2D: RoutedBiLSTM2D, BiLSTM1D: RoutedBiLSTM1D}
-
-
-def route(model: nn.Module, rnn_impl: str | None = None, onednn_linear: bool | None = None) -> Routing:
-    """Route the token mixers and block linears of `model` (any module holding them) to kernels; `with` it to undo.
-
-    The model's only two performance switches. Neither touches the parameters or the state dict; every path
-    computes the paper's function, to float32 rounding. `sequencer.create_model` routes with `rnn_impl="auto"` and
-    `onednn_linear=True`; a `Sequencer` built directly runs the paper's modules as they are.
-
-    - `rnn_impl`: how the mixers' recurrences run. "auto" picks per call: cuDNN's nn.LSTM on CUDA; on the CPU the
-      fused path or nn.LSTM for training steps, as measured at the first step of each shape
-      (`cpu_training_path`), nn.LSTM (oneDNN) otherwise. "reference" always runs the paper's
-      nn.LSTM calls: what module hooks see, what can backpropagate twice through one graph. "fused" always runs
-      the fused path. torch.compile (one custom op), tracing and export (nn.LSTM) override it; the vanilla 1D
-      mixer always runs nn.LSTM. Every routed mixer runs its recurrences in `recurrence_dtype` under autocast and
-      in train mode when a backward pass follows (what cuDNN needs).
-    - `onednn_linear`: True sends the blocks' float32 CPU matmuls outside autocast, compile and export to oneDNN's
-      matmul on AMD processors, where MKL's sgemm trails it (`sequencer.kernels.onednn.FastLinear`); False keeps
-      them plain nn.Linear. The fused recurrence's input projection follows only
-      `torch.backends.mkldnn.flags(enabled=False)`, which takes the whole process off oneDNN.
-
-    A switch left at None is not touched. Called as a statement, the change stays; as a context manager, every
-    module comes back as it was on exit, even when the body raises:
-
-        with route(model, rnn_impl="reference", onednn_linear=False):
-            logits = model(images)
-    """
-    if rnn_impl is not None and rnn_impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown rnn_impl {rnn_impl!r}; expected one of {IMPLEMENTATIONS}")
-    routed = set(ROUTED_MIXERS.values())
-    linears = (nn.Linear, FastLinear)
-    previous = []
-    for module in model.modules():
-        if rnn_impl is not None and (type(module) in ROUTED_MIXERS or type(module) in routed):
-            previous.append((module, type(module), module.__dict__.get("rnn_impl")))
-            module.__class__ = ROUTED_MIXERS.get(type(module), type(module))
-            module.recurrent_weights = recurrent_weights(module.rnns)
-            if isinstance(module, RoutedBiLSTM2D):
-                module.rnn_impl = rnn_impl
-        elif onednn_linear is not None and isinstance(module, SequencerBlock):
-            for linear_layer in module.modules():
-                if type(linear_layer) in linears:
-                    previous.append((linear_layer, type(linear_layer), None))
-                    linear_layer.__class__ = FastLinear if onednn_linear else nn.Linear
-    return Routing(previous)
-
-
-@dataclass(frozen=True)
-class Routing:
-    """What `route` changed, as (module, its class before, its own `rnn_impl` before); restored when `with` exits."""
-
-    previous: list[tuple[nn.Module, type[nn.Module], str | None]]
-
-    def __enter__(self) -> Routing:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for module, cls, rnn_impl in reversed(self.previous):
-            module.__class__ = cls
-            if rnn_impl is None:
-                module.__dict__.pop("rnn_impl", None)
-            else:
-                module.rnn_impl = rnn_impl
-
-
-__all__ = [
-    "COMPILED",
-    "IMPLEMENTATIONS",
-    "FusedScan",
-    "RoutedBiLSTM1D",
-    "RoutedBiLSTM2D",
-    "Routing",
-    "adopt_training_paths",
-    "compiled_rnn2d",
-    "cpu_training_path",
-    "directions_of",
-    "pack_weights",
-    "recurrent_weights",
-    "resolve_impl",
-    "rnn2d",
-    "route",
-    "scan",
-    "train_mode_for_backward",
-    "training_paths",
-]

@@ -61,7 +61,6 @@ from sequencer.files import write_csv
 from sequencer.hub import released_weights
 from sequencer.options import input_overrides
 from sequencer.plotting import plot_training_curves
-from sequencer.recurrence import adopt_training_paths, training_paths
 from sequencer.runtime import (
     amp_dtype,
     autocast,
@@ -230,8 +229,6 @@ def checkpoint_dict(state: TrainState, args: dict[str, Any]) -> dict[str, Any]:
         "history": state.history,
         "class_names": state.class_names,
         RECORD_KEY: record_of(state.model).as_dict(),
-        # The CPU recurrence paths `auto` measured and took: a resumed run takes them too, not a new measurement.
-        "cpu_training_paths": training_paths(),
     }
     if state.scheduler is not None:
         ckpt["scheduler"] = state.scheduler.state_dict()
@@ -307,7 +304,6 @@ def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimize
     state.num_updates = ckpt["num_updates"]
     state.best_metric, state.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
     state.history = list(ckpt.get("history", []))
-    adopt_training_paths(ckpt.get("cpu_training_paths", {}))
 
 
 def update_checkpoint_history(

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sequencer.recurrence import route
+from sequencer.model import route
 
 # Per time step and direction, a cell does its gate matmuls (gates x hidden x (input + hidden)) plus the
 # element-wise products that update its state: LSTM c = f*c + i*g and h = o*tanh(c); GRU n = tanh(x + r*h),

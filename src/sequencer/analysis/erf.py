@@ -37,8 +37,7 @@ from sequencer.analysis.common import (
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, data_config
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
-from sequencer.model import Sequencer
-from sequencer.recurrence import route
+from sequencer.model import Sequencer, route
 from sequencer.runtime import progress_bar, resolve_device, set_threads
 
 _logger = logging.getLogger(__name__)

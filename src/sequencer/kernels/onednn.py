@@ -4,12 +4,13 @@ torch's float32 F.linear on the CPU calls MKL's sgemm, which on some processors 
 matmul (about half its speed on the AMD EPYC of BENCHMARKS.md), while nn.LSTM itself runs on oneDNN there. The op
 used, `torch.ops.mkldnn._linear_pointwise`, is the one inductor emits for frozen linears; results match F.linear
 to float32 rounding. Anywhere it does not apply (other devices or dtypes, autocast, torch.compile, tracing and
-export), `linear` is plain F.linear.
+export, torch.fx), `linear` is plain F.linear.
 
 It is used on AMD processors only: there it measured 1.46x inference and 1.35x training of the whole model against
 F.linear-based timm (BENCHMARKS.md), while on an Intel Xeon (Sapphire Rapids), where MKL's sgemm is at its best,
-the same command measured 0.99x / 0.97x. `sequencer.route(model, onednn_linear=False)` turns it off for one model,
-`torch.backends.mkldnn.flags(enabled=False)` for the whole process.
+the same command measured 0.99x / 0.97x. The model builds its block linears as `FastLinear`;
+`sequencer.route(model, onednn_linear=False)` turns it off for one model, `torch.backends.mkldnn.flags(enabled=False)`
+for the whole process.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -32,7 +34,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def applies(x: torch.Tensor) -> bool:
     """Whether `linear` takes the oneDNN path for `x` (inductor only accepts that op with constant weights)."""
     return (
-        x.device.type == "cpu"
+        not isinstance(x, torch.fx.Proxy)  # torch.fx records F.linear: nothing can branch on a symbolic tensor
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
@@ -90,7 +93,10 @@ class OneDnnLinear(torch.autograd.Function):
 
 
 class FastLinear(nn.Linear):
-    """nn.Linear whose eager float32 CPU matmuls take `linear` (oneDNN where it applies): same parameters, results."""
+    """nn.Linear whose eager float32 CPU matmuls take `linear` (oneDNN where it applies): same parameters, results.
+    `onednn = False` keeps it on F.linear."""
+
+    onednn = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -99,4 +105,4 @@ class FastLinear(nn.Linear):
 
     @torch.jit.unused
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias) if self.onednn else F.linear(x, self.weight, self.bias)
