@@ -59,6 +59,10 @@ def bounded(
     return Bounded(kind, low=min, above=above, high=max)
 
 
+# The argparse type of every image-size flag.
+IMAGE_SIDE = bounded(int, min=1, max=MAX_IMAGE_SIDE)
+
+
 @dataclass(frozen=True)
 class CommaList:
     """An argparse type: 'a,b,c' as a list of `item` values (each read and checked by `item`, and one of `choices`
@@ -159,13 +163,13 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input")
     group.add_argument(
         "--img-size",
-        type=bounded(int, min=1, max=MAX_IMAGE_SIDE),
+        type=IMAGE_SIDE,
         default=None,
         help="square input size (default: the model's, 224 for the paper's variants)",
     )
     group.add_argument(
         "--input-size",
-        type=bounded(int, min=1, max=MAX_IMAGE_SIDE),
+        type=IMAGE_SIDE,
         nargs=3,
         default=None,
         metavar=("C", "H", "W"),

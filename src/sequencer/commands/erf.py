@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.choices import MAX_IMAGE_SIDE
 from sequencer.options import (
+    IMAGE_SIDE,
     RECORDED_MODEL_HELP,
     add_compare_options,
     add_model_options,
@@ -32,12 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="image folder (DATA/val/<class>/* or DATA/<class>/*); none: random noise images",
     )
     parser.add_argument("--num-images", type=bounded(int, min=1), default=32, help="images to average over")
-    parser.add_argument(
-        "--img-size",
-        type=bounded(int, min=1, max=MAX_IMAGE_SIDE),
-        default=None,
-        help="input size (default: the first model's)",
-    )
+    parser.add_argument("--img-size", type=IMAGE_SIDE, default=None, help="input size (default: the first model's)")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random images and of the weights of models without checkpoint"
     )

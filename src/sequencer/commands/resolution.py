@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.choices import MAX_IMAGE_SIDE
 from sequencer.options import (
+    IMAGE_SIDE,
     RECORDED_MODEL_HELP,
     add_compare_options,
     add_input_options,
     add_model_options,
     add_output_option,
     add_runtime_options,
-    bounded,
     comma_list,
 )
 
@@ -24,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_compare_options(parser)
     parser.add_argument(
         "--sizes",
-        type=comma_list(bounded(int, min=1, max=MAX_IMAGE_SIDE), distinct_sorted=True),
+        type=comma_list(IMAGE_SIDE, distinct_sorted=True),
         default="160,224,288,384,448",
         help="comma-separated inference sizes",
     )

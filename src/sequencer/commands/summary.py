@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.choices import MAX_IMAGE_SIDE, SUMMARY_FORMATS
-from sequencer.options import add_output_option, bounded
+from sequencer.choices import SUMMARY_FORMATS
+from sequencer.options import IMAGE_SIDE, add_output_option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--models, --img-size, --format, -o/--out."""
     parser.add_argument("--models", default="*", help="shell-style pattern of variant names (default: all)")
-    parser.add_argument(
-        "--img-size",
-        type=bounded(int, min=1, max=MAX_IMAGE_SIDE),
-        default=None,
-        help="input size (default: each variant's own)",
-    )
+    parser.add_argument("--img-size", type=IMAGE_SIDE, default=None, help="input size (default: each variant's own)")
     parser.add_argument(
         "--format", choices=SUMMARY_FORMATS, default="markdown", help="format of the table printed on stdout"
     )
