@@ -195,11 +195,3 @@ def test_int8_export_is_quantized_checked_and_labelled(
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
     [prediction] = sequencer.predict(tmp_path / "red.png", checkpoint=path, topk=3, threads=1)
     assert sorted(score.label for score in prediction.top) == ["cat", "dog", "otter"]
-
-
-def test_without_model_export_builds_the_model_the_checkpoint_records(
-    run_cli, checkpoint: Path, tmp_path: Path
-) -> None:
-    path = tmp_path / "recorded.onnx"
-    assert run_cli("export", "--checkpoint", str(checkpoint), "-o", str(path)) == 0  # save_weights records the name
-    assert deploy.load_onnx(path).config["model_name"] == "sequencer2d_tiny"

@@ -3,6 +3,7 @@ and every reader takes it, so a file scores and reads images the same after each
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 import sequencer
 from sequencer.analysis.common import build_compared_model, model_of, training_size
 from sequencer.builder import create_model, load_model
-from sequencer.checkpoint import read_file, record_of
-from sequencer.deploy import load_onnx
+from sequencer.checkpoint import WeightsRecord, read_file, record_of
+from sequencer.deploy import CONFIG_FILE, load_onnx
 from sequencer.validate import validate
 
 CLASSES = ("cat", "dog", "emu")
@@ -53,7 +54,12 @@ def expected_record(model: torch.nn.Module) -> tuple:
 def reference(files: dict[str, Path], data: Path) -> dict:
     best = load_model(None, files["train"])
     scores = validate(data=data, checkpoint=files["train"], workers=0)
-    return {"record": expected_record(best), "top1": scores["top1"], "loss": scores["loss"]}
+    labels = [p.top[0].label for p in sequencer.predict(some_images(data), checkpoint=files["train"], runtime="torch")]
+    return {"record": expected_record(best), "top1": scores["top1"], "loss": scores["loss"], "labels": labels}
+
+
+def some_images(data: Path) -> list[Path]:
+    return sorted((data / "val").rglob("*.png"))[::4]
 
 
 def test_the_reference_run_records_its_input_and_classes(reference: dict) -> None:
@@ -75,16 +81,16 @@ def test_every_reader_takes_the_record_of_a_weights_file(
     assert (scores["top1"], scores["input_size"]) == (reference["top1"], [3, SIZE, SIZE])
     assert scores["loss"] == pytest.approx(reference["loss"], rel=1e-5)
     # predict: the recorded class names, and the same classes as the reference file.
-    images = sorted((data / "val").rglob("*.png"))[::4]
-    got = sequencer.predict(images, checkpoint=path, runtime="torch", topk=1)
-    want = sequencer.predict(images, checkpoint=files["train"], runtime="torch", topk=1)
-    assert [p.top[0].label for p in got] == [p.top[0].label for p in want]
-    assert {p.top[0].label for p in got} <= set(CLASSES)
+    got = [p.top[0].label for p in sequencer.predict(some_images(data), checkpoint=path, runtime="torch", topk=1)]
+    assert got == reference["labels"] and set(got) <= set(CLASSES)
     # average (one file: its weights alone) and export keep the record.
     assert run_cli(f"average {path} -o {tmp_path / 'again.pth'}") == 0
     assert expected_record(load_model(None, tmp_path / "again.pth")) == reference["record"]
-    exported = sequencer.export(None, tmp_path / "again.onnx", checkpoint=path)
-    record = load_onnx(exported.path).record
+    # export (a .pt2 archive: the quickest format to write; every format stores the same record)
+    exported = sequencer.export(None, tmp_path / "again.pt2", checkpoint=path)
+    stored = {CONFIG_FILE: ""}
+    torch.export.load(exported.path, extra_files=stored)
+    record = WeightsRecord.from_dict(json.loads(stored[CONFIG_FILE]))
     assert (record.model_name, record.num_classes, record.class_names, record.input_size) == reference["record"]
     # The analyses (erf, resolution, robustness, variants) build through one function, from the file alone.
     name = model_of(None, path)

@@ -200,8 +200,8 @@ def test_pruning_keeps_each_stage_and_what_trains(model: nn.Module) -> None:
 
 
 def test_fx_traces_eval_and_train_mode_to_the_eager_outputs_and_gradients(built: nn.Module) -> None:
-    model = copy.deepcopy(built)
-    x = torch.randn(2, 3, SIZE, SIZE + 7)  # not square: the vertical and horizontal sequences differ in length
+    model = built  # this test's alone: it only switches the mode
+    x = torch.randn(1, 3, SIZE, SIZE + 7)  # not square: the vertical and horizontal sequences differ in length
     for training in (False, True):
         model.train(training)
         traced = torch.fx.symbolic_trace(model)
