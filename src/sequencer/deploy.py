@@ -318,7 +318,10 @@ def _write(
         # Scripting (not tracing) keeps the shape checks and works for any batch size.
         torch.jit.save(torch.jit.script(model), str(path), _extra_files={CONFIG_FILE: config_json})
     else:
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim},) if dynamic_batch else None)
+        # Non-strict, as torch 2.9 and later do by default: torch 2.7's strict (dynamo) export of a static batch
+        # breaks its graph at the mixers' mode switch, which a non-strict export sees skipped.
+        dynamic = ({0: batch_dim},) if dynamic_batch else None
+        program = torch.export.export(model, (example,), dynamic_shapes=dynamic, strict=False)
         torch.export.save(program, path, extra_files={CONFIG_FILE: config_json})
 
 
