@@ -324,7 +324,8 @@ def update_checkpoint_history(
     candidates = [row for row in history if row["epoch"] in on_disk or row["epoch"] == epoch]
     sign = 1 if eval_metric == "loss" else -1  # the loss ranks lowest first, accuracies highest first
     column = ranked_column(eval_metric, ema)
-    ranked = sorted(candidates, key=lambda row: (sign * row[column], row["epoch"]))
+    # Rows of epochs trained before the EMA was evaluated beside the model (older runs) hold the EMA's in eval_*.
+    ranked = sorted(candidates, key=lambda row: (sign * row.get(column, row[f"eval_{eval_metric}"]), row["epoch"]))
     kept = [row["epoch"] for row in ranked[:keep]]
     if epoch in kept:
         atomic_save(ckpt, output / f"checkpoint-{epoch}.pth.tar")
