@@ -192,7 +192,9 @@ def test_onnxruntime_runtimes_run_the_same_weights_beside_torch_in_float32_infer
     ]
     assert all(r["images_per_s"] > 0 for r in report["results"])
     assert report["environment"]["onnxruntime"] and report["environment"]["cpu_native_bfloat16"] is False
-    assert "no AVX512-BF16 or AMX: the amp (bfloat16) settings time its emulation" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "no AVX512-BF16 or AMX: the amp (bfloat16) settings time its emulation" in printed
+    assert "ours+onnxruntime-int8 (int8)" in printed  # in the float32 block, the row says what it computed in
 
     # What those rows ran: the export of the weights the PyTorch rows ran, as is and with int8 weights.
     subjects = bench.plan_subjects(["sequencer2d_tiny"], ["auto"], False, False, ["torch", *bench.ONNX_RUNTIMES])

@@ -446,8 +446,10 @@ def print_table(setting: Setting, records: list[dict[str, Any]]) -> None:
 
     for r in records:
         peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] else "-"
+        # A row computed in another precision than the block's (the int8 file) says so.
+        variant = r["variant"] if r["precision"] == setting.precision else f"{r['variant']} ({r['precision']})"
         print(
-            f"  {r['model']:<{width}} {r['variant']:<24} {r['images_per_s']:>9.2f} "
+            f"  {r['model']:<{width}} {variant:<24} {r['images_per_s']:>9.2f} "
             f"{ratio(r.get('speed_vs_timm')):>8} {ratio(r.get('speed_vs_reference')):>7} {peak:>9} "
             f"{ratio(r.get('memory_vs_timm')):>8} {ratio(r.get('memory_vs_reference')):>7}"
         )
