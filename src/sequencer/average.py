@@ -125,9 +125,10 @@ def average_checkpoints(files: list[Path], use_ema: bool = True) -> tuple[dict[s
 
 def _difference(one: WeightsRecord, other: WeightsRecord) -> str:
     """The first field in which two records differ, with both values."""
+    theirs = other.as_dict()
     for key, value in one.as_dict().items():
-        if value != other.as_dict()[key]:
-            return f"different {key} ({value} vs {other.as_dict()[key]})"
+        if value != theirs[key]:
+            return f"different {key} ({value} vs {theirs[key]})"
     return "different records"
 
 

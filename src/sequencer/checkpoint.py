@@ -256,13 +256,6 @@ class WeightsRecord:
         """The recorded input as timm's pretrained_cfg keys (those recorded only)."""
         return {key: getattr(self, key) for key in RECORD_INPUT_KEYS if getattr(self, key) is not None}
 
-    def describe(self) -> str:
-        """The weights in a few words: EMA, averaged, or plain."""
-        kind = "EMA weights" if self.ema else "weights"
-        if self.averaged_from:
-            return f"mean of the {kind} of {len(self.averaged_from)} checkpoint(s)"
-        return kind
-
 
 def record_of(model: nn.Module) -> WeightsRecord:
     """The record of a built model's weights: its name, classes and the input its pretrained_cfg holds."""
@@ -289,15 +282,20 @@ def apply_record(model: nn.Module, record: WeightsRecord) -> None:
     cfg.update(ema=record.ema, averaged_from=list(record.averaged_from))
 
 
+def stored_record(contents: dict[str, Any]) -> dict[str, Any] | None:
+    """The record a writer stored in a file's contents (a dict, or JSON in safetensors metadata), if any."""
+    stored = contents.get(RECORD_KEY)
+    stored = json.loads(stored) if isinstance(stored, str) else stored
+    return stored if isinstance(stored, dict) else None
+
+
 def read_record(contents: dict[str, Any], state_dict: dict[str, torch.Tensor], ema: bool = False) -> WeightsRecord:
     """What a file's contents say they are: the stored record, else what older files and timm's train.py recorded
     (their run's flags, class names and model name); `ema`: the EMA weights were the ones taken from the file."""
     head = state_dict.get("head.fc.weight")
     num_classes = int(head.shape[0]) if head is not None else None
-    stored = contents.get(RECORD_KEY)
-    if isinstance(stored, str):
-        stored = json.loads(stored)
-    if isinstance(stored, dict):
+    stored = stored_record(contents)
+    if stored is not None:
         record = WeightsRecord.from_dict(stored)
         return replace(record, num_classes=num_classes, ema=record.ema or ema)
     args = contents.get("args")
@@ -333,8 +331,7 @@ def has_ema_weights(contents: dict[str, Any]) -> bool:
     """Whether a checkpoint holds EMA weights: a training run's beside its raw ones, or an EMA file of its own."""
     if any(isinstance(contents.get(key), dict) for key in ("state_dict_ema", "model_ema")):
         return True
-    stored = contents.get(RECORD_KEY)
-    return bool((json.loads(stored) if isinstance(stored, str) else stored or {}).get("ema"))
+    return bool((stored_record(contents) or {}).get("ema"))
 
 
 def open_checkpoint(
