@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 import sequencer
 from sequencer.cli import build_parser, main
+from sequencer.train_config import TrainConfig
 
 
 def build_image_tree(
@@ -179,6 +180,16 @@ def parse_cli() -> Callable[..., argparse.Namespace]:
     def parse(*parts: object) -> argparse.Namespace:
         argv = _argv(parts)
         return build_parser(argv[0]).parse_args(argv)
+
+    return parse
+
+
+@pytest.fixture
+def parse_train(parse_cli: Callable[..., argparse.Namespace]) -> Callable[..., TrainConfig]:
+    """The `TrainConfig` `sequencer train WORDS...` would run with (nothing runs)."""
+
+    def parse(*parts: object) -> TrainConfig:
+        return TrainConfig(**{k: v for k, v in vars(parse_cli("train", *parts)).items() if k != "command"})
 
     return parse
 

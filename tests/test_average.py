@@ -101,10 +101,10 @@ def test_resumed_run_keeps_the_same_files(
 ) -> None:
     real_epoch = train_module.train_one_epoch
 
-    def interrupt_last_epoch(state, *args, **kwargs):
+    def interrupt_last_epoch(config, run_state, data, state, *args, **kwargs):
         if state.epoch == 2:
             raise KeyboardInterrupt
-        return real_epoch(state, *args, **kwargs)
+        return real_epoch(config, run_state, data, state, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupt_last_epoch)
     command = f"train {data} {TINY_RUN} --epochs 3 --checkpoint-hist 2 --output {tmp_path}".split()

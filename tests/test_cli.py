@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import inspect
 import re
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import torch
 import sequencer
 from sequencer import cli, runtime
 from sequencer.choices import CORRUPTIONS
-from sequencer.options import Bounded, CommaList, apply_config
+from sequencer.config import Bounded, CommaList
+from sequencer.options import apply_config
 
 HEAVY = ("torch", "timm", "torchvision", "numpy", "matplotlib", "PIL")
 
@@ -333,3 +335,28 @@ def test_autocast_probe_tells_a_dtype_autocast_switches_off_from_one_it_runs() -
     cpu = torch.device("cpu")
     assert runtime._autocast_runs(cpu, torch.bfloat16)  # CPU autocast computes bfloat16 on every torch we support
     assert not runtime._autocast_runs(cpu, torch.float64)  # autocast warns and disables itself for a non-half type
+
+
+def test_every_parser_default_is_the_library_s_default(parse_cli) -> None:
+    from sequencer.train_config import TrainConfig
+
+    parsed = parse_cli("train")
+    assert TrainConfig(**{k: v for k, v in vars(parsed).items() if k != "command"}) == TrainConfig()
+    # The commands whose `run` hands the flags to a library function by name (`flag_values`).
+    from sequencer.analysis.robustness import robustness
+    from sequencer.analysis.variants import variants
+    from sequencer.validate import validate
+
+    for command, function, required in (
+        ("validate", validate, ()),
+        ("robustness", robustness, ("/d",)),
+        ("variants", variants, ()),
+    ):
+        defaults = vars(parse_cli(command, *required))
+        for parameter in inspect.signature(function).parameters.values():
+            # robustness's run reads the --alexnet-errors file and passes what it holds.
+            passed_by_run = command == "robustness" and parameter.name == "alexnet_errors"
+            if parameter.name in defaults and parameter.default is not inspect.Parameter.empty and not passed_by_run:
+                given, default = defaults[parameter.name], parameter.default
+                given = tuple(given) if isinstance(given, list) else given
+                assert given == (tuple(default) if isinstance(default, list) else default), (command, parameter.name)

@@ -30,7 +30,9 @@ LOWER_LAYERS = {
         "sequencer.model",
     },
 }
-COMMAND_LAYER = ("sequencer.cli", "sequencer.commands", "sequencer.__main__")
+# The parsers: `sequencer.options` builds them (the flags as data, which the library reads too, live in
+# `sequencer.config` and `sequencer.train_config`).
+COMMAND_LAYER = ("sequencer.cli", "sequencer.commands", "sequencer.__main__", "sequencer.options")
 
 
 def module_name(path: Path) -> str:

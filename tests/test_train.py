@@ -27,7 +27,7 @@ from sequencer import train as train_module
 from sequencer.builder import create_model, load_model
 from sequencer.checkpoint import load_pretrained, open_checkpoint, read_file
 from sequencer.errors import CheckpointError, UsageError
-from sequencer.train_options import keyword_arguments
+from sequencer.train_config import TrainConfig
 
 # The authors' README command lines, verbatim (`./distributed_train.sh 8 /path/to/imagenet` becomes torchrun + DATA).
 IMAGENET_RECIPE = (
@@ -154,12 +154,12 @@ def test_train_refuses_an_unknown_keyword_in_one_line_naming_it(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(epochs=0), "train(epochs=0): argument --epochs: 0 is out of range: it must be >= 1"),
-        (dict(epochs="two"), "train(epochs='two'): argument --epochs: invalid int value: 'two'"),
-        (dict(eval_metric="acc"), "train(eval_metric='acc'): argument --eval-metric: invalid choice: 'acc'"),
-        (dict(scale=(0.5,)), "train(scale=(0.5,)): argument --scale: expected 2 values, not (0.5,)"),
-        (dict(scale=0.5), "train(scale=0.5): argument --scale: expected 2 values, not 0.5"),
-        (dict(amp="yes"), "train(amp='yes'): argument --amp/--native-amp: expected true or false, not 'yes'"),
+        (dict(epochs=0), "TrainConfig(epochs=0): argument --epochs: 0 is out of range: it must be >= 1"),
+        (dict(epochs="two"), "TrainConfig(epochs='two'): argument --epochs: invalid int value: 'two'"),
+        (dict(eval_metric="acc"), "TrainConfig(eval_metric='acc'): argument --eval-metric: invalid choice: 'acc'"),
+        (dict(scale=(0.5,)), "TrainConfig(scale=(0.5,)): argument --scale: expected 2 values, not (0.5,)"),
+        (dict(scale=0.5), "TrainConfig(scale=0.5): argument --scale: expected 2 values, not 0.5"),
+        (dict(amp="yes"), "TrainConfig(amp='yes'): argument --amp/--native-amp: expected true or false, not 'yes'"),
     ],
 )
 def test_train_checks_each_keyword_as_the_command_line_checks_its_flag(
@@ -171,29 +171,27 @@ def test_train_checks_each_keyword_as_the_command_line_checks_its_flag(
 
 
 def test_train_takes_a_config_file_as_the_command_line_does(
-    run_cli, parse_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run_cli, parse_train, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    saved = train_module.plain_arguments(parse_cli("train", f"/data/imagenet {IMAGENET_RECIPE}"))
+    saved = parse_train(f"/data/imagenet {IMAGENET_RECIPE}").as_dict()
     (tmp_path / "args.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     seen = []
     monkeypatch.setattr(train_module, "run", lambda args: seen.append(args) or 0)
     assert run_cli("train", "-c", str(tmp_path / "args.yaml"), "--epochs", "7") == 0
-    options = keyword_arguments({"config": tmp_path / "args.yaml", "epochs": 7})
-    assert vars(options) == vars(seen[0])
+    options = TrainConfig.from_keywords({"config": tmp_path / "args.yaml", "epochs": 7})
+    assert options == TrainConfig(**{k: v for k, v in vars(seen[0]).items() if k != "command"})
     assert (options.data, options.mixup, options.epochs) == ("/data/imagenet", 0.8, 7)
 
 
-def test_defaults_are_the_digits_demo_without_data_and_timm_with_data(parse_cli) -> None:
-    demo = train_module.resolve_arguments(parse_cli("train", ""))
+def test_defaults_are_the_digits_demo_without_data_and_timm_with_data(parse_train) -> None:
+    demo = train_module.resolve(parse_train(""))
     assert demo.model == "sequencer2d_tiny" and demo.opt == "adamw"
     assert demo.hflip == 0.0  # mirrored digits are other glyphs
-    timm_like = train_module.resolve_arguments(parse_cli("train", "/data/imagenet"), world_size=2)
+    timm_like = train_module.resolve(parse_train("/data/imagenet"), world_size=2)
     assert (timm_like.model, timm_like.opt, timm_like.epochs) == ("sequencer2d_s", "sgd", 300)
     assert timm_like.batch_size == 128 and timm_like.hflip == 0.5
     assert timm_like.lr == pytest.approx(0.1 * 128 * 2 / 256)  # timm: --lr-base scaled linearly by global batch
-    assert train_module.resolve_arguments(parse_cli("train", "/d --opt adamw -b 64")).lr == pytest.approx(
-        0.1 * 0.5
-    )  # sqrt rule
+    assert train_module.resolve(parse_train("/d --opt adamw -b 64")).lr == pytest.approx(0.1 * 0.5)  # sqrt rule
 
 
 @pytest.mark.slow
@@ -279,10 +277,10 @@ def test_resume_continues_exactly(
 ) -> None:
     real_epoch = train_module.train_one_epoch
 
-    def interrupt_second_epoch(state, *args, **kwargs):
+    def interrupt_second_epoch(config, run_state, data, state, *args, **kwargs):
         if state.epoch == 1:
             raise KeyboardInterrupt
-        return real_epoch(state, *args, **kwargs)
+        return real_epoch(config, run_state, data, state, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupt_second_epoch)
     command = f"{data_root} {TINY} {STATEFUL} --epochs 2 --output {tmp_path}"
@@ -562,11 +560,9 @@ def test_resume_with_another_model_or_class_count_says_so(
 
 
 def test_config_reads_back_args_yaml_and_the_command_line_wins(
-    run_cli, assert_refused, parse_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run_cli, assert_refused, parse_train, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    saved = train_module.plain_arguments(
-        train_module.resolve_arguments(parse_cli("train", f"/data/imagenet {IMAGENET_RECIPE}"))
-    )
+    saved = train_module.resolve(parse_train(f"/data/imagenet {IMAGENET_RECIPE}")).as_dict()
     (tmp_path / "args.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     seen = []
     monkeypatch.setattr(train_module, "run", lambda args: seen.append(args) or 0)
@@ -595,13 +591,13 @@ def skip_the_work(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     monkeypatch.setattr(train_module, "build_data", lambda args, context: None)
     monkeypatch.setattr(train_module, "build_state", lambda *args: None)
     monkeypatch.setattr(
-        train_module, "run_epochs", lambda args, context, data, state, output, resumed: outputs.append(output) or {}
+        train_module, "run_epochs", lambda config, run_state, data, state: outputs.append(run_state.output) or {}
     )
     return outputs
 
 
 def test_a_folder_holding_a_run_is_never_overwritten_by_a_new_run(
-    run_cli, assert_refused, parse_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run_cli, assert_refused, parse_train, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runs = skip_the_work(monkeypatch)
     run = tmp_path / "run"
@@ -617,8 +613,8 @@ def test_a_folder_holding_a_run_is_never_overwritten_by_a_new_run(
         unchanged=run,
     )
     # The README's `-c runs/s/args.yaml`: the file names the earlier run's folder as its output.
-    args = parse_cli("train", f"{data_root} {TINY} --epochs 1 --output {run}")
-    (run / "args.yaml").write_text(yaml.safe_dump(train_module.plain_arguments(args), sort_keys=False))
+    config = parse_train(f"{data_root} {TINY} --epochs 1 --output {run}")
+    (run / "args.yaml").write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
     match = re.escape(f"already holds a run (-c {run / 'args.yaml'} names it as its output)")
     assert_refused("train", "-c", run / "args.yaml", match=match, unchanged=run)
     assert runs == [] and sorted(p.name for p in run.iterdir()) == ["args.yaml", "checkpoint-3.pth.tar"]
@@ -688,8 +684,8 @@ NOT_OURS = {
 }
 
 
-def test_defaults_are_the_authors_train_py_defaults(parse_cli) -> None:
-    args = train_module.resolve_arguments(parse_cli("train", "/data/imagenet"))
+def test_defaults_are_the_authors_train_py_defaults(parse_train) -> None:
+    args = train_module.resolve(parse_train("/data/imagenet"))
     for flag, expected in AUTHORS_DEFAULTS.items():
         dest = flag.removeprefix("--").replace("-", "_")
         if flag in NOT_OURS:
@@ -774,11 +770,11 @@ EMULATED_BFLOAT16 = (
 
 
 def test_too_many_workers_warn_once_and_a_default_count_stays_within_the_cores(
-    parse_cli, monkeypatch: pytest.MonkeyPatch
+    parse_train, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(train_module, "usable_cpus", lambda: 1)
-    assert train_module.resolve_arguments(parse_cli("train", "/data/imagenet")).workers == 1  # ours: 2, capped
-    assert train_module.resolve_arguments(parse_cli("train", "/data/imagenet -j 3")).workers == 3  # the user's
+    assert train_module.resolve(parse_train("/data/imagenet")).workers == 1  # ours: 2, capped
+    assert train_module.resolve(parse_train("/data/imagenet -j 3")).workers == 3  # the user's
     monkeypatch.setattr(data_module, "usable_cpus", lambda: 1)
     data_module._warn_too_many_workers.cache_clear()
     workers = (os.cpu_count() or 1) + 1  # more than torch's own count too, so that its check would warn
@@ -958,10 +954,10 @@ def test_resume_auto_completes_the_files_a_stop_after_last_pth_tar_left_out_and_
 ) -> None:
     real_save = train_module.save_epoch_files
 
-    def stop_after_the_last_checkpoint(ckpt, *args, **kwargs):
+    def stop_after_the_last_checkpoint(config, run_state, ckpt, *args, **kwargs):
         if ckpt["epoch"] == 1:
             raise KeyboardInterrupt  # last.pth.tar of the final epoch saved, nothing after it
-        return real_save(ckpt, *args, **kwargs)
+        return real_save(config, run_state, ckpt, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "save_epoch_files", stop_after_the_last_checkpoint)
     command = f"{data_root} {TINY} {STATEFUL} --epochs 2 --resume auto --output {tmp_path}"
@@ -980,6 +976,6 @@ def test_resume_auto_completes_the_files_a_stop_after_last_pth_tar_left_out_and_
     assert (tmp_path / "last.pth.tar").read_bytes() == last
 
 
-def test_an_experiment_without_output_goes_where_timm_puts_it(parse_cli) -> None:
-    assert train_module.output_folder(parse_cli("train", "--experiment exp1")) == Path("output/train/exp1")
-    assert train_module.output_folder(parse_cli("train", "-o runs --experiment exp1")) == Path("runs/exp1")
+def test_an_experiment_without_output_goes_where_timm_puts_it(parse_train) -> None:
+    assert train_module.output_folder(parse_train("--experiment exp1")) == Path("output/train/exp1")
+    assert train_module.output_folder(parse_train("-o runs --experiment exp1")) == Path("runs/exp1")

@@ -49,10 +49,10 @@ from torch import nn
 
 from sequencer.builder import create_model
 from sequencer.choices import BENCH_MODES, BENCH_PRECISIONS, BENCH_RUNTIMES, ONNX_RUNTIMES
+from sequencer.config import flag_values
 from sequencer.deploy import OnnxModel, export, load_onnx, quantize_onnx, require_onnx_packages
 from sequencer.errors import UsageError
 from sequencer.model import list_models
-from sequencer.options import flag_values
 from sequencer.runtime import autocast, compile_model, native_bfloat16_cpu, resolve_device, set_threads
 
 # What a subject runs: a PyTorch module (compiled or not) or an exported file in onnxruntime.

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# DATA / --dataset names of the built-in digits (scikit-learn's, no download).
+DIGITS_NAMES = ("digits", "sklearn/digits")
+
 # --model of the commands that evaluate one model, when neither the flag nor the checkpoint names one.
 DEFAULT_MODEL = "sequencer2d_s"
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from sequencer.choices import INTERPOLATIONS, TRAIN_INTERPOLATIONS
+from sequencer.choices import DIGITS_NAMES, INTERPOLATIONS, TRAIN_INTERPOLATIONS
 from sequencer.errors import DatasetError, MissingDependencyError, UsageError
 from sequencer.runtime import usable_cpus
 
@@ -89,7 +89,6 @@ def create_transform(model: nn.Module | dict[str, Any], train: bool = False, **o
 # The files read as images: what ImageFolder reads in training's class folders, and what `predict` takes from a folder.
 IMAGE_EXTENSIONS: tuple[str, ...] = IMG_EXTENSIONS
 
-DIGITS_NAMES = ("digits", "sklearn/digits")
 VAL_SPLITS = ("val", "validation", "test")
 _DIGITS_VAL_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0

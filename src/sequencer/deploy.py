@@ -22,11 +22,11 @@ from torch import nn
 from sequencer.builder import load_model, resolve_model_name
 from sequencer.checkpoint import RECORD_INPUT_KEYS, WeightsRecord, record_of
 from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
+from sequencer.config import input_overrides
 from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
 from sequencer.files import atomic_path
 from sequencer.model import route
-from sequencer.options import input_overrides
 
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}
 # Where the weights' record (`WeightsRecord`, with crop_mode and any quantization) is stored: an ONNX metadata_props

@@ -28,11 +28,11 @@ from sequencer import deploy, recurrence
 from sequencer import model as model_module
 from sequencer.builder import load_model
 from sequencer.choices import EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
+from sequencer.config import input_overrides
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
 from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages
 from sequencer.errors import CheckpointError, DatasetError, UsageError
 from sequencer.files import atomic_path
-from sequencer.options import input_overrides
 from sequencer.runtime import autocast, progress_bar, resolve_device, set_threads
 
 EXPORT_CACHE_FILES = 8  # ONNX exports predict keeps (Sequencer2D-S's is 110 MB), the most recently used

@@ -1,11 +1,11 @@
-"""The trainer: `train(**options)` for Python callers, `run(args)` its adapter for the command line.
+"""The trainer: `train(config)` for Python callers, `run(args)` its adapter for the command line.
 
 A run is checked whole before any work (`prepare_run`), then goes in three steps: `build_data` (splits, loaders,
-mixup and loss), `build_state` (model, optimizer, schedule, EMA, scaler, resumed state) and `run_epochs`. Its options
-are the flags of `sequencer.train_options`, keyword by dest; its result is the last epoch's summary row with
-best_metric / best_epoch, num_skipped (unreadable images) and output (the run's folder). A loss that turns non-finite
-raises `NonFiniteLossError` (exit code 1 on the command line). Each epoch is seeded from (seed, epoch, rank): that is
-what lets a resumed run replay the uninterrupted one bit for bit.
+mixup and loss), `build_state` (model, optimizer, schedule, EMA, scaler, resumed state) and `run_epochs`, each taking
+the frozen `TrainConfig` (`sequencer.train_config`, every flag a field) and this process's `RunState`. Its result is
+the last epoch's summary row with best_metric / best_epoch, num_skipped (unreadable images) and output (the run's
+folder). A loss that turns non-finite raises `NonFiniteLossError` (exit code 1 on the command line). Each epoch is
+seeded from (seed, epoch, rank): that is what lets a resumed run replay the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,9 @@ from sequencer.checkpoint import (
     read_file,
     record_of,
 )
-from sequencer.choices import DIGITS_RECIPE, SCHEDULERS, TIMM_RECIPE
-from sequencer.data import DIGITS_NAMES, build_dataset, create_loader, create_transform, data_config
+from sequencer.choices import SCHEDULERS
+from sequencer.config import input_overrides
+from sequencer.data import build_dataset, create_loader, create_transform, data_config
 from sequencer.distributed import (
     DistributedContext,
     all_reduce_mean,
@@ -59,7 +60,6 @@ from sequencer.distributed import (
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.files import write_csv
 from sequencer.hub import released_weights
-from sequencer.options import input_overrides
 from sequencer.plotting import plot_training_curves
 from sequencer.runtime import (
     amp_dtype,
@@ -70,7 +70,7 @@ from sequencer.runtime import (
     usable_cpus,
     warn_if_emulated_bfloat16,
 )
-from sequencer.train_options import keyword_arguments
+from sequencer.train_config import TrainConfig
 from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
@@ -96,79 +96,63 @@ class NonFiniteLossError(RuntimeError):
         self.epoch = epoch
 
 
-def resolve_arguments(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:
-    """Fill data-dependent defaults (digits demo or timm's), and the learning rate from --lr-base like timm."""
-    args = argparse.Namespace(**vars(args))
-    recipe = DIGITS_RECIPE if _is_digits(args) else TIMM_RECIPE
-    for key, value in recipe.items():
-        if getattr(args, key) is None:
-            # A worker count that is ours to choose stays within the cores there are (torch warns beyond).
-            setattr(args, key, min(value, usable_cpus()) if key == "workers" else value)
-    if args.lr is None:
-        ratio = args.batch_size * world_size / args.lr_base_size
-        scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
-        args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
-    args.validation_batch_size = args.validation_batch_size or args.batch_size
-    return args
+def resolve(config: TrainConfig, world_size: int = 1) -> TrainConfig:
+    """The data-dependent defaults filled in (digits demo or the authors'), and the learning rate from --lr-base as
+    timm's train.py scales it by the global batch."""
+    ours_to_choose = config.workers is None
+    config = config.with_recipe()
+    if ours_to_choose:  # a worker count that is ours to choose stays within the cores there are (torch warns beyond)
+        config = replace(config, workers=min(config.workers, usable_cpus()))
+    if config.lr is None:
+        ratio = config.batch_size * world_size / config.lr_base_size
+        adaptive = any(name in config.opt.lower() for name in ("ada", "lamb"))
+        scale = config.lr_base_scale or ("sqrt" if adaptive else "linear")
+        config = replace(config, lr=config.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio))
+    return replace(config, validation_batch_size=config.validation_batch_size or config.batch_size)
 
 
-def check_arguments(args: argparse.Namespace) -> None:
+def check_config(config: TrainConfig) -> None:
     """Refuse flags that cannot work together or name nothing known with a `UsageError`, before any work starts.
 
-    Single values out of range were refused before: a flag's type (`sequencer.options.bounded`) reads keywords too."""
-    patches = math.prod(model_config(args.model).patch_sizes)
-    size = args.input_size[-2:] if args.input_size else [args.img_size] * 2 if args.img_size else None
+    Single values out of range were refused when the config was made (`sequencer.config.FlagFields`)."""
+    patches = math.prod(model_config(config.model).patch_sizes)
+    size = config.input_size[-2:] if config.input_size else [config.img_size] * 2 if config.img_size else None
     if size and min(size) < patches:
         raise UsageError(
             f"input size {'x'.join(map(str, size))} is smaller than the {patches}x{patches} pixels that "
-            f"{args.model}'s stem and downsampling patches need"
+            f"{config.model}'s stem and downsampling patches need"
         )
-    if args.in_chans != 3:
-        raise UsageError(f"--in-chans {args.in_chans}: training reads images as RGB, 3 channels")
+    if config.in_chans != 3:
+        raise UsageError(f"--in-chans {config.in_chans}: training reads images as RGB, 3 channels")
     for flag, pair, strict in (
-        ("--scale", args.scale, False),
-        ("--ratio", args.ratio, False),
-        ("--cutmix-minmax", args.cutmix_minmax, True),
+        ("--scale", config.scale, False),
+        ("--ratio", config.ratio, False),
+        ("--cutmix-minmax", config.cutmix_minmax, True),
     ):
         if pair and (pair[0] >= pair[1] if strict else pair[0] > pair[1]):
             raise UsageError(
                 f"{flag} {pair[0]} {pair[1]}: the first value must be {'<' if strict else '<='} the second"
             )
-    if args.pretrained and args.checkpoint:
+    if config.pretrained and config.checkpoint:
         raise UsageError("--pretrained and --initial-checkpoint both give starting weights; pass one")
-    if args.opt.lower().removeprefix("fused") not in {o.lower() for o in list_optimizers()} and "_" not in args.opt:
-        raise UsageError(f"unknown optimizer --opt {args.opt!r}; timm knows {', '.join(list_optimizers())}")
-    if args.sched not in SCHEDULERS:
-        raise UsageError(f"unknown schedule --sched {args.sched!r}; expected one of {', '.join(SCHEDULERS)}")
-    if args.aa:
+    if config.opt.lower().removeprefix("fused") not in {o.lower() for o in list_optimizers()} and "_" not in config.opt:
+        raise UsageError(f"unknown optimizer --opt {config.opt!r}; timm knows {', '.join(list_optimizers())}")
+    if config.sched not in SCHEDULERS:
+        raise UsageError(f"unknown schedule --sched {config.sched!r}; expected one of {', '.join(SCHEDULERS)}")
+    if config.aa:
         try:  # timm's own parser of the policy, on a dummy size: it asserts on a name it does not know
-            timm_create_transform(32, is_training=True, auto_augment=args.aa)
+            timm_create_transform(32, is_training=True, auto_augment=config.aa)
         except (AssertionError, KeyError, ValueError) as error:
             raise UsageError(
-                f"unknown --aa policy {args.aa!r}{f' ({error})' if str(error) else ''}; timm takes e.g. "
+                f"unknown --aa policy {config.aa!r}{f' ({error})' if str(error) else ''}; timm takes e.g. "
                 "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w3 (AugMix), original or v0 (AutoAugment)"
             ) from None
 
 
-def _is_digits(args: argparse.Namespace) -> bool:
-    return not (args.data or args.data_dir or args.dataset) or args.dataset.lower() in DIGITS_NAMES
-
-
-def _dataset_source(args: argparse.Namespace) -> tuple[str | None, str | None]:
+def _dataset_source(config: TrainConfig) -> tuple[str | None, str | None]:
     """(name or root for build_dataset, data_dir) from DATA / --data-dir / --dataset."""
-    root = args.data or args.data_dir
-    return (args.dataset or root), root
-
-
-def plain_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags as YAML/JSON-safe values (no functions, tuples as lists), for args.yaml and checkpoints."""
-    out: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if isinstance(value, tuple):
-            value = list(value)
-        if value is None or isinstance(value, str | int | float | bool | list):
-            out[key] = value
-    return out
+    root = config.data or config.data_dir
+    return (config.dataset or root), root
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -239,17 +223,17 @@ def checkpoint_dict(state: TrainState, args: dict[str, Any]) -> dict[str, Any]:
     return ckpt
 
 
-def read_resumed(args: argparse.Namespace) -> dict[str, Any]:
+def read_resumed(config: TrainConfig) -> dict[str, Any]:
     """The --resume checkpoint, refused unless it is one of this trainer's, of a run with the same `RESUME_FIXED`."""
-    path = args.resume
-    ckpt = read_file(path, unsafe_load=args.unsafe_load)
+    path = config.resume
+    ckpt = read_file(path, unsafe_load=config.unsafe_load)
     if "epoch" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(
             f"{path} is not a training checkpoint of this trainer; use --initial-checkpoint for weights"
         )
     # The classes of the file's head, whether that run named them (--num-classes) or took them from its data.
     trained = {**(ckpt.get("args") or {}), "num_classes": ckpt.get("num_classes")}
-    wanted = plain_arguments(args)
+    wanted = config.as_dict()
     for key in RESUME_FIXED:
         if key == "num_classes" and wanted.get(key) is None:
             continue  # from this run's data, compared with the head by `restore` once the data is read
@@ -347,17 +331,18 @@ def write_summary(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def train_one_epoch(
-    state: TrainState, data: TrainingData, train_model: nn.Module, args: argparse.Namespace, context: DistributedContext
+    config: TrainConfig, run_state: RunState, data: TrainingData, state: TrainState, train_model: nn.Module
 ) -> float:
     """One pass over the training data; returns the mean loss over all ranks. Stops at a non-finite loss.
 
     The losses stay on the device and are read (checked, shown on the bar or logged) every --log-interval steps and
     at the epoch's end: the host never waits for the device in between."""
     train_model.train()
+    context = run_state.context
     device, loader, mixup = context.device, data.train_loader, data.mixup
     window: list[torch.Tensor] = []  # the losses since the last read, on the device
     total_loss, steps, images_seen, since = 0.0, 0, 0, time.perf_counter()
-    show = not args.no_progress and context.is_primary
+    show = not config.no_progress and context.is_primary
     desc = f"epoch {state.epoch}/{state.num_epochs - 1}"
     bar = progress_bar(loader, show=show, desc=desc, dynamic_ncols=True)
     log = context.is_primary and bar.disable  # no bar drawn (a pipe, --no-progress): progress lines instead
@@ -373,7 +358,7 @@ def train_one_epoch(
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
-        with autocast(device, args.amp, args.amp_dtype):
+        with autocast(device, config.amp, config.amp_dtype):
             loss = data.criterion(train_model(images), targets)
         window.append(loss.detach())
         state.optimizer.zero_grad(set_to_none=True)
@@ -381,14 +366,14 @@ def train_one_epoch(
             state.scaler(
                 loss,
                 state.optimizer,
-                clip_grad=args.clip_grad,
-                clip_mode=args.clip_mode,
+                clip_grad=config.clip_grad,
+                clip_mode=config.clip_mode,
                 parameters=train_model.parameters(),
             )
         else:
             loss.backward()
-            if args.clip_grad is not None:
-                dispatch_clip_grad(train_model.parameters(), args.clip_grad, mode=args.clip_mode)
+            if config.clip_grad is not None:
+                dispatch_clip_grad(train_model.parameters(), config.clip_grad, mode=config.clip_mode)
             state.optimizer.step()
         state.num_updates += 1
         if state.ema is not None:
@@ -397,7 +382,7 @@ def train_one_epoch(
             state.scheduler.step_update(num_updates=state.num_updates)
         steps += 1
         images_seen += len(images) * context.world_size
-        if steps % args.log_interval:
+        if steps % config.log_interval:
             continue
         # A non-finite loss is seen here, up to log_interval - 1 updates after it happened: those updates ran on
         # non-finite gradients, which is harmless because the run stops before any checkpoint is written from them
@@ -411,7 +396,7 @@ def train_one_epoch(
                 desc,
                 steps,
                 len(loader),
-                recent / args.log_interval,
+                recent / config.log_interval,
                 lr,
                 rate,
             )
@@ -447,70 +432,70 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
     return sum(group["lr"] for group in groups) / len(groups)
 
 
-def build_training_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """The model with its starting weights: released (--pretrained), a file (--initial-checkpoint), or fresh."""
     model = create_model(
-        args.model,
+        config.model,
         num_classes=num_classes,
-        drop_path_rate=args.drop_path,
-        in_chans=args.in_chans,
-        drop_rate=args.drop,
-        rnn_impl=args.rnn_impl,
+        drop_path_rate=config.drop_path,
+        in_chans=config.in_chans,
+        drop_rate=config.drop,
+        rnn_impl=config.rnn_impl,
     )
-    if args.pretrained:
+    if config.pretrained:
         load_pretrained(model, released_weights(model.model_name, model.pretrained_cfg["url"]))
-    elif args.checkpoint:
-        load_pretrained(model, args.checkpoint, use_ema=args.use_ema, unsafe_load=args.unsafe_load)
-    if args.grad_checkpointing:
+    elif config.checkpoint:
+        load_pretrained(model, config.checkpoint, use_ema=config.use_ema, unsafe_load=config.unsafe_load)
+    if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
 
 
-def output_folder(args: argparse.Namespace) -> Path:
+def output_folder(config: TrainConfig) -> Path:
     """--output[/--experiment]; by default the resumed run's folder, else output/train/<experiment>, as timm's
     train.py, or output/train/<date>-<model>-<size>."""
-    if args.output:
-        base = Path(args.output)
-    elif args.resume == AUTO_RESUME:
+    if config.output:
+        base = Path(config.output)
+    elif config.resume == AUTO_RESUME:
         raise UsageError(
             "--resume auto continues the run in -o/--output: name that folder (the default one is new at every start)"
         )
-    elif args.resume:
-        base = Path(args.resume).parent
-    elif args.experiment:
-        return Path("output/train") / args.experiment
+    elif config.resume:
+        base = Path(config.resume).parent
+    elif config.experiment:
+        return Path("output/train") / config.experiment
     else:
-        size = args.img_size or (args.input_size[-1] if args.input_size else "default")
-        return Path("output/train") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-{size}"
-    return base / args.experiment if args.experiment else base
+        size = config.img_size or (config.input_size[-1] if config.input_size else "default")
+        return Path("output/train") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{size}"
+    return base / config.experiment if config.experiment else base
 
 
-def resume_source(args: argparse.Namespace, output: Path) -> str:
+def resume_source(config: TrainConfig, output: Path) -> str:
     """The checkpoint to resume from: --resume's, or for `--resume auto` the output folder's last.pth.tar when there
     is one, else none (''), so that one unchanged command line serves every restart of a preemptible job."""
-    if args.resume != AUTO_RESUME:
-        return args.resume
+    if config.resume != AUTO_RESUME:
+        return config.resume
     last = output / "last.pth.tar"
     return str(last) if last.is_file() else ""
 
 
-def check_output_folder(args: argparse.Namespace, output: Path, auto_resume: bool = False) -> None:
+def check_output_folder(config: TrainConfig, output: Path, auto_resume: bool = False) -> None:
     """Refuse a new run in a folder that holds one (its files would be overwritten): only --resume continues there.
 
     The folder may hold this same command's args.yaml alone, written by a start that stopped before its first
     checkpoint, with nothing learned to lose. A folder that cannot be written is refused too."""
     held = [name for name in RUN_FILES if (output / name).exists()]
     held += sorted(path.name for path in output.glob("checkpoint-*.pth.tar"))
-    if not held or (args.resume and Path(args.resume).resolve().parent == output.resolve()):
+    if not held or (config.resume and Path(config.resume).resolve().parent == output.resolve()):
         return
-    if held == ["args.yaml"] and _saved_arguments(output / "args.yaml") == plain_arguments(args):
+    if held == ["args.yaml"] and _saved_arguments(output / "args.yaml") == config.as_dict():
         return  # a start of this same command stopped before its first checkpoint: nothing learned to lose
     if auto_resume:
         raise UsageError(
             f"--resume auto: {output} holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} but no "
             "last.pth.tar to continue from, and not as this command would have left it; pass another -o/--output"
         )
-    source = f" (-c {args.config} names it as its output)" if args.config else ""
+    source = f" (-c {config.config} names it as its output)" if config.config else ""
     raise UsageError(
         f"{output} already holds a run{source}: {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}; continue it "
         f"with --resume {output / 'last.pth.tar'}, or pass another -o/--output (or --experiment NAME for a sub-folder)"
@@ -518,21 +503,17 @@ def check_output_folder(args: argparse.Namespace, output: Path, auto_resume: boo
 
 
 def save_epoch_files(
-    ckpt: dict[str, Any],
-    history: list[dict[str, Any]],
-    output: Path,
-    args: argparse.Namespace,
-    is_best: bool,
-    title: str,
+    config: TrainConfig, run_state: RunState, ckpt: dict[str, Any], history: list[dict[str, Any]], is_best: bool
 ) -> None:
     """What an epoch writes after last.pth.tar: model_best.pth.tar (if `is_best`), its checkpoint-EPOCH.pth.tar
     (--checkpoint-hist), summary.csv and the training curves."""
+    output = run_state.output
     if is_best:
         atomic_save(ckpt, output / "model_best.pth.tar")
-    if args.checkpoint_hist:
-        update_checkpoint_history(ckpt, history, output, args.eval_metric, args.checkpoint_hist, args.model_ema)
+    if config.checkpoint_hist:
+        update_checkpoint_history(ckpt, history, output, config.eval_metric, config.checkpoint_hist, config.model_ema)
     write_summary(history, output / "summary.csv")
-    plot_training_curves(history, output / CURVES_FILE, title=title)
+    plot_training_curves(history, output / CURVES_FILE, title=run_state.title)
 
 
 def _saved_arguments(path: Path) -> Any:
@@ -543,27 +524,44 @@ def _saved_arguments(path: Path) -> Any:
         return None
 
 
-def train(**options: Any) -> dict[str, Any]:
-    """`sequencer train` from Python: keywords named as its flags' dests, the rest at its defaults (module doc)."""
-    args, output, auto_resume = prepare_run(options)
-    with process_group(args.device) as context, _stops_logged(context, output):
-        resumed = start_process(args, context, auto_resume)
-        data = build_data(args, context)
-        state = build_state(args, context, data, resumed, auto_resume)
-        return {**run_epochs(args, context, data, state, output, resumed), "output": output}
+def train(config: TrainConfig | str | os.PathLike | None = None, **fields: Any) -> dict[str, Any]:
+    """`sequencer train` from Python: a `TrainConfig`, or its fields as keywords (with `config` a YAML file of fields,
+    as -c, that the keywords override); returns the last epoch's summary row (module doc)."""
+    if isinstance(config, TrainConfig):
+        config = replace(config, **fields)
+    else:
+        config = TrainConfig.from_keywords({**fields, **({"config": config} if config else {})})
+    config, output, auto_resume = prepare_run(config)
+    with process_group(config.device) as context, _stops_logged(context, output):
+        run_state = RunState(context, output, auto_resume, resumed=start_process(config, context, auto_resume))
+        data = build_data(config, context)
+        state = build_state(config, run_state, data)
+        return {**run_epochs(config, run_state, data, state), "output": output}
 
 
-def prepare_run(options: dict[str, Any]) -> tuple[argparse.Namespace, Path, bool]:
-    """The run's arguments, its output folder and whether --resume is auto, every refusal made before any work."""
+@dataclass
+class RunState:
+    """Where this process runs the config: its process group, the run's folder, and the checkpoint it resumes."""
+
+    context: DistributedContext
+    output: Path
+    auto_resume: bool  # --resume auto
+    resumed: dict[str, Any] | None = None  # the --resume checkpoint, read (`read_resumed`)
+    title: str = ""  # of the training curves: the model and the data
+
+
+def prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, bool]:
+    """The run's resolved config, its output folder and whether --resume is auto, every refusal made before any
+    work."""
     # Before the process group is joined: torchrun's WORLD_SIZE already gives the global batch.
-    args = resolve_arguments(keyword_arguments(options), launched_world_size())
-    check_arguments(args)
-    output = output_folder(args)
-    auto_resume = args.resume == AUTO_RESUME
-    args.resume = resume_source(args, output)
-    check_output_folder(args, output, auto_resume=auto_resume and not args.resume)
+    config = resolve(config, launched_world_size())
+    check_config(config)
+    output = output_folder(config)
+    auto_resume = config.resume == AUTO_RESUME
+    config = replace(config, resume=resume_source(config, output))
+    check_output_folder(config, output, auto_resume=auto_resume and not config.resume)
     check_writable(output)
-    return args, output, auto_resume
+    return config, output, auto_resume
 
 
 def check_writable(output: Path) -> None:
@@ -579,16 +577,16 @@ def check_writable(output: Path) -> None:
         ) from None
 
 
-def start_process(args: argparse.Namespace, context: DistributedContext, auto_resume: bool) -> dict[str, Any] | None:
+def start_process(config: TrainConfig, context: DistributedContext, auto_resume: bool) -> dict[str, Any] | None:
     """Say where the run starts, warn of an emulated bfloat16, set the threads; returns the --resume checkpoint."""
     if auto_resume and context.is_primary:
         _logger.info(
-            "--resume auto: %s", f"continuing from {args.resume}" if args.resume else "no last.pth.tar, a new run"
+            "--resume auto: %s", f"continuing from {config.resume}" if config.resume else "no last.pth.tar, a new run"
         )
-    if args.amp and context.is_primary:
-        warn_if_emulated_bfloat16(context.device, args.amp_dtype)
-    resumed = read_resumed(args) if args.resume else None
-    set_threads(args.threads)
+    if config.amp and context.is_primary:
+        warn_if_emulated_bfloat16(context.device, config.amp_dtype)
+    resumed = read_resumed(config) if config.resume else None
+    set_threads(config.threads)
     return resumed
 
 
@@ -621,186 +619,176 @@ def _how_to_go_on(output: Path) -> str:
     return "no checkpoint was written yet: the same command starts the run again"
 
 
-def build_data(args: argparse.Namespace, context: DistributedContext) -> TrainingData:
+def build_data(config: TrainConfig, context: DistributedContext) -> TrainingData:
     """The splits, checked before any model is built, their loaders, mixup and loss (transforms: `set_transforms`)."""
-    train_set, val_set, num_classes = read_datasets(args, context)
+    train_set, val_set, num_classes = read_datasets(config, context)
     train_loader = create_loader(
-        train_set, args.batch_size, args.workers, shuffle=True, distributed=context.distributed, drop_last=True
+        train_set, config.batch_size, config.workers, shuffle=True, distributed=context.distributed, drop_last=True
     )
-    val_loader = create_loader(val_set, args.validation_batch_size, args.workers, distributed=context.distributed)
-    mixup, criterion = training_loss(args, num_classes)
-    source, _ = _dataset_source(args)
+    val_loader = create_loader(val_set, config.validation_batch_size, config.workers, distributed=context.distributed)
+    mixup, criterion = training_loss(config, num_classes)
+    source, _ = _dataset_source(config)
     return TrainingData(train_set, val_set, train_loader, val_loader, num_classes, source, criterion, mixup)
 
 
-def read_datasets(args: argparse.Namespace, context: DistributedContext) -> tuple[Dataset, Dataset, int]:
+def read_datasets(config: TrainConfig, context: DistributedContext) -> tuple[Dataset, Dataset, int]:
     """The training and held-out splits and the class count, refused in one line when they do not fit the flags."""
-    source, data_dir = _dataset_source(args)
+    source, data_dir = _dataset_source(config)
     # The built-in digits are upscaled once, straight to the input size (8 -> 16 px), not twice through a 32 px copy.
-    digits_size = args.input_size[-1] if args.input_size else args.img_size or 32
+    digits_size = config.input_size[-1] if config.input_size else config.img_size or 32
     train_set = build_dataset(
         source,
-        args.train_split,
+        config.train_split,
         data_dir=data_dir,
-        download=args.dataset_download,
+        download=config.dataset_download,
         img_size=digits_size,
         train=True,
-        batch_size=args.batch_size,
-        seed=args.seed,
+        batch_size=config.batch_size,
+        seed=config.seed,
     )
     val_set = build_dataset(
-        source, args.val_split, data_dir=data_dir, download=args.dataset_download, img_size=digits_size
+        source, config.val_split, data_dir=data_dir, download=config.dataset_download, img_size=digits_size
     )
     if list(train_set.classes) != list(val_set.classes):
         only = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
         raise UsageError(
-            f"the {args.train_split} and {args.val_split} splits have different classes "
+            f"the {config.train_split} and {config.val_split} splits have different classes "
             f"({len(train_set.classes)} vs {len(val_set.classes)}; in one split only: {', '.join(only) or 'none'})"
         )
-    num_classes = args.num_classes or len(train_set.classes)
+    num_classes = config.num_classes or len(train_set.classes)
     if not num_classes:
         raise UsageError(f"--dataset {source}: its labels name no classes; pass --num-classes")
     found = len(train_set.classes)
     if found and num_classes != found:
         # A larger head trains classes no image has; a smaller one cannot hold the labels.
-        raise UsageError(f"--num-classes {num_classes}, but the {args.train_split} split has {found} classes")
+        raise UsageError(f"--num-classes {num_classes}, but the {config.train_split} split has {found} classes")
     if num_classes < 2:
-        raise UsageError(f"the {args.train_split} split has one class: a classifier needs at least two")
+        raise UsageError(f"the {config.train_split} split has one class: a classifier needs at least two")
     # drop_last: a split smaller than one global batch would train on nothing and fail mid-run.
-    global_batch = args.batch_size * context.world_size
+    global_batch = config.batch_size * context.world_size
     # A streamed set (timm's readers) pads every process's share to whole batches instead.
     if not isinstance(train_set, IterableDataset) and len(train_set) < global_batch:
         raise UsageError(
-            f"the {args.train_split} split has {len(train_set)} images, fewer than one batch of {global_batch} "
-            f"({args.batch_size} x {context.world_size} process(es)); lower -b/--batch-size"
+            f"the {config.train_split} split has {len(train_set)} images, fewer than one batch of {global_batch} "
+            f"({config.batch_size} x {context.world_size} process(es)); lower -b/--batch-size"
         )
     return train_set, val_set, num_classes
 
 
-def training_loss(args: argparse.Namespace, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+def training_loss(config: TrainConfig, num_classes: int) -> tuple[Mixup | None, nn.Module]:
     """timm's mixup / cutmix when either is on, and the loss that fits: on soft targets, label-smoothed, or plain."""
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+    if config.mixup > 0 or config.cutmix > 0 or config.cutmix_minmax is not None:
         mixup = Mixup(
-            mixup_alpha=args.mixup,
-            cutmix_alpha=args.cutmix,
-            cutmix_minmax=args.cutmix_minmax,
-            prob=args.mixup_prob,
-            switch_prob=args.mixup_switch_prob,
-            mode=args.mixup_mode,
-            label_smoothing=args.smoothing,
+            mixup_alpha=config.mixup,
+            cutmix_alpha=config.cutmix,
+            cutmix_minmax=config.cutmix_minmax,
+            prob=config.mixup_prob,
+            switch_prob=config.mixup_switch_prob,
+            mode=config.mixup_mode,
+            label_smoothing=config.smoothing,
             num_classes=num_classes,
         )
         return mixup, SoftTargetCrossEntropy()
-    if args.smoothing:
-        return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    if config.smoothing:
+        return None, LabelSmoothingCrossEntropy(smoothing=config.smoothing)
     return None, nn.CrossEntropyLoss()
 
 
-def set_transforms(data: TrainingData, model: nn.Module, args: argparse.Namespace) -> None:
+def set_transforms(data: TrainingData, model: nn.Module, config: TrainConfig) -> None:
     """The model's preprocessing on both splits, timm's augmentations on the training one."""
     # Validation resizes with --interpolation, training with --train-interpolation.
-    overrides = input_overrides(args, "interpolation")
+    overrides = input_overrides(config, "interpolation")
     data.train_set.transform = create_transform(
         model,
         train=True,
         **overrides,
-        interpolation=args.train_interpolation,
-        no_aug=args.no_aug,
-        scale=tuple(args.scale),
-        ratio=tuple(args.ratio),
-        hflip=args.hflip,
-        vflip=args.vflip,
-        color_jitter=args.color_jitter,
-        auto_augment=args.aa,
-        re_prob=args.reprob,
-        re_mode=args.remode,
-        re_count=args.recount,
+        interpolation=config.train_interpolation,
+        no_aug=config.no_aug,
+        scale=tuple(config.scale),
+        ratio=tuple(config.ratio),
+        hflip=config.hflip,
+        vflip=config.vflip,
+        color_jitter=config.color_jitter,
+        auto_augment=config.aa,
+        re_prob=config.reprob,
+        re_mode=config.remode,
+        re_count=config.recount,
     )
-    data.val_set.transform = create_transform(model, train=False, interpolation=args.interpolation, **overrides)
+    data.val_set.transform = create_transform(model, train=False, interpolation=config.interpolation, **overrides)
     # What the run evaluates at and on becomes the model's own, so every checkpoint records it (`record_of`).
-    evaluated = data_config(model, interpolation=args.interpolation, **overrides)
+    evaluated = data_config(model, interpolation=config.interpolation, **overrides)
     model.pretrained_cfg.update({key: evaluated[key] for key in RECORD_INPUT_KEYS})
     if data.train_set.classes:
         model.pretrained_cfg["label_names"] = [str(c) for c in data.train_set.classes]
 
 
-def build_state(
-    args: argparse.Namespace,
-    context: DistributedContext,
-    data: TrainingData,
-    resumed: dict[str, Any] | None,
-    auto_resume: bool,
-) -> TrainState:
+def build_state(config: TrainConfig, run_state: RunState, data: TrainingData) -> TrainState:
     """The model and its optimizer, gradient scaler, EMA and schedule, restored from `resumed` (--resume) if any."""
     # The same initial weights on every rank, so that each rank's EMA copy starts equal too.
-    seed_epoch(args.seed, -1, 0)
-    model = build_training_model(args, data.num_classes)
-    set_transforms(data, model, args)
-    model.to(context.device)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
-    float16 = args.amp and amp_dtype(context.device, args.amp_dtype) == torch.float16
-    scaler = NativeScaler(device=context.device.type) if float16 else None
+    seed_epoch(config.seed, -1, 0)
+    model = build_training_model(config, data.num_classes)
+    set_transforms(data, model, config)
+    model.to(run_state.context.device)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=config))
+    device = run_state.context.device
+    float16 = config.amp and amp_dtype(device, config.amp_dtype) == torch.float16
+    scaler = NativeScaler(device=device.type) if float16 else None
     ema = None
-    if args.model_ema:
+    if config.model_ema:
         ema = ModelEmaV3(
             model,
-            decay=args.model_ema_decay,
-            use_warmup=args.model_ema_warmup,
-            device=torch.device("cpu") if args.model_ema_force_cpu else None,
+            decay=config.model_ema_decay,
+            use_warmup=config.model_ema_warmup,
+            device=torch.device("cpu") if config.model_ema_force_cpu else None,
         )
     scheduler, num_epochs = create_scheduler_v2(
         optimizer,
-        **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
+        **scheduler_kwargs(config, decreasing_metric=config.eval_metric == "loss"),
         updates_per_epoch=len(data.train_loader),
     )
     class_names = [str(c) for c in data.train_set.classes]
     state = TrainState(model, optimizer, scheduler, scaler, ema, num_epochs, class_names=class_names)
-    set_start(state, args, resumed, auto_resume)
+    set_start(config, run_state, state)
     return state
 
 
-def set_start(state: TrainState, args: argparse.Namespace, resumed: dict[str, Any] | None, auto_resume: bool) -> None:
+def set_start(config: TrainConfig, run_state: RunState, state: TrainState) -> None:
     """Put `state` where the run starts: the resumed checkpoint's next epoch, or --start-epoch, the schedule with it."""
+    resumed = run_state.resumed
     if resumed is not None:
-        restore(state, resumed, args.resume, not args.no_resume_opt)
-    if args.start_epoch is not None:
-        state.epoch = args.start_epoch
+        restore(state, resumed, config.resume, not config.no_resume_opt)
+    if config.start_epoch is not None:
+        state.epoch = config.start_epoch
     # --resume auto leaves a run whose schedule has ended as it is, rather than refuse it: restarting a finished job
     # is no error.
-    finished = resumed is not None and auto_resume and state.epoch >= state.num_epochs
+    finished = resumed is not None and run_state.auto_resume and state.epoch >= state.num_epochs
     if state.epoch >= state.num_epochs and not finished:
         raise UsageError(
             f"the schedule ended at epoch {state.num_epochs - 1} (epochs 0-{state.num_epochs - 1}: --epochs "
-            f"{args.epochs}{f' + --cooldown-epochs {args.cooldown_epochs}' if args.cooldown_epochs else ''}) and the "
-            f"run would start at epoch {state.epoch}; raise --epochs"
+            f"{config.epochs}{f' + --cooldown-epochs {config.cooldown_epochs}' if config.cooldown_epochs else ''}) "
+            f"and the run would start at epoch {state.epoch}; raise --epochs"
         )
     state.history = [row for row in state.history if row["epoch"] < state.epoch]
     if state.scheduler is not None and state.epoch > 0:
         # timm's schedulers are functions of time: set the learning rate for where the run resumes.
-        if args.sched_on_updates:
+        if config.sched_on_updates:
             state.scheduler.step_update(state.num_updates)
         else:
             state.scheduler.step(state.epoch)
 
 
-def run_epochs(
-    args: argparse.Namespace,
-    context: DistributedContext,
-    data: TrainingData,
-    state: TrainState,
-    output: Path,
-    resumed: dict[str, Any] | None,
-) -> dict[str, Any]:
+def run_epochs(config: TrainConfig, run_state: RunState, data: TrainingData, state: TrainState) -> dict[str, Any]:
     """Train, evaluate and checkpoint each epoch left in the schedule; returns the last row with the best and skips."""
-    train_model = training_module(state.model, args, context)
-    title = f"{args.model} on {data.source or 'digits'}"
+    context = run_state.context
+    train_model = training_module(state.model, config, context)
+    run_state.title = f"{config.model} on {data.source or 'digits'}"
     if context.is_primary:
-        start_output(args, context, data, state, output, resumed, title)
+        start_output(config, run_state, data, state)
     row: dict[str, Any] = state.history[-1] if state.history else {}
     for epoch in range(state.epoch, state.num_epochs):
         state.epoch = epoch
-        train_loss, metrics = run_epoch(args, context, data, state, train_model)
-        row = record_epoch(args, context, state, train_loss, metrics, output, title)
+        train_loss, metrics = run_epoch(config, run_state, data, state, train_model)
+        row = record_epoch(config, run_state, state, train_loss, metrics)
     # Each process counts the images it met: their sum is the run's.
     skipped = all_reduce_sum(
         getattr(data.train_set, "num_skipped", 0) + getattr(data.val_set, "num_skipped", 0), context
@@ -810,107 +798,90 @@ def run_epochs(
     return {**row, "best_metric": state.best_metric, "best_epoch": state.best_epoch, "num_skipped": skipped}
 
 
-def training_module(model: nn.Module, args: argparse.Namespace, context: DistributedContext) -> nn.Module:
+def training_module(model: nn.Module, config: TrainConfig, context: DistributedContext) -> nn.Module:
     """What the training steps call: the model, under DDP when distributed, compiled when --torchcompile asks."""
     if context.distributed:
         device = context.device
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     # After DDP, as timm does, so that its gradient buckets are compiled too; checkpoints keep the plain model.
-    return compile_model(model, args.torchcompile) if args.torchcompile else model
+    return compile_model(model, config.torchcompile) if config.torchcompile else model
 
 
-def start_output(
-    args: argparse.Namespace,
-    context: DistributedContext,
-    data: TrainingData,
-    state: TrainState,
-    output: Path,
-    resumed: dict[str, Any] | None,
-    title: str,
-) -> None:
+def start_output(config: TrainConfig, run_state: RunState, data: TrainingData, state: TrainState) -> None:
     """Rank 0's start: args.yaml, the files a run stopped right after its last.pth.tar left out, and what comes."""
+    output, resumed = run_state.output, run_state.resumed
     output.mkdir(parents=True, exist_ok=True)
-    (output / "args.yaml").write_text(yaml.safe_dump(plain_arguments(args), sort_keys=False))
+    (output / "args.yaml").write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
     history = state.history
     if resumed is not None and history and history[-1]["epoch"] == resumed["epoch"]:
         # A run stopped (killed, preempted) between last.pth.tar and the files written after it: complete them.
         is_best = resumed["best_epoch"] == resumed["epoch"]
-        save_epoch_files(resumed, history, output, args, is_best=is_best, title=title)
+        save_epoch_files(config, run_state, resumed, history, is_best=is_best)
     if state.epoch >= state.num_epochs:  # only a finished run under --resume auto (`set_start`)
         _logger.info(
             "--resume auto: the run finished at epoch %d, the last of its schedule; nothing to train", state.epoch - 1
         )
         return
-    config = data_config(state.model, interpolation=args.interpolation, **input_overrides(args, "interpolation"))
-    if args.sched != "none" and args.warmup_epochs + args.cooldown_epochs >= args.epochs:
+    evaluated = data_config(state.model, interpolation=config.interpolation, **input_overrides(config, "interpolation"))
+    if config.sched != "none" and config.warmup_epochs + config.cooldown_epochs >= config.epochs:
         _logger.warning(
             "--epochs %d with --warmup-epochs %d and --cooldown-epochs %d: the schedule runs %d epochs, most of them "
             "warming up to --lr or cooling down at --min-lr (lower those, or raise --epochs)",
-            args.epochs,
-            args.warmup_epochs,
-            args.cooldown_epochs,
+            config.epochs,
+            config.warmup_epochs,
+            config.cooldown_epochs,
             state.num_epochs,
         )
     _logger.info(
         "training %s (%d classes, input %s) on %s: %d train / %d held-out images, epochs %d-%d (counted from 0 "
         "as in summary.csv and checkpoint-EPOCH.pth.tar), %d process(es) on %s; output in %s",
-        args.model,
+        config.model,
         data.num_classes,
-        "x".join(map(str, config["input_size"])),
+        "x".join(map(str, evaluated["input_size"])),
         data.source or "the built-in digits",
         len(data.train_set),
         len(data.val_set),
         state.epoch,
         state.num_epochs - 1,
-        context.world_size,
-        context.device,
+        run_state.context.world_size,
+        run_state.context.device,
         output,
     )
 
 
 def run_epoch(
-    args: argparse.Namespace,
-    context: DistributedContext,
-    data: TrainingData,
-    state: TrainState,
-    train_model: nn.Module,
+    config: TrainConfig, run_state: RunState, data: TrainingData, state: TrainState, train_model: nn.Module
 ) -> tuple[float, dict[str, float]]:
     """Train epoch `state.epoch`, seeded to replay exactly after a resume, and evaluate; returns loss and metrics."""
-    epoch = state.epoch
-    seed_epoch(args.seed, epoch, context.rank)
+    epoch, context = state.epoch, run_state.context
+    seed_epoch(config.seed, epoch, context.rank)
     if isinstance(data.train_set, IterableDataset):
         data.train_set.set_epoch(epoch)  # the shard shuffle of timm's streamed readers
     elif context.distributed:
         data.train_loader.sampler.set_epoch(epoch)
-    if data.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+    if data.mixup is not None and config.mixup_off_epoch and epoch >= config.mixup_off_epoch:
         data.mixup.mixup_enabled = False
-    train_loss = train_one_epoch(state, data, train_model, args, context)
+    train_loss = train_one_epoch(config, run_state, data, state, train_model)
     models = {"": state.model, "ema_": state.ema.module if state.ema is not None else None}
     metrics = {}
     for prefix, model in models.items():
         if model is None:
             continue
         label = (
-            "" if args.no_progress or not context.is_primary else f"held-out, epoch {epoch}{' (EMA)' * bool(prefix)}"
+            "" if config.no_progress or not context.is_primary else f"held-out, epoch {epoch}{' (EMA)' * bool(prefix)}"
         )
         scores = evaluate(
-            model, data.val_loader, context.device, args.amp, args.amp_dtype, context.distributed, progress=label
+            model, data.val_loader, context.device, config.amp, config.amp_dtype, context.distributed, progress=label
         )
         metrics.update({f"{prefix}{key}": value for key, value in scores.items()})
     return train_loss, metrics
 
 
 def record_epoch(
-    args: argparse.Namespace,
-    context: DistributedContext,
-    state: TrainState,
-    train_loss: float,
-    metrics: dict[str, float],
-    output: Path,
-    title: str,
+    config: TrainConfig, run_state: RunState, state: TrainState, train_loss: float, metrics: dict[str, float]
 ) -> dict[str, Any]:
     """The epoch's summary row (returned), the schedule stepped, the best updated; rank 0 saves and logs the epoch."""
-    epoch = state.epoch
+    epoch, output = state.epoch, run_state.output
     row = dict(
         epoch=epoch,
         train_loss=round(train_loss, 6),
@@ -926,18 +897,18 @@ def record_epoch(
             ema_eval_top5=round(metrics["ema_top5"], 4),
         )
     # The EMA's metric picks model_best when it is evaluated, as in timm's train.py; the log says so.
-    metric = metrics[f"{'ema_' if state.ema is not None else ''}{args.eval_metric}"]
+    metric = metrics[f"{'ema_' if state.ema is not None else ''}{config.eval_metric}"]
     if state.scheduler is not None:
         state.scheduler.step(epoch + 1, metric)
     state.history.append(row)
     best = state.best_metric
-    is_best = best is None or (metric < best if args.eval_metric == "loss" else metric > best)
+    is_best = best is None or (metric < best if config.eval_metric == "loss" else metric > best)
     if is_best:
         state.best_metric, state.best_epoch = metric, epoch
-    if context.is_primary:
-        ckpt = checkpoint_dict(state, plain_arguments(args))
+    if run_state.context.is_primary:
+        ckpt = checkpoint_dict(state, config.as_dict())
         atomic_save(ckpt, output / "last.pth.tar")
-        save_epoch_files(ckpt, state.history, output, args, is_best=is_best, title=title)
+        save_epoch_files(config, run_state, ckpt, state.history, is_best=is_best)
         ema = (
             f"  EMA: loss {metrics['ema_loss']:.4f}  top-1 {metrics['ema_top1']:.2f}  top-5 {metrics['ema_top5']:.2f}"
             if state.ema is not None
@@ -965,7 +936,7 @@ def run(args: argparse.Namespace) -> int:
     primary = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if primary else logging.WARNING, format="%(message)s")
     try:
-        result = train(**{key: value for key, value in vars(args).items() if key != "command"})
+        result = train(TrainConfig(**{key: value for key, value in vars(args).items() if key != "command"}))
     except NonFiniteLossError:
         return 1
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ from torchvision.datasets import ImageFolder
 
 from sequencer.builder import load_model, resolve_model_name
 from sequencer.checkpoint import open_checkpoint
+from sequencer.config import flag_values
 from sequencer.data import (
     build_dataset,
     check_image_input_fits,
@@ -32,7 +33,6 @@ from sequencer.data import (
 )
 from sequencer.distributed import DistributedContext, all_reduce_sum, process_group
 from sequencer.errors import DatasetError, UsageError
-from sequencer.options import flag_values
 from sequencer.runtime import (
     autocast,
     compile_model,

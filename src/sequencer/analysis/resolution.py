@@ -24,10 +24,10 @@ from sequencer.analysis.common import (
     save_figure,
     training_size,
 )
+from sequencer.config import input_overrides
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, map_classes
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
-from sequencer.options import input_overrides
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
 

@@ -39,11 +39,11 @@ from sequencer.analysis.common import (
     save_figure,
 )
 from sequencer.choices import CORRUPTION_FAMILIES, CORRUPTIONS, SEVERITIES
+from sequencer.config import flag_values
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import MissingDependencyError, UsageError
 from sequencer.files import write_csv
-from sequencer.options import flag_values
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
 

@@ -31,11 +31,11 @@ from sequencer.analysis.common import (
 )
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, corruption_error
 from sequencer.choices import CORRUPTIONS, DATASET_FLAGS, DATASET_FOLDERS, SEVERITIES
+from sequencer.config import flag_values
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
-from sequencer.options import flag_values
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import WithRealLabels, check_targets_within, evaluate, load_real_labels, load_valid_classes
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.options import add_output_option, bounded
+from sequencer.config import bounded
+from sequencer.options import add_output_option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

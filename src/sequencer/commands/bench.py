@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import BENCH_MODES, BENCH_PRECISIONS, BENCH_RUNTIMES, DEFAULT_MODEL, IMPLEMENTATIONS
-from sequencer.options import add_output_option, add_runtime_options, bounded, comma_list
+from sequencer.config import bounded, comma_list
+from sequencer.options import add_output_option, add_runtime_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

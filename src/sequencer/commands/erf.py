@@ -9,15 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.options import (
-    IMAGE_SIDE,
-    RECORDED_MODEL_HELP,
-    add_compare_options,
-    add_model_options,
-    add_output_option,
-    add_runtime_options,
-    bounded,
-)
+from sequencer.config import IMAGE_SIDE, RECORDED_MODEL_HELP, bounded
+from sequencer.options import add_compare_options, add_model_options, add_output_option, add_runtime_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
-from sequencer.options import RECORDED_MODEL_HELP, add_input_options, add_model_options, add_output_option, bounded
+from sequencer.config import RECORDED_MODEL_HELP, bounded
+from sequencer.options import add_input_options, add_model_options, add_output_option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import DEFAULT_MODEL, EXPORT_PAYS_OFF_AT, PREDICT_RUNTIMES, PREDICTION_FORMATS
-from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options, bounded
+from sequencer.config import bounded
+from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from sequencer.config import IMAGE_SIDE, RECORDED_MODEL_HELP, comma_list
 from sequencer.options import (
-    IMAGE_SIDE,
-    RECORDED_MODEL_HELP,
     add_compare_options,
     add_input_options,
     add_model_options,
     add_output_option,
     add_runtime_options,
-    comma_list,
 )
 
 

@@ -5,15 +5,8 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import CORRUPTIONS, SEVERITIES
-from sequencer.options import (
-    RECORDED_MODEL_HELP,
-    add_input_options,
-    add_model_options,
-    add_output_option,
-    add_runtime_options,
-    bounded,
-    comma_list,
-)
+from sequencer.config import RECORDED_MODEL_HELP, bounded, comma_list
+from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

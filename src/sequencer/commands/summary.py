@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import SUMMARY_FORMATS
-from sequencer.options import IMAGE_SIDE, add_output_option
+from sequencer.config import IMAGE_SIDE
+from sequencer.options import add_output_option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,6 @@ continues exactly where it stopped.
 
 from __future__ import annotations
 
-from sequencer.train_options import add_arguments
+from sequencer.train_config import add_arguments
 
 __all__ = ["add_arguments"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sequencer.config import RECORDED_MODEL_HELP
 from sequencer.options import (
-    RECORDED_MODEL_HELP,
     add_compile_options,
     add_dataset_options,
     add_input_options,

@@ -10,14 +10,8 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import DATASET_FLAGS, DATASET_FOLDERS
-from sequencer.options import (
-    RECORDED_MODEL_HELP,
-    add_input_options,
-    add_model_options,
-    add_output_option,
-    add_runtime_options,
-    bounded,
-)
+from sequencer.config import RECORDED_MODEL_HELP, bounded
+from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
 
 ROOT_HELP = "folder holding the datasets under their usual names, the first one found: " + "; ".join(
     f"{holds.partition(',')[0].partition(' (')[0]}: {' or '.join(DATASET_FOLDERS[key])}"

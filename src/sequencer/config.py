@@ -1,0 +1,385 @@
+"""The flags as data: each flag a field of a frozen config dataclass (`option`), with its default, type, range and
+help once; the parsers are built from these fields (`add_fields`) and a value given from Python is checked by the same
+types (`FlagFields`). The groups several commands share live here (`DatasetSource`, `ModelSource`, `InputOverrides`,
+`Runtime`, `Compilation`), beside the argparse types that check a value: ranges (`bounded`), comma lists
+(`comma_list`) and writable outputs (`writable_path`).
+
+Standard library only: the library reads its defaults here, and building a parser must not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sequencer.choices import AMP_DTYPES, DEFAULT_MODEL, INPUT_KEYS, INTERPOLATIONS, MAX_IMAGE_SIDE
+from sequencer.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """An argparse type: the text read as `kind`, refused unless it is >= `low`, > `above` and <= `high` (each
+    bound that is not None)."""
+
+    kind: type[int] | type[float]
+    low: float | None = None
+    above: float | None = None
+    high: float | None = None
+
+    def __call__(self, text: str) -> float:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {self.kind.__name__} value: {text!r}") from None
+        # Written so that NaN, which compares false with everything, is refused.
+        within = (
+            (self.low is None or value >= self.low)
+            and (self.above is None or value > self.above)
+            and (self.high is None or value <= self.high)
+        )
+        if not within:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {self.limits}")
+        return value
+
+    @property
+    def limits(self) -> str:
+        """The bounds as the error states them: ">= 1", "> 0 and <= 1"."""
+        parts = [f">= {self.low}"] if self.low is not None else []
+        parts += [f"> {self.above}"] if self.above is not None else []
+        parts += [f"<= {self.high}"] if self.high is not None else []
+        return " and ".join(parts)
+
+
+def bounded(
+    kind: type[int] | type[float], *, min: float | None = None, max: float | None = None, above: float | None = None
+) -> Bounded:
+    """The argparse type of a number flag with a range: `min` and `max` allowed, `above` itself not."""
+    return Bounded(kind, low=min, above=above, high=max)
+
+
+# The argparse type of every image-size flag.
+IMAGE_SIDE = bounded(int, min=1, max=MAX_IMAGE_SIDE)
+
+
+@dataclass(frozen=True)
+class CommaList:
+    """An argparse type: 'a,b,c' as a list of `item` values (each read and checked by `item`, and one of `choices`
+    when given). `distinct_sorted`: each value once, in the order of `choices` (ascending without them); `empty`:
+    what an empty text stands for (refused when None)."""
+
+    item: Callable[[str], Any]
+    choices: tuple | None = None
+    distinct_sorted: bool = False
+    empty: tuple | None = None
+
+    def __call__(self, text: str) -> list:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if not parts:
+            if self.empty is None:
+                raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+            return list(self.empty)
+        values = []
+        for part in parts:
+            try:
+                values.append(self.item(part))
+            except ValueError:
+                name = getattr(self.item, "__name__", "")
+                raise argparse.ArgumentTypeError(f"invalid {name} value: {part!r}") from None
+        if self.choices is not None:
+            unknown = [value for value in values if value not in self.choices]
+            if unknown:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {', '.join(map(str, unknown))}; expected some of {', '.join(map(str, self.choices))}"
+                )
+        if self.distinct_sorted:
+            return sorted(set(values), key=self.choices.index if self.choices is not None else None)
+        return values
+
+
+def comma_list(
+    item: Callable[[str], Any],
+    choices: tuple | None = None,
+    *,
+    distinct_sorted: bool = False,
+    empty: tuple | None = None,
+) -> CommaList:
+    """The argparse type of a flag that takes a comma-separated list (see `CommaList`)."""
+    return CommaList(item, choices, distinct_sorted, empty)
+
+
+def option(*flags: str, default: Any = None, group: str = "", **argparse_kwargs: Any) -> Any:
+    """A config field that is also a flag: its default, once, and the `add_argument` arguments that read its text."""
+    return field(default=default, metadata={"flags": flags, "group": group, "argparse": argparse_kwargs})
+
+
+def add_fields(
+    parser: argparse.ArgumentParser,
+    config: type,
+    defaults: dict[str, Any] | None = None,
+    helps: dict[str, str] | None = None,
+) -> dict[str, argparse._ArgumentGroup]:
+    """A flag for each field of the dataclass `config`, in argparse groups by the fields' `group`; a command may give
+    some its own default or help. Returns the groups by title, for a command's own flags."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for item in fields(config):
+        if "flags" not in item.metadata:
+            continue
+        title, flags = item.metadata["group"], item.metadata["flags"]
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        kwargs = {**item.metadata["argparse"], "default": (defaults or {}).get(item.name, item.default)}
+        if helps and item.name in helps:
+            kwargs["help"] = helps[item.name]
+        if flags[0].startswith("-"):
+            kwargs["dest"] = item.name
+        groups[title].add_argument(*flags, **kwargs)
+    return groups
+
+
+@functools.cache
+def _parser_of(config: type) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_fields(parser, config)
+    return parser
+
+
+class FlagFields:
+    """Base of the frozen config dataclasses whose fields are flags: a value given from Python is read and checked by
+    its flag's type, count and choices as the command line's text is, and refused with the same `UsageError`."""
+
+    def __post_init__(self) -> None:
+        parser = _parser_of(type(self))
+        actions = {action.dest: action for action in parser._actions}
+        for item in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, item.name)
+            if item.name not in actions or value is None or value == item.default:
+                continue
+            try:
+                value = as_parsed(parser, actions[item.name], value)
+            except argparse.ArgumentError as error:
+                raise UsageError(f"{type(self).__name__}({item.name}={getattr(self, item.name)!r}): {error}") from None
+            object.__setattr__(self, item.name, tuple(value) if isinstance(value, list) else value)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as YAML/JSON-safe values (tuples as lists): what args.yaml and a checkpoint's `args` hold."""
+        return {
+            item.name: list(value) if isinstance(value := getattr(self, item.name), tuple) else value
+            for item in fields(self)  # type: ignore[arg-type]
+        }
+
+
+DATASET_HELP = (
+    "torch/cifar10, torch/cifar100, torch/flowers102, torch/stanford_cars or torch/oxford_iiit_pet, read from "
+    "--data-dir (default: a class-folder tree). Splits: train -> Flowers train, Cars train, Pets trainval; "
+    "val/validation -> Flowers val, Cars test, Pets test; test -> each one's test split. Streamed through timm "
+    '(pip install "sequencer[streaming]"): wds/NAME, WebDataset shards in --data-dir, each split a shard pattern '
+    "('train-{000000..000127}.tar|N', N its images) or a split of --data-dir's _info.json; hfds/NAME and "
+    "hfids/NAME (streamed), a Hugging Face dataset by Hub name or local folder, --data-dir its cache"
+)
+
+
+@dataclass(frozen=True)
+class DatasetSource(FlagFields):
+    """DATA, --data-dir, --dataset/-d, --dataset-download, as timm's scripts."""
+
+    data: str | None = option("data", nargs="?", metavar="DATA", group="data", help="dataset root")
+    data_dir: str | None = option(
+        "--data-dir", group="data", help="dataset root (alternative to DATA; where torch/* data live)"
+    )
+    dataset: str = option("--dataset", "-d", default="", group="data", help=DATASET_HELP)
+    dataset_download: bool = option(
+        "--dataset-download",
+        default=False,
+        action="store_true",
+        group="data",
+        help="download torch/* datasets when missing",
+    )
+
+
+# --model of the commands that load one checkpoint: without it, the model the checkpoint records (`load_model`).
+RECORDED_MODEL_HELP = (
+    f"model name (see `sequencer summary`; default: the one the --checkpoint records, else {DEFAULT_MODEL})"
+)
+
+
+@dataclass(frozen=True)
+class ModelSource(FlagFields):
+    """--model, --checkpoint, --num-classes, --in-chans, --use-ema, --unsafe-load."""
+
+    model: str | None = option(
+        "--model", default=DEFAULT_MODEL, group="model", help="model name (see `sequencer summary`)"
+    )
+    checkpoint: str = option(
+        "--checkpoint", default="", group="model", help="weights file (.pth, .pth.tar, .safetensors)"
+    )
+    num_classes: int | None = option(
+        "--num-classes", type=bounded(int, min=1), group="model", help="classes of the head (default: the data's)"
+    )
+    in_chans: int = option("--in-chans", default=3, type=bounded(int, min=1), group="model", help="input channels")
+    use_ema: bool = option(
+        "--use-ema",
+        default=False,
+        action="store_true",
+        group="model",
+        help="load the EMA weights of a training checkpoint",
+    )
+    unsafe_load: bool = option(
+        "--unsafe-load",
+        default=False,
+        action="store_true",
+        group="model",
+        help="read checkpoints that hold Python objects besides tensors with full pickle: this runs code from the "
+        "file, so only for files you trust (safetensors and plain tensor checkpoints never need it)",
+    )
+
+
+@dataclass(frozen=True)
+class InputOverrides(FlagFields):
+    """--img-size, --input-size, --crop-pct, --mean, --std, --interpolation (default: the model's config)."""
+
+    img_size: int | None = option(
+        "--img-size",
+        type=IMAGE_SIDE,
+        group="input",
+        help="square input size (default: the model's, 224 for the paper's variants)",
+    )
+    input_size: tuple[int, int, int] | None = option(
+        "--input-size",
+        type=IMAGE_SIDE,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        group="input",
+        help="input size C H W (overrides --img-size; default: the model's)",
+    )
+    crop_pct: float | None = option(
+        "--crop-pct",
+        type=bounded(float, above=0, max=1),
+        group="input",
+        help="centre-crop fraction for evaluation (default: the model's, 0.875)",
+    )
+    mean: tuple[float, ...] | None = option(
+        "--mean", type=float, nargs="+", group="input", help="normalisation mean (default: the model's, ImageNet's)"
+    )
+    std: tuple[float, ...] | None = option(
+        "--std",
+        type=bounded(float, above=0),
+        nargs="+",
+        group="input",
+        help="normalisation std (default: the model's, ImageNet's)",
+    )
+    interpolation: str = option(
+        "--interpolation",
+        default="",
+        choices=INTERPOLATIONS,
+        group="input",
+        help="resize interpolation (default: the model's, bicubic)",
+    )
+
+
+@dataclass(frozen=True)
+class Runtime(FlagFields):
+    """--device, --amp, --amp-dtype, -b, -j, --threads."""
+
+    device: str | None = option("--device", group="runtime", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    amp: bool = option(
+        "--amp",
+        "--native-amp",
+        default=False,
+        action="store_true",
+        group="runtime",
+        help="automatic mixed precision (float16 on GPU, bfloat16 on CPU)",
+    )
+    amp_dtype: str | None = option("--amp-dtype", choices=AMP_DTYPES, group="runtime", help="override the AMP dtype")
+    batch_size: int | None = option(
+        "-b", "--batch-size", default=32, type=bounded(int, min=1), group="runtime", help="batch size (per process)"
+    )
+    workers: int | None = option(
+        "-j", "--workers", default=2, type=bounded(int, min=0), group="runtime", help="data-loading worker processes"
+    )
+    threads: int | None = option("--threads", type=bounded(int, min=1), group="runtime", help="torch CPU threads")
+
+
+@dataclass(frozen=True)
+class Compilation(FlagFields):
+    """--torchcompile [BACKEND], as in timm's scripts."""
+
+    torchcompile: str | None = option(
+        "--torchcompile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        group="compilation",
+        help="run the model through torch.compile (backend: inductor unless named)",
+    )
+
+
+def writable_path(text: str, kind: str) -> str:
+    """`text` if a `kind` ("file", "folder" or "stem") can be written there, else an argparse error saying why.
+
+    Checked before any work, so that a run does not end by failing to save what it computed."""
+    if not text:
+        return text
+    path = Path(text).absolute()
+    if kind == "file" and path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name a file")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file: name a folder")
+    existing = next(parent for parent in [path, *path.parents] if parent.exists())
+    if existing != path and not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {existing} is a file")
+    probe = existing if existing.is_dir() else existing.parent
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {probe} is not writable ({error.strerror})") from None
+    return text
+
+
+def as_parsed(parser: argparse.ArgumentParser, action: argparse.Action, value: Any) -> Any:
+    """`value` for `action`, from a config file or a keyword argument, as the command line would give it: as many
+    values as the flag takes, each read and checked by its type (argparse runs none on a default that is not a
+    string) and one of its choices unless it is the default; an `argparse.ArgumentError` naming the flag otherwise."""
+    if value is None:
+        return value
+    given = value
+    if isinstance(value, os.PathLike | tuple):
+        value = os.fspath(value) if isinstance(value, os.PathLike) else list(value)
+    if action.nargs == 0:  # an on/off flag: --amp, --pretrained, ...
+        if not isinstance(value, bool):
+            raise argparse.ArgumentError(action, f"expected true or false, not {given!r}")
+        return value
+    if action.nargs not in (None, "?"):  # a flag that takes several words: 2, 3, or + of them
+        count = action.nargs if isinstance(action.nargs, int) else None
+        if not isinstance(value, list) or (len(value) != count if count else not value):
+            raise argparse.ArgumentError(action, f"expected {count or 'one or more'} values, not {given!r}")
+        value = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in value]
+    if action.type is not None:
+        if isinstance(value, list) and action.nargs is None:  # one word on the command line: a comma list
+            value = parser._get_value(action, ",".join(map(str, value)))
+        elif isinstance(value, list):
+            value = [parser._get_value(action, str(item)) for item in value]
+        else:
+            value = parser._get_value(action, str(value))
+    if action.choices is not None and value != action.default:
+        for item in value if isinstance(value, list) else [value]:
+            parser._check_value(action, item)
+    return value
+
+
+def input_overrides(args: argparse.Namespace, *exclude: str) -> dict[str, Any]:
+    """The preprocessing flags of `add_input_options` as `data_config` / `create_transform` overrides."""
+    return {key: getattr(args, key) for key in INPUT_KEYS if key not in exclude}
+
+
+def flag_values(function: Callable[..., Any], args: argparse.Namespace, **given: Any) -> dict[str, Any]:
+    """The keyword arguments of library `function` that the parsed flags hold under the same names, plus `given`:
+    what a command's `run(args)` passes on, so that a flag reaches its parameter without being named twice."""
+    names = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return {**{name: getattr(args, name) for name in names if hasattr(args, name)}, **given}
