@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=functools.partial(writable_path, kind="folder"),
         default=None,
         metavar="DIR",
-        help="also write the weights in timm's Hub layout: DIR/config.json and DIR/model.safetensors, which "
-        'timm.create_model("local-dir:DIR") and --checkpoint DIR read',
+        help="write the weights (beside -o, or alone) in timm's Hub layout: DIR/config.json and "
+        'DIR/model.safetensors, which timm.create_model("local-dir:DIR") and --checkpoint DIR read',
     )
     hub.add_argument(
         "--push-to-hub",
