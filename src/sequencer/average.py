@@ -1,5 +1,5 @@
-"""Checkpoint averaging (`average_checkpoints`, ranked by the metric each epoch recorded) and weights-only export:
-the work of `sequencer average`."""
+"""Checkpoint averaging (`average_checkpoints`, ranked by the metric each epoch recorded) and weights-only export,
+to a file or a folder in the Hugging Face Hub layout and on to the Hub: the work of `sequencer average`."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ from typing import Any
 
 import torch
 
+from sequencer import hub
+from sequencer.builder import hub_config
 from sequencer.checkpoint import (
+    HUB_CONFIG,
     WeightsRecord,
     extract_state_dict,
     from_authors_format,
     has_ema_weights,
     read_file,
     read_record,
+    write_hub_folder,
     write_weights,
 )
 from sequencer.errors import CheckpointError, UsageError
@@ -151,20 +155,41 @@ def _check_same_layout(
 
 
 def run(args: argparse.Namespace) -> int:
-    """`sequencer average`: rank, average, write; prints what went in."""
-    output = Path(args.output)
-    if not output.name.endswith(OUTPUT_SUFFIXES):
+    """`sequencer average`: rank, average, write (a file, a Hub folder), upload; prints what went in."""
+    output = Path(args.output) if args.output else None
+    folder = Path(args.hf_folder) if args.hf_folder else None
+    if not output and not folder:
+        raise UsageError("name what to write: -o FILE, --hf-folder DIR or both")
+    if output and not output.name.endswith(OUTPUT_SUFFIXES):
         raise UsageError(f"-o {output}: name a .safetensors or .pth file")
+    if args.push_to_hub and not folder:
+        raise UsageError("--push-to-hub uploads the --hf-folder: name one (--hf-folder DIR)")
+    if args.hub_private and not args.push_to_hub:
+        raise UsageError("--hub-private applies to the repository --push-to-hub makes: name one")
+    if args.push_to_hub:
+        hub.check_repo_id(args.push_to_hub)
     files = find_checkpoints(args.inputs)
-    if any(path.resolve() == output.resolve() for path in files):
-        raise UsageError(f"-o {output} is one of the inputs; write the average to another file")
+    written = [output] if output else []
+    if folder:
+        written += [folder / hub.WEIGHT_FILES[0], folder / HUB_CONFIG]
+    if clash := next((path for path in written if any(path.resolve() == file.resolve() for file in files)), None):
+        raise UsageError(f"{clash} is one of the inputs; write the average elsewhere")
     num = len(files) if args.num is None else args.num
     if num > len(files):
         raise UsageError(f"-n {num}, but only {len(files)} checkpoint(s) found: {', '.join(p.name for p in files)}")
     chosen = [r.path for r in rank_checkpoints(files, num, args.use_ema)] if num < len(files) else files
     state_dict, record = average_checkpoints(chosen, use_ema=args.use_ema)
-    write_weights(state_dict, record, output)
+    # Checked before anything is written: a variant timm cannot build is refused with no file left behind.
+    stem = state_dict.get("stem.proj.weight")
+    config = hub_config(record, in_chans=3 if stem is None else stem.shape[1]) if folder else None
     kind = "EMA weights" if record.ema else "weights"
     what = f"{kind} of" if len(chosen) == 1 else f"mean of the {kind} of {len(chosen)} checkpoints:"
-    print(f"wrote {output}: {what} {', '.join(str(p) for p in chosen)}")
+    if output:
+        write_weights(state_dict, record, output)
+        print(f"wrote {output}: {what} {', '.join(str(p) for p in chosen)}")
+    if folder:
+        write_hub_folder(state_dict, record, config, folder)
+        print(f"wrote {folder} (Hub layout: {HUB_CONFIG}, {hub.WEIGHT_FILES[0]}): {what} {', '.join(map(str, chosen))}")
+    if args.push_to_hub:
+        print(f"uploaded {folder} to {hub.upload(folder, args.push_to_hub, private=args.hub_private)}")
     return 0

@@ -1,8 +1,8 @@
 """Models by name: `create_model` (timm's factory), `load_model` (a checkpoint, ready for inference).
 
-The one place a model name is resolved (aliases, timm-style "name.tag"), a variant's config looked up, the
-preprocessing config attached, weights loaded (a file, the Hugging Face Hub, the released files) and the mixers'
-kernel chosen (`sequencer.model.route`).
+The one place a model name is resolved (aliases, timm-style "name.tag", local-dir:DIR), a variant's config looked up
+(also as timm's config.json, `hub_config`), the preprocessing config attached, weights loaded (a file, a folder in
+the Hub layout, the Hugging Face Hub, the released files) and the mixers' kernel chosen (`sequencer.model.route`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sequencer.checkpoint import Checkpoint, load_checkpoint, load_pretrained, open_checkpoint
+from sequencer.checkpoint import (
+    LOCAL_DIR_PREFIX,
+    Checkpoint,
+    WeightsRecord,
+    load_checkpoint,
+    load_pretrained,
+    open_checkpoint,
+)
 from sequencer.choices import DEFAULT_MODEL
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.hub import released_weights
@@ -34,6 +41,10 @@ from sequencer.model import (
 
 # Every name of a registered variant (the variants' own and the aliases) to the variant it means.
 VARIANT_OF = {**{name: name for name in VARIANTS}, **ALIASES}
+# timm's port (timm.models.sequencer) registers these; any other variant it can build is sequencer2d_s with model_args.
+TIMM_NAMES = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
+# Our architecture fields that timm's Sequencer2d takes as constructor arguments of the same name.
+TIMM_ARGS = ("layers", "patch_sizes", "embed_dims", "hidden_sizes", "bidirectional", "union", "with_fc")
 
 
 def is_registered(name: str) -> bool:
@@ -59,7 +70,7 @@ def model_config(name: str) -> SequencerConfig:
 def create_model(
     name: str,
     pretrained: str | os.PathLike | bool | None = None,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     drop_path_rate: float = 0.0,
     in_chans: int = 3,
     features_only: bool = False,
@@ -70,8 +81,10 @@ def create_model(
     dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> nn.Module:
-    """Build a registered variant, optionally with weights (a file, an hf-hub:ORG/REPO, or True for the released).
+    """Build a registered variant, optionally with weights (a file, an hf-hub:ORG/REPO, or True for the released);
+    `name` local-dir:DIR builds the variant a folder in the Hub layout holds, with its weights and record.
 
+    `num_classes` defaults to 1000, or to the folder's head (another count re-initialises the head, as in timm).
     `overrides` replace fields of the variant's `SequencerConfig` (`img_size=392`, `drop_rate=0.1`); any other
     keyword is a TypeError, as in timm's factory. The parameters are made on `device` (the "meta" device too) and
     then cast to `dtype`. The mixers run on `rnn_impl` (see `sequencer.model.route`). A pickled checkpoint that
@@ -80,12 +93,22 @@ def create_model(
     unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(SequencerConfig)})
     if unknown:
         raise TypeError(f"create_model() got an unexpected keyword argument {unknown[0]!r}")
+    folder = None
+    if name.startswith(LOCAL_DIR_PREFIX):
+        if pretrained:
+            raise UsageError(f"{name} names its weights; drop pretrained={pretrained!r}")
+        folder = open_checkpoint(name, unsafe_load=unsafe_load)
+        name = recorded_or_default(None, folder)
+        num_classes = folder.record.num_classes if num_classes is None else num_classes
+    num_classes = 1000 if num_classes is None else num_classes
     variant = resolve_model_name(name)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = build(name, variant, num_classes, in_chans, rnn_impl, drop_path_rate=drop_path_rate, **overrides)
     if dtype is not None:
         model.to(dtype=dtype)
-    if pretrained:
+    if folder:
+        load_checkpoint(model, folder)
+    elif pretrained:
         url = model.pretrained_cfg["url"]
         weights = released_weights(model.model_name, url) if pretrained is True else pretrained
         load_pretrained(model, weights, unsafe_load=unsafe_load)
@@ -150,3 +173,43 @@ def load_model(
     model = build(name, variant, num_classes, in_chans, "auto")
     load_checkpoint(model, checkpoint)
     return model.eval()
+
+
+def hub_config(record: WeightsRecord, in_chans: int = 3) -> dict[str, Any]:
+    """timm's config.json (as its `save_for_hf` writes it) for weights of the recorded variant: the timm name that
+    builds it, with model_args where timm registers no such variant, and the record's classes and input."""
+    name = record.model_name
+    if not name or not is_registered(name):
+        recorded = f"model {name!r}" if name else "no model"
+        raise CheckpointError(f"the weights record {recorded}, not a Sequencer variant timm could build")
+    variant = resolve_model_name(name)
+    config = VARIANTS[variant]
+    if config.mixer != "2d" or config.cell != "lstm" or config.pos_embed:
+        raise UsageError(
+            f"timm's Sequencer port builds LSTM 2D mixers without a position table only: {name} would not load in timm"
+        )
+    base = variant.removesuffix("_392") if variant.removesuffix("_392") in TIMM_NAMES else TIMM_NAMES[0]
+    reference = VARIANTS[base]
+    model_args: dict[str, Any] = {
+        key: getattr(config, key) for key in TIMM_ARGS if getattr(config, key) != getattr(reference, key)
+    }
+    if config.mlp_ratio != reference.mlp_ratio:
+        model_args["mlp_ratios"] = [config.mlp_ratio] * len(config.layers)
+    if in_chans != 3:
+        model_args["in_chans"] = in_chans
+    num_classes = record.num_classes or 0
+    # Not the release url (not these weights), nor a pool_size, which holds at one input size only (timm's is None).
+    cfg = {key: value for key, value in default_cfg(variant, config).items() if key not in ("architecture", "url")}
+    cfg.update(input_size=(in_chans, config.img_size, config.img_size), pool_size=None, num_classes=num_classes)
+    cfg.update(record.input_config())
+    out = {
+        "architecture": base,
+        "num_classes": num_classes,
+        "num_features": config.embed_dims[-1],
+        "global_pool": "avg",
+    }
+    if model_args:
+        out["model_args"] = model_args
+    if record.class_names and len(record.class_names) == num_classes:
+        out["label_names"] = list(record.class_names)
+    return {**out, "pretrained_cfg": cfg}

@@ -38,16 +38,13 @@ def read_file(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, A
     code; one that needs anything else is refused unless `unsafe_load` (it could run code). Any file that cannot
     be read raises `CheckpointError` naming it and what is wrong.
     """
-    path = str(path)
+    path = str(path).removeprefix(LOCAL_DIR_PREFIX)
     if path.startswith(hub.HF_HUB_PREFIX):
         path = hub.download(path)
     if path.startswith(("http://", "https://")):
         return _read_url(path, unsafe_load)
     if Path(path).is_dir():
-        raise CheckpointError(
-            f"{path} is a folder: pass a weights file in it (a run's model_best.pth.tar), or the folder to "
-            "`sequencer average`"
-        )
+        return _read_hub_folder(Path(path), unsafe_load)
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     export = _export_kind(path)
@@ -57,6 +54,35 @@ def read_file(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, A
         return _read_safetensors(path)
     with open(path, "rb") as f:
         return _read_pickle(f, path, unsafe_load)
+
+
+def _read_hub_folder(folder: Path, unsafe_load: bool) -> dict[str, Any]:
+    """A folder in the Hub layout (`write_hub_folder`, timm's `save_for_hf`): its weights, with their stored record,
+    else the one its config.json holds (timm's names: architecture, label_names, pretrained_cfg's input)."""
+    weights = next((folder / name for name in hub.WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights is None or not (folder / HUB_CONFIG).is_file():
+        raise CheckpointError(
+            f"{folder} is a folder without the Hub layout ({HUB_CONFIG} and {' or '.join(hub.WEIGHT_FILES)}): pass a "
+            "weights file in it (a run's model_best.pth.tar), or the folder to `sequencer average`"
+        )
+    contents = read_file(weights, unsafe_load=unsafe_load)
+    if stored_record(contents) is not None:
+        return contents
+    try:
+        config = json.loads((folder / HUB_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{folder / HUB_CONFIG}: not readable JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / HUB_CONFIG}: expected a JSON object, found {type(config).__name__}")
+    # timm's older config.json is a pretrained_cfg alone, its architecture included and its class names `labels`.
+    cfg = config.get("pretrained_cfg", config)
+    names = config.get("label_names", cfg.get("label_names", cfg.get("labels")))
+    record = {
+        "model_name": config.get("architecture"),
+        "class_names": names if isinstance(names, list) else None,
+        **{key: cfg[key] for key in RECORD_INPUT_KEYS if cfg.get(key) is not None},
+    }
+    return {"state_dict": extract_state_dict(contents), RECORD_KEY: record}
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
@@ -217,6 +243,10 @@ def recorded_model_name(contents: dict[str, Any]) -> str | None:
 # What a weights file is
 # ----------------------------------------------------------------------------------------------------------------
 
+# What names a folder in the Hub layout to the readers, as to timm's create_model: local-dir:DIR.
+LOCAL_DIR_PREFIX = "local-dir:"
+# The Hub layout's description of the weights beside them, as timm's save_for_hf writes it.
+HUB_CONFIG = "config.json"
 # The key of the record in a torch checkpoint and in a safetensors file's metadata (JSON there).
 RECORD_KEY = "sequencer_record"
 # The record's input fields, in timm's pretrained_cfg keys: how images are read for these weights.
@@ -452,3 +482,13 @@ def write_weights(state_dict: dict[str, torch.Tensor], record: WeightsRecord, pa
         atomic_save({"state_dict": state_dict, "metadata": {RECORD_KEY: json.dumps(record.as_dict())}}, path)
     else:
         atomic_save({"state_dict": state_dict, RECORD_KEY: record.as_dict()}, path)
+
+
+def write_hub_folder(
+    state_dict: dict[str, torch.Tensor], record: WeightsRecord, config: dict[str, Any], folder: str | os.PathLike
+) -> None:
+    """Write the Hub layout into `folder`: model.safetensors (with the record) and timm's `config` as config.json."""
+    folder = Path(folder)
+    write_weights(state_dict, record, folder / hub.WEIGHT_FILES[0])
+    with atomic_write(folder / HUB_CONFIG) as f:
+        f.write(json.dumps(config, indent=2).encode())

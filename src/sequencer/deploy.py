@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sequencer.builder import load_model, resolve_model_name
-from sequencer.checkpoint import RECORD_INPUT_KEYS, WeightsRecord, record_of
+from sequencer.checkpoint import LOCAL_DIR_PREFIX, RECORD_INPUT_KEYS, WeightsRecord, record_of
 from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
 from sequencer.config import input_overrides
 from sequencer.data import check_input_fits, data_config
@@ -234,11 +234,12 @@ class ExportResult:
 
 
 def _check_name_and_file(name: str | None, checkpoint: str | Path | None) -> None:
-    """Refuse an unknown variant or a local checkpoint file that does not exist, before anything is loaded."""
+    """Refuse an unknown variant or a local checkpoint (a file, a Hub folder) that does not exist, before anything is
+    loaded."""
     if name:
         resolve_model_name(name)
     remote = str(checkpoint).startswith(("http://", "https://", "hf-hub:"))
-    if checkpoint and not remote and not Path(checkpoint).is_file():
+    if checkpoint and not remote and not Path(str(checkpoint).removeprefix(LOCAL_DIR_PREFIX)).exists():
         raise CheckpointError(f"checkpoint not found: {checkpoint}")
 
 

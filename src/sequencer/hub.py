@@ -1,4 +1,5 @@
-"""Weights from the Hugging Face Hub (`hf-hub:ORG/REPO[@REVISION]`) and the released weights behind `pretrained=True`.
+"""Weights from the Hugging Face Hub (`hf-hub:ORG/REPO[@REVISION]`) and the released weights behind `pretrained=True`;
+a folder in the Hub layout uploaded to it (`upload`).
 
 timm hosts the released Sequencer2D-S/M/L weights as `timm/sequencer2d_{s,m,l}.in1k`. Downloads go through
 huggingface_hub's cache (HF_HOME, HF_HUB_CACHE), which later loads read from, also offline (HF_HUB_OFFLINE=1).
@@ -61,13 +62,48 @@ def _why_unreachable(endpoint: str, timeout: float) -> str | None:
     from huggingface_hub.utils import get_session
 
     session = get_session()
-    # huggingface_hub 1.x's session is an httpx client, 2.x's an httpx2 one: catch that library's TransportError.
-    http = importlib.import_module(type(session).__module__.partition(".")[0])
     try:
         response = session.head(endpoint, timeout=timeout)
-    except http.TransportError as error:  # refused, timed out, no route, hung up: huggingface_hub retries these
+    except _transport_error() as error:  # refused, timed out, no route, hung up: huggingface_hub retries these
         return _first_line(error)
     return f"it answered HTTP {response.status_code}" if response.status_code >= 500 else None
+
+
+def _transport_error() -> type[Exception]:
+    """The error huggingface_hub's HTTP library raises when no answer came (HTTP errors are OSErrors already)."""
+    from huggingface_hub.utils import get_session
+
+    # huggingface_hub 1.x's session is an httpx client, 2.x's an httpx2 one: that library's TransportError.
+    return importlib.import_module(type(get_session()).__module__.partition(".")[0]).TransportError
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repository name the Hub would refuse (ORG/NAME or NAME: letters, digits, -, _, .), before any work."""
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError as error:
+        raise MissingDependencyError("the Hub needs huggingface_hub: pip install huggingface_hub") from error
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UsageError(f"Hub repository {repo_id!r}: {_first_line(error).partition(': ')[2]}") from None
+
+
+def upload(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload `folder` to the Hub model repository `repo_id`, made first if missing (private if asked, else the
+    account's default), as timm's push_to_hf_hub does; the token is huggingface_hub's (HF_TOKEN, `hf auth login`).
+    Returns the repository's URL."""
+    check_repo_id(repo_id)
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        repo = api.create_repo(repo_id, private=private or None, exist_ok=True)
+        api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message="Add model (sequencer average)")
+    except (OSError, ValueError, _transport_error()) as error:
+        problem = _first_line(error)
+        raise CheckpointError(f"could not upload {folder} to {repo_id} on {api.endpoint}: {problem}") from None
+    return str(repo)
 
 
 def released_weights(name: str, url: str) -> str:
