@@ -20,6 +20,7 @@ from packaging.version import Version
 from PIL import Image, ImageOps
 from timm.data import ImageNetInfo, auto_augment, resolve_data_config
 from timm.data import create_transform as timm_create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.readers.class_map import load_class_map as timm_load_class_map
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, default_collate
@@ -688,6 +689,14 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+WORKER_SEEDINGS = ("part", "all")
+
+
+def _seed_worker_numpy(worker_id: int) -> None:
+    """timm's "all" worker seeding: numpy re-seeded from the worker's own torch seed (base seed + worker id)."""
+    np.random.seed(torch.utils.data.get_worker_info().seed % (2**32 - 1))
+
+
 def create_loader(
     dataset: Dataset,
     batch_size: int,
@@ -696,9 +705,29 @@ def create_loader(
     distributed: bool = False,
     drop_last: bool = False,
     collate_fn: Callable | None = None,
+    *,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = False,
+    repeats: float = 0,
+    worker_seeding: str = "part",
 ) -> DataLoader:
     """A DataLoader; under DDP each rank reads its own shard: for training (`shuffle`) a DistributedSampler's (call
-    `set_epoch` each epoch), for evaluation a `ShardSampler`'s, which counts every image exactly once."""
+    `set_epoch` each epoch), for evaluation a `ShardSampler`'s, which counts every image exactly once.
+
+    `pin_memory`: page-locked batches (None: when CUDA is available). `persistent_workers` keeps the worker
+    processes across epochs (timm's --use-multi-epochs-loader), which then no longer re-seed from each epoch's seed:
+    a resumed run augments differently from an uninterrupted one. `repeats` (timm's --aug-repeats, training only):
+    timm's RepeatAugSampler, each drawn image `repeats` times, on different ranks under DDP, in one process as one
+    rank; the epoch keeps its length (call the sampler's `set_epoch` each epoch, in one process too).
+    `worker_seeding`: "part" (torch's own seeding of each worker's random, torch and numpy streams, as before), or
+    "all" (timm's default: numpy re-seeded from the worker's torch seed)."""
+    if worker_seeding not in WORKER_SEEDINGS:
+        raise UsageError(f"unknown worker seeding {worker_seeding!r} (--worker-seeding); expected 'all' or 'part'")
+    if repeats != 0 and not repeats >= 1:  # negative, fractional below 1, or NaN
+        raise UsageError(f"--aug-repeats {repeats:g}: expected 0 (off) or a count of 1 or more")
+    if repeats and (not shuffle or isinstance(dataset, IterableDataset)):
+        what = "a streamed dataset, whose reader orders its samples" if shuffle else "an evaluation loader"
+        raise UsageError(f"--aug-repeats cannot apply to {what}: it repeats images of a shuffled map-style dataset")
     sampler: Sampler | None = None
     if isinstance(dataset, IterableDataset):  # timm's streamed readers: each process and worker reads its own shards
         dataset.set_loader_cfg(num_workers=workers)
@@ -711,6 +740,14 @@ def create_loader(
                 f"{shards} training shard(s) for {reader.global_num_workers} readers (processes x -j workers, at "
                 "least 1 each); each reads whole shards: lower -j/--workers or use more shards"
             )
+    elif repeats:
+        replicas, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+        # timm rounds an epoch down to whole 256-image blocks, which older timm (1.0.12) also does below 256 images:
+        # an empty epoch. Newer timm does not round there; nor does this on any timm.
+        rounding = 256 if len(dataset) >= 256 else 0
+        sampler = RepeatAugSampler(
+            dataset, num_replicas=replicas, rank=rank, shuffle=True, num_repeats=repeats, selected_round=rounding
+        )
     elif distributed and shuffle:
         sampler = DistributedSampler(dataset, shuffle=True, drop_last=drop_last)
     elif distributed:
@@ -719,7 +756,7 @@ def create_loader(
         )
     if workers > (cores := usable_cpus()):
         _warn_too_many_workers(workers, cores)
-    # Workers start afresh every epoch (not persistent): their random streams are then drawn from the epoch's
+    # Workers start afresh every epoch unless persistent: their random streams are then drawn from the epoch's
     # seed, so a resumed run augments exactly as an uninterrupted one would.
     return _DataLoader(
         dataset,
@@ -728,6 +765,8 @@ def create_loader(
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate_fn or collate_skipping,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
+        worker_init_fn=_seed_worker_numpy if worker_seeding == "all" else None,
+        persistent_workers=persistent_workers and workers > 0,
     )
