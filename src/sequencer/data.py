@@ -7,16 +7,21 @@ import importlib.util
 import logging
 import multiprocessing
 import os
+import pickle
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
+from packaging.version import Version
 from PIL import Image, ImageOps
 from timm.data import ImageNetInfo, auto_augment, resolve_data_config
 from timm.data import create_transform as timm_create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.readers.class_map import load_class_map as timm_load_class_map
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, default_collate
 from torchvision.datasets import ImageFolder
@@ -51,11 +56,22 @@ def check_input_fits(model: nn.Module, input_size: Sequence[int], flag: str = "-
             raise UsageError(f"{error} ({flag})") from None
 
 
-def check_image_input_fits(model: nn.Module, input_size: Sequence[int]) -> None:
-    """`check_input_fits` for commands that read images: those are RGB, so the input has 3 channels."""
-    if input_size[0] != 3:
+def image_channels(input_img_mode: str | None) -> int:
+    """The channels of an image read in PIL mode `input_img_mode` (None: RGB); a UsageError for an unknown mode."""
+    mode = input_img_mode or "RGB"
+    try:
+        return len(Image.new(mode, (1, 1)).getbands())
+    except (ValueError, TypeError):  # what PIL raises for a mode it does not know
+        raise UsageError(f"unknown image mode {mode!r} (--input-img-mode); expected a PIL mode: RGB, L ...") from None
+
+
+def check_image_input_fits(model: nn.Module, input_size: Sequence[int], input_img_mode: str | None = None) -> None:
+    """`check_input_fits` for commands that read images: as many input channels as the images' mode has (RGB: 3)."""
+    mode, channels = input_img_mode or "RGB", image_channels(input_img_mode)
+    if input_size[0] != channels:
         raise UsageError(
-            f"the input has {input_size[0]} channels (--in-chans / --input-size) but images are read as RGB, 3 channels"
+            f"the input has {input_size[0]} channels (--in-chans / --input-size) but images are read as {mode}, "
+            f"{channels} channel(s) (--input-img-mode)"
         )
     check_input_fits(model, input_size)
 
@@ -111,12 +127,35 @@ class SkipCounter:
         return self._value.value
 
 
-class ImageFolderDataset(ImageFolder):
-    """`ROOT/<class>/*` images; an unreadable image yields None (dropped by `collate_skipping`) and is counted."""
+def open_image(path: str, mode: str) -> Image.Image:
+    """The image file at `path`, converted to PIL `mode` (what torchvision's loader does for RGB)."""
+    with open(path, "rb") as file:
+        return Image.open(file).convert(mode)
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
+
+class ImageFolderDataset(ImageFolder):
+    """`ROOT/<class>/*` images; an unreadable image yields None (dropped by `collate_skipping`) and is counted.
+
+    With `class_to_idx` (a class map) only its classes are read, with its indices; `.classes` are in index order."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable | None = None,
+        class_to_idx: dict[str, int] | None = None,
+        input_img_mode: str = "RGB",
+    ) -> None:
+        self._class_map = class_to_idx  # read by `find_classes`, which ImageFolder's constructor calls
         super().__init__(str(root), transform=transform)
+        if input_img_mode != "RGB":  # RGB keeps torchvision's own loader, which reads RGB
+            self.loader = functools.partial(open_image, mode=input_img_mode)
         self.skip_counter = SkipCounter()
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        """The class map's classes in index order, or (none given) torchvision's sorted class folders."""
+        if self._class_map is None:
+            return super().find_classes(directory)
+        return sorted(self._class_map, key=self._class_map.__getitem__), dict(self._class_map)
 
     @property
     def num_skipped(self) -> int:
@@ -142,7 +181,9 @@ class DigitsDataset(Dataset):
     The split is fixed (stratified, seed 0): 80% train, 20% val, so every run is scored on the same held-out images.
     """
 
-    def __init__(self, split: str = "train", transform: Callable | None = None, img_size: int = 32) -> None:
+    def __init__(
+        self, split: str = "train", transform: Callable | None = None, img_size: int = 32, input_img_mode: str = "RGB"
+    ) -> None:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -159,7 +200,7 @@ class DigitsDataset(Dataset):
         # Pixel values are 0..16; upscale once here so that per-sample transforms only crop and normalise.
         pixels = (digits.images[indices] * (255.0 / 16.0)).round().astype(np.uint8)
         self.images = [
-            Image.fromarray(p, mode="L").resize((img_size, img_size), Image.Resampling.BICUBIC).convert("RGB")
+            Image.fromarray(p, mode="L").resize((img_size, img_size), Image.Resampling.BICUBIC).convert(input_img_mode)
             for p in pixels
         ]
         self.targets = [int(t) for t in digits.target[indices]]
@@ -206,6 +247,7 @@ class TorchvisionDataset(Dataset):
         self.classes = list(classes)
         self.name = name
         self.transform: Callable | None = None
+        self.input_img_mode: str | None = None  # None: as torchvision reads them (RGB)
         self.skip_counter = SkipCounter()
 
     @property
@@ -223,6 +265,8 @@ class TorchvisionDataset(Dataset):
             self.skip_counter.increment()
             _logger.warning("skipping unreadable image %d of %s: %s", index, self.name, error)
             return None
+        if self.input_img_mode is not None and image.mode != self.input_img_mode:
+            image = image.convert(self.input_img_mode)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(target)
@@ -312,11 +356,61 @@ def _split_folder(root: Path, split: str) -> Path:
 # timm's streamed and Hugging Face datasets (`--dataset PREFIX/NAME`): the package each needs.
 STREAMED_PACKAGES = {"wds": "webdataset", "hfds": "datasets", "hfids": "datasets"}
 
+# The first timm that reads a .pkl class map with a restricted unpickler: older ones run whatever code the file holds.
+_TIMM_SAFE_PKL_CLASS_MAP = "1.0.28"
+# The first timm whose streamed Hugging Face reader (hfids/) takes trust_remote_code.
+_TIMM_HFIDS_REMOTE_CODE = "1.0.13"
+
+
+def _timm_at_least(version: str) -> bool:
+    """Whether the installed timm is `version` or newer."""
+    return Version(timm.__version__).release >= Version(version).release
+
+
+def load_class_map(path: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, int]:
+    """timm's class map file (--class-map), by timm's loader: a .txt names one class per line (index: line number),
+    a .pkl holds a {name: index} dict; a relative path not found is looked up under `root`, as timm does.
+
+    Its indices must be 0 .. N-1, one class each: they are the model's outputs and `.classes` lists them in order."""
+    found = Path(path)
+    if not found.is_file() and root is not None and (Path(root) / path).is_file():
+        found = Path(root) / path
+    if not found.is_file():
+        raise DatasetError(f"class map file not found: {path} (--class-map)")
+    kind = found.suffix.lower()
+    if kind not in (".txt", ".pkl"):
+        raise DatasetError(f"class map {found}: expected a .txt file (one class name per line) or a .pkl dict")
+    if kind == ".pkl" and not _timm_at_least(_TIMM_SAFE_PKL_CLASS_MAP):
+        raise DatasetError(
+            f"a .pkl class map needs timm >= {_TIMM_SAFE_PKL_CLASS_MAP} (older timm runs any code the file holds; "
+            f"installed: {timm.__version__}): upgrade timm or write the map as a .txt file"
+        )
+    try:
+        mapping = timm_load_class_map(str(found))
+    except (AssertionError, ValueError, EOFError, pickle.UnpicklingError, UnicodeDecodeError) as error:
+        raise DatasetError(f"class map {found} could not be read: {str(error).splitlines()[0]}") from None
+    if not isinstance(mapping, dict) or not all(isinstance(name, str) and name for name in mapping):
+        raise DatasetError(f"class map {found}: expected non-empty class names (a blank line in a .txt file?)")
+    indices = sorted(mapping.values()) if all(type(index) is int for index in mapping.values()) else None
+    if indices != list(range(len(mapping))):
+        raise DatasetError(
+            f"class map {found}: expected indices 0..{len(mapping) - 1}, one class each (a class listed twice?)"
+        )
+    return mapping
+
 
 def _streamed_dataset(
-    name: str, split: str, root: str | None, download: bool, train: bool, batch_size: int, seed: int
+    name: str,
+    split: str,
+    root: str | None,
+    download: bool,
+    train: bool,
+    batch_size: int,
+    seed: int,
+    **reader_args: Any,
 ) -> Dataset:
-    """timm's reader of WebDataset shards (wds/), a Hugging Face dataset (hfds/) or a streamed one (hfids/).
+    """timm's reader of WebDataset shards (wds/), a Hugging Face dataset (hfds/) or a streamed one (hfids/);
+    `reader_args` go to timm's `create_dataset` (class_map, input_img_mode, input_key, num_samples ...).
 
     Under torchrun each process reads its own shards. `.classes` are the dataset's class names (none for wds/: its
     labels are class indices). For evaluation (not `train`) every image is read exactly once over all processes."""
@@ -332,7 +426,14 @@ def _streamed_dataset(
         raise DatasetError(f"--dataset {name} needs --data-dir (or DATA): the folder holding the shards")
     try:
         dataset = create_dataset(
-            name, root=root, split=split, is_training=train, download=download, batch_size=batch_size, seed=seed
+            name,
+            root=root,
+            split=split,
+            is_training=train,
+            download=download,
+            batch_size=batch_size,
+            seed=seed,
+            **reader_args,
         )
     except (RuntimeError, ValueError, FileNotFoundError, ConnectionError) as error:  # unknown split, name, no count
         hint = " (a training split needs its image count: SPLIT|COUNT, or an _info.json)" if prefix == "wds" else ""
@@ -362,6 +463,49 @@ def _streamed_dataset(
     return dataset
 
 
+def source_kind(name_or_root: str | None) -> str:
+    """What `build_dataset` reads for `name_or_root`: "digits", "torch", "wds", "hfds", "hfids" or "folder"."""
+    if name_or_root is None or name_or_root.lower() in DIGITS_NAMES:
+        return "digits"
+    prefix, slash, _ = name_or_root.partition("/")
+    if slash and prefix.lower() in STREAMED_PACKAGES:
+        return prefix.lower()
+    return "torch" if name_or_root.startswith("torch/") else "folder"
+
+
+# The `build_dataset` arguments that only timm's readers take, and the readers each changes (timm's create_dataset).
+_READER_ONLY_ARGS = {
+    "num_samples": ("wds", "hfids"),
+    "repeats": ("wds", "hfids"),
+    "input_key": ("wds", "hfds", "hfids"),
+    "target_key": ("wds", "hfds", "hfids"),
+    "trust_remote_code": ("hfds", "hfids"),
+}
+
+
+def unused_data_flags(
+    name_or_root: str | None,
+    *,
+    num_samples: int | None = None,
+    repeats: float = 0,
+    input_key: str | None = None,
+    target_key: str | None = None,
+    trust_remote_code: bool = False,
+) -> list[str]:
+    """The arguments given (not None, 0 or False) that change nothing for this source, as `build_dataset` names them.
+
+    class_map and input_img_mode are not among them: every source either honours them or refuses them."""
+    given = dict(
+        num_samples=num_samples,
+        repeats=repeats,
+        input_key=input_key,
+        target_key=target_key,
+        trust_remote_code=trust_remote_code,
+    )
+    kind = source_kind(name_or_root)
+    return [name for name, value in given.items() if value and kind not in _READER_ONLY_ARGS[name]]
+
+
 def build_dataset(
     name_or_root: str | None,
     split: str,
@@ -372,26 +516,59 @@ def build_dataset(
     train: bool = False,
     batch_size: int = 1,
     seed: int = 42,
+    *,
+    class_map: str | os.PathLike | None = None,
+    input_img_mode: str | None = None,
+    num_samples: int | None = None,
+    repeats: float = 0,
+    input_key: str | None = None,
+    target_key: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Dataset:
     """A dataset with `.classes`, `.transform` and `.num_skipped`: a class-folder tree, `torch/NAME`, the digits, or
-    timm's `wds/`, `hfds/`, `hfids/` readers (`train`, `batch_size` and `seed` shape the streamed training order)."""
-    if name_or_root is None or name_or_root.lower() in DIGITS_NAMES:
-        return DigitsDataset(split, transform, img_size)
-    if name_or_root.partition("/")[0].lower() in STREAMED_PACKAGES and "/" in name_or_root:
-        dataset = _streamed_dataset(name_or_root, split, data_dir, download, train, batch_size, seed)
+    timm's `wds/`, `hfds/`, `hfids/` readers (`train`, `batch_size` and `seed` shape the streamed training order).
+
+    `class_map` (a file, see `load_class_map`) selects and numbers a folder tree's or a reader's classes;
+    `input_img_mode` is the PIL mode images are converted to (None: RGB). The rest go to timm's readers as timm's
+    `create_dataset` passes them; for other sources they change nothing (`unused_data_flags` names them)."""
+    kind = source_kind(name_or_root)
+    mode = input_img_mode or "RGB"
+    image_channels(mode)  # an unknown mode is refused before any image is read
+    if class_map is not None and kind in ("digits", "torch"):
+        raise DatasetError(
+            f"--class-map cannot apply to {name_or_root or 'the digits'}: its classes are fixed; use a folder tree"
+        )
+    if kind == "digits":
+        return DigitsDataset(split, transform, img_size, mode)
+    if kind in STREAMED_PACKAGES:
+        reader_args: dict[str, Any] = dict(input_img_mode=mode, input_key=input_key, target_key=target_key)
+        if class_map is not None:
+            reader_args["class_map"] = load_class_map(class_map)
+        if kind != "hfds":  # timm's map-style hfds reader takes no sample count or repeats
+            reader_args.update(num_samples=num_samples, repeats=repeats)
+        if trust_remote_code and kind in ("hfds", "hfids"):
+            if kind == "hfids" and not _timm_at_least(_TIMM_HFIDS_REMOTE_CODE):
+                raise UsageError(
+                    f"--dataset-trust-remote-code for hfids/ needs timm >= {_TIMM_HFIDS_REMOTE_CODE} "
+                    f"(installed: {timm.__version__})"
+                )
+            reader_args["trust_remote_code"] = True
+        dataset = _streamed_dataset(name_or_root, split, data_dir, download, train, batch_size, seed, **reader_args)
         dataset.transform = transform
         return dataset
-    if name_or_root.startswith("torch/"):
+    if kind == "torch":
         dataset = _torchvision_dataset(name_or_root, split, data_dir, download)
+        dataset.input_img_mode = input_img_mode
         dataset.transform = transform
         return dataset
     root = Path(name_or_root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
     folder = _split_folder(root, split)
+    class_to_idx = load_class_map(class_map, root=folder) if class_map is not None else None
     try:
-        dataset = ImageFolderDataset(folder, transform)
-    except FileNotFoundError as error:  # torchvision: no class folders, or a class folder without images
+        dataset = ImageFolderDataset(folder, transform, class_to_idx, mode)
+    except FileNotFoundError as error:  # torchvision: no class folders, or a (mapped) class folder without images
         raise DatasetError(f"empty dataset folder {folder}: {error}") from error
     return dataset
 
@@ -511,6 +688,14 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+WORKER_SEEDINGS = ("part", "all")
+
+
+def _seed_worker_numpy(worker_id: int) -> None:
+    """timm's "all" worker seeding: numpy re-seeded from the worker's own torch seed (base seed + worker id)."""
+    np.random.seed(torch.utils.data.get_worker_info().seed % (2**32 - 1))
+
+
 def create_loader(
     dataset: Dataset,
     batch_size: int,
@@ -519,9 +704,29 @@ def create_loader(
     distributed: bool = False,
     drop_last: bool = False,
     collate_fn: Callable | None = None,
+    *,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = False,
+    repeats: float = 0,
+    worker_seeding: str = "part",
 ) -> DataLoader:
     """A DataLoader; under DDP each rank reads its own shard: for training (`shuffle`) a DistributedSampler's (call
-    `set_epoch` each epoch), for evaluation a `ShardSampler`'s, which counts every image exactly once."""
+    `set_epoch` each epoch), for evaluation a `ShardSampler`'s, which counts every image exactly once.
+
+    `pin_memory`: page-locked batches (None: when CUDA is available). `persistent_workers` keeps the worker
+    processes across epochs (timm's --use-multi-epochs-loader), which then no longer re-seed from each epoch's seed:
+    a resumed run augments differently from an uninterrupted one. `repeats` (timm's --aug-repeats, training only):
+    timm's RepeatAugSampler, each drawn image `repeats` times, on different ranks under DDP, in one process as one
+    rank; the epoch keeps its length (call the sampler's `set_epoch` each epoch, in one process too).
+    `worker_seeding`: "part" (torch's own seeding of each worker's random, torch and numpy streams, as before), or
+    "all" (timm's default: numpy re-seeded from the worker's torch seed)."""
+    if worker_seeding not in WORKER_SEEDINGS:
+        raise UsageError(f"unknown worker seeding {worker_seeding!r} (--worker-seeding); expected 'all' or 'part'")
+    if repeats != 0 and not repeats >= 1:  # negative, fractional below 1, or NaN
+        raise UsageError(f"--aug-repeats {repeats:g}: expected 0 (off) or a count of 1 or more")
+    if repeats and (not shuffle or isinstance(dataset, IterableDataset)):
+        what = "a streamed dataset, whose reader orders its samples" if shuffle else "an evaluation loader"
+        raise UsageError(f"--aug-repeats cannot apply to {what}: it repeats images of a shuffled map-style dataset")
     sampler: Sampler | None = None
     if isinstance(dataset, IterableDataset):  # timm's streamed readers: each process and worker reads its own shards
         dataset.set_loader_cfg(num_workers=workers)
@@ -534,6 +739,14 @@ def create_loader(
                 f"{shards} training shard(s) for {reader.global_num_workers} readers (processes x -j workers, at "
                 "least 1 each); each reads whole shards: lower -j/--workers or use more shards"
             )
+    elif repeats:
+        replicas, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+        # timm rounds an epoch down to whole 256-image blocks, which older timm (1.0.12) also does below 256 images:
+        # an empty epoch. Newer timm does not round there; nor does this on any timm.
+        rounding = 256 if len(dataset) >= 256 else 0
+        sampler = RepeatAugSampler(
+            dataset, num_replicas=replicas, rank=rank, shuffle=True, num_repeats=repeats, selected_round=rounding
+        )
     elif distributed and shuffle:
         sampler = DistributedSampler(dataset, shuffle=True, drop_last=drop_last)
     elif distributed:
@@ -542,7 +755,7 @@ def create_loader(
         )
     if workers > (cores := usable_cpus()):
         _warn_too_many_workers(workers, cores)
-    # Workers start afresh every epoch (not persistent): their random streams are then drawn from the epoch's
+    # Workers start afresh every epoch unless persistent: their random streams are then drawn from the epoch's
     # seed, so a resumed run augments exactly as an uninterrupted one would.
     return _DataLoader(
         dataset,
@@ -551,6 +764,8 @@ def create_loader(
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate_fn or collate_skipping,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
+        worker_init_fn=_seed_worker_numpy if worker_seeding == "all" else None,
+        persistent_workers=persistent_workers and workers > 0,
     )
