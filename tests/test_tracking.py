@@ -118,6 +118,7 @@ def test_wandb_logs_each_row_at_its_epoch_with_the_run_config(offline_wandb: Any
 
 
 def test_tensorboard_scalars_are_the_rows_columns_at_their_epochs(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
     rows = [summary_row(3), summary_row(4, top1=80.0)]  # --start-epoch 3: steps are epochs, not a count from 0
     with RunTracker.open(tmp_path, CONFIG, start_epoch=3, log_tensorboard=True) as tracker:
         for row in rows:
@@ -130,6 +131,7 @@ def test_tensorboard_scalars_are_the_rows_columns_at_their_epochs(tmp_path: Path
 
 
 def test_a_resumed_run_continues_the_same_wandb_run_and_tensorboard_steps(offline_wandb: Any, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
     # The first process logs epochs 0-2 but dies before epoch 2's checkpoint: the resumed one replays epoch 2.
     with RunTracker.open(tmp_path, CONFIG, log_wandb=True, log_tensorboard=True) as tracker:
         for epoch in range(3):
