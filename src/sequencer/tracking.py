@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from sequencer.errors import MissingDependencyError, UsageError
@@ -117,7 +116,6 @@ class RunTracker:
     def __enter__(self) -> RunTracker:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        # A run stopped by an error (a non-finite loss, Ctrl-C) shows in W&B as failed, not finished.
         self.close(0 if kind is None else 1)
