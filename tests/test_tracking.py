@@ -69,7 +69,7 @@ def wandb_records(path: Path) -> Iterator[Any]:
 
 
 def offline_runs(folder: Path) -> list[dict[str, Any]]:
-    """Each offline W&B run written under `folder` (oldest first): its id, project, name, tags, config and steps."""
+    """Each offline W&B run written under `folder` (oldest first): id, project, name, tags, config, steps, exit code."""
     runs = []
     for path in sorted((folder / "wandb").glob("offline-run-*/run-*.wandb")):
         run: dict[str, Any] = {"steps": []}
@@ -83,6 +83,8 @@ def offline_runs(folder: Path) -> list[dict[str, Any]]:
                     tags=list(record.run.tags),
                     config={item.key: json.loads(item.value_json) for item in record.run.config.update},
                 )
+            elif kind == "exit":
+                run["exit_code"] = record.exit.exit_code
             elif kind == "history":
                 run["steps"].append(
                     {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
@@ -133,13 +135,18 @@ def test_tensorboard_scalars_are_the_rows_columns_at_their_epochs(tmp_path: Path
 def test_a_resumed_run_continues_the_same_wandb_run_and_tensorboard_steps(offline_wandb: Any, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     # The first process logs epochs 0-2 but dies before epoch 2's checkpoint: the resumed one replays epoch 2.
-    with RunTracker.open(tmp_path, CONFIG, log_wandb=True, log_tensorboard=True) as tracker:
+    with (
+        pytest.raises(KeyboardInterrupt),
+        RunTracker.open(tmp_path, CONFIG, log_wandb=True, log_tensorboard=True) as tracker,
+    ):
         for epoch in range(3):
             tracker.log_epoch(summary_row(epoch, top1=10.0 * epoch))
+        raise KeyboardInterrupt
     with RunTracker.open(tmp_path, CONFIG, start_epoch=2, log_wandb=True, log_tensorboard=True) as tracker:
         tracker.log_epoch(summary_row(2, top1=99.0))
     first, resumed = offline_runs(tmp_path)
     assert first["id"] == resumed["id"] == (tmp_path / WANDB_ID_FILE).read_text().strip()
+    assert (first["exit_code"], resumed["exit_code"]) == (1, 0)  # the interrupted process shows as failed
     assert [(step["_step"], step["eval_top1"]) for step in resumed["steps"]] == [(2, 99.0)]
     assert tensorboard_scalars(tmp_path)["eval_top1"] == [(0, 0.0), (1, 10.0), (2, 99.0)]
 
