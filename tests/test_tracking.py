@@ -7,6 +7,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,14 +51,14 @@ def wandb_records(path: Path) -> Iterator[Any]:
     from wandb.proto import wandb_internal_pb2
 
     data, block = path.read_bytes(), 32768
-    assert data[:4] == b":W&B", data[:7]
+    assert b":W&B".startswith(data[:4]), data[:7]  # or shorter, while wandb has not written the header yet
     position, parts = 7, []  # after the file header: ":W&B", 2 bytes of magic, a version byte
     while position + 7 <= len(data):
         if block - position % block < 7:  # a block's tail too short for a chunk header is padding
             position += block - position % block
             continue
         _checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        if kind == 0:
+        if kind == 0 or position + 7 + length > len(data):  # the end, or a chunk still being written
             break
         parts.append(data[position + 7 : position + 7 + length])
         position += 7 + length
@@ -72,6 +73,10 @@ def offline_runs(folder: Path) -> list[dict[str, Any]]:
     """Each offline W&B run written under `folder` (oldest first): id, project, name, tags, config, steps, exit code."""
     runs = []
     for path in sorted((folder / "wandb").glob("offline-run-*/run-*.wandb")):
+        # wandb 0.19 writes the file out just after `finish` returns: wait for its last record, the exit.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(record.HasField("exit") for record in wandb_records(path)):
+            time.sleep(0.05)
         run: dict[str, Any] = {"steps": []}
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
@@ -142,6 +147,8 @@ def test_a_resumed_run_continues_the_same_wandb_run_and_tensorboard_steps(offlin
         for epoch in range(3):
             tracker.log_epoch(summary_row(epoch, top1=10.0 * epoch))
         raise KeyboardInterrupt
+    # W&B names an offline run's folder by its start, to the second: the same second would overwrite the first run.
+    time.sleep(1.01 - time.time() % 1)
     with RunTracker.open(tmp_path, CONFIG, start_epoch=2, log_wandb=True, log_tensorboard=True) as tracker:
         tracker.log_epoch(summary_row(2, top1=99.0))
     first, resumed = offline_runs(tmp_path)
