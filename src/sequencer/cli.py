@@ -75,6 +75,14 @@ def _command_of(argv: list[str]) -> str | None:
     return next((word for word in argv if word in COMMANDS), None)
 
 
+def parse(parser: argparse.ArgumentParser, command: str | None, argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; words no flag takes are refused by the subcommand's parser, which names it."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        (parser.command_parsers[command] if command else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def _torchrun_restarts_left() -> bool:
     """Whether this process is a torchrun worker that torchrun would restart after a failure."""
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = _command_of(argv)
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    args = parse(parser, command, argv)
     # Warnings (no checkpoint given, a deprecated option ...) read as one line, like the errors, without source lines;
     # only while the command runs, so that later warnings of the same process are not labelled with its name.
     previous_format = warnings.formatwarning
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "config", None):
             apply_config(parser.command_parsers[command], args.config)
-            args = parser.parse_args(argv)
+            args = parse(parser, command, argv)
         check_input_flags(args)
         if getattr(args, "amp", False):
             from sequencer.runtime import check_amp

@@ -342,12 +342,39 @@ def writable_path(text: str, kind: str) -> str:
     return text
 
 
+class KeyValues(argparse.Action):
+    """timm's `--model-kwargs a=1 b=x`: the words as a dict, each value a Python literal where it reads as one."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, *_: Any) -> None:
+        setattr(namespace, self.dest, read_key_values(values, self))
+
+
+def read_key_values(words: Any, action: argparse.Action) -> dict[str, Any]:
+    """`key=value` words (or a mapping, from a config file or Python) as a dict of literals."""
+    import ast
+
+    if isinstance(words, dict):
+        words = [f"{key}={value!r}" for key, value in words.items()]
+    result = {}
+    for word in words:
+        key, sep, text = str(word).partition("=")
+        if not sep or not key.isidentifier():
+            raise argparse.ArgumentError(action, f"expected key=value words, not {word!r}")
+        try:
+            result[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            result[key] = text  # a bare word: a string, as timm's ParseKwargs reads it
+    return result
+
+
 def as_parsed(parser: argparse.ArgumentParser, action: argparse.Action, value: Any) -> Any:
     """`value` for `action`, from a config file or a keyword argument, as the command line would give it: as many
     values as the flag takes, each read and checked by its type (argparse runs none on a default that is not a
     string) and one of its choices unless it is the default; an `argparse.ArgumentError` naming the flag otherwise."""
     if value is None:
         return value
+    if isinstance(action, KeyValues):
+        return read_key_values(value if isinstance(value, dict | list | tuple) else [value], action)
     given = value
     if isinstance(value, os.PathLike | tuple):
         value = os.fspath(value) if isinstance(value, os.PathLike) else list(value)

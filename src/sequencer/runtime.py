@@ -114,12 +114,12 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def compile_model(model: nn.Module, backend: str) -> nn.Module:
-    """`torch.compile(model, backend=backend)`; unknown backends refused.
+def compile_model(model: nn.Module, backend: str, mode: str | None = None) -> nn.Module:
+    """`torch.compile(model, backend=backend, mode=mode)`; unknown backends refused.
 
     Compiled, a Sequencer's recurrences run as the `sequencer::rnn2d` op (`sequencer.recurrence`): one graph.
     """
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
         raise UsageError(f"unknown torch.compile backend {backend!r}; expected one of {', '.join(known)}")
-    return torch.compile(model, backend=backend)
+    return torch.compile(model, backend=backend, mode=mode)

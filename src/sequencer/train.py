@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import math
 import os
@@ -24,17 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
 import yaml
-from timm.data import Mixup
+from timm.data import AugMixDataset, Mixup
 from timm.data import create_transform as timm_create_transform
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
 from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torchvision.utils import save_image
 
 from sequencer.average import EPOCH_CHECKPOINT
 from sequencer.builder import create_model, model_config
@@ -48,7 +51,7 @@ from sequencer.checkpoint import (
 )
 from sequencer.choices import SCHEDULERS
 from sequencer.config import input_overrides
-from sequencer.data import build_dataset, create_loader, create_transform, data_config
+from sequencer.data import build_dataset, create_loader, create_transform, data_config, unused_data_flags
 from sequencer.distributed import (
     DistributedContext,
     all_reduce_mean,
@@ -70,6 +73,7 @@ from sequencer.runtime import (
     usable_cpus,
     warn_if_emulated_bfloat16,
 )
+from sequencer.tracking import TRACKING_OPTIONS, RunTracker, check_tracking
 from sequencer.train_config import TrainConfig
 from sequencer.validate import evaluate
 
@@ -84,6 +88,8 @@ RUN_FILES = ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar")
 # Flags that shape the learned state a checkpoint holds: a resumed run keeps them; every other flag (the schedule,
 # the epochs, augmentation ...) follows the command line.
 RESUME_FIXED = ("model", "num_classes", "in_chans", "img_size", "input_size", "opt", "layer_decay")
+# --recovery-interval's checkpoint, rewritten every N updates.
+RECOVERY_FILE = "recovery.pth.tar"
 # `--resume auto`: continue from the output folder's last.pth.tar if there is one, else start there afresh.
 AUTO_RESUME = "auto"
 
@@ -104,7 +110,7 @@ def resolve(config: TrainConfig, world_size: int = 1) -> TrainConfig:
     if ours_to_choose:  # a worker count that is ours to choose stays within the cores there are (torch warns beyond)
         config = replace(config, workers=min(config.workers, usable_cpus()))
     if config.lr is None:
-        ratio = config.batch_size * world_size / config.lr_base_size
+        ratio = config.batch_size * config.grad_accum_steps * world_size / config.lr_base_size
         adaptive = any(name in config.opt.lower() for name in ("ada", "lamb"))
         scale = config.lr_base_scale or ("sqrt" if adaptive else "linear")
         config = replace(config, lr=config.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio))
@@ -122,8 +128,31 @@ def check_config(config: TrainConfig) -> None:
             f"input size {'x'.join(map(str, size))} is smaller than the {patches}x{patches} pixels that "
             f"{config.model}'s stem and downsampling patches need"
         )
-    if config.in_chans != 3:
-        raise UsageError(f"--in-chans {config.in_chans}: training reads images as RGB, 3 channels")
+    channels = config.input_size[0] if config.input_size else config.in_chans
+    mode = config.image_mode
+    if len(mode) != channels:
+        raise UsageError(
+            f"--input-img-mode {mode} reads {len(mode)} channel(s), but the model takes {channels} (--in-chans); "
+            "L with --in-chans 1, RGB with 3"
+        )
+    if config.aug_splits == 1:
+        raise UsageError("--aug-splits 1: splits are 0 (off) or >= 2 (a clean copy and augmented ones)")
+    if config.jsd_loss and config.aug_splits < 2:
+        raise UsageError("--jsd-loss compares the --aug-splits copies of each image: set --aug-splits 2 or more")
+    check_tracking(**{name: getattr(config, name) for name in TRACKING_OPTIONS})
+    if config.torchscript and config.torchcompile:
+        raise UsageError("--torchscript and --torchcompile both compile the model; pass one")
+    if config.model_dtype not in (None, "float32") and config.amp:
+        raise UsageError(f"--model-dtype {config.model_dtype} with --amp: AMP keeps float32 weights; pass one")
+    if sum(map(bool, (config.pretrained, config.checkpoint, config.pretrained_path))) > 1:
+        raise UsageError("--pretrained, --pretrained-path and --initial-checkpoint each give the starting weights")
+    probe = argparse.Namespace(opt="sgd", lr=0.1, weight_decay=0, momentum=0.9, layer_decay_min_scale=0.5)
+    new_layer_decay = config.layer_decay_min_scale or config.layer_decay_no_opt_scale is not None
+    if new_layer_decay and "layer_decay_min_scale" not in optimizer_kwargs(cfg=probe):
+        raise UsageError(
+            f"--layer-decay-min-scale and --layer-decay-no-opt-scale: timm {timm.__version__} does not read them "
+            "(1.0.31 does)"
+        )
     for flag, pair, strict in (
         ("--scale", config.scale, False),
         ("--ratio", config.ratio, False),
@@ -133,8 +162,6 @@ def check_config(config: TrainConfig) -> None:
             raise UsageError(
                 f"{flag} {pair[0]} {pair[1]}: the first value must be {'<' if strict else '<='} the second"
             )
-    if config.pretrained and config.checkpoint:
-        raise UsageError("--pretrained and --initial-checkpoint both give starting weights; pass one")
     if config.opt.lower().removeprefix("fused") not in {o.lower() for o in list_optimizers()} and "_" not in config.opt:
         raise UsageError(f"unknown optimizer --opt {config.opt!r}; timm knows {', '.join(list_optimizers())}")
     if config.sched not in SCHEDULERS:
@@ -342,6 +369,7 @@ def train_one_epoch(
     device, loader, mixup = context.device, data.train_loader, data.mixup
     window: list[torch.Tensor] = []  # the losses since the last read, on the device
     total_loss, steps, images_seen, since = 0.0, 0, 0, time.perf_counter()
+    epoch_start_updates = state.num_updates
     show = not config.no_progress and context.is_primary
     desc = f"epoch {state.epoch}/{state.num_epochs - 1}"
     bar = progress_bar(loader, show=show, desc=desc, dynamic_ncols=True)
@@ -355,33 +383,51 @@ def train_one_epoch(
         if not on_every_rank(batch is not None, context):
             continue
         images, targets = batch
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images = images.to(device, dtype=input_dtype(config), non_blocking=True, memory_format=memory_format(config))
+        targets = targets.to(device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
-        with autocast(device, config.amp, config.amp_dtype):
+        # --grad-accum-steps: an update every `accum` batches (and at the epoch's end, over the batches left), each
+        # batch's loss scaled so that the update is the one of their union, as timm's train.py does.
+        position = steps % config.grad_accum_steps
+        left = len(loader) - (steps - position)
+        accum = min(config.grad_accum_steps, left) if left > 0 else config.grad_accum_steps
+        update = position + 1 == accum
+        # Between updates DDP keeps the gradients local: one all-reduce per update.
+        with (
+            contextlib.nullcontext() if update or not context.distributed else train_model.no_sync(),
+            autocast(device, config.amp, config.amp_dtype),
+        ):
             loss = data.criterion(train_model(images), targets)
         window.append(loss.detach())
-        state.optimizer.zero_grad(set_to_none=True)
         if state.scaler is not None:
             state.scaler(
-                loss,
+                loss / accum,
                 state.optimizer,
                 clip_grad=config.clip_grad,
                 clip_mode=config.clip_mode,
                 parameters=train_model.parameters(),
+                need_update=update,
             )
         else:
-            loss.backward()
-            if config.clip_grad is not None:
-                dispatch_clip_grad(train_model.parameters(), config.clip_grad, mode=config.clip_mode)
-            state.optimizer.step()
-        state.num_updates += 1
-        if state.ema is not None:
-            state.ema.update(state.model, step=state.num_updates)
-        if state.scheduler is not None:
-            state.scheduler.step_update(num_updates=state.num_updates)
+            (loss / accum).backward()
+            if update:
+                if config.clip_grad is not None:
+                    dispatch_clip_grad(train_model.parameters(), config.clip_grad, mode=config.clip_mode)
+                state.optimizer.step()
         steps += 1
         images_seen += len(images) * context.world_size
+        if update:
+            state.optimizer.zero_grad(set_to_none=True)
+            state.num_updates += 1
+            if state.ema is not None:
+                state.ema.update(state.model, step=state.num_updates)
+            if state.scheduler is not None:
+                state.scheduler.step_update(num_updates=state.num_updates)
+            if config.synchronize_step and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if config.recovery_interval and context.is_primary and state.num_updates % config.recovery_interval == 0:
+                save_recovery(config, run_state, state, epoch_start_updates)
         if steps % config.log_interval:
             continue
         # A non-finite loss is seen here, up to log_interval - 1 updates after it happened: those updates ran on
@@ -401,6 +447,8 @@ def train_one_epoch(
                 rate,
             )
         bar.set_postfix(loss=f"{total_loss / steps:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if config.save_images and context.is_primary:
+            save_image(images.float(), run_state.output / f"train-batch-{steps}.jpg", padding=0, normalize=True)
         images_seen, since = 0, time.perf_counter()
     bar.close()
     if steps == 0:
@@ -408,6 +456,25 @@ def train_one_epoch(
     if window:
         total_loss += read_losses(window, context, state.epoch, steps)
     return total_loss / steps
+
+
+def input_dtype(config: TrainConfig) -> torch.dtype | None:
+    """The dtype the images are fed in: --model-dtype's (None: as loaded, float32)."""
+    return getattr(torch, config.model_dtype) if config.model_dtype else None
+
+
+def memory_format(config: TrainConfig) -> torch.memory_format:
+    """--channels-last's layout of the images, else the loader's."""
+    return torch.channels_last if config.channels_last else torch.preserve_format
+
+
+def save_recovery(config: TrainConfig, run_state: RunState, state: TrainState, epoch_start_updates: int) -> None:
+    """recovery.pth.tar: this update's weights, optimizer and EMA, which `--resume` restarts its epoch from (timm's
+    --recovery-interval): a way back after a crash mid-epoch, not an exact replay (last.pth.tar is)."""
+    ckpt = checkpoint_dict(state, config.as_dict())
+    # Recorded as the epoch before, so that a resume from it starts this epoch again.
+    ckpt.update(epoch=state.epoch - 1, num_updates=epoch_start_updates, recovery=True)
+    atomic_save(ckpt, run_state.output / RECOVERY_FILE)
 
 
 def read_losses(window: list[torch.Tensor], context: DistributedContext, epoch: int, last_step: int) -> float:
@@ -434,18 +501,33 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """The model with its starting weights: released (--pretrained), a file (--initial-checkpoint), or fresh."""
-    model = create_model(
-        config.model,
-        num_classes=num_classes,
-        drop_path_rate=config.drop_path,
-        in_chans=config.in_chans,
-        drop_rate=config.drop,
-        rnn_impl=config.rnn_impl,
-    )
+    # timm's --drop-connect is the deprecated name of --drop-path.
+    drop_path = config.drop_connect if config.drop_connect is not None and not config.drop_path else config.drop_path
+    try:
+        model = create_model(
+            config.model,
+            num_classes=num_classes,
+            drop_path_rate=drop_path,
+            in_chans=config.input_size[0] if config.input_size else config.in_chans,
+            drop_rate=config.drop,
+            rnn_impl=config.rnn_impl,
+            **(config.model_kwargs or {}),
+        )
+    except TypeError as error:  # an unknown --model-kwargs key
+        raise UsageError(f"--model-kwargs: {error}; the keys are SequencerConfig's fields") from None
+    if config.head_init_scale is not None or config.head_init_bias is not None:
+        with torch.no_grad():  # as timm's train.py, on the fresh head, before any weights load over it
+            head = model.get_classifier()
+            if config.head_init_scale is not None:
+                head.weight.mul_(config.head_init_scale)
+                head.bias.mul_(config.head_init_scale)
+            if config.head_init_bias is not None:
+                head.bias.fill_(config.head_init_bias)
     if config.pretrained:
         load_pretrained(model, released_weights(model.model_name, model.pretrained_cfg["url"]))
-    elif config.checkpoint:
-        load_pretrained(model, config.checkpoint, use_ema=config.use_ema, unsafe_load=config.unsafe_load)
+    elif config.checkpoint or config.pretrained_path:
+        source = config.checkpoint or config.pretrained_path
+        load_pretrained(model, source, use_ema=config.use_ema, unsafe_load=config.unsafe_load)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -548,6 +630,7 @@ class RunState:
     auto_resume: bool  # --resume auto
     resumed: dict[str, Any] | None = None  # the --resume checkpoint, read (`read_resumed`)
     title: str = ""  # of the training curves: the model and the data
+    tracker: RunTracker | None = None  # W&B / TensorBoard, on rank 0
 
 
 def prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, bool]:
@@ -583,11 +666,55 @@ def start_process(config: TrainConfig, context: DistributedContext, auto_resume:
         _logger.info(
             "--resume auto: %s", f"continuing from {config.resume}" if config.resume else "no last.pth.tar, a new run"
         )
+    if context.is_primary:
+        for note in no_effect_notes(config):
+            _logger.info("%s", note)
     if config.amp and context.is_primary:
         warn_if_emulated_bfloat16(context.device, config.amp_dtype)
+    for module in config.device_modules or ():
+        importlib.import_module(module)  # an out-of-tree device backend registers itself on import
     resumed = read_resumed(config) if config.resume else None
     set_threads(config.threads)
     return resumed
+
+
+# timm's flags that cannot change a Sequencer run, and why; each says so at the start when set.
+NO_EFFECT = {
+    "bn_momentum": "Sequencer has no BatchNorm (its norms are LayerNorms)",
+    "bn_eps": "Sequencer has no BatchNorm (its norms are LayerNorms)",
+    "sync_bn": "Sequencer has no BatchNorm to synchronise",
+    "dist_bn": "Sequencer has no BatchNorm statistics to distribute",
+    "split_bn": "Sequencer has no BatchNorm to split",
+    "drop_block": "DropBlock drops regions of CNN feature maps; Sequencer has none",
+    "fast_norm": "Sequencer's LayerNorms are torch's, not timm's fast-norm layers",
+    "no_prefetcher": "there is no prefetcher here: the loader's workers normalise, mixup runs on the batch",
+    "local_rank": "each process takes its device from torchrun's LOCAL_RANK",
+    "gp": "avg is Sequencer's only global pool",
+}
+
+
+def no_effect_notes(config: TrainConfig) -> list[str]:
+    """One line per flag set that changes nothing for this model or this data."""
+    defaults = TrainConfig()
+    notes = [
+        f"--{key.replace('_', '-')} has no effect: {why}"
+        for key, why in NO_EFFECT.items()
+        if getattr(config, key) != getattr(defaults, key)
+    ]
+    if config.fuser and not config.torchscript:
+        notes.append("--fuser has no effect: it picks TorchScript's fuser, and --torchscript is not set")
+    source, _ = _dataset_source(config)
+    unused = unused_data_flags(
+        source,
+        num_samples=config.train_num_samples or config.val_num_samples,
+        repeats=config.epoch_repeats,
+        input_key=config.input_key,
+        target_key=config.target_key,
+        trust_remote_code=config.dataset_trust_remote_code,
+    )
+    return notes + [
+        f"{flag} has no effect on {source or 'the built-in digits'}: it is for streamed datasets" for flag in unused
+    ]
 
 
 @contextlib.contextmanager
@@ -622,13 +749,38 @@ def _how_to_go_on(output: Path) -> str:
 def build_data(config: TrainConfig, context: DistributedContext) -> TrainingData:
     """The splits, checked before any model is built, their loaders, mixup and loss (transforms: `set_transforms`)."""
     train_set, val_set, num_classes = read_datasets(config, context)
-    train_loader = create_loader(
-        train_set, config.batch_size, config.workers, shuffle=True, distributed=context.distributed, drop_last=True
+    loader_options = dict(
+        pin_memory=True if config.pin_mem else None,  # None: pinned when CUDA is there, as without the flag
+        persistent_workers=config.use_multi_epochs_loader,
+        worker_seeding=config.worker_seeding,
     )
-    val_loader = create_loader(val_set, config.validation_batch_size, config.workers, distributed=context.distributed)
+    # --aug-splits: each image as a clean copy and augmented ones (timm's AugMixDataset), the splits one after another
+    # in the batch, as JsdCrossEntropy reads them.
+    splits = AugMixDataset(train_set, num_splits=config.aug_splits) if config.aug_splits else None
+    train_loader = create_loader(
+        splits or train_set,
+        config.batch_size,
+        config.workers,
+        shuffle=True,
+        distributed=context.distributed,
+        drop_last=True,
+        collate_fn=collate_splits if splits else None,
+        repeats=config.aug_repeats,
+        **loader_options,
+    )
+    val_loader = create_loader(
+        val_set, config.validation_batch_size, config.workers, distributed=context.distributed, **loader_options
+    )
     mixup, criterion = training_loss(config, num_classes)
     source, _ = _dataset_source(config)
     return TrainingData(train_set, val_set, train_loader, val_loader, num_classes, source, criterion, mixup)
+
+
+def collate_splits(batch: list[tuple[tuple[torch.Tensor, ...], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of --aug-splits copies: split 0 of every image, then split 1, ...; the targets repeated to match."""
+    splits = len(batch[0][0])
+    images = torch.cat([torch.stack([item[0][k] for item in batch]) for k in range(splits)])
+    return images, torch.tensor([item[1] for item in batch]).repeat(splits)
 
 
 def read_datasets(config: TrainConfig, context: DistributedContext) -> tuple[Dataset, Dataset, int]:
@@ -636,19 +788,27 @@ def read_datasets(config: TrainConfig, context: DistributedContext) -> tuple[Dat
     source, data_dir = _dataset_source(config)
     # The built-in digits are upscaled once, straight to the input size (8 -> 16 px), not twice through a 32 px copy.
     digits_size = config.input_size[-1] if config.input_size else config.img_size or 32
-    train_set = build_dataset(
-        source,
-        config.train_split,
+    common = dict(
         data_dir=data_dir,
         download=config.dataset_download,
         img_size=digits_size,
+        class_map=config.class_map or None,
+        input_img_mode=None if config.image_mode == "RGB" else config.image_mode,
+        input_key=config.input_key,
+        target_key=config.target_key,
+        trust_remote_code=config.dataset_trust_remote_code,
+    )
+    train_set = build_dataset(
+        source,
+        config.train_split,
         train=True,
         batch_size=config.batch_size,
         seed=config.seed,
+        num_samples=config.train_num_samples,
+        repeats=config.epoch_repeats,
+        **common,
     )
-    val_set = build_dataset(
-        source, config.val_split, data_dir=data_dir, download=config.dataset_download, img_size=digits_size
-    )
+    val_set = build_dataset(source, config.val_split, num_samples=config.val_num_samples, **common)
     if list(train_set.classes) != list(val_set.classes):
         only = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
         raise UsageError(
@@ -676,7 +836,10 @@ def read_datasets(config: TrainConfig, context: DistributedContext) -> tuple[Dat
 
 
 def training_loss(config: TrainConfig, num_classes: int) -> tuple[Mixup | None, nn.Module]:
-    """timm's mixup / cutmix when either is on, and the loss that fits: on soft targets, label-smoothed, or plain."""
+    """timm's mixup / cutmix when either is on, and the loss that fits, chosen as timm's train.py chooses: JSD over
+    augmentation splits, BCE, soft-target or label-smoothed cross-entropy, or plain."""
+    bce = dict(target_threshold=config.bce_target_thresh, sum_classes=config.bce_sum, pos_weight=config.bce_pos_weight)
+    mixup = None
     if config.mixup > 0 or config.cutmix > 0 or config.cutmix_minmax is not None:
         mixup = Mixup(
             mixup_alpha=config.mixup,
@@ -688,17 +851,29 @@ def training_loss(config: TrainConfig, num_classes: int) -> tuple[Mixup | None, 
             label_smoothing=config.smoothing,
             num_classes=num_classes,
         )
-        return mixup, SoftTargetCrossEntropy()
+    if config.jsd_loss:
+        return mixup, JsdCrossEntropy(num_splits=config.aug_splits, smoothing=config.smoothing)
+    if mixup is not None:  # the smoothing is in mixup's soft targets
+        return mixup, BinaryCrossEntropy(**bce) if config.bce_loss else SoftTargetCrossEntropy()
     if config.smoothing:
+        if config.bce_loss:
+            return None, BinaryCrossEntropy(smoothing=config.smoothing, **bce)
         return None, LabelSmoothingCrossEntropy(smoothing=config.smoothing)
-    return None, nn.CrossEntropyLoss()
+    return None, BinaryCrossEntropy(smoothing=0.0, **bce) if config.bce_loss else nn.CrossEntropyLoss()
 
 
 def set_transforms(data: TrainingData, model: nn.Module, config: TrainConfig) -> None:
     """The model's preprocessing on both splits, timm's augmentations on the training one."""
     # Validation resizes with --interpolation, training with --train-interpolation.
     overrides = input_overrides(config, "interpolation")
-    data.train_set.transform = create_transform(
+    channels = len(config.image_mode)
+    if channels != 3:  # the model's statistics are per RGB channel: their mean stands for each other channel
+        rgb = data_config(model, **overrides)
+        overrides["input_size"] = (channels, *rgb["input_size"][1:])
+        overrides["mean"] = config.mean or (sum(rgb["mean"]) / 3,) * channels
+        overrides["std"] = config.std or (sum(rgb["std"]) / 3,) * channels
+    # The loader's dataset: the training split, or its --aug-splits wrapper, which takes timm's three-part transform.
+    data.train_loader.dataset.transform = create_transform(
         model,
         train=True,
         **overrides,
@@ -713,6 +888,13 @@ def set_transforms(data: TrainingData, model: nn.Module, config: TrainConfig) ->
         re_prob=config.reprob,
         re_mode=config.remode,
         re_count=config.recount,
+        separate=config.aug_splits > 0,
+        re_num_splits=config.aug_splits if config.resplit else 0,
+        **{
+            key: getattr(config, key)
+            for key in ("train_crop_mode", "color_jitter_prob", "grayscale_prob", "gaussian_blur_prob")
+            if getattr(config, key) is not None
+        },
     )
     data.val_set.transform = create_transform(model, train=False, interpolation=config.interpolation, **overrides)
     # What the run evaluates at and on becomes the model's own, so every checkpoint records it (`record_of`).
@@ -728,8 +910,11 @@ def build_state(config: TrainConfig, run_state: RunState, data: TrainingData) ->
     seed_epoch(config.seed, -1, 0)
     model = build_training_model(config, data.num_classes)
     set_transforms(data, model, config)
-    model.to(run_state.context.device)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=config))
+    model.to(run_state.context.device, dtype=input_dtype(config), memory_format=memory_format(config))
+    try:
+        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=config), **(config.opt_kwargs or {}))
+    except TypeError as error:  # an argument the optimizer does not take
+        raise UsageError(f"--opt-kwargs: {error}") from None
     device = run_state.context.device
     float16 = config.amp and amp_dtype(device, config.amp_dtype) == torch.float16
     scaler = NativeScaler(device=device.type) if float16 else None
@@ -744,7 +929,7 @@ def build_state(config: TrainConfig, run_state: RunState, data: TrainingData) ->
     scheduler, num_epochs = create_scheduler_v2(
         optimizer,
         **scheduler_kwargs(config, decreasing_metric=config.eval_metric == "loss"),
-        updates_per_epoch=len(data.train_loader),
+        updates_per_epoch=math.ceil(len(data.train_loader) / config.grad_accum_steps),
     )
     class_names = [str(c) for c in data.train_set.classes]
     state = TrainState(model, optimizer, scheduler, scaler, ema, num_epochs, class_names=class_names)
@@ -784,11 +969,15 @@ def run_epochs(config: TrainConfig, run_state: RunState, data: TrainingData, sta
     run_state.title = f"{config.model} on {data.source or 'digits'}"
     if context.is_primary:
         start_output(config, run_state, data, state)
+        if state.epoch < state.num_epochs:  # a finished run under --resume auto trains, and tracks, nothing
+            tracking = {name: getattr(config, name) for name in TRACKING_OPTIONS}
+            run_state.tracker = RunTracker.open(run_state.output, config.as_dict(), state.epoch, **tracking)
     row: dict[str, Any] = state.history[-1] if state.history else {}
-    for epoch in range(state.epoch, state.num_epochs):
-        state.epoch = epoch
-        train_loss, metrics = run_epoch(config, run_state, data, state, train_model)
-        row = record_epoch(config, run_state, state, train_loss, metrics)
+    with run_state.tracker or contextlib.nullcontext():  # closed at the end; an error marks the W&B run failed
+        for epoch in range(state.epoch, state.num_epochs):
+            state.epoch = epoch
+            train_loss, metrics = run_epoch(config, run_state, data, state, train_model)
+            row = record_epoch(config, run_state, state, train_loss, metrics) or row
     # Each process counts the images it met: their sum is the run's.
     skipped = all_reduce_sum(
         getattr(data.train_set, "num_skipped", 0) + getattr(data.val_set, "num_skipped", 0), context
@@ -800,11 +989,15 @@ def run_epochs(config: TrainConfig, run_state: RunState, data: TrainingData, sta
 
 def training_module(model: nn.Module, config: TrainConfig, context: DistributedContext) -> nn.Module:
     """What the training steps call: the model, under DDP when distributed, compiled when --torchcompile asks."""
+    if config.torchscript:  # the scripted module shares the model's parameters: checkpoints keep the plain model
+        model = torch.jit.script(model)
     if context.distributed:
         device = context.device
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=not config.no_ddp_bb
+        )
     # After DDP, as timm does, so that its gradient buckets are compiled too; checkpoints keep the plain model.
-    return compile_model(model, config.torchcompile) if config.torchcompile else model
+    return compile_model(model, config.torchcompile, config.torchcompile_mode) if config.torchcompile else model
 
 
 def start_output(config: TrainConfig, run_state: RunState, data: TrainingData, state: TrainState) -> None:
@@ -857,11 +1050,13 @@ def run_epoch(
     seed_epoch(config.seed, epoch, context.rank)
     if isinstance(data.train_set, IterableDataset):
         data.train_set.set_epoch(epoch)  # the shard shuffle of timm's streamed readers
-    elif context.distributed:
+    elif hasattr(data.train_loader.sampler, "set_epoch"):  # DDP's, or --aug-repeats' (in one process too)
         data.train_loader.sampler.set_epoch(epoch)
     if data.mixup is not None and config.mixup_off_epoch and epoch >= config.mixup_off_epoch:
         data.mixup.mixup_enabled = False
     train_loss = train_one_epoch(config, run_state, data, state, train_model)
+    if (epoch + 1) % config.val_interval and epoch + 1 < state.num_epochs:
+        return train_loss, {}  # --val-interval: not evaluated (nor checkpointed) this epoch
     models = {"": state.model, "ema_": state.ema.module if state.ema is not None else None}
     metrics = {}
     for prefix, model in models.items():
@@ -871,7 +1066,15 @@ def run_epoch(
             "" if config.no_progress or not context.is_primary else f"held-out, epoch {epoch}{' (EMA)' * bool(prefix)}"
         )
         scores = evaluate(
-            model, data.val_loader, context.device, config.amp, config.amp_dtype, context.distributed, progress=label
+            model,
+            data.val_loader,
+            context.device,
+            config.amp,
+            config.amp_dtype,
+            context.distributed,
+            progress=label,
+            tta=config.tta,
+            input_dtype=input_dtype(config),
         )
         metrics.update({f"{prefix}{key}": value for key, value in scores.items()})
     return train_loss, metrics
@@ -880,8 +1083,22 @@ def run_epoch(
 def record_epoch(
     config: TrainConfig, run_state: RunState, state: TrainState, train_loss: float, metrics: dict[str, float]
 ) -> dict[str, Any]:
-    """The epoch's summary row (returned), the schedule stepped, the best updated; rank 0 saves and logs the epoch."""
+    """The epoch's summary row (returned), the schedule stepped, the best updated; rank 0 saves and logs the epoch.
+
+    An epoch --val-interval leaves unevaluated (no metrics) steps the schedule only, as timm's train.py."""
     epoch, output = state.epoch, run_state.output
+    if not metrics:
+        if state.scheduler is not None:
+            state.scheduler.step(epoch + 1, None)
+        if run_state.context.is_primary:
+            _logger.info(
+                "epoch %d/%d  train loss %.4f  (not evaluated: --val-interval %d)",
+                epoch,
+                state.num_epochs - 1,
+                train_loss,
+                config.val_interval,
+            )
+        return {}
     row = dict(
         epoch=epoch,
         train_loss=round(train_loss, 6),
@@ -906,6 +1123,9 @@ def record_epoch(
     if is_best:
         state.best_metric, state.best_epoch = metric, epoch
     if run_state.context.is_primary:
+        if run_state.tracker is not None:
+            # Before last.pth.tar: a run killed between the two replays this epoch, and it is counted once.
+            run_state.tracker.log_epoch(row)
         ckpt = checkpoint_dict(state, config.as_dict())
         atomic_save(ckpt, output / "last.pth.tar")
         save_epoch_files(config, run_state, ckpt, state.history, is_best=is_best)

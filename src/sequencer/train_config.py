@@ -32,6 +32,7 @@ from sequencer.config import (
     Compilation,
     DatasetSource,
     InputOverrides,
+    KeyValues,
     ModelSource,
     Runtime,
     add_fields,
@@ -263,7 +264,12 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
         help="multistep schedule: epochs to decay at",
     )
     decay_rate: float = option(
-        "--decay-rate", default=0.1, type=float, group="learning-rate schedule", help="step / multistep decay factor"
+        "--decay-rate",
+        "--dr",
+        default=0.1,
+        type=float,
+        group="learning-rate schedule",
+        help="step / multistep decay factor",
     )
 
     no_aug: bool = option(
@@ -462,6 +468,267 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
         "--no-progress", default=False, action="store_true", group="output", help="no progress bar"
     )
 
+    # The rest of timm 1.0's train.py flags, with its meanings and defaults.
+    class_map: str = option(
+        "--class-map", default="", metavar="FILE", group="data", help="class name -> index file: train on these classes"
+    )
+    input_img_mode: str | None = option(
+        "--input-img-mode",
+        group="data",
+        help="PIL mode images are read in (default: RGB for 3 input channels, L for 1), e.g. L with --in-chans 1",
+    )
+    train_num_samples: int | None = option(
+        "--train-num-samples", type=bounded(int, min=1), group="data", help="images of a streamed training split"
+    )
+    val_num_samples: int | None = option(
+        "--val-num-samples", type=bounded(int, min=1), group="data", help="images of a streamed held-out split"
+    )
+    input_key: str | None = option("--input-key", group="data", help="streamed datasets: the image field")
+    target_key: str | None = option("--target-key", group="data", help="streamed datasets: the label field")
+    dataset_trust_remote_code: bool = option(
+        "--dataset-trust-remote-code",
+        default=False,
+        action="store_true",
+        group="data",
+        help="hfds/: run the dataset's code",
+    )
+    epoch_repeats: float = option(
+        "--epoch-repeats",
+        default=0.0,
+        type=bounded(float, min=0),
+        group="data",
+        help="streamed training split: passes over it per epoch (0: one)",
+    )
+    pretrained_path: str | None = option(
+        "--pretrained-path", group="model", help="start from these weights as pretrained ones (the head adapted)"
+    )
+    gp: str | None = option("--gp", choices=("avg",), group="model", help="global pool: avg, the one Sequencer has")
+    drop_connect: float | None = option(
+        "--drop-connect", type=bounded(float, min=0, max=1), group="model", help="deprecated name of --drop-path"
+    )
+    drop_block: float | None = option("--drop-block", type=float, group="model", help="DropBlock rate (CNNs only)")
+    model_kwargs: dict[str, Any] | None = option(
+        "--model-kwargs", nargs="*", action=KeyValues, metavar="KEY=VALUE", group="model", help="more model arguments"
+    )
+    head_init_scale: float | None = option(
+        "--head-init-scale", type=float, group="model", help="multiply the head's initial weights and bias by this"
+    )
+    head_init_bias: float | None = option(
+        "--head-init-bias", type=float, group="model", help="initial value of the head's bias"
+    )
+    grad_accum_steps: int = option(
+        "--grad-accum-steps",
+        default=1,
+        type=bounded(int, min=1),
+        group="runtime",
+        help="accumulate the gradients of N batches per update (the --lr-base scaling counts them)",
+    )
+    channels_last: bool = option(
+        "--channels-last", default=False, action="store_true", group="runtime", help="channels-last memory layout"
+    )
+    model_dtype: str | None = option(
+        "--model-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        group="runtime",
+        help="train the weights in this dtype (not with --amp)",
+    )
+    torchcompile_mode: str | None = option(
+        "--torchcompile-mode", group="compilation", help="torch.compile mode: default, reduce-overhead, max-autotune"
+    )
+    torchscript: bool = option(
+        "--torchscript", default=False, action="store_true", group="compilation", help="train the TorchScript model"
+    )
+    synchronize_step: bool = option(
+        "--synchronize-step", default=False, action="store_true", group="runtime", help="wait for the device every step"
+    )
+    no_ddp_bb: bool = option(
+        "--no-ddp-bb", default=False, action="store_true", group="runtime", help="DDP without broadcasting buffers"
+    )
+    device_modules: tuple[str, ...] | None = option(
+        "--device-modules", nargs="+", group="runtime", help="modules to import first (out-of-tree device backends)"
+    )
+    local_rank: int = option("--local_rank", default=0, type=int, group="runtime", help="set by old launchers")
+    pin_mem: bool = option(
+        "--pin-mem", default=False, action="store_true", group="runtime", help="page-locked loader memory (GPU copies)"
+    )
+    use_multi_epochs_loader: bool = option(
+        "--use-multi-epochs-loader",
+        default=False,
+        action="store_true",
+        group="runtime",
+        help="keep the loader's workers from epoch to epoch",
+    )
+    no_prefetcher: bool = option(
+        "--no-prefetcher", default=False, action="store_true", group="runtime", help="timm's CUDA prefetcher off"
+    )
+    worker_seeding: str = option(
+        "--worker-seeding", default="all", choices=("all", "part"), group="runtime", help="loader workers' seeding"
+    )
+    fuser: str = option("--fuser", default="", group="runtime", help="TorchScript fuser")
+    fast_norm: bool = option(
+        "--fast-norm", default=False, action="store_true", group="runtime", help="timm's fast norm layers"
+    )
+    layer_decay_min_scale: float = option(
+        "--layer-decay-min-scale", default=0.0, type=float, group="optimizer", help="floor of --layer-decay's scales"
+    )
+    layer_decay_no_opt_scale: float | None = option(
+        "--layer-decay-no-opt-scale",
+        type=float,
+        group="optimizer",
+        help="layers whose --layer-decay scale is below this are frozen",
+    )
+    opt_kwargs: dict[str, Any] | None = option(
+        "--opt-kwargs",
+        nargs="*",
+        action=KeyValues,
+        metavar="KEY=VALUE",
+        group="optimizer",
+        help="more optimizer arguments",
+    )
+    lr_noise: tuple[float, ...] | None = option(
+        "--lr-noise",
+        type=float,
+        nargs="+",
+        metavar="PCT",
+        group="learning-rate schedule",
+        help="learning-rate noise on (and off) at these fractions of the epochs",
+    )
+    lr_noise_pct: float = option(
+        "--lr-noise-pct", default=0.67, type=float, group="learning-rate schedule", help="noise limit (fraction)"
+    )
+    lr_noise_std: float = option(
+        "--lr-noise-std", default=1.0, type=float, group="learning-rate schedule", help="noise std-dev"
+    )
+    lr_cycle_mul: float = option(
+        "--lr-cycle-mul", default=1.0, type=float, group="learning-rate schedule", help="length factor of each cycle"
+    )
+    lr_cycle_decay: float = option(
+        "--lr-cycle-decay", default=0.5, type=float, group="learning-rate schedule", help="peak factor of each cycle"
+    )
+    lr_cycle_limit: int = option(
+        "--lr-cycle-limit", default=1, type=bounded(int, min=1), group="learning-rate schedule", help="cycles (> 1: on)"
+    )
+    lr_k_decay: float = option(
+        "--lr-k-decay", default=1.0, type=float, group="learning-rate schedule", help="k-decay of cosine / poly"
+    )
+    patience_epochs: int = option(
+        "--patience-epochs",
+        default=10,
+        type=bounded(int, min=0),
+        group="learning-rate schedule",
+        help="plateau schedule: epochs without improvement before a decay",
+    )
+    train_crop_mode: str | None = option(
+        "--train-crop-mode", group="augmentation and regularisation", help="timm's training crop (rrc, rkrc, rkrr)"
+    )
+    color_jitter_prob: float | None = option(
+        "--color-jitter-prob",
+        type=bounded(float, min=0, max=1),
+        group="augmentation and regularisation",
+        help="probability of colour jitter",
+    )
+    grayscale_prob: float | None = option(
+        "--grayscale-prob", type=bounded(float, min=0, max=1), group="augmentation and regularisation", help="grayscale"
+    )
+    gaussian_blur_prob: float | None = option(
+        "--gaussian-blur-prob",
+        type=bounded(float, min=0, max=1),
+        group="augmentation and regularisation",
+        help="probability of Gaussian blur",
+    )
+    aug_repeats: float = option(
+        "--aug-repeats",
+        default=0,
+        type=bounded(float, min=0),
+        group="augmentation and regularisation",
+        help="repeated augmentation: each image N times per epoch, on different ranks (0: off)",
+    )
+    aug_splits: int = option(
+        "--aug-splits",
+        default=0,
+        type=bounded(int, min=0),
+        group="augmentation and regularisation",
+        help="augmentation splits (0 or >= 2): a clean and N-1 augmented copies of each image, as AugMix",
+    )
+    jsd_loss: bool = option(
+        "--jsd-loss",
+        default=False,
+        action="store_true",
+        group="augmentation and regularisation",
+        help="Jensen-Shannon divergence + CE loss over the --aug-splits",
+    )
+    bce_loss: bool = option(
+        "--bce-loss",
+        default=False,
+        action="store_true",
+        group="augmentation and regularisation",
+        help="binary cross-entropy",
+    )
+    bce_sum: bool = option(
+        "--bce-sum",
+        default=False,
+        action="store_true",
+        group="augmentation and regularisation",
+        help="BCE summed over classes",
+    )
+    bce_target_thresh: float | None = option(
+        "--bce-target-thresh", type=float, group="augmentation and regularisation", help="binarise BCE targets at this"
+    )
+    bce_pos_weight: float | None = option(
+        "--bce-pos-weight", type=float, group="augmentation and regularisation", help="BCE weight of positive targets"
+    )
+    resplit: bool = option(
+        "--resplit",
+        default=False,
+        action="store_true",
+        group="augmentation and regularisation",
+        help="no random erasing on the first (clean) --aug-splits split",
+    )
+    bn_momentum: float | None = option("--bn-momentum", type=float, group="BatchNorm", help="BatchNorm momentum")
+    bn_eps: float | None = option("--bn-eps", type=float, group="BatchNorm", help="BatchNorm epsilon")
+    sync_bn: bool = option("--sync-bn", default=False, action="store_true", group="BatchNorm", help="synchronised BN")
+    dist_bn: str = option("--dist-bn", default="reduce", group="BatchNorm", help="BN statistics across processes")
+    split_bn: bool = option("--split-bn", default=False, action="store_true", group="BatchNorm", help="BN per split")
+    val_interval: int = option(
+        "--val-interval",
+        default=1,
+        type=bounded(int, min=1),
+        metavar="N",
+        group="output",
+        help="evaluate and checkpoint every N epochs (and after the last)",
+    )
+    recovery_interval: int = option(
+        "--recovery-interval",
+        default=0,
+        type=bounded(int, min=0),
+        metavar="N",
+        group="output",
+        help="every N updates write recovery.pth.tar; --resume from it restarts its epoch with its weights (0: off)",
+    )
+    tta: int = option(
+        "--tta",
+        default=0,
+        type=bounded(int, min=0, max=2),
+        group="output",
+        help="test-time augmentation at evaluation: 2 averages the logits of each image and its mirror (0, 1: off)",
+    )
+    save_images: bool = option(
+        "--save-images", default=False, action="store_true", group="output", help="save each logged batch as a JPEG"
+    )
+    log_wandb: bool = option(
+        "--log-wandb", default=False, action="store_true", group="output", help="log every epoch to Weights & Biases"
+    )
+    wandb_project: str | None = option("--wandb-project", group="output", help="W&B project (default: the experiment)")
+    wandb_tags: tuple[str, ...] = option("--wandb-tags", default=(), nargs="+", group="output", help="W&B tags")
+    wandb_resume_id: str = option("--wandb-resume-id", default="", group="output", help="W&B run to continue")
+    log_tensorboard: bool = option(
+        "--log-tensorboard",
+        default=False,
+        action="store_true",
+        group="output",
+        help="TensorBoard scalars per epoch in OUTPUT/tensorboard",
+    )
+
     @classmethod
     def from_keywords(cls, options: dict[str, Any]) -> TrainConfig:
         """A config from keywords named as the fields (an unknown one refused, naming the closest), the rest at their
@@ -500,6 +767,12 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
         """The data-dependent defaults (None) filled in: the digits demo's without DATA, the authors' with it."""
         recipe = DIGITS_RECIPE if self.is_digits else TIMM_RECIPE
         return replace(self, **{key: value for key, value in recipe.items() if getattr(self, key) is None})
+
+    @property
+    def image_mode(self) -> str:
+        """The PIL mode images are read in: --input-img-mode, else timm's default for the input's channels."""
+        channels = self.input_size[0] if self.input_size else self.in_chans
+        return self.input_img_mode or ("RGB" if channels == 3 else "L")
 
     @property
     def is_digits(self) -> bool:

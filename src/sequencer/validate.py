@@ -149,12 +149,15 @@ def evaluate(
     distributed: bool = False,
     valid_classes: torch.Tensor | None = None,
     progress: str = "",
+    tta: int = 0,
+    input_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """top1 / top5 (percent), mean cross-entropy loss, images_per_sec and count over `loader`, summed over ranks.
 
     `valid_classes`: the logits of every other class are masked out before top-k (ImageNet-A / -R). Batches of
     (images, targets, real) also give `real_top1`, ImageNet-ReaL's top-1 over the images that have ReaL labels.
-    `progress`: the label of a progress bar on stderr, shown on a terminal; none when empty.
+    `progress`: the label of a progress bar on stderr, shown on a terminal; none when empty. `tta` 2: the logits are
+    the mean of each image's and its mirror image's (timm's --tta); `input_dtype`: of a model trained in another one.
     """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -172,7 +175,8 @@ def evaluate(
         if batch is None:  # every image of the batch was unreadable (and counted by the dataset)
             continue
         images, targets, *real = batch
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images = images.to(device, dtype=input_dtype, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
         if not warmed_up:
             # As timm's validate.py: one unscored forward first, and the clock from there, so that images/s counts
             # neither the loader's start nor the first call's one-time costs.
@@ -181,6 +185,8 @@ def evaluate(
             warmed_up, start = True, time.perf_counter()
         with autocast(device, amp, amp_dtype):
             logits = model(images)
+            if tta > 1:
+                logits = (logits + model(images.flip(-1))) / 2
         logits = logits.float()
         if valid_classes is not None:
             if mask is None:

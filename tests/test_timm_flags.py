@@ -1,0 +1,190 @@
+"""timm train.py's flags on `sequencer train`: each accepted with timm's meaning, and each doing what it says."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from timm.loss import BinaryCrossEntropy, JsdCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+from sequencer import train as train_module
+from sequencer.checkpoint import read_file
+from sequencer.cli import build_parser
+from sequencer.distributed import process_group
+
+FLAGS = Path(__file__).parent / "data" / "timm_train_flags.txt"
+TINY = "--model sequencer2d_tiny --img-size 16 -j 0 --threads 1 --no-progress --cooldown-epochs 0 --warmup-epochs 0"
+
+
+@pytest.fixture(scope="module")
+def data_root(make_image_tree, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_tree(tmp_path_factory.mktemp("data"), classes=3, per_class=8)
+
+
+def test_every_timm_train_flag_is_accepted_and_errors_name_the_subcommand(run_cli, capsys) -> None:
+    lines = [line for line in FLAGS.read_text().splitlines() if not line.startswith("#")]
+    ours = {
+        name for action in build_parser("train").command_parsers["train"]._actions for name in action.option_strings
+    }
+    ours.add("data")
+    missing = [line for line in lines if not set(line.split(",")) <= ours]
+    assert (len(lines), missing) == (149, [])
+    assert run_cli("train", "--no-such-flag") == 2
+    assert capsys.readouterr().err.strip() == "sequencer train: error: unrecognized arguments: --no-such-flag"
+
+
+def test_gradient_accumulation_makes_the_update_of_the_larger_batch(run_cli, data_root: Path, tmp_path: Path) -> None:
+    # 24 images: 3 updates of 8, each one batch of 8 or two accumulated batches of 4 (the same images, same order).
+    base = f"{data_root} {TINY} --epochs 1 --no-aug --smoothing 0 --opt sgd --lr 0.5 --sched none"
+    for name, flags in (("big", "-b 8"), ("accumulated", "-b 4 --grad-accum-steps 2"), ("small", "-b 4")):
+        assert run_cli("train", f"{base} {flags} -o {tmp_path / name}") == 0
+    weights = {name: read_file(tmp_path / name / "last.pth.tar") for name in ("big", "accumulated", "small")}
+    assert weights["accumulated"]["num_updates"] == weights["big"]["num_updates"] == 3
+    for key, value in weights["big"]["state_dict"].items():
+        torch.testing.assert_close(weights["accumulated"]["state_dict"][key], value, rtol=1e-4, atol=1e-6)
+    moved = weights["small"]["state_dict"]["head.fc.weight"] - weights["big"]["state_dict"]["head.fc.weight"]
+    assert moved.abs().max() > 1e-3  # six smaller updates land elsewhere: the comparison can tell
+
+
+def test_bce_and_jsd_losses_with_split_augmentation(parse_train, data_root: Path) -> None:
+    _, bce = train_module.training_loss(parse_train("--bce-loss --bce-target-thresh 0.2 --bce-sum"), 3)
+    assert isinstance(bce, BinaryCrossEntropy) and (bce.target_threshold, bce.sum_classes) == (0.2, True)
+    logits, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    assert torch.isclose(bce(logits, targets), BinaryCrossEntropy(0.1, 0.2, sum_classes=True)(logits, targets))
+    config = train_module.resolve(parse_train(f"{data_root} {TINY} -b 4 --aug-splits 3 --jsd-loss"))
+    with process_group("cpu") as context:
+        data = train_module.build_data(config, context)
+        train_module.set_transforms(data, train_module.build_training_model(config, 3), config)
+        images, labels = next(iter(data.train_loader))
+    assert isinstance(data.criterion, JsdCrossEntropy) and data.criterion.num_splits == 3
+    # Split-major: the clean copies of the batch, then each augmented (colour-jittered) copy.
+    assert images.shape == (12, 3, 16, 16) and torch.equal(labels[:4], labels[4:8])
+    assert not torch.equal(images[4:8], images[:4]) and not torch.equal(images[8:], images[4:8])
+    assert data.criterion(torch.randn(12, 3), labels).isfinite()
+
+
+def test_repeated_augmentation_reads_each_image_on_consecutive_draws(parse_train, data_root: Path) -> None:
+    config = train_module.resolve(parse_train(f"{data_root} {TINY} -b 4 --aug-repeats 3"))
+    with process_group("cpu") as context:
+        sampler = train_module.build_data(config, context).train_loader.sampler
+    sampler.set_epoch(0)
+    order = list(sampler)
+    assert len(order) == 24 and all(order[i] == order[i + 1] == order[i + 2] for i in range(0, 24, 3))
+
+
+def test_schedule_noise_cycles_and_plateau_reach_timm_s_scheduler(parse_train) -> None:
+    def rates(words: str) -> list[float]:
+        config = train_module.resolve(parse_train(f"/d {words} --epochs 10 --warmup-epochs 0 --cooldown-epochs 0"))
+        optimizer = create_optimizer_v2(torch.nn.Linear(2, 2), opt="sgd", lr=0.1)
+        scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(config), updates_per_epoch=1)
+        seen = []
+        for epoch in range(10):
+            scheduler.step(epoch)
+            seen.append(optimizer.param_groups[0]["lr"])
+        return seen
+
+    plain = rates("--lr 0.1")
+    noisy = rates("--lr 0.1 --lr-noise 0.5 --lr-noise-pct 0.5")
+    assert noisy[:5] == plain[:5] and noisy[5:] != plain[5:]  # noise from half the epochs on
+    cycled = rates("--lr 0.1 --lr-cycle-limit 2 --lr-cycle-mul 1 --lr-cycle-decay 0.5 --epochs 5")
+    assert cycled[5] == pytest.approx(0.05, rel=1e-4)  # the second cycle restarts at half the peak
+    assert rates("--lr 0.1 --lr-k-decay 2")[3] != plain[3]
+    config = train_module.resolve(
+        parse_train("/d --sched plateau --patience-epochs 0 --decay-rate 0.5 --lr 0.1 --warmup-epochs 0")
+    )
+    optimizer = create_optimizer_v2(torch.nn.Linear(2, 2), opt="sgd", lr=0.1)
+    scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(config, decreasing_metric=False))
+    scheduler.step(1, 50.0)
+    scheduler.step(2, 40.0)  # no better: patience 0 decays at once
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_val_interval_recovery_and_the_flags_that_cannot_matter(
+    run_cli, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    command = f"{data_root} {TINY} -b 8 --epochs 3 --val-interval 2 --recovery-interval 2 --bn-eps 1e-3 --sync-bn"
+    with caplog.at_level(logging.INFO):
+        assert run_cli("train", f"{command} -o {tmp_path}") == 0
+    rows = (tmp_path / "summary.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]  # epoch 0 not evaluated, the last one always
+    assert "epoch 0/2  train loss" in caplog.text and "not evaluated: --val-interval 2" in caplog.text
+    assert "--bn-eps has no effect" in caplog.text and "--sync-bn has no effect" in caplog.text
+    recovery = read_file(tmp_path / "recovery.pth.tar")  # 3 updates an epoch: the last at update 8, epoch 2
+    assert (recovery["epoch"], recovery["num_updates"], recovery["recovery"]) == (1, 6, True)
+
+
+def test_class_map_grayscale_input_and_model_and_optimizer_kwargs(run_cli, data_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "map.txt").write_text("class_2\nclass_0\n")
+    flags = (
+        f"--class-map {tmp_path / 'map.txt'} --input-img-mode L --in-chans 1 --model-kwargs mlp_ratio=2 "
+        "--opt sgd --opt-kwargs nesterov=True --tta 2"
+    )
+    assert run_cli("train", f"{data_root} {TINY} -b 4 --epochs 1 {flags} -o {tmp_path / 'run'}") == 0
+    ckpt = read_file(tmp_path / "run" / "last.pth.tar")
+    record = ckpt["sequencer_record"]
+    assert record["class_names"] == ["class_2", "class_0"] and record["input_size"] == [1, 16, 16]
+    assert ckpt["state_dict"]["stem.proj.weight"].shape[1] == 1  # a one-channel stem
+    hidden, channels = ckpt["state_dict"]["stages.0.blocks.0.mlp_channels.fc1.weight"].shape
+    assert hidden == 2 * channels  # --model-kwargs mlp_ratio=2, not the variant's 3
+    assert ckpt["optimizer"]["param_groups"][0]["nesterov"] is True
+
+
+def test_tta_averages_each_image_with_its_mirror(tiny_model) -> None:
+    from sequencer.validate import evaluate
+
+    model = tiny_model(num_classes=3).eval()
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    loader = torch.utils.data.DataLoader(list(zip(images, targets, strict=True)), batch_size=4)
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(-1))) / 2
+    loss = torch.nn.functional.cross_entropy(expected, targets).item()
+    assert evaluate(model, loader, torch.device("cpu"), tta=2)["loss"] == pytest.approx(loss, rel=1e-5)
+    assert evaluate(model, loader, torch.device("cpu"))["loss"] != pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--aug-splits 1", "--aug-splits 1: splits are 0 (off) or >= 2"),
+        ("--jsd-loss", "--jsd-loss compares the --aug-splits copies"),
+        ("--in-chans 1", None),  # L, from the channel count: accepted
+        ("--input-img-mode RGB --in-chans 1", "--input-img-mode RGB reads 3 channel(s), but the model takes 1"),
+        ("--torchscript --torchcompile", "--torchscript and --torchcompile both compile the model"),
+        ("--model-dtype bfloat16 --amp", "--model-dtype bfloat16 with --amp"),
+        ("--model-kwargs bogus=1", "--model-kwargs: create_model() got an unexpected keyword argument 'bogus'"),
+        ("--wandb-project p", "--wandb-project"),
+    ],
+)
+def test_flags_that_cannot_work_together_are_refused_before_work(parse_train, flags: str, message: str | None) -> None:
+    config = train_module.resolve(parse_train(f"/d {flags}"))
+    if message is None:
+        train_module.check_config(config)
+        assert config.image_mode == "L"
+        return
+    with pytest.raises(Exception, match=re.escape(message)):
+        train_module.check_config(config)
+        train_module.build_training_model(config, 3)
+
+
+def test_a_resumed_run_goes_on_in_the_same_tracked_runs(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb")
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    for name, value in dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path)).items():
+        monkeypatch.setenv(name, value)
+    command = f"{data_root} {TINY} -b 8 --log-wandb --wandb-tags tiny --log-tensorboard -o {tmp_path / 'run'}"
+    assert run_cli("train", f"{command} --epochs 1") == 0
+    run_id = (tmp_path / "run" / "wandb-run-id.txt").read_text().strip()
+    assert run_cli("train", f"{command} --epochs 2 --resume {tmp_path / 'run' / 'last.pth.tar'}") == 0
+    assert (tmp_path / "run" / "wandb-run-id.txt").read_text().strip() == run_id
+    runs = sorted(path.name for path in (tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)  # one W&B run, continued
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("eval_top1")] == [0, 1]  # epochs, as summary.csv counts them
