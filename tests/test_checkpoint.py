@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 import sequencer
-from sequencer.checkpoint import CheckpointError, atomic_save, read_file, to_authors_format
+from sequencer.checkpoint import CheckpointError, atomic_save, extract_state_dict, read_file, to_authors_format
 from sequencer.plotting import plot_training_curves
 
 torch.set_num_threads(2)
@@ -300,3 +300,15 @@ def test_every_command_refuses_a_hostile_checkpoint_in_one_line(assert_refused, 
     Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "red.png")
     argv = command.format(images=images, ckpt=path, out=tmp_path / "out").split()
     assert_refused(*argv, match="refused", absent=[marker, tmp_path / "out"])
+
+
+def test_a_safetensors_file_whose_header_length_starts_like_onnx_is_read_as_weights(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path, weights = tmp_path / "w.safetensors", {"w": torch.ones(2)}
+    save_file(weights, path, metadata={"pad": ""})
+    length = int.from_bytes(path.read_bytes()[:8], "little")
+    # Pad the header so that its length's first byte is 0x08, the first byte of every ONNX file.
+    save_file(weights, path, metadata={"pad": "x" * ((8 - length) % 256)})
+    assert path.read_bytes()[0] == 8
+    assert torch.equal(extract_state_dict(read_file(path))["w"], weights["w"])

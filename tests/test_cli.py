@@ -115,7 +115,7 @@ TINY = "--model sequencer2d_tiny -j 0 --device cpu"
         ("validate {data} --input-size 1 32 32 " + TINY, "the input has 1 channels (--in-chans / --input-size)"),
         ("predict {data}/val --input-size 3 32 4 " + TINY, "input 32x4 is smaller than the 8x8"),
         ("validate {data} --threads 0 " + TINY, "argument --threads: 0 is out of range: it must be >= 1"),
-        ("train {data} --in-chans 1 " + TINY, "--in-chans 1: training reads images as RGB"),
+        ("train {data} --in-chans 1 --input-img-mode RGB " + TINY, "--input-img-mode RGB reads 3 channel(s)"),
         ("train {data} --scale 0.9 0.1 " + TINY, "--scale 0.9 0.1: the first value must be <= the second"),
         ("train {data} --cutmix-minmax 0.5 0.5 " + TINY, "--cutmix-minmax 0.5 0.5: the first value must be <"),
         ("train {data} --ratio 0 1 " + TINY, "argument --ratio: 0 is out of range: it must be > 0"),

@@ -113,8 +113,10 @@ def _export_kind(path: str) -> str | None:
     """What `sequencer export` file `path` is, with what takes it, or None when it is no export."""
     weights = "the other commands need the weights file it was exported from"
     with open(path, "rb") as f:
-        head = f.read(4)
-    if path.endswith(".onnx") or (head[:1] == b"\x08" and not head.startswith(b"PK")):
+        head = f.read(9)
+    # safetensors: an 8-byte header length, then the JSON header; its first byte may be ONNX's 0x08 by chance.
+    safetensors = head[8:9] == b"{"
+    if path.endswith(".onnx") or (head[:1] == b"\x08" and not head.startswith(b"PK") and not safetensors):
         return f"an ONNX export: `sequencer predict --checkpoint {path}` runs it; {weights}"
     if not zipfile.is_zipfile(path):
         return None

@@ -241,6 +241,13 @@ class ModelSource(FlagFields):
 
 
 @dataclass(frozen=True)
+class RecordedModelSource(ModelSource):
+    """`ModelSource` of the commands that load one checkpoint: --model defaults to the one it records."""
+
+    model: str | None = option("--model", group="model", help=RECORDED_MODEL_HELP)
+
+
+@dataclass(frozen=True)
 class InputOverrides(FlagFields):
     """--img-size, --input-size, --crop-pct, --mean, --std, --interpolation (default: the model's config)."""
 
@@ -375,6 +382,8 @@ def as_parsed(parser: argparse.ArgumentParser, action: argparse.Action, value: A
         return value
     if isinstance(action, KeyValues):
         return read_key_values(value if isinstance(value, dict | list | tuple) else [value], action)
+    if value in ([], ()) and action.nargs in ("*", "+") and not action.default:
+        return []  # none given: how timm's args.yaml writes an empty list flag (--wandb-tags)
     given = value
     if isinstance(value, os.PathLike | tuple):
         value = os.fspath(value) if isinstance(value, os.PathLike) else list(value)
@@ -398,6 +407,39 @@ def as_parsed(parser: argparse.ArgumentParser, action: argparse.Action, value: A
         for item in value if isinstance(value, list) else [value]:
             parser._check_value(action, item)
     return value
+
+
+def takes_groups(**groups: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A library function that takes flag groups (`source=ModelSource`, ...) as their fields, keyword by keyword.
+
+    Its signature lists each group's fields with the group's defaults (written once, in the group, which the
+    command's parser is built from too); a call builds the groups from the keywords, so that a bad value from Python
+    is refused with the one-line `UsageError` the command line gives, and passes them to the function."""
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(function).parameters.values() if p.name not in groups]
+        members = {item.name: name for name, group in groups.items() for item in fields(group)}
+        flags = [
+            inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=item.default, annotation=item.type)
+            for group in groups.values()
+            for item in fields(group)
+        ]
+
+        @functools.wraps(function)
+        def call(**keywords: Any) -> Any:
+            unknown = sorted(set(keywords) - members.keys() - {p.name for p in own})
+            if unknown:
+                raise TypeError(f"{function.__name__}() got an unexpected keyword argument {unknown[0]!r}")
+            given = {name: {} for name in groups}
+            for key in [key for key in keywords if key in members]:
+                given[members[key]][key] = keywords.pop(key)
+            return function(**keywords, **{name: group(**given[name]) for name, group in groups.items()})
+
+        returns = inspect.signature(function).return_annotation
+        call.__signature__ = inspect.Signature([*own, *flags], return_annotation=returns)  # type: ignore[attr-defined]
+        return call
+
+    return decorate
 
 
 def input_overrides(args: argparse.Namespace, *exclude: str) -> dict[str, Any]:

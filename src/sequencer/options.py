@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import functools
 
-from sequencer.choices import DEFAULT_MODEL
 from sequencer.config import (
     Compilation,
     DatasetSource,
     InputOverrides,
     ModelSource,
+    RecordedModelSource,
     Runtime,
     add_fields,
     as_parsed,
@@ -23,13 +23,13 @@ from sequencer.errors import UsageError
 
 def add_model_options(
     parser: argparse.ArgumentParser,
-    default_model: str | None = DEFAULT_MODEL,
+    source: type[ModelSource] = RecordedModelSource,
     model_help: str | None = None,
     checkpoint_help: str | None = None,
 ) -> None:
-    """`ModelSource`'s flags, with a command's own default model and help texts."""
+    """The flags of `source` (by default the model a checkpoint records), with a command's own help texts."""
     helps = {key: text for key, text in (("model", model_help), ("checkpoint", checkpoint_help)) if text}
-    add_fields(parser, ModelSource, defaults={"model": default_model}, helps=helps)
+    add_fields(parser, source, helps=helps)
 
 
 def add_dataset_options(parser: argparse.ArgumentParser, data_help: str) -> argparse._ArgumentGroup:

@@ -9,7 +9,7 @@ import logging
 import os
 import pkgutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,15 @@ from torchvision.datasets import ImageFolder
 
 from sequencer.builder import load_model, resolve_model_name
 from sequencer.checkpoint import open_checkpoint
-from sequencer.config import flag_values
+from sequencer.config import (
+    Compilation,
+    InputOverrides,
+    RecordedModelSource,
+    Runtime,
+    flag_values,
+    input_overrides,
+    takes_groups,
+)
 from sequencer.data import (
     build_dataset,
     check_image_input_fits,
@@ -245,6 +253,7 @@ def check_targets_within(dataset: Dataset, valid_classes: torch.Tensor) -> None:
         )
 
 
+@takes_groups(source=RecordedModelSource, preprocess=InputOverrides, runtime=Runtime, compilation=Compilation)
 def validate(
     *,
     data: str | os.PathLike | None = None,
@@ -252,24 +261,10 @@ def validate(
     dataset: str = "",
     split: str = "validation",
     dataset_download: bool = False,
-    model: str | None = None,
-    checkpoint: str | os.PathLike = "",
-    num_classes: int | None = None,
-    in_chans: int = 3,
-    use_ema: bool = False,
-    unsafe_load: bool = False,
-    img_size: int | None = None,
-    input_size: Sequence[int] | None = None,
-    crop_pct: float | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    interpolation: str = "",
-    batch_size: int = 32,
-    workers: int = 2,
-    device: str | None = None,
-    amp: bool = False,
-    amp_dtype: str | None = None,
-    torchcompile: str | None = None,
+    source: RecordedModelSource,
+    preprocess: InputOverrides,
+    runtime: Runtime,
+    compilation: Compilation,
     valid_labels: str = "",
     real_labels: str | None = None,
     context: DistributedContext | None = None,
@@ -285,25 +280,25 @@ def validate(
     (torchrun's, from `sequencer.distributed.process_group`); none: this process alone, on `device`. `progress`
     draws a progress bar on a terminal (rank 0's).
     """
+    model = source.model
     if model:
         resolve_model_name(model)  # before the data is read
-    context = context or DistributedContext(0, 1, resolve_device(device))
+    set_threads(runtime.threads)
+    context = context or DistributedContext(0, 1, resolve_device(runtime.device))
     device = context.device
-    if amp and context.is_primary:
-        warn_if_emulated_bfloat16(device, amp_dtype)
+    if runtime.amp and context.is_primary:
+        warn_if_emulated_bfloat16(device, runtime.amp_dtype)
     root = os.fspath(data or data_dir) if data or data_dir else None
     name = dataset or root
-    checkpoint = os.fspath(checkpoint) if checkpoint else ""
-    opened = open_checkpoint(checkpoint, use_ema, unsafe_load) if checkpoint else None
+    checkpoint = os.fspath(source.checkpoint) if source.checkpoint else ""
+    opened = open_checkpoint(checkpoint, source.use_ema, source.unsafe_load) if checkpoint else None
     # What is asked goes over the model's preprocessing, which holds the input a training checkpoint was trained at.
-    asked = dict(
-        input_size=input_size, img_size=img_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation
-    )
+    asked = input_overrides(preprocess)
     # The built-in digits are upscaled straight to the input size, as `sequencer train` does: known before the model.
     trained_size = opened.record.input_size[-1] if opened and opened.record.input_size else 32
-    digits_size = input_size[-1] if input_size else img_size or trained_size
+    digits_size = preprocess.input_size[-1] if preprocess.input_size else preprocess.img_size or trained_size
     eval_set = build_dataset(name, split, data_dir=root, download=dataset_download, img_size=digits_size)
-    num_classes = num_classes or (opened and opened.record.num_classes) or len(eval_set.classes)
+    num_classes = source.num_classes or (opened and opened.record.num_classes) or len(eval_set.classes)
     # Folders named by WordNet id (ImageNet-A, -R, -Sketch) or number (ImageNet-V2) take the model's class indices.
     eval_set = map_classes(eval_set, num_classes, opened.record.class_names if opened else None)
     valid_classes = load_valid_classes(valid_labels, num_classes) if valid_labels else None
@@ -313,22 +308,22 @@ def validate(
         if not isinstance(eval_set, ImageFolder) or num_classes != 1000:
             raise UsageError("--real-labels needs a 1000-class model and the ImageNet val folder")
         eval_set = WithRealLabels(eval_set, load_real_labels(real_labels), num_classes)
-    network = load_model(model, opened, num_classes, in_chans)
+    network = load_model(model, opened, num_classes, source.in_chans)
     model = model or network.model_name
     config = data_config(network, **asked)
     check_image_input_fits(network, config["input_size"])
     eval_set.transform = create_transform(network, train=False, **asked)
-    loader = create_loader(eval_set, batch_size, workers, distributed=context.distributed)
+    loader = create_loader(eval_set, runtime.batch_size, runtime.workers, distributed=context.distributed)
     network = network.to(device)
-    if torchcompile:
-        network = compile_model(network, torchcompile)
+    if compilation.torchcompile:
+        network = compile_model(network, compilation.torchcompile)
     label = f"{model} on {name or 'digits'}" if progress and context.is_primary else ""
     metrics = evaluate(
         network,
         loader,
         device,
-        amp,
-        amp_dtype,
+        runtime.amp,
+        runtime.amp_dtype,
         distributed=context.distributed,
         valid_classes=valid_classes,
         progress=label,
@@ -343,7 +338,7 @@ def validate(
         "input_size": list(config["input_size"]),
         "crop_pct": config["crop_pct"],
         "interpolation": config["interpolation"],
-        "amp": amp,
+        "amp": runtime.amp,
         "valid_labels": valid_labels or None,
     }
 
@@ -355,7 +350,6 @@ ROUNDED = ("top1", "top5", "loss", "images_per_sec", "real_top1")
 def run(args: argparse.Namespace) -> int:
     """`validate` with the flags; rank 0 prints the metrics and writes them to --results-file. Under torchrun each
     process evaluates its share of the images."""
-    set_threads(args.threads)
     with process_group(args.device) as context:
         logging.basicConfig(level=logging.INFO if context.is_primary else logging.WARNING, format="%(message)s")
         results = validate(**flag_values(validate, args, context=context, progress=True))

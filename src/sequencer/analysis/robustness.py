@@ -39,7 +39,7 @@ from sequencer.analysis.common import (
     save_figure,
 )
 from sequencer.choices import CORRUPTION_FAMILIES, CORRUPTIONS, SEVERITIES
-from sequencer.config import flag_values
+from sequencer.config import InputOverrides, RecordedModelSource, Runtime, flag_values, input_overrides, takes_groups
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import MissingDependencyError, UsageError
@@ -307,31 +307,18 @@ class RobustnessResult:
     clean_images: Dataset = field(repr=False)  # uint8 images, as `CorruptedImages` and `plot_examples` take them
 
 
+@takes_groups(source=RecordedModelSource, preprocess=InputOverrides, runtime=Runtime)
 def robustness(
     *,
     data: str | os.PathLike,
-    model: str | None = None,
-    checkpoint: str | os.PathLike = "",
     corruptions: Sequence[str] = CORRUPTIONS,
     severities: Sequence[int] = SEVERITIES,
     alexnet_errors: Mapping[str, dict[int, float] | float] | None = None,
     limit: int | None = None,
     seed: int = 0,
-    num_classes: int | None = None,
-    in_chans: int = 3,
-    use_ema: bool = False,
-    unsafe_load: bool = False,
-    img_size: int | None = None,
-    input_size: Sequence[int] | None = None,
-    crop_pct: float | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    interpolation: str = "",
-    batch_size: int = 32,
-    workers: int = 2,
-    device: str | None = None,
-    amp: bool = False,
-    amp_dtype: str | None = None,
+    source: RecordedModelSource,
+    preprocess: InputOverrides,
+    runtime: Runtime,
     context: DistributedContext | None = None,
     progress: bool = False,
 ) -> RobustnessResult:
@@ -345,18 +332,22 @@ def robustness(
     corruptions = in_order(corruptions, CORRUPTIONS, "--corruptions")
     severities = in_order(severities, SEVERITIES, "--severities")
     alexnet = ALEXNET_MEAN_ERRORS if alexnet_errors is None else alexnet_errors
-    checkpoint = os.fspath(checkpoint) if checkpoint else ""
-    model = model_of(model, checkpoint, unsafe_load)
+    checkpoint = os.fspath(source.checkpoint) if source.checkpoint else ""
+    model = model_of(source.model, checkpoint, source.unsafe_load)
     check_model_specs([(model, checkpoint)], need_weights=True)
-    if in_chans != 3:
-        raise UsageError(f"--in-chans {in_chans}: the ImageNet-C corruptions are defined on RGB images")
+    if source.in_chans != 3:
+        raise UsageError(f"--in-chans {source.in_chans}: the ImageNet-C corruptions are defined on RGB images")
     imagecorruptions()  # fail now, not after the clean pass, if the package is missing
-    context = context or DistributedContext(0, 1, resolve_device(device))
-    overrides = dict(
-        img_size=img_size, input_size=input_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation
-    )
+    set_threads(runtime.threads)
+    context = context or DistributedContext(0, 1, resolve_device(runtime.device))
+    overrides = input_overrides(preprocess)
     network = build_compared_model(
-        model, checkpoint, num_classes=num_classes, img_size=img_size, use_ema=use_ema, unsafe_load=unsafe_load
+        model,
+        checkpoint,
+        num_classes=source.num_classes,
+        img_size=preprocess.img_size,
+        use_ema=source.use_ema,
+        unsafe_load=source.unsafe_load,
     ).to(context.device)
     config = data_config(network, **overrides)
     if min(config["input_size"][1:]) < 32:
@@ -370,14 +361,14 @@ def robustness(
 
     def accuracy(corruption: str, severity: int) -> dict[str, Any]:
         images = CorruptedImages(base, corruption, severity, config["mean"], config["std"], seed)
-        loader = create_loader(images, batch_size, workers, distributed=context.distributed)
+        loader = create_loader(images, runtime.batch_size, runtime.workers, distributed=context.distributed)
         label = f"{corruption}, severity {severity}" if severity else "clean"
         return evaluate(
             network,
             loader,
             context.device,
-            amp,
-            amp_dtype,
+            runtime.amp,
+            runtime.amp_dtype,
             distributed=context.distributed,
             progress=label if progress and context.is_primary else "",
         )
@@ -428,7 +419,6 @@ def run(args: argparse.Namespace) -> int:
     """`robustness` with the flags (AlexNet's file read first); rank 0 writes a CSV per corruption,
     robustness.csv/.png, examples.png and summary.json. Under torchrun each process evaluates its share of the images.
     """
-    set_threads(args.threads)
     alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else None
     args.model = model_of(args.model, args.checkpoint, args.unsafe_load)  # named in the report
     with process_group(args.device) as context:

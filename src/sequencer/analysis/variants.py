@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from sequencer.analysis.common import (
 )
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, corruption_error
 from sequencer.choices import CORRUPTIONS, DATASET_FLAGS, DATASET_FOLDERS, SEVERITIES
-from sequencer.config import flag_values
+from sequencer.config import InputOverrides, RecordedModelSource, Runtime, flag_values, input_overrides, takes_groups
 from sequencer.data import build_dataset, create_loader, create_transform, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import UsageError
@@ -116,6 +116,7 @@ def _load(folder: Path, transform: Any, limit: int | None, real: dict[str, list[
     return evenly_spaced_subset(dataset, limit)
 
 
+@takes_groups(source=RecordedModelSource, preprocess=InputOverrides, runtime=Runtime)
 def variants(
     *,
     root: str | os.PathLike | None = None,
@@ -127,22 +128,9 @@ def variants(
     imagenet_c: str | os.PathLike | None = None,
     real_labels: str | os.PathLike = "",
     limit: int | None = None,
-    model: str | None = None,
-    checkpoint: str | os.PathLike = "",
-    num_classes: int | None = None,
-    use_ema: bool = False,
-    unsafe_load: bool = False,
-    img_size: int | None = None,
-    input_size: Sequence[int] | None = None,
-    crop_pct: float | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    interpolation: str = "",
-    batch_size: int = 32,
-    workers: int = 2,
-    device: str | None = None,
-    amp: bool = False,
-    amp_dtype: str | None = None,
+    source: RecordedModelSource,
+    preprocess: InputOverrides,
+    runtime: Runtime,
     context: DistributedContext | None = None,
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -154,19 +142,21 @@ def variants(
     the processes that share the images (torchrun's, from `sequencer.distributed.process_group`); none: this process
     alone, on `device`. `progress` draws a progress bar per test set on a terminal (rank 0's).
     """
-    context = context or DistributedContext(0, 1, resolve_device(device))
+    if source.in_chans != 3:
+        raise UsageError(f"--in-chans {source.in_chans}: the ImageNet test sets are RGB images")
+    set_threads(runtime.threads)
+    context = context or DistributedContext(0, 1, resolve_device(runtime.device))
     flagged = dict(real=imagenet_val, a=imagenet_a, r=imagenet_r, sketch=imagenet_sketch, v2=imagenetv2, c=imagenet_c)
     found, missing = find_datasets(root, flagged)
-    checkpoint = os.fspath(checkpoint) if checkpoint else ""
-    model = model_of(model, checkpoint, unsafe_load)
+    checkpoint = os.fspath(source.checkpoint) if source.checkpoint else ""
+    model = model_of(source.model, checkpoint, source.unsafe_load)
     check_model_specs([(model, checkpoint)])
-    network = build_compared_model(model, checkpoint, num_classes=num_classes, use_ema=use_ema, unsafe_load=unsafe_load)
+    network = build_compared_model(
+        model, checkpoint, num_classes=source.num_classes, use_ema=source.use_ema, unsafe_load=source.unsafe_load
+    )
     if getattr(network, "num_classes", None) != 1000:
         raise UsageError(f"the ImageNet test sets need a 1000-class model; {model} has {network.num_classes}")
-    overrides = dict(
-        img_size=img_size, input_size=input_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation
-    )
-    transform = create_transform(network, train=False, **overrides)
+    transform = create_transform(network, train=False, **input_overrides(preprocess))
     # Every folder is read and labelled first, so a wrong tree fails before any evaluation.
     real = load_real_labels(real_labels or None) if "real" in found else None
     datasets = {
@@ -185,14 +175,14 @@ def variants(
 
     def score(dataset: Dataset, label: str, valid: torch.Tensor | None = None) -> dict[str, Any]:
         """`evaluate` over one dataset, each process its share, `label` on rank 0's progress bar."""
-        loader = create_loader(dataset, batch_size, workers, distributed=context.distributed)
+        loader = create_loader(dataset, runtime.batch_size, runtime.workers, distributed=context.distributed)
         shown = label if progress and context.is_primary else ""
         return evaluate(
             network,
             loader,
             context.device,
-            amp,
-            amp_dtype,
+            runtime.amp,
+            runtime.amp_dtype,
             distributed=context.distributed,
             valid_classes=valid,
             progress=shown,
@@ -219,7 +209,6 @@ def variants(
 def run(args: argparse.Namespace) -> int:
     """`variants` with the flags; rank 0 writes variants.csv and variants.png and says which test sets were missing.
     Under torchrun each process evaluates its share of every test set."""
-    set_threads(args.threads)
     args.model = model_of(args.model, args.checkpoint, args.unsafe_load)  # named in the figure
     with process_group(args.device) as context:
         rows, missing = variants(**flag_values(variants, args, context=context, progress=True))

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.config import IMAGE_SIDE, RECORDED_MODEL_HELP, bounded
+from sequencer.config import IMAGE_SIDE, bounded
 from sequencer.options import add_compare_options, add_model_options, add_output_option, add_runtime_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, comparison (random init without a checkpoint), data, image count and size, output options."""
-    add_model_options(parser, default_model=None, model_help=RECORDED_MODEL_HELP)
+    add_model_options(parser)
     add_compare_options(parser)
     parser.add_argument(
         "data",

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
-from sequencer.config import RECORDED_MODEL_HELP, bounded
+from sequencer.config import bounded
 from sequencer.options import add_input_options, add_model_options, add_output_option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, input size and export options."""
-    add_model_options(parser, default_model=None, model_help=RECORDED_MODEL_HELP)
+    add_model_options(parser)
     add_input_options(parser)
     group = parser.add_argument_group("export")
     group.add_argument(

@@ -14,7 +14,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (recursive)")
     add_model_options(
         parser,
-        default_model=None,
         model_help="model name (see `sequencer summary`; default: the one the --checkpoint or .onnx file records, "
         f"else {DEFAULT_MODEL})",
         checkpoint_help="weights file (.pth, .pth.tar, .safetensors), or an .onnx file written by `sequencer export` "

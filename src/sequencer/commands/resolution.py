@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.config import IMAGE_SIDE, RECORDED_MODEL_HELP, comma_list
+from sequencer.config import IMAGE_SIDE, comma_list
 from sequencer.options import (
     add_compare_options,
     add_input_options,
@@ -17,7 +17,7 @@ from sequencer.options import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """DATA, --model/--checkpoint, --compare, --sizes, --out, input and runtime options."""
     parser.add_argument("data", help="labelled images: DATA/val/<class>/* or DATA/<class>/*")
-    add_model_options(parser, default_model=None, model_help=RECORDED_MODEL_HELP)
+    add_model_options(parser)
     add_compare_options(parser)
     parser.add_argument(
         "--sizes",

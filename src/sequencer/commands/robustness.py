@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import CORRUPTIONS, SEVERITIES
-from sequencer.config import RECORDED_MODEL_HELP, bounded, comma_list
+from sequencer.config import bounded, comma_list
 from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """DATA, model, --corruptions, --severities, --limit, --alexnet-errors, --out, input and runtime options."""
     parser.add_argument("data", help="clean labelled images: DATA/val/<class>/* or DATA/<class>/*")
-    add_model_options(parser, default_model=None, model_help=RECORDED_MODEL_HELP)
+    add_model_options(parser)
     parser.add_argument(
         "--corruptions",
         type=comma_list(str, CORRUPTIONS, distinct_sorted=True, empty=CORRUPTIONS),

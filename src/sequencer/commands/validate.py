@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.config import RECORDED_MODEL_HELP
 from sequencer.options import (
     add_compile_options,
     add_dataset_options,
@@ -21,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser, "dataset root (DATA/val/<class>/*, or DATA/<class>/*); none: the built-in digits"
     )
     data.add_argument("--split", default="validation", help="split to evaluate (val, validation, train)")
-    add_model_options(parser, default_model=None, model_help=RECORDED_MODEL_HELP)
+    add_model_options(parser)
     add_input_options(parser)
     add_runtime_options(parser)
     add_compile_options(parser)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import DATASET_FLAGS, DATASET_FOLDERS
-from sequencer.config import RECORDED_MODEL_HELP, bounded
+from sequencer.config import bounded
 from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
 
 ROOT_HELP = "folder holding the datasets under their usual names, the first one found: " + "; ".join(
@@ -35,6 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--limit", type=bounded(int, min=1), default=None, help="at most N images per dataset (and per -C folder)"
     )
     add_output_option(parser, "results/variants", "output folder (variants.csv, variants.png)", "--out", kind="folder")
-    add_model_options(parser, default_model=None, model_help=RECORDED_MODEL_HELP)
+    add_model_options(parser)
     add_input_options(parser)
     add_runtime_options(parser)
