@@ -188,3 +188,32 @@ def test_a_resumed_run_goes_on_in_the_same_tracked_runs(
     events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [event.step for event in events.Scalars("eval_top1")] == [0, 1]  # epochs, as summary.csv counts them
+
+
+def test_runtime_flags_run_and_leave_their_mark(run_cli, data_root: Path, tmp_path: Path) -> None:
+    flags = (
+        "--channels-last --torchscript --head-init-scale 0 --head-init-bias 0.5 --save-images --log-interval 1 "
+        "--device-modules json --synchronize-step --pin-mem --worker-seeding part --drop-connect 0.1"
+    )
+    assert run_cli("train", f"{data_root} {TINY} -b 8 --epochs 1 --lr 0 {flags} -o {tmp_path / 'a'}") == 0
+    assert sorted(path.name for path in (tmp_path / "a").glob("train-batch-*.jpg")) == [
+        "train-batch-1.jpg",
+        "train-batch-2.jpg",
+        "train-batch-3.jpg",
+    ]
+    head = read_file(tmp_path / "a" / "last.pth.tar")["state_dict"]
+    # --lr 0 keeps the initial head: weights scaled to 0, bias set to 0.5.
+    assert not head["head.fc.weight"].any() and torch.all(head["head.fc.bias"] == 0.5)
+    assert run_cli("train", f"{data_root} {TINY} -b 8 --epochs 1 --model-dtype bfloat16 -o {tmp_path / 'b'}") == 0
+    weights = read_file(tmp_path / "b" / "last.pth.tar")["state_dict"]
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    assert (
+        run_cli(
+            "train",
+            f"{data_root} {TINY} -b 8 --epochs 1 --pretrained-path {tmp_path / 'a' / 'last.pth.tar'} "
+            f"--lr 0 -o {tmp_path / 'c'}",
+        )
+        == 0
+    )
+    started = read_file(tmp_path / "c" / "last.pth.tar")["state_dict"]
+    assert torch.equal(started["head.fc.bias"], head["head.fc.bias"])  # the weights it started from
