@@ -409,6 +409,24 @@ def as_parsed(parser: argparse.ArgumentParser, action: argparse.Action, value: A
     return value
 
 
+def read_config_file(path: str, known: set[str]) -> dict[str, Any]:
+    """The options a YAML file sets (a run's args.yaml, timm's too), refused in one line unless all are `known`."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"cannot read --config {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a mapping of option names to values")
+    values = {key: value for key, value in values.items() if key not in ("command", "config")}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
+    return values
+
+
 def takes_groups(**groups: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A library function that takes flag groups (`source=ModelSource`, ...) as their fields, keyword by keyword.
 

@@ -16,6 +16,7 @@ from sequencer.config import (
     Runtime,
     add_fields,
     as_parsed,
+    read_config_file,
     writable_path,
 )
 from sequencer.errors import UsageError
@@ -100,20 +101,8 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
 
 def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
     """Make the flags a YAML file sets (a run's args.yaml, say) the parser's defaults: the command line still wins."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"cannot read --config {path}: {error}") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"--config {path} must hold a mapping of option names to values")
-    values = {key: value for key, value in values.items() if key not in ("command", "config")}
+    values = read_config_file(path, {action.dest for action in parser._actions})
     actions = {action.dest: action for action in parser._actions}
-    unknown = sorted(set(values) - set(actions))
-    if unknown:
-        raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
     try:
         checked = {key: as_parsed(parser, actions[key], value) for key, value in values.items()}
     except argparse.ArgumentError as error:

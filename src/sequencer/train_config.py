@@ -38,6 +38,7 @@ from sequencer.config import (
     add_fields,
     bounded,
     option,
+    read_config_file,
     writable_path,
 )
 from sequencer.errors import UsageError
@@ -748,20 +749,7 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     @classmethod
     def from_yaml(cls, path: str) -> TrainConfig:
         """The config an args.yaml (or any YAML mapping of fields) holds, the fields it leaves out at their defaults."""
-        import yaml
-
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = yaml.safe_load(f)
-        except (OSError, yaml.YAMLError) as error:
-            raise UsageError(f"cannot read --config {path}: {error}") from None
-        if not isinstance(values, dict):
-            raise UsageError(f"--config {path} must hold a mapping of option names to values")
-        values = {key: value for key, value in values.items() if key != "command"}
-        unknown = sorted(set(values) - {item.name for item in fields(cls)})
-        if unknown:
-            raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
-        return cls(**{**values, "config": path})
+        return cls(**read_config_file(path, {item.name for item in fields(cls)}), config=path)
 
     def with_recipe(self) -> TrainConfig:
         """The data-dependent defaults (None) filled in: the digits demo's without DATA, the authors' with it."""
