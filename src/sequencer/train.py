@@ -19,7 +19,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from timm.data import create_transform as timm_create_transform
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
 from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
-from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, set_jit_fuser
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -693,6 +693,22 @@ NO_EFFECT = {
 }
 
 
+# timm's flags that refine another one, which must be on for them to act.
+NEEDS: dict[str, tuple[Callable[[TrainConfig], bool], str]] = {
+    "bce_sum": (lambda c: c.bce_loss, "--bce-loss"),
+    "bce_target_thresh": (lambda c: c.bce_loss, "--bce-loss"),
+    "bce_pos_weight": (lambda c: c.bce_loss, "--bce-loss"),
+    "resplit": (lambda c: c.aug_splits > 0, "--aug-splits"),
+    "lr_noise_pct": (lambda c: c.lr_noise is not None, "--lr-noise"),
+    "lr_noise_std": (lambda c: c.lr_noise is not None, "--lr-noise"),
+    "lr_cycle_mul": (lambda c: c.lr_cycle_limit > 1, "--lr-cycle-limit above 1"),
+    "lr_cycle_decay": (lambda c: c.lr_cycle_limit > 1, "--lr-cycle-limit above 1"),
+    "patience_epochs": (lambda c: c.sched == "plateau", "--sched plateau"),
+    "torchcompile_mode": (lambda c: bool(c.torchcompile), "--torchcompile"),
+    "fuser": (lambda c: c.torchscript, "--torchscript (it picks TorchScript's fuser)"),
+}
+
+
 def no_effect_notes(config: TrainConfig) -> list[str]:
     """One line per flag set that changes nothing for this model or this data."""
     defaults = TrainConfig()
@@ -701,8 +717,9 @@ def no_effect_notes(config: TrainConfig) -> list[str]:
         for key, why in NO_EFFECT.items()
         if getattr(config, key) != getattr(defaults, key)
     ]
-    if config.fuser and not config.torchscript:
-        notes.append("--fuser has no effect: it picks TorchScript's fuser, and --torchscript is not set")
+    for key, (needed, why) in NEEDS.items():
+        if getattr(config, key) != getattr(defaults, key) and not needed(config):
+            notes.append(f"--{key.replace('_', '-')} has no effect without {why}")
     source, _ = _dataset_source(config)
     unused = unused_data_flags(
         source,
@@ -990,6 +1007,8 @@ def run_epochs(config: TrainConfig, run_state: RunState, data: TrainingData, sta
 def training_module(model: nn.Module, config: TrainConfig, context: DistributedContext) -> nn.Module:
     """What the training steps call: the model, under DDP when distributed, compiled when --torchcompile asks."""
     if config.torchscript:  # the scripted module shares the model's parameters: checkpoints keep the plain model
+        if config.fuser:
+            set_jit_fuser(config.fuser)
         model = torch.jit.script(model)
     if context.distributed:
         device = context.device
