@@ -26,8 +26,6 @@ from sequencer.analysis.common import (
     check_model_specs,
     evenly_spaced_subset,
     model_of,
-    new_figure,
-    save_figure,
 )
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, corruption_error
 from sequencer.choices import CORRUPTIONS, DATASET_FLAGS, DATASET_FOLDERS, SEVERITIES
@@ -36,6 +34,7 @@ from sequencer.data import build_dataset, create_loader, create_transform, map_c
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
+from sequencer.plotting import new_figure, save_figure
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import WithRealLabels, check_targets_within, evaluate, load_real_labels, load_valid_classes
 
