@@ -26,7 +26,6 @@ first step allocates once (oneDNN's caches, say), which the eager figures includ
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import os
@@ -52,6 +51,7 @@ from sequencer.choices import BENCH_MODES, BENCH_PRECISIONS, BENCH_RUNTIMES, ONN
 from sequencer.config import flag_values
 from sequencer.deploy import OnnxModel, export, load_onnx, quantize_onnx, require_onnx_packages
 from sequencer.errors import UsageError
+from sequencer.files import write_csv
 from sequencer.model import list_models
 from sequencer.plotting import new_figure, save_figure
 from sequencer.runtime import autocast, compile_model, native_bfloat16_cpu, resolve_device, set_threads
@@ -474,11 +474,7 @@ def write_outputs(records: list[dict[str, Any]], output: str | os.PathLike, devi
         onnxruntime=_onnxruntime_version(records),
     )
     output.with_suffix(".json").write_text(json.dumps(dict(environment=environment, results=records), indent=1))
-    columns = [key for key in records[0] if key != "step_ms_all"] if records else []
-    with output.with_suffix(".csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(records, output.with_suffix(".csv"), [key for key in records[0] if key != "step_ms_all"])
     several_sizes = len({r["resolution"] for r in records}) > 1
     (plot_against_resolution if several_sizes else plot_side_by_side)(records, output.with_suffix(".png"))
     print(f"\nwrote {', '.join(str(output.with_suffix(suffix)) for suffix in ('.json', '.csv', '.png'))}")
