@@ -60,6 +60,7 @@ from sequencer.bench import (
 )
 from sequencer.builder import create_model
 from sequencer.model import BiLSTM2D, route
+from sequencer.plotting import new_figure, save_figure
 from sequencer.recurrence import recurrent_weights
 
 CELLS = ("lstm", "gru", "rnn")
@@ -337,11 +338,11 @@ def check_training(
 
 
 def measure_throughput(config: dict[str, Any], device: torch.device, backend: str, report: Report) -> None:
-    """AMP training and inference of every model's variants at the config's resolution and batch sizes."""
+    """AMP training and inference of every model's implementations at the config's resolution and batch sizes."""
     resolution = config["resolution"]
     for name in (*config["models"], *config["peers"]):
         with recorded_failure(report.data["errors"], f"{name} at {resolution} px"):
-            models = build_variants(name, name in config["models"], resolution, device, backend)
+            models = build_implementations(name, name in config["models"], resolution, device, backend)
             for mode, batch in (("train", config["train_batch"]), ("infer", config["infer_batch"])):
                 setting = Setting(mode, "amp", resolution, batch)
                 report.data["throughput"] += measure(models, name, setting, device, config["repeats"])
@@ -354,7 +355,7 @@ def measure_memory_against_resolution(config: dict[str, Any], device: torch.devi
     for resolution in config["memory_resolutions"]:
         for name in names:
             with recorded_failure(report.data["errors"], f"{name} at {resolution} px, batch 1"):
-                models = build_variants(name, name in config["models"], resolution, device, None)
+                models = build_implementations(name, name in config["models"], resolution, device, None)
                 if name in config["models"]:
                     models = {label: m for label, m in models.items() if label in ("ours(auto)", "timm")}
                 setting = Setting("infer", "amp", resolution, 1)
@@ -376,7 +377,7 @@ def recorded_failure(errors: list[str], what: str) -> Iterator[None]:
             torch.cuda.empty_cache()
 
 
-def build_variants(
+def build_implementations(
     name: str, ours: bool, resolution: int, device: torch.device, backend: str | None
 ) -> dict[str, nn.Module]:
     """Ours as auto/reference/fused (and compiled with `backend`) plus timm's twin on the same weights; or timm's."""
@@ -412,7 +413,7 @@ def measure(
         median = statistics.median(times[label])
         records.append(
             dict(
-                model=name, variant=label, mode=setting.mode, precision=setting.precision, amp_dtype=amp_dtype,
+                model=name, implementation=label, mode=setting.mode, precision=setting.precision, amp_dtype=amp_dtype,
                 resolution=setting.resolution, batch_size=setting.batch_size,
                 images_per_s=setting.batch_size / median, step_ms=1000 * median,
                 peak_memory_mib=cuda_peak_mib(step, device) if device.type == "cuda" else None,
@@ -520,7 +521,7 @@ def time_block_diagonal(shape: tuple[int, int, int, int], device: torch.device, 
             for label, median in medians.items():
                 records.append(
                     dict(
-                        batch=batch, side=side, channels=dim, hidden=hidden, dtype=dtype, variant=label,
+                        batch=batch, side=side, channels=dim, hidden=hidden, dtype=dtype, implementation=label,
                         passes="forward+backward" if backward else "forward", step_ms=1000 * median,
                         speedup=medians["two calls (reference)"] / median,
                     )
@@ -589,13 +590,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Training and inference images/s per model and variant, training peak memory, memory against resolution."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(2, 2, figsize=(13, 9), layout="constrained")
+    """Training and inference images/s per model and implementation, training peak memory, memory against resolution."""
+    figure, axes = new_figure(2, 2, size=(13, 9))
     panels = [
         (axes[0][0], "train", "images_per_s", "training step, images / s"),
         (axes[0][1], "infer", "images_per_s", "inference, images / s"),
@@ -603,7 +599,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ]
     for ax, mode, key, title in panels:
         rows = [r for r in report.get("throughput", []) if r["mode"] == mode]
-        labels = [f"{r['model']}\n{r['variant']}" for r in rows]
+        labels = [f"{r['model']}\n{r['implementation']}" for r in rows]
         values = [r[key] or 0 for r in rows]
         ax.barh(range(len(rows)), values, color=[f"C{i % 10}" for i in range(len(rows))])
         ax.set_yticks(range(len(rows)), labels, fontsize=7)
@@ -614,7 +610,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax = axes[1][1]
     lines: dict[str, list[dict[str, Any]]] = {}
     for r in report.get("memory_vs_resolution", []):
-        lines.setdefault(f"{r['model']} {r['variant']}", []).append(r)
+        lines.setdefault(f"{r['model']} {r['implementation']}", []).append(r)
     for index, (label, points) in enumerate(lines.items()):
         key = "peak_memory_mib" if all(p["peak_memory_mib"] for p in points) else "images_per_s"
         ax.plot([p["resolution"] for p in points], [p[key] for p in points], marker="os^vD"[index % 5], label=label)
@@ -629,8 +625,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     name = report["environment"]["device_name"]
     figure.suptitle(f"gpu_check ({report['mode']}) on {name} ({'passed' if report['ok'] else 'FAILED'})")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 if __name__ == "__main__":

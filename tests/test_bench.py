@@ -28,14 +28,16 @@ def _run(tmp_path: Path, *flags: str) -> dict:
 def test_ours_runs_beside_timms_twin_and_our_reference_with_ratios(tmp_path: Path) -> None:
     report = _run(tmp_path, "--models", "sequencer2d_s", "--resolutions", "32", "-b", "1", "--no-memory")
     rows = report["results"]
-    assert [(r["mode"], r["variant"]) for r in rows] == [
+    assert [(r["mode"], r["implementation"]) for r in rows] == [
         (mode, label) for mode in ("infer", "train") for label in ("timm", "ours(auto)", "ours(reference)")
     ]
 
-    def speed_of(variant: str, beside: dict) -> float:
-        """The images/s of `variant` measured on the same model in the same setting as the row `beside`."""
+    def speed_of(implementation: str, beside: dict) -> float:
+        """The images/s of `implementation` measured on the same model in the same setting as the row `beside`."""
         same = ("model", "mode", "precision", "resolution", "batch_size")
-        [peer] = [r for r in rows if r["variant"] == variant and all(r[key] == beside[key] for key in same)]
+        [peer] = [
+            r for r in rows if r["implementation"] == implementation and all(r[key] == beside[key] for key in same)
+        ]
         return peer["images_per_s"]
 
     for r in rows:
@@ -65,7 +67,7 @@ def test_bench_in_python_returns_a_record_per_subject_and_setting_and_writes_not
         threads=1,
         report=lambda setting, found: reported.append((setting, found)),
     )
-    assert [(r["batch_size"], r["variant"]) for r in records] == [
+    assert [(r["batch_size"], r["implementation"]) for r in records] == [
         (b, v) for b in (1, 2) for v in ("ours(auto)", "ours(reference)")
     ]
     assert [setting.batch_size for setting, _ in reported] == [1, 2]
@@ -74,7 +76,7 @@ def test_bench_in_python_returns_a_record_per_subject_and_setting_and_writes_not
         assert len(r["step_ms_all"]) == 3 and r["step_ms"] == pytest.approx(sorted(r["step_ms_all"])[1])
         assert r["images_per_s"] == pytest.approx(1000 * r["batch_size"] / r["step_ms"])
         assert r["peak_memory_mib"] is None and r["speed_vs_timm"] is None  # sequencer2d_tiny has no timm twin
-    reference = [r for r in records if r["variant"] == "ours(reference)"]
+    reference = [r for r in records if r["implementation"] == "ours(reference)"]
     assert [r["speed_vs_reference"] for r in reference] == [1.0, 1.0]
     assert not list(tmp_path.iterdir())
     with pytest.raises(UsageError, match="--precisions fp16: expected some of float32, amp"):
@@ -106,7 +108,7 @@ def test_resolution_sweep_of_peers_writes_csv_and_plot(tmp_path: Path) -> None:
         "fused",
         "--no-memory",
     )
-    found = {(r["model"], r["variant"], r["resolution"]) for r in report["results"]}
+    found = {(r["model"], r["implementation"], r["resolution"]) for r in report["results"]}
     assert found == {
         (m, v, s) for m, v in [("sequencer2d_tiny", "ours(fused)"), ("test_vit", "timm")] for s in (32, 48)
     }
@@ -179,7 +181,7 @@ def test_onnxruntime_runtimes_run_the_same_weights_beside_torch_in_float32_infer
         "auto",
         "--no-memory",
     )
-    found = [(r["mode"], r["precision"], r["variant"], r["runtime"]) for r in report["results"]]
+    found = [(r["mode"], r["precision"], r["implementation"], r["runtime"]) for r in report["results"]]
     # The int8 file's rows say int8, not the float32 of the setting they were measured in.
     ran = (("float32", "onnxruntime"), ("int8", "onnxruntime-int8"))
     onnx_rows = [("infer", kind, f"ours+{name}", name) for kind, name in ran]
@@ -227,7 +229,7 @@ def test_compiled_and_onnxruntime_subjects_get_their_peak_memory(tmp_path: Path)
         "--impls",
         "reference",
     )
-    rows = {r["variant"]: r for r in report["results"]}
+    rows = {r["implementation"]: r for r in report["results"]}
     assert sorted(rows) == ["ours(reference)+compile", "ours+onnxruntime"]
     assert rows["ours+onnxruntime"]["peak_memory_mib"] > 0  # its first run's arena, at least
     assert rows["ours(reference)+compile"]["peak_memory_mib"] is not None

@@ -128,15 +128,15 @@ def test_tiny_run_writes_the_report_and_the_figure(gpu_check, tmp_path: Path) ->
     }
     (training,) = report["training"]
     assert len(training["losses"]) == training["steps"] and training["last_loss"] < training["first_loss"] / 3
-    variants = {(r["model"], r["variant"], r["mode"]) for r in report["throughput"]}
+    implementations = {(r["model"], r["implementation"], r["mode"]) for r in report["throughput"]}
     ours = {f"ours({impl})" for impl in ("auto", "reference", "fused", "compiled")}
-    assert variants == {("sequencer2d_tiny", v, mode) for v in ours for mode in ("train", "infer")} | {
+    assert implementations == {("sequencer2d_tiny", v, mode) for v in ours for mode in ("train", "infer")} | {
         (peer, "timm", mode) for peer in ("test_vit", "test_convnext") for mode in ("train", "infer")
     }
     for r in report["throughput"] + report["memory_vs_resolution"]:
         assert r["images_per_s"] > 0 and r["peak_memory_mib"] is None  # GPU memory only
     assert sorted({r["resolution"] for r in report["memory_vs_resolution"]}) == [32, 48]
-    assert {(r["variant"], r["passes"]) for r in report["candidate"]} == {
+    assert {(r["implementation"], r["passes"]) for r in report["candidate"]} == {
         (v, p) for v in ("two calls (reference)", "one block-diagonal call") for p in ("forward", "forward+backward")
     }
     profile = report["profile"]

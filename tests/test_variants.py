@@ -40,7 +40,7 @@ def sure_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def variants_root(make_image_tree, tmp_path: Path) -> Path:
+def test_sets_root(make_image_tree, tmp_path: Path) -> Path:
     """ImageNet val (ReaL file names), -A, -V2 and two -C corruptions under their released names; no -R, -Sketch."""
     synsets = imagenet_synsets()
     root = tmp_path / "datasets"
@@ -65,14 +65,14 @@ def read_rows(path: Path) -> dict[str, dict[str, str]]:
 
 
 def test_suite_scores_each_dataset_found_and_names_the_missing(
-    run_cli, tmp_path: Path, variants_root: Path, sure_checkpoint: Path, capsys: pytest.CaptureFixture
+    run_cli, tmp_path: Path, test_sets_root: Path, sure_checkpoint: Path, capsys: pytest.CaptureFixture
 ) -> None:
     real = tmp_path / "real.json"
     # Val images 1-2 are of class 3 (one also lists SURE), 3 has no ReaL label, 4 is SURE: ReaL top-1 2 of 3.
     real.write_text(json.dumps([[3], [3, SURE], [], [SURE]]))
     out = tmp_path / "out"
     command = (
-        f"variants {variants_root} --model sequencer2d_tiny --checkpoint {sure_checkpoint} --real-labels {real} "
+        f"variants {test_sets_root} --model sequencer2d_tiny --checkpoint {sure_checkpoint} --real-labels {real} "
         f"--input-size 3 32 32 -b 2 -j 0 --out {out}"
     )
     assert run_cli(command) == 0
@@ -95,13 +95,13 @@ def test_suite_scores_each_dataset_found_and_names_the_missing(
 
 
 def test_variants_in_python_scores_the_folders_named_and_returns_rows_and_the_missing(
-    tmp_path: Path, variants_root: Path, sure_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, test_sets_root: Path, sure_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     rows, missing = variants(
-        imagenet_a=variants_root / "imagenet-a",
-        imagenetv2=variants_root / "imagenetv2-matched-frequency-format-val",
+        imagenet_a=test_sets_root / "imagenet-a",
+        imagenetv2=test_sets_root / "imagenetv2-matched-frequency-format-val",
         model="sequencer2d_tiny",
         checkpoint=sure_checkpoint,
         input_size=(3, 32, 32),
@@ -121,9 +121,9 @@ def test_variants_in_python_scores_the_folders_named_and_returns_rows_and_the_mi
 
 
 def test_suite_mce_when_every_severity_is_present_and_the_flags_override_root(
-    make_image_tree, run_cli, tmp_path: Path, variants_root: Path, sure_checkpoint: Path
+    make_image_tree, run_cli, tmp_path: Path, test_sets_root: Path, sure_checkpoint: Path
 ) -> None:
-    corrupted = variants_root / "imagenet-c"
+    corrupted = test_sets_root / "imagenet-c"
     for severity in range(2, 6):
         images(make_image_tree, corrupted / "snow" / str(severity) / imagenet_synsets()[SURE], 1)
     (corrupted / "snow" / "1" / imagenet_synsets()[2] / "0.JPEG").unlink()
@@ -142,14 +142,14 @@ def test_suite_mce_when_every_severity_is_present_and_the_flags_override_root(
     assert float(rows["ImageNet-Sketch"]["value"]) == 100.0 and rows["ImageNet-A"]["value"] == ""
 
 
-def test_suite_errors_are_one_line_before_any_work(assert_refused, tmp_path: Path, variants_root: Path) -> None:
+def test_suite_errors_are_one_line_before_any_work(assert_refused, tmp_path: Path, test_sets_root: Path) -> None:
     out = tmp_path / "o"
     empty = tmp_path / "empty"
     match = r"error: no dataset found: ImageNet-ReaL \(looked for"
     assert_refused("variants", empty, "--model", "sequencer2d_tiny", "--out", out, match=match, absent=[out])
     three = tmp_path / "three.safetensors"
     save_weights(create_model("sequencer2d_tiny", num_classes=3), three)
-    command = f"variants {variants_root} --model sequencer2d_tiny --checkpoint {three} --out {out}"
+    command = f"variants {test_sets_root} --model sequencer2d_tiny --checkpoint {three} --out {out}"
     assert_refused(command, match="need a 1000-class model; sequencer2d_tiny has 3", absent=[out])
 
 
@@ -163,21 +163,21 @@ def without_imagecorruptions(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_robustness_without_its_extra_names_the_install_command(
-    assert_refused, tmp_path: Path, variants_root: Path, checkpoint: Path, without_imagecorruptions
+    assert_refused, tmp_path: Path, test_sets_root: Path, checkpoint: Path, without_imagecorruptions
 ) -> None:
     out = tmp_path / "rob"
-    command = f"robustness {variants_root / 'imagenet'} --model sequencer2d_tiny --checkpoint {checkpoint} --out {out}"
+    command = f"robustness {test_sets_root / 'imagenet'} --model sequencer2d_tiny --checkpoint {checkpoint} --out {out}"
     match = r'error: the ImageNet-C corruptions need the imagecorruptions.*pip install "sequencer\[robustness\]"$'
     assert_refused(command, match=match, absent=[out])
 
 
 @pytest.mark.slow
 def test_two_processes_share_every_dataset_and_write_what_one_process_does(
-    run_cli, torchrun, tmp_path: Path, variants_root: Path, sure_checkpoint: Path
+    run_cli, torchrun, tmp_path: Path, test_sets_root: Path, sure_checkpoint: Path
 ) -> None:
     real = tmp_path / "real.json"
     real.write_text(json.dumps([[3], [3, SURE], [], [SURE]]))
-    flags = [str(variants_root), "--model", "sequencer2d_tiny", "--checkpoint", str(sure_checkpoint)]
+    flags = [str(test_sets_root), "--model", "sequencer2d_tiny", "--checkpoint", str(sure_checkpoint)]
     flags += ["--real-labels", str(real), "--input-size", "3", "32", "32", "-b", "2", "-j", "0", "--device", "cpu"]
     assert run_cli("variants", *flags, "--out", tmp_path / "one") == 0
     launch = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint"]

@@ -26,7 +26,6 @@ first step allocates once (oneDNN's caches, say), which the eager figures includ
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import os
@@ -52,7 +51,9 @@ from sequencer.choices import BENCH_MODES, BENCH_PRECISIONS, BENCH_RUNTIMES, ONN
 from sequencer.config import flag_values
 from sequencer.deploy import OnnxModel, export, load_onnx, quantize_onnx, require_onnx_packages
 from sequencer.errors import UsageError
+from sequencer.files import write_csv
 from sequencer.model import list_models
+from sequencer.plotting import new_figure, save_figure
 from sequencer.runtime import autocast, compile_model, native_bfloat16_cpu, resolve_device, set_threads
 
 # What a subject runs: a PyTorch module (compiled or not) or an exported file in onnxruntime.
@@ -384,7 +385,7 @@ def measure_setting(
         ran = dict(asdict(setting), precision="int8" if subject.runtime == "onnxruntime-int8" else setting.precision)
         records.append(
             dict(
-                variant=subject.label,
+                implementation=subject.label,
                 **asdict(subject),
                 **ran,
                 images_per_s=setting.batch_size / median,
@@ -421,7 +422,7 @@ def _synchronize(device: torch.device) -> None:
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
     """Ours against timm's twin (not checkpointed) and against our reference path, for speed and memory."""
-    by_label = {(r["model"], r["variant"]): r for r in records}
+    by_label = {(r["model"], r["implementation"]): r for r in records}
     for record in records:
         if record["source"] != "ours":
             continue
@@ -437,7 +438,7 @@ def print_table(setting: Setting, records: list[dict[str, Any]]) -> None:
     print(f"\n{setting.mode} {setting.precision} {setting.resolution}px batch {setting.batch_size}")
     width = max(len(r["model"]) for r in records)
     print(
-        f"  {'model':<{width}} {'variant':<24} {'img/s':>9} {'vs timm':>8} {'vs ref':>7} {'peak MiB':>9} "
+        f"  {'model':<{width}} {'implementation':<24} {'img/s':>9} {'vs timm':>8} {'vs ref':>7} {'peak MiB':>9} "
         f"{'vs timm':>8} {'vs ref':>7}"
     )
 
@@ -447,9 +448,11 @@ def print_table(setting: Setting, records: list[dict[str, Any]]) -> None:
     for r in records:
         peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] else "-"
         # A row computed in another precision than the block's (the int8 file) says so.
-        variant = r["variant"] if r["precision"] == setting.precision else f"{r['variant']} ({r['precision']})"
+        implementation = r["implementation"]
+        if r["precision"] != setting.precision:
+            implementation += f" ({r['precision']})"
         print(
-            f"  {r['model']:<{width}} {variant:<24} {r['images_per_s']:>9.2f} "
+            f"  {r['model']:<{width}} {implementation:<24} {r['images_per_s']:>9.2f} "
             f"{ratio(r.get('speed_vs_timm')):>8} {ratio(r.get('speed_vs_reference')):>7} {peak:>9} "
             f"{ratio(r.get('memory_vs_timm')):>8} {ratio(r.get('memory_vs_reference')):>7}"
         )
@@ -471,11 +474,7 @@ def write_outputs(records: list[dict[str, Any]], output: str | os.PathLike, devi
         onnxruntime=_onnxruntime_version(records),
     )
     output.with_suffix(".json").write_text(json.dumps(dict(environment=environment, results=records), indent=1))
-    columns = [key for key in records[0] if key != "step_ms_all"] if records else []
-    with output.with_suffix(".csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(records, output.with_suffix(".csv"), [key for key in records[0] if key != "step_ms_all"])
     several_sizes = len({r["resolution"] for r in records}) > 1
     (plot_against_resolution if several_sizes else plot_side_by_side)(records, output.with_suffix(".png"))
     print(f"\nwrote {', '.join(str(output.with_suffix(suffix)) for suffix in ('.json', '.csv', '.png'))}")
@@ -483,29 +482,18 @@ def write_outputs(records: list[dict[str, Any]], output: str | os.PathLike, devi
 
 def _curve_label(record: dict[str, Any]) -> str:
     """How a plot names the measurements of one subject at one batch size and precision."""
-    name = f"timm {record['model']}" if record["source"] == "timm" else f"{record['model']} {record['variant']}"
+    name = f"timm {record['model']}" if record["source"] == "timm" else f"{record['model']} {record['implementation']}"
     return f"{name}, batch {record['batch_size']}, {record['precision']}"
 
 
 def plot_side_by_side(records: list[dict[str, Any]], path: Path) -> None:
     """Peak memory (when measured) and images/s of every subject at the one resolution, as bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     modes = sorted({r["mode"] for r in records}, key=BENCH_MODES.index)
     panels = [("images_per_s", "images / s")]
     if any(r["peak_memory_mib"] for r in records):
         panels.insert(0, ("peak_memory_mib", "peak memory (MiB)"))
     rows = max(sum(r["mode"] == mode for r in records) for mode in modes)
-    figure, axes = plt.subplots(
-        len(modes),
-        len(panels),
-        figsize=(6 * len(panels) + 3, (0.4 * rows + 1.2) * len(modes)),
-        squeeze=False,
-        layout="constrained",
-    )
+    figure, axes = new_figure(len(modes), len(panels), size=(6 * len(panels) + 3, (0.4 * rows + 1.2) * len(modes)))
     for row, mode in enumerate(modes):
         points = [r for r in records if r["mode"] == mode]
         labels = [_curve_label(r) for r in points]
@@ -521,23 +509,16 @@ def plot_side_by_side(records: list[dict[str, Any]], path: Path) -> None:
             ax.grid(alpha=0.3, axis="x")
             if column:
                 ax.set_yticklabels([])
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
     """Peak memory and images/s against input size, one line per subject (the paper's memory figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
 
     modes = sorted({r["mode"] for r in records}, key=BENCH_MODES.index)
     resolutions = sorted({r["resolution"] for r in records})
-    figure, axes = plt.subplots(
-        len(modes), 2, figsize=(11, 3.6 * len(modes) + 1.2), squeeze=False, layout="constrained"
-    )
+    figure, axes = new_figure(len(modes), 2, size=(11, 3.6 * len(modes) + 1.2))
     for row, mode in enumerate(modes):
         lines: dict[str, list[dict[str, Any]]] = {}
         for r in records:
@@ -561,8 +542,7 @@ def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
             ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0][1].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def _onnxruntime_version(records: list[dict[str, Any]]) -> str | None:

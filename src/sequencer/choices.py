@@ -58,8 +58,8 @@ CORRUPTION_FAMILIES = {
 CORRUPTIONS = tuple(name for names in CORRUPTION_FAMILIES.values() for name in names)
 SEVERITIES = (1, 2, 3, 4, 5)
 
-# variants: dataset key (see sequencer.analysis.variants.TEST_SETS) -> the flag naming its folder, and what it holds;
-# and the folder names each one is looked for under ROOT, the first found taken.
+# The ImageNet test sets of `sequencer variants`: key (see sequencer.analysis.variants.TEST_SETS) -> the flag naming
+# its folder, and what it holds; and the folder names each one is looked for under ROOT, the first found taken.
 DATASET_FLAGS = {
     "real": ("imagenet-val", "ImageNet val images, for ImageNet and ImageNet-ReaL"),
     "a": ("imagenet-a", "ImageNet-A"),

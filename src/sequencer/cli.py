@@ -30,7 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "erf": ("sequencer.analysis.erf", "effective receptive field maps per stage"),
     "resolution": ("sequencer.analysis.resolution", "top-1 against inference resolution"),
     "robustness": ("sequencer.analysis.robustness", "accuracy under ImageNet-C corruptions, mCE"),
-    "variants": ("sequencer.analysis.variants", "top-1 on ImageNet-ReaL/-A/-R/-Sketch/-V2/-C beside published figures"),
+    "variants": (
+        "sequencer.analysis.variants",
+        "top-1 on the ImageNet test sets (variants of ImageNet: ReaL/-A/-R/-Sketch/-V2/-C) beside published figures",
+    ),
 }
 
 

@@ -31,8 +31,6 @@ from sequencer.builder import create_model
 from sequencer.errors import UsageError
 from sequencer.model import SequencerFeatures
 
-POOL_LEVEL = "pool"  # the name torchvision's LastLevelMaxPool gives its level
-
 
 class SequencerFPN(nn.Module):
     """Stage maps of a Sequencer, resampled to power-of-two strides, through a feature pyramid network.

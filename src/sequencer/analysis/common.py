@@ -1,4 +1,4 @@
-"""What the analysis commands share: building our models or timm's from a name, and writing tables and figures."""
+"""What the analysis commands share: building our models or timm's from a name, and choosing their images."""
 
 from __future__ import annotations
 
@@ -119,19 +119,3 @@ def evenly_spaced_subset(dataset: Dataset, limit: int | None) -> Dataset:
     if limit < 1:
         raise UsageError(f"--limit must be a positive number of images, got {limit}")
     return Subset(dataset, np.unique(np.linspace(0, len(dataset) - 1, limit).round().astype(int)).tolist())
-
-
-def new_figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (6.4, 4.8), **kwargs: Any) -> tuple[Any, Any]:
-    """A matplotlib Figure and its axes, built without pyplot so that no GUI backend or global state is touched."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    return fig, fig.subplots(rows, cols, squeeze=False, **kwargs)
-
-
-def save_figure(fig: Any, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure as a 150-dpi PNG, creating its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    return path

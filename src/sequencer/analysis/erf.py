@@ -30,14 +30,13 @@ from sequencer.analysis.common import (
     evenly_spaced_subset,
     model_labels,
     model_of,
-    new_figure,
     parse_model_spec,
-    save_figure,
 )
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, data_config
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
 from sequencer.model import Sequencer, route
+from sequencer.plotting import new_figure, save_figure
 from sequencer.runtime import progress_bar, resolve_device, set_threads
 
 _logger = logging.getLogger(__name__)

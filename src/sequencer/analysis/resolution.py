@@ -19,15 +19,14 @@ from sequencer.analysis.common import (
     check_model_specs,
     model_labels,
     model_of,
-    new_figure,
     parse_model_spec,
-    save_figure,
     training_size,
 )
 from sequencer.config import input_overrides
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, map_classes
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
+from sequencer.plotting import new_figure, save_figure
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
 

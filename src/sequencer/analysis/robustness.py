@@ -35,8 +35,6 @@ from sequencer.analysis.common import (
     check_model_specs,
     evenly_spaced_subset,
     model_of,
-    new_figure,
-    save_figure,
 )
 from sequencer.choices import CORRUPTION_FAMILIES, CORRUPTIONS, SEVERITIES
 from sequencer.config import InputOverrides, RecordedModelSource, Runtime, flag_values, input_overrides, takes_groups
@@ -44,6 +42,7 @@ from sequencer.data import build_dataset, create_loader, create_transform, data_
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import MissingDependencyError, UsageError
 from sequencer.files import write_csv
+from sequencer.plotting import new_figure, save_figure
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import evaluate
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from sequencer.analysis.common import new_figure, save_figure
 from sequencer.analysis.complexity import count_macs
 from sequencer.builder import create_model
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
 from sequencer.model import ALIASES, VARIANTS, count_parameters, list_models
+from sequencer.plotting import new_figure, save_figure
 from sequencer.runtime import progress_bar
 
 COLUMNS = ("model", "params_m", "gmacs", "img_size", "params", "macs")

@@ -26,8 +26,6 @@ from sequencer.analysis.common import (
     check_model_specs,
     evenly_spaced_subset,
     model_of,
-    new_figure,
-    save_figure,
 )
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, corruption_error
 from sequencer.choices import CORRUPTIONS, DATASET_FLAGS, DATASET_FOLDERS, SEVERITIES
@@ -36,6 +34,7 @@ from sequencer.data import build_dataset, create_loader, create_transform, map_c
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
+from sequencer.plotting import new_figure, save_figure
 from sequencer.runtime import resolve_device, set_threads
 from sequencer.validate import WithRealLabels, check_targets_within, evaluate, load_real_labels, load_valid_classes
 
@@ -67,10 +66,10 @@ TEST_SETS = (
 )
 
 
-def find_datasets(
+def find_test_sets(
     root: str | os.PathLike | None, overrides: dict[str, str | os.PathLike | None]
 ) -> tuple[dict[str, Path], list[str]]:
-    """The folder of each dataset (its flag's, else the first usual name under ROOT) and the titles not found."""
+    """The folder of each test set (its flag's, else the first usual name under ROOT) and the titles not found."""
     if not root and not any(overrides.values()):
         flags = ", ".join(f"--{flag}" for flag, _ in DATASET_FLAGS.values())
         raise UsageError(f"name ROOT, the folder holding the datasets, or their folders with {flags}")
@@ -147,7 +146,7 @@ def variants(
     set_threads(runtime.threads)
     context = context or DistributedContext(0, 1, resolve_device(runtime.device))
     flagged = dict(real=imagenet_val, a=imagenet_a, r=imagenet_r, sketch=imagenet_sketch, v2=imagenetv2, c=imagenet_c)
-    found, missing = find_datasets(root, flagged)
+    found, missing = find_test_sets(root, flagged)
     checkpoint = os.fspath(source.checkpoint) if source.checkpoint else ""
     model = model_of(source.model, checkpoint, source.unsafe_load)
     check_model_specs([(model, checkpoint)])
@@ -159,15 +158,15 @@ def variants(
     transform = create_transform(network, train=False, **input_overrides(preprocess))
     # Every folder is read and labelled first, so a wrong tree fails before any evaluation.
     real = load_real_labels(real_labels or None) if "real" in found else None
-    datasets = {
+    test_sets = {
         key: _load(folder, transform, limit, real if key == "real" else None)
         for key, folder in found.items()
         if key != "c"
     }
     valid_classes = {t.key: load_valid_classes(t.valid_labels, 1000) for t in TEST_SETS if t.valid_labels}
     for key, valid in valid_classes.items():
-        if key in datasets:
-            check_targets_within(getattr(datasets[key], "dataset", datasets[key]), valid)
+        if key in test_sets:
+            check_targets_within(getattr(test_sets[key], "dataset", test_sets[key]), valid)
     corrupted = {}
     if "c" in found:
         corrupted = {k: _load(f, transform, limit) for k, f in corruption_folders(found["c"]).items()}
@@ -189,7 +188,7 @@ def variants(
         )
 
     results = {}
-    for key, dataset in datasets.items():
+    for key, dataset in test_sets.items():
         title = next(t.title for t in TEST_SETS if t.key == key)
         metrics = score(dataset, title, valid_classes.get(key))
         if key == "real":
@@ -252,7 +251,7 @@ def _imagenet_c(
 
 
 def _rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One CSV row per dataset, found or not, with the published S / M / L figures beside ours."""
+    """One CSV row per test set, found or not, with the published S / M / L figures beside ours."""
     rows = []
     for test_set in TEST_SETS:
         result = results.get(test_set.key)
@@ -274,7 +273,7 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_test_sets(rows: list[dict[str, Any]], label: str, path: str | Path) -> Path:
-    """Grouped bars: the model's top-1 on each dataset found, beside the published S / M / L figures (and the mCE)."""
+    """Grouped bars: the model's top-1 on each test set found, beside the published S / M / L figures (and the mCE)."""
     top1 = [r for r in rows if r["value"] != "" and r["dataset"] != "ImageNet-C"]
     c_row = next((r for r in rows if r["value"] != "" and r["dataset"] == "ImageNet-C"), None)
     fig, axes = new_figure(

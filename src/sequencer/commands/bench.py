@@ -3,8 +3,8 @@
 Every model is measured at each resolution, batch size and precision asked for, in two modes: "infer" (a forward
 pass under no_grad) and "train" (forward, cross-entropy, backward, AdamW step). Our models run once per --impls
 entry (rnn_impl); timm's sequencer2d_* twin carries the same weights (its logits are checked against ours before
-anything is timed); other names are timm models. The variants of one setting are timed round-robin in one process
-(median step); peak memory is measured in a fresh subprocess per variant and setting.
+anything is timed); other names are timm models. The implementations of one setting are timed round-robin in one
+process (median step); peak memory is measured in a fresh subprocess per implementation and setting.
 """
 
 from __future__ import annotations

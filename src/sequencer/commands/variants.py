@@ -1,4 +1,5 @@
-"""Top-1 on the ImageNet variants found under one root (ReaL, -A, -R, -Sketch, -V2, -C), beside the published figures.
+"""Top-1 on the ImageNet test sets (variants of ImageNet: ReaL, -A, -R, -Sketch, -V2, -C) found under one root, beside
+the published figures.
 
 Each dataset is read from its released folder, found under ROOT by its usual name or named by its own flag. Class
 folders named by WordNet id or number take their ImageNet-1k index; ImageNet-A and -R are scored on their 200 classes,
@@ -20,7 +21,7 @@ ROOT_HELP = "folder holding the datasets under their usual names, the first one 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """ROOT, one flag per dataset, --real-labels, --limit, --out, model, input and runtime options."""
+    """ROOT, one flag per test set, --real-labels, --limit, --out, model, input and runtime options."""
     parser.add_argument("root", nargs="?", default=None, help=ROOT_HELP)
     group = parser.add_argument_group("datasets (each overrides the folder found under ROOT)")
     for flag, holds in DATASET_FLAGS.values():
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ImageNet-ReaL labels (JSON list, one entry per val image); default: timm's packaged file",
     )
     parser.add_argument(
-        "--limit", type=bounded(int, min=1), default=None, help="at most N images per dataset (and per -C folder)"
+        "--limit", type=bounded(int, min=1), default=None, help="at most N images per test set (and per -C folder)"
     )
     add_output_option(parser, "results/variants", "output folder (variants.csv, variants.png)", "--out", kind="folder")
     add_model_options(parser)
