@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -16,8 +18,42 @@ from sequencer import train as train_module
 from sequencer.checkpoint import read_file
 from sequencer.cli import build_parser
 from sequencer.distributed import process_group
+from sequencer.errors import UsageError
+from sequencer.train_config import TrainConfig
 
-FLAGS = Path(__file__).parent / "data" / "timm_train_flags.txt"
+# timm's train.py flags: option strings, dest, default, group (NaFlex and distillation among them).
+FLAGS = [
+    line.split("\t")
+    for line in (Path(__file__).parent / "data" / "timm_train_flags.tsv").read_text().splitlines()
+    if not line.startswith("#")
+]
+TIMM_ONLY = ("naflex", "kd_", "distill_loss_weight", "task_loss_weight")
+# Defaults that are deliberately not timm 1.0's: the data-dependent ones (None: the digits demo's or the authors'
+# train.py's, timm 0.5.4), and those of a model that is not timm's (its input channels, drop path).
+OWN_DEFAULTS = {
+    "model",
+    "in_chans",
+    "batch_size",
+    "device",
+    "amp_dtype",
+    "opt",
+    "weight_decay",
+    "sched_on_updates",
+    "warmup_lr",
+    "min_lr",
+    "epochs",
+    "decay_epochs",
+    "warmup_epochs",
+    "cooldown_epochs",
+    "scale",
+    "hflip",
+    "color_jitter",
+    "train_interpolation",
+    "drop_path",
+    "workers",
+    "model_kwargs",
+    "opt_kwargs",
+}
 TINY = "--model sequencer2d_tiny --img-size 16 -j 0 --threads 1 --no-progress --cooldown-epochs 0 --warmup-epochs 0"
 
 
@@ -26,14 +62,32 @@ def data_root(make_image_tree, tmp_path_factory: pytest.TempPathFactory) -> Path
     return make_image_tree(tmp_path_factory.mktemp("data"), classes=3, per_class=8)
 
 
-def test_every_timm_train_flag_is_accepted_and_errors_name_the_subcommand(run_cli, capsys) -> None:
-    lines = [line for line in FLAGS.read_text().splitlines() if not line.startswith("#")]
-    ours = {
-        name for action in build_parser("train").command_parsers["train"]._actions for name in action.option_strings
+def test_every_timm_train_flag_is_accepted_with_timm_s_default_and_errors_name_the_subcommand(
+    run_cli, capsys, tmp_path: Path
+) -> None:
+    parser = build_parser("train").command_parsers["train"]
+    ours = {name for action in parser._actions for name in action.option_strings} | {"data"}
+    wanted = [row for row in FLAGS if not row[1].startswith(TIMM_ONLY)]
+    assert (len(FLAGS), len(wanted)) == (164, 149)
+    assert [row[0] for row in wanted if not set(row[0].split(",")) <= ours] == []
+    defaults = TrainConfig().as_dict()
+    dest = {
+        name.lstrip("-").replace("-", "_"): action.dest for action in parser._actions for name in action.option_strings
     }
-    ours.add("data")
-    missing = [line for line in lines if not set(line.split(",")) <= ours]
-    assert (len(lines), missing) == (149, [])
+    differing = {
+        row[1]
+        for row in wanted
+        if row[1] not in ("config", "data") and defaults[dest.get(row[1], row[1])] != ast.literal_eval(row[2])
+    }
+    assert differing == OWN_DEFAULTS
+    # timm's own args.yaml, every option at its default (NaFlex and distillation too), reads back as a config.
+    timm_yaml = {row[1]: ast.literal_eval(row[2]) for row in FLAGS if row[1] != "config"}
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump({**timm_yaml, "data": "/d", "initial_checkpoint": "w.pth"}))
+    config = TrainConfig.from_yaml(str(tmp_path / "args.yaml"))
+    assert (config.checkpoint, config.model, config.patience_epochs) == ("w.pth", "resnet50", 10)
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump({"naflex_loader": True}))
+    with pytest.raises(UsageError, match="sets options this command does not have: naflex_loader"):
+        TrainConfig.from_yaml(str(tmp_path / "args.yaml"))
     assert run_cli("train", "--no-such-flag") == 2
     assert capsys.readouterr().err.strip() == "sequencer train: error: unrecognized arguments: --no-such-flag"
 

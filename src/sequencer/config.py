@@ -144,7 +144,7 @@ def add_fields(
 
 
 @functools.cache
-def _parser_of(config: type) -> argparse.ArgumentParser:
+def parser_of(config: type) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     add_fields(parser, config)
     return parser
@@ -155,7 +155,7 @@ class FlagFields:
     its flag's type, count and choices as the command line's text is, and refused with the same `UsageError`."""
 
     def __post_init__(self) -> None:
-        parser = _parser_of(type(self))
+        parser = parser_of(type(self))
         actions = {action.dest: action for action in parser._actions}
         for item in fields(self):  # type: ignore[arg-type]
             value = getattr(self, item.name)
@@ -409,8 +409,41 @@ def as_parsed(parser: argparse.ArgumentParser, action: argparse.Action, value: A
     return value
 
 
-def read_config_file(path: str, known: set[str]) -> dict[str, Any]:
-    """The options a YAML file sets (a run's args.yaml, timm's too), refused in one line unless all are `known`."""
+# What timm's train.py writes into args.yaml for its NaFlex and distillation options, which Sequencer does not have:
+# read back at these values they are left out; set otherwise, refused.
+TIMM_ONLY_DEFAULTS: dict[str, Any] = {
+    "naflex_loader": False,
+    "naflex_train_seq_lens": [128, 256, 576, 784, 1024],
+    "naflex_max_seq_len": 576,
+    "naflex_patch_sizes": None,
+    "naflex_patch_size_probs": None,
+    "naflex_loss_scale": "linear",
+    "kd_model_name": None,
+    "kd_distill_type": "logit",
+    "kd_loss_type": "kl",
+    "distill_loss_weight": None,
+    "task_loss_weight": None,
+    "kd_temperature": 4.0,
+    "kd_student_feature_dim": None,
+    "kd_teacher_feature_dim": None,
+    "kd_token_distill_type": "soft",
+}
+
+
+def option_names(actions: list[argparse.Action]) -> dict[str, str]:
+    """Each name a config file may give an option (its dest, or any of its flags spelt as a dest: timm's args.yaml
+    says initial_checkpoint for our checkpoint) -> its dest."""
+    names = {}
+    for action in actions:
+        for flag in action.option_strings:
+            names[flag.lstrip("-").replace("-", "_")] = action.dest
+        names[action.dest] = action.dest
+    return names
+
+
+def read_config_file(path: str, names: dict[str, str]) -> dict[str, Any]:
+    """The options a YAML file sets (a run's args.yaml, timm's too) by dest; refused in one line unless `names`
+    (`option_names`) has them all."""
     import yaml
 
     try:
@@ -420,11 +453,15 @@ def read_config_file(path: str, known: set[str]) -> dict[str, Any]:
         raise UsageError(f"cannot read --config {path}: {error}") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path} must hold a mapping of option names to values")
-    values = {key: value for key, value in values.items() if key not in ("command", "config")}
-    unknown = sorted(set(values) - known)
+    values = {
+        key: value
+        for key, value in values.items()
+        if key not in ("command", "config") and not (key in TIMM_ONLY_DEFAULTS and TIMM_ONLY_DEFAULTS[key] == value)
+    }
+    unknown = sorted(set(values) - set(names))
     if unknown:
         raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
-    return values
+    return {names[key]: value for key, value in values.items()}
 
 
 def takes_groups(**groups: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -16,6 +16,7 @@ from sequencer.config import (
     Runtime,
     add_fields,
     as_parsed,
+    option_names,
     read_config_file,
     writable_path,
 )
@@ -101,7 +102,7 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
 
 def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
     """Make the flags a YAML file sets (a run's args.yaml, say) the parser's defaults: the command line still wins."""
-    values = read_config_file(path, {action.dest for action in parser._actions})
+    values = read_config_file(path, option_names(parser._actions))
     actions = {action.dest: action for action in parser._actions}
     try:
         checked = {key: as_parsed(parser, actions[key], value) for key, value in values.items()}

@@ -38,6 +38,8 @@ from sequencer.config import (
     add_fields,
     bounded,
     option,
+    option_names,
+    parser_of,
     read_config_file,
     writable_path,
 )
@@ -749,7 +751,7 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     @classmethod
     def from_yaml(cls, path: str) -> TrainConfig:
         """The config an args.yaml (or any YAML mapping of fields) holds, the fields it leaves out at their defaults."""
-        return cls(**read_config_file(path, {item.name for item in fields(cls)}), config=path)
+        return cls(**read_config_file(path, option_names(parser_of(cls)._actions)), config=path)
 
     def with_recipe(self) -> TrainConfig:
         """The data-dependent defaults (None) filled in: the digits demo's without DATA, the authors' with it."""
