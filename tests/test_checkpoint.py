@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
 from PIL import Image
@@ -300,3 +301,25 @@ def test_every_command_refuses_a_hostile_checkpoint_in_one_line(assert_refused, 
     Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "red.png")
     argv = command.format(images=images, ckpt=path, out=tmp_path / "out").split()
     assert_refused(*argv, match="refused", absent=[marker, tmp_path / "out"])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "validate {data} -b 4 -j 0",
+        "resolution {data} --sizes 32,24 -b 4 -j 0 --out {out}",
+        "erf --num-images 2 -b 2 --out {out}",
+    ],
+)
+def test_a_command_reads_its_checkpoint_once(
+    run_cli, make_image_tree, tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    # The model's name, classes, trained input and weights all come from one read of the file, passed on.
+    data = make_image_tree(tmp_path / "data", classes=3, per_class=2, size=32, splits=("val",))
+    weights = tmp_path / "tiny.safetensors"
+    sequencer.save_weights(tiny_model(3), weights)
+    reads: list[Path] = []
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, **kw: reads.append(Path(path)) or real(path, **kw))
+    assert run_cli(command.format(data=data, out=tmp_path / "out"), "--checkpoint", weights) == 0
+    assert reads == [weights]

@@ -40,15 +40,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.utils import save_image
 
 from sequencer.average import EPOCH_CHECKPOINT
-from sequencer.builder import create_model, model_config
-from sequencer.checkpoint import (
-    RECORD_INPUT_KEYS,
-    RECORD_KEY,
-    atomic_save,
-    load_pretrained,
-    read_file,
-    record_of,
-)
+from sequencer.builder import create_model, load_pretrained, model_config
+from sequencer.checkpoint import RECORD_INPUT_KEYS, RECORD_KEY, atomic_save, read_file, record_of
 from sequencer.choices import SCHEDULERS
 from sequencer.config import input_overrides
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, unused_data_flags

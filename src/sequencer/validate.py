@@ -20,8 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.datasets import ImageFolder
 
-from sequencer.builder import load_model, resolve_model_name
-from sequencer.checkpoint import open_checkpoint
+from sequencer.builder import load_model, resolve_source
 from sequencer.config import flag_values
 from sequencer.data import (
     build_dataset,
@@ -285,8 +284,7 @@ def validate(
     (torchrun's, from `sequencer.distributed.process_group`); none: this process alone, on `device`. `progress`
     draws a progress bar on a terminal (rank 0's).
     """
-    if model:
-        resolve_model_name(model)  # before the data is read
+    model, opened = resolve_source(model, checkpoint, use_ema, unsafe_load)  # before the data is read; passed on
     context = context or DistributedContext(0, 1, resolve_device(device))
     device = context.device
     if amp and context.is_primary:
@@ -294,7 +292,6 @@ def validate(
     root = os.fspath(data or data_dir) if data or data_dir else None
     name = dataset or root
     checkpoint = os.fspath(checkpoint) if checkpoint else ""
-    opened = open_checkpoint(checkpoint, use_ema, unsafe_load) if checkpoint else None
     # What is asked goes over the model's preprocessing, which holds the input a training checkpoint was trained at.
     asked = dict(
         input_size=input_size, img_size=img_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation
@@ -314,7 +311,6 @@ def validate(
             raise UsageError("--real-labels needs a 1000-class model and the ImageNet val folder")
         eval_set = WithRealLabels(eval_set, load_real_labels(real_labels), num_classes)
     network = load_model(model, opened, num_classes, in_chans)
-    model = model or network.model_name
     config = data_config(network, **asked)
     check_image_input_fits(network, config["input_size"])
     eval_set.transform = create_transform(network, train=False, **asked)

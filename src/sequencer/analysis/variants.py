@@ -157,8 +157,7 @@ def variants(
     context = context or DistributedContext(0, 1, resolve_device(device))
     flagged = dict(real=imagenet_val, a=imagenet_a, r=imagenet_r, sketch=imagenet_sketch, v2=imagenetv2, c=imagenet_c)
     found, missing = find_datasets(root, flagged)
-    checkpoint = os.fspath(checkpoint) if checkpoint else ""
-    model = model_of(model, checkpoint, unsafe_load)
+    model, checkpoint = model_of(model, checkpoint, use_ema, unsafe_load)  # opened once, built from
     check_model_specs([(model, checkpoint)])
     network = build_compared_model(model, checkpoint, num_classes=num_classes, use_ema=use_ema, unsafe_load=unsafe_load)
     if getattr(network, "num_classes", None) != 1000:
@@ -220,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     """`variants` with the flags; rank 0 writes variants.csv and variants.png and says which test sets were missing.
     Under torchrun each process evaluates its share of every test set."""
     set_threads(args.threads)
-    args.model = model_of(args.model, args.checkpoint, args.unsafe_load)  # named in the figure
+    args.model = args.model or model_of(None, args.checkpoint, args.use_ema, args.unsafe_load)[0]  # named in the figure
     with process_group(args.device) as context:
         rows, missing = variants(**flag_values(variants, args, context=context, progress=True))
     if not context.is_primary:
