@@ -303,6 +303,7 @@ def test_every_command_refuses_a_hostile_checkpoint_in_one_line(assert_refused, 
     assert_refused(*argv, match="refused", absent=[marker, tmp_path / "out"])
 
 
+@pytest.mark.parametrize("remote", [False, True], ids=["file", "hf-hub"])
 @pytest.mark.parametrize(
     "command",
     [
@@ -312,14 +313,28 @@ def test_every_command_refuses_a_hostile_checkpoint_in_one_line(assert_refused, 
     ],
 )
 def test_a_command_reads_its_checkpoint_once(
-    run_cli, make_image_tree, tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+    run_cli,
+    make_image_tree,
+    tiny_model,
+    fill_hub_cache,
+    offline_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    remote: bool,
 ) -> None:
-    # The model's name, classes, trained input and weights all come from one read of the file, passed on.
+    # The model's name, classes, trained input and weights all come from one read of the file, passed on; an
+    # hf-hub: checkpoint is fetched by the builder and read the same way, from the cache.
     data = make_image_tree(tmp_path / "data", classes=3, per_class=2, size=32, splits=("val",))
     weights = tmp_path / "tiny.safetensors"
     sequencer.save_weights(tiny_model(3), weights)
+    flags = ["--checkpoint", weights]
+    if remote:  # weights without a record: --model names them
+        fill_hub_cache(offline_cache, "someone/tiny", "model.safetensors", tiny_model(3).state_dict())
+        flags = ["--model", "sequencer2d_tiny", "--checkpoint", "hf-hub:someone/tiny"]
+        weights = next(offline_cache.rglob("model.safetensors"))
     reads: list[Path] = []
     real = safetensors.torch.load_file
     monkeypatch.setattr(safetensors.torch, "load_file", lambda path, **kw: reads.append(Path(path)) or real(path, **kw))
-    assert run_cli(command.format(data=data, out=tmp_path / "out"), "--checkpoint", weights) == 0
+    assert run_cli(command.format(data=data, out=tmp_path / "out"), *flags) == 0
     assert reads == [weights]

@@ -517,7 +517,7 @@ def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
                 head.bias.mul_(config.head_init_scale)
             if config.head_init_bias is not None:
                 head.bias.fill_(config.head_init_bias)
-    if not config.pretrained and (config.checkpoint or config.pretrained_path):
+    if config.checkpoint or config.pretrained_path:  # not with --pretrained: `check_config` refuses both
         source = config.checkpoint or config.pretrained_path
         load_pretrained(model, source, use_ema=config.use_ema, unsafe_load=config.unsafe_load)
     if config.grad_checkpointing:
