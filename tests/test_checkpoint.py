@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
 from PIL import Image
@@ -312,3 +313,40 @@ def test_a_safetensors_file_whose_header_length_starts_like_onnx_is_read_as_weig
     save_file(weights, path, metadata={"pad": "x" * ((8 - length) % 256)})
     assert path.read_bytes()[0] == 8
     assert torch.equal(extract_state_dict(read_file(path))["w"], weights["w"])
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["file", "hf-hub"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "validate {data} -b 4 -j 0",
+        "resolution {data} --sizes 32,24 -b 4 -j 0 --out {out}",
+        "erf --num-images 2 -b 2 --out {out}",
+    ],
+)
+def test_a_command_reads_its_checkpoint_once(
+    run_cli,
+    make_image_tree,
+    tiny_model,
+    fill_hub_cache,
+    offline_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    remote: bool,
+) -> None:
+    # The model's name, classes, trained input and weights all come from one read of the file, passed on; an
+    # hf-hub: checkpoint is fetched by the builder and read the same way, from the cache.
+    data = make_image_tree(tmp_path / "data", classes=3, per_class=2, size=32, splits=("val",))
+    weights = tmp_path / "tiny.safetensors"
+    sequencer.save_weights(tiny_model(3), weights)
+    flags = ["--checkpoint", weights]
+    if remote:  # weights without a record: --model names them
+        fill_hub_cache(offline_cache, "someone/tiny", "model.safetensors", tiny_model(3).state_dict())
+        flags = ["--model", "sequencer2d_tiny", "--checkpoint", "hf-hub:someone/tiny"]
+        weights = next(offline_cache.rglob("model.safetensors"))
+    reads: list[Path] = []
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, **kw: reads.append(Path(path)) or real(path, **kw))
+    assert run_cli(command.format(data=data, out=tmp_path / "out"), *flags) == 0
+    assert reads == [weights]

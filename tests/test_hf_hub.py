@@ -21,7 +21,7 @@ from PIL import Image
 
 import sequencer
 from sequencer import hub, model
-from sequencer.checkpoint import read_file
+from sequencer.builder import open_source
 from sequencer.errors import CheckpointError
 
 REPO = "timm/sequencer2d_tiny.in1k"
@@ -38,9 +38,9 @@ def test_hf_hub_weights_load_from_the_cache_offline(fill_hub_cache, tiny_model, 
     fill_hub_cache(offline_cache, REPO, "model.safetensors", reference.state_dict())
     for spec in (f"hf-hub:{REPO}", f"hf-hub:{REPO}@main"):
         assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=spec), reference)
-    # --checkpoint takes the same path: read_file resolves the spec to the cached file.
-    assert hub.download(f"hf-hub:{REPO}").startswith(str(offline_cache))
-    assert read_file(f"hf-hub:{REPO}").keys() == reference.state_dict().keys()
+    # --checkpoint takes the same path: the builder fetches the spec (the cached file) and checkpoint reads that.
+    assert hub.fetch(f"hf-hub:{REPO}").startswith(str(offline_cache))
+    assert open_source(f"hf-hub:{REPO}").state_dict.keys() == reference.state_dict().keys()
 
 
 def test_pytorch_model_bin_is_the_fallback(fill_hub_cache, tiny_model, offline_cache: Path) -> None:

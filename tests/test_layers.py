@@ -20,8 +20,9 @@ LOWER_LAYERS = {
     "sequencer.recurrence": {"sequencer.kernels.onednn"},
     "sequencer.model": {"sequencer.choices", "sequencer.errors", "sequencer.kernels.onednn", "sequencer.recurrence"},
     "sequencer.files": set(),
-    "sequencer.hub": {"sequencer.errors"},
-    "sequencer.checkpoint": {"sequencer.choices", "sequencer.errors", "sequencer.files", "sequencer.hub"},
+    # checkpoint reads local files only: fetching from the Hub or a URL is the builder's (through sequencer.hub).
+    "sequencer.checkpoint": {"sequencer.choices", "sequencer.errors", "sequencer.files"},
+    "sequencer.hub": {"sequencer.checkpoint", "sequencer.errors"},
     "sequencer.builder": {
         "sequencer.checkpoint",
         "sequencer.choices",

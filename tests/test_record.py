@@ -92,9 +92,10 @@ def test_every_reader_takes_the_record_of_a_weights_file(
     torch.export.load(exported.path, extra_files=stored)
     record = WeightsRecord.from_dict(json.loads(stored[CONFIG_FILE]))
     assert (record.model_name, record.num_classes, record.class_names, record.input_size) == reference["record"]
-    # The analyses (erf, resolution, robustness, variants) build through one function, from the file alone.
-    name = model_of(None, path)
-    model = build_compared_model(name, path)
+    # The analyses (erf, resolution, robustness, variants) build through one function, from the file alone (opened
+    # once: the name and the weights come from the same Checkpoint).
+    name, opened = model_of(None, path)
+    model = build_compared_model(name, opened)
     assert name == "sequencer2d_tiny" and expected_record(model) == reference["record"]
     assert training_size(model) == SIZE  # what resolution stars as "trained at"
 

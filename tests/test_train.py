@@ -24,8 +24,8 @@ import yaml
 from sequencer import data as data_module
 from sequencer import hub, runtime
 from sequencer import train as train_module
-from sequencer.builder import create_model, load_model
-from sequencer.checkpoint import load_pretrained, open_checkpoint, read_file
+from sequencer.builder import create_model, load_model, load_pretrained
+from sequencer.checkpoint import open_checkpoint, read_file
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.train_config import TrainConfig
 

@@ -21,7 +21,7 @@ _EXPORTS = {
     "route": "sequencer.model",
     "create_transform": "sequencer.data",
     "export": "sequencer.deploy",
-    "load_pretrained": "sequencer.checkpoint",
+    "load_pretrained": "sequencer.builder",
     "save_weights": "sequencer.checkpoint",
     "predict": "sequencer.inference",
 }

@@ -15,6 +15,7 @@ from sequencer import hub
 from sequencer.builder import hub_config
 from sequencer.checkpoint import (
     HUB_CONFIG,
+    WEIGHT_FILES,
     WeightsRecord,
     extract_state_dict,
     from_authors_format,
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     files = find_checkpoints(args.inputs)
     written = [output] if output else []
     if folder:
-        written += [folder / hub.WEIGHT_FILES[0], folder / HUB_CONFIG]
+        written += [folder / WEIGHT_FILES[0], folder / HUB_CONFIG]
     if clash := next((path for path in written if any(path.resolve() == file.resolve() for file in files)), None):
         raise UsageError(f"{clash} is one of the inputs; write the average elsewhere")
     num = len(files) if args.num is None else args.num
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {output}: {what} {', '.join(str(p) for p in chosen)}")
     if folder:
         write_hub_folder(state_dict, record, config, folder)
-        print(f"wrote {folder} (Hub layout: {HUB_CONFIG}, {hub.WEIGHT_FILES[0]}): {what} {', '.join(map(str, chosen))}")
+        print(f"wrote {folder} (Hub layout: {HUB_CONFIG}, {WEIGHT_FILES[0]}): {what} {', '.join(map(str, chosen))}")
     if args.push_to_hub:
         print(f"uploaded {folder} to {hub.upload(folder, args.push_to_hub, private=args.hub_private)}")
     return 0

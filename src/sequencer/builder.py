@@ -2,7 +2,9 @@
 
 The one place a model name is resolved (aliases, timm-style "name.tag", local-dir:DIR), a variant's config looked up
 (also as timm's config.json, `hub_config`), the preprocessing config attached, weights loaded (a file, a folder in
-the Hub layout, the Hugging Face Hub, the released files) and the mixers' kernel chosen (`sequencer.model.route`).
+the Hub layout, the Hugging Face Hub, a URL, the released files: the remote ones fetched here, through
+`sequencer.hub`, so that `sequencer.checkpoint` reads local files only) and the mixers' kernel chosen
+(`sequencer.model.route`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import logging
 import os
 import warnings
 from typing import Any
@@ -22,12 +25,11 @@ from sequencer.checkpoint import (
     Checkpoint,
     WeightsRecord,
     load_checkpoint,
-    load_pretrained,
     open_checkpoint,
 )
 from sequencer.choices import DEFAULT_MODEL
 from sequencer.errors import CheckpointError, UsageError
-from sequencer.hub import released_weights
+from sequencer.hub import fetch, released_weights
 from sequencer.model import (
     ALIASES,
     VARIANTS,
@@ -38,6 +40,8 @@ from sequencer.model import (
     list_models,
     route,
 )
+
+_logger = logging.getLogger(__name__)
 
 # Every name of a registered variant (the variants' own and the aliases) to the variant it means.
 VARIANT_OF = {**{name: name for name in VARIANTS}, **ALIASES}
@@ -97,8 +101,7 @@ def create_model(
     if name.startswith(LOCAL_DIR_PREFIX):
         if pretrained:
             raise UsageError(f"{name} names its weights; drop pretrained={pretrained!r}")
-        folder = open_checkpoint(name, unsafe_load=unsafe_load)
-        name = recorded_or_default(None, folder)
+        name, folder = resolve_source(None, name, unsafe_load=unsafe_load)
         num_classes = folder.record.num_classes if num_classes is None else num_classes
     num_classes = 1000 if num_classes is None else num_classes
     variant = resolve_model_name(name)
@@ -130,12 +133,37 @@ def build(name: str, variant: str, num_classes: int, in_chans: int, rnn_impl: st
     return model
 
 
-def recorded_or_default(name: str | None, checkpoint: Checkpoint | None) -> str:
-    """`name`, else the variant the checkpoint records when it is one of ours, else sequencer2d_s."""
+def open_source(source: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False) -> Checkpoint:
+    """`open_checkpoint` of a file or a folder in the Hub layout, or of hf-hub:ORG/REPO or http(s) weights fetched
+    first (`sequencer.hub.fetch`); the opened checkpoint keeps the source's name for the errors about its weights."""
+    opened = open_checkpoint(fetch(os.fspath(source)), use_ema=use_ema, unsafe_load=unsafe_load)
+    return dataclasses.replace(opened, path=os.fspath(source))
+
+
+def load_pretrained(
+    model: nn.Module, source: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False
+) -> None:
+    """Load a checkpoint (see `open_source`; authors', timm's or ours, possibly wrapped) into `model`, strictly."""
+    load_checkpoint(model, open_source(source, use_ema=use_ema, unsafe_load=unsafe_load))
+    _logger.info("loaded weights from %s", source)
+
+
+def resolve_source(
+    name: str | None,
+    checkpoint: str | os.PathLike | Checkpoint | None,
+    use_ema: bool = False,
+    unsafe_load: bool = False,
+) -> tuple[str, Checkpoint | None]:
+    """The model a command loads, decided once: `name` (an unknown one refused before any file is read), else the
+    variant the checkpoint records when it is one of ours, else sequencer2d_s; with the checkpoint opened (fetched
+    first if remote), once, for the caller to pass on."""
     if name:
-        return name
+        resolve_model_name(name)
+    if checkpoint and not isinstance(checkpoint, Checkpoint):
+        checkpoint = open_source(checkpoint, use_ema=use_ema, unsafe_load=unsafe_load)
+    checkpoint = checkpoint or None
     recorded = checkpoint.record.model_name if checkpoint else None
-    return recorded if recorded and is_registered(recorded) else DEFAULT_MODEL
+    return name or (recorded if recorded and is_registered(recorded) else DEFAULT_MODEL), checkpoint
 
 
 def load_model(
@@ -146,14 +174,11 @@ def load_model(
     use_ema: bool = False,
     unsafe_load: bool = False,
 ) -> nn.Module:
-    """A variant in eval mode with a checkpoint's weights, for inference: `num_classes` defaults to the file's head,
-    whose size must then match (loading would otherwise re-initialise it), and its record (class names, trained
-    input) is kept. `name` None: the variant the checkpoint records (`recorded_or_default`)."""
-    if name:
-        resolve_model_name(name)  # an unknown name is the error, before any warning or reading a file
-    if checkpoint and not isinstance(checkpoint, Checkpoint):
-        checkpoint = open_checkpoint(checkpoint, use_ema=use_ema, unsafe_load=unsafe_load)
-    name = recorded_or_default(name, checkpoint)
+    """A variant in eval mode with a checkpoint's weights (a source `open_source` takes, or one it opened), for
+    inference: `num_classes` defaults to the file's head, whose size must then match (loading would otherwise
+    re-initialise it), and its record (class names, trained input) is kept. `name` None: the variant the checkpoint
+    records (`resolve_source`)."""
+    name, checkpoint = resolve_source(name, checkpoint, use_ema, unsafe_load)
     variant = resolve_model_name(name)
     if not checkpoint:
         warnings.warn(

@@ -17,7 +17,6 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
-from sequencer import hub
 from sequencer.errors import CheckpointError
 from sequencer.files import atomic_write
 
@@ -32,17 +31,14 @@ UNSAFE_LOAD_HINT = "pass --unsafe-load (Python: unsafe_load=True) only if you tr
 
 
 def read_file(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, Any]:
-    """Load a .pth / .pth.tar / .safetensors file (or an http(s) URL) into a dict on the CPU, as data.
+    """Load a local .pth / .pth.tar / .safetensors file, or a folder in the Hub layout, into a dict on the CPU, as
+    data (`sequencer.builder.open_source` fetches hf-hub: and http(s) weights first).
 
     A pickle is read with torch's weights-only unpickler, which rebuilds tensors and plain containers and runs no
     code; one that needs anything else is refused unless `unsafe_load` (it could run code). Any file that cannot
     be read raises `CheckpointError` naming it and what is wrong.
     """
     path = str(path).removeprefix(LOCAL_DIR_PREFIX)
-    if path.startswith(hub.HF_HUB_PREFIX):
-        path = hub.download(path)
-    if path.startswith(("http://", "https://")):
-        return _read_url(path, unsafe_load)
     if Path(path).is_dir():
         return _read_hub_folder(Path(path), unsafe_load)
     if not Path(path).is_file():
@@ -59,10 +55,10 @@ def read_file(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, A
 def _read_hub_folder(folder: Path, unsafe_load: bool) -> dict[str, Any]:
     """A folder in the Hub layout (`write_hub_folder`, timm's `save_for_hf`): its weights, with their stored record,
     else the one its config.json holds (timm's names: architecture, label_names, pretrained_cfg's input)."""
-    weights = next((folder / name for name in hub.WEIGHT_FILES if (folder / name).is_file()), None)
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if weights is None or not (folder / HUB_CONFIG).is_file():
         raise CheckpointError(
-            f"{folder} is a folder without the Hub layout ({HUB_CONFIG} and {' or '.join(hub.WEIGHT_FILES)}): pass a "
+            f"{folder} is a folder without the Hub layout ({HUB_CONFIG} and {' or '.join(WEIGHT_FILES)}): pass a "
             "weights file in it (a run's model_best.pth.tar), or the folder to `sequencer average`"
         )
     contents = read_file(weights, unsafe_load=unsafe_load)
@@ -142,16 +138,6 @@ def _unsafe_globals(f: BinaryIO) -> list[str]:
         return []
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
     return [name for name in found if name not in allowed]
-
-
-def _read_url(url: str, unsafe_load: bool) -> dict[str, Any]:
-    try:
-        cached = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False, weights_only=True)
-    except pickle.UnpicklingError:
-        if not unsafe_load:
-            raise CheckpointError(f"{url} holds objects other than tensors; {UNSAFE_LOAD_HINT}") from None
-        cached = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False, weights_only=False)
-    return cached
 
 
 def _read_pickle(f: BinaryIO, path: str, unsafe_load: bool) -> dict[str, Any]:
@@ -249,6 +235,8 @@ def recorded_model_name(contents: dict[str, Any]) -> str | None:
 LOCAL_DIR_PREFIX = "local-dir:"
 # The Hub layout's description of the weights beside them, as timm's save_for_hf writes it.
 HUB_CONFIG = "config.json"
+# The Hub layout's weights, as timm's push_to_hub writes them, newest format first.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # The key of the record in a torch checkpoint and in a safetensors file's metadata (JSON there).
 RECORD_KEY = "sequencer_record"
 # The record's input fields, in timm's pretrained_cfg keys: how images are read for these weights.
@@ -435,14 +423,6 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
     load_checkpoint(model, open_checkpoint(state_dict), strict=strict)
 
 
-def load_pretrained(
-    model: nn.Module, path: str | os.PathLike, use_ema: bool = False, unsafe_load: bool = False
-) -> None:
-    """Load a checkpoint file (authors', timm's or ours, possibly wrapped) into `model`, strictly."""
-    load_checkpoint(model, open_checkpoint(path, use_ema=use_ema, unsafe_load=unsafe_load))
-    _logger.info("loaded weights from %s", path)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save (safetensors for a .safetensors path) written atomically: a crash never leaves half a file.
 
@@ -491,6 +471,6 @@ def write_hub_folder(
 ) -> None:
     """Write the Hub layout into `folder`: model.safetensors (with the record) and timm's `config` as config.json."""
     folder = Path(folder)
-    write_weights(state_dict, record, folder / hub.WEIGHT_FILES[0])
+    write_weights(state_dict, record, folder / WEIGHT_FILES[0])
     with atomic_write(folder / HUB_CONFIG) as f:
         f.write(json.dumps(config, indent=2).encode())

@@ -1,5 +1,5 @@
-"""Weights from the Hugging Face Hub (`hf-hub:ORG/REPO[@REVISION]`) and the released weights behind `pretrained=True`;
-a folder in the Hub layout uploaded to it (`upload`).
+"""Weights fetched for the builder (`fetch`): from the Hugging Face Hub (`hf-hub:ORG/REPO[@REVISION]`), an http(s) URL,
+and the released weights behind `pretrained=True`; a folder in the Hub layout uploaded to the Hub (`upload`).
 
 timm hosts the released Sequencer2D-S/M/L weights as `timm/sequencer2d_{s,m,l}.in1k`. Downloads go through
 huggingface_hub's cache (HF_HOME, HF_HUB_CACHE), which later loads read from, also offline (HF_HUB_OFFLINE=1).
@@ -12,16 +12,28 @@ import logging
 from pathlib import Path
 from urllib.parse import urlparse
 
+from sequencer.checkpoint import WEIGHT_FILES
 from sequencer.errors import CheckpointError, MissingDependencyError, UsageError
 
 _logger = logging.getLogger(__name__)
 
 HF_HUB_PREFIX = "hf-hub:"
-# What timm's push_to_hub writes, newest format first.
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # timm's Hub copy of each variant's released weights; the 392 px variants are the same networks and weights.
 HUB_IDS = {f"sequencer2d_{size}": f"timm/sequencer2d_{size}.in1k" for size in "sml"}
 HUB_IDS.update({f"{name}_392": repo for name, repo in HUB_IDS.items()})
+
+
+def fetch(source: str) -> str:
+    """The local path of checkpoint `source`: hf-hub:ORG/REPO[@REVISION] and http(s) URLs are downloaded (into
+    huggingface_hub's and torch.hub's caches, which later calls read from); any other source is local already."""
+    if source.startswith(HF_HUB_PREFIX):
+        return download(source)
+    if not source.startswith(("http://", "https://")):
+        return source
+    try:
+        return _download_url(source)
+    except OSError as error:
+        raise CheckpointError(f"could not fetch {source}: {_first_line(error)}") from None
 
 
 def download(spec: str) -> str:
@@ -121,9 +133,9 @@ def released_weights(name: str, url: str) -> str:
     url_problem = "no release URL"
     if url:
         try:
-            return _download_url(url)
-        except OSError as error:
-            url_problem = f"could not fetch {url}: {_first_line(error)}"
+            return fetch(url)
+        except CheckpointError as error:
+            url_problem = str(error)
     raise CheckpointError(
         f"the released weights of {name} are unreachable. Hub: {hub_problem}. Release: {url_problem}. Download "
         "them where there is network and pass the file: pretrained=PATH, --checkpoint PATH or "

@@ -40,15 +40,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.utils import save_image
 
 from sequencer.average import EPOCH_CHECKPOINT
-from sequencer.builder import create_model, model_config
-from sequencer.checkpoint import (
-    RECORD_INPUT_KEYS,
-    RECORD_KEY,
-    atomic_save,
-    load_pretrained,
-    read_file,
-    record_of,
-)
+from sequencer.builder import create_model, load_pretrained, model_config
+from sequencer.checkpoint import RECORD_INPUT_KEYS, RECORD_KEY, atomic_save, read_file, record_of
 from sequencer.choices import SCHEDULERS
 from sequencer.config import input_overrides
 from sequencer.data import build_dataset, create_loader, create_transform, data_config, unused_data_flags
@@ -62,7 +55,6 @@ from sequencer.distributed import (
 )
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.files import write_csv
-from sequencer.hub import released_weights
 from sequencer.plotting import plot_training_curves
 from sequencer.runtime import (
     amp_dtype,
@@ -506,6 +498,7 @@ def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
     try:
         model = create_model(
             config.model,
+            pretrained=config.pretrained,
             num_classes=num_classes,
             drop_path_rate=drop_path,
             in_chans=config.input_size[0] if config.input_size else config.in_chans,
@@ -516,16 +509,15 @@ def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
     except TypeError as error:  # an unknown --model-kwargs key
         raise UsageError(f"--model-kwargs: {error}; the keys are SequencerConfig's fields") from None
     if config.head_init_scale is not None or config.head_init_bias is not None:
-        with torch.no_grad():  # as timm's train.py, on the fresh head, before any weights load over it
+        # As timm's train.py: after the released weights (a head of other classes is fresh then), before a file's.
+        with torch.no_grad():
             head = model.get_classifier()
             if config.head_init_scale is not None:
                 head.weight.mul_(config.head_init_scale)
                 head.bias.mul_(config.head_init_scale)
             if config.head_init_bias is not None:
                 head.bias.fill_(config.head_init_bias)
-    if config.pretrained:
-        load_pretrained(model, released_weights(model.model_name, model.pretrained_cfg["url"]))
-    elif config.checkpoint or config.pretrained_path:
+    if config.checkpoint or config.pretrained_path:  # not with --pretrained: `check_config` refuses both
         source = config.checkpoint or config.pretrained_path
         load_pretrained(model, source, use_ema=config.use_ema, unsafe_load=config.unsafe_load)
     if config.grad_checkpointing:

@@ -20,8 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.datasets import ImageFolder
 
-from sequencer.builder import load_model, resolve_model_name
-from sequencer.checkpoint import open_checkpoint
+from sequencer.builder import load_model, resolve_source
 from sequencer.config import (
     Compilation,
     InputOverrides,
@@ -280,9 +279,8 @@ def validate(
     (torchrun's, from `sequencer.distributed.process_group`); none: this process alone, on `device`. `progress`
     draws a progress bar on a terminal (rank 0's).
     """
-    model = source.model
-    if model:
-        resolve_model_name(model)  # before the data is read
+    # The name, and the checkpoint read once and passed on, before the data is read.
+    model, opened = resolve_source(source.model, source.checkpoint, source.use_ema, source.unsafe_load)
     set_threads(runtime.threads)
     context = context or DistributedContext(0, 1, resolve_device(runtime.device))
     device = context.device
@@ -291,7 +289,6 @@ def validate(
     root = os.fspath(data or data_dir) if data or data_dir else None
     name = dataset or root
     checkpoint = os.fspath(source.checkpoint) if source.checkpoint else ""
-    opened = open_checkpoint(checkpoint, source.use_ema, source.unsafe_load) if checkpoint else None
     # What is asked goes over the model's preprocessing, which holds the input a training checkpoint was trained at.
     asked = input_overrides(preprocess)
     # The built-in digits are upscaled straight to the input size, as `sequencer train` does: known before the model.
@@ -309,7 +306,6 @@ def validate(
             raise UsageError("--real-labels needs a 1000-class model and the ImageNet val folder")
         eval_set = WithRealLabels(eval_set, load_real_labels(real_labels), num_classes)
     network = load_model(model, opened, num_classes, source.in_chans)
-    model = model or network.model_name
     config = data_config(network, **asked)
     check_image_input_fits(network, config["input_size"])
     eval_set.transform = create_transform(network, train=False, **asked)

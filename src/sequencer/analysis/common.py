@@ -13,17 +13,23 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from sequencer.builder import create_model, is_registered, load_model, recorded_or_default
-from sequencer.checkpoint import extract_state_dict, open_checkpoint, read_file
+from sequencer.builder import create_model, is_registered, load_model, resolve_source
+from sequencer.checkpoint import Checkpoint, extract_state_dict, read_file
 from sequencer.errors import CheckpointError, UsageError
+from sequencer.hub import fetch
 
 
-def model_of(name: str | None, checkpoint: str | os.PathLike = "", unsafe_load: bool = False) -> str:
-    """--model, else the model the checkpoint records (as predict, validate and export take it), else sequencer2d_s."""
-    if name or not checkpoint:
-        return recorded_or_default(name, None)
-    check_model_specs([("sequencer2d_s", str(checkpoint))])  # a missing file is its own error
-    return recorded_or_default(None, open_checkpoint(checkpoint, unsafe_load=unsafe_load))
+def model_of(
+    name: str | None, checkpoint: str | os.PathLike = "", use_ema: bool = False, unsafe_load: bool = False
+) -> tuple[str, str | Checkpoint]:
+    """--model, else the model the checkpoint records (as predict, validate and export take it), else sequencer2d_s;
+    and the checkpoint, opened once when it holds one of our variants: the spec to build from."""
+    checkpoint = os.fspath(checkpoint or "")
+    if name and not is_registered(name):
+        return name, checkpoint
+    check_model_specs([(name or "sequencer2d_s", checkpoint)])  # a missing file is its own error
+    name, opened = resolve_source(name, checkpoint, use_ema, unsafe_load)
+    return name, opened or checkpoint
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -34,9 +40,11 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return name, checkpoint
 
 
-def check_model_specs(specs: Sequence[tuple[str, str]], need_weights: bool = False) -> None:
+def check_model_specs(specs: Sequence[tuple[str, str | Checkpoint]], need_weights: bool = False) -> None:
     """Fail before any work on an unknown model name, a missing checkpoint file or (if needed) no checkpoint."""
     for name, checkpoint in specs:
+        if isinstance(checkpoint, Checkpoint):  # opened, so there, and of one of our variants (`model_of`)
+            continue
         if not is_registered(name) and not timm.is_model(name):
             raise UsageError(
                 f"unknown model {name!r}: neither a Sequencer variant (see `sequencer summary`) "
@@ -52,10 +60,14 @@ def check_model_specs(specs: Sequence[tuple[str, str]], need_weights: bool = Fal
             )
 
 
-def model_labels(specs: Sequence[tuple[str, str]]) -> list[str]:
+def model_labels(specs: Sequence[tuple[str, str | Checkpoint]]) -> list[str]:
     """A distinct label per (name, checkpoint): the name, plus the checkpoint's file name where a name comes twice."""
     names = [name for name, _ in specs]
-    labels = [f"{name} ({Path(ckpt).name or 'random init'})" if names.count(name) > 1 else name for name, ckpt in specs]
+    paths = [ckpt.path if isinstance(ckpt, Checkpoint) else ckpt for _, ckpt in specs]
+    labels = [
+        f"{name} ({Path(path).name or 'random init'})" if names.count(name) > 1 else name
+        for name, path in zip(names, paths, strict=True)
+    ]
     return [
         f"{label} #{labels[:i].count(label) + 1}" if labels.count(label) > 1 else label
         for i, label in enumerate(labels)
@@ -70,7 +82,7 @@ def _classifier_classes(state_dict: dict[str, torch.Tensor], classifier: str) ->
 
 def build_compared_model(
     name: str,
-    checkpoint: str | os.PathLike = "",
+    checkpoint: str | os.PathLike | Checkpoint = "",
     num_classes: int | None = None,
     img_size: int | None = None,
     use_ema: bool = False,
@@ -78,10 +90,12 @@ def build_compared_model(
     unsafe_load: bool = False,
 ) -> nn.Module:
     """A model the analyses measure or compare: one of our variants or any timm model, in eval mode, with weights from
-    `checkpoint` (none: random init)."""
+    `checkpoint` (one of ours opened already too; none: random init)."""
     # Classes: `num_classes`, else the checkpoint's classifier, else 1000. timm models with a fixed input size
     # (ViTs) are built for `img_size`; timm resamples their position embeddings when loading the file.
-    checkpoint = str(checkpoint or "")
+    if isinstance(checkpoint, Checkpoint):
+        return load_model(name, checkpoint, num_classes, in_chans)
+    checkpoint = os.fspath(checkpoint or "")
     if is_registered(name):
         if not checkpoint:  # random weights are a legitimate subject here (the ERF at initialisation)
             return create_model(name, num_classes=num_classes or 1000, in_chans=in_chans).eval()
@@ -92,6 +106,7 @@ def build_compared_model(
     if img_size and cfg is not None and cfg.fixed_input_size:
         kwargs["img_size"] = img_size
     if checkpoint:
+        checkpoint = fetch(checkpoint)  # timm's file overlay takes a local file
         # Read as data first: an unreadable or code-bearing file is a CheckpointError here, not a traceback in timm.
         contents = read_file(checkpoint, unsafe_load=unsafe_load)
         if num_classes is None and cfg is not None and isinstance(cfg.classifier, str):

@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.amp:
         raise UsageError("--amp does not apply to erf: the input gradients are computed in float32")
-    specs = [(model_of(args.model, args.checkpoint, args.unsafe_load), args.checkpoint)]
+    specs = [model_of(args.model, args.checkpoint, args.use_ema, args.unsafe_load)]  # opened once, passed on
     specs += map(parse_model_spec, args.compare)
     check_model_specs(specs)
     dataset = build_dataset(args.data, "val") if args.data else None

@@ -22,6 +22,7 @@ from sequencer.analysis.common import (
     parse_model_spec,
     training_size,
 )
+from sequencer.checkpoint import Checkpoint
 from sequencer.config import input_overrides
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, map_classes
 from sequencer.errors import UsageError
@@ -35,7 +36,7 @@ _logger = logging.getLogger(__name__)
 
 def accuracy_by_resolution(
     name: str,
-    checkpoint: str,
+    checkpoint: str | Checkpoint,
     dataset: Any,
     sizes: list[int],
     device: torch.device,
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.img_size or args.input_size:
         raise UsageError("--img-size / --input-size do not apply here: list the sizes with --sizes")
-    specs = [(model_of(args.model, args.checkpoint, args.unsafe_load), args.checkpoint)]
+    specs = [model_of(args.model, args.checkpoint, args.use_ema, args.unsafe_load)]  # opened once, passed on
     specs += map(parse_model_spec, args.compare)
     check_model_specs(specs, need_weights=True)
     overrides = input_overrides(args, "img_size", "input_size")  # the sizes come from --sizes

@@ -331,8 +331,7 @@ def robustness(
     corruptions = in_order(corruptions, CORRUPTIONS, "--corruptions")
     severities = in_order(severities, SEVERITIES, "--severities")
     alexnet = ALEXNET_MEAN_ERRORS if alexnet_errors is None else alexnet_errors
-    checkpoint = os.fspath(source.checkpoint) if source.checkpoint else ""
-    model = model_of(source.model, checkpoint, source.unsafe_load)
+    model, checkpoint = model_of(source.model, source.checkpoint, source.use_ema, source.unsafe_load)  # read once
     check_model_specs([(model, checkpoint)], need_weights=True)
     if source.in_chans != 3:
         raise UsageError(f"--in-chans {source.in_chans}: the ImageNet-C corruptions are defined on RGB images")
@@ -419,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
     robustness.csv/.png, examples.png and summary.json. Under torchrun each process evaluates its share of the images.
     """
     alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else None
-    args.model = model_of(args.model, args.checkpoint, args.unsafe_load)  # named in the report
+    args.model = args.model or model_of(None, args.checkpoint, args.use_ema, args.unsafe_load)[0]  # named in the report
     with process_group(args.device) as context:
         result = robustness(**flag_values(robustness, args, alexnet_errors=alexnet, context=context, progress=True))
     if context.is_primary:

@@ -147,8 +147,7 @@ def variants(
     context = context or DistributedContext(0, 1, resolve_device(runtime.device))
     flagged = dict(real=imagenet_val, a=imagenet_a, r=imagenet_r, sketch=imagenet_sketch, v2=imagenetv2, c=imagenet_c)
     found, missing = find_test_sets(root, flagged)
-    checkpoint = os.fspath(source.checkpoint) if source.checkpoint else ""
-    model = model_of(source.model, checkpoint, source.unsafe_load)
+    model, checkpoint = model_of(source.model, source.checkpoint, source.use_ema, source.unsafe_load)  # read once
     check_model_specs([(model, checkpoint)])
     network = build_compared_model(
         model, checkpoint, num_classes=source.num_classes, use_ema=source.use_ema, unsafe_load=source.unsafe_load
@@ -208,7 +207,7 @@ def variants(
 def run(args: argparse.Namespace) -> int:
     """`variants` with the flags; rank 0 writes variants.csv and variants.png and says which test sets were missing.
     Under torchrun each process evaluates its share of every test set."""
-    args.model = model_of(args.model, args.checkpoint, args.unsafe_load)  # named in the figure
+    args.model = args.model or model_of(None, args.checkpoint, args.use_ema, args.unsafe_load)[0]  # named in the figure
     with process_group(args.device) as context:
         rows, missing = variants(**flag_values(variants, args, context=context, progress=True))
     if not context.is_primary:
