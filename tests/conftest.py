@@ -56,6 +56,31 @@ def build_image_tree(
     return root
 
 
+def _to_authors_format(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename our keys to the authors' layout (the inverse of `sequencer.checkpoint.from_authors_format`)."""
+    depths: dict[int, int] = {}
+    for key in state_dict:
+        if m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", key):
+            depths[int(m.group(1))] = max(depths.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(
+            r"^stages\.(\d+)\.downsample\.down\.",
+            lambda m: f"blocks.{int(m.group(1)) - 1}.{depths[int(m.group(1)) - 1]}.down.",
+            key,
+        )
+        key = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"blocks.\1.\2.", key)
+        key = re.sub(r"^head\.fc\.", "head.", key)
+        out[key] = value
+    return out
+
+
+@pytest.fixture(scope="session")
+def to_authors_format() -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Our weights in the authors' key layout, as their checkpoints hold them."""
+    return _to_authors_format
+
+
 @pytest.fixture(scope="session")
 def make_image_tree() -> Callable[..., Path]:
     """`build_image_tree`, the one builder of class-folder image trees for every test."""

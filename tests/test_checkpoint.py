@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 import sequencer
-from sequencer.checkpoint import CheckpointError, atomic_save, extract_state_dict, read_file, to_authors_format
+from sequencer.checkpoint import CheckpointError, atomic_save, extract_state_dict, read_file
 from sequencer.plotting import plot_training_curves
 
 torch.set_num_threads(2)
@@ -41,7 +41,7 @@ def _logits(model: nn.Module, size: int = 64) -> torch.Tensor:
         return model(torch.randn(2, 3, size, size))
 
 
-def test_authors_layout_is_what_the_spec_describes() -> None:
+def test_authors_layout_is_what_the_spec_describes(to_authors_format) -> None:
     keys = to_authors_format(sequencer.create_model("sequencer2d_s").state_dict())
     assert "stem.proj.weight" in keys and "head.weight" in keys and "norm.weight" in keys
     assert "blocks.0.0.rnn_tokens.rnn_v.weight_ih_l0_reverse" in keys
@@ -52,7 +52,7 @@ def test_authors_layout_is_what_the_spec_describes() -> None:
 
 
 @pytest.mark.parametrize("name", ["sequencer2d_s", "v_sequencer_s_pe", "gru_sequencer2d_s"])
-def test_authors_and_timm_formats_load_to_the_same_logits(tmp_path: Path, name: str) -> None:
+def test_authors_and_timm_formats_load_to_the_same_logits(to_authors_format, tmp_path: Path, name: str) -> None:
     source = _randomised(name)
     ours = source.state_dict()
     torch.save({"model": to_authors_format(ours)}, tmp_path / "authors.pth")

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import sequencer
-from sequencer.checkpoint import to_authors_format
 from sequencer.choices import EXPORT_PAYS_OFF_AT
 from sequencer.model import VARIANTS
 
@@ -39,7 +38,7 @@ def test_the_variant_table_and_list_models_name_every_registered_variant() -> No
 
 
 @pytest.fixture(scope="module")
-def readers_folder(tmp_path_factory: pytest.TempPathFactory, fill_hub_cache) -> Path:
+def readers_folder(tmp_path_factory: pytest.TempPathFactory, fill_hub_cache, to_authors_format) -> Path:
     """Where a reader runs the snippets: sequencer2d_s.pth (the authors' format), cat.jpg, a clone in ./sequencer."""
     folder = tmp_path_factory.mktemp("reader")
     weights = sequencer.create_model("sequencer2d_s").state_dict()

@@ -201,25 +201,6 @@ def from_authors_format(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def to_authors_format(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename our keys to the authors' layout (the inverse of `from_authors_format`)."""
-    depths: dict[int, int] = {}
-    for key in state_dict:
-        if m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", key):
-            depths[int(m.group(1))] = max(depths.get(int(m.group(1)), 0), int(m.group(2)) + 1)
-    out = {}
-    for key, value in state_dict.items():
-        key = re.sub(
-            r"^stages\.(\d+)\.downsample\.down\.",
-            lambda m: f"blocks.{int(m.group(1)) - 1}.{depths[int(m.group(1)) - 1]}.down.",
-            key,
-        )
-        key = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"blocks.\1.\2.", key)
-        key = re.sub(r"^head\.fc\.", "head.", key)
-        out[key] = value
-    return out
-
-
 def recorded_model_name(contents: dict[str, Any]) -> str | None:
     """The model a checkpoint says it holds: ours and `sequencer train`'s record it, timm's train.py its args."""
     args = contents.get("args")
