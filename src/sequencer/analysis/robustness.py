@@ -304,6 +304,7 @@ class RobustnessResult:
     mean_error: float  # over the corruptions
     mce: float | None  # the mean CE (AlexNet = 100), when every corruption has its CE
     clean_images: Dataset = field(repr=False)  # uint8 images, as `CorruptedImages` and `plot_examples` take them
+    model: str = ""  # the model scored: --model, or the one its checkpoint records
 
 
 @takes_groups(source=RecordedModelSource, preprocess=InputOverrides, runtime=Runtime)
@@ -410,6 +411,7 @@ def robustness(
         mean_error=float(np.mean([r["mean_error"] for r in rows])),
         mce=float(np.mean([r["ce"] for r in rows])) if normalised else None,
         clean_images=base,
+        model=model,
     )
 
 
@@ -418,12 +420,11 @@ def run(args: argparse.Namespace) -> int:
     robustness.csv/.png, examples.png and summary.json. Under torchrun each process evaluates its share of the images.
     """
     alexnet = load_alexnet_errors(args.alexnet_errors) if args.alexnet_errors else None
-    args.model = args.model or model_of(None, args.checkpoint, args.use_ema, args.unsafe_load)[0]  # named in the report
     with process_group(args.device) as context:
         result = robustness(**flag_values(robustness, args, alexnet_errors=alexnet, context=context, progress=True))
     if context.is_primary:
         alexnet_source = args.alexnet_errors or "published per-corruption means (Hendrycks & Dietterich)"
-        write_report(result, Path(args.output), args.model, args.checkpoint, alexnet_source, args.seed)
+        write_report(result, Path(args.output), result.model, args.checkpoint, alexnet_source, args.seed)
     return 0
 
 
