@@ -109,6 +109,18 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def onnx_export(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`sequencer export --model sequencer2d_tiny --checkpoint CHECKPOINT --format onnx --dynamic-batch`, run once
+    for the session (an ONNX export takes about 10 s here): the file it wrote and what the command printed."""
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    argv = ["export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "--format", "onnx"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*argv, "-o", str(path), "--dynamic-batch"]) == 0
+    return path, printed.getvalue()
+
+
 def write_hub_cache(cache: Path, repo_id: str, filename: str, state_dict: dict[str, torch.Tensor]) -> None:
     """huggingface_hub's cache layout: models--ORG--NAME/refs/main holds the commit, snapshots/COMMIT/ the files."""
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -350,6 +362,14 @@ class Torchrun:
 @pytest.fixture
 def torchrun() -> Iterator[Torchrun]:
     """A `Torchrun` launcher whose processes are all ended when the test ends, passed or failed."""
+    launcher = Torchrun()
+    yield launcher
+    launcher.close()
+
+
+@pytest.fixture(scope="module")
+def module_torchrun() -> Iterator[Torchrun]:
+    """`torchrun` for a module-scoped fixture's launch (one run that several tests compare against)."""
     launcher = Torchrun()
     yield launcher
     launcher.close()

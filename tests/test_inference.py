@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -197,11 +198,9 @@ def test_predict_labels_classes_by_the_names_the_checkpoint_records(
 
 
 @pytest.fixture(scope="module")
-def onnx_file(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The `checkpoint` fixture's weights exported to ONNX (dynamic batch), as `sequencer export` writes them."""
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint, dynamic_batch=True)
-    return path
+def onnx_file(onnx_export: tuple[Path, str]) -> Path:
+    """The `checkpoint` fixture's weights exported to ONNX (dynamic batch) by `sequencer export`, once a session."""
+    return onnx_export[0]
 
 
 def test_an_exported_onnx_file_predicts_the_checkpoints_top_k_in_every_output_format(
@@ -232,7 +231,7 @@ def test_an_exported_onnx_file_predicts_the_checkpoints_top_k_in_every_output_fo
 
 
 def test_runtime_onnxruntime_runs_a_checkpoint_through_an_optimised_session(
-    checkpoint: Path, onnx_file: Path, image_folder: Path
+    checkpoint: Path, onnx_file: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import onnxruntime
 
@@ -242,6 +241,13 @@ def test_runtime_onnxruntime_runs_a_checkpoint_through_an_optimised_session(
     options = exported.session.get_session_options()
     assert options.intra_op_num_threads == 1
     assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # predict's cache already holds the checkpoint's export (`sequencer export`'s file, the same call with the same
+    # options): onnxruntime runs it, nothing is exported again. (The auto test below exports into the cache.)
+    monkeypatch.setenv("SEQUENCER_CACHE", str(tmp_path / "cache"))
+    cached = inference.cached_export_path(sequencer.load_model("sequencer2d_tiny", checkpoint), {})
+    cached.parent.mkdir(parents=True)
+    shutil.copyfile(onnx_file, cached)
+    monkeypatch.setattr(inference, "export", lambda *args, **kwargs: pytest.fail("exported again"))
     from_torch = sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", checkpoint, topk=4, runtime="torch")
     converted = sequencer.predict(
         image_folder / "a.png", "sequencer2d_tiny", checkpoint, topk=4, runtime="onnxruntime", threads=1

@@ -843,30 +843,47 @@ def assert_same_run(got: Path, expected: Path) -> None:
         assert_same_state(got_ckpt.get(key), expected_ckpt.get(key), key)
 
 
+# 16 images, 2 processes of batch 2: 4 steps per epoch, 2 epochs, every stateful feature.
+TWO_PROCESS_TRAIN = f"{TINY} {STATEFUL} -b 2 --device cpu --epochs 2"
+OWN_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as the README says (distributed.check_restartable)
+
+
+def restartable_launch(launcher, data_root: Path, output: Path) -> tuple[list[str], list[str]]:
+    """torchrun, one node of 2 processes, restartable once: preempted_train.py TWO_PROCESS_TRAIN --resume auto."""
+    restartable = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--max-restarts", "1"]
+    train = [str(PREEMPTED_TRAIN), str(data_root), *shlex.split(TWO_PROCESS_TRAIN)]
+    flags = ["--resume", "auto", "--output", str(output)]
+    return [*restartable, "--rdzv-endpoint", launcher.endpoint()], [*train, *flags]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_process_run(module_torchrun, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The restartable launch run through without a kill: what a preempted run and a two-node run must equal (one
+    launch for both tests: each costs ~10 s of process starts here)."""
+    folder = tmp_path_factory.mktemp("two-process")
+    uninterrupted = folder / "uninterrupted"
+    launch = restartable_launch(module_torchrun, data_root, uninterrupted)
+    result = module_torchrun.run(*launch, cwd=folder, timeout=300, env=OWN_STORE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "continuing from" not in result.stdout + result.stderr
+    assert [row["epoch"] for row in summary_rows(uninterrupted)] == ["0", "1"]
+    assert read_file(uninterrupted / "last.pth.tar")["num_updates"] == 8  # 16 images, 2 x 2 per step, 2 epochs
+    return uninterrupted
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_epoch_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(
-    torchrun, data_root: Path, tmp_path: Path
+    torchrun, data_root: Path, uninterrupted_two_process_run: Path, tmp_path: Path
 ) -> None:
-    # 16 images, 2 processes of batch 2: 4 steps per epoch. Rank 1 dies (SIGKILL) at step 6, in epoch 1.
-    def launch(output: Path) -> tuple[list[str], list[str]]:
-        restartable = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--max-restarts", "1"]
-        train = [str(PREEMPTED_TRAIN), str(data_root), *shlex.split(f"{TINY} {STATEFUL}"), "-b", "2"]
-        flags = ["--device", "cpu", "--epochs", "2", "--resume", "auto", "--output", str(output)]
-        return [*restartable, "--rdzv-endpoint", torchrun.endpoint()], [*train, *flags]
-
-    preempted, uninterrupted = tmp_path / "preempted", tmp_path / "uninterrupted"
-    own_store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as the README says (distributed.check_restartable)
-    kill = {**own_store, "KILL_STEP": "6", "KILL_RANK": "1"}
-    result = torchrun.run(*launch(preempted), cwd=tmp_path, timeout=300, env=kill)
+    # Rank 1 dies (SIGKILL) at step 6, in epoch 1.
+    preempted = tmp_path / "preempted"
+    kill = {**OWN_STORE, "KILL_STEP": "6", "KILL_RANK": "1"}
+    result = torchrun.run(*restartable_launch(torchrun, data_root, preempted), cwd=tmp_path, timeout=300, env=kill)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "--resume auto: no last.pth.tar, a new run" in log  # the first attempt
     assert f"--resume auto: continuing from {preempted / 'last.pth.tar'}" in log  # the restarted one
-    result = torchrun.run(*launch(uninterrupted), cwd=tmp_path, timeout=300, env=own_store)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "continuing from" not in result.stdout + result.stderr
-    assert [row["epoch"] for row in summary_rows(uninterrupted)] == ["0", "1"]
-    assert_same_run(preempted, uninterrupted)
+    assert_same_run(preempted, uninterrupted_two_process_run)
 
 
 def test_a_restartable_torchrun_launch_that_shares_its_store_is_refused_once_and_not_restarted(
@@ -892,9 +909,12 @@ def test_a_restartable_torchrun_launch_that_shares_its_store_is_refused_once_and
 
 
 @pytest.mark.slow
-def test_two_nodes_of_one_process_train_as_one_node_of_two(torchrun, data_root: Path, tmp_path: Path) -> None:
-    train = ["-m", "sequencer", "train", str(data_root), *shlex.split(f"{TINY} {STATEFUL}"), "-b", "2"]
-    train += ["--device", "cpu", "--epochs", "1", "--output"]
+def test_two_nodes_of_one_process_train_as_one_node_of_two(
+    torchrun, data_root: Path, uninterrupted_two_process_run: Path, tmp_path: Path
+) -> None:
+    # The one node of two is the restartable launch's run: the same training (--resume auto of a new folder and
+    # --max-restarts change nothing that is learned).
+    train = ["-m", "sequencer", "train", str(data_root), *shlex.split(TWO_PROCESS_TRAIN), "--output"]
     two_nodes = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint"]
     two_nodes.append(torchrun.endpoint())
     nodes = [
@@ -908,11 +928,7 @@ def test_two_nodes_of_one_process_train_as_one_node_of_two(torchrun, data_root: 
     for node in nodes:
         result = torchrun.wait(node, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-    one_node = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint"]
-    result = torchrun.run([*one_node, torchrun.endpoint()], [*train, str(tmp_path / "one-node")], tmp_path, 300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert read_file(tmp_path / "one-node" / "last.pth.tar")["num_updates"] == 4  # 16 images, 2 x 2 per step
-    assert_same_run(tmp_path / "two-nodes", tmp_path / "one-node")
+    assert_same_run(tmp_path / "two-nodes", uninterrupted_two_process_run)
 
 
 @pytest.mark.slow
