@@ -148,6 +148,11 @@ def test_schedule_noise_cycles_and_plateau_reach_timm_s_scheduler(parse_train) -
     cycled = rates("--lr 0.1 --lr-cycle-limit 2 --lr-cycle-mul 1 --lr-cycle-decay 0.5 --epochs 5")
     assert cycled[5] == pytest.approx(0.05, rel=1e-4)  # the second cycle restarts at half the peak
     assert rates("--lr 0.1 --lr-k-decay 2")[3] != plain[3]
+    try:
+        train_module.check_plateau_schedule()
+    except UsageError as refused:  # timm 1.0.12 on torch 2.7 (the oldest set): refused in one line, as a run is
+        assert "--sched plateau: timm" in str(refused)
+        return
     config = train_module.resolve(
         parse_train("/d --sched plateau --patience-epochs 0 --decay-rate 0.5 --lr 0.1 --warmup-epochs 0")
     )

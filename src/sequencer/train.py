@@ -132,6 +132,8 @@ def check_config(config: TrainConfig) -> None:
     if config.jsd_loss and config.aug_splits < 2:
         raise UsageError("--jsd-loss compares the --aug-splits copies of each image: set --aug-splits 2 or more")
     check_tracking(**{name: getattr(config, name) for name in TRACKING_OPTIONS})
+    if config.sched == "plateau":
+        check_plateau_schedule()
     if config.torchscript and config.torchcompile:
         raise UsageError("--torchscript and --torchcompile both compile the model; pass one")
     if config.model_dtype not in (None, "float32") and config.amp:
@@ -166,6 +168,19 @@ def check_config(config: TrainConfig) -> None:
                 f"unknown --aa policy {config.aa!r}{f' ({error})' if str(error) else ''}; timm takes e.g. "
                 "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w3 (AugMix), original or v0 (AutoAugment)"
             ) from None
+
+
+def check_plateau_schedule() -> None:
+    """Refuse --sched plateau where timm's plateau schedule cannot be built (an older timm, 1.0.12 for one, passes
+    torch's ReduceLROnPlateau a `verbose` argument that torch 2.7 removed)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    try:
+        create_scheduler_v2(optimizer, sched="plateau")
+    except TypeError as error:
+        raise UsageError(
+            f"--sched plateau: timm {timm.__version__}'s plateau schedule does not run on torch "
+            f"{torch.__version__.split('+')[0]} ({error}); use a newer timm or another --sched"
+        ) from None
 
 
 def _dataset_source(config: TrainConfig) -> tuple[str | None, str | None]:
