@@ -44,7 +44,14 @@ from sequencer.builder import create_model, load_pretrained, model_config
 from sequencer.checkpoint import RECORD_INPUT_KEYS, RECORD_KEY, atomic_save, read_file, record_of
 from sequencer.choices import SCHEDULERS
 from sequencer.config import input_overrides
-from sequencer.data import build_dataset, create_loader, create_transform, data_config, unused_data_flags
+from sequencer.data import (
+    build_dataset,
+    create_loader,
+    create_transform,
+    data_config,
+    image_channels,
+    unused_data_flags,
+)
 from sequencer.distributed import (
     DistributedContext,
     all_reduce_mean,
@@ -122,9 +129,10 @@ def check_config(config: TrainConfig) -> None:
         )
     channels = config.input_size[0] if config.input_size else config.in_chans
     mode = config.image_mode
-    if len(mode) != channels:
+    read = image_channels(mode)
+    if read != channels:
         raise UsageError(
-            f"--input-img-mode {mode} reads {len(mode)} channel(s), but the model takes {channels} (--in-chans); "
+            f"--input-img-mode {mode} reads {read} channel(s), but the model takes {channels} (--in-chans); "
             "L with --in-chans 1, RGB with 3"
         )
     if config.aug_splits == 1:
@@ -140,8 +148,8 @@ def check_config(config: TrainConfig) -> None:
         raise UsageError(f"--model-dtype {config.model_dtype} with --amp: AMP keeps float32 weights; pass one")
     if sum(map(bool, (config.pretrained, config.checkpoint, config.pretrained_path))) > 1:
         raise UsageError("--pretrained, --pretrained-path and --initial-checkpoint each give the starting weights")
-    probe = argparse.Namespace(opt="sgd", lr=0.1, weight_decay=0, momentum=0.9, layer_decay_min_scale=0.5)
     new_layer_decay = config.layer_decay_min_scale or config.layer_decay_no_opt_scale is not None
+    probe = argparse.Namespace(opt="sgd", lr=0.1, weight_decay=0, momentum=0.9, layer_decay_min_scale=0.5)
     if new_layer_decay and "layer_decay_min_scale" not in optimizer_kwargs(cfg=probe):
         raise UsageError(
             f"--layer-decay-min-scale and --layer-decay-no-opt-scale: timm {timm.__version__} does not read them "
@@ -890,7 +898,7 @@ def set_transforms(data: TrainingData, model: nn.Module, config: TrainConfig) ->
     """The model's preprocessing on both splits, timm's augmentations on the training one."""
     # Validation resizes with --interpolation, training with --train-interpolation.
     overrides = input_overrides(config, "interpolation")
-    channels = len(config.image_mode)
+    channels = image_channels(config.image_mode)
     if channels != 3:  # the model's statistics are per RGB channel: their mean stands for each other channel
         rgb = data_config(model, **overrides)
         overrides["input_size"] = (channels, *rgb["input_size"][1:])
