@@ -64,8 +64,14 @@ def bounded(
     return Bounded(kind, low=min, above=above, high=max)
 
 
-# The argparse type of every image-size flag.
-IMAGE_SIDE = bounded(int, min=1, max=MAX_IMAGE_SIDE)
+# The argparse types of the ranges many flags share (`bounded` writes a one-off range where it is used).
+PROBABILITY = bounded(float, min=0, max=1)  # 0 to 1: a probability, a rate, a momentum
+FRACTION = bounded(float, above=0, max=1)  # above 0, up to 1: a crop or area fraction
+NON_NEGATIVE = bounded(float, min=0)
+POSITIVE = bounded(float, above=0)
+POSITIVE_INT = bounded(int, min=1)
+COUNT = bounded(int, min=0)  # an int >= 0: workers, epochs, intervals where 0 is off
+IMAGE_SIDE = bounded(int, min=1, max=MAX_IMAGE_SIDE)  # every image-size flag
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,29 @@ def comma_list(
 def option(*flags: str, default: Any = None, group: str = "", **argparse_kwargs: Any) -> Any:
     """A config field that is also a flag: its default, once, and the `add_argument` arguments that read its text."""
     return field(default=default, metadata={"flags": flags, "group": group, "argparse": argparse_kwargs})
+
+
+def switch(*flags: str, group: str = "", help: str) -> Any:
+    """An on/off config field: a flag that takes no value, off (False) unless given."""
+    return option(*flags, default=False, group=group, action="store_true", help=help)
+
+
+@dataclass(frozen=True)
+class FlagGroup:
+    """The argparse group `title`, so that its fields do not repeat it: `DATA.option(...)`, `DATA.switch(...)`."""
+
+    title: str
+
+    def option(self, *flags: str, default: Any = None, **argparse_kwargs: Any) -> Any:
+        return option(*flags, default=default, group=self.title, **argparse_kwargs)
+
+    def switch(self, *flags: str, help: str) -> Any:
+        return switch(*flags, group=self.title, help=help)
+
+
+# The groups the commands share (train adds its own).
+DATA, MODEL, INPUT = FlagGroup("data"), FlagGroup("model"), FlagGroup("input")
+RUNTIME, COMPILATION = FlagGroup("runtime"), FlagGroup("compilation")
 
 
 def add_fields(
@@ -189,18 +218,10 @@ DATASET_HELP = (
 class DatasetSource(FlagFields):
     """DATA, --data-dir, --dataset/-d, --dataset-download, as timm's scripts."""
 
-    data: str | None = option("data", nargs="?", metavar="DATA", group="data", help="dataset root")
-    data_dir: str | None = option(
-        "--data-dir", group="data", help="dataset root (alternative to DATA; where torch/* data live)"
-    )
-    dataset: str = option("--dataset", "-d", default="", group="data", help=DATASET_HELP)
-    dataset_download: bool = option(
-        "--dataset-download",
-        default=False,
-        action="store_true",
-        group="data",
-        help="download torch/* datasets when missing",
-    )
+    data: str | None = DATA.option("data", nargs="?", metavar="DATA", help="dataset root")
+    data_dir: str | None = DATA.option("--data-dir", help="dataset root (alternative to DATA; where torch/* data live)")
+    dataset: str = DATA.option("--dataset", "-d", default="", help=DATASET_HELP)
+    dataset_download: bool = DATA.switch("--dataset-download", help="download torch/* datasets when missing")
 
 
 # --model of the commands that load one checkpoint: without it, the model the checkpoint records (`load_model`).
@@ -213,28 +234,15 @@ RECORDED_MODEL_HELP = (
 class ModelSource(FlagFields):
     """--model, --checkpoint, --num-classes, --in-chans, --use-ema, --unsafe-load."""
 
-    model: str | None = option(
-        "--model", default=DEFAULT_MODEL, group="model", help="model name (see `sequencer summary`)"
+    model: str | None = MODEL.option("--model", default=DEFAULT_MODEL, help="model name (see `sequencer summary`)")
+    checkpoint: str = MODEL.option("--checkpoint", default="", help="weights file (.pth, .pth.tar, .safetensors)")
+    num_classes: int | None = MODEL.option(
+        "--num-classes", type=POSITIVE_INT, help="classes of the head (default: the data's)"
     )
-    checkpoint: str = option(
-        "--checkpoint", default="", group="model", help="weights file (.pth, .pth.tar, .safetensors)"
-    )
-    num_classes: int | None = option(
-        "--num-classes", type=bounded(int, min=1), group="model", help="classes of the head (default: the data's)"
-    )
-    in_chans: int = option("--in-chans", default=3, type=bounded(int, min=1), group="model", help="input channels")
-    use_ema: bool = option(
-        "--use-ema",
-        default=False,
-        action="store_true",
-        group="model",
-        help="load the EMA weights of a training checkpoint",
-    )
-    unsafe_load: bool = option(
+    in_chans: int = MODEL.option("--in-chans", default=3, type=POSITIVE_INT, help="input channels")
+    use_ema: bool = MODEL.switch("--use-ema", help="load the EMA weights of a training checkpoint")
+    unsafe_load: bool = MODEL.switch(
         "--unsafe-load",
-        default=False,
-        action="store_true",
-        group="model",
         help="read checkpoints that hold Python objects besides tensors with full pickle: this runs code from the "
         "file, so only for files you trust (safetensors and plain tensor checkpoints never need it)",
     )
@@ -244,48 +252,36 @@ class ModelSource(FlagFields):
 class RecordedModelSource(ModelSource):
     """`ModelSource` of the commands that load one checkpoint: --model defaults to the one it records."""
 
-    model: str | None = option("--model", group="model", help=RECORDED_MODEL_HELP)
+    model: str | None = MODEL.option("--model", help=RECORDED_MODEL_HELP)
 
 
 @dataclass(frozen=True)
 class InputOverrides(FlagFields):
     """--img-size, --input-size, --crop-pct, --mean, --std, --interpolation (default: the model's config)."""
 
-    img_size: int | None = option(
-        "--img-size",
-        type=IMAGE_SIDE,
-        group="input",
-        help="square input size (default: the model's, 224 for the paper's variants)",
+    img_size: int | None = INPUT.option(
+        "--img-size", type=IMAGE_SIDE, help="square input size (default: the model's, 224 for the paper's variants)"
     )
-    input_size: tuple[int, int, int] | None = option(
+    input_size: tuple[int, int, int] | None = INPUT.option(
         "--input-size",
         type=IMAGE_SIDE,
         nargs=3,
         metavar=("C", "H", "W"),
-        group="input",
         help="input size C H W (overrides --img-size; default: the model's)",
     )
-    crop_pct: float | None = option(
-        "--crop-pct",
-        type=bounded(float, above=0, max=1),
-        group="input",
-        help="centre-crop fraction for evaluation (default: the model's, 0.875)",
+    crop_pct: float | None = INPUT.option(
+        "--crop-pct", type=FRACTION, help="centre-crop fraction for evaluation (default: the model's, 0.875)"
     )
-    mean: tuple[float, ...] | None = option(
-        "--mean", type=float, nargs="+", group="input", help="normalisation mean (default: the model's, ImageNet's)"
+    mean: tuple[float, ...] | None = INPUT.option(
+        "--mean", type=float, nargs="+", help="normalisation mean (default: the model's, ImageNet's)"
     )
-    std: tuple[float, ...] | None = option(
-        "--std",
-        type=bounded(float, above=0),
-        nargs="+",
-        group="input",
-        help="normalisation std (default: the model's, ImageNet's)",
+    std: tuple[float, ...] | None = INPUT.option(
+        "--std", type=POSITIVE, nargs="+", help="normalisation std (default: the model's, ImageNet's)"
     )
-    interpolation: str = option(
+    interpolation: str = INPUT.option(
         "--interpolation",
         default="",
         choices=INTERPOLATIONS,
-        group="input",
         help="resize interpolation (default: the model's, bicubic)",
     )
 
@@ -294,35 +290,27 @@ class InputOverrides(FlagFields):
 class Runtime(FlagFields):
     """--device, --amp, --amp-dtype, -b, -j, --threads."""
 
-    device: str | None = option("--device", group="runtime", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    amp: bool = option(
-        "--amp",
-        "--native-amp",
-        default=False,
-        action="store_true",
-        group="runtime",
-        help="automatic mixed precision (float16 on GPU, bfloat16 on CPU)",
+    device: str | None = RUNTIME.option("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    amp: bool = RUNTIME.switch(
+        "--amp", "--native-amp", help="automatic mixed precision (float16 on GPU, bfloat16 on CPU)"
     )
-    amp_dtype: str | None = option("--amp-dtype", choices=AMP_DTYPES, group="runtime", help="override the AMP dtype")
-    batch_size: int | None = option(
-        "-b", "--batch-size", default=32, type=bounded(int, min=1), group="runtime", help="batch size (per process)"
+    amp_dtype: str | None = RUNTIME.option("--amp-dtype", choices=AMP_DTYPES, help="override the AMP dtype")
+    batch_size: int | None = RUNTIME.option(
+        "-b", "--batch-size", default=32, type=POSITIVE_INT, help="batch size (per process)"
     )
-    workers: int | None = option(
-        "-j", "--workers", default=2, type=bounded(int, min=0), group="runtime", help="data-loading worker processes"
-    )
-    threads: int | None = option("--threads", type=bounded(int, min=1), group="runtime", help="torch CPU threads")
+    workers: int | None = RUNTIME.option("-j", "--workers", default=2, type=COUNT, help="data-loading worker processes")
+    threads: int | None = RUNTIME.option("--threads", type=POSITIVE_INT, help="torch CPU threads")
 
 
 @dataclass(frozen=True)
 class Compilation(FlagFields):
     """--torchcompile [BACKEND], as in timm's scripts."""
 
-    torchcompile: str | None = option(
+    torchcompile: str | None = COMPILATION.option(
         "--torchcompile",
         nargs="?",
         const="inductor",
         metavar="BACKEND",
-        group="compilation",
         help="run the model through torch.compile (backend: inductor unless named)",
     )
 
