@@ -1,8 +1,9 @@
-"""The flags as data: each flag a field of a frozen config dataclass (`option`), with its default, type, range and
-help once; the parsers are built from these fields (`add_fields`) and a value given from Python is checked by the same
-types (`FlagFields`). The groups several commands share live here (`DatasetSource`, `ModelSource`, `InputOverrides`,
-`Runtime`, `Compilation`), beside the argparse types that check a value: ranges (`bounded`), comma lists
-(`comma_list`) and writable outputs (`writable_path`).
+"""The flags as data: each flag a field of a frozen config dataclass (`option`, `switch` for on/off flags, or a
+`FlagGroup`'s, which names its argparse group once), with its default, type, range and help once; the parsers are built
+from these fields (`add_fields`) and a value given from Python is checked by the same types (`FlagFields`). The groups
+several commands share live here (`DatasetSource`, `ModelSource`, `InputOverrides`, `Runtime`, `Compilation`), beside
+the argparse types that check a value: ranges (`bounded`, and those many flags share: `PROBABILITY`, `POSITIVE_INT`,
+...), comma lists (`comma_list`) and writable outputs (`writable_path`).
 
 Standard library only: the library reads its defaults here, and building a parser must not import torch.
 """
