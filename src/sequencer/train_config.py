@@ -29,15 +29,25 @@ from sequencer.choices import (
     TRAIN_INTERPOLATIONS,
 )
 from sequencer.config import (
+    COMPILATION,
+    COUNT,
+    DATA,
+    FRACTION,
+    MODEL,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    RUNTIME,
     Compilation,
     DatasetSource,
+    FlagGroup,
     InputOverrides,
     KeyValues,
     ModelSource,
     Runtime,
     add_fields,
     bounded,
-    option,
     option_names,
     parser_of,
     read_config_file,
@@ -50,686 +60,372 @@ def _recipe(key: str) -> str:
     return f" (default: {TIMM_RECIPE[key]}; digits demo: {DIGITS_RECIPE[key]})"
 
 
+# train's own flag groups, beside the shared ones (DATA, MODEL, RUNTIME, COMPILATION).
+OPTIMIZER, SCHEDULE = FlagGroup("optimizer"), FlagGroup("learning-rate schedule")
+AUG = FlagGroup("augmentation and regularisation")
+EMA, OUTPUT, BATCHNORM = FlagGroup("model EMA"), FlagGroup("output"), FlagGroup("BatchNorm")
+
+
 @dataclass(frozen=True)
 class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSource):
     """The flags of `sequencer train` (`sequencer train --help` says what each does), keyword by dest."""
 
     # The groups shared with the other commands, with train's own defaults.
-    data: str | None = option(
+    data: str | None = DATA.option(
         "data",
         nargs="?",
         metavar="DATA",
-        group="data",
         help="dataset root with train/<class>/* and val/<class>/*; none: the built-in digits demo",
     )
-    model: str | None = option("--model", group="model", help="model name (see `sequencer summary`)" + _recipe("model"))
-    checkpoint: str = option(
+    model: str | None = MODEL.option("--model", help="model name (see `sequencer summary`)" + _recipe("model"))
+    checkpoint: str = MODEL.option(
         "--initial-checkpoint",
         "--checkpoint",
         default="",
-        group="model",
         help="start from these weights; a head of another size is re-initialised",
     )
-    batch_size: int | None = option(
-        "-b",
-        "--batch-size",
-        type=bounded(int, min=1),
-        group="runtime",
-        help="batch size per process" + _recipe("batch_size"),
+    batch_size: int | None = RUNTIME.option(
+        "-b", "--batch-size", type=POSITIVE_INT, help="batch size per process" + _recipe("batch_size")
     )
-    workers: int | None = option(
-        "-j",
-        "--workers",
-        type=bounded(int, min=0),
-        group="runtime",
-        help="data-loading worker processes" + _recipe("workers"),
+    workers: int | None = RUNTIME.option(
+        "-j", "--workers", type=COUNT, help="data-loading worker processes" + _recipe("workers")
     )
 
-    config: str = option(
+    config: str = DATA.option(
         "-c",
         "--config",
         default="",
         metavar="YAML",
-        group="data",
         help="take the flags from this file (a run's args.yaml, as timm's train.py writes); the command line wins",
     )
-    train_split: str = option("--train-split", default="train", group="data", help="training split")
-    val_split: str = option(
-        "--val-split", default="validation", group="data", help="held-out split (val/ or validation/ folder)"
+    train_split: str = DATA.option("--train-split", default="train", help="training split")
+    val_split: str = DATA.option(
+        "--val-split", default="validation", help="held-out split (val/ or validation/ folder)"
     )
 
-    pretrained: bool = option(
-        "--pretrained",
-        default=False,
-        action="store_true",
-        group="model",
-        help="start from the released ImageNet weights",
-    )
-    resume: str = option(
+    pretrained: bool = MODEL.switch("--pretrained", help="start from the released ImageNet weights")
+    resume: str = MODEL.option(
         "--resume",
         default="",
         metavar="PATH|auto",
-        group="model",
         help="continue a run from its last.pth.tar: its weights, optimizer state, EMA and epoch; the schedule and "
         "every other setting follow these flags (model, classes, input size, optimizer and layer decay must match). "
         "auto: -o/--output's last.pth.tar when there is one, else a new run there, so that one unchanged command "
         "serves every restart (torchrun --max-restarts, a requeued job)",
     )
-    no_resume_opt: bool = option(
-        "--no-resume-opt",
-        default=False,
-        action="store_true",
-        group="model",
-        help="with --resume, do not restore optimizer state",
+    no_resume_opt: bool = MODEL.switch("--no-resume-opt", help="with --resume, do not restore optimizer state")
+    start_epoch: int | None = MODEL.option("--start-epoch", type=int, help="epoch to start at (default: 0 or resumed)")
+    drop: float = MODEL.option("--drop", default=0.0, type=PROBABILITY, help="dropout rate")
+    drop_path: float = MODEL.option(
+        "--drop-path", default=0.0, type=PROBABILITY, help="stochastic depth rate (linear over blocks)"
     )
-    start_epoch: int | None = option(
-        "--start-epoch", type=int, group="model", help="epoch to start at (default: 0 or resumed)"
-    )
-    drop: float = option("--drop", default=0.0, type=bounded(float, min=0, max=1), group="model", help="dropout rate")
-    drop_path: float = option(
-        "--drop-path",
-        default=0.0,
-        type=bounded(float, min=0, max=1),
-        group="model",
-        help="stochastic depth rate (linear over blocks)",
-    )
-    grad_checkpointing: bool = option(
-        "--grad-checkpointing",
-        default=False,
-        action="store_true",
-        group="model",
-        help="recompute activations to save memory",
-    )
-    rnn_impl: str = option(
+    grad_checkpointing: bool = MODEL.switch("--grad-checkpointing", help="recompute activations to save memory")
+    rnn_impl: str = MODEL.option(
         "--rnn-impl",
         default="auto",
         choices=IMPLEMENTATIONS,
-        group="model",
         help="how the mixers run their recurrences: auto is nn.LSTM in eager mode and the rnn2d op under "
         "--torchcompile; fused is the CPU path that trains faster at larger batches (BENCHMARKS.md)",
     )
-    validation_batch_size: int | None = option(
-        "-vb", "--validation-batch-size", type=bounded(int, min=1), group="runtime", help="default: --batch-size"
+    validation_batch_size: int | None = RUNTIME.option(
+        "-vb", "--validation-batch-size", type=POSITIVE_INT, help="default: --batch-size"
     )
 
-    opt: str | None = option(
-        "--opt", group="optimizer", help="timm optimizer name: adamw, sgd, lamb, ..." + _recipe("opt")
+    opt: str | None = OPTIMIZER.option("--opt", help="timm optimizer name: adamw, sgd, lamb, ..." + _recipe("opt"))
+    opt_eps: float | None = OPTIMIZER.option("--opt-eps", type=float, help="optimizer epsilon")
+    opt_betas: tuple[float, ...] | None = OPTIMIZER.option("--opt-betas", type=float, nargs="+", help="optimizer betas")
+    momentum: float = OPTIMIZER.option("--momentum", default=0.9, type=PROBABILITY, help="SGD momentum")
+    weight_decay: float | None = OPTIMIZER.option(
+        "--weight-decay", type=NON_NEGATIVE, help="weight decay" + _recipe("weight_decay")
     )
-    opt_eps: float | None = option("--opt-eps", type=float, group="optimizer", help="optimizer epsilon")
-    opt_betas: tuple[float, ...] | None = option(
-        "--opt-betas", type=float, nargs="+", group="optimizer", help="optimizer betas"
+    clip_grad: float | None = OPTIMIZER.option(
+        "--clip-grad", type=POSITIVE, help="clip gradients at this norm (value, agc)"
     )
-    momentum: float = option(
-        "--momentum", default=0.9, type=bounded(float, min=0, max=1), group="optimizer", help="SGD momentum"
-    )
-    weight_decay: float | None = option(
-        "--weight-decay", type=bounded(float, min=0), group="optimizer", help="weight decay" + _recipe("weight_decay")
-    )
-    clip_grad: float | None = option(
-        "--clip-grad",
-        type=bounded(float, above=0),
-        group="optimizer",
-        help="clip gradients at this norm (value, agc)",
-    )
-    clip_mode: str = option(
-        "--clip-mode", default="norm", choices=CLIP_MODES, group="optimizer", help="gradient clipping mode"
-    )
-    layer_decay: float | None = option(
-        "--layer-decay", type=float, group="optimizer", help="layer-wise learning-rate decay"
-    )
+    clip_mode: str = OPTIMIZER.option("--clip-mode", default="norm", choices=CLIP_MODES, help="gradient clipping mode")
+    layer_decay: float | None = OPTIMIZER.option("--layer-decay", type=float, help="layer-wise learning-rate decay")
 
-    sched: str = option(
-        "--sched", default="cosine", choices=SCHEDULERS, group="learning-rate schedule", help="timm scheduler"
-    )
-    sched_on_updates: bool | None = option(
+    sched: str = SCHEDULE.option("--sched", default="cosine", choices=SCHEDULERS, help="timm scheduler")
+    sched_on_updates: bool | None = SCHEDULE.option(
         "--sched-on-updates",
         action="store_true",
-        group="learning-rate schedule",
         help="step the schedule every update, not every epoch" + _recipe("sched_on_updates"),
     )
-    lr: float | None = option(
+    lr: float | None = SCHEDULE.option(
         "--lr",
-        type=bounded(float, min=0),  # 0 is legitimate: a run that only checks loading or evaluates
-        group="learning-rate schedule",
+        type=NON_NEGATIVE,  # 0 is legitimate: a run that only checks loading or evaluates
         help=f"learning rate (default: --lr-base scaled by the global batch; digits demo: {DIGITS_RECIPE['lr']})",
     )
-    lr_base: float = option(
-        "--lr-base",
-        default=0.1,
-        type=bounded(float, min=0),
-        group="learning-rate schedule",
-        help="learning rate at --lr-base-size images per step",
+    lr_base: float = SCHEDULE.option(
+        "--lr-base", default=0.1, type=NON_NEGATIVE, help="learning rate at --lr-base-size images per step"
     )
-    lr_base_size: int = option(
-        "--lr-base-size",
-        default=256,
-        type=bounded(int, min=1),
-        group="learning-rate schedule",
-        help="global batch size of --lr-base",
+    lr_base_size: int = SCHEDULE.option(
+        "--lr-base-size", default=256, type=POSITIVE_INT, help="global batch size of --lr-base"
     )
-    lr_base_scale: str = option(
+    lr_base_scale: str = SCHEDULE.option(
         "--lr-base-scale",
         default="",
         choices=LR_BASE_SCALES,
-        group="learning-rate schedule",
         help="scaling rule of --lr-base (default: sqrt for adaptive optimizers, else linear)",
     )
-    warmup_lr: float | None = option(
-        "--warmup-lr",
-        type=bounded(float, min=0),
-        group="learning-rate schedule",
-        help="learning rate at the start of warm-up" + _recipe("warmup_lr"),
+    warmup_lr: float | None = SCHEDULE.option(
+        "--warmup-lr", type=NON_NEGATIVE, help="learning rate at the start of warm-up" + _recipe("warmup_lr")
     )
-    min_lr: float | None = option(
-        "--min-lr",
-        type=bounded(float, min=0),
-        group="learning-rate schedule",
-        help="floor of the schedule and rate of the cool-down" + _recipe("min_lr"),
+    min_lr: float | None = SCHEDULE.option(
+        "--min-lr", type=NON_NEGATIVE, help="floor of the schedule and rate of the cool-down" + _recipe("min_lr")
     )
-    epochs: int | None = option(
+    epochs: int | None = SCHEDULE.option(
         "--epochs",
-        type=bounded(int, min=1),
-        group="learning-rate schedule",
+        type=POSITIVE_INT,
         help="epochs of the schedule; --cooldown-epochs more follow at --min-lr" + _recipe("epochs"),
     )
-    warmup_epochs: int | None = option(
-        "--warmup-epochs",
-        type=bounded(int, min=0),
-        group="learning-rate schedule",
-        help="linear warm-up epochs" + _recipe("warmup_epochs"),
+    warmup_epochs: int | None = SCHEDULE.option(
+        "--warmup-epochs", type=COUNT, help="linear warm-up epochs" + _recipe("warmup_epochs")
     )
-    warmup_prefix: bool = option(
-        "--warmup-prefix",
-        default=False,
-        action="store_true",
-        group="learning-rate schedule",
-        help="warm-up before, not within, --epochs",
-    )
-    cooldown_epochs: int | None = option(
+    warmup_prefix: bool = SCHEDULE.switch("--warmup-prefix", help="warm-up before, not within, --epochs")
+    cooldown_epochs: int | None = SCHEDULE.option(
         "--cooldown-epochs",
-        type=bounded(int, min=0),
-        group="learning-rate schedule",
+        type=COUNT,
         help="epochs at --min-lr after the schedule, as timm 0.5.4" + _recipe("cooldown_epochs"),
     )
-    decay_epochs: float = option(
-        "--decay-epochs",
-        default=100,
-        type=float,
-        group="learning-rate schedule",
-        help="step schedule: epochs between decays",
+    decay_epochs: float = SCHEDULE.option(
+        "--decay-epochs", default=100, type=float, help="step schedule: epochs between decays"
     )
-    decay_milestones: tuple[int, ...] = option(
-        "--decay-milestones",
-        default=(90, 180, 270),
-        type=int,
-        nargs="+",
-        group="learning-rate schedule",
-        help="multistep schedule: epochs to decay at",
+    decay_milestones: tuple[int, ...] = SCHEDULE.option(
+        "--decay-milestones", default=(90, 180, 270), type=int, nargs="+", help="multistep schedule: epochs to decay at"
     )
-    decay_rate: float = option(
-        "--decay-rate",
-        "--dr",
-        default=0.1,
-        type=float,
-        group="learning-rate schedule",
-        help="step / multistep decay factor",
+    decay_rate: float = SCHEDULE.option(
+        "--decay-rate", "--dr", default=0.1, type=float, help="step / multistep decay factor"
     )
 
-    no_aug: bool = option(
-        "--no-aug",
-        default=False,
-        action="store_true",
-        group="augmentation and regularisation",
-        help="no training augmentation",
+    no_aug: bool = AUG.switch("--no-aug", help="no training augmentation")
+    scale: tuple[float, float] | None = AUG.option(
+        "--scale", type=FRACTION, nargs=2, help="random-resized-crop area range" + _recipe("scale")
     )
-    scale: tuple[float, float] | None = option(
-        "--scale",
-        type=bounded(float, above=0, max=1),
-        nargs=2,
-        group="augmentation and regularisation",
-        help="random-resized-crop area range" + _recipe("scale"),
+    ratio: tuple[float, float] = AUG.option(
+        "--ratio", default=(3 / 4, 4 / 3), type=POSITIVE, nargs=2, help="random-resized-crop aspect range"
     )
-    ratio: tuple[float, float] = option(
-        "--ratio",
-        default=(3 / 4, 4 / 3),
-        type=bounded(float, above=0),
-        nargs=2,
-        group="augmentation and regularisation",
-        help="random-resized-crop aspect range",
+    hflip: float | None = AUG.option("--hflip", type=PROBABILITY, help="horizontal flip probability" + _recipe("hflip"))
+    vflip: float = AUG.option("--vflip", default=0.0, type=PROBABILITY, help="vertical flip probability")
+    color_jitter: float | None = AUG.option(
+        "--color-jitter", type=float, help="colour jitter strength" + _recipe("color_jitter")
     )
-    hflip: float | None = option(
-        "--hflip",
-        type=bounded(float, min=0, max=1),
-        group="augmentation and regularisation",
-        help="horizontal flip probability" + _recipe("hflip"),
-    )
-    vflip: float = option(
-        "--vflip",
-        default=0.0,
-        type=bounded(float, min=0, max=1),
-        group="augmentation and regularisation",
-        help="vertical flip probability",
-    )
-    color_jitter: float | None = option(
-        "--color-jitter",
-        type=float,
-        group="augmentation and regularisation",
-        help="colour jitter strength" + _recipe("color_jitter"),
-    )
-    aa: str | None = option(
-        "--aa",
-        group="augmentation and regularisation",
-        help="AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1",
-    )
-    train_interpolation: str | None = option(
+    aa: str | None = AUG.option("--aa", help="AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1")
+    train_interpolation: str | None = AUG.option(
         "--train-interpolation",
         choices=TRAIN_INTERPOLATIONS,
-        group="augmentation and regularisation",
         help="training resize interpolation" + _recipe("train_interpolation"),
     )
-    reprob: float = option(
-        "--reprob",
-        default=0.0,
-        type=bounded(float, min=0, max=1),
-        group="augmentation and regularisation",
-        help="random-erasing probability",
+    reprob: float = AUG.option("--reprob", default=0.0, type=PROBABILITY, help="random-erasing probability")
+    remode: str = AUG.option("--remode", default="pixel", choices=ERASING_MODES, help="random-erasing mode")
+    recount: int = AUG.option("--recount", default=1, type=POSITIVE_INT, help="random-erasing count")
+    mixup: float = AUG.option("--mixup", default=0.0, type=NON_NEGATIVE, help="mixup alpha (on when > 0)")
+    cutmix: float = AUG.option("--cutmix", default=0.0, type=NON_NEGATIVE, help="cutmix alpha (on when > 0)")
+    cutmix_minmax: tuple[float, float] | None = AUG.option(
+        "--cutmix-minmax", type=FRACTION, nargs=2, help="cutmix box ratio range"
     )
-    remode: str = option(
-        "--remode",
-        default="pixel",
-        choices=ERASING_MODES,
-        group="augmentation and regularisation",
-        help="random-erasing mode",
+    mixup_prob: float = AUG.option(
+        "--mixup-prob", default=1.0, type=PROBABILITY, help="probability of mixup or cutmix per batch"
     )
-    recount: int = option(
-        "--recount",
-        default=1,
-        type=bounded(int, min=1),
-        group="augmentation and regularisation",
-        help="random-erasing count",
+    mixup_switch_prob: float = AUG.option(
+        "--mixup-switch-prob", default=0.5, type=PROBABILITY, help="probability of cutmix instead of mixup"
     )
-    mixup: float = option(
-        "--mixup",
-        default=0.0,
-        type=bounded(float, min=0),
-        group="augmentation and regularisation",
-        help="mixup alpha (on when > 0)",
+    mixup_mode: str = AUG.option("--mixup-mode", default="batch", choices=MIXUP_MODES, help="mixup granularity")
+    mixup_off_epoch: int = AUG.option(
+        "--mixup-off-epoch", default=0, type=int, help="turn mixup off from this epoch (0: never)"
     )
-    cutmix: float = option(
-        "--cutmix",
-        default=0.0,
-        type=bounded(float, min=0),
-        group="augmentation and regularisation",
-        help="cutmix alpha (on when > 0)",
-    )
-    cutmix_minmax: tuple[float, float] | None = option(
-        "--cutmix-minmax",
-        type=bounded(float, above=0, max=1),
-        nargs=2,
-        group="augmentation and regularisation",
-        help="cutmix box ratio range",
-    )
-    mixup_prob: float = option(
-        "--mixup-prob",
-        default=1.0,
-        type=bounded(float, min=0, max=1),
-        group="augmentation and regularisation",
-        help="probability of mixup or cutmix per batch",
-    )
-    mixup_switch_prob: float = option(
-        "--mixup-switch-prob",
-        default=0.5,
-        type=bounded(float, min=0, max=1),
-        group="augmentation and regularisation",
-        help="probability of cutmix instead of mixup",
-    )
-    mixup_mode: str = option(
-        "--mixup-mode",
-        default="batch",
-        choices=MIXUP_MODES,
-        group="augmentation and regularisation",
-        help="mixup granularity",
-    )
-    mixup_off_epoch: int = option(
-        "--mixup-off-epoch",
-        default=0,
-        type=int,
-        group="augmentation and regularisation",
-        help="turn mixup off from this epoch (0: never)",
-    )
-    smoothing: float = option(
-        "--smoothing",
-        default=0.1,
-        type=bounded(float, min=0, max=1),
-        group="augmentation and regularisation",
-        help="label smoothing",
-    )
+    smoothing: float = AUG.option("--smoothing", default=0.1, type=PROBABILITY, help="label smoothing")
 
-    model_ema: bool = option(
-        "--model-ema",
-        default=False,
-        action="store_true",
-        group="model EMA",
-        help="keep an exponential moving average of the weights",
-    )
-    model_ema_decay: float = option(
-        "--model-ema-decay", default=0.9998, type=bounded(float, min=0, max=1), group="model EMA", help="EMA decay"
-    )
-    model_ema_warmup: bool = option(
-        "--model-ema-warmup",
-        default=False,
-        action="store_true",
-        group="model EMA",
-        help="ramp the EMA decay up over the first steps",
-    )
-    model_ema_force_cpu: bool = option(
-        "--model-ema-force-cpu", default=False, action="store_true", group="model EMA", help="keep the EMA on the CPU"
-    )
+    model_ema: bool = EMA.switch("--model-ema", help="keep an exponential moving average of the weights")
+    model_ema_decay: float = EMA.option("--model-ema-decay", default=0.9998, type=PROBABILITY, help="EMA decay")
+    model_ema_warmup: bool = EMA.switch("--model-ema-warmup", help="ramp the EMA decay up over the first steps")
+    model_ema_force_cpu: bool = EMA.switch("--model-ema-force-cpu", help="keep the EMA on the CPU")
 
-    seed: int = option("--seed", default=42, type=int, group="output", help="random seed (per epoch and rank)")
-    output: str = option(
+    seed: int = OUTPUT.option("--seed", default=42, type=int, help="random seed (per epoch and rank)")
+    output: str = OUTPUT.option(
         "-o",
         "--output",
         default="",
         type=functools.partial(writable_path, kind="folder"),
         metavar="PATH",
-        group="output",
         help="output folder (default: output/train/<date>-<model>-<size>)",
     )
-    experiment: str = option(
-        "--experiment",
-        default="",
-        group="output",
-        help="sub-folder of --output for this run (without -o: output/train/NAME)",
+    experiment: str = OUTPUT.option(
+        "--experiment", default="", help="sub-folder of --output for this run (without -o: output/train/NAME)"
     )
-    eval_metric: str = option(
-        "--eval-metric",
-        default="top1",
-        choices=EVAL_METRICS,
-        group="output",
-        help="metric that picks model_best.pth.tar",
+    eval_metric: str = OUTPUT.option(
+        "--eval-metric", default="top1", choices=EVAL_METRICS, help="metric that picks model_best.pth.tar"
     )
-    checkpoint_hist: int = option(
+    checkpoint_hist: int = OUTPUT.option(
         "--checkpoint-hist",
         default=10,
-        type=bounded(int, min=0),
+        type=COUNT,
         metavar="N",
-        group="output",
         help="keep the N best epochs as checkpoint-EPOCH.pth.tar, ranked by --eval-metric, for `sequencer average` "
         "(0: none; default: 10, as timm)",
     )
-    log_interval: int = option(
+    log_interval: int = OUTPUT.option(
         "--log-interval",
         default=50,
-        type=bounded(int, min=1),
+        type=POSITIVE_INT,
         metavar="N",
-        group="output",
         help="every N steps, log the loss, learning rate and images/s when no progress bar is drawn (a pipe, "
         "--no-progress); the loss is read from the device and checked for NaN only then, not at every step",
     )
-    no_progress: bool = option(
-        "--no-progress", default=False, action="store_true", group="output", help="no progress bar"
-    )
+    no_progress: bool = OUTPUT.switch("--no-progress", help="no progress bar")
 
     # The rest of timm 1.0's train.py flags, with its meanings and defaults.
-    class_map: str = option(
-        "--class-map", default="", metavar="FILE", group="data", help="class name -> index file: train on these classes"
+    class_map: str = DATA.option(
+        "--class-map", default="", metavar="FILE", help="class name -> index file: train on these classes"
     )
-    input_img_mode: str | None = option(
+    input_img_mode: str | None = DATA.option(
         "--input-img-mode",
-        group="data",
         help="PIL mode images are read in (default: RGB for 3 input channels, L for 1), e.g. L with --in-chans 1",
     )
-    train_num_samples: int | None = option(
-        "--train-num-samples", type=bounded(int, min=1), group="data", help="images of a streamed training split"
+    train_num_samples: int | None = DATA.option(
+        "--train-num-samples", type=POSITIVE_INT, help="images of a streamed training split"
     )
-    val_num_samples: int | None = option(
-        "--val-num-samples", type=bounded(int, min=1), group="data", help="images of a streamed held-out split"
+    val_num_samples: int | None = DATA.option(
+        "--val-num-samples", type=POSITIVE_INT, help="images of a streamed held-out split"
     )
-    input_key: str | None = option("--input-key", group="data", help="streamed datasets: the image field")
-    target_key: str | None = option("--target-key", group="data", help="streamed datasets: the label field")
-    dataset_trust_remote_code: bool = option(
-        "--dataset-trust-remote-code",
-        default=False,
-        action="store_true",
-        group="data",
-        help="hfds/: run the dataset's code",
-    )
-    epoch_repeats: float = option(
+    input_key: str | None = DATA.option("--input-key", help="streamed datasets: the image field")
+    target_key: str | None = DATA.option("--target-key", help="streamed datasets: the label field")
+    dataset_trust_remote_code: bool = DATA.switch("--dataset-trust-remote-code", help="hfds/: run the dataset's code")
+    epoch_repeats: float = DATA.option(
         "--epoch-repeats",
         default=0.0,
-        type=bounded(float, min=0),
-        group="data",
+        type=NON_NEGATIVE,
         help="streamed training split: passes over it per epoch (0: one)",
     )
-    pretrained_path: str | None = option(
-        "--pretrained-path", group="model", help="start from these weights as pretrained ones (the head adapted)"
+    pretrained_path: str | None = MODEL.option(
+        "--pretrained-path", help="start from these weights as pretrained ones (the head adapted)"
     )
-    gp: str | None = option("--gp", choices=("avg",), group="model", help="global pool: avg, the one Sequencer has")
-    drop_connect: float | None = option(
-        "--drop-connect", type=bounded(float, min=0, max=1), group="model", help="deprecated name of --drop-path"
+    gp: str | None = MODEL.option("--gp", choices=("avg",), help="global pool: avg, the one Sequencer has")
+    drop_connect: float | None = MODEL.option("--drop-connect", type=PROBABILITY, help="deprecated name of --drop-path")
+    drop_block: float | None = MODEL.option("--drop-block", type=float, help="DropBlock rate (CNNs only)")
+    model_kwargs: dict[str, Any] | None = MODEL.option(
+        "--model-kwargs", nargs="*", action=KeyValues, metavar="KEY=VALUE", help="more model arguments"
     )
-    drop_block: float | None = option("--drop-block", type=float, group="model", help="DropBlock rate (CNNs only)")
-    model_kwargs: dict[str, Any] | None = option(
-        "--model-kwargs", nargs="*", action=KeyValues, metavar="KEY=VALUE", group="model", help="more model arguments"
+    head_init_scale: float | None = MODEL.option(
+        "--head-init-scale", type=float, help="multiply the head's initial weights and bias by this"
     )
-    head_init_scale: float | None = option(
-        "--head-init-scale", type=float, group="model", help="multiply the head's initial weights and bias by this"
-    )
-    head_init_bias: float | None = option(
-        "--head-init-bias", type=float, group="model", help="initial value of the head's bias"
-    )
-    grad_accum_steps: int = option(
+    head_init_bias: float | None = MODEL.option("--head-init-bias", type=float, help="initial value of the head's bias")
+    grad_accum_steps: int = RUNTIME.option(
         "--grad-accum-steps",
         default=1,
-        type=bounded(int, min=1),
-        group="runtime",
+        type=POSITIVE_INT,
         help="accumulate the gradients of N batches per update (the --lr-base scaling counts them)",
     )
-    channels_last: bool = option(
-        "--channels-last", default=False, action="store_true", group="runtime", help="channels-last memory layout"
-    )
-    model_dtype: str | None = option(
+    channels_last: bool = RUNTIME.switch("--channels-last", help="channels-last memory layout")
+    model_dtype: str | None = RUNTIME.option(
         "--model-dtype",
         choices=("float32", "float16", "bfloat16"),
-        group="runtime",
         help="train the weights in this dtype (not with --amp)",
     )
-    torchcompile_mode: str | None = option(
-        "--torchcompile-mode", group="compilation", help="torch.compile mode: default, reduce-overhead, max-autotune"
+    torchcompile_mode: str | None = COMPILATION.option(
+        "--torchcompile-mode", help="torch.compile mode: default, reduce-overhead, max-autotune"
     )
-    torchscript: bool = option(
-        "--torchscript", default=False, action="store_true", group="compilation", help="train the TorchScript model"
+    torchscript: bool = COMPILATION.switch("--torchscript", help="train the TorchScript model")
+    synchronize_step: bool = RUNTIME.switch("--synchronize-step", help="wait for the device every step")
+    no_ddp_bb: bool = RUNTIME.switch("--no-ddp-bb", help="DDP without broadcasting buffers")
+    device_modules: tuple[str, ...] | None = RUNTIME.option(
+        "--device-modules", nargs="+", help="modules to import first (out-of-tree device backends)"
     )
-    synchronize_step: bool = option(
-        "--synchronize-step", default=False, action="store_true", group="runtime", help="wait for the device every step"
+    local_rank: int = RUNTIME.option("--local_rank", default=0, type=int, help="set by old launchers")
+    pin_mem: bool = RUNTIME.switch("--pin-mem", help="page-locked loader memory (GPU copies)")
+    use_multi_epochs_loader: bool = RUNTIME.switch(
+        "--use-multi-epochs-loader", help="keep the loader's workers from epoch to epoch"
     )
-    no_ddp_bb: bool = option(
-        "--no-ddp-bb", default=False, action="store_true", group="runtime", help="DDP without broadcasting buffers"
+    no_prefetcher: bool = RUNTIME.switch("--no-prefetcher", help="timm's CUDA prefetcher off")
+    worker_seeding: str = RUNTIME.option(
+        "--worker-seeding", default="all", choices=("all", "part"), help="loader workers' seeding"
     )
-    device_modules: tuple[str, ...] | None = option(
-        "--device-modules", nargs="+", group="runtime", help="modules to import first (out-of-tree device backends)"
+    fuser: str = RUNTIME.option("--fuser", default="", help="TorchScript fuser")
+    fast_norm: bool = RUNTIME.switch("--fast-norm", help="timm's fast norm layers")
+    layer_decay_min_scale: float = OPTIMIZER.option(
+        "--layer-decay-min-scale", default=0.0, type=float, help="floor of --layer-decay's scales"
     )
-    local_rank: int = option("--local_rank", default=0, type=int, group="runtime", help="set by old launchers")
-    pin_mem: bool = option(
-        "--pin-mem", default=False, action="store_true", group="runtime", help="page-locked loader memory (GPU copies)"
+    layer_decay_no_opt_scale: float | None = OPTIMIZER.option(
+        "--layer-decay-no-opt-scale", type=float, help="layers whose --layer-decay scale is below this are frozen"
     )
-    use_multi_epochs_loader: bool = option(
-        "--use-multi-epochs-loader",
-        default=False,
-        action="store_true",
-        group="runtime",
-        help="keep the loader's workers from epoch to epoch",
+    opt_kwargs: dict[str, Any] | None = OPTIMIZER.option(
+        "--opt-kwargs", nargs="*", action=KeyValues, metavar="KEY=VALUE", help="more optimizer arguments"
     )
-    no_prefetcher: bool = option(
-        "--no-prefetcher", default=False, action="store_true", group="runtime", help="timm's CUDA prefetcher off"
-    )
-    worker_seeding: str = option(
-        "--worker-seeding", default="all", choices=("all", "part"), group="runtime", help="loader workers' seeding"
-    )
-    fuser: str = option("--fuser", default="", group="runtime", help="TorchScript fuser")
-    fast_norm: bool = option(
-        "--fast-norm", default=False, action="store_true", group="runtime", help="timm's fast norm layers"
-    )
-    layer_decay_min_scale: float = option(
-        "--layer-decay-min-scale", default=0.0, type=float, group="optimizer", help="floor of --layer-decay's scales"
-    )
-    layer_decay_no_opt_scale: float | None = option(
-        "--layer-decay-no-opt-scale",
-        type=float,
-        group="optimizer",
-        help="layers whose --layer-decay scale is below this are frozen",
-    )
-    opt_kwargs: dict[str, Any] | None = option(
-        "--opt-kwargs",
-        nargs="*",
-        action=KeyValues,
-        metavar="KEY=VALUE",
-        group="optimizer",
-        help="more optimizer arguments",
-    )
-    lr_noise: tuple[float, ...] | None = option(
+    lr_noise: tuple[float, ...] | None = SCHEDULE.option(
         "--lr-noise",
         type=float,
         nargs="+",
         metavar="PCT",
-        group="learning-rate schedule",
         help="learning-rate noise on (and off) at these fractions of the epochs",
     )
-    lr_noise_pct: float = option(
-        "--lr-noise-pct", default=0.67, type=float, group="learning-rate schedule", help="noise limit (fraction)"
+    lr_noise_pct: float = SCHEDULE.option("--lr-noise-pct", default=0.67, type=float, help="noise limit (fraction)")
+    lr_noise_std: float = SCHEDULE.option("--lr-noise-std", default=1.0, type=float, help="noise std-dev")
+    lr_cycle_mul: float = SCHEDULE.option("--lr-cycle-mul", default=1.0, type=float, help="length factor of each cycle")
+    lr_cycle_decay: float = SCHEDULE.option(
+        "--lr-cycle-decay", default=0.5, type=float, help="peak factor of each cycle"
     )
-    lr_noise_std: float = option(
-        "--lr-noise-std", default=1.0, type=float, group="learning-rate schedule", help="noise std-dev"
+    lr_cycle_limit: int = SCHEDULE.option("--lr-cycle-limit", default=1, type=POSITIVE_INT, help="cycles (> 1: on)")
+    lr_k_decay: float = SCHEDULE.option("--lr-k-decay", default=1.0, type=float, help="k-decay of cosine / poly")
+    patience_epochs: int = SCHEDULE.option(
+        "--patience-epochs", default=10, type=COUNT, help="plateau schedule: epochs without improvement before a decay"
     )
-    lr_cycle_mul: float = option(
-        "--lr-cycle-mul", default=1.0, type=float, group="learning-rate schedule", help="length factor of each cycle"
+    train_crop_mode: str | None = AUG.option("--train-crop-mode", help="timm's training crop (rrc, rkrc, rkrr)")
+    color_jitter_prob: float | None = AUG.option(
+        "--color-jitter-prob", type=PROBABILITY, help="probability of colour jitter"
     )
-    lr_cycle_decay: float = option(
-        "--lr-cycle-decay", default=0.5, type=float, group="learning-rate schedule", help="peak factor of each cycle"
+    grayscale_prob: float | None = AUG.option("--grayscale-prob", type=PROBABILITY, help="grayscale")
+    gaussian_blur_prob: float | None = AUG.option(
+        "--gaussian-blur-prob", type=PROBABILITY, help="probability of Gaussian blur"
     )
-    lr_cycle_limit: int = option(
-        "--lr-cycle-limit", default=1, type=bounded(int, min=1), group="learning-rate schedule", help="cycles (> 1: on)"
-    )
-    lr_k_decay: float = option(
-        "--lr-k-decay", default=1.0, type=float, group="learning-rate schedule", help="k-decay of cosine / poly"
-    )
-    patience_epochs: int = option(
-        "--patience-epochs",
-        default=10,
-        type=bounded(int, min=0),
-        group="learning-rate schedule",
-        help="plateau schedule: epochs without improvement before a decay",
-    )
-    train_crop_mode: str | None = option(
-        "--train-crop-mode", group="augmentation and regularisation", help="timm's training crop (rrc, rkrc, rkrr)"
-    )
-    color_jitter_prob: float | None = option(
-        "--color-jitter-prob",
-        type=bounded(float, min=0, max=1),
-        group="augmentation and regularisation",
-        help="probability of colour jitter",
-    )
-    grayscale_prob: float | None = option(
-        "--grayscale-prob", type=bounded(float, min=0, max=1), group="augmentation and regularisation", help="grayscale"
-    )
-    gaussian_blur_prob: float | None = option(
-        "--gaussian-blur-prob",
-        type=bounded(float, min=0, max=1),
-        group="augmentation and regularisation",
-        help="probability of Gaussian blur",
-    )
-    aug_repeats: float = option(
+    aug_repeats: float = AUG.option(
         "--aug-repeats",
         default=0,
-        type=bounded(float, min=0),
-        group="augmentation and regularisation",
+        type=NON_NEGATIVE,
         help="repeated augmentation: each image N times per epoch, on different ranks (0: off)",
     )
-    aug_splits: int = option(
+    aug_splits: int = AUG.option(
         "--aug-splits",
         default=0,
-        type=bounded(int, min=0),
-        group="augmentation and regularisation",
+        type=COUNT,
         help="augmentation splits (0 or >= 2): a clean and N-1 augmented copies of each image, as AugMix",
     )
-    jsd_loss: bool = option(
-        "--jsd-loss",
-        default=False,
-        action="store_true",
-        group="augmentation and regularisation",
-        help="Jensen-Shannon divergence + CE loss over the --aug-splits",
-    )
-    bce_loss: bool = option(
-        "--bce-loss",
-        default=False,
-        action="store_true",
-        group="augmentation and regularisation",
-        help="binary cross-entropy",
-    )
-    bce_sum: bool = option(
-        "--bce-sum",
-        default=False,
-        action="store_true",
-        group="augmentation and regularisation",
-        help="BCE summed over classes",
-    )
-    bce_target_thresh: float | None = option(
-        "--bce-target-thresh", type=float, group="augmentation and regularisation", help="binarise BCE targets at this"
-    )
-    bce_pos_weight: float | None = option(
-        "--bce-pos-weight", type=float, group="augmentation and regularisation", help="BCE weight of positive targets"
-    )
-    resplit: bool = option(
-        "--resplit",
-        default=False,
-        action="store_true",
-        group="augmentation and regularisation",
-        help="no random erasing on the first (clean) --aug-splits split",
-    )
-    bn_momentum: float | None = option("--bn-momentum", type=float, group="BatchNorm", help="BatchNorm momentum")
-    bn_eps: float | None = option("--bn-eps", type=float, group="BatchNorm", help="BatchNorm epsilon")
-    sync_bn: bool = option("--sync-bn", default=False, action="store_true", group="BatchNorm", help="synchronised BN")
-    dist_bn: str = option("--dist-bn", default="reduce", group="BatchNorm", help="BN statistics across processes")
-    split_bn: bool = option("--split-bn", default=False, action="store_true", group="BatchNorm", help="BN per split")
-    val_interval: int = option(
+    jsd_loss: bool = AUG.switch("--jsd-loss", help="Jensen-Shannon divergence + CE loss over the --aug-splits")
+    bce_loss: bool = AUG.switch("--bce-loss", help="binary cross-entropy")
+    bce_sum: bool = AUG.switch("--bce-sum", help="BCE summed over classes")
+    bce_target_thresh: float | None = AUG.option("--bce-target-thresh", type=float, help="binarise BCE targets at this")
+    bce_pos_weight: float | None = AUG.option("--bce-pos-weight", type=float, help="BCE weight of positive targets")
+    resplit: bool = AUG.switch("--resplit", help="no random erasing on the first (clean) --aug-splits split")
+    bn_momentum: float | None = BATCHNORM.option("--bn-momentum", type=float, help="BatchNorm momentum")
+    bn_eps: float | None = BATCHNORM.option("--bn-eps", type=float, help="BatchNorm epsilon")
+    sync_bn: bool = BATCHNORM.switch("--sync-bn", help="synchronised BN")
+    dist_bn: str = BATCHNORM.option("--dist-bn", default="reduce", help="BN statistics across processes")
+    split_bn: bool = BATCHNORM.switch("--split-bn", help="BN per split")
+    val_interval: int = OUTPUT.option(
         "--val-interval",
         default=1,
-        type=bounded(int, min=1),
+        type=POSITIVE_INT,
         metavar="N",
-        group="output",
         help="evaluate and checkpoint every N epochs (and after the last)",
     )
-    recovery_interval: int = option(
+    recovery_interval: int = OUTPUT.option(
         "--recovery-interval",
         default=0,
-        type=bounded(int, min=0),
+        type=COUNT,
         metavar="N",
-        group="output",
         help="every N updates write recovery.pth.tar; --resume from it restarts its epoch with its weights (0: off)",
     )
-    tta: int = option(
+    tta: int = OUTPUT.option(
         "--tta",
         default=0,
         type=bounded(int, min=0, max=2),
-        group="output",
         help="test-time augmentation at evaluation: 2 averages the logits of each image and its mirror (0, 1: off)",
     )
-    save_images: bool = option(
-        "--save-images", default=False, action="store_true", group="output", help="save each logged batch as a JPEG"
-    )
-    log_wandb: bool = option(
-        "--log-wandb", default=False, action="store_true", group="output", help="log every epoch to Weights & Biases"
-    )
-    wandb_project: str | None = option("--wandb-project", group="output", help="W&B project (default: the experiment)")
-    wandb_tags: tuple[str, ...] = option("--wandb-tags", default=(), nargs="+", group="output", help="W&B tags")
-    wandb_resume_id: str = option("--wandb-resume-id", default="", group="output", help="W&B run to continue")
-    log_tensorboard: bool = option(
-        "--log-tensorboard",
-        default=False,
-        action="store_true",
-        group="output",
-        help="TensorBoard scalars per epoch in OUTPUT/tensorboard",
+    save_images: bool = OUTPUT.switch("--save-images", help="save each logged batch as a JPEG")
+    log_wandb: bool = OUTPUT.switch("--log-wandb", help="log every epoch to Weights & Biases")
+    wandb_project: str | None = OUTPUT.option("--wandb-project", help="W&B project (default: the experiment)")
+    wandb_tags: tuple[str, ...] = OUTPUT.option("--wandb-tags", default=(), nargs="+", help="W&B tags")
+    wandb_resume_id: str = OUTPUT.option("--wandb-resume-id", default="", help="W&B run to continue")
+    log_tensorboard: bool = OUTPUT.switch(
+        "--log-tensorboard", help="TensorBoard scalars per epoch in OUTPUT/tensorboard"
     )
 
     @classmethod
