@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 
-from sequencer.config import bounded, writable_path
+from sequencer.config import POSITIVE_INT, writable_path
 from sequencer.options import add_output_option
 
 
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a training output folder (its checkpoint-EPOCH.pth.tar files) or checkpoint files",
     )
     parser.add_argument(
-        "-n", "--num", type=bounded(int, min=1), default=None, metavar="N", help="average the N best (default: all)"
+        "-n", "--num", type=POSITIVE_INT, default=None, metavar="N", help="average the N best (default: all)"
     )
     add_output_option(parser, None, "weights file to write: .safetensors or .pth (this, --hf-folder or both)")
     parser.add_argument(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import BENCH_MODES, BENCH_PRECISIONS, BENCH_RUNTIMES, DEFAULT_MODEL, IMPLEMENTATIONS
-from sequencer.config import bounded, comma_list
+from sequencer.config import COUNT, POSITIVE_INT, comma_list
 from sequencer.options import add_output_option, add_runtime_options
 
 
@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated: our variants (see `sequencer summary`) and/or timm models",
     )
     parser.add_argument(
-        "--resolutions", type=comma_list(bounded(int, min=1)), default=[224], help="comma-separated input sizes"
+        "--resolutions", type=comma_list(POSITIVE_INT), default=[224], help="comma-separated input sizes"
     )
     parser.add_argument(
-        "--batch-sizes", type=comma_list(bounded(int, min=1)), default=None, help="comma-separated (default: -b)"
+        "--batch-sizes", type=comma_list(POSITIVE_INT), default=None, help="comma-separated (default: -b)"
     )
     parser.add_argument(
         "--precisions",
@@ -63,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-timm-twin", action="store_true", help="skip timm's sequencer2d_* with our weights")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--repeats", type=bounded(int, min=1), default=5, help="timed rounds (the median is reported)")
-    parser.add_argument("--warmup", type=bounded(int, min=0), default=1, help="untimed rounds first")
+    parser.add_argument("--repeats", type=POSITIVE_INT, default=5, help="timed rounds (the median is reported)")
+    parser.add_argument("--warmup", type=COUNT, default=1, help="untimed rounds first")
     add_output_option(parser, "bench", "file stem: writes OUTPUT.json, OUTPUT.csv and OUTPUT.png", kind="stem")
     add_runtime_options(parser)
     parser.set_defaults(batch_size=8)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from sequencer.config import IMAGE_SIDE, bounded
+from sequencer.config import IMAGE_SIDE, POSITIVE_INT
 from sequencer.options import add_compare_options, add_model_options, add_output_option, add_runtime_options
 
 
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DATA",
         help="image folder (DATA/val/<class>/* or DATA/<class>/*); none: random noise images",
     )
-    parser.add_argument("--num-images", type=bounded(int, min=1), default=32, help="images to average over")
+    parser.add_argument("--num-images", type=POSITIVE_INT, default=32, help="images to average over")
     parser.add_argument("--img-size", type=IMAGE_SIDE, default=None, help="input size (default: the first model's)")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random images and of the weights of models without checkpoint"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
-from sequencer.config import bounded
+from sequencer.config import NON_NEGATIVE, POSITIVE_INT
 from sequencer.options import add_input_options, add_model_options, add_output_option
 
 
@@ -30,13 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "-b",
         "--batch-size",
-        type=bounded(int, min=1),
+        type=POSITIVE_INT,
         default=2,
         help="batch of the example input, and the fixed batch of a --no-dynamic-batch export (default 2)",
     )
-    group.add_argument(
-        "--tolerance", type=bounded(float, min=0), default=1e-4, help="largest accepted |logit difference|"
-    )
+    group.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4, help="largest accepted |logit difference|")
     group.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     group.add_argument(
         "--quantize",

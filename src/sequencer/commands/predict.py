@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import DEFAULT_MODEL, EXPORT_PAYS_OFF_AT, PREDICT_RUNTIMES, PREDICTION_FORMATS
-from sequencer.config import bounded
+from sequencer.config import POSITIVE_INT
 from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
 
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "~/.cache/sequencer: about 40 s for Sequencer2D-S on 2 cores); else torch",
     )
     group = parser.add_argument_group("output")
-    group.add_argument("--topk", type=bounded(int, min=1), default=5, help="classes to list per image")
+    group.add_argument("--topk", type=POSITIVE_INT, default=5, help="classes to list per image")
     group.add_argument(
         "--class-map",
         default=None,

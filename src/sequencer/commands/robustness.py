@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import CORRUPTIONS, SEVERITIES
-from sequencer.config import bounded, comma_list
+from sequencer.config import POSITIVE_INT, comma_list
 from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
 
 
@@ -25,9 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help=f"comma-separated subset of {','.join(map(str, SEVERITIES))} (default: all)",
     )
-    parser.add_argument(
-        "--limit", type=bounded(int, min=1), default=None, help="use N images spread over the whole set"
-    )
+    parser.add_argument("--limit", type=POSITIVE_INT, default=None, help="use N images spread over the whole set")
     parser.add_argument(
         "--alexnet-errors",
         default="",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import DATASET_FLAGS, DATASET_FOLDERS
-from sequencer.config import bounded
+from sequencer.config import POSITIVE_INT
 from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
 
 ROOT_HELP = "folder holding the datasets under their usual names, the first one found: " + "; ".join(
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ImageNet-ReaL labels (JSON list, one entry per val image); default: timm's packaged file",
     )
     parser.add_argument(
-        "--limit", type=bounded(int, min=1), default=None, help="at most N images per test set (and per -C folder)"
+        "--limit", type=POSITIVE_INT, default=None, help="at most N images per test set (and per -C folder)"
     )
     add_output_option(parser, "results/variants", "output folder (variants.csv, variants.png)", "--out", kind="folder")
     add_model_options(parser)
