@@ -165,6 +165,19 @@ def test_onnxruntime_runtimes_run_the_same_weights_beside_torch_in_float32_infer
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(bench, "native_bfloat16_cpu", lambda: False)  # an AVX2-only CPU
+    x, outputs, files, real_build_models = torch.randn(3, 3, 32, 32), {}, set(), bench.build_models
+
+    def build_models_and_run_them(subjects: list, resolution: int, *rest: object) -> dict:
+        """What bench builds, run on `x` before its steps train the PyTorch model; the files it runs."""
+        built = real_build_models(subjects, resolution, *rest)
+        with torch.no_grad():
+            for subject, model in built.items():
+                if subject.source == "ours":
+                    outputs[subject.runtime] = (model.eval() if isinstance(model, torch.nn.Module) else model)(x)
+        files.update(path.name for path in rest[1].glob("*.onnx"))
+        return built
+
+    monkeypatch.setattr(bench, "build_models", build_models_and_run_them)
     report = _run(
         tmp_path,
         "--models",
@@ -199,14 +212,9 @@ def test_onnxruntime_runtimes_run_the_same_weights_beside_torch_in_float32_infer
     assert "ours+onnxruntime-int8 (int8)" in printed  # in the float32 block, the row says what it computed in
 
     # What those rows ran: the export of the weights the PyTorch rows ran, as is and with int8 weights.
-    subjects = bench.plan_subjects(["sequencer2d_tiny"], ["auto"], False, False, ["torch", *bench.ONNX_RUNTIMES])
-    models = bench.build_models(subjects, 32, torch.device("cpu"), tmp_path, threads=1)
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        outputs = {subject.runtime: models[subject](x) for subject in subjects}
     ours, exported, quantized = outputs["torch"], outputs["onnxruntime"], outputs["onnxruntime-int8"]
     assert (exported - ours).abs().max().item() < 1e-4 < (quantized - ours).abs().max().item()
-    assert {p.name for p in tmp_path.glob("*.onnx")} == {
+    assert files == {
         "sequencer2d_tiny-32-onnxruntime.onnx",
         "sequencer2d_tiny-32-onnxruntime-int8.onnx",
     }

@@ -3,9 +3,9 @@
 What timm checks on its own sequencer2d_*: forward and backward, the default config (the non-standard variant timm
 applies to sequencer2d_*), TorchScript, forward_features with feature_info, forward_intermediates with
 features_only, prune, and torch.fx (forward, backward, fx + TorchScript). Written here from that contract. Small
-inputs keep it fast: each variant is built once as `create_model(name)` makes it (`built`), for the fx trace, and
-once with one block per stage (`shallow`: the same layers, what the other checks exercise); TorchScript, which
-takes about a second per model, compiles one variant of each distinct structure.
+inputs keep it fast: each variant is built once with one block per stage (`shallow`: the same layers and the same
+traced graph per block as `create_model(name)` makes, which timm checks at full depth); TorchScript, which takes about
+a second per model, compiles one variant of each distinct structure.
 """
 
 from __future__ import annotations
@@ -37,13 +37,6 @@ def random_head(model: nn.Module) -> nn.Module:
     """`model` with its classifier drawn at random: the zero-initialised one hides what comes before it."""
     nn.init.normal_(model.head.fc.weight, std=0.02)
     return model
-
-
-@pytest.fixture(scope="module", params=NAMES)
-def built(request: pytest.FixtureRequest) -> nn.Module:
-    """The variant as `create_model(name)` builds it, once per name (pytest groups the tests by name)."""
-    torch.manual_seed(0)
-    return random_head(sequencer.create_model(request.param))
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -199,8 +192,7 @@ def test_pruning_keeps_each_stage_and_what_trains(model: nn.Module) -> None:
         assert [n for n, p in pruned.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
-def test_fx_traces_eval_and_train_mode_to_the_eager_outputs_and_gradients(built: nn.Module) -> None:
-    model = built  # this test's alone: it only switches the mode
+def test_fx_traces_eval_and_train_mode_to_the_eager_outputs_and_gradients(model: nn.Module) -> None:
     x = torch.randn(1, 3, SIZE, SIZE + 7)  # not square: the vertical and horizontal sequences differ in length
     for training in (False, True):
         model.train(training)
