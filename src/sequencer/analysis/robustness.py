@@ -31,7 +31,7 @@ from matplotlib.patches import Patch
 from torch.utils.data import Dataset
 
 from sequencer.analysis.common import (
-    build_compared_model,
+    build_flagged_model,
     check_model_specs,
     evenly_spaced_subset,
     model_of,
@@ -340,14 +340,7 @@ def robustness(
     set_threads(runtime.threads)
     context = context or DistributedContext(0, 1, resolve_device(runtime.device))
     overrides = input_overrides(preprocess)
-    network = build_compared_model(
-        model,
-        checkpoint,
-        num_classes=source.num_classes,
-        img_size=preprocess.img_size,
-        use_ema=source.use_ema,
-        unsafe_load=source.unsafe_load,
-    ).to(context.device)
+    network = build_flagged_model(model, checkpoint, source, preprocess.img_size).to(context.device)
     config = data_config(network, **overrides)
     if min(config["input_size"][1:]) < 32:
         raise UsageError(f"input size {config['input_size']} is too small: imagecorruptions needs 32 px or more")

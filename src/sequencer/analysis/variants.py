@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sequencer.analysis.common import (
-    build_compared_model,
+    build_flagged_model,
     check_model_specs,
     evenly_spaced_subset,
     model_of,
@@ -149,9 +149,7 @@ def variants(
     found, missing = find_test_sets(root, flagged)
     model, checkpoint = model_of(source.model, source.checkpoint, source.use_ema, source.unsafe_load)  # read once
     check_model_specs([(model, checkpoint)])
-    network = build_compared_model(
-        model, checkpoint, num_classes=source.num_classes, use_ema=source.use_ema, unsafe_load=source.unsafe_load
-    )
+    network = build_flagged_model(model, checkpoint, source)
     if getattr(network, "num_classes", None) != 1000:
         raise UsageError(f"the ImageNet test sets need a 1000-class model; {model} has {network.num_classes}")
     transform = create_transform(network, train=False, **input_overrides(preprocess))
