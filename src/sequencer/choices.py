@@ -86,50 +86,33 @@ ERASING_MODES = ("const", "rand", "pixel")
 MIXUP_MODES = ("batch", "pair", "elem")
 EVAL_METRICS = ("top1", "top5", "loss")
 
-# train: the flags whose default depends on the data. With no DATA the run is the built-in digits demo (>= 98%
-# held-out top-1 in well under 90 s on two CPU cores, see BENCHMARKS.md); with real data the defaults are timm's
-# train.py's. Demo choices, from trial runs: the 8x8 digits go to 16 px, not the model's 32 (3x faster and no less
-# accurate); no flips (a mirrored digit is another glyph); crops keep >= 80% of the digit; one thread, because two
-# threads on a machine whose other core is busy ran more than ten times slower.
-DIGITS_RECIPE: dict[str, Any] = dict(
-    model="sequencer2d_tiny",
-    img_size=16,
-    batch_size=64,
-    workers=0,
-    epochs=25,
-    opt="adamw",
-    lr=3e-3,
-    weight_decay=0.05,
-    warmup_epochs=1,
-    warmup_lr=1e-4,
-    min_lr=0.0,
-    cooldown_epochs=0,
-    sched_on_updates=True,
-    hflip=0.0,
-    scale=(0.8, 1.0),
-    color_jitter=0.0,
-    train_interpolation="bicubic",
-    threads=1,
-)
-# The authors' train.py (timm 0.5.4) defaults, which their README's command lines rely on (its argparse); the
-# flags whose default is the same for both recipes carry it in `sequencer.commands.train.add_arguments`.
-TIMM_RECIPE: dict[str, Any] = dict(
-    model="sequencer2d_s",
-    img_size=None,
-    batch_size=128,
-    workers=2,
-    epochs=300,
-    opt="sgd",
-    lr=None,
-    weight_decay=2e-5,
-    warmup_epochs=3,
-    warmup_lr=1e-4,
-    min_lr=1e-6,
-    cooldown_epochs=10,
-    sched_on_updates=False,
-    hflip=0.5,
-    scale=(0.08, 1.0),
-    color_jitter=0.4,
-    train_interpolation="random",
-    threads=None,
-)
+# train: the flags whose default depends on the data, flag -> (digits demo, authors' recipe); one table, so that both
+# recipes set the same flags. With no DATA the run is the built-in digits demo (>= 98% held-out top-1 in well under
+# 90 s on two CPU cores, see BENCHMARKS.md); with real data the defaults are the authors' train.py (timm 0.5.4)
+# defaults, which their README's command lines rely on (its argparse). Demo choices, from trial runs: the 8x8 digits
+# go to 16 px, not the model's 32 (3x faster and no less accurate); no flips (a mirrored digit is another glyph);
+# crops keep >= 80% of the digit; one thread, because two threads on a machine whose other core is busy ran more than
+# ten times slower. The flags whose default is the same for both recipes carry it in
+# `sequencer.commands.train.add_arguments`.
+_RECIPES: dict[str, tuple[Any, Any]] = {
+    "model": ("sequencer2d_tiny", "sequencer2d_s"),
+    "img_size": (16, None),
+    "batch_size": (64, 128),
+    "workers": (0, 2),
+    "epochs": (25, 300),
+    "opt": ("adamw", "sgd"),
+    "lr": (3e-3, None),
+    "weight_decay": (0.05, 2e-5),
+    "warmup_epochs": (1, 3),
+    "warmup_lr": (1e-4, 1e-4),
+    "min_lr": (0.0, 1e-6),
+    "cooldown_epochs": (0, 10),
+    "sched_on_updates": (True, False),
+    "hflip": (0.0, 0.5),
+    "scale": ((0.8, 1.0), (0.08, 1.0)),
+    "color_jitter": (0.0, 0.4),
+    "train_interpolation": ("bicubic", "random"),
+    "threads": (1, None),
+}
+DIGITS_RECIPE: dict[str, Any] = {flag: digits for flag, (digits, _) in _RECIPES.items()}
+TIMM_RECIPE: dict[str, Any] = {flag: timm for flag, (_, timm) in _RECIPES.items()}

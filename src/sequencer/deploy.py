@@ -22,7 +22,7 @@ from torch import nn
 from sequencer.builder import load_model, resolve_model_name
 from sequencer.checkpoint import LOCAL_DIR_PREFIX, RECORD_INPUT_KEYS, WeightsRecord, record_of
 from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
-from sequencer.config import input_overrides
+from sequencer.config import flag_values, input_overrides
 from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
 from sequencer.files import atomic_path
@@ -429,25 +429,10 @@ def export(
 
 def run(args: argparse.Namespace) -> int:
     """Export, check, and say how it went; exit 1 when the written file fails the check (2 for a refused request)."""
-    overrides = input_overrides(args)
+    keywords = flag_values(export, args, checkpoint=args.checkpoint or None, **input_overrides(args))
     # A failed check is the command's answer, not a refused request: its own exit code (1), and its full report.
     try:
-        result = export(
-            args.model,
-            args.output,
-            args.format,
-            checkpoint=args.checkpoint or None,
-            num_classes=args.num_classes,
-            in_chans=args.in_chans,
-            use_ema=args.use_ema,
-            unsafe_load=args.unsafe_load,
-            dynamic_batch=args.dynamic_batch,
-            batch_size=args.batch_size,
-            tolerance=args.tolerance,
-            opset=args.opset,
-            quantize=args.quantize,
-            **overrides,
-        )
+        result = export(args.model, args.output, args.format, **keywords)
     except ExportCheckError as error:
         print(f"sequencer export: {error}", file=sys.stderr)
         return 1

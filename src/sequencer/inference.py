@@ -28,7 +28,7 @@ from sequencer import deploy, recurrence
 from sequencer import model as model_module
 from sequencer.builder import load_model
 from sequencer.choices import EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
-from sequencer.config import input_overrides
+from sequencer.config import flag_values, input_overrides
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
 from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages
 from sequencer.errors import CheckpointError, DatasetError, UsageError
@@ -477,27 +477,8 @@ def output_format_for(output: str | None, requested: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     """Classify, print or write the results; unreadable files are listed, a run where none could be read refused."""
     set_threads(args.threads)
-    overrides = input_overrides(args)
-    predictions = predict(
-        args.inputs,
-        args.model,
-        args.checkpoint or None,
-        topk=args.topk,
-        class_map=args.class_map,
-        num_classes=args.num_classes,
-        in_chans=args.in_chans,
-        use_ema=args.use_ema,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        amp=args.amp,
-        amp_dtype=args.amp_dtype,
-        runtime=args.runtime,
-        threads=args.threads,
-        progress=True,
-        unsafe_load=args.unsafe_load,
-        **overrides,
-    )
+    keywords = flag_values(predict, args, progress=True, **input_overrides(args))
+    predictions = predict(args.inputs, args.model, args.checkpoint or None, **keywords)
     failed = [p for p in predictions if p.error is not None]
     if len(failed) == len(predictions):
         more = f" (and {len(failed) - 1} more files)" if len(failed) > 1 else ""

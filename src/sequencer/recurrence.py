@@ -338,10 +338,21 @@ def _lstm_forward(x, w, _b_hn, save):
     return h_all, (x, c_all)
 
 
+def _backward_steps(grad_h: torch.Tensor, grad_rec: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """The steps of a backward pass, last first, each with the gradient reaching h_t (a view of `grad_h`, added to
+    in place): its output's, plus the recurrent gradient that the step after it left in `grad_rec`."""
+    T = grad_h.shape[1]
+    for t in range(T - 1, -1, -1):
+        grad = grad_h[:, t]
+        if t < T - 1:
+            grad.add_(grad_rec)
+        yield t, grad
+
+
 def _lstm_backward(saved, w, grad_h):
     """Reverse the LSTM loop; the gradient of the gate pre-activations overwrites the saved activations."""
     x, c_all = saved
-    Kg, T, N, GD = x.shape
+    Kg, _, N, GD = x.shape
     D = GD // 4
     w_t = w.transpose(1, 2).contiguous()
     # h_t for every step, recomputed rather than kept: it is only needed for the weight gradient.
@@ -352,12 +363,9 @@ def _lstm_backward(saved, w, grad_h):
     cell_in = x.new_empty(Kg, N, D)
     tmp = x.new_empty(Kg, N, D)
     grad_gates = x.new_empty(Kg, N, GD)
-    for t in range(T - 1, -1, -1):
+    for t, grad in _backward_steps(grad_h, grad_rec):
         gates = x[:, t]
         i, f, o, g = gates[..., :D], gates[..., D : 2 * D], gates[..., 2 * D : 3 * D], gates[..., 3 * D :]
-        grad = grad_h[:, t]
-        if t < T - 1:
-            grad.add_(grad_rec)
         _tanh_(torch.mul(c_all[:, t], 1, out=tanh_c))
         torch.mul(grad, tanh_c, out=grad_gates[..., 2 * D : 3 * D])
         torch.mul(grad, o, out=tmp)
@@ -406,20 +414,17 @@ def _gru_forward(x, w, b_hn, save):
 
 def _gru_backward(saved, w, grad_h):
     x, h_all, hn_all = saved
-    Kg, T, N, GD = x.shape
+    Kg, _, N, GD = x.shape
     D = GD // 3
     w_t = w.transpose(1, 2)
     grad_rec = x.new_empty(Kg, N, D)
     grad_z = x.new_empty(Kg, N, D)
     grad_n = x.new_empty(Kg, N, D)
     grad_r = x.new_empty(Kg, N, D)
-    for t in range(T - 1, -1, -1):
+    for t, grad in _backward_steps(grad_h, grad_rec):
         gates = x[:, t]
         r, z, n = gates[..., :D], gates[..., D : 2 * D], gates[..., 2 * D :]
         hn = hn_all[:, t]
-        grad = grad_h[:, t]
-        if t < T - 1:
-            grad.add_(grad_rec)
         if t > 0:
             torch.sub(h_all[:, t - 1], n, out=grad_z)
         else:
@@ -454,11 +459,7 @@ def _rnn_backward(saved, w, grad_h):
     (h_all,) = saved
     w_t = w.transpose(1, 2)
     grad_rec = torch.empty_like(grad_h[:, 0])
-    T = h_all.shape[1]
-    for t in range(T - 1, -1, -1):
-        grad = grad_h[:, t]
-        if t < T - 1:
-            grad.add_(grad_rec)
+    for t, grad in _backward_steps(grad_h, grad_rec):
         _tanh_backward(grad, h_all[:, t], grad)
         if t > 0:
             torch.bmm(grad, w_t, out=grad_rec)

@@ -234,6 +234,28 @@ def evaluate(
     return metrics
 
 
+def evaluate_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    runtime: Runtime,
+    context: DistributedContext,
+    progress: str = "",
+    valid_classes: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """`evaluate` over `dataset` with `runtime`'s loader and precision, each process of `context` its share."""
+    loader = create_loader(dataset, runtime.batch_size, runtime.workers, distributed=context.distributed)
+    return evaluate(
+        model,
+        loader,
+        context.device,
+        runtime.amp,
+        runtime.amp_dtype,
+        distributed=context.distributed,
+        valid_classes=valid_classes,
+        progress=progress if context.is_primary else "",  # one bar, rank 0's
+    )
+
+
 def _sum_over_processes(sums: dict[str, torch.Tensor], distributed: bool) -> dict[str, float]:
     """Each named sum added up over all processes (one all_reduce of them stacked), as floats."""
     stacked = torch.stack(list(sums.values()))
@@ -309,21 +331,11 @@ def validate(
     config = data_config(network, **asked)
     check_image_input_fits(network, config["input_size"])
     eval_set.transform = create_transform(network, train=False, **asked)
-    loader = create_loader(eval_set, runtime.batch_size, runtime.workers, distributed=context.distributed)
     network = network.to(device)
     if compilation.torchcompile:
         network = compile_model(network, compilation.torchcompile)
-    label = f"{model} on {name or 'digits'}" if progress and context.is_primary else ""
-    metrics = evaluate(
-        network,
-        loader,
-        device,
-        runtime.amp,
-        runtime.amp_dtype,
-        distributed=context.distributed,
-        valid_classes=valid_classes,
-        progress=label,
-    )
+    label = f"{model} on {name or 'digits'}" if progress else ""
+    metrics = evaluate_dataset(network, eval_set, runtime, context, label, valid_classes)
     metrics["num_skipped"] = all_reduce_sum(getattr(getattr(eval_set, "base", eval_set), "num_skipped", 0), context)
     return {
         "model": model,

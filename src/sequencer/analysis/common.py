@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch.utils.data import Dataset, Subset
 
 from sequencer.builder import create_model, is_registered, load_model, resolve_source
 from sequencer.checkpoint import Checkpoint, extract_state_dict, read_file
+from sequencer.config import ModelSource
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.hub import fetch
 
@@ -120,6 +122,24 @@ def build_compared_model(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return timm.create_model(name, **kwargs).eval()
+
+
+def build_flagged_model(
+    name: str,
+    checkpoint: str | os.PathLike | Checkpoint,
+    flags: ModelSource | argparse.Namespace,
+    img_size: int | None = None,
+) -> nn.Module:
+    """`build_compared_model` with a command's --num-classes, --use-ema, --in-chans and --unsafe-load from `flags`."""
+    return build_compared_model(
+        name,
+        checkpoint,
+        num_classes=flags.num_classes,
+        img_size=img_size,
+        use_ema=flags.use_ema,
+        in_chans=flags.in_chans,
+        unsafe_load=flags.unsafe_load,
+    )
 
 
 def training_size(model: nn.Module) -> int:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sequencer.analysis.common import (
-    build_compared_model,
+    build_flagged_model,
     check_model_specs,
     evenly_spaced_subset,
     model_labels,
@@ -233,15 +233,7 @@ def run(args: argparse.Namespace) -> int:
     for (name, checkpoint), label in zip(specs, model_labels(specs), strict=True):
         # The weights of a model without checkpoint come from --seed, whatever the order of the models.
         torch.manual_seed(args.seed)
-        model = build_compared_model(
-            name,
-            checkpoint,
-            num_classes=args.num_classes,
-            img_size=img_size,
-            use_ema=args.use_ema,
-            in_chans=args.in_chans,
-            unsafe_load=args.unsafe_load,
-        )
+        model = build_flagged_model(name, checkpoint, args, img_size)
         img_size = img_size or data_config(model)["input_size"][-1]
         check_input_fits(model, (3, img_size, img_size), "--img-size")
         config = data_config(model, img_size=img_size)

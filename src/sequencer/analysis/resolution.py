@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sequencer.analysis.common import (
-    build_compared_model,
+    build_flagged_model,
     check_model_specs,
     model_labels,
     model_of,
@@ -47,15 +47,7 @@ def accuracy_by_resolution(
     rows = []
     for size in sizes:
         # Rebuilt per size: a fixed-size timm model needs its position embeddings resampled for each one.
-        model = build_compared_model(
-            name,
-            checkpoint,
-            num_classes=args.num_classes,
-            img_size=size,
-            use_ema=args.use_ema,
-            in_chans=args.in_chans,
-            unsafe_load=args.unsafe_load,
-        )
+        model = build_flagged_model(name, checkpoint, args, size)
         check_input_fits(model, (3, size, size), "--sizes")
         train_size = training_size(model)
         if not rows:  # WordNet-id or numbered folders take the model's class indices (see data.map_classes)

@@ -31,20 +31,20 @@ from matplotlib.patches import Patch
 from torch.utils.data import Dataset
 
 from sequencer.analysis.common import (
-    build_compared_model,
+    build_flagged_model,
     check_model_specs,
     evenly_spaced_subset,
     model_of,
 )
 from sequencer.choices import CORRUPTION_FAMILIES, CORRUPTIONS, SEVERITIES
 from sequencer.config import InputOverrides, RecordedModelSource, Runtime, flag_values, input_overrides, takes_groups
-from sequencer.data import build_dataset, create_loader, create_transform, data_config, map_classes
+from sequencer.data import build_dataset, create_transform, data_config, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import MissingDependencyError, UsageError
 from sequencer.files import write_csv
 from sequencer.plotting import new_figure, save_figure
 from sequencer.runtime import resolve_device, set_threads
-from sequencer.validate import evaluate
+from sequencer.validate import evaluate_dataset
 
 _logger = logging.getLogger(__name__)
 
@@ -340,14 +340,7 @@ def robustness(
     set_threads(runtime.threads)
     context = context or DistributedContext(0, 1, resolve_device(runtime.device))
     overrides = input_overrides(preprocess)
-    network = build_compared_model(
-        model,
-        checkpoint,
-        num_classes=source.num_classes,
-        img_size=preprocess.img_size,
-        use_ema=source.use_ema,
-        unsafe_load=source.unsafe_load,
-    ).to(context.device)
+    network = build_flagged_model(model, checkpoint, source, preprocess.img_size).to(context.device)
     config = data_config(network, **overrides)
     if min(config["input_size"][1:]) < 32:
         raise UsageError(f"input size {config['input_size']} is too small: imagecorruptions needs 32 px or more")
@@ -360,17 +353,8 @@ def robustness(
 
     def accuracy(corruption: str, severity: int) -> dict[str, Any]:
         images = CorruptedImages(base, corruption, severity, config["mean"], config["std"], seed)
-        loader = create_loader(images, runtime.batch_size, runtime.workers, distributed=context.distributed)
         label = f"{corruption}, severity {severity}" if severity else "clean"
-        return evaluate(
-            network,
-            loader,
-            context.device,
-            runtime.amp,
-            runtime.amp_dtype,
-            distributed=context.distributed,
-            progress=label if progress and context.is_primary else "",
-        )
+        return evaluate_dataset(network, images, runtime, context, label if progress else "")
 
     clean = accuracy(CORRUPTIONS[0], 0)
     if context.is_primary:

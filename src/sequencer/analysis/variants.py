@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sequencer.analysis.common import (
-    build_compared_model,
+    build_flagged_model,
     check_model_specs,
     evenly_spaced_subset,
     model_of,
@@ -30,13 +30,19 @@ from sequencer.analysis.common import (
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, corruption_error
 from sequencer.choices import CORRUPTIONS, DATASET_FLAGS, DATASET_FOLDERS, SEVERITIES
 from sequencer.config import InputOverrides, RecordedModelSource, Runtime, flag_values, input_overrides, takes_groups
-from sequencer.data import build_dataset, create_loader, create_transform, map_classes
+from sequencer.data import build_dataset, create_transform, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
 from sequencer.plotting import new_figure, save_figure
 from sequencer.runtime import resolve_device, set_threads
-from sequencer.validate import WithRealLabels, check_targets_within, evaluate, load_real_labels, load_valid_classes
+from sequencer.validate import (
+    WithRealLabels,
+    check_targets_within,
+    evaluate_dataset,
+    load_real_labels,
+    load_valid_classes,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -149,9 +155,7 @@ def variants(
     found, missing = find_test_sets(root, flagged)
     model, checkpoint = model_of(source.model, source.checkpoint, source.use_ema, source.unsafe_load)  # read once
     check_model_specs([(model, checkpoint)])
-    network = build_compared_model(
-        model, checkpoint, num_classes=source.num_classes, use_ema=source.use_ema, unsafe_load=source.unsafe_load
-    )
+    network = build_flagged_model(model, checkpoint, source)
     if getattr(network, "num_classes", None) != 1000:
         raise UsageError(f"the ImageNet test sets need a 1000-class model; {model} has {network.num_classes}")
     transform = create_transform(network, train=False, **input_overrides(preprocess))
@@ -173,18 +177,7 @@ def variants(
 
     def score(dataset: Dataset, label: str, valid: torch.Tensor | None = None) -> dict[str, Any]:
         """`evaluate` over one dataset, each process its share, `label` on rank 0's progress bar."""
-        loader = create_loader(dataset, runtime.batch_size, runtime.workers, distributed=context.distributed)
-        shown = label if progress and context.is_primary else ""
-        return evaluate(
-            network,
-            loader,
-            context.device,
-            runtime.amp,
-            runtime.amp_dtype,
-            distributed=context.distributed,
-            valid_classes=valid,
-            progress=shown,
-        )
+        return evaluate_dataset(network, dataset, runtime, context, label if progress else "", valid)
 
     results = {}
     for key, dataset in test_sets.items():
