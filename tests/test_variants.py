@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -65,18 +66,27 @@ def read_rows(path: Path) -> dict[str, dict[str, str]]:
 
 
 def test_suite_scores_each_dataset_found_and_names_the_missing(
-    run_cli, tmp_path: Path, test_sets_root: Path, sure_checkpoint: Path, capsys: pytest.CaptureFixture
+    run_cli,
+    tmp_path: Path,
+    test_sets_root: Path,
+    sure_checkpoint: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     real = tmp_path / "real.json"
     # Val images 1-2 are of class 3 (one also lists SURE), 3 has no ReaL label, 4 is SURE: ReaL top-1 2 of 3.
     real.write_text(json.dumps([[3], [3, SURE], [], [SURE]]))
     out = tmp_path / "out"
-    command = (
-        f"variants {test_sets_root} --model sequencer2d_tiny --checkpoint {sure_checkpoint} --real-labels {real} "
+    reads, real_read = [], safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, **kw: reads.append(path) or real_read(path, **kw))
+    command = (  # no --model: the one the checkpoint records, read with its weights once
+        f"variants {test_sets_root} --checkpoint {sure_checkpoint} --real-labels {real} "
         f"--input-size 3 32 32 -b 2 -j 0 --out {out}"
     )
     assert run_cli(command) == 0
+    assert len(reads) == 1
     rows = read_rows(out / "variants.csv")
+    assert {row["model"] for row in rows.values()} == {"sequencer2d_tiny"}
     assert float(rows["ImageNet"]["value"]) == 50.0 and rows["ImageNet"]["images"] == "4"
     assert float(rows["ImageNet-ReaL"]["value"]) == pytest.approx(200 / 3, abs=1e-2)
     assert rows["ImageNet-ReaL"]["images"] == "3" and rows["ImageNet-ReaL"]["sequencer2d_s"] == "87.37"

@@ -139,8 +139,8 @@ def variants(
     context: DistributedContext | None = None,
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Score a 1000-class model on each test set found: one row per test set of `TEST_SETS` (found or not, beside
-    the published figures) and the test sets not found, with where they were looked for.
+    """Score a 1000-class model on each test set found: one row per test set of `TEST_SETS` (found or not, naming the
+    model scored, beside the published figures) and the test sets not found, with where they were looked for.
 
     The arguments are `sequencer variants`'s flags: `root` holds the test sets under their usual names, and
     `imagenet_val` ... `imagenet_c` (--imagenet-val ... --imagenet-c) name a test set's folder instead. `context`:
@@ -194,13 +194,12 @@ def variants(
             _logger.info("%s: top-1 %.2f (%d images)", title, results[key]["value"], results[key]["images"])
     if corrupted:
         results["c"] = _imagenet_c(corrupted, score, context.is_primary) | dict(folder=found["c"])
-    return _rows(results), missing
+    return _rows(results, model), missing
 
 
 def run(args: argparse.Namespace) -> int:
     """`variants` with the flags; rank 0 writes variants.csv and variants.png and says which test sets were missing.
     Under torchrun each process evaluates its share of every test set."""
-    args.model = args.model or model_of(None, args.checkpoint, args.use_ema, args.unsafe_load)[0]  # named in the figure
     with process_group(args.device) as context:
         rows, missing = variants(**flag_values(variants, args, context=context, progress=True))
     if not context.is_primary:
@@ -209,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     write_csv(rows, out / "variants.csv")
     plot_test_sets(
         rows,
-        f"{args.model} {Path(args.checkpoint).name if args.checkpoint else '(random weights)'}",
+        f"{rows[0]['model']} {Path(args.checkpoint).name if args.checkpoint else '(random weights)'}",
         out / "variants.png",
     )
     for row in rows:
@@ -242,8 +241,8 @@ def _imagenet_c(
     return dict(metric="mean error" + scope, value=mean_error, images=images)
 
 
-def _rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One CSV row per test set, found or not, with the published S / M / L figures beside ours."""
+def _rows(results: dict[str, dict[str, Any]], model: str) -> list[dict[str, Any]]:
+    """One CSV row per test set, found or not, with `model`'s figure beside the published S / M / L ones."""
     rows = []
     for test_set in TEST_SETS:
         result = results.get(test_set.key)
@@ -251,6 +250,7 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         published = ["" if figure is None else figure for figure in test_set.reference]
         rows.append(
             dict(
+                model=model,
                 dataset=test_set.title,
                 metric=result.get("metric", default_metric) if result else default_metric,
                 value=round(result["value"], 3) if result else "",
