@@ -42,7 +42,6 @@ from torchvision.utils import save_image
 from sequencer.average import EPOCH_CHECKPOINT
 from sequencer.builder import create_model, load_pretrained, model_config
 from sequencer.checkpoint import RECORD_INPUT_KEYS, RECORD_KEY, atomic_save, read_file, record_of
-from sequencer.choices import SCHEDULERS
 from sequencer.config import input_overrides
 from sequencer.data import (
     build_dataset,
@@ -119,7 +118,7 @@ def resolve(config: TrainConfig, world_size: int = 1) -> TrainConfig:
 def check_config(config: TrainConfig) -> None:
     """Refuse flags that cannot work together or name nothing known with a `UsageError`, before any work starts.
 
-    Single values out of range were refused when the config was made (`sequencer.config.FlagFields`)."""
+    Single values out of range or choices were refused when the config was made (`sequencer.config.FlagFields`)."""
     patches = math.prod(model_config(config.model).patch_sizes)
     size = config.input_size[-2:] if config.input_size else [config.img_size] * 2 if config.img_size else None
     if size and min(size) < patches:
@@ -166,8 +165,6 @@ def check_config(config: TrainConfig) -> None:
             )
     if config.opt.lower().removeprefix("fused") not in {o.lower() for o in list_optimizers()} and "_" not in config.opt:
         raise UsageError(f"unknown optimizer --opt {config.opt!r}; timm knows {', '.join(list_optimizers())}")
-    if config.sched not in SCHEDULERS:
-        raise UsageError(f"unknown schedule --sched {config.sched!r}; expected one of {', '.join(SCHEDULERS)}")
     if config.aa:
         try:  # timm's own parser of the policy, on a dummy size: it asserts on a name it does not know
             timm_create_transform(32, is_training=True, auto_augment=config.aa)
