@@ -346,7 +346,7 @@ def update_checkpoint_history(
     }
     candidates = [row for row in history if row["epoch"] in on_disk or row["epoch"] == epoch]
     sign = 1 if eval_metric == "loss" else -1  # the loss ranks lowest first, accuracies highest first
-    column = ranked_column(eval_metric, ema)
+    column = f"{'ema_' if ema else ''}eval_{eval_metric}"  # the EMA's when it is evaluated, as for model_best
     # Rows of epochs trained before the EMA was evaluated beside the model (older runs) hold the EMA's in eval_*.
     ranked = sorted(candidates, key=lambda row: (sign * row.get(column, row[f"eval_{eval_metric}"]), row["epoch"]))
     kept = [row["epoch"] for row in ranked[:keep]]
@@ -356,17 +356,6 @@ def update_checkpoint_history(
         if old_epoch not in kept:
             path.unlink()
     return kept
-
-
-def ranked_column(eval_metric: str, ema: bool) -> str:
-    """The summary column that picks model_best and the kept checkpoints: the EMA's when it is evaluated."""
-    return f"{'ema_' if ema else ''}eval_{eval_metric}"
-
-
-def write_summary(history: list[dict[str, Any]], path: Path) -> None:
-    """summary.csv, one row per epoch, rewritten whole (and atomically) from the recorded history."""
-    fields = SUMMARY_FIELDS + (EMA_FIELDS if any(EMA_FIELDS[0] in row for row in history) else ())
-    write_csv(history, path, fields)
 
 
 def train_one_epoch(
@@ -537,8 +526,7 @@ def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
                 head.bias.mul_(config.head_init_scale)
             if config.head_init_bias is not None:
                 head.bias.fill_(config.head_init_bias)
-    if config.checkpoint or config.pretrained_path:  # not with --pretrained: `check_config` refuses both
-        source = config.checkpoint or config.pretrained_path
+    if source := config.checkpoint or config.pretrained_path:  # not with --pretrained: `check_config` refuses both
         load_pretrained(model, source, use_ema=config.use_ema, unsafe_load=config.unsafe_load)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -606,7 +594,9 @@ def save_epoch_files(
         atomic_save(ckpt, output / "model_best.pth.tar")
     if config.checkpoint_hist:
         update_checkpoint_history(ckpt, history, output, config.eval_metric, config.checkpoint_hist, config.model_ema)
-    write_summary(history, output / "summary.csv")
+    # summary.csv is rewritten whole (and atomically) from the recorded history.
+    fields = SUMMARY_FIELDS + (EMA_FIELDS if any(EMA_FIELDS[0] in row for row in history) else ())
+    write_csv(history, output / "summary.csv", fields)
     plot_training_curves(history, output / CURVES_FILE, title=run_state.title)
 
 
