@@ -664,15 +664,16 @@ def check_writable(output: Path) -> None:
 
 def start_process(config: TrainConfig, context: DistributedContext, auto_resume: bool) -> dict[str, Any] | None:
     """Say where the run starts, warn of an emulated bfloat16, set the threads; returns the --resume checkpoint."""
-    if auto_resume and context.is_primary:
-        _logger.info(
-            "--resume auto: %s", f"continuing from {config.resume}" if config.resume else "no last.pth.tar, a new run"
-        )
     if context.is_primary:
+        if auto_resume:
+            _logger.info(
+                "--resume auto: %s",
+                f"continuing from {config.resume}" if config.resume else "no last.pth.tar, a new run",
+            )
         for note in no_effect_notes(config):
             _logger.info("%s", note)
-    if config.amp and context.is_primary:
-        warn_if_emulated_bfloat16(context.device, config.amp_dtype)
+        if config.amp:
+            warn_if_emulated_bfloat16(context.device, config.amp_dtype)
     for module in config.device_modules or ():
         importlib.import_module(module)  # an out-of-tree device backend registers itself on import
     resumed = read_resumed(config) if config.resume else None
