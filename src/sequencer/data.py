@@ -567,10 +567,9 @@ def build_dataset(
     folder = _split_folder(root, split)
     class_to_idx = load_class_map(class_map, root=folder) if class_map is not None else None
     try:
-        dataset = ImageFolderDataset(folder, transform, class_to_idx, mode)
+        return ImageFolderDataset(folder, transform, class_to_idx, mode)
     except FileNotFoundError as error:  # torchvision: no class folders, or a (mapped) class folder without images
         raise DatasetError(f"empty dataset folder {folder}: {error}") from error
-    return dataset
 
 
 @functools.cache
