@@ -24,7 +24,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.readers.class_map import load_class_map as timm_load_class_map
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, default_collate
-from torchvision.datasets import ImageFolder
+from torchvision.datasets import CIFAR10, CIFAR100, Flowers102, ImageFolder, OxfordIIITPet, StanfordCars
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from sequencer.choices import DIGITS_NAMES, INTERPOLATIONS, TRAIN_INTERPOLATIONS
@@ -218,7 +218,7 @@ class DigitsDataset(Dataset):
         return image, self.targets[index]
 
 
-# torchvision's transfer datasets: (class, our split name -> theirs, the folder under --data-dir, its layout).
+# torchvision's transfer datasets: our split name -> theirs, and the layout of their files under --data-dir.
 TRANSFER_SPLITS = {
     "flowers102": {"train": "train", "val": "val", "validation": "val", "test": "test"},
     "stanford_cars": {"train": "train", "val": "test", "validation": "test", "test": "test"},
@@ -292,15 +292,13 @@ def _transfer_files_missing(key: str, root: Path, split: str) -> list[Path]:
 
 def _torchvision_dataset(name: str, split: str, root: str | None, download: bool) -> TorchvisionDataset:
     """torchvision's CIFAR-10/100, Flowers-102, Stanford Cars or Oxford-IIIT Pets from a local copy under `root`."""
-    from torchvision import datasets
-
     key = name.removeprefix("torch/").lower()
     if key not in TORCH_DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected a folder, none, or {', '.join(TORCH_DATASETS)}")
     if not root:
         raise DatasetError(f"{name} needs --data-dir (or DATA): the folder that holds (or will hold) its files")
     if key in ("cifar10", "cifar100"):
-        cifar = datasets.CIFAR10 if key == "cifar10" else datasets.CIFAR100
+        cifar = CIFAR10 if key == "cifar10" else CIFAR100
         try:
             base = cifar(root, train=split == "train", download=download)
         except (RuntimeError, OSError) as error:  # not there, or no network to fetch it
@@ -329,11 +327,7 @@ def _torchvision_dataset(name: str, split: str, root: str | None, download: bool
                 f"{name} ({their_split} split) not found under {root}: missing {', '.join(map(str, missing))}; "
                 f"expected {TRANSFER_LAYOUTS[key]} ({remedy})"
             )
-    kinds = {
-        "flowers102": datasets.Flowers102,
-        "stanford_cars": datasets.StanfordCars,
-        "oxford_iiit_pet": datasets.OxfordIIITPet,
-    }
+    kinds = {"flowers102": Flowers102, "stanford_cars": StanfordCars, "oxford_iiit_pet": OxfordIIITPet}
     try:
         base = kinds[key](root, split=their_split, download=download)
     except (RuntimeError, OSError) as error:  # files rejected (Flowers-102 checks its .mat files' md5), or no network
