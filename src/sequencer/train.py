@@ -565,13 +565,15 @@ def check_output_folder(config: TrainConfig, output: Path, auto_resume: bool = F
     """Refuse a new run in a folder that holds one (its files would be overwritten): only --resume continues there.
 
     The folder may hold this same command's args.yaml alone, written by a start that stopped before its first
-    checkpoint, with nothing learned to lose. A folder that cannot be written is refused too."""
+    checkpoint, with nothing learned to lose (`check_writable` refuses a folder that cannot be written)."""
     held = [name for name in RUN_FILES if (output / name).exists()]
     held += sorted(path.name for path in output.glob("checkpoint-*.pth.tar"))
     if not held or (config.resume and Path(config.resume).resolve().parent == output.resolve()):
         return
-    if held == ["args.yaml"] and _saved_arguments(output / "args.yaml") == config.as_dict():
-        return  # a start of this same command stopped before its first checkpoint: nothing learned to lose
+    if held == ["args.yaml"]:
+        with contextlib.suppress(OSError, yaml.YAMLError):  # an args.yaml that cannot be read is not this command's
+            if yaml.safe_load((output / "args.yaml").read_text()) == config.as_dict():
+                return
     if auto_resume:
         raise UsageError(
             f"--resume auto: {output} holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} but no "
@@ -598,14 +600,6 @@ def save_epoch_files(
     fields = SUMMARY_FIELDS + (EMA_FIELDS if any(EMA_FIELDS[0] in row for row in history) else ())
     write_csv(history, output / "summary.csv", fields)
     plot_training_curves(history, output / CURVES_FILE, title=run_state.title)
-
-
-def _saved_arguments(path: Path) -> Any:
-    """A run's args.yaml as data; None when it cannot be read."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
 
 
 def train(config: TrainConfig | str | os.PathLike | None = None, **fields: Any) -> dict[str, Any]:
