@@ -869,11 +869,9 @@ def training_loss(config: TrainConfig, num_classes: int) -> tuple[Mixup | None, 
         return mixup, JsdCrossEntropy(num_splits=config.aug_splits, smoothing=config.smoothing)
     if mixup is not None:  # the smoothing is in mixup's soft targets
         return mixup, BinaryCrossEntropy(**bce) if config.bce_loss else SoftTargetCrossEntropy()
-    if config.smoothing:
-        if config.bce_loss:
-            return None, BinaryCrossEntropy(smoothing=config.smoothing, **bce)
-        return None, LabelSmoothingCrossEntropy(smoothing=config.smoothing)
-    return None, BinaryCrossEntropy(smoothing=0.0, **bce) if config.bce_loss else nn.CrossEntropyLoss()
+    if config.bce_loss:
+        return None, BinaryCrossEntropy(smoothing=config.smoothing, **bce)
+    return None, LabelSmoothingCrossEntropy(smoothing=config.smoothing) if config.smoothing else nn.CrossEntropyLoss()
 
 
 def set_transforms(data: TrainingData, model: nn.Module, config: TrainConfig) -> None:
