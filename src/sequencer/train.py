@@ -1071,11 +1071,9 @@ def run_epoch(
     train_loss = train_one_epoch(config, run_state, data, state, train_model)
     if (epoch + 1) % config.val_interval and epoch + 1 < state.num_epochs:
         return train_loss, {}  # --val-interval: not evaluated (nor checkpointed) this epoch
-    models = {"": state.model, "ema_": state.ema.module if state.ema is not None else None}
+    models = {"": state.model} | ({"ema_": state.ema.module} if state.ema is not None else {})
     metrics = {}
     for prefix, model in models.items():
-        if model is None:
-            continue
         label = (
             "" if config.no_progress or not context.is_primary else f"held-out, epoch {epoch}{' (EMA)' * bool(prefix)}"
         )
