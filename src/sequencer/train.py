@@ -922,12 +922,12 @@ def build_state(config: TrainConfig, run_state: RunState, data: TrainingData) ->
     seed_epoch(config.seed, -1, 0)
     model = build_training_model(config, data.num_classes)
     set_transforms(data, model, config)
-    model.to(run_state.context.device, dtype=input_dtype(config), memory_format=memory_format(config))
+    device = run_state.context.device
+    model.to(device, dtype=input_dtype(config), memory_format=memory_format(config))
     try:
         optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=config), **(config.opt_kwargs or {}))
     except TypeError as error:  # an argument the optimizer does not take
         raise UsageError(f"--opt-kwargs: {error}") from None
-    device = run_state.context.device
     float16 = config.amp and amp_dtype(device, config.amp_dtype) == torch.float16
     scaler = NativeScaler(device=device.type) if float16 else None
     ema = None
