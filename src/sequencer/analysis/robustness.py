@@ -50,29 +50,23 @@ _logger = logging.getLogger(__name__)
 
 # AlexNet's top-1 error on ImageNet-C, each averaged over the five severities (Hendrycks & Dietterich, ICLR 2019;
 # the normalisers published in their hendrycks/robustness repository and used for every reported mCE since).
-ALEXNET_MEAN_ERRORS = dict(
-    zip(
-        CORRUPTIONS,
-        (
-            0.886428,
-            0.894468,
-            0.922640,
-            0.819880,
-            0.826268,
-            0.785948,
-            0.798360,
-            0.866816,
-            0.826572,
-            0.819324,
-            0.564592,
-            0.853204,
-            0.646056,
-            0.717840,
-            0.606500,
-        ),
-        strict=True,
-    )
-)
+ALEXNET_MEAN_ERRORS = {
+    "gaussian_noise": 0.886428,
+    "shot_noise": 0.894468,
+    "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880,
+    "glass_blur": 0.826268,
+    "motion_blur": 0.785948,
+    "zoom_blur": 0.798360,
+    "snow": 0.866816,
+    "frost": 0.826572,
+    "fog": 0.819324,
+    "brightness": 0.564592,
+    "contrast": 0.853204,
+    "elastic_transform": 0.646056,
+    "pixelate": 0.717840,
+    "jpeg_compression": 0.606500,
+}
 
 
 class _NumPyWithFloatAlias(types.ModuleType):
