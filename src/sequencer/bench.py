@@ -325,33 +325,31 @@ def make_step(
         if isinstance(model, nn.Module):  # an onnxruntime session has no modes
             model.eval()
 
-        def infer() -> None:
+        def step() -> None:
             with torch.no_grad(), autocast(device, amp, amp_dtype):
                 model(x)
 
-        if warm:
-            infer()
-        return infer
-    model.train()
-    optimizer = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
-    target = torch.randint(0, 1000, (setting.batch_size,), device=device)
-    scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
+    else:
+        model.train()
+        optimizer = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
+        target = torch.randint(0, 1000, (setting.batch_size,), device=device)
+        scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
 
-    def train() -> None:
-        with autocast(device, amp, amp_dtype):
-            loss = F.cross_entropy(model(x), target)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        def step() -> None:
+            with autocast(device, amp, amp_dtype):
+                loss = F.cross_entropy(model(x), target)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     if warm:
-        train()
-    return train
+        step()
+    return step
 
 
 def measure_setting(
