@@ -402,13 +402,11 @@ def run(args: argparse.Namespace) -> int:
         result = robustness(**flag_values(robustness, args, alexnet_errors=alexnet, context=context, progress=True))
     if context.is_primary:
         alexnet_source = args.alexnet_errors or "published per-corruption means (Hendrycks & Dietterich)"
-        write_report(result, Path(args.output), result.model, args.checkpoint, alexnet_source, args.seed)
+        write_report(result, Path(args.output), args.checkpoint, alexnet_source, args.seed)
     return 0
 
 
-def write_report(
-    result: RobustnessResult, out: Path, model: str, checkpoint: str, alexnet_source: str, seed: int
-) -> None:
+def write_report(result: RobustnessResult, out: Path, checkpoint: str, alexnet_source: str, seed: int) -> None:
     """The files of `sequencer robustness` in `out` (corruptions/<name>.csv, robustness.csv/.png, examples.png,
     summary.json) and its lines on stdout."""
     for corruption, per_severity in result.by_severity.items():
@@ -418,7 +416,7 @@ def write_report(
     severities = [row["severity"] for row in result.by_severity[corruptions[0]]]
     clean, mce, mean_error = result.clean, result.mce, result.mean_error
     summary = dict(
-        model=model,
+        model=result.model,
         checkpoint=checkpoint,
         images=clean["count"],
         clean_top1=round(clean["top1"], 3),
@@ -439,9 +437,9 @@ def write_report(
         )
     else:
         headline = f"mCE {mce:.2f}% (AlexNet = 100){scope}, mean corruption error {mean_error:.2f}%"
-    plot_robustness(result.rows, clean["top1"], f"{model}\n{headline}", out / "robustness.png")
+    plot_robustness(result.rows, clean["top1"], f"{result.model}\n{headline}", out / "robustness.png")
     plot_examples(result.clean_images, tuple(corruptions), tuple(severities), seed, out / "examples.png")
-    print(f"{model}: clean top-1 {clean['top1']:.2f}%, {headline} ({clean['count']} images)")
+    print(f"{result.model}: clean top-1 {clean['top1']:.2f}%, {headline} ({clean['count']} images)")
     for row in result.rows:
         ce_text = "" if row["ce"] == "" else f"  CE {row['ce']:6.2f}"
         print(f"{row['corruption']:>18}  top-1 {row['mean_top1']:6.2f}  error {row['mean_error']:6.2f}{ce_text}")
