@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -90,7 +91,7 @@ class Subject:
             return "timm"
         if self.runtime in ONNX_RUNTIMES:
             return f"ours+{self.runtime}"
-        compiled = "+compile" if self.runtime == "torch-compile" else ""
+        compiled = "+compile" if self.compiled else ""
         return f"ours({self.rnn_impl}){compiled}{'+ckpt' if self.grad_checkpointing else ''}"
 
     @property
@@ -156,29 +157,27 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="sequencer-bench-") as workdir:
         for resolution in resolutions:
             built = build_models(subjects, resolution, device, Path(workdir), threads)
-            for mode in modes:
-                for precision in precisions:
-                    for batch_size in batch_sizes:
-                        setting = Setting(mode, precision, resolution, batch_size)
-                        chosen = [subject for subject in subjects if subject.runs_in(setting)]
-                        if not chosen:
-                            continue
-                        found = measure_setting(
-                            chosen,
-                            built,
-                            setting,
-                            device,
-                            Path(workdir),
-                            amp_dtype=amp_dtype,
-                            warmup=warmup,
-                            repeats=repeats,
-                            measure_memory=measure_memory,
-                            threads=threads,
-                        )
-                        add_ratios(found)
-                        if report is not None:
-                            report(setting, found)
-                        records += found
+            for mode, precision, batch_size in itertools.product(modes, precisions, batch_sizes):
+                setting = Setting(mode, precision, resolution, batch_size)
+                chosen = [subject for subject in subjects if subject.runs_in(setting)]
+                if not chosen:
+                    continue
+                found = measure_setting(
+                    chosen,
+                    built,
+                    setting,
+                    device,
+                    Path(workdir),
+                    amp_dtype=amp_dtype,
+                    warmup=warmup,
+                    repeats=repeats,
+                    measure_memory=measure_memory,
+                    threads=threads,
+                )
+                add_ratios(found)
+                if report is not None:
+                    report(setting, found)
+                records += found
             del built
             gc.collect()
     return records
@@ -244,13 +243,18 @@ def build_models(
     subjects: list[Subject], resolution: int, device: torch.device, workdir: Path, threads: int | None = None
 ) -> dict[Subject, Runner]:
     """Build every subject: ours of a name and timm's twin carry the weights of one fresh model (the twin checked
-    on logits), and the onnxruntime subjects run its export, written into `workdir`."""
+    on logits), and the onnxruntime subjects run its export, written into `workdir`: `export --dynamic-batch`
+    (checked against it), and that file with int8 weights."""
     names = dict.fromkeys(subject.model for subject in subjects if subject.source == "ours")
     references = {name: build_subject_model(Subject(name, "ours", "reference"), resolution) for name in names}
     for name, reference in references.items():
-        wanted = {subject.runtime for subject in subjects if subject.model == name} & set(ONNX_RUNTIMES)
-        if wanted:
-            write_onnx_files(reference, name, resolution, workdir, wanted)
+        runtimes = {subject.runtime for subject in subjects if subject.model == name}
+        if runtimes & set(ONNX_RUNTIMES):
+            float_path = onnx_file(workdir, Subject(name, "ours", runtime="onnxruntime"), resolution)
+            export(reference, float_path, dynamic_batch=True, img_size=resolution)
+            if "onnxruntime-int8" in runtimes:
+                int8_path = onnx_file(workdir, Subject(name, "ours", runtime="onnxruntime-int8"), resolution)
+                quantize_onnx(float_path, int8_path)
     models: dict[Subject, Runner] = {}
     for subject in subjects:
         reference = references.get(subject.model)
@@ -259,15 +263,6 @@ def build_models(
         if subject.source == "timm" and reference is not None:
             check_twin(reference.to(device), models[subject], subject.model, resolution, device)
     return models
-
-
-def write_onnx_files(model: nn.Module, name: str, resolution: int, workdir: Path, runtimes: set[str]) -> None:
-    """The files the onnxruntime subjects run: `export --dynamic-batch` of `model` (checked against it), and that
-    file with int8 weights."""
-    float_path = onnx_file(workdir, Subject(name, "ours", runtime="onnxruntime"), resolution)
-    export(model, float_path, dynamic_batch=True, img_size=resolution)
-    if "onnxruntime-int8" in runtimes:
-        quantize_onnx(float_path, onnx_file(workdir, Subject(name, "ours", runtime="onnxruntime-int8"), resolution))
 
 
 def onnx_file(workdir: Path, subject: Subject, resolution: int) -> Path:
@@ -330,33 +325,31 @@ def make_step(
         if isinstance(model, nn.Module):  # an onnxruntime session has no modes
             model.eval()
 
-        def infer() -> None:
+        def step() -> None:
             with torch.no_grad(), autocast(device, amp, amp_dtype):
                 model(x)
 
-        if warm:
-            infer()
-        return infer
-    model.train()
-    optimizer = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
-    target = torch.randint(0, 1000, (setting.batch_size,), device=device)
-    scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
+    else:
+        model.train()
+        optimizer = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
+        target = torch.randint(0, 1000, (setting.batch_size,), device=device)
+        scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
 
-    def train() -> None:
-        with autocast(device, amp, amp_dtype):
-            loss = F.cross_entropy(model(x), target)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        def step() -> None:
+            with autocast(device, amp, amp_dtype):
+                loss = F.cross_entropy(model(x), target)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     if warm:
-        train()
-    return train
+        step()
+    return step
 
 
 def measure_setting(
@@ -378,9 +371,7 @@ def measure_setting(
     records = []
     for subject in subjects:
         median = statistics.median(times[subject])
-        peak = None
-        if measure_memory:
-            peak = measure_peak_memory(subject, setting, device, threads, amp_dtype, workdir)
+        peak = measure_peak_memory(subject, setting, device, threads, amp_dtype, workdir) if measure_memory else None
         # What ran, not what the setting asked of PyTorch: the int8 file computes with int8 weights.
         ran = dict(asdict(setting), precision="int8" if subject.runtime == "onnxruntime-int8" else setting.precision)
         records.append(

@@ -363,9 +363,9 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = Tru
     # Listed in the model's own order, so the first names point at the earliest layer that does not fit.
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    mismatched = [
-        k for k in own if k in state_dict and own[k].shape != state_dict[k].shape and not k.startswith("head.fc.")
-    ]
+    reshaped = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    head = [k for k in reshaped if k.startswith("head.fc.")]  # a head for another number of classes: replaced
+    mismatched = [k for k in reshaped if k not in head]
     if strict and (missing or unexpected or mismatched):
         name = getattr(model, "model_name", type(model).__name__)
         recorded = checkpoint.record.model_name
@@ -385,7 +385,6 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = Tru
             f"{source} does not fit {name} ({len(own)} keys in the model, {len(state_dict)} in the file): "
             + "; ".join(problems)
         )
-    head = [k for k in state_dict if k.startswith("head.fc.") and k in own and own[k].shape != state_dict[k].shape]
     if head:
         classes = state_dict["head.fc.weight"].shape[0]
         _logger.warning(

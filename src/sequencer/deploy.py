@@ -269,13 +269,6 @@ def format_for(path: str | Path, requested: str | None = None) -> str:
     return SUFFIXES[suffix]
 
 
-def _prepare(model: nn.Module) -> nn.Module:
-    """Eval mode on the CPU, on the library-RNN code path that every exporter can trace."""
-    model.cpu().eval()
-    route(model, rnn_impl="reference")  # for good: `export` works on its own copy
-    return model
-
-
 @contextlib.contextmanager
 def _quiet_export_warnings() -> Iterator[None]:
     """Hide warnings that say nothing about the exported file's correctness (the numeric check does that)."""
@@ -298,7 +291,7 @@ def _write(
     config_json: str,
     opset: int | None,
 ) -> None:
-    batch_dim = torch.export.Dim("batch")
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     if fmt == "onnx":
         program = torch.onnx.export(
             model,
@@ -307,7 +300,7 @@ def _write(
             verbose=False,
             input_names=["input"],
             output_names=["logits"],
-            dynamic_shapes=({0: batch_dim},) if dynamic_batch else None,
+            dynamic_shapes=dynamic_shapes,
             opset_version=opset,
         )
         written = next(entry.version for entry in program.model_proto.opset_import if entry.domain in ("", "ai.onnx"))
@@ -321,8 +314,7 @@ def _write(
     else:
         # Non-strict, as torch 2.9 and later do by default: torch 2.7's strict (dynamo) export of a static batch
         # breaks its graph at the mixers' mode switch, which a non-strict export sees skipped.
-        dynamic = ({0: batch_dim},) if dynamic_batch else None
-        program = torch.export.export(model, (example,), dynamic_shapes=dynamic, strict=False)
+        program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes, strict=False)
         torch.export.save(program, path, extra_files={CONFIG_FILE: config_json})
 
 
@@ -392,7 +384,9 @@ def export(
         raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
     else:
         model = copy.deepcopy(model)  # the caller's module keeps its device and RNN code path
-    model = _prepare(model)
+    # Eval mode on the CPU, on the library-RNN code path that every exporter can trace (for good: this is our copy).
+    model.cpu().eval()
+    route(model, rnn_impl="reference")
     cfg = data_config(model, **config_overrides)
     # What the file is: the model's record, with the input it is exported for (the overrides asked included).
     record = replace(record_of(model), **{key: cfg[key] for key in RECORD_INPUT_KEYS})

@@ -284,8 +284,7 @@ def torch_classifier(
             return model(batch.to(torch_device, non_blocking=True))
 
     cfg = getattr(model, "pretrained_cfg", {})
-    autocast_note = " under autocast" if amp else ""
-    runs = f"torch on {torch_device}{autocast_note}"
+    runs = f"torch on {torch_device}{' under autocast' if amp else ''}"
     return Classifier(forward, cfg, model.num_classes, cfg.get("label_names"), torch_device, runs)
 
 
@@ -308,10 +307,8 @@ def onnx_classifier(
         raise UsageError(f"{exported.path} takes {channels} input channels, not --in-chans {in_chans}")
     if channels != 3:
         raise UsageError(f"{exported.path} takes {channels}-channel inputs but images are read as RGB, 3 channels")
-    exported_size, asked_size = (
-        list(config["input_size"]),
-        list(data_config(config, **transform_overrides)["input_size"]),
-    )
+    exported_size = list(config["input_size"])
+    asked_size = list(data_config(config, **transform_overrides)["input_size"])
     if asked_size != exported_size:
         raise UsageError(
             f"{exported.path} was exported for {'x'.join(map(str, exported_size))} inputs, not "

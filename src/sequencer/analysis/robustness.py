@@ -50,29 +50,23 @@ _logger = logging.getLogger(__name__)
 
 # AlexNet's top-1 error on ImageNet-C, each averaged over the five severities (Hendrycks & Dietterich, ICLR 2019;
 # the normalisers published in their hendrycks/robustness repository and used for every reported mCE since).
-ALEXNET_MEAN_ERRORS = dict(
-    zip(
-        CORRUPTIONS,
-        (
-            0.886428,
-            0.894468,
-            0.922640,
-            0.819880,
-            0.826268,
-            0.785948,
-            0.798360,
-            0.866816,
-            0.826572,
-            0.819324,
-            0.564592,
-            0.853204,
-            0.646056,
-            0.717840,
-            0.606500,
-        ),
-        strict=True,
-    )
-)
+ALEXNET_MEAN_ERRORS = {
+    "gaussian_noise": 0.886428,
+    "shot_noise": 0.894468,
+    "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880,
+    "glass_blur": 0.826268,
+    "motion_blur": 0.785948,
+    "zoom_blur": 0.798360,
+    "snow": 0.866816,
+    "frost": 0.826572,
+    "fog": 0.819324,
+    "brightness": 0.564592,
+    "contrast": 0.853204,
+    "elastic_transform": 0.646056,
+    "pixelate": 0.717840,
+    "jpeg_compression": 0.606500,
+}
 
 
 class _NumPyWithFloatAlias(types.ModuleType):
@@ -408,13 +402,11 @@ def run(args: argparse.Namespace) -> int:
         result = robustness(**flag_values(robustness, args, alexnet_errors=alexnet, context=context, progress=True))
     if context.is_primary:
         alexnet_source = args.alexnet_errors or "published per-corruption means (Hendrycks & Dietterich)"
-        write_report(result, Path(args.output), result.model, args.checkpoint, alexnet_source, args.seed)
+        write_report(result, Path(args.output), args.checkpoint, alexnet_source, args.seed)
     return 0
 
 
-def write_report(
-    result: RobustnessResult, out: Path, model: str, checkpoint: str, alexnet_source: str, seed: int
-) -> None:
+def write_report(result: RobustnessResult, out: Path, checkpoint: str, alexnet_source: str, seed: int) -> None:
     """The files of `sequencer robustness` in `out` (corruptions/<name>.csv, robustness.csv/.png, examples.png,
     summary.json) and its lines on stdout."""
     for corruption, per_severity in result.by_severity.items():
@@ -424,7 +416,7 @@ def write_report(
     severities = [row["severity"] for row in result.by_severity[corruptions[0]]]
     clean, mce, mean_error = result.clean, result.mce, result.mean_error
     summary = dict(
-        model=model,
+        model=result.model,
         checkpoint=checkpoint,
         images=clean["count"],
         clean_top1=round(clean["top1"], 3),
@@ -445,9 +437,9 @@ def write_report(
         )
     else:
         headline = f"mCE {mce:.2f}% (AlexNet = 100){scope}, mean corruption error {mean_error:.2f}%"
-    plot_robustness(result.rows, clean["top1"], f"{model}\n{headline}", out / "robustness.png")
+    plot_robustness(result.rows, clean["top1"], f"{result.model}\n{headline}", out / "robustness.png")
     plot_examples(result.clean_images, tuple(corruptions), tuple(severities), seed, out / "examples.png")
-    print(f"{model}: clean top-1 {clean['top1']:.2f}%, {headline} ({clean['count']} images)")
+    print(f"{result.model}: clean top-1 {clean['top1']:.2f}%, {headline} ({clean['count']} images)")
     for row in result.rows:
         ce_text = "" if row["ce"] == "" else f"  CE {row['ce']:6.2f}"
         print(f"{row['corruption']:>18}  top-1 {row['mean_top1']:6.2f}  error {row['mean_error']:6.2f}{ce_text}")
