@@ -126,13 +126,12 @@ def check_config(config: TrainConfig) -> None:
             f"input size {'x'.join(map(str, size))} is smaller than the {patches}x{patches} pixels that "
             f"{config.model}'s stem and downsampling patches need"
         )
-    channels = config.input_size[0] if config.input_size else config.in_chans
     mode = config.image_mode
     read = image_channels(mode)
-    if read != channels:
+    if read != config.input_channels:
         raise UsageError(
-            f"--input-img-mode {mode} reads {read} channel(s), but the model takes {channels} (--in-chans); "
-            "L with --in-chans 1, RGB with 3"
+            f"--input-img-mode {mode} reads {read} channel(s), but the model takes {config.input_channels} "
+            "(--in-chans); L with --in-chans 1, RGB with 3"
         )
     if config.aug_splits == 1:
         raise UsageError("--aug-splits 1: splits are 0 (off) or >= 2 (a clean copy and augmented ones)")
@@ -510,7 +509,7 @@ def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
             pretrained=config.pretrained,
             num_classes=num_classes,
             drop_path_rate=drop_path,
-            in_chans=config.input_size[0] if config.input_size else config.in_chans,
+            in_chans=config.input_channels,
             drop_rate=config.drop,
             rnn_impl=config.rnn_impl,
             **(config.model_kwargs or {}),

@@ -455,10 +455,14 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
         return replace(self, **{key: value for key, value in recipe.items() if getattr(self, key) is None})
 
     @property
+    def input_channels(self) -> int:
+        """The channels the model takes: --input-size's C, else --in-chans."""
+        return self.input_size[0] if self.input_size else self.in_chans
+
+    @property
     def image_mode(self) -> str:
         """The PIL mode images are read in: --input-img-mode, else timm's default for the input's channels."""
-        channels = self.input_size[0] if self.input_size else self.in_chans
-        return self.input_img_mode or ("RGB" if channels == 3 else "L")
+        return self.input_img_mode or ("RGB" if self.input_channels == 3 else "L")
 
     @property
     def is_digits(self) -> bool:
