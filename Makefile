@@ -24,8 +24,9 @@ install: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/sequencer train
 
+# One pytest-xdist worker per core, each with its share of the cores (tests/conftest.py).
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -40,7 +41,7 @@ $(OLDEST_STAMP): requirements-oldest.txt pyproject.toml
 # The suite without the slow end-to-end runs, on the oldest supported versions.
 test-oldest: $(OLDEST_STAMP)
 	$(OLDEST)/bin/python --version
-	$(OLDEST)/bin/python -m pytest -q -m "not slow"
+	$(OLDEST)/bin/python -m pytest -q -n auto -m "not slow"
 
 # On a machine with an NVIDIA GPU: implementations against float64, AMP training, img/s and memory (BENCHMARKS.md).
 gpu-check:

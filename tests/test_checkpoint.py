@@ -22,8 +22,6 @@ import sequencer
 from sequencer.checkpoint import CheckpointError, atomic_save, extract_state_dict, read_file
 from sequencer.plotting import plot_training_curves
 
-torch.set_num_threads(2)
-
 
 def _randomised(name: str, **kwargs) -> nn.Module:
     """A model whose every parameter is random (the zero head would hide a wrongly loaded head)."""

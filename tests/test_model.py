@@ -20,8 +20,6 @@ from sequencer.kernels import onednn
 from sequencer.kernels.onednn import FastLinear
 from sequencer.model import BiLSTM2D, Sequencer, SequencerBlock, SequencerConfig, route
 
-torch.set_num_threads(2)
-
 # The authors' code at 1000 classes, to the unit (also in the README's variant table).
 PARAMS = {
     "sequencer2d_s": 27_651_688,

@@ -30,8 +30,6 @@ from sequencer.model import VARIANTS
 NAMES = sequencer.list_models()
 SIZE = 28  # an input every variant maps to at least 2x2 tokens in its last stage, small enough to be quick
 
-torch.set_num_threads(2)
-
 
 def random_head(model: nn.Module) -> nn.Module:
     """`model` with its classifier drawn at random: the zero-initialised one hides what comes before it."""
