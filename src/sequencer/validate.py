@@ -214,9 +214,11 @@ def evaluate(
             sums["real_hits"] += (hits & labelled).sum().double()
             sums["real_images"] += labelled.sum().double()
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-    totals = _sum_over_processes(sums, distributed)
+    stacked = torch.stack(list(sums.values()))  # one all_reduce for every sum
     if distributed:
+        dist.all_reduce(stacked)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    totals = dict(zip(sums, stacked.tolist(), strict=True))
     count = totals["images"]
     if count == 0:
         raise DatasetError("nothing to evaluate: the loader yielded no images")
@@ -254,14 +256,6 @@ def evaluate_dataset(
         valid_classes=valid_classes,
         progress=progress if context.is_primary else "",  # one bar, rank 0's
     )
-
-
-def _sum_over_processes(sums: dict[str, torch.Tensor], distributed: bool) -> dict[str, float]:
-    """Each named sum added up over all processes (one all_reduce of them stacked), as floats."""
-    stacked = torch.stack(list(sums.values()))
-    if distributed:
-        dist.all_reduce(stacked)
-    return dict(zip(sums, stacked.tolist(), strict=True))
 
 
 def check_targets_within(dataset: Dataset, valid_classes: torch.Tensor) -> None:
@@ -305,12 +299,10 @@ def validate(
     model, opened = resolve_source(source.model, source.checkpoint, source.use_ema, source.unsafe_load)
     set_threads(runtime.threads)
     context = context or DistributedContext(0, 1, resolve_device(runtime.device))
-    device = context.device
     if runtime.amp and context.is_primary:
-        warn_if_emulated_bfloat16(device, runtime.amp_dtype)
+        warn_if_emulated_bfloat16(context.device, runtime.amp_dtype)
     root = os.fspath(data or data_dir) if data or data_dir else None
     name = dataset or root
-    checkpoint = os.fspath(source.checkpoint) if source.checkpoint else ""
     # What is asked goes over the model's preprocessing, which holds the input a training checkpoint was trained at.
     asked = input_overrides(preprocess)
     # The built-in digits are upscaled straight to the input size, as `sequencer train` does: known before the model.
@@ -331,7 +323,7 @@ def validate(
     config = data_config(network, **asked)
     check_image_input_fits(network, config["input_size"])
     eval_set.transform = create_transform(network, train=False, **asked)
-    network = network.to(device)
+    network = network.to(context.device)
     if compilation.torchcompile:
         network = compile_model(network, compilation.torchcompile)
     label = f"{model} on {name or 'digits'}" if progress else ""
@@ -339,7 +331,7 @@ def validate(
     metrics["num_skipped"] = all_reduce_sum(getattr(getattr(eval_set, "base", eval_set), "num_skipped", 0), context)
     return {
         "model": model,
-        "checkpoint": checkpoint,
+        "checkpoint": os.fspath(source.checkpoint) if source.checkpoint else "",
         "data": name or "digits",
         "split": split,
         **metrics,
