@@ -106,8 +106,6 @@ def create_transform(model: nn.Module | dict[str, Any], train: bool = False, **o
 IMAGE_EXTENSIONS: tuple[str, ...] = IMG_EXTENSIONS
 
 VAL_SPLITS = ("val", "validation", "test")
-_DIGITS_VAL_FRACTION = 0.2
-_DIGITS_SPLIT_SEED = 0
 
 
 class SkipCounter:
@@ -191,10 +189,7 @@ class DigitsDataset(Dataset):
             raise DatasetError(f"unknown split {split!r} for the digits; expected 'train' or 'val'")
         digits = load_digits()
         train_idx, val_idx = train_test_split(
-            np.arange(len(digits.target)),
-            test_size=_DIGITS_VAL_FRACTION,
-            random_state=_DIGITS_SPLIT_SEED,
-            stratify=digits.target,
+            np.arange(len(digits.target)), test_size=0.2, random_state=0, stratify=digits.target
         )
         indices = train_idx if split == "train" else val_idx
         # Pixel values are 0..16; upscale once here so that per-sample transforms only crop and normalise.
@@ -408,7 +403,7 @@ def _streamed_dataset(
 
     Under torchrun each process reads its own shards. `.classes` are the dataset's class names (none for wds/: its
     labels are class indices). For evaluation (not `train`) every image is read exactly once over all processes."""
-    prefix = name.partition("/")[0].lower()
+    prefix = source_kind(name)
     package = STREAMED_PACKAGES[prefix]
     if importlib.util.find_spec(package) is None:
         raise MissingDependencyError(
@@ -587,7 +582,8 @@ def class_indices(
     0..999), also when only some classes are present; otherwise folder i is class i, which needs one folder per class.
     """
     folder_names = list(folder_names)
-    if model_class_names is not None and len(model_class_names) == num_classes:
+    own_names = model_class_names is not None and len(model_class_names) == num_classes
+    if own_names:
         by_name = {name: index for index, name in enumerate(model_class_names)}
         if all(name in by_name for name in folder_names):
             return [by_name[name] for name in folder_names]
@@ -597,7 +593,7 @@ def class_indices(
             return [by_synset[name] for name in folder_names]
         if all(name.isdigit() and int(name) < num_classes for name in folder_names):
             return [int(name) for name in folder_names]
-    if model_class_names is not None and len(model_class_names) == num_classes:
+    if own_names:
         # Position would pair each folder with whatever class shares its index: a wrong score, silently.
         raise DatasetError(
             f"the data's classes ({_names_list(folder_names)}) are not the model's ({_names_list(model_class_names)}): "
