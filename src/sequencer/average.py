@@ -77,8 +77,7 @@ def recorded_metric(obj: dict[str, Any], path: Path, use_ema: bool = True) -> Ra
         row = next((row for row in obj.get("history", []) if row.get("epoch") == epoch), {})
         metric = row.get(f"ema_eval_{name}") if use_ema else None
         metric = row.get(f"eval_{name}") if metric is None else metric
-    lower_is_better = "loss" in name
-    return Ranked(path, epoch, None if metric is None else float(metric), name, lower_is_better)
+    return Ranked(path, epoch, None if metric is None else float(metric), name, lower_is_better="loss" in name)
 
 
 def rank_checkpoints(files: list[Path], num: int, use_ema: bool = True) -> list[Ranked]:
@@ -185,12 +184,13 @@ def run(args: argparse.Namespace) -> int:
     config = hub_config(record, in_chans=3 if stem is None else stem.shape[1]) if folder else None
     kind = "EMA weights" if record.ema else "weights"
     what = f"{kind} of" if len(chosen) == 1 else f"mean of the {kind} of {len(chosen)} checkpoints:"
+    what += f" {', '.join(map(str, chosen))}"
     if output:
         write_weights(state_dict, record, output)
-        print(f"wrote {output}: {what} {', '.join(str(p) for p in chosen)}")
+        print(f"wrote {output}: {what}")
     if folder:
         write_hub_folder(state_dict, record, config, folder)
-        print(f"wrote {folder} (Hub layout: {HUB_CONFIG}, {WEIGHT_FILES[0]}): {what} {', '.join(map(str, chosen))}")
+        print(f"wrote {folder} (Hub layout: {HUB_CONFIG}, {WEIGHT_FILES[0]}): {what}")
     if args.push_to_hub:
         print(f"uploaded {folder} to {hub.upload(folder, args.push_to_hub, private=args.hub_private)}")
     return 0

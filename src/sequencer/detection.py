@@ -91,8 +91,7 @@ def sequencer_fpn_backbone(
     if not 0 <= trainable <= stages:
         raise UsageError(f"trainable_stages {trainable_stages}: expected 0 to {stages}")
     if trainable < stages:
-        frozen = [body.model.stem, *body.model.stages[: stages - trainable]]
-        for module in frozen:
+        for module in [body.model.stem, *body.model.stages[: stages - trainable]]:
             module.requires_grad_(False)
         if body.model.absolute_pos_embed is not None:
             body.model.absolute_pos_embed.requires_grad_(False)
