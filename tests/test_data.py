@@ -270,3 +270,14 @@ def test_create_transform_names_an_unknown_interpolation() -> None:
     with pytest.raises(UsageError, match="unknown interpolation 'random'"):
         create_transform(model, interpolation="random")  # per-image choice: training only
     assert create_transform(model, train=True, interpolation="random") is not None
+
+
+def test_validate_counts_the_unreadable_images_of_a_torchvision_dataset(tmp_path: Path) -> None:
+    from sequencer.validate import validate
+
+    root = make_oxford_pets(tmp_path)
+    (root / "oxford-iiit-pet" / "images" / "Bengal_101.jpg").write_bytes(b"not a jpeg")
+    results = validate(
+        model="sequencer2d_tiny", dataset="torch/oxford_iiit_pet", data_dir=root, split="val", img_size=16, workers=0
+    )
+    assert results["count"] == 8 and results["num_skipped"] == 1

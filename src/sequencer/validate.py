@@ -129,6 +129,11 @@ class WithRealLabels(Dataset):
     def transform(self, transform: Callable | None) -> None:
         self.base.transform = transform
 
+    @property
+    def num_skipped(self) -> int:
+        """The base dataset's unreadable images met so far."""
+        return self.base.num_skipped
+
     def __len__(self) -> int:
         return len(self.base)
 
@@ -328,7 +333,7 @@ def validate(
         network = compile_model(network, compilation.torchcompile)
     label = f"{model} on {name or 'digits'}" if progress else ""
     metrics = evaluate_dataset(network, eval_set, runtime, context, label, valid_classes)
-    metrics["num_skipped"] = all_reduce_sum(getattr(getattr(eval_set, "base", eval_set), "num_skipped", 0), context)
+    metrics["num_skipped"] = all_reduce_sum(getattr(eval_set, "num_skipped", 0), context)
     return {
         "model": model,
         "checkpoint": os.fspath(source.checkpoint) if source.checkpoint else "",
