@@ -94,11 +94,7 @@ def all_reduce_sum(value: int, context: DistributedContext) -> int:
 
 def on_every_rank(flag: bool, context: DistributedContext) -> bool:
     """Whether `flag` holds in every process (the flag itself when alone)."""
-    if not context.distributed:
-        return flag
-    value = torch.tensor(int(flag), device=context.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    return all_reduce_sum(int(flag), context) == context.world_size
 
 
 def cleanup_distributed() -> None:
