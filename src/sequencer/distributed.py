@@ -42,9 +42,8 @@ def launched_world_size() -> int:
 def process_group(device_name: str | None = None) -> Iterator[DistributedContext]:
     """This process's place in torchrun's group, joined from its environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*),
     or alone outside torchrun; the group torn down on exit."""
-    world_size = launched_world_size()
     device = resolve_device(device_name)
-    if world_size <= 1:
+    if launched_world_size() <= 1:
         context = DistributedContext(0, 1, device)
     else:
         if device.type == "cuda":
