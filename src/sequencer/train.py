@@ -945,8 +945,7 @@ def set_start(config: TrainConfig, run_state: RunState, state: TrainState) -> No
         state.epoch = config.start_epoch
     # --resume auto leaves a run whose schedule has ended as it is, rather than refuse it: restarting a finished job
     # is no error.
-    finished = resumed is not None and run_state.auto_resume and state.epoch >= state.num_epochs
-    if state.epoch >= state.num_epochs and not finished:
+    if state.epoch >= state.num_epochs and not (resumed is not None and run_state.auto_resume):
         raise UsageError(
             f"the schedule ended at epoch {state.num_epochs - 1} (epochs 0-{state.num_epochs - 1}: --epochs "
             f"{config.epochs}{f' + --cooldown-epochs {config.cooldown_epochs}' if config.cooldown_epochs else ''}) "
