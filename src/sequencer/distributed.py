@@ -42,9 +42,8 @@ def launched_world_size() -> int:
 def process_group(device_name: str | None = None) -> Iterator[DistributedContext]:
     """This process's place in torchrun's group, joined from its environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*),
     or alone outside torchrun; the group torn down on exit."""
-    world_size = launched_world_size()
     device = resolve_device(device_name)
-    if world_size <= 1:
+    if launched_world_size() <= 1:
         context = DistributedContext(0, 1, device)
     else:
         if device.type == "cuda":
@@ -94,11 +93,7 @@ def all_reduce_sum(value: int, context: DistributedContext) -> int:
 
 def on_every_rank(flag: bool, context: DistributedContext) -> bool:
     """Whether `flag` holds in every process (the flag itself when alone)."""
-    if not context.distributed:
-        return flag
-    value = torch.tensor(int(flag), device=context.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    return all_reduce_sum(int(flag), context) == context.world_size
 
 
 def cleanup_distributed() -> None:

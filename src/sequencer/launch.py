@@ -24,7 +24,7 @@ SHARED_STORE_SWITCH = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 def main(argv: list[str] | None = None) -> int:
     """Run torchrun with `argv`; a rendezvous that fails becomes one line on stderr and exit code 2."""
-    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = get_args_parser().parse_args(argv)
     os.environ.setdefault(SHARED_STORE_SWITCH, "1")
     try:
         run(args)

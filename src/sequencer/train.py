@@ -370,9 +370,8 @@ def train_one_epoch(
     window: list[torch.Tensor] = []  # the losses since the last read, on the device
     total_loss, steps, images_seen, since = 0.0, 0, 0, time.perf_counter()
     epoch_start_updates = state.num_updates
-    show = not config.no_progress and context.is_primary
     desc = f"epoch {state.epoch}/{state.num_epochs - 1}"
-    bar = progress_bar(loader, show=show, desc=desc, dynamic_ncols=True)
+    bar = progress_bar(loader, show=not config.no_progress and context.is_primary, desc=desc, dynamic_ncols=True)
     log = context.is_primary and bar.disable  # no bar drawn (a pipe, --no-progress): progress lines instead
     for batch in bar:
         # None: every image of the batch was unreadable (and counted by the dataset).
@@ -543,11 +542,9 @@ def output_folder(config: TrainConfig) -> Path:
         )
     elif config.resume:
         base = Path(config.resume).parent
-    elif config.experiment:
-        return Path("output/train") / config.experiment
     else:
         size = config.img_size or (config.input_size[-1] if config.input_size else "default")
-        return Path("output/train") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{size}"
+        return Path("output/train") / (config.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{size}")
     return base / config.experiment if config.experiment else base
 
 
@@ -573,15 +570,16 @@ def check_output_folder(config: TrainConfig, output: Path, auto_resume: bool = F
         with contextlib.suppress(OSError, yaml.YAMLError):  # an args.yaml that cannot be read is not this command's
             if yaml.safe_load((output / "args.yaml").read_text()) == config.as_dict():
                 return
+    listed = ", ".join(held[:3]) + (" ..." if len(held) > 3 else "")
     if auto_resume:
         raise UsageError(
-            f"--resume auto: {output} holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} but no "
-            "last.pth.tar to continue from, and not as this command would have left it; pass another -o/--output"
+            f"--resume auto: {output} holds {listed} but no last.pth.tar to continue from, and not as this command "
+            "would have left it; pass another -o/--output"
         )
     source = f" (-c {config.config} names it as its output)" if config.config else ""
     raise UsageError(
-        f"{output} already holds a run{source}: {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}; continue it "
-        f"with --resume {output / 'last.pth.tar'}, or pass another -o/--output (or --experiment NAME for a sub-folder)"
+        f"{output} already holds a run{source}: {listed}; continue it with --resume {output / 'last.pth.tar'}, "
+        "or pass another -o/--output (or --experiment NAME for a sub-folder)"
     )
 
 
@@ -732,31 +730,21 @@ def no_effect_notes(config: TrainConfig) -> list[str]:
 
 @contextlib.contextmanager
 def _stops_logged(context: DistributedContext, output: Path) -> Iterator[None]:
-    """Log why a run stopped before its end, a non-finite loss or an interruption, and what it leaves to go on from."""
+    """Log why a run stopped before its end, a non-finite loss or an interruption, and what it leaves to go on from:
+    the checkpoint to resume from, or (none written yet) the same command again."""
+    last = output / "last.pth.tar"
+    again = "no checkpoint was written yet: the same command starts the run again"
     try:
         yield
     except NonFiniteLossError as error:
-        last = output / "last.pth.tar"
         # The folder held no run before this one (or the resumed one): its last.pth.tar is of the epoch before.
-        kept = (
-            f"the last good checkpoint is kept: {last} (epoch {error.epoch - 1})"
-            if last.is_file()
-            else _how_to_go_on(output)
-        )
+        kept = f"the last good checkpoint is kept: {last} (epoch {error.epoch - 1})" if last.is_file() else again
         _logger.error("stopping: %s; %s. Lower --lr, set --clip-grad, or check the data.", error, kept)
         raise
     except KeyboardInterrupt:
         if context.is_primary:
-            _logger.error("interrupted; %s", _how_to_go_on(output))
+            _logger.error("interrupted; %s", f"continue with --resume {last}" if last.is_file() else again)
         raise
-
-
-def _how_to_go_on(output: Path) -> str:
-    """What a stopped run leaves: the checkpoint to resume from, or (none written yet) the same command again."""
-    last = output / "last.pth.tar"
-    if last.is_file():
-        return f"continue with --resume {last}"
-    return "no checkpoint was written yet: the same command starts the run again"
 
 
 def build_data(config: TrainConfig, context: DistributedContext) -> TrainingData:
@@ -828,10 +816,10 @@ def read_datasets(config: TrainConfig, context: DistributedContext) -> tuple[Dat
             f"the {config.train_split} and {config.val_split} splits have different classes "
             f"({len(train_set.classes)} vs {len(val_set.classes)}; in one split only: {', '.join(only) or 'none'})"
         )
-    num_classes = config.num_classes or len(train_set.classes)
+    found = len(train_set.classes)
+    num_classes = config.num_classes or found
     if not num_classes:
         raise UsageError(f"--dataset {source}: its labels name no classes; pass --num-classes")
-    found = len(train_set.classes)
     if found and num_classes != found:
         # A larger head trains classes no image has; a smaller one cannot hold the labels.
         raise UsageError(f"--num-classes {num_classes}, but the {config.train_split} split has {found} classes")
@@ -957,8 +945,7 @@ def set_start(config: TrainConfig, run_state: RunState, state: TrainState) -> No
         state.epoch = config.start_epoch
     # --resume auto leaves a run whose schedule has ended as it is, rather than refuse it: restarting a finished job
     # is no error.
-    finished = resumed is not None and run_state.auto_resume and state.epoch >= state.num_epochs
-    if state.epoch >= state.num_epochs and not finished:
+    if state.epoch >= state.num_epochs and not (resumed is not None and run_state.auto_resume):
         raise UsageError(
             f"the schedule ended at epoch {state.num_epochs - 1} (epochs 0-{state.num_epochs - 1}: --epochs "
             f"{config.epochs}{f' + --cooldown-epochs {config.cooldown_epochs}' if config.cooldown_epochs else ''}) "
@@ -1021,8 +1008,7 @@ def start_output(config: TrainConfig, run_state: RunState, data: TrainingData, s
     history = state.history
     if resumed is not None and history and history[-1]["epoch"] == resumed["epoch"]:
         # A run stopped (killed, preempted) between last.pth.tar and the files written after it: complete them.
-        is_best = resumed["best_epoch"] == resumed["epoch"]
-        save_epoch_files(config, run_state, resumed, history, is_best=is_best)
+        save_epoch_files(config, run_state, resumed, history, is_best=resumed["best_epoch"] == resumed["epoch"])
     if state.epoch >= state.num_epochs:  # only a finished run under --resume auto (`set_start`)
         _logger.info(
             "--resume auto: the run finished at epoch %d, the last of its schedule; nothing to train", state.epoch - 1
@@ -1174,7 +1160,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if primary and "eval_top1" in result:
         ema = f", EMA {result['ema_eval_top1']:.2f}%" if "ema_eval_top1" in result else ""
-        best_of = " of the EMA (validate it with --use-ema)" if "ema_eval_top1" in result else ""
+        best_of = " of the EMA (validate it with --use-ema)" if ema else ""
         print(
             f"held-out top-1 {result['eval_top1']:.2f}%{ema} (top-5 {result['eval_top5']:.2f}%) after epoch "
             f"{result['epoch']}; best {args.eval_metric}{best_of} {result['best_metric']:.2f} at epoch "
