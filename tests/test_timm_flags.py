@@ -177,13 +177,17 @@ def test_val_interval_recovery_and_the_flags_that_cannot_matter(
     assert (recovery["epoch"], recovery["num_updates"], recovery["recovery"]) == (1, 6, True)
 
 
-def test_class_map_grayscale_input_and_model_and_optimizer_kwargs(run_cli, data_root: Path, tmp_path: Path) -> None:
+def test_class_map_grayscale_input_and_model_and_optimizer_kwargs(
+    run_cli, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     (tmp_path / "map.txt").write_text("class_2\nclass_0\n")
     flags = (
         f"--class-map {tmp_path / 'map.txt'} --input-img-mode L --in-chans 1 --model-kwargs mlp_ratio=2 "
         "--opt sgd --opt-kwargs nesterov=True --tta 2"
     )
-    assert run_cli("train", f"{data_root} {TINY} -b 4 --epochs 1 {flags} -o {tmp_path / 'run'}") == 0
+    with caplog.at_level(logging.INFO):
+        assert run_cli("train", f"{data_root} {TINY} -b 4 --epochs 1 {flags} -o {tmp_path / 'run'}") == 0
+    assert "(2 classes, input 1x16x16)" in caplog.text  # what the model takes, as the record says
     ckpt = read_file(tmp_path / "run" / "last.pth.tar")
     record = ckpt["sequencer_record"]
     assert record["class_names"] == ["class_2", "class_0"] and record["input_size"] == [1, 16, 16]

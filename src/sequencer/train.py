@@ -1014,7 +1014,6 @@ def start_output(config: TrainConfig, run_state: RunState, data: TrainingData, s
             "--resume auto: the run finished at epoch %d, the last of its schedule; nothing to train", state.epoch - 1
         )
         return
-    evaluated = data_config(state.model, interpolation=config.interpolation, **input_overrides(config, "interpolation"))
     if config.sched != "none" and config.warmup_epochs + config.cooldown_epochs >= config.epochs:
         _logger.warning(
             "--epochs %d with --warmup-epochs %d and --cooldown-epochs %d: the schedule runs %d epochs, most of them "
@@ -1029,7 +1028,7 @@ def start_output(config: TrainConfig, run_state: RunState, data: TrainingData, s
         "as in summary.csv and checkpoint-EPOCH.pth.tar), %d process(es) on %s; output in %s",
         config.model,
         data.num_classes,
-        "x".join(map(str, evaluated["input_size"])),
+        "x".join(map(str, state.model.pretrained_cfg["input_size"])),  # what `set_transforms` made the model's
         data.source or "the built-in digits",
         len(data.train_set),
         len(data.val_set),
