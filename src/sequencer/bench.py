@@ -91,8 +91,7 @@ class Subject:
             return "timm"
         if self.runtime in ONNX_RUNTIMES:
             return f"ours+{self.runtime}"
-        compiled = "+compile" if self.compiled else ""
-        return f"ours({self.rnn_impl}){compiled}{'+ckpt' if self.grad_checkpointing else ''}"
+        return f"ours({self.rnn_impl}){'+compile' if self.compiled else ''}{'+ckpt' if self.grad_checkpointing else ''}"
 
     @property
     def compiled(self) -> bool:
@@ -154,9 +153,10 @@ def bench(
             raise UsageError("--runtimes onnxruntime* run on the CPU (onnxruntime's CPU provider): pass --device cpu")
         require_onnx_packages(purpose="--runtimes onnxruntime (an ONNX export run by onnxruntime)")
     records = []
-    with tempfile.TemporaryDirectory(prefix="sequencer-bench-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="sequencer-bench-") as name:
+        workdir = Path(name)
         for resolution in resolutions:
-            built = build_models(subjects, resolution, device, Path(workdir), threads)
+            built = build_models(subjects, resolution, device, workdir, threads)
             for mode, precision, batch_size in itertools.product(modes, precisions, batch_sizes):
                 setting = Setting(mode, precision, resolution, batch_size)
                 chosen = [subject for subject in subjects if subject.runs_in(setting)]
@@ -167,7 +167,7 @@ def bench(
                     built,
                     setting,
                     device,
-                    Path(workdir),
+                    workdir,
                     amp_dtype=amp_dtype,
                     warmup=warmup,
                     repeats=repeats,
@@ -453,6 +453,11 @@ def write_outputs(records: list[dict[str, Any]], output: str | os.PathLike, devi
     """OUTPUT.json (everything, with the environment), OUTPUT.csv (one row per measurement), OUTPUT.png."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    onnxruntime_version = None
+    if any(r["runtime"] in ONNX_RUNTIMES for r in records):
+        import onnxruntime
+
+        onnxruntime_version = onnxruntime.__version__
     environment = dict(
         command=" ".join(sys.argv),
         device=str(device),
@@ -462,7 +467,7 @@ def write_outputs(records: list[dict[str, Any]], output: str | os.PathLike, devi
         python=platform.python_version(),
         processor=processor_name(device),
         cpu_native_bfloat16=native_bfloat16_cpu() if device.type == "cpu" else None,
-        onnxruntime=_onnxruntime_version(records),
+        onnxruntime=onnxruntime_version,
     )
     output.with_suffix(".json").write_text(json.dumps(dict(environment=environment, results=records), indent=1))
     write_csv(records, output.with_suffix(".csv"), [key for key in records[0] if key != "step_ms_all"])
@@ -534,14 +539,6 @@ def plot_against_resolution(records: list[dict[str, Any]], path: Path) -> None:
     handles, labels = axes[0][1].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
     save_figure(figure, path)
-
-
-def _onnxruntime_version(records: list[dict[str, Any]]) -> str | None:
-    if not any(r["runtime"] in ONNX_RUNTIMES for r in records):
-        return None
-    import onnxruntime
-
-    return onnxruntime.__version__
 
 
 def processor_name(device: torch.device) -> str:

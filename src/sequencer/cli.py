@@ -73,11 +73,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _command_of(argv: list[str]) -> str | None:
-    """The subcommand named on the command line (the first word that is one), if any."""
-    return next((word for word in argv if word in COMMANDS), None)
-
-
 def parse(parser: argparse.ArgumentParser, command: str | None, argv: list[str]) -> argparse.Namespace:
     """The parsed command line; words no flag takes are refused by the subcommand's parser, which names it."""
     args, unknown = parser.parse_known_args(argv)
@@ -95,7 +90,7 @@ def _torchrun_restarts_left() -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the subcommand; a `SequencerError` becomes one line and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
-    command = _command_of(argv)
+    command = next((word for word in argv if word in COMMANDS), None)  # the first word that names a subcommand
     parser = build_parser(command)
     args = parse(parser, command, argv)
     # Warnings (no checkpoint given, a deprecated option ...) read as one line, like the errors, without source lines;

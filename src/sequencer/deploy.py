@@ -21,7 +21,7 @@ from torch import nn
 
 from sequencer.builder import load_model, resolve_model_name
 from sequencer.checkpoint import LOCAL_DIR_PREFIX, RECORD_INPUT_KEYS, WeightsRecord, record_of
-from sequencer.choices import EXPORT_FORMATS, QUANTIZATIONS
+from sequencer.choices import EXPORT_FORMATS, INPUT_KEYS, QUANTIZATIONS
 from sequencer.config import flag_values, input_overrides
 from sequencer.data import check_input_fits, data_config
 from sequencer.errors import CheckpointError, MissingDependencyError, SequencerError, UsageError
@@ -33,7 +33,6 @@ SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2":
 # key, or an extra file in the TorchScript / .pt2 archive.
 CONFIG_KEY = "sequencer_config"
 CONFIG_FILE = f"{CONFIG_KEY}.json"
-_CONFIG_KEYS = (*RECORD_INPUT_KEYS, "crop_mode")
 # The lowest opset torch's ONNX exporter writes: it converts a lower request afterwards, which fails for nn.LSTM's
 # graph and then leaves the file at this opset.
 LOWEST_OPSET = 18
@@ -233,16 +232,6 @@ class ExportResult:
         return "\n".join(lines)
 
 
-def _check_name_and_file(name: str | None, checkpoint: str | Path | None) -> None:
-    """Refuse an unknown variant or a local checkpoint (a file, a Hub folder) that does not exist, before anything is
-    loaded."""
-    if name:
-        resolve_model_name(name)
-    remote = str(checkpoint).startswith(("http://", "https://", "hf-hub:"))
-    if checkpoint and not remote and not Path(str(checkpoint).removeprefix(LOCAL_DIR_PREFIX)).exists():
-        raise CheckpointError(f"checkpoint not found: {checkpoint}")
-
-
 def check_opset(opset: int, fmt: str) -> None:
     """Refuse an opset the ONNX exporter cannot write, before any work."""
     if fmt != "onnx":
@@ -368,7 +357,7 @@ def export(
         raise UsageError(f"torch.export archives must be named *.pt2 (torch.export.load needs it), got {output}")
     if not tolerance >= 0:
         raise UsageError(f"--tolerance must be a non-negative number, got {tolerance}")
-    unknown = set(config_overrides) - {"img_size", *_CONFIG_KEYS}
+    unknown = set(config_overrides) - {*INPUT_KEYS, "crop_mode"}
     if unknown:
         raise TypeError(f"unexpected arguments {sorted(unknown)}")
     if batch_size < 1 or (dynamic_batch and batch_size < 2):
@@ -378,7 +367,13 @@ def export(
     if opset is not None:
         check_opset(opset, fmt)
     if model is None or isinstance(model, str):
-        _check_name_and_file(model, checkpoint)
+        # An unknown variant or a local checkpoint (a file, a Hub folder) that does not exist is refused before
+        # anything is loaded.
+        if model:
+            resolve_model_name(model)
+        remote = str(checkpoint).startswith(("http://", "https://", "hf-hub:"))
+        if checkpoint and not remote and not Path(str(checkpoint).removeprefix(LOCAL_DIR_PREFIX)).exists():
+            raise CheckpointError(f"checkpoint not found: {checkpoint}")
         model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
     elif checkpoint:
         raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")

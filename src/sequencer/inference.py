@@ -190,7 +190,7 @@ def choose_runtime(
         return runtime
     # A ready module may hold changes an exporter cannot trace, and random weights would be exported at every call.
     exportable = checkpoint and not isinstance(model, nn.Module) and not amp
-    on_cpu = resolve_device(None if device is None else str(device)).type == "cpu"
+    on_cpu = resolve_device(device).type == "cpu"
     return "onnxruntime" if exportable and on_cpu and not missing_onnx_packages() else "torch"
 
 
@@ -240,36 +240,28 @@ def cached_onnx_model(
     folder, name = path.parent, getattr(model, "model_name", type(model).__name__)
     if path.is_file():
         try:
-            loaded = load_onnx(path, threads)
             os.utime(path)
-            return loaded
+            return load_onnx(path, threads)
         except CheckpointError:  # damaged since it was written (renamed whole, so not by us)
             path.unlink(missing_ok=True)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise _unwritable_cache(folder, error) from None
-    if announce:
-        print(
-            f"exporting {name} to ONNX once for onnxruntime, into {folder} (--runtime torch skips it)", file=sys.stderr
-        )
-    try:
+        if announce:
+            print(
+                f"exporting {name} to ONNX once for onnxruntime, into {folder} (--runtime torch skips it)",
+                file=sys.stderr,
+            )
         with atomic_path(path) as temporary:  # renamed whole: no reader sees half a file
             export(model, temporary, dynamic_batch=True, **transform_overrides)
     except OSError as error:
-        raise _unwritable_cache(folder, error) from None
+        raise CheckpointError(
+            f"cannot write predict's ONNX export into {folder} ({error.strerror or error}): set SEQUENCER_CACHE to a "
+            "writable folder, or pass --runtime torch"
+        ) from None
     exports = [file for file in folder.glob("*.onnx") if not file.name.startswith(".")]
     for stale in sorted(exports, key=lambda file: file.stat().st_mtime, reverse=True)[EXPORT_CACHE_FILES:]:
         stale.unlink(missing_ok=True)
     return load_onnx(path, threads)
-
-
-def _unwritable_cache(folder: Path, error: OSError) -> CheckpointError:
-    """The one-line error for an export cache that cannot be written."""
-    return CheckpointError(
-        f"cannot write predict's ONNX export into {folder} ({error.strerror or error}): set SEQUENCER_CACHE to a "
-        "writable folder, or pass --runtime torch"
-    )
 
 
 def torch_classifier(
@@ -438,9 +430,8 @@ def write_predictions_csv(predictions: Sequence[Prediction], stream: TextIO) -> 
     """One row per file: path, error, then index / label / probability for each rank."""
     k = max((len(p.top) for p in predictions), default=0)
     writer = csv.writer(stream, lineterminator="\n")
-    header = ["path", "error"]
-    for rank in range(1, k + 1):
-        header += [f"index_{rank}", f"label_{rank}", f"probability_{rank}"]
+    ranked = ("index", "label", "probability")
+    header = ["path", "error", *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ranked)]
     writer.writerow(header)
     for prediction in predictions:
         row: list[Any] = [prediction.path, prediction.error or ""]

@@ -39,19 +39,18 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
 
     epochs = [row["epoch"] for row in history]  # from 0, as the log, summary.csv and checkpoint-EPOCH count them
     ema = [row for row in history if "ema_eval_loss" in row]
+    ema_epochs = [row["epoch"] for row in ema]
     figure, [[loss_axes, accuracy_axes, lr_axes]] = new_figure(1, 3, size=(13, 3.6))
     loss_axes.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
     loss_axes.plot(epochs, [row["eval_loss"] for row in history], "s-", label="held-out")
     if ema:
-        loss_axes.plot([row["epoch"] for row in ema], [row["ema_eval_loss"] for row in ema], "^-", label="EMA held-out")
+        loss_axes.plot(ema_epochs, [row["ema_eval_loss"] for row in ema], "^-", label="EMA held-out")
     loss_axes.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_axes.legend()
     accuracy_axes.plot(epochs, [row["eval_top1"] for row in history], "o-", label="top-1")
     accuracy_axes.plot(epochs, [row["eval_top5"] for row in history], "s-", label="top-5")
     if ema:
-        accuracy_axes.plot(
-            [row["epoch"] for row in ema], [row["ema_eval_top1"] for row in ema], "^-", label="EMA top-1"
-        )
+        accuracy_axes.plot(ema_epochs, [row["ema_eval_top1"] for row in ema], "^-", label="EMA top-1")
     best = max(history, key=lambda row: row["eval_top1"])
     accuracy_axes.annotate(
         f"best {best['eval_top1']:.2f}",

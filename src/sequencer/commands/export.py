@@ -15,10 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_options(parser)
     group = parser.add_argument_group("export")
     group.add_argument(
-        "--format",
-        default=None,
-        choices=EXPORT_FORMATS,
-        help="export format (default: from the suffix of -o)",
+        "--format", default=None, choices=EXPORT_FORMATS, help="export format (default: from the suffix of -o)"
     )
     add_output_option(group, None, "file to write (.onnx, .pt, .pt2)", required=True)
     group.add_argument(
