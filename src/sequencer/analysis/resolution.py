@@ -49,7 +49,6 @@ def accuracy_by_resolution(
         # Rebuilt per size: a fixed-size timm model needs its position embeddings resampled for each one.
         model = build_flagged_model(name, checkpoint, args, size)
         check_input_fits(model, (3, size, size), "--sizes")
-        train_size = training_size(model)
         if not rows:  # WordNet-id or numbered folders take the model's class indices (see data.map_classes)
             dataset = map_classes(dataset, model.num_classes, model.pretrained_cfg.get("label_names"))
         dataset.transform = create_transform(model, train=False, img_size=size, **overrides)
@@ -66,7 +65,7 @@ def accuracy_by_resolution(
         rows.append(
             dict(
                 size=size,
-                train_size=train_size,
+                train_size=training_size(model),
                 top1=round(metrics["top1"], 3),
                 top5=round(metrics["top5"], 3),
                 loss=round(metrics["loss"], 4),
