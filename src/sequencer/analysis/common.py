@@ -61,6 +61,14 @@ def check_model_specs(specs: Sequence[tuple[str, str | Checkpoint]], need_weight
             )
 
 
+def compared_models(flags: argparse.Namespace, need_weights: bool = False) -> list[tuple[str, str | Checkpoint]]:
+    """--model with its checkpoint (opened once, passed on) and each --compare NAME[=CHECKPOINT], all checked first."""
+    specs = [model_of(flags.model, flags.checkpoint, flags.use_ema, flags.unsafe_load)]
+    specs += map(parse_model_spec, flags.compare)
+    check_model_specs(specs, need_weights)
+    return specs
+
+
 def model_labels(specs: Sequence[tuple[str, str | Checkpoint]]) -> list[str]:
     """A distinct label per (name, checkpoint): the name, plus the checkpoint's file name where a name comes twice."""
     names = [name for name, _ in specs]

@@ -25,14 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sequencer.analysis.common import (
-    build_flagged_model,
-    check_model_specs,
-    evenly_spaced_subset,
-    model_labels,
-    model_of,
-    parse_model_spec,
-)
+from sequencer.analysis.common import build_flagged_model, compared_models, evenly_spaced_subset, model_labels
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, data_config
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
@@ -220,9 +213,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.amp:
         raise UsageError("--amp does not apply to erf: the input gradients are computed in float32")
-    specs = [model_of(args.model, args.checkpoint, args.use_ema, args.unsafe_load)]  # opened once, passed on
-    specs += map(parse_model_spec, args.compare)
-    check_model_specs(specs)
+    specs = compared_models(args)
     dataset = build_dataset(args.data, "val") if args.data else None
     img_size = args.img_size
     results, rows, arrays = [], [], {}
