@@ -107,9 +107,7 @@ def _read_safetensors(path: str) -> dict[str, Any]:
         return tensors
     # Files written before the record: their metadata's loose keys, read as a training checkpoint's.
     contents: dict[str, Any] = {"state_dict": tensors, "model_name": metadata.get("model_name")}
-    for key in ("class_names", "args"):
-        if key in metadata:
-            contents[key] = json.loads(metadata[key])
+    contents.update({key: json.loads(metadata[key]) for key in ("class_names", "args") if key in metadata})
     contents["averaged_from"] = metadata.get("averaged_from", "")
     return contents
 
