@@ -20,13 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sequencer.checkpoint import (
-    LOCAL_DIR_PREFIX,
-    Checkpoint,
-    WeightsRecord,
-    load_checkpoint,
-    open_checkpoint,
-)
+from sequencer.checkpoint import LOCAL_DIR_PREFIX, Checkpoint, WeightsRecord, load_checkpoint, open_checkpoint
 from sequencer.choices import DEFAULT_MODEL
 from sequencer.errors import CheckpointError, UsageError
 from sequencer.hub import fetch, released_weights
@@ -112,12 +106,9 @@ def create_model(
     if folder:
         load_checkpoint(model, folder)
     elif pretrained:
-        url = model.pretrained_cfg["url"]
-        weights = released_weights(model.model_name, url) if pretrained is True else pretrained
+        weights = released_weights(model.model_name, model.pretrained_cfg["url"]) if pretrained is True else pretrained
         load_pretrained(model, weights, unsafe_load=unsafe_load)
-    if features_only:
-        return SequencerFeatures(model, tuple(out_indices))
-    return model
+    return SequencerFeatures(model, tuple(out_indices)) if features_only else model
 
 
 def build(name: str, variant: str, num_classes: int, in_chans: int, rnn_impl: str, **overrides: Any) -> Sequencer:

@@ -24,6 +24,16 @@ _logger = logging.getLogger(__name__)
 
 WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
+# What names a folder in the Hub layout to the readers, as to timm's create_model: local-dir:DIR.
+LOCAL_DIR_PREFIX = "local-dir:"
+# The Hub layout's description of the weights beside them, as timm's save_for_hf writes it.
+HUB_CONFIG = "config.json"
+# The Hub layout's weights, as timm's push_to_hub writes them, newest format first.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# The key of the record in a torch checkpoint and in a safetensors file's metadata (JSON there).
+RECORD_KEY = "sequencer_record"
+# The record's input fields, in timm's pretrained_cfg keys: how images are read for these weights.
+RECORD_INPUT_KEYS = ("input_size", "crop_pct", "mean", "std", "interpolation")
 
 # timm's train.py pickles its argparse.Namespace beside the weights: plain data, safe to rebuild.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -43,8 +53,7 @@ def read_file(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, A
         return _read_hub_folder(Path(path), unsafe_load)
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    export = _export_kind(path)
-    if export:
+    if export := _export_kind(path):
         raise CheckpointError(f"{path} is {export}")
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
@@ -98,9 +107,7 @@ def _read_safetensors(path: str) -> dict[str, Any]:
         return tensors
     # Files written before the record: their metadata's loose keys, read as a training checkpoint's.
     contents: dict[str, Any] = {"state_dict": tensors, "model_name": metadata.get("model_name")}
-    for key in ("class_names", "args"):
-        if key in metadata:
-            contents[key] = json.loads(metadata[key])
+    contents.update({key: json.loads(metadata[key]) for key in ("class_names", "args") if key in metadata})
     contents["averaged_from"] = metadata.get("averaged_from", "")
     return contents
 
@@ -206,22 +213,6 @@ def recorded_model_name(contents: dict[str, Any]) -> str | None:
     args = contents.get("args")
     from_args = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
     return contents.get("model_name") or contents.get("arch") or from_args or None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# What a weights file is
-# ----------------------------------------------------------------------------------------------------------------
-
-# What names a folder in the Hub layout to the readers, as to timm's create_model: local-dir:DIR.
-LOCAL_DIR_PREFIX = "local-dir:"
-# The Hub layout's description of the weights beside them, as timm's save_for_hf writes it.
-HUB_CONFIG = "config.json"
-# The Hub layout's weights, as timm's push_to_hub writes them, newest format first.
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# The key of the record in a torch checkpoint and in a safetensors file's metadata (JSON there).
-RECORD_KEY = "sequencer_record"
-# The record's input fields, in timm's pretrained_cfg keys: how images are read for these weights.
-RECORD_INPUT_KEYS = ("input_size", "crop_pct", "mean", "std", "interpolation")
 
 
 @dataclass(frozen=True)
@@ -330,9 +321,8 @@ class Checkpoint:
 
 def has_ema_weights(contents: dict[str, Any]) -> bool:
     """Whether a checkpoint holds EMA weights: a training run's beside its raw ones, or an EMA file of its own."""
-    if any(isinstance(contents.get(key), dict) for key in ("state_dict_ema", "model_ema")):
-        return True
-    return bool((stored_record(contents) or {}).get("ema"))
+    training_ema = any(isinstance(contents.get(key), dict) for key in ("state_dict_ema", "model_ema"))
+    return training_ema or bool((stored_record(contents) or {}).get("ema"))
 
 
 def open_checkpoint(
@@ -386,10 +376,9 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = Tru
             + "; ".join(problems)
         )
     if head:
-        classes = state_dict["head.fc.weight"].shape[0]
         _logger.warning(
             "checkpoint head has %d classes, model has %d: the classifier head is re-initialised (transfer learning)",
-            classes,
+            state_dict["head.fc.weight"].shape[0],
             own["head.fc.weight"].shape[0],
         )
         state_dict = {k: v for k, v in state_dict.items() if k not in head}

@@ -73,9 +73,8 @@ def _why_unreachable(endpoint: str, timeout: float) -> str | None:
     """Why the Hub at `endpoint` cannot serve files now, from one request that is not retried; None if it can."""
     from huggingface_hub.utils import get_session
 
-    session = get_session()
     try:
-        response = session.head(endpoint, timeout=timeout)
+        response = get_session().head(endpoint, timeout=timeout)
     except _transport_error() as error:  # refused, timed out, no route, hung up: huggingface_hub retries these
         return _first_line(error)
     return f"it answered HTTP {response.status_code}" if response.status_code >= 500 else None

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import timm
-import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -62,6 +61,14 @@ def check_model_specs(specs: Sequence[tuple[str, str | Checkpoint]], need_weight
             )
 
 
+def compared_models(flags: argparse.Namespace, need_weights: bool = False) -> list[tuple[str, str | Checkpoint]]:
+    """--model with its checkpoint (opened once, passed on) and each --compare NAME[=CHECKPOINT], all checked first."""
+    specs = [model_of(flags.model, flags.checkpoint, flags.use_ema, flags.unsafe_load)]
+    specs += map(parse_model_spec, flags.compare)
+    check_model_specs(specs, need_weights)
+    return specs
+
+
 def model_labels(specs: Sequence[tuple[str, str | Checkpoint]]) -> list[str]:
     """A distinct label per (name, checkpoint): the name, plus the checkpoint's file name where a name comes twice."""
     names = [name for name, _ in specs]
@@ -74,12 +81,6 @@ def model_labels(specs: Sequence[tuple[str, str | Checkpoint]]) -> list[str]:
         f"{label} #{labels[:i].count(label) + 1}" if labels.count(label) > 1 else label
         for i, label in enumerate(labels)
     ]
-
-
-def _classifier_classes(state_dict: dict[str, torch.Tensor], classifier: str) -> int | None:
-    """Output classes of the checkpoint's classifier `classifier` (a module path), or None when absent."""
-    weight = state_dict.get(f"{classifier}.weight")
-    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
 
 
 def build_compared_model(
@@ -112,7 +113,9 @@ def build_compared_model(
         # Read as data first: an unreadable or code-bearing file is a CheckpointError here, not a traceback in timm.
         contents = read_file(checkpoint, unsafe_load=unsafe_load)
         if num_classes is None and cfg is not None and isinstance(cfg.classifier, str):
-            num_classes = _classifier_classes(extract_state_dict(contents, use_ema), cfg.classifier)
+            # The output classes of the file's classifier (cfg.classifier: its module path), when it has one.
+            weight = extract_state_dict(contents, use_ema).get(f"{cfg.classifier}.weight")
+            num_classes = int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
         # A file overlay goes through timm's own loading path: key filters, position-embedding resampling. The
         # overlay's class count is the file's, else timm would drop the file's classifier as one of another size.
         overlay: dict[str, Any] = dict(file=checkpoint, source="")
@@ -144,7 +147,7 @@ def build_flagged_model(
 
 def training_size(model: nn.Module) -> int:
     """The input side a built model's weights were trained at: what its file records, else its config's default."""
-    return int(getattr(model, "pretrained_cfg", None).get("input_size", (3, 224, 224))[-1])
+    return int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
 
 
 def evenly_spaced_subset(dataset: Dataset, limit: int | None) -> Dataset:

@@ -42,30 +42,25 @@ def _counted_rnn_forward(module: nn.RNNBase, add: Callable[[int], None]) -> Call
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> int:
     """MACs of one forward pass on one image: convolutions, linear layers and recurrent layers."""
-    total = 0
-
-    def add(macs: int) -> None:
-        nonlocal total
-        total += macs
+    macs: list[int] = []  # one entry per counted layer call
 
     def conv_hook(module: nn.Conv2d, _inputs: tuple, output: torch.Tensor) -> None:
         kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-        add(output.numel() * kernel)
+        macs.append(output.numel() * kernel)
 
     def linear_hook(module: nn.Linear, _inputs: tuple, output: torch.Tensor) -> None:
-        add(output.numel() * module.in_features)
+        macs.append(output.numel() * module.in_features)
 
     # The recurrent layers are counted from their input's shape and not run: step by step, even on the meta device,
     # they were nearly all of the counting time.
     rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
-    hooks = []
     for rnn in rnns:
-        rnn.forward = _counted_rnn_forward(rnn, add)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_hook(linear_hook))
+        rnn.forward = _counted_rnn_forward(rnn, macs.append)
+    hooks = [
+        module.register_forward_hook(conv_hook if isinstance(module, nn.Conv2d) else linear_hook)
+        for module in model.modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    ]
     was_training = model.training
     try:
         model.eval()
@@ -79,4 +74,4 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
             del rnn.forward
         for hook in hooks:
             hook.remove()
-    return total
+    return sum(macs)

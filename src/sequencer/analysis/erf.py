@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -24,14 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sequencer.analysis.common import (
-    build_flagged_model,
-    check_model_specs,
-    evenly_spaced_subset,
-    model_labels,
-    model_of,
-    parse_model_spec,
-)
+from sequencer.analysis.common import build_flagged_model, compared_models, evenly_spaced_subset, model_labels
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, data_config
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
@@ -66,8 +60,7 @@ def stage_feature_levels(feature_info: list[dict]) -> list[int]:
     ends = [i for i, r in enumerate(reductions) if i == len(reductions) - 1 or reductions[i + 1] != r]
     if len(ends) > 1:
         return ends[-NUM_STAGES:]
-    count = len(reductions)
-    return sorted({math.ceil(count * (k + 1) / NUM_STAGES) - 1 for k in range(NUM_STAGES)})
+    return sorted({math.ceil(len(reductions) * (k + 1) / NUM_STAGES) - 1 for k in range(NUM_STAGES)})
 
 
 def stage_extractor(model: nn.Module) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], list[str]]:
@@ -83,11 +76,7 @@ def stage_extractor(model: nn.Module) -> tuple[Callable[[torch.Tensor], list[tor
     else:
         indices = stage_feature_levels(model.feature_info)
         names = [model.feature_info[i]["module"] for i in indices]
-
-    def extract(x: torch.Tensor) -> list[torch.Tensor]:
-        return model.forward_intermediates(x, indices=indices, intermediates_only=True)
-
-    return extract, names
+    return functools.partial(model.forward_intermediates, indices=indices, intermediates_only=True), names
 
 
 @contextlib.contextmanager
@@ -224,9 +213,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.amp:
         raise UsageError("--amp does not apply to erf: the input gradients are computed in float32")
-    specs = [model_of(args.model, args.checkpoint, args.use_ema, args.unsafe_load)]  # opened once, passed on
-    specs += map(parse_model_spec, args.compare)
-    check_model_specs(specs)
+    specs = compared_models(args)
     dataset = build_dataset(args.data, "val") if args.data else None
     img_size = args.img_size
     results, rows, arrays = [], [], {}
@@ -236,14 +223,13 @@ def run(args: argparse.Namespace) -> int:
         model = build_flagged_model(name, checkpoint, args, img_size)
         img_size = img_size or data_config(model)["input_size"][-1]
         check_input_fits(model, (3, img_size, img_size), "--img-size")
-        config = data_config(model, img_size=img_size)
         if dataset is not None:
             dataset.transform = create_transform(model, img_size=img_size)
             images = dataset_images(
                 create_loader(evenly_spaced_subset(dataset, args.num_images), args.batch_size, args.workers)
             )
         else:
-            images = random_images(config, args.num_images, args.batch_size, args.seed)
+            images = random_images(data_config(model, img_size=img_size), args.num_images, args.batch_size, args.seed)
         _logger.info(
             "%s: ERF on up to %d %s images at %d px",
             label,

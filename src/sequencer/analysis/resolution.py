@@ -14,14 +14,7 @@ from typing import Any
 
 import torch
 
-from sequencer.analysis.common import (
-    build_flagged_model,
-    check_model_specs,
-    model_labels,
-    model_of,
-    parse_model_spec,
-    training_size,
-)
+from sequencer.analysis.common import build_flagged_model, compared_models, model_labels, training_size
 from sequencer.checkpoint import Checkpoint
 from sequencer.config import input_overrides
 from sequencer.data import build_dataset, check_input_fits, create_loader, create_transform, map_classes
@@ -49,7 +42,6 @@ def accuracy_by_resolution(
         # Rebuilt per size: a fixed-size timm model needs its position embeddings resampled for each one.
         model = build_flagged_model(name, checkpoint, args, size)
         check_input_fits(model, (3, size, size), "--sizes")
-        train_size = training_size(model)
         if not rows:  # WordNet-id or numbered folders take the model's class indices (see data.map_classes)
             dataset = map_classes(dataset, model.num_classes, model.pretrained_cfg.get("label_names"))
         dataset.transform = create_transform(model, train=False, img_size=size, **overrides)
@@ -66,7 +58,7 @@ def accuracy_by_resolution(
         rows.append(
             dict(
                 size=size,
-                train_size=train_size,
+                train_size=training_size(model),
                 top1=round(metrics["top1"], 3),
                 top5=round(metrics["top5"], 3),
                 loss=round(metrics["loss"], 4),
@@ -125,9 +117,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.img_size or args.input_size:
         raise UsageError("--img-size / --input-size do not apply here: list the sizes with --sizes")
-    specs = [model_of(args.model, args.checkpoint, args.use_ema, args.unsafe_load)]  # opened once, passed on
-    specs += map(parse_model_spec, args.compare)
-    check_model_specs(specs, need_weights=True)
+    specs = compared_models(args, need_weights=True)
     overrides = input_overrides(args, "img_size", "input_size")  # the sizes come from --sizes
     build_dataset(args.data, "val")  # a missing or empty folder fails before any model is built
     rows = []

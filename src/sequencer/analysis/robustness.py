@@ -30,12 +30,7 @@ import torch
 from matplotlib.patches import Patch
 from torch.utils.data import Dataset
 
-from sequencer.analysis.common import (
-    build_flagged_model,
-    check_model_specs,
-    evenly_spaced_subset,
-    model_of,
-)
+from sequencer.analysis.common import build_flagged_model, check_model_specs, evenly_spaced_subset, model_of
 from sequencer.choices import CORRUPTION_FAMILIES, CORRUPTIONS, SEVERITIES
 from sequencer.config import InputOverrides, RecordedModelSource, Runtime, flag_values, input_overrides, takes_groups
 from sequencer.data import build_dataset, create_transform, data_config, map_classes
@@ -202,15 +197,14 @@ def _read_error_table(path: Path) -> dict[str, dict[int, float] | float]:
     """The file's errors by corruption, as written: a number, or {severity: number}."""
     # JSON: {"gaussian_noise": 0.886, ...} or {"gaussian_noise": [e1, ..., e5], ...}. CSV with a header:
     # corruption,error or corruption,severity,error.
-    table: dict[str, Any] = {}
     if path.suffix == ".json":
-        for name, value in json.loads(path.read_text()).items():
-            table[name] = (
-                {s: float(e) for s, e in zip(SEVERITIES, value, strict=True)}
-                if isinstance(value, list)
-                else float(value)
-            )
-        return table
+        return {
+            name: {s: float(e) for s, e in zip(SEVERITIES, value, strict=True)}
+            if isinstance(value, list)
+            else float(value)
+            for name, value in json.loads(path.read_text()).items()
+        }
+    table: dict[str, Any] = {}
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             if "corruption" not in row or "error" not in row:
@@ -381,13 +375,12 @@ def robustness(
                 ce="" if ce is None else round(100 * ce, 2),
             )
         )
-    normalised = all(r["ce"] != "" for r in rows)
     return RobustnessResult(
         clean=clean,
         by_severity=by_severity,
         rows=rows,
         mean_error=float(np.mean([r["mean_error"] for r in rows])),
-        mce=float(np.mean([r["ce"] for r in rows])) if normalised else None,
+        mce=float(np.mean([r["ce"] for r in rows])) if all(r["ce"] != "" for r in rows) else None,
         clean_images=base,
         model=model,
     )
@@ -427,8 +420,7 @@ def write_report(result: RobustnessResult, out: Path, checkpoint: str, alexnet_s
         alexnet_errors=alexnet_source,
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    partial = len(corruptions) < len(CORRUPTIONS)
-    scope = f" over {len(corruptions)} of {len(CORRUPTIONS)} corruptions" if partial else ""
+    scope = f" over {len(corruptions)} of {len(CORRUPTIONS)} corruptions" if len(corruptions) < len(CORRUPTIONS) else ""
     if mce is None:
         headline = f"mean corruption error {mean_error:.2f}%{scope} (not AlexNet-normalised)"
         _logger.warning(

@@ -21,14 +21,7 @@ from sequencer.plotting import new_figure, save_figure
 from sequencer.runtime import progress_bar
 
 COLUMNS = ("model", "params_m", "gmacs", "img_size", "params", "macs")
-_HEADERS = {
-    "model": "model",
-    "params_m": "params (M)",
-    "gmacs": "MACs (G)",
-    "img_size": "input",
-    "params": "parameters",
-    "macs": "MACs",
-}
+_HEADERS = ("model", "params (M)", "MACs (G)", "input", "parameters", "MACs")  # the markdown table's, in that order
 
 
 def variant_names(pattern: str = "*") -> list[str]:
@@ -50,8 +43,7 @@ def summarize(names: list[str], img_size: int | None = None, progress: bool = Fa
         if sizes[name] < model.min_input_size:
             raise UsageError(f"--img-size {sizes[name]} is below the {model.min_input_size} px that {name} needs")
     rows = []
-    bar = progress_bar(models.items(), show=progress, desc="counting", unit="model")
-    for name, model in bar:
+    for name, model in progress_bar(models.items(), show=progress, desc="counting", unit="model"):
         size = sizes[name]
         params, macs = count_parameters(model), count_macs(model, (3, size, size))
         rows.append(
@@ -78,7 +70,7 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
     if fmt != "markdown":
         raise UsageError(f"unknown format {fmt!r}; expected 'markdown' or 'csv'")
     formats = {"params_m": "{:.2f}", "gmacs": "{:.2f}", "params": "{:,}", "macs": "{:,}"}
-    cells = [[_HEADERS[c] for c in COLUMNS]]
+    cells = [list(_HEADERS)]
     cells += [[formats.get(c, "{}").format(r[c]) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     # Numbers right-aligned (`---:`), names left-aligned.

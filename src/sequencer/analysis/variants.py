@@ -21,12 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sequencer.analysis.common import (
-    build_flagged_model,
-    check_model_specs,
-    evenly_spaced_subset,
-    model_of,
-)
+from sequencer.analysis.common import build_flagged_model, evenly_spaced_subset, model_of
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, corruption_error
 from sequencer.choices import CORRUPTIONS, DATASET_FLAGS, DATASET_FOLDERS, SEVERITIES
 from sequencer.config import InputOverrides, RecordedModelSource, Runtime, flag_values, input_overrides, takes_groups
@@ -154,7 +149,6 @@ def variants(
     flagged = dict(real=imagenet_val, a=imagenet_a, r=imagenet_r, sketch=imagenet_sketch, v2=imagenetv2, c=imagenet_c)
     found, missing = find_test_sets(root, flagged)
     model, checkpoint = model_of(source.model, source.checkpoint, source.use_ema, source.unsafe_load)  # read once
-    check_model_specs([(model, checkpoint)])
     network = build_flagged_model(model, checkpoint, source)
     if getattr(network, "num_classes", None) != 1000:
         raise UsageError(f"the ImageNet test sets need a 1000-class model; {model} has {network.num_classes}")
