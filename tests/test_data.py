@@ -281,3 +281,24 @@ def test_validate_counts_the_unreadable_images_of_a_torchvision_dataset(tmp_path
         model="sequencer2d_tiny", dataset="torch/oxford_iiit_pet", data_dir=root, split="val", img_size=16, workers=0
     )
     assert results["count"] == 8 and results["num_skipped"] == 1
+
+
+def test_a_named_split_folder_is_read_before_its_alternatives(make_image_tree, tmp_path: Path) -> None:
+    root = make_image_tree(tmp_path / "ds", per_class=1, splits=("train", "val", "test"))
+    assert Path(build_dataset(str(root), "test").root).name == "test"
+    assert Path(build_dataset(str(root), "validation").root).name == "val"
+    make_image_tree(tmp_path / "no_test", per_class=1, splits=("train", "val"))
+    with pytest.raises(DatasetError, match="no 'test' folder"):
+        build_dataset(str(tmp_path / "no_test"), "test")  # not val's images under the name test
+
+
+def test_input_overrides_keep_the_model_s_channels_and_refuse_a_wrong_mean_count() -> None:
+    from sequencer.data import data_config
+
+    model = create_model("sequencer2d_tiny", num_classes=2, in_chans=1)
+    assert data_config(model, img_size=32)["input_size"] == (1, 32, 32)
+    assert data_config(model, mean=(0.5,), std=(0.25,))["mean"] == (0.5,)
+    with pytest.raises(UsageError, match=r"--mean takes one value or one per input channel \(1\), got 2"):
+        data_config(model, mean=(0.5, 0.5))
+    with pytest.raises(UsageError, match=r"--std takes one value or one per input channel \(3\), got 2"):
+        data_config(create_model("sequencer2d_tiny", num_classes=2), std=(0.5, 0.5))

@@ -40,7 +40,12 @@ def data_config(model: nn.Module | dict[str, Any], **overrides: Any) -> dict[str
     """The model's preprocessing (input size, crop_pct, interpolation, mean, std), with `overrides` applied."""
     cfg = model if isinstance(model, dict) else getattr(model, "pretrained_cfg", {})
     args = {k: v for k, v in overrides.items() if v not in (None, "")}
-    return resolve_data_config(args=args, pretrained_cfg=dict(cfg))
+    # timm takes 3 channels unless told: an --img-size alone would make a one-channel model's input RGB.
+    channels = (args.get("input_size") or cfg.get("input_size") or (3,))[0]
+    for key in ("mean", "std"):
+        if key in args and len(args[key]) not in (1, channels):
+            raise UsageError(f"--{key} takes one value or one per input channel ({channels}), got {len(args[key])}")
+    return resolve_data_config(args={"in_chans": channels, **args}, pretrained_cfg=dict(cfg))
 
 
 def check_input_fits(model: nn.Module, input_size: Sequence[int], flag: str = "--img-size / --input-size") -> None:
@@ -333,7 +338,8 @@ def _torchvision_dataset(name: str, split: str, root: str | None, download: bool
 
 def _split_folder(root: Path, split: str) -> Path:
     """ROOT/train, ROOT/val (or validation); a ROOT that is itself a class-folder tree serves as the val split."""
-    names = ("train",) if split == "train" else VAL_SPLITS if split in VAL_SPLITS else (split,)
+    # val and validation stand for each other (as in timm); test is only ever ROOT/test.
+    names = ("val", "validation") if split in ("val", "validation") else (split,)
     for name in names:
         if (root / name).is_dir():
             return root / name
