@@ -175,6 +175,11 @@ def test_val_interval_recovery_and_the_flags_that_cannot_matter(
     assert "--bn-eps has no effect" in caplog.text and "--sync-bn has no effect" in caplog.text
     recovery = read_file(tmp_path / "recovery.pth.tar")  # 3 updates an epoch: the last at update 8, epoch 2
     assert (recovery["epoch"], recovery["num_updates"], recovery["recovery"]) == (1, 6, True)
+    # Resumed from it, epoch 2 runs again; epoch 1's files keep epoch 1's weights, not the mid-epoch ones.
+    epoch_1 = {name: (tmp_path / name).read_bytes() for name in ("checkpoint-1.pth.tar", "summary.csv")}
+    assert run_cli("train", f"{command} -o {tmp_path} --resume {tmp_path / 'recovery.pth.tar'}") == 0
+    assert (tmp_path / "checkpoint-1.pth.tar").read_bytes() == epoch_1["checkpoint-1.pth.tar"]
+    assert (tmp_path / "summary.csv").read_text().splitlines()[:2] == epoch_1["summary.csv"].decode().splitlines()[:2]
 
 
 def test_class_map_grayscale_input_and_model_and_optimizer_kwargs(

@@ -1006,8 +1006,9 @@ def start_output(config: TrainConfig, run_state: RunState, data: TrainingData, s
     output.mkdir(parents=True, exist_ok=True)
     (output / "args.yaml").write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
     history = state.history
-    if resumed is not None and history and history[-1]["epoch"] == resumed["epoch"]:
-        # A run stopped (killed, preempted) between last.pth.tar and the files written after it: complete them.
+    # A run stopped (killed, preempted) between last.pth.tar and the files written after it: complete them. Not from
+    # recovery.pth.tar: it holds the next epoch's weights mid-way, under this epoch's number.
+    if resumed is not None and not resumed.get("recovery") and history and history[-1]["epoch"] == resumed["epoch"]:
         save_epoch_files(config, run_state, resumed, history, is_best=resumed["best_epoch"] == resumed["epoch"])
     if state.epoch >= state.num_epochs:  # only a finished run under --resume auto (`set_start`)
         _logger.info(
