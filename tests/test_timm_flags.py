@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from sequencer import train as train_module
 from sequencer.checkpoint import read_file
 from sequencer.cli import build_parser
 from sequencer.distributed import process_group
-from sequencer.errors import UsageError
+from sequencer.errors import CheckpointError, UsageError
 from sequencer.train_config import TrainConfig
 
 # timm's train.py flags: option strings, dest, default, group (NaFlex and distillation among them).
@@ -200,6 +201,22 @@ def test_class_map_grayscale_input_and_model_and_optimizer_kwargs(
     hidden, channels = ckpt["state_dict"]["stages.0.blocks.0.mlp_channels.fc1.weight"].shape
     assert hidden == 2 * channels  # --model-kwargs mlp_ratio=2, not the variant's 3
     assert ckpt["optimizer"]["param_groups"][0]["nesterov"] is True
+
+
+def test_a_run_started_from_averaged_ema_weights_records_its_own_weights(
+    run_cli, data_root: Path, tmp_path: Path, tiny_model
+) -> None:
+    from sequencer.checkpoint import has_ema_weights, open_checkpoint, record_of, write_weights
+
+    start = tiny_model(num_classes=2)
+    write_weights(start.state_dict(), replace(record_of(start), ema=True, averaged_from=("a", "b")), tmp_path / "s.pth")
+    command = f"{data_root} {TINY} -b 8 --epochs 1 --initial-checkpoint {tmp_path / 's.pth'} -o {tmp_path / 'run'}"
+    assert run_cli("train", command) == 0
+    last = read_file(tmp_path / "run" / "last.pth.tar")
+    assert (last["sequencer_record"]["ema"], last["sequencer_record"]["averaged_from"]) == (False, [])
+    assert not has_ema_weights(last)  # so --use-ema on it is refused, not the raw weights scored as the EMA
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):
+        open_checkpoint(tmp_path / "run" / "last.pth.tar", use_ema=True)
 
 
 def test_tta_averages_each_image_with_its_mirror(tiny_model) -> None:

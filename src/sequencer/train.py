@@ -899,6 +899,8 @@ def set_transforms(data: TrainingData, model: nn.Module, config: TrainConfig) ->
     # What the run evaluates at and on becomes the model's own, so every checkpoint records it (`record_of`).
     evaluated = data_config(model, interpolation=config.interpolation, **overrides)
     model.pretrained_cfg.update({key: evaluated[key] for key in RECORD_INPUT_KEYS})
+    # The run's weights are its own: not the EMA or the average its --initial-checkpoint may have held.
+    model.pretrained_cfg.update(ema=False, averaged_from=[])
     if data.train_set.classes:
         model.pretrained_cfg["label_names"] = [str(c) for c in data.train_set.classes]
 
