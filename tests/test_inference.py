@@ -125,7 +125,9 @@ def test_cli_refuses_in_one_line_when_nothing_can_be_read_or_a_path_is_missing(
     assert_refused, checkpoint: Path, image_folder: Path, tmp_path: Path
 ) -> None:
     model = f"--model sequencer2d_tiny --checkpoint {checkpoint} -j 0"
+    (tmp_path / "bad.json").write_text('{"0": "cat",')
     for inputs, message in [
+        (f"{image_folder / 'a.png'} --class-map {tmp_path / 'bad.json'}", f"class map {tmp_path / 'bad.json'} is not"),
         (image_folder / "corrupt.jpg", f"no image could be read: {image_folder / 'corrupt.jpg'}: "),
         (f"{image_folder / 'a.png'} {tmp_path / 'nope.jpg'}", f"{tmp_path / 'nope.jpg'}: no such file or folder"),
     ]:

@@ -75,7 +75,10 @@ def load_class_names(path: str | Path, num_classes: int) -> list[str]:
         raise UsageError(f"class map not found: {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"class map {path} is not valid JSON: {error}") from None
         if isinstance(data, dict):
             if all(str(key).isdigit() for key in data):
                 by_index = {int(key): str(name) for key, name in data.items()}
