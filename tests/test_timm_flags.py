@@ -302,3 +302,10 @@ def test_runtime_flags_run_and_leave_their_mark(run_cli, data_root: Path, tmp_pa
     )
     started = read_file(tmp_path / "c" / "last.pth.tar")["state_dict"]
     assert torch.equal(started["head.fc.bias"], head["head.fc.bias"])  # the weights it started from
+
+
+def test_aug_splits_skip_an_unreadable_image_as_the_plain_loader_does(run_cli, make_image_tree, tmp_path: Path) -> None:
+    root = make_image_tree(tmp_path / "data", per_class=4)
+    (root / "train" / "class_0" / "corrupt.png").write_bytes(b"not an image")
+    assert run_cli("train", f"{root} {TINY} -b 3 --epochs 1 --aug-splits 2 -o {tmp_path / 'run'}") == 0
+    assert len((tmp_path / "run" / "summary.csv").read_text().splitlines()) == 2

@@ -757,7 +757,7 @@ def build_data(config: TrainConfig, context: DistributedContext) -> TrainingData
     )
     # --aug-splits: each image as a clean copy and augmented ones (timm's AugMixDataset), the splits one after another
     # in the batch, as JsdCrossEntropy reads them.
-    splits = AugMixDataset(train_set, num_splits=config.aug_splits) if config.aug_splits else None
+    splits = SplitsDataset(train_set, num_splits=config.aug_splits) if config.aug_splits else None
     train_loader = create_loader(
         splits or train_set,
         config.batch_size,
@@ -777,8 +777,26 @@ def build_data(config: TrainConfig, context: DistributedContext) -> TrainingData
     return TrainingData(train_set, val_set, train_loader, val_loader, num_classes, source, criterion, mixup)
 
 
-def collate_splits(batch: list[tuple[tuple[torch.Tensor, ...], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+class SplitsDataset(AugMixDataset):
+    """timm's AugMixDataset, passing on the None that our datasets give for an unreadable image (skipped in
+    `collate_splits`, as the plain loader skips it)."""
+
+    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], int] | None:
+        sample = self.dataset[index]
+        if sample is None:
+            return None
+        image, target = sample
+        augmented = [self._normalize(self.augmentation(image)) for _ in range(self.num_splits - 1)]
+        return (self._normalize(image), *augmented), target
+
+
+def collate_splits(
+    batch: list[tuple[tuple[torch.Tensor, ...], int] | None],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A batch of --aug-splits copies: split 0 of every image, then split 1, ...; the targets repeated to match."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return None
     splits = len(batch[0][0])
     images = torch.cat([torch.stack([item[0][k] for item in batch]) for k in range(splits)])
     return images, torch.tensor([item[1] for item in batch]).repeat(splits)
