@@ -19,10 +19,10 @@ from sequencer.errors import UsageError
 
 def _run(tmp_path: Path, *flags: str) -> dict:
     args = build_parser("bench").parse_args(
-        ["bench", "--output", str(tmp_path / "b"), "--repeats", "1", "--warmup", "0", "--threads", "1", *flags]
+        ["bench", "--output", str(tmp_path / "b.1"), "--repeats", "1", "--warmup", "0", "--threads", "1", *flags]
     )
     assert bench.run(args) == 0
-    return json.loads((tmp_path / "b.json").read_text())
+    return json.loads((tmp_path / "b.1.json").read_text())  # the stem as given, dots and all
 
 
 def test_ours_runs_beside_timms_twin_and_our_reference_with_ratios(tmp_path: Path) -> None:
@@ -46,9 +46,11 @@ def test_ours_runs_beside_timms_twin_and_our_reference_with_ratios(tmp_path: Pat
             assert r["speed_vs_timm"] == pytest.approx(r["images_per_s"] / speed_of("timm", r))
             assert r["speed_vs_reference"] == pytest.approx(r["images_per_s"] / speed_of("ours(reference)", r))
     assert report["environment"]["threads"] == 1
-    with (tmp_path / "b.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == len(rows)
-    assert (tmp_path / "b.png").stat().st_size > 10_000  # one resolution: bars side by side
+    with (tmp_path / "b.1.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(rows) and table[0]["implementation"] == "timm"  # the ratios' columns all the same:
+    assert float(table[1]["speed_vs_timm"]) == pytest.approx(rows[1]["speed_vs_timm"])
+    assert (tmp_path / "b.1.png").stat().st_size > 10_000  # one resolution: bars side by side
 
 
 def test_bench_in_python_returns_a_record_per_subject_and_setting_and_writes_nothing(
@@ -112,7 +114,7 @@ def test_resolution_sweep_of_peers_writes_csv_and_plot(tmp_path: Path) -> None:
     assert found == {
         (m, v, s) for m, v in [("sequencer2d_tiny", "ours(fused)"), ("test_vit", "timm")] for s in (32, 48)
     }
-    assert (tmp_path / "b.png").stat().st_size > 10_000
+    assert (tmp_path / "b.1.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize(
@@ -123,6 +125,7 @@ def test_resolution_sweep_of_peers_writes_csv_and_plot(tmp_path: Path) -> None:
         (["-b", "0"], "argument -b/--batch-size: 0 is out of range: it must be >= 1"),
         (["--resolutions", "4"], "--resolutions 4 is below the 8 px that sequencer2d_tiny needs"),
         (["--device", "tpu9"], "unknown device 'tpu9'"),
+        (["--modes", "train", "--runtimes", "torch-compile", "--no-timm-twin"], "nothing to measure: "),
     ],
 )
 def test_bad_input_is_refused_in_one_line_before_any_work(

@@ -148,6 +148,12 @@ def bench(
         )
     subjects = plan_subjects(models, impls, grad_checkpointing, timm_twin, runtimes)
     check_resolutions(subjects, resolutions)
+    settings = [Setting(*values) for values in itertools.product(modes, precisions, resolutions, batch_sizes)]
+    if not any(subject.runs_in(setting) for subject in subjects for setting in settings):
+        raise UsageError(
+            f"nothing to measure: no subject (--models, --impls, --runtimes {','.join(runtimes)}) runs in --modes "
+            f"{','.join(modes)} at --precisions {','.join(precisions)}"
+        )
     if set(runtimes) & set(ONNX_RUNTIMES):
         if device.type != "cpu":
             raise UsageError("--runtimes onnxruntime* run on the CPU (onnxruntime's CPU provider): pass --device cpu")
@@ -469,11 +475,15 @@ def write_outputs(records: list[dict[str, Any]], output: str | os.PathLike, devi
         cpu_native_bfloat16=native_bfloat16_cpu() if device.type == "cpu" else None,
         onnxruntime=onnxruntime_version,
     )
-    output.with_suffix(".json").write_text(json.dumps(dict(environment=environment, results=records), indent=1))
-    write_csv(records, output.with_suffix(".csv"), [key for key in records[0] if key != "step_ms_all"])
+    # OUTPUT is a stem: "bench_torch2.7" must not lose its ".7" to with_suffix.
+    json_file, csv_file, png_file = (output.parent / f"{output.name}{suffix}" for suffix in (".json", ".csv", ".png"))
+    json_file.write_text(json.dumps(dict(environment=environment, results=records), indent=1))
+    # Every record's keys: timm's rows, which come first, have no ratio columns.
+    columns = list(dict.fromkeys(key for record in records for key in record if key != "step_ms_all"))
+    write_csv(records, csv_file, columns)
     several_sizes = len({r["resolution"] for r in records}) > 1
-    (plot_against_resolution if several_sizes else plot_side_by_side)(records, output.with_suffix(".png"))
-    print(f"\nwrote {', '.join(str(output.with_suffix(suffix)) for suffix in ('.json', '.csv', '.png'))}")
+    (plot_against_resolution if several_sizes else plot_side_by_side)(records, png_file)
+    print(f"\nwrote {json_file}, {csv_file}, {png_file}")
 
 
 def _curve_label(record: dict[str, Any]) -> str:
