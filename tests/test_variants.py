@@ -161,6 +161,8 @@ def test_suite_errors_are_one_line_before_any_work(assert_refused, tmp_path: Pat
     save_weights(create_model("sequencer2d_tiny", num_classes=3), three)
     command = f"variants {test_sets_root} --model sequencer2d_tiny --checkpoint {three} --out {out}"
     assert_refused(command, match="need a 1000-class model; sequencer2d_tiny has 3", absent=[out])
+    command = f"variants {test_sets_root} --model sequencer2d_tiny --img-size 4 --out {out}"
+    assert_refused(command, match=r"input 4x4 is smaller than .* \(--img-size / --input-size\)", absent=[out])
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from sequencer.analysis.common import build_flagged_model, evenly_spaced_subset,
 from sequencer.analysis.robustness import ALEXNET_MEAN_ERRORS, corruption_error
 from sequencer.choices import CORRUPTIONS, DATASET_FLAGS, DATASET_FOLDERS, SEVERITIES
 from sequencer.config import InputOverrides, RecordedModelSource, Runtime, flag_values, input_overrides, takes_groups
-from sequencer.data import build_dataset, create_transform, map_classes
+from sequencer.data import build_dataset, check_image_input_fits, create_transform, data_config, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import UsageError
 from sequencer.files import write_csv
@@ -152,6 +152,7 @@ def variants(
     network = build_flagged_model(model, checkpoint, source)
     if getattr(network, "num_classes", None) != 1000:
         raise UsageError(f"the ImageNet test sets need a 1000-class model; {model} has {network.num_classes}")
+    check_image_input_fits(network, data_config(network, **input_overrides(preprocess))["input_size"])
     transform = create_transform(network, train=False, **input_overrides(preprocess))
     # Every folder is read and labelled first, so a wrong tree fails before any evaluation.
     real = load_real_labels(real_labels or None) if "real" in found else None
