@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = add_dataset_options(
         parser, "dataset root (DATA/val/<class>/*, or DATA/<class>/*); none: the built-in digits"
     )
-    data.add_argument("--split", default="validation", help="split to evaluate (val, validation, train)")
+    data.add_argument("--split", default="validation", help="split to evaluate: validation (or val), test, train")
     add_model_options(parser)
     add_input_options(parser)
     add_runtime_options(parser)
