@@ -252,6 +252,14 @@ def erf_maps(run_cli: Callable[..., int], out: Path, *flags: str) -> dict[str, n
         return {name: maps[name] for name in maps.files}
 
 
+def test_erf_passes_over_a_batch_of_unreadable_images() -> None:
+    from sequencer.analysis.erf import dataset_images
+
+    readable = torch.zeros(2, 3, 8, 8)
+    [images] = dataset_images([None, (readable, torch.tensor([0, 1]))])
+    assert images is readable
+
+
 def test_erf_seed_fixes_the_random_weights(run_cli, tmp_path: Path) -> None:
     first = erf_maps(run_cli, tmp_path / "a", "--seed", "1")
     torch.manual_seed(12345)  # whatever the global state before the run

@@ -132,9 +132,10 @@ def random_images(config: dict, num_images: int, batch_size: int, seed: int = 0)
 
 
 def dataset_images(loader: DataLoader) -> Iterator[torch.Tensor]:
-    """The images of a (image, label) loader."""
-    for images, _ in loader:
-        yield images
+    """The images of a (image, label) loader; a batch none of whose images could be read (None) yields nothing."""
+    for batch in loader:
+        if batch is not None:
+            yield batch[0]
 
 
 def cross_share(erf: np.ndarray, band: float) -> float | None:
