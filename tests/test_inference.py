@@ -258,7 +258,7 @@ def test_runtime_onnxruntime_runs_a_checkpoint_through_an_optimised_session(
 
 
 def test_onnx_files_that_cannot_be_used_are_refused_in_one_line(
-    assert_refused, onnx_file: Path, image_folder: Path, tmp_path: Path
+    run_cli, assert_refused, onnx_file: Path, image_folder: Path, tmp_path: Path
 ) -> None:
     import onnx
     from onnx import TensorProto, helper
@@ -289,6 +289,8 @@ def test_onnx_files_that_cannot_be_used_are_refused_in_one_line(
         (f"--model {onnx_file}", f"pass the exported file as --checkpoint {onnx_file}"),
     ]:
         assert_refused("predict", image_folder, flags, "-j 0 -o", out, match=re.escape(message), absent=[out.parent])
+    # A timm-style tag names the same variant as the file's.
+    assert run_cli("predict", image_folder, f"--checkpoint {onnx_file} --model sequencer2d_tiny.in1k -j 0 -o", out) == 0
 
 
 def test_without_onnxruntime_checkpoints_still_predict_and_onnx_files_name_the_extra(

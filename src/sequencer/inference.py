@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sequencer import deploy, recurrence
 from sequencer import model as model_module
-from sequencer.builder import load_model
+from sequencer.builder import load_model, resolve_model_name
 from sequencer.choices import EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.config import flag_values, input_overrides
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
@@ -293,7 +293,7 @@ def onnx_classifier(
     """An exported file in onnxruntime; a --model, --num-classes, --in-chans or input size that contradicts the file
     is refused (its graph is fixed to the size it was exported at)."""
     config = exported.config
-    if model_name and model_name != config.get("model_name"):
+    if model_name and resolve_model_name(model_name) != config.get("model_name"):  # an alias or name.tag is the same
         raise UsageError(f"{exported.path} holds {config.get('model_name')}, not --model {model_name}")
     if num_classes is not None and num_classes != exported.num_classes:
         raise UsageError(f"{exported.path} has {exported.num_classes} classes, not --num-classes {num_classes}")
