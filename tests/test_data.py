@@ -298,7 +298,7 @@ def test_input_overrides_keep_the_model_s_channels_and_refuse_a_wrong_mean_count
     model = create_model("sequencer2d_tiny", num_classes=2, in_chans=1)
     assert data_config(model, img_size=32)["input_size"] == (1, 32, 32)
     assert data_config(model, mean=(0.5,), std=(0.25,))["mean"] == (0.5,)
-    with pytest.raises(UsageError, match=r"--mean takes one value or one per input channel \(1\), got 2"):
+    with pytest.raises(UsageError, match=r"--mean takes 1 or 1 values \(one per input channel\), got 2"):
         data_config(model, mean=(0.5, 0.5))
-    with pytest.raises(UsageError, match=r"--std takes one value or one per input channel \(3\), got 2"):
+    with pytest.raises(UsageError, match=r"--std takes 1 or 3 values \(one per input channel\), got 2"):
         data_config(create_model("sequencer2d_tiny", num_classes=2), std=(0.5, 0.5))

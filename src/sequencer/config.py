@@ -486,6 +486,13 @@ def takes_groups(**groups: type) -> Callable[[Callable[..., Any]], Callable[...,
     return decorate
 
 
+def check_normalization(mean: Any, std: Any, channels: int) -> None:
+    """Refuse a --mean or --std whose length is neither 1 nor the input's `channels`."""
+    for flag, values in (("mean", mean), ("std", std)):
+        if values and len(values) not in (1, channels):
+            raise UsageError(f"--{flag} takes 1 or {channels} values (one per input channel), got {len(values)}")
+
+
 def input_overrides(args: argparse.Namespace, *exclude: str) -> dict[str, Any]:
     """The preprocessing flags of `add_input_options` as `data_config` / `create_transform` overrides."""
     return {key: getattr(args, key) for key in INPUT_KEYS if key not in exclude}

@@ -28,6 +28,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, Flowers102, ImageFolder, Oxf
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from sequencer.choices import DIGITS_NAMES, INTERPOLATIONS, TRAIN_INTERPOLATIONS
+from sequencer.config import check_normalization
 from sequencer.errors import DatasetError, MissingDependencyError, UsageError
 from sequencer.runtime import usable_cpus
 
@@ -42,9 +43,7 @@ def data_config(model: nn.Module | dict[str, Any], **overrides: Any) -> dict[str
     args = {k: v for k, v in overrides.items() if v not in (None, "")}
     # timm takes 3 channels unless told: an --img-size alone would make a one-channel model's input RGB.
     channels = (args.get("input_size") or cfg.get("input_size") or (3,))[0]
-    for key in ("mean", "std"):
-        if key in args and len(args[key]) not in (1, channels):
-            raise UsageError(f"--{key} takes one value or one per input channel ({channels}), got {len(args[key])}")
+    check_normalization(args.get("mean"), args.get("std"), channels)
     return resolve_data_config(args={"in_chans": channels, **args}, pretrained_cfg=dict(cfg))
 
 

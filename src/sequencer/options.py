@@ -16,6 +16,7 @@ from sequencer.config import (
     Runtime,
     add_fields,
     as_parsed,
+    check_normalization,
     option_names,
     read_config_file,
     writable_path,
@@ -47,10 +48,7 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
 def check_input_flags(args: argparse.Namespace) -> None:
     """Refuse --mean / --std whose length is neither 1 nor the input's channels, before any work."""
     channels = args.input_size[0] if getattr(args, "input_size", None) else getattr(args, "in_chans", None) or 3
-    for flag in ("mean", "std"):
-        values = getattr(args, flag, None)
-        if values and len(values) not in (1, channels):
-            raise UsageError(f"--{flag} takes 1 or {channels} values (one per input channel), got {len(values)}")
+    check_normalization(getattr(args, "mean", None), getattr(args, "std", None), channels)
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
