@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from fnmatch import fnmatch
 from pathlib import Path
 
 import huggingface_hub
@@ -187,7 +188,7 @@ def test_average_s_hub_flags_are_checked_before_any_work(assert_refused, source,
     )
 
 
-def test_push_to_hub_makes_the_repository_then_uploads_the_folder(
+def test_push_to_hub_makes_the_repository_then_uploads_the_two_files_it_wrote(
     run_cli, source, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
@@ -197,11 +198,15 @@ def test_push_to_hub_makes_the_repository_then_uploads_the_folder(
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def upload_folder(self, **kwargs) -> None:
-        calls.append(("upload_folder", sorted(p.name for p in Path(kwargs["folder_path"]).iterdir()), kwargs))
+        patterns = kwargs.get("allow_patterns") or ["*"]
+        sent = [p.name for p in Path(kwargs["folder_path"]).iterdir() if any(fnmatch(p.name, x) for x in patterns)]
+        calls.append(("upload_folder", sorted(sent), kwargs))
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     out = tmp_path / "hub"
+    out.mkdir()
+    (out / "last.pth.tar").write_bytes(b"a run's checkpoint, optimizer state and all: not for the Hub")
     assert run_cli("average", source[1], "--hf-folder", out, "--push-to-hub", "me/tiny", "--hub-private") == 0
     (create, repo_id, made), (upload, files, uploaded) = calls
     assert (create, repo_id, made) == ("create_repo", "me/tiny", {"private": True, "exist_ok": True})

@@ -192,5 +192,6 @@ def run(args: argparse.Namespace) -> int:
         write_hub_folder(state_dict, record, config, folder)
         print(f"wrote {folder} (Hub layout: {HUB_CONFIG}, {WEIGHT_FILES[0]}): {what}")
     if args.push_to_hub:
-        print(f"uploaded {folder} to {hub.upload(folder, args.push_to_hub, private=args.hub_private)}")
+        url = hub.upload(folder, args.push_to_hub, files=[HUB_CONFIG, WEIGHT_FILES[0]], private=args.hub_private)
+        print(f"uploaded {HUB_CONFIG} and {WEIGHT_FILES[0]} of {folder} to {url}")
     return 0

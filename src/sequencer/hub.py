@@ -100,17 +100,22 @@ def check_repo_id(repo_id: str) -> None:
         raise UsageError(f"Hub repository {repo_id!r}: {_first_line(error).partition(': ')[2]}") from None
 
 
-def upload(folder: str | Path, repo_id: str, private: bool = False) -> str:
-    """Upload `folder` to the Hub model repository `repo_id`, made first if missing (private if asked, else the
-    account's default), as timm's push_to_hf_hub does; the token is huggingface_hub's (HF_TOKEN, `hf auth login`).
-    Returns the repository's URL."""
+def upload(folder: str | Path, repo_id: str, files: list[str], private: bool = False) -> str:
+    """Upload `files` of `folder` (no other file there) to the Hub model repository `repo_id`, made first if missing
+    (private if asked, else the account's default), as timm's push_to_hf_hub does; the token is huggingface_hub's
+    (HF_TOKEN, `hf auth login`). Returns the repository's URL."""
     check_repo_id(repo_id)
     from huggingface_hub import HfApi
 
     api = HfApi()
     try:
         repo = api.create_repo(repo_id, private=private or None, exist_ok=True)
-        api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message="Add model (sequencer average)")
+        api.upload_folder(
+            repo_id=repo.repo_id,
+            folder_path=folder,
+            allow_patterns=files,  # file names: no wildcard in them
+            commit_message="Add model (sequencer average)",
+        )
     except (OSError, ValueError, _transport_error()) as error:
         problem = _first_line(error)
         raise CheckpointError(f"could not upload {folder} to {repo_id} on {api.endpoint}: {problem}") from None

@@ -52,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--push-to-hub",
         default=None,
         metavar="ORG/NAME",
-        help="upload the --hf-folder to this Hub model repository, made if missing (token: HF_TOKEN or "
-        "`hf auth login`)",
+        help="upload the two files written in --hf-folder (no other file there) to this Hub model repository, made "
+        "if missing (token: HF_TOKEN or `hf auth login`)",
     )
     hub.add_argument(
         "--hub-private", action="store_true", help="make the --push-to-hub repository private when it is created"
