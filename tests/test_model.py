@@ -294,6 +294,12 @@ def test_features_only_returns_every_stage_as_nchw() -> None:
     assert [f["num_chs"] for f in backbone.feature_info] == [192, 384, 384, 384]
     for got, want in zip(maps, expected, strict=True):
         torch.testing.assert_close(got, want)
+        assert got.is_contiguous()  # as timm's maps: got.view(1, -1) works
+    last_two = sequencer.create_model("sequencer2d_tiny", features_only=True, out_indices=2)  # timm's "last n"
+    assert last_two.out_indices == [2, 3] and last_two.feature_info.channels() == [128, 128]
+    plain = sequencer.Sequencer(sequencer.model.VARIANTS["sequencer2d_tiny"])  # no builder: no pretrained_cfg
+    direct = sequencer.SequencerFeatures(plain, out_indices=(0,))
+    assert direct.pretrained_cfg == {} and direct(torch.randn(1, 3, 32, 32))[0].shape == (1, 64, 8, 8)
     picked = sequencer.create_model("sequencer2d_tiny", features_only=True, out_indices=(1, -1))
     assert len(picked(torch.randn(1, 3, 32, 32))) == 2
     assert not hasattr(picked.model.head, "fc") or isinstance(picked.model.head.fc, nn.Identity)
@@ -470,7 +476,8 @@ def test_prune_intermediate_layers_keeps_what_timms_port_keeps() -> None:
         assert len(ours.stages) == len(theirs.stages) and ours.num_classes == theirs.num_classes == 0
         assert isinstance(ours.norm, nn.Identity) == isinstance(theirs.norm, nn.Identity)
         assert ours.num_features == ours.feature_info[len(ours.stages) - 1]["num_chs"]
-        assert ours(torch.randn(1, 3, 32, 32)).shape == (1, ours.num_features)  # pooled features, no head
+        x = torch.randn(1, 3, 32, 32)
+        assert ours(x).ndim == theirs(x).ndim == 4 and ours(x).shape[-1] == ours.num_features  # tokens, unpooled
 
 
 @pytest.mark.parametrize(

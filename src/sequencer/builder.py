@@ -15,6 +15,7 @@ import difflib
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -72,7 +73,7 @@ def create_model(
     drop_path_rate: float = 0.0,
     in_chans: int = 3,
     features_only: bool = False,
-    out_indices: tuple[int, ...] = (0, 1, 2, 3),
+    out_indices: int | Sequence[int] = (0, 1, 2, 3),
     unsafe_load: bool = False,
     rnn_impl: str = "auto",
     device: torch.device | str | None = None,
@@ -108,7 +109,7 @@ def create_model(
     elif pretrained:
         weights = released_weights(model.model_name, model.pretrained_cfg["url"]) if pretrained is True else pretrained
         load_pretrained(model, weights, unsafe_load=unsafe_load)
-    return SequencerFeatures(model, tuple(out_indices)) if features_only else model
+    return SequencerFeatures(model, out_indices) if features_only else model
 
 
 def build(name: str, variant: str, num_classes: int, in_chans: int, rnn_impl: str, **overrides: Any) -> Sequencer:

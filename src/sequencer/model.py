@@ -505,8 +505,8 @@ class Sequencer(nn.Module):
             x = stage(x)  # (B, h, w, C) -> (B, h/p, w/p, C') with the stage's patch size p
             if i in take:
                 out = self.norm(x) if norm and i == last else x
-                # (B, h, w, C) -> (B, C, h, w) as a view: necks take NCHW, and the next stage reads x, not this.
-                maps.append(out.permute(0, 3, 1, 2) if output_fmt == "NCHW" else out)
+                # (B, h, w, C) -> (B, C, h, w), contiguous as timm's port returns it (so that .view works on it).
+                maps.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)
         if intermediates_only:
             return maps
         return (self.norm(x) if len(stages) == len(self.stages) else x), maps
@@ -524,7 +524,7 @@ class Sequencer(nn.Module):
         if truncated:
             self.num_features = self.head_hidden_size = self.feature_info[take[-1]]["num_chs"]
         if prune_head or truncated:
-            self.reset_classifier(0)
+            self.reset_classifier(0, "")  # as timm's port: the tokens (B, h, w, C), unpooled
         return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -568,7 +568,7 @@ def stage_indices(count: int, indices: int | Sequence[int] | None) -> list[int]:
 class SequencerFeatures(nn.Module):
     """Backbone mode (`features_only=True`): returns the chosen stages' maps (NCHW) instead of logits."""
 
-    def __init__(self, model: Sequencer, out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> None:
+    def __init__(self, model: Sequencer, out_indices: int | Sequence[int] = (0, 1, 2, 3)) -> None:
         super().__init__()
         self.out_indices = stage_indices(len(model.stages), out_indices)
         # A trunk that shares the model's layers but has its own module table, so that dropping what no requested
@@ -585,7 +585,8 @@ class SequencerFeatures(nn.Module):
         self.feature_info = FeatureInfo(
             [dict(model.feature_info[i]) for i in self.out_indices], tuple(range(len(self.out_indices)))
         )
-        self.pretrained_cfg = self.default_cfg = model.pretrained_cfg
+        # The builder's preprocessing config; a model made with Sequencer(config) directly has none.
+        self.pretrained_cfg = self.default_cfg = getattr(model, "pretrained_cfg", {})
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)
