@@ -93,6 +93,34 @@ def test_every_variant_timm_can_build_maps_to_timm_s_port_with_the_same_keys(nam
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in port.state_dict().items()}
 
 
+def test_architecture_changes_travel_with_the_weights(run_cli, tmp_path: Path) -> None:
+    """Weights of a variant built with other fields (train --model-kwargs) record them: our readers and the Hub
+    layout's config.json build that architecture, not the registered one."""
+    torch.manual_seed(0)
+    model = sequencer.create_model("sequencer2d_tiny", num_classes=3, mlp_ratio=2.0, union="add").eval()
+    torch.nn.init.normal_(model.head.fc.weight, std=0.5)
+    assert record_of(model).model_args == {"mlp_ratio": 2.0, "union": "add"}
+    path = tmp_path / "changed.safetensors"
+    sequencer.save_weights(model, path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(None, path)(x), model(x), rtol=0, atol=0)
+    assert run_cli("average", path, "--hf-folder", tmp_path / "hub") == 0
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert config["model_args"]["mlp_ratios"] == [2.0] * 4 and config["model_args"]["union"] == "add"
+    with torch.device("meta"):
+        port = timm.create_model(config["architecture"], num_classes=3, **config["model_args"])
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in port.state_dict().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(sequencer.create_model(f"local-dir:{tmp_path / 'hub'}")(x), model(x))
+    # A model of the registered architecture is told what the file holds, not only which shapes differ.
+    with pytest.raises(CheckpointError, match=r"architecture changes mlp_ratio=2\.0 union=add; this model has none"):
+        sequencer.create_model("sequencer2d_tiny", num_classes=3, pretrained=path)
+    gru = sequencer.create_model("sequencer2d_tiny", num_classes=3, cell="gru")
+    with pytest.raises(UsageError, match="would not load in timm"):
+        hub_config(record_of(gru))
+
+
 @TIMM_READS_LOCAL_DIR
 def test_timm_builds_its_own_port_from_the_folder_with_our_logits(folder: Path, source) -> None:
     model, _ = source

@@ -20,8 +20,9 @@ LOWER_LAYERS = {
     "sequencer.recurrence": {"sequencer.kernels.onednn"},
     "sequencer.model": {"sequencer.choices", "sequencer.errors", "sequencer.kernels.onednn", "sequencer.recurrence"},
     "sequencer.files": set(),
-    # checkpoint reads local files only: fetching from the Hub or a URL is the builder's (through sequencer.hub).
-    "sequencer.checkpoint": {"sequencer.choices", "sequencer.errors", "sequencer.files"},
+    # checkpoint reads local files only: fetching from the Hub or a URL is the builder's (through sequencer.hub). It
+    # reads the variant table, to record how a model's architecture differs from its variant's.
+    "sequencer.checkpoint": {"sequencer.choices", "sequencer.errors", "sequencer.files", "sequencer.model"},
     "sequencer.hub": {"sequencer.checkpoint", "sequencer.errors"},
     "sequencer.builder": {
         "sequencer.checkpoint",

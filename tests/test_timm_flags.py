@@ -16,6 +16,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from sequencer import train as train_module
+from sequencer.builder import load_model
 from sequencer.checkpoint import read_file
 from sequencer.cli import build_parser
 from sequencer.distributed import process_group
@@ -200,6 +201,8 @@ def test_class_map_grayscale_input_and_model_and_optimizer_kwargs(
     assert ckpt["state_dict"]["stem.proj.weight"].shape[1] == 1  # a one-channel stem
     hidden, channels = ckpt["state_dict"]["stages.0.blocks.0.mlp_channels.fc1.weight"].shape
     assert hidden == 2 * channels  # --model-kwargs mlp_ratio=2, not the variant's 3
+    assert record["model_args"] == {"mlp_ratio": 2}  # so readers build that architecture
+    assert load_model(None, tmp_path / "run" / "last.pth.tar", in_chans=1).config.mlp_ratio == 2
     assert ckpt["optimizer"]["param_groups"][0]["nesterov"] is True
 
 

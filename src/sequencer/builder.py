@@ -98,6 +98,7 @@ def create_model(
             raise UsageError(f"{name} names its weights; drop pretrained={pretrained!r}")
         name, folder = resolve_source(None, name, unsafe_load=unsafe_load)
         num_classes = folder.record.num_classes if num_classes is None else num_classes
+        overrides = {**recorded_model_args(name, folder), **overrides}
     num_classes = 1000 if num_classes is None else num_classes
     variant = resolve_model_name(name)
     with torch.device(device) if device is not None else contextlib.nullcontext():
@@ -187,9 +188,16 @@ def load_model(
         raise CheckpointError(
             f"{checkpoint.path} has a {file_classes}-class head but {num_classes} classes were asked for"
         )
-    model = build(name, variant, num_classes, in_chans, "auto")
+    model = build(name, variant, num_classes, in_chans, "auto", **recorded_model_args(name, checkpoint))
     load_checkpoint(model, checkpoint)
     return model.eval()
+
+
+def recorded_model_args(name: str, checkpoint: Checkpoint) -> dict[str, Any]:
+    """The architecture changes the checkpoint records, when it records the variant `name` means (else none)."""
+    recorded = checkpoint.record.model_name
+    same = recorded and is_registered(recorded) and resolve_model_name(recorded) == resolve_model_name(name)
+    return dict(checkpoint.record.model_args) if same else {}
 
 
 def hub_config(record: WeightsRecord, in_chans: int = 3) -> dict[str, Any]:
@@ -200,7 +208,7 @@ def hub_config(record: WeightsRecord, in_chans: int = 3) -> dict[str, Any]:
         recorded = f"model {name!r}" if name else "no model"
         raise CheckpointError(f"the weights record {recorded}, not a Sequencer variant timm could build")
     variant = resolve_model_name(name)
-    config = VARIANTS[variant]
+    config = dataclasses.replace(VARIANTS[variant], **record.model_args)
     if config.mixer != "2d" or config.cell != "lstm" or config.pos_embed:
         raise UsageError(
             f"timm's Sequencer port builds LSTM 2D mixers without a position table only: {name} would not load in timm"

@@ -10,7 +10,7 @@ import os
 import pickle
 import re
 import zipfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -19,6 +19,7 @@ from torch import nn
 
 from sequencer.errors import CheckpointError
 from sequencer.files import atomic_write
+from sequencer.model import ALIASES, VARIANTS
 
 _logger = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ class WeightsRecord:
     interpolation: str | None = None
     ema: bool = False  # the weights are an exponential moving average of the training weights
     averaged_from: tuple[str, ...] = ()  # the checkpoints these weights are the mean of (`sequencer average`)
+    # The architecture's changes to the registered variant (SequencerConfig fields, e.g. from --model-kwargs).
+    model_args: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (lists, no tuples): what torch, JSON and YAML all store as it is."""
@@ -249,8 +252,22 @@ class WeightsRecord:
         return {key: getattr(self, key) for key in RECORD_INPUT_KEYS if getattr(self, key) is not None}
 
 
+# SequencerConfig fields recorded elsewhere (the classes, the input's channels) or that only training reads.
+NOT_MODEL_ARGS = ("num_classes", "in_chans", "drop_rate", "drop_path_rate")
+
+
+def model_args_of(model: nn.Module) -> dict[str, Any]:
+    """How a built model's architecture differs from its registered variant's, as plain data (lists, not tuples)."""
+    config, name = getattr(model, "config", None), getattr(model, "model_name", None)
+    variant = VARIANTS.get(ALIASES.get(name, name)) if name else None
+    if config is None or variant is None:
+        return {}
+    changed = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in NOT_MODEL_ARGS}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in changed.items() if v != getattr(variant, k)}
+
+
 def record_of(model: nn.Module) -> WeightsRecord:
-    """The record of a built model's weights: its name, classes and the input its pretrained_cfg holds."""
+    """The record of a built model's weights: its name, architecture, classes and the input its pretrained_cfg holds."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = cfg.get("label_names")
     return WeightsRecord(
@@ -259,6 +276,7 @@ def record_of(model: nn.Module) -> WeightsRecord:
         class_names=tuple(map(str, names)) if names else None,
         ema=bool(cfg.get("ema", False)),
         averaged_from=tuple(cfg.get("averaged_from", ())),
+        model_args=model_args_of(model),
         **{key: tuple(v) if isinstance(v := cfg.get(key), list) else v for key in RECORD_INPUT_KEYS},
     )
 
@@ -340,6 +358,11 @@ def open_checkpoint(
     return Checkpoint(path=path, contents=contents, state_dict=state_dict, record=record)
 
 
+def _as_flags(model_args: dict[str, Any]) -> str:
+    """Architecture changes as --model-kwargs words ("none" when there are none)."""
+    return " ".join(f"{key}={value}" for key, value in model_args.items()) or "none"
+
+
 def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) -> None:
     """Load an opened checkpoint's weights into `model`; a head of another size is re-initialised, with a warning.
 
@@ -358,9 +381,14 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = Tru
     mismatched = [k for k in reshaped if k not in head]
     if strict and (missing or unexpected or mismatched):
         name = getattr(model, "model_name", type(model).__name__)
-        recorded = checkpoint.record.model_name
+        recorded, recorded_args = checkpoint.record.model_name, checkpoint.record.model_args
         if recorded and recorded != name:
             raise CheckpointError(f"{source} holds {recorded} weights; this model is {name}")
+        if recorded and recorded_args != (built_args := model_args_of(model)):
+            raise CheckpointError(
+                f"{source} holds {recorded} weights with the architecture changes {_as_flags(recorded_args)}; this "
+                f"model has {_as_flags(built_args)} (--model-kwargs)"
+            )
         problems = [
             f"{label} keys ({len(keys)}): {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
             for label, keys in (("missing", missing), ("unexpected", unexpected))
