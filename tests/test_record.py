@@ -176,6 +176,12 @@ def test_an_ema_run_reports_the_model_and_its_ema(run_cli, data: Path, tmp_path:
     assert "held-out loss" in epoch_line and "EMA: loss" in epoch_line and "(best by the EMA)" in epoch_line
     header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
     assert header[-3:] == ["ema_eval_loss", "ema_eval_top1", "ema_eval_top5"] and "eval_top1" in header
+    # An EMA kept on the CPU is not evaluated, as in timm's train.py (on a GPU its batches are elsewhere): said so.
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert run_cli(f"{command}/cpu-ema --model-ema-force-cpu") == 0
+    assert "the EMA is kept on the CPU and not evaluated" in caplog.text and "EMA: loss" not in caplog.text
+    assert "ema_eval_top1" not in (tmp_path / "cpu-ema" / "summary.csv").read_text()
 
 
 def test_training_curves_count_epochs_from_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -592,7 +592,9 @@ def save_epoch_files(
     if is_best:
         atomic_save(ckpt, output / "model_best.pth.tar")
     if config.checkpoint_hist:
-        update_checkpoint_history(ckpt, history, output, config.eval_metric, config.checkpoint_hist, config.model_ema)
+        update_checkpoint_history(
+            ckpt, history, output, config.eval_metric, config.checkpoint_hist, ema=evaluates_ema(config)
+        )
     # summary.csv is rewritten whole (and atomically) from the recorded history.
     fields = SUMMARY_FIELDS + (EMA_FIELDS if any(EMA_FIELDS[0] in row for row in history) else ())
     write_csv(history, output / "summary.csv", fields)
@@ -663,6 +665,11 @@ def start_process(config: TrainConfig, context: DistributedContext, auto_resume:
             )
         for note in no_effect_notes(config):
             _logger.info("%s", note)
+        if config.model_ema and not evaluates_ema(config):
+            _logger.info(
+                "--model-ema-force-cpu: the EMA is kept on the CPU and not evaluated, as in timm's train.py; "
+                "model_best is the raw weights' best (score the EMA afterwards with validate --use-ema)"
+            )
         if config.amp:
             warn_if_emulated_bfloat16(context.device, config.amp_dtype)
     for module in config.device_modules or ():
@@ -700,6 +707,9 @@ NEEDS: dict[str, tuple[Callable[[TrainConfig], bool], str]] = {
     "patience_epochs": (lambda c: c.sched == "plateau", "--sched plateau"),
     "torchcompile_mode": (lambda c: bool(c.torchcompile), "--torchcompile"),
     "fuser": (lambda c: c.torchscript, "--torchscript (it picks TorchScript's fuser)"),
+    "model_ema_decay": (lambda c: c.model_ema, "--model-ema"),
+    "model_ema_warmup": (lambda c: c.model_ema, "--model-ema"),
+    "model_ema_force_cpu": (lambda c: c.model_ema, "--model-ema"),
 }
 
 
@@ -1076,7 +1086,7 @@ def run_epoch(
     train_loss = train_one_epoch(config, run_state, data, state, train_model)
     if (epoch + 1) % config.val_interval and epoch + 1 < state.num_epochs:
         return train_loss, {}  # --val-interval: not evaluated (nor checkpointed) this epoch
-    models = {"": state.model} | ({"ema_": state.ema.module} if state.ema is not None else {})
+    models = {"": state.model} | ({"ema_": state.ema.module} if evaluates_ema(config) else {})
     metrics = {}
     for prefix, model in models.items():
         label = (
@@ -1095,6 +1105,11 @@ def run_epoch(
         )
         metrics.update({f"{prefix}{key}": value for key, value in scores.items()})
     return train_loss, metrics
+
+
+def evaluates_ema(config: TrainConfig) -> bool:
+    """Whether the EMA is evaluated each epoch: not when --model-ema-force-cpu keeps it off the batches' device."""
+    return config.model_ema and not config.model_ema_force_cpu
 
 
 def record_epoch(
@@ -1124,14 +1139,15 @@ def record_epoch(
         eval_top5=round(metrics["top5"], 4),
         lr=_current_lr(state.optimizer),  # the rate this epoch ended at (timm's summary), before the next is set
     )
-    if state.ema is not None:
+    ema_scored = "ema_loss" in metrics
+    if ema_scored:
         row.update(
             ema_eval_loss=round(metrics["ema_loss"], 6),
             ema_eval_top1=round(metrics["ema_top1"], 4),
             ema_eval_top5=round(metrics["ema_top5"], 4),
         )
     # The EMA's metric picks model_best when it is evaluated, as in timm's train.py; the log says so.
-    metric = metrics[f"{'ema_' if state.ema is not None else ''}{config.eval_metric}"]
+    metric = metrics[f"{'ema_' if ema_scored else ''}{config.eval_metric}"]
     if state.scheduler is not None:
         state.scheduler.step(epoch + 1, metric)
     state.history.append(row)
@@ -1148,7 +1164,7 @@ def record_epoch(
         save_epoch_files(config, run_state, ckpt, state.history, is_best=is_best)
         ema = (
             f"  EMA: loss {metrics['ema_loss']:.4f}  top-1 {metrics['ema_top1']:.2f}  top-5 {metrics['ema_top5']:.2f}"
-            if state.ema is not None
+            if ema_scored
             else ""
         )
         _logger.info(
@@ -1161,7 +1177,7 @@ def record_epoch(
             metrics["top5"],
             ema,
             row["lr"],
-            f"  (best{' by the EMA' if state.ema is not None else ''})" if is_best else "",
+            f"  (best{' by the EMA' if ema_scored else ''})" if is_best else "",
         )
     return row
 
