@@ -982,3 +982,6 @@ def test_resume_auto_completes_the_files_a_stop_after_last_pth_tar_left_out_and_
 def test_an_experiment_without_output_goes_where_timm_puts_it(parse_train) -> None:
     assert train_module.output_folder(parse_train("--experiment exp1")) == Path("output/train/exp1")
     assert train_module.output_folder(parse_train("-o runs --experiment exp1")) == Path("runs/exp1")
+    # A resumed run goes on in its own folder: --experiment names that folder, not a sub-folder of it.
+    resumed = parse_train("--resume output/train/exp1/last.pth.tar --experiment exp1")
+    assert train_module.output_folder(resumed) == Path("output/train/exp1")

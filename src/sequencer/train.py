@@ -535,17 +535,17 @@ def output_folder(config: TrainConfig) -> Path:
     """--output[/--experiment]; by default the resumed run's folder, else output/train/<experiment>, as timm's
     train.py, or output/train/<date>-<model>-<size>."""
     if config.output:
-        base = Path(config.output)
-    elif config.resume == AUTO_RESUME:
+        return Path(config.output) / config.experiment if config.experiment else Path(config.output)
+    if config.resume == AUTO_RESUME:
         raise UsageError(
             "--resume auto continues the run in -o/--output: name that folder (the default one is new at every start)"
         )
-    elif config.resume:
-        base = Path(config.resume).parent
-    else:
-        size = config.img_size or (config.input_size[-1] if config.input_size else "default")
-        return Path("output/train") / (config.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{size}")
-    return base / config.experiment if config.experiment else base
+    if config.resume:
+        # The run goes on where its checkpoint lies, which already is output/train/<experiment> for a run started
+        # with --experiment: appending it again would start a new run in a sub-folder of the old one.
+        return Path(config.resume).parent
+    size = config.img_size or (config.input_size[-1] if config.input_size else "default")
+    return Path("output/train") / (config.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{size}")
 
 
 def resume_source(config: TrainConfig, output: Path) -> str:

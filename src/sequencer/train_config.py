@@ -250,7 +250,9 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
         help="output folder (default: output/train/<date>-<model>-<size>)",
     )
     experiment: str = OUTPUT.option(
-        "--experiment", default="", help="sub-folder of --output for this run (without -o: output/train/NAME)"
+        "--experiment",
+        default="",
+        help="sub-folder of --output for this run (without -o: output/train/NAME, or with --resume its run's folder)",
     )
     eval_metric: str = OUTPUT.option(
         "--eval-metric", default="top1", choices=EVAL_METRICS, help="metric that picks model_best.pth.tar"
