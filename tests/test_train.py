@@ -985,3 +985,18 @@ def test_an_experiment_without_output_goes_where_timm_puts_it(parse_train) -> No
     # A resumed run goes on in its own folder: --experiment names that folder, not a sub-folder of it.
     resumed = parse_train("--resume output/train/exp1/last.pth.tar --experiment exp1")
     assert train_module.output_folder(resumed) == Path("output/train/exp1")
+
+
+def test_args_yaml_with_nested_tuples_reads_back_as_the_command_that_wrote_it(parse_train, tmp_path: Path) -> None:
+    # Tuples inside the kwargs' values too: YAML writes every tuple as a list.
+    config = parse_train(
+        f"/d -o {tmp_path} --model-kwargs layers=(1,1,1,1) --opt-kwargs", "b=(0.8,0.9)", "k={'a':[(1,)]}"
+    )
+    assert config.model_kwargs == {"layers": (1, 1, 1, 1)}  # as the command line gives it to create_model
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
+    assert yaml.safe_load((tmp_path / "args.yaml").read_text()) == config.as_dict()
+    written = str(tmp_path / "args.yaml")
+    assert TrainConfig.from_yaml(written).as_dict() == {**config.as_dict(), "config": written}
+    # A start that stopped before its first checkpoint left this args.yaml alone: the same command starts again.
+    train_module.check_output_folder(config, tmp_path)
+    train_module.check_output_folder(config, tmp_path, auto_resume=True)
