@@ -86,6 +86,15 @@ def test_every_timm_train_flag_is_accepted_with_timm_s_default_and_errors_name_t
     (tmp_path / "args.yaml").write_text(yaml.safe_dump({**timm_yaml, "data": "/d", "initial_checkpoint": "w.pth"}))
     config = TrainConfig.from_yaml(str(tmp_path / "args.yaml"))
     assert (config.checkpoint, config.model, config.patience_epochs) == ("w.pth", "resnet50", 10)
+    # timm writes null for "the model's default" (in_chans, drop_path ...): each such field keeps its own default.
+    nulls = {
+        dest.get(key, key)
+        for key, value in timm_yaml.items()
+        if value is None and key != "data" and not key.startswith(TIMM_ONLY)
+    }
+    defaults = TrainConfig()
+    assert {key: getattr(config, key) for key in nulls} == {key: getattr(defaults, key) for key in nulls}
+    assert (config.in_chans, config.drop_path) == (3, 0.0)
     (tmp_path / "args.yaml").write_text(yaml.safe_dump({"naflex_loader": True}))
     with pytest.raises(UsageError, match="sets options this command does not have: naflex_loader"):
         TrainConfig.from_yaml(str(tmp_path / "args.yaml"))

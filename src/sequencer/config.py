@@ -439,7 +439,7 @@ def option_names(actions: list[argparse.Action]) -> dict[str, str]:
 
 def read_config_file(path: str, names: dict[str, str]) -> dict[str, Any]:
     """The options a YAML file sets (a run's args.yaml, timm's too) by dest; refused in one line unless `names`
-    (`option_names`) has them all."""
+    (`option_names`) has them all. A null sets nothing: the option keeps its default."""
     import yaml
 
     try:
@@ -457,7 +457,9 @@ def read_config_file(path: str, names: dict[str, str]) -> dict[str, Any]:
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
-    return {names[key]: value for key, value in values.items()}
+    # timm's args.yaml writes null for "the model's default" (in_chans, drop_path ...), whose default here is a value:
+    # null taken as a value would reach the model, or a check, as None.
+    return {names[key]: value for key, value in values.items() if value is not None}
 
 
 def takes_groups(**groups: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
