@@ -515,6 +515,8 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
         ("--initial-checkpoint x.pth --pretrained", "--pretrained, --pretrained-path and --initial-checkpoint each"),
         ("--log-interval 0", "argument --log-interval: 0 is out of range: it must be >= 1"),
         ("--aa bogus", "unknown --aa policy 'bogus' (Unknown AA policy bogus); timm takes e.g. rand-m9-mstd0.5-inc1"),
+        ("--train-crop-mode foo", "argument --train-crop-mode: invalid choice: 'foo'"),
+        ("--torchscript --fuser foo", "argument --fuser: invalid choice: 'foo'"),
     ],
 )
 def test_flags_out_of_range_fail_in_one_line_before_any_work(

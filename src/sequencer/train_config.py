@@ -22,10 +22,12 @@ from sequencer.choices import (
     ERASING_MODES,
     EVAL_METRICS,
     IMPLEMENTATIONS,
+    JIT_FUSERS,
     LR_BASE_SCALES,
     MIXUP_MODES,
     SCHEDULERS,
     TIMM_RECIPE,
+    TRAIN_CROP_MODES,
     TRAIN_INTERPOLATIONS,
 )
 from sequencer.config import (
@@ -341,7 +343,7 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     worker_seeding: str = RUNTIME.option(
         "--worker-seeding", default="all", choices=("all", "part"), help="loader workers' seeding"
     )
-    fuser: str = RUNTIME.option("--fuser", default="", help="TorchScript fuser")
+    fuser: str = RUNTIME.option("--fuser", default="", choices=JIT_FUSERS, help="TorchScript fuser")
     fast_norm: bool = RUNTIME.switch("--fast-norm", help="timm's fast norm layers")
     layer_decay_min_scale: float = OPTIMIZER.option(
         "--layer-decay-min-scale", default=0.0, type=float, help="floor of --layer-decay's scales"
@@ -370,7 +372,12 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     patience_epochs: int = SCHEDULE.option(
         "--patience-epochs", default=10, type=COUNT, help="plateau schedule: epochs without improvement before a decay"
     )
-    train_crop_mode: str | None = AUG.option("--train-crop-mode", help="timm's training crop (rrc, rkrc, rkrr)")
+    train_crop_mode: str | None = AUG.option(
+        "--train-crop-mode",
+        choices=TRAIN_CROP_MODES,
+        help="timm's training crop: rrc (random resized), rkrc / rkrr (resize keeping the ratio, then a centre / "
+        "random crop)",
+    )
     color_jitter_prob: float | None = AUG.option(
         "--color-jitter-prob", type=PROBABILITY, help="probability of colour jitter"
     )
