@@ -186,7 +186,7 @@ RANGED = {
     *("cooldown_epochs", "weight_decay", "momentum", "clip_grad", "drop", "drop_path", "smoothing", "scale", "ratio"),
     *("hflip", "vflip", "reprob", "recount", "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob"),
     *("model_ema_decay", "checkpoint_hist", "log_interval", "topk", "tolerance", "num", "repeats", "warmup"),
-    *("num_images", "limit", "resolutions", "batch_sizes", "sizes"),
+    *("num_images", "limit", "resolutions", "batch_sizes", "sizes", "opt_eps", "opt_betas"),
 }
 
 

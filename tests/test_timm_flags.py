@@ -252,6 +252,10 @@ def test_tta_averages_each_image_with_its_mirror(tiny_model) -> None:
         ("--model-dtype bfloat16 --amp", "--model-dtype bfloat16 with --amp"),
         ("--model-kwargs bogus=1", "--model-kwargs: create_model() got an unexpected keyword argument 'bogus'"),
         ("--wandb-project p", "--wandb-project"),
+        (
+            "--opt-kwargs bogus=1",
+            "--opt-kwargs with --opt sgd: SGD.__init__() got an unexpected keyword argument 'bogus'",
+        ),
     ],
 )
 def test_flags_that_cannot_work_together_are_refused_before_work(parse_train, flags: str, message: str | None) -> None:
@@ -263,6 +267,15 @@ def test_flags_that_cannot_work_together_are_refused_before_work(parse_train, fl
     with pytest.raises(Exception, match=re.escape(message)):
         train_module.check_config(config)
         train_module.build_training_model(config, 3)
+
+
+def test_optimizer_arguments_the_optimizer_lacks_are_noted_and_left_out_as_timm_does(parse_train) -> None:
+    config = train_module.resolve(parse_train("/d --opt sgd --opt-betas 0.9 0.99 --opt-eps 1e-6"))
+    train_module.check_config(config)  # timm builds SGD without them
+    notes = train_module.no_effect_notes(config)
+    assert "--opt-betas has no effect: --opt sgd takes no betas" in notes
+    assert "--opt-eps has no effect: --opt sgd takes no eps" in notes
+    assert train_module.no_effect_notes(replace(config, opt="adamw")) == []
 
 
 def test_a_resumed_run_goes_on_in_the_same_tracked_runs(

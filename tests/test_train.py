@@ -516,6 +516,9 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
         ("--log-interval 0", "argument --log-interval: 0 is out of range: it must be >= 1"),
         ("--aa bogus", "unknown --aa policy 'bogus' (Unknown AA policy bogus); timm takes e.g. rand-m9-mstd0.5-inc1"),
         ("--train-crop-mode foo", "argument --train-crop-mode: invalid choice: 'foo'"),
+        ("--opt-betas 0.9", "--opt-betas takes 2 values for --opt adamw, got 1"),
+        ("--opt-betas 0.9 1", "--opt-betas with --opt adamw: Invalid beta parameter at index 1: 1.0"),
+        ("--opt-eps -1", "argument --opt-eps: -1 is out of range: it must be >= 0"),
         ("--torchscript --fuser foo", "argument --fuser: invalid choice: 'foo'"),
     ],
 )

@@ -31,7 +31,7 @@ import yaml
 from timm.data import AugMixDataset, Mixup
 from timm.data import create_transform as timm_create_transform
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers, optimizer_kwargs
 from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, set_jit_fuser
 from torch import nn
@@ -164,6 +164,7 @@ def check_config(config: TrainConfig) -> None:
             )
     if config.opt.lower().removeprefix("fused") not in {o.lower() for o in list_optimizers()} and "_" not in config.opt:
         raise UsageError(f"unknown optimizer --opt {config.opt!r}; timm knows {', '.join(list_optimizers())}")
+    check_optimizer_arguments(config)
     if config.aa:
         try:  # timm's own parser of the policy, on a dummy size: it asserts on a name it does not know
             timm_create_transform(32, is_training=True, auto_augment=config.aa)
@@ -172,6 +173,34 @@ def check_config(config: TrainConfig) -> None:
                 f"unknown --aa policy {config.aa!r}{f' ({error})' if str(error) else ''}; timm takes e.g. "
                 "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w3 (AugMix), original or v0 (AutoAugment)"
             ) from None
+
+
+def optimizer_info(opt: str) -> Any:
+    """timm's registry entry of optimizer `opt` (its has_betas, num_betas, has_eps), None for a name it lacks."""
+    try:  # the registry knows the name after a lookahead_ prefix
+        return get_optimizer_info(opt.lower().split("_")[-1])
+    except ValueError:
+        return None
+
+
+def check_optimizer_arguments(config: TrainConfig) -> None:
+    """Refuse --opt-betas, --opt-eps or --opt-kwargs that --opt's optimizer cannot take, in one line: torch checks them
+    only when it builds the optimizer, after the data is read, and a wrong count of betas is an IndexError there."""
+    given = [
+        flag for flag, value in (("--opt-betas", config.opt_betas), ("--opt-eps", config.opt_eps)) if value is not None
+    ] + (["--opt-kwargs"] if config.opt_kwargs else [])
+    if not given:
+        return
+    info = optimizer_info(config.opt)
+    count = info.num_betas if info is not None and info.has_betas else None  # timm drops betas the optimizer lacks
+    if config.opt_betas is not None and count and len(config.opt_betas) != count:
+        raise UsageError(f"--opt-betas takes {count} values for --opt {config.opt}, got {len(config.opt_betas)}")
+    # Built once on a single weight with the run's arguments (layer decay aside: it needs the model's layers).
+    kwargs = {key: value for key, value in optimizer_kwargs(cfg=config).items() if not key.startswith("layer_decay")}
+    try:
+        create_optimizer_v2(nn.Linear(1, 1), **kwargs, **(config.opt_kwargs or {}))
+    except (TypeError, ValueError, IndexError) as error:
+        raise UsageError(f"{' / '.join(given)} with --opt {config.opt}: {error}") from None
 
 
 def check_plateau_schedule() -> None:
@@ -714,6 +743,13 @@ def no_effect_notes(config: TrainConfig) -> list[str]:
     for key, (needed, why) in NEEDS.items():
         if getattr(config, key) != getattr(defaults, key) and not needed(config):
             notes.append(f"--{key.replace('_', '-')} has no effect without {why}")
+    if (info := optimizer_info(config.opt)) is not None:  # timm leaves out what the optimizer does not take
+        for flag, value, taken in (
+            ("--opt-betas", config.opt_betas, info.has_betas),
+            ("--opt-eps", config.opt_eps, info.has_eps),
+        ):
+            if value is not None and not taken:
+                notes.append(f"{flag} has no effect: --opt {config.opt} takes no {flag.removeprefix('--opt-')}")
     source, _ = _dataset_source(config)
     unused = unused_data_flags(
         source,

@@ -134,8 +134,10 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     )
 
     opt: str | None = OPTIMIZER.option("--opt", help="timm optimizer name: adamw, sgd, lamb, ..." + _recipe("opt"))
-    opt_eps: float | None = OPTIMIZER.option("--opt-eps", type=float, help="optimizer epsilon")
-    opt_betas: tuple[float, ...] | None = OPTIMIZER.option("--opt-betas", type=float, nargs="+", help="optimizer betas")
+    opt_eps: float | None = OPTIMIZER.option("--opt-eps", type=NON_NEGATIVE, help="optimizer epsilon")
+    opt_betas: tuple[float, ...] | None = OPTIMIZER.option(
+        "--opt-betas", type=PROBABILITY, nargs="+", help="optimizer betas, as many as --opt takes (2 for adamw)"
+    )
     momentum: float = OPTIMIZER.option("--momentum", default=0.9, type=PROBABILITY, help="SGD momentum")
     weight_decay: float | None = OPTIMIZER.option(
         "--weight-decay", type=NON_NEGATIVE, help="weight decay" + _recipe("weight_decay")
