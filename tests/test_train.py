@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from sequencer import data as data_module
-from sequencer import hub, runtime
+from sequencer import distributed, hub, runtime
 from sequencer import train as train_module
 from sequencer.builder import create_model, load_model, load_pretrained
 from sequencer.checkpoint import open_checkpoint, read_file
@@ -519,6 +519,7 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
         ("--opt-betas 0.9", "--opt-betas takes 2 values for --opt adamw, got 1"),
         ("--opt-betas 0.9 1", "--opt-betas with --opt adamw: Invalid beta parameter at index 1: 1.0"),
         ("--opt-eps -1", "argument --opt-eps: -1 is out of range: it must be >= 0"),
+        ("--device-modules nosuchmod", "--device-modules: cannot import nosuchmod (No module named 'nosuchmod')"),
         ("--torchscript --fuser foo", "argument --fuser: invalid choice: 'foo'"),
     ],
 )
@@ -1005,3 +1006,29 @@ def test_args_yaml_with_nested_tuples_reads_back_as_the_command_that_wrote_it(pa
     # A start that stopped before its first checkpoint left this args.yaml alone: the same command starts again.
     train_module.check_output_folder(config, tmp_path)
     train_module.check_output_folder(config, tmp_path, auto_resume=True)
+
+
+def test_device_modules_are_imported_before_the_device_is_chosen(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backend module registers its device (torch.utils.rename_privateuse1_backend) on import: here it notes that.
+    events: list[str] = []
+    monkeypatch.setattr(sys, "sequencer_test_events", events, raising=False)
+    (tmp_path / "backend_probe.py").write_text("import sys\n\nsys.sequencer_test_events.append('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "backend_probe", raising=False)
+    chosen = runtime.resolve_device
+
+    def resolve_device(name: str | None = None) -> torch.device:
+        events.append("device")
+        return chosen(name)
+
+    monkeypatch.setattr(runtime, "resolve_device", resolve_device)
+    monkeypatch.setattr(distributed, "resolve_device", resolve_device)
+    skip_the_work(monkeypatch)
+    command = f"{data_root} {TINY} --epochs 1 --device cpu --amp --device-modules backend_probe -o {tmp_path / 'a'}"
+    try:
+        assert run_cli("train", command) == 0
+    finally:
+        sys.modules.pop("backend_probe", None)
+    assert events[0] == "imported" and events.count("imported") == 1 and "device" in events

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import math
 import os
@@ -66,6 +65,7 @@ from sequencer.runtime import (
     amp_dtype,
     autocast,
     compile_model,
+    import_device_modules,
     progress_bar,
     set_threads,
     usable_cpus,
@@ -658,6 +658,8 @@ class RunState:
 def prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, bool]:
     """The run's resolved config, its output folder and whether --resume is auto, every refusal made before any
     work."""
+    # First: a backend module registers the device that --device (and so the process group) names.
+    import_device_modules(config.device_modules)
     # Before the process group is joined: torchrun's WORLD_SIZE already gives the global batch.
     config = resolve(config, launched_world_size())
     check_config(config)
@@ -694,8 +696,6 @@ def start_process(config: TrainConfig, context: DistributedContext, auto_resume:
             _logger.info("%s", note)
         if config.amp:
             warn_if_emulated_bfloat16(context.device, config.amp_dtype)
-    for module in config.device_modules or ():
-        importlib.import_module(module)  # an out-of-tree device backend registers itself on import
     resumed = read_resumed(config) if config.resume else None
     set_threads(config.threads)
     return resumed
