@@ -30,7 +30,7 @@ import yaml
 from timm.data import AugMixDataset, Mixup
 from timm.data import create_transform as timm_create_transform
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers, optimizer_kwargs
+from timm.optim import OptimInfo, create_optimizer_v2, get_optimizer_info, list_optimizers, optimizer_kwargs
 from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, set_jit_fuser
 from torch import nn
@@ -175,7 +175,7 @@ def check_config(config: TrainConfig) -> None:
             ) from None
 
 
-def optimizer_info(opt: str) -> Any:
+def optimizer_info(opt: str) -> OptimInfo | None:
     """timm's registry entry of optimizer `opt` (its has_betas, num_betas, has_eps), None for a name it lacks."""
     try:  # the registry knows the name after a lookahead_ prefix
         return get_optimizer_info(opt.lower().split("_")[-1])
