@@ -156,11 +156,15 @@ def test_config_values_are_checked_like_the_command_line(
 
 def test_config_values_are_read_like_the_command_line(tmp_path: Path) -> None:
     # YAML reads 1e-3 (no dot) as a string; the flag's type makes it the number the command line would.
-    (tmp_path / "args.yaml").write_text("lr: 1e-3\nscale: [0.5, 1]\ninterpolation: ''\nepochs: 3\n")
+    # timm's args.yaml writes null for "the model's default": the flag keeps its own default.
+    (tmp_path / "args.yaml").write_text(
+        "lr: 1e-3\nscale: [0.5, 1]\ninterpolation: ''\nepochs: 3\nin_chans: null\ndrop_path: null\n"
+    )
     parser = cli.build_parser("train")
     apply_config(parser.command_parsers["train"], str(tmp_path / "args.yaml"))
     args = parser.parse_args(["train", "--epochs", "5"])
     assert args.lr == 0.001 and args.scale == [0.5, 1.0] and args.interpolation == ""
+    assert (args.in_chans, args.drop_path) == (3, 0.0)
     assert args.epochs == 5  # the command line wins
 
 
@@ -182,7 +186,7 @@ RANGED = {
     *("cooldown_epochs", "weight_decay", "momentum", "clip_grad", "drop", "drop_path", "smoothing", "scale", "ratio"),
     *("hflip", "vflip", "reprob", "recount", "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob"),
     *("model_ema_decay", "checkpoint_hist", "log_interval", "topk", "tolerance", "num", "repeats", "warmup"),
-    *("num_images", "limit", "resolutions", "batch_sizes", "sizes"),
+    *("num_images", "limit", "resolutions", "batch_sizes", "sizes", "opt_eps", "opt_betas"),
 }
 
 

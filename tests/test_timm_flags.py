@@ -87,6 +87,15 @@ def test_every_timm_train_flag_is_accepted_with_timm_s_default_and_errors_name_t
     (tmp_path / "args.yaml").write_text(yaml.safe_dump({**timm_yaml, "data": "/d", "initial_checkpoint": "w.pth"}))
     config = TrainConfig.from_yaml(str(tmp_path / "args.yaml"))
     assert (config.checkpoint, config.model, config.patience_epochs) == ("w.pth", "resnet50", 10)
+    # timm writes null for "the model's default" (in_chans, drop_path ...): each such field keeps its own default.
+    nulls = {
+        dest.get(key, key)
+        for key, value in timm_yaml.items()
+        if value is None and key != "data" and not key.startswith(TIMM_ONLY)
+    }
+    defaults = TrainConfig()
+    assert {key: getattr(config, key) for key in nulls} == {key: getattr(defaults, key) for key in nulls}
+    assert (config.in_chans, config.drop_path) == (3, 0.0)
     (tmp_path / "args.yaml").write_text(yaml.safe_dump({"naflex_loader": True}))
     with pytest.raises(UsageError, match="sets options this command does not have: naflex_loader"):
         TrainConfig.from_yaml(str(tmp_path / "args.yaml"))
@@ -246,6 +255,10 @@ def test_tta_averages_each_image_with_its_mirror(tiny_model) -> None:
         ("--model-dtype bfloat16 --amp", "--model-dtype bfloat16 with --amp"),
         ("--model-kwargs bogus=1", "--model-kwargs: create_model() got an unexpected keyword argument 'bogus'"),
         ("--wandb-project p", "--wandb-project"),
+        (
+            "--opt-kwargs bogus=1",
+            "--opt-kwargs with --opt sgd: SGD.__init__() got an unexpected keyword argument 'bogus'",
+        ),
     ],
 )
 def test_flags_that_cannot_work_together_are_refused_before_work(parse_train, flags: str, message: str | None) -> None:
@@ -257,6 +270,15 @@ def test_flags_that_cannot_work_together_are_refused_before_work(parse_train, fl
     with pytest.raises(Exception, match=re.escape(message)):
         train_module.check_config(config)
         train_module.build_training_model(config, 3)
+
+
+def test_optimizer_arguments_the_optimizer_lacks_are_noted_and_left_out_as_timm_does(parse_train) -> None:
+    config = train_module.resolve(parse_train("/d --opt sgd --opt-betas 0.9 0.99 --opt-eps 1e-6"))
+    train_module.check_config(config)  # timm builds SGD without them
+    notes = train_module.no_effect_notes(config)
+    assert "--opt-betas has no effect: --opt sgd takes no betas" in notes
+    assert "--opt-eps has no effect: --opt sgd takes no eps" in notes
+    assert train_module.no_effect_notes(replace(config, opt="adamw")) == []
 
 
 def test_a_resumed_run_goes_on_in_the_same_tracked_runs(

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from sequencer import data as data_module
-from sequencer import hub, runtime
+from sequencer import distributed, hub, runtime
 from sequencer import train as train_module
 from sequencer.builder import create_model, load_model, load_pretrained
 from sequencer.checkpoint import open_checkpoint, read_file
@@ -515,6 +515,12 @@ def test_ddp_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
         ("--initial-checkpoint x.pth --pretrained", "--pretrained, --pretrained-path and --initial-checkpoint each"),
         ("--log-interval 0", "argument --log-interval: 0 is out of range: it must be >= 1"),
         ("--aa bogus", "unknown --aa policy 'bogus' (Unknown AA policy bogus); timm takes e.g. rand-m9-mstd0.5-inc1"),
+        ("--train-crop-mode foo", "argument --train-crop-mode: invalid choice: 'foo'"),
+        ("--opt-betas 0.9", "--opt-betas takes 2 values for --opt adamw, got 1"),
+        ("--opt-betas 0.9 1", "--opt-betas with --opt adamw: Invalid beta parameter at index 1: 1.0"),
+        ("--opt-eps -1", "argument --opt-eps: -1 is out of range: it must be >= 0"),
+        ("--device-modules nosuchmod", "--device-modules: cannot import nosuchmod (No module named 'nosuchmod')"),
+        ("--torchscript --fuser foo", "argument --fuser: invalid choice: 'foo'"),
     ],
 )
 def test_flags_out_of_range_fail_in_one_line_before_any_work(
@@ -982,3 +988,47 @@ def test_resume_auto_completes_the_files_a_stop_after_last_pth_tar_left_out_and_
 def test_an_experiment_without_output_goes_where_timm_puts_it(parse_train) -> None:
     assert train_module.output_folder(parse_train("--experiment exp1")) == Path("output/train/exp1")
     assert train_module.output_folder(parse_train("-o runs --experiment exp1")) == Path("runs/exp1")
+    # A resumed run goes on in its own folder: --experiment names that folder, not a sub-folder of it.
+    resumed = parse_train("--resume output/train/exp1/last.pth.tar --experiment exp1")
+    assert train_module.output_folder(resumed) == Path("output/train/exp1")
+
+
+def test_args_yaml_with_nested_tuples_reads_back_as_the_command_that_wrote_it(parse_train, tmp_path: Path) -> None:
+    # Tuples inside the kwargs' values too: YAML writes every tuple as a list.
+    config = parse_train(
+        f"/d -o {tmp_path} --model-kwargs layers=(1,1,1,1) --opt-kwargs", "b=(0.8,0.9)", "k={'a':[(1,)]}"
+    )
+    assert config.model_kwargs == {"layers": (1, 1, 1, 1)}  # as the command line gives it to create_model
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
+    assert yaml.safe_load((tmp_path / "args.yaml").read_text()) == config.as_dict()
+    written = str(tmp_path / "args.yaml")
+    assert TrainConfig.from_yaml(written).as_dict() == {**config.as_dict(), "config": written}
+    # A start that stopped before its first checkpoint left this args.yaml alone: the same command starts again.
+    train_module.check_output_folder(config, tmp_path)
+    train_module.check_output_folder(config, tmp_path, auto_resume=True)
+
+
+def test_device_modules_are_imported_before_the_device_is_chosen(
+    run_cli, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backend module registers its device (torch.utils.rename_privateuse1_backend) on import: here it notes that.
+    events: list[str] = []
+    monkeypatch.setattr(sys, "sequencer_test_events", events, raising=False)
+    (tmp_path / "backend_probe.py").write_text("import sys\n\nsys.sequencer_test_events.append('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "backend_probe", raising=False)
+    chosen = runtime.resolve_device
+
+    def resolve_device(name: str | None = None) -> torch.device:
+        events.append("device")
+        return chosen(name)
+
+    monkeypatch.setattr(runtime, "resolve_device", resolve_device)
+    monkeypatch.setattr(distributed, "resolve_device", resolve_device)
+    skip_the_work(monkeypatch)
+    command = f"{data_root} {TINY} --epochs 1 --device cpu --amp --device-modules backend_probe -o {tmp_path / 'a'}"
+    try:
+        assert run_cli("train", command) == 0
+    finally:
+        sys.modules.pop("backend_probe", None)
+    assert events[0] == "imported" and events.count("imported") == 1 and "device" in events

@@ -85,6 +85,9 @@ CLIP_MODES = ("norm", "value", "agc")
 ERASING_MODES = ("const", "rand", "pixel")
 MIXUP_MODES = ("batch", "pair", "elem")
 EVAL_METRICS = ("top1", "top5", "loss")
+# train: --train-crop-mode and --fuser, the names timm's create_transform and set_jit_fuser take ("": no fuser set).
+TRAIN_CROP_MODES = ("rrc", "rkrc", "rkrr")
+JIT_FUSERS = ("", "te", "old", "legacy", "nvfuser", "nvf")
 
 # train: the flags whose default depends on the data, flag -> (digits demo, authors' recipe); one table, so that both
 # recipes set the same flags. With no DATA the run is the built-in digits demo (>= 98% held-out top-1 in well under

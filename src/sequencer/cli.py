@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             apply_config(parser.command_parsers[command], args.config)
             args = parse(parser, command, argv)
         check_input_flags(args)
+        if getattr(args, "device_modules", None):  # before the device is checked: they may register it
+            from sequencer.runtime import import_device_modules
+
+            import_device_modules(args.device_modules)
         if getattr(args, "amp", False):
             from sequencer.runtime import check_amp
 

@@ -199,10 +199,17 @@ class FlagFields:
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as YAML/JSON-safe values (tuples as lists): what args.yaml and a checkpoint's `args` hold."""
-        return {
-            item.name: list(value) if isinstance(value := getattr(self, item.name), tuple) else value
-            for item in fields(self)  # type: ignore[arg-type]
-        }
+        return {item.name: plain(getattr(self, item.name)) for item in fields(self)}  # type: ignore[arg-type]
+
+
+def plain(value: Any) -> Any:
+    """`value` with every tuple in it a list, however deep (--model-kwargs values too): as YAML reads it back, so that
+    a config written out compares equal to the file read back."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
 
 
 DATASET_HELP = (
@@ -432,7 +439,7 @@ def option_names(actions: list[argparse.Action]) -> dict[str, str]:
 
 def read_config_file(path: str, names: dict[str, str]) -> dict[str, Any]:
     """The options a YAML file sets (a run's args.yaml, timm's too) by dest; refused in one line unless `names`
-    (`option_names`) has them all."""
+    (`option_names`) has them all. A null sets nothing: the option keeps its default."""
     import yaml
 
     try:
@@ -450,7 +457,9 @@ def read_config_file(path: str, names: dict[str, str]) -> dict[str, Any]:
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise UsageError(f"--config {path} sets options this command does not have: {', '.join(unknown[:8])}")
-    return {names[key]: value for key, value in values.items()}
+    # timm's args.yaml writes null for "the model's default" (in_chans, drop_path ...), whose default here is a value:
+    # null taken as a value would reach the model, or a check, as None.
+    return {names[key]: value for key, value in values.items() if value is not None}
 
 
 def takes_groups(**groups: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

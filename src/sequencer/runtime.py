@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import warnings
 from collections.abc import Iterable
@@ -15,6 +16,17 @@ from tqdm import tqdm
 
 from sequencer.choices import AMP_DTYPES
 from sequencer.errors import UsageError
+
+
+def import_device_modules(modules: Iterable[str] | None) -> None:
+    """Import --device-modules before any device is named or checked, as timm's train.py does: an out-of-tree backend
+    registers its device (torch.utils.rename_privateuse1_backend) on import. One that cannot be imported: a
+    `UsageError`."""
+    for module in modules or ():
+        try:
+            importlib.import_module(module)
+        except (ImportError, ValueError) as error:  # ValueError: an empty name
+            raise UsageError(f"--device-modules: cannot import {module} ({error})") from None
 
 
 def resolve_device(name: str | None = None) -> torch.device:

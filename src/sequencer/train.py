@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ import yaml
 from timm.data import AugMixDataset, Mixup
 from timm.data import create_transform as timm_create_transform
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
+from timm.optim import OptimInfo, create_optimizer_v2, get_optimizer_info, list_optimizers, optimizer_kwargs
 from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, set_jit_fuser
 from torch import nn
@@ -66,6 +65,7 @@ from sequencer.runtime import (
     amp_dtype,
     autocast,
     compile_model,
+    import_device_modules,
     progress_bar,
     set_threads,
     usable_cpus,
@@ -164,6 +164,7 @@ def check_config(config: TrainConfig) -> None:
             )
     if config.opt.lower().removeprefix("fused") not in {o.lower() for o in list_optimizers()} and "_" not in config.opt:
         raise UsageError(f"unknown optimizer --opt {config.opt!r}; timm knows {', '.join(list_optimizers())}")
+    check_optimizer_arguments(config)
     if config.aa:
         try:  # timm's own parser of the policy, on a dummy size: it asserts on a name it does not know
             timm_create_transform(32, is_training=True, auto_augment=config.aa)
@@ -172,6 +173,34 @@ def check_config(config: TrainConfig) -> None:
                 f"unknown --aa policy {config.aa!r}{f' ({error})' if str(error) else ''}; timm takes e.g. "
                 "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w3 (AugMix), original or v0 (AutoAugment)"
             ) from None
+
+
+def optimizer_info(opt: str) -> OptimInfo | None:
+    """timm's registry entry of optimizer `opt` (its has_betas, num_betas, has_eps), None for a name it lacks."""
+    try:  # the registry knows the name after a lookahead_ prefix
+        return get_optimizer_info(opt.lower().split("_")[-1])
+    except ValueError:
+        return None
+
+
+def check_optimizer_arguments(config: TrainConfig) -> None:
+    """Refuse --opt-betas, --opt-eps or --opt-kwargs that --opt's optimizer cannot take, in one line: torch checks them
+    only when it builds the optimizer, after the data is read, and a wrong count of betas is an IndexError there."""
+    given = [
+        flag for flag, value in (("--opt-betas", config.opt_betas), ("--opt-eps", config.opt_eps)) if value is not None
+    ] + (["--opt-kwargs"] if config.opt_kwargs else [])
+    if not given:
+        return
+    info = optimizer_info(config.opt)
+    count = info.num_betas if info is not None and info.has_betas else None  # timm drops betas the optimizer lacks
+    if config.opt_betas is not None and count and len(config.opt_betas) != count:
+        raise UsageError(f"--opt-betas takes {count} values for --opt {config.opt}, got {len(config.opt_betas)}")
+    # Built once on a single weight with the run's arguments (layer decay aside: it needs the model's layers).
+    kwargs = {key: value for key, value in optimizer_kwargs(cfg=config).items() if not key.startswith("layer_decay")}
+    try:
+        create_optimizer_v2(nn.Linear(1, 1), **kwargs, **(config.opt_kwargs or {}))
+    except (TypeError, ValueError, IndexError) as error:
+        raise UsageError(f"{' / '.join(given)} with --opt {config.opt}: {error}") from None
 
 
 def check_plateau_schedule() -> None:
@@ -535,17 +564,17 @@ def output_folder(config: TrainConfig) -> Path:
     """--output[/--experiment]; by default the resumed run's folder, else output/train/<experiment>, as timm's
     train.py, or output/train/<date>-<model>-<size>."""
     if config.output:
-        base = Path(config.output)
-    elif config.resume == AUTO_RESUME:
+        return Path(config.output) / config.experiment if config.experiment else Path(config.output)
+    if config.resume == AUTO_RESUME:
         raise UsageError(
             "--resume auto continues the run in -o/--output: name that folder (the default one is new at every start)"
         )
-    elif config.resume:
-        base = Path(config.resume).parent
-    else:
-        size = config.img_size or (config.input_size[-1] if config.input_size else "default")
-        return Path("output/train") / (config.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{size}")
-    return base / config.experiment if config.experiment else base
+    if config.resume:
+        # The run goes on where its checkpoint lies, which already is output/train/<experiment> for a run started
+        # with --experiment: appending it again would start a new run in a sub-folder of the old one.
+        return Path(config.resume).parent
+    size = config.img_size or (config.input_size[-1] if config.input_size else "default")
+    return Path("output/train") / (config.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{size}")
 
 
 def resume_source(config: TrainConfig, output: Path) -> str:
@@ -631,6 +660,8 @@ class RunState:
 def prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, bool]:
     """The run's resolved config, its output folder and whether --resume is auto, every refusal made before any
     work."""
+    # First: a backend module registers the device that --device (and so the process group) names.
+    import_device_modules(config.device_modules)
     # Before the process group is joined: torchrun's WORLD_SIZE already gives the global batch.
     config = resolve(config, launched_world_size())
     check_config(config)
@@ -672,8 +703,6 @@ def start_process(config: TrainConfig, context: DistributedContext, auto_resume:
             )
         if config.amp:
             warn_if_emulated_bfloat16(context.device, config.amp_dtype)
-    for module in config.device_modules or ():
-        importlib.import_module(module)  # an out-of-tree device backend registers itself on import
     resumed = read_resumed(config) if config.resume else None
     set_threads(config.threads)
     return resumed
@@ -724,6 +753,13 @@ def no_effect_notes(config: TrainConfig) -> list[str]:
     for key, (needed, why) in NEEDS.items():
         if getattr(config, key) != getattr(defaults, key) and not needed(config):
             notes.append(f"--{key.replace('_', '-')} has no effect without {why}")
+    if (info := optimizer_info(config.opt)) is not None:  # timm leaves out what the optimizer does not take
+        for flag, value, taken in (
+            ("--opt-betas", config.opt_betas, info.has_betas),
+            ("--opt-eps", config.opt_eps, info.has_eps),
+        ):
+            if value is not None and not taken:
+                notes.append(f"{flag} has no effect: --opt {config.opt} takes no {flag.removeprefix('--opt-')}")
     source, _ = _dataset_source(config)
     unused = unused_data_flags(
         source,

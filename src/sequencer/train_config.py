@@ -22,10 +22,12 @@ from sequencer.choices import (
     ERASING_MODES,
     EVAL_METRICS,
     IMPLEMENTATIONS,
+    JIT_FUSERS,
     LR_BASE_SCALES,
     MIXUP_MODES,
     SCHEDULERS,
     TIMM_RECIPE,
+    TRAIN_CROP_MODES,
     TRAIN_INTERPOLATIONS,
 )
 from sequencer.config import (
@@ -132,8 +134,10 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     )
 
     opt: str | None = OPTIMIZER.option("--opt", help="timm optimizer name: adamw, sgd, lamb, ..." + _recipe("opt"))
-    opt_eps: float | None = OPTIMIZER.option("--opt-eps", type=float, help="optimizer epsilon")
-    opt_betas: tuple[float, ...] | None = OPTIMIZER.option("--opt-betas", type=float, nargs="+", help="optimizer betas")
+    opt_eps: float | None = OPTIMIZER.option("--opt-eps", type=NON_NEGATIVE, help="optimizer epsilon")
+    opt_betas: tuple[float, ...] | None = OPTIMIZER.option(
+        "--opt-betas", type=PROBABILITY, nargs="+", help="optimizer betas, as many as --opt takes (2 for adamw)"
+    )
     momentum: float = OPTIMIZER.option("--momentum", default=0.9, type=PROBABILITY, help="SGD momentum")
     weight_decay: float | None = OPTIMIZER.option(
         "--weight-decay", type=NON_NEGATIVE, help="weight decay" + _recipe("weight_decay")
@@ -250,7 +254,9 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
         help="output folder (default: output/train/<date>-<model>-<size>)",
     )
     experiment: str = OUTPUT.option(
-        "--experiment", default="", help="sub-folder of --output for this run (without -o: output/train/NAME)"
+        "--experiment",
+        default="",
+        help="sub-folder of --output for this run (without -o: output/train/NAME, or with --resume its run's folder)",
     )
     eval_metric: str = OUTPUT.option(
         "--eval-metric", default="top1", choices=EVAL_METRICS, help="metric that picks model_best.pth.tar"
@@ -339,7 +345,7 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     worker_seeding: str = RUNTIME.option(
         "--worker-seeding", default="all", choices=("all", "part"), help="loader workers' seeding"
     )
-    fuser: str = RUNTIME.option("--fuser", default="", help="TorchScript fuser")
+    fuser: str = RUNTIME.option("--fuser", default="", choices=JIT_FUSERS, help="TorchScript fuser")
     fast_norm: bool = RUNTIME.switch("--fast-norm", help="timm's fast norm layers")
     layer_decay_min_scale: float = OPTIMIZER.option(
         "--layer-decay-min-scale", default=0.0, type=float, help="floor of --layer-decay's scales"
@@ -368,7 +374,12 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     patience_epochs: int = SCHEDULE.option(
         "--patience-epochs", default=10, type=COUNT, help="plateau schedule: epochs without improvement before a decay"
     )
-    train_crop_mode: str | None = AUG.option("--train-crop-mode", help="timm's training crop (rrc, rkrc, rkrr)")
+    train_crop_mode: str | None = AUG.option(
+        "--train-crop-mode",
+        choices=TRAIN_CROP_MODES,
+        help="timm's training crop: rrc (random resized), rkrc / rkrr (resize keeping the ratio, then a centre / "
+        "random crop)",
+    )
     color_jitter_prob: float | None = AUG.option(
         "--color-jitter-prob", type=PROBABILITY, help="probability of colour jitter"
     )
