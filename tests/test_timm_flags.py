@@ -164,6 +164,20 @@ def test_schedule_noise_cycles_and_plateau_reach_timm_s_scheduler(parse_train) -
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
+def test_plateau_steps_per_epoch_whatever_the_recipe_and_refuses_per_update_steps(parse_train) -> None:
+    try:
+        train_module.check_plateau_schedule()
+    except UsageError:  # timm 1.0.12 on torch 2.7: --sched plateau is refused anyway
+        pytest.skip("no plateau schedule on this timm and torch")
+    config = train_module.resolve(parse_train("--sched", "plateau"))  # the digits demo, whose recipe steps per update
+    assert config.sched_on_updates is False
+    optimizer = create_optimizer_v2(torch.nn.Linear(2, 2), opt="sgd", lr=0.1)
+    create_scheduler_v2(optimizer, **scheduler_kwargs(config), updates_per_epoch=10)  # timm asserts on per-update
+    with pytest.raises(UsageError, match=r"^--sched plateau steps once an epoch.*drop --sched-on-updates$"):
+        train_module.resolve(parse_train("--sched plateau --sched-on-updates"))
+    assert train_module.resolve(parse_train("--sched-on-updates")).sched_on_updates
+
+
 def test_val_interval_recovery_and_the_flags_that_cannot_matter(
     run_cli, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -104,6 +104,14 @@ def resolve(config: TrainConfig, world_size: int = 1) -> TrainConfig:
     """The data-dependent defaults filled in (digits demo or the authors'), and the learning rate from --lr-base as
     timm's train.py scales it by the global batch."""
     ours_to_choose = config.workers is None
+    if config.sched == "plateau":
+        # timm's plateau schedule steps on the held-out metric, once an epoch: a recipe's per-update stepping (the
+        # digits demo's) gives way, and only the flag itself is refused.
+        if config.sched_on_updates:
+            raise UsageError(
+                "--sched plateau steps once an epoch, on the held-out metric, not every update: drop --sched-on-updates"
+            )
+        config = replace(config, sched_on_updates=False)
     config = config.with_recipe()
     if ours_to_choose:  # a worker count that is ours to choose stays within the cores there are (torch warns beyond)
         config = replace(config, workers=min(config.workers, usable_cpus()))
