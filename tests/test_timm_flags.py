@@ -178,6 +178,22 @@ def test_plateau_steps_per_epoch_whatever_the_recipe_and_refuses_per_update_step
     assert train_module.resolve(parse_train("--sched-on-updates")).sched_on_updates
 
 
+def test_a_resumed_plateau_schedule_goes_on_at_the_rate_it_had_reduced_to(
+    run_cli, data_root: Path, tmp_path: Path
+) -> None:
+    # A rate too small to move the held-out top-1: with patience 0 the schedule halves it after epoch 1.
+    command = (
+        f"{data_root} {TINY} -b 8 --opt sgd --lr 1e-5 --min-lr 0 --sched plateau --patience-epochs 0 --decay-rate 0.5"
+    )
+    assert run_cli("train", f"{command} --epochs 3 -o {tmp_path / 'whole'}") == 0
+    whole = (tmp_path / "whole" / "summary.csv").read_text().splitlines()
+    rates = [float(row.split(",")[5]) for row in whole[1:]]
+    assert rates[2] == pytest.approx(rates[1] / 2)
+    resume = f"--resume {tmp_path / 'whole' / 'checkpoint-1.pth.tar'}"
+    assert run_cli("train", f"{command} --epochs 3 {resume} -o {tmp_path / 'resumed'}") == 0
+    assert (tmp_path / "resumed" / "summary.csv").read_text().splitlines() == whole
+
+
 def test_val_interval_recovery_and_the_flags_that_cannot_matter(
     run_cli, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

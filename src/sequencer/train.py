@@ -261,12 +261,48 @@ def checkpoint_dict(state: TrainState, args: dict[str, Any]) -> dict[str, Any]:
         RECORD_KEY: record_of(state.model).as_dict(),
     }
     if state.scheduler is not None:
-        ckpt["scheduler"] = state.scheduler.state_dict()
+        ckpt["scheduler"] = scheduler_state(state.scheduler)
     if state.scaler is not None:
         ckpt["scaler"] = state.scaler.state_dict()
     if state.ema is not None:
         ckpt["state_dict_ema"] = {k: v.detach().cpu() for k, v in state.ema.module.state_dict().items()}
     return ckpt
+
+
+# What a plateau schedule has learned besides its best metric (timm's state_dict), for a resume to go on exactly: its
+# counters, and the rate before --lr-noise's perturbation of this epoch.
+PLATEAU_COUNTERS = ("num_bad_epochs", "cooldown_counter")
+
+
+def scheduler_state(scheduler: Any) -> dict[str, Any]:
+    """The schedule's state for a checkpoint: timm's, and a plateau schedule's counters and unperturbed rate."""
+    state = scheduler.state_dict()
+    if isinstance(scheduler, PlateauLRScheduler):
+        state.update({key: getattr(scheduler.lr_scheduler, key) for key in PLATEAU_COUNTERS})
+        state["restore_lr"] = scheduler.restore_lr
+    return state
+
+
+def restore_plateau(scheduler: PlateauLRScheduler, optimizer: torch.optim.Optimizer, ckpt: dict[str, Any]) -> None:
+    """A plateau schedule as the checkpoint left it: its state, and the rate it had reduced to.
+
+    The reduced rate lives only in the optimizer's groups (timm's resume keeps it with them); it is kept relative to
+    the run's --lr, so that a changed --lr still takes effect."""
+    saved = ckpt["scheduler"]
+    scheduler.load_state_dict(saved)
+    for key in PLATEAU_COUNTERS:
+        if key in saved:
+            setattr(scheduler.lr_scheduler, key, saved[key])
+    groups = ckpt["optimizer"]["param_groups"]
+    # An unchanged --lr gives a factor of exactly 1: the checkpoint's rate bit for bit.
+    factors = [
+        group["initial_lr"] / saved_group.get("initial_lr", group["initial_lr"])
+        for group, saved_group in zip(optimizer.param_groups, groups, strict=True)
+    ]
+    for group, saved_group, factor in zip(optimizer.param_groups, groups, factors, strict=True):
+        group["lr"] = saved_group["lr"] * factor
+    if saved.get("restore_lr") is not None:
+        scheduler.restore_lr = [rate * factor for rate, factor in zip(saved["restore_lr"], factors, strict=True)]
 
 
 def read_resumed(config: TrainConfig) -> dict[str, Any]:
@@ -303,7 +339,8 @@ def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimize
     """Load the learned state of a training checkpoint (`read_resumed`) into `state`.
 
     Model, EMA, optimizer state, scaler, epoch, best metric and summary rows come from the file; the optimizer's
-    hyper-parameters and the schedule stay as this run's flags built them."""
+    hyper-parameters and the schedule stay as this run's flags built them, but for a plateau schedule's learned state
+    and the rate it reduced to (`restore_plateau`)."""
     model = state.model
     trained = (ckpt.get("model_name"), ckpt.get("num_classes"))
     if trained != (model.model_name, model.num_classes):
@@ -327,9 +364,10 @@ def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimize
             group.update(own)
         if state.scaler is not None and "scaler" in ckpt:
             state.scaler.load_state_dict(ckpt["scaler"])
-    # Other schedules are functions of the epoch, rebuilt from the flags; a plateau schedule has learned state too.
+    # Other schedules are functions of the epoch, rebuilt from the flags; a plateau schedule has learned state too,
+    # its rate among it.
     if isinstance(state.scheduler, PlateauLRScheduler) and "best" in ckpt.get("scheduler", {}):
-        state.scheduler.load_state_dict(ckpt["scheduler"])
+        restore_plateau(state.scheduler, state.optimizer, ckpt)
     state.epoch = ckpt["epoch"] + 1
     state.num_updates = ckpt["num_updates"]
     state.best_metric, state.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
