@@ -194,6 +194,18 @@ def test_a_resumed_plateau_schedule_goes_on_at_the_rate_it_had_reduced_to(
     assert (tmp_path / "resumed" / "summary.csv").read_text().splitlines() == whole
 
 
+def test_start_epoch_starts_the_per_update_schedule_at_its_updates(data_root: Path, tmp_path: Path) -> None:
+    flags = dict(
+        data=str(data_root), model="sequencer2d_tiny", img_size=16, batch_size=8, workers=0, threads=1,
+        no_progress=True, warmup_epochs=0, cooldown_epochs=0, sched_on_updates=True, epochs=2,
+    )  # fmt: skip
+    whole = train_module.train(**flags, output=str(tmp_path / "whole"))
+    started = train_module.train(**flags, start_epoch=1, output=str(tmp_path / "started"))
+    assert started["epoch"] == whole["epoch"] == 1
+    assert started["lr"] == whole["lr"]  # epoch 1 ends at update 6 of 6, as the run from epoch 0 does
+    assert read_file(tmp_path / "started" / "last.pth.tar")["num_updates"] == 6
+
+
 def test_val_interval_recovery_and_the_flags_that_cannot_matter(
     run_cli, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

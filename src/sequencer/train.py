@@ -991,24 +991,27 @@ def build_state(config: TrainConfig, run_state: RunState, data: TrainingData) ->
             use_warmup=config.model_ema_warmup,
             device=torch.device("cpu") if config.model_ema_force_cpu else None,
         )
+    updates_per_epoch = math.ceil(len(data.train_loader) / config.grad_accum_steps)
     scheduler, num_epochs = create_scheduler_v2(
         optimizer,
         **scheduler_kwargs(config, decreasing_metric=config.eval_metric == "loss"),
-        updates_per_epoch=math.ceil(len(data.train_loader) / config.grad_accum_steps),
+        updates_per_epoch=updates_per_epoch,
     )
     class_names = [str(c) for c in data.train_set.classes]
     state = TrainState(model, optimizer, scheduler, scaler, ema, num_epochs, class_names=class_names)
-    set_start(config, run_state, state)
+    set_start(config, run_state, state, updates_per_epoch)
     return state
 
 
-def set_start(config: TrainConfig, run_state: RunState, state: TrainState) -> None:
+def set_start(config: TrainConfig, run_state: RunState, state: TrainState, updates_per_epoch: int) -> None:
     """Put `state` where the run starts: the resumed checkpoint's next epoch, or --start-epoch, the schedule with it."""
     resumed = run_state.resumed
     if resumed is not None:
         restore(state, resumed, config.resume, not config.no_resume_opt)
     if config.start_epoch is not None:
+        # As timm's train.py: the updates of the epochs before, for a per-update schedule and the EMA's warm-up.
         state.epoch = config.start_epoch
+        state.num_updates = config.start_epoch * updates_per_epoch
     # --resume auto leaves a run whose schedule has ended as it is, rather than refuse it: restarting a finished job
     # is no error.
     if state.epoch >= state.num_epochs and not (resumed is not None and run_state.auto_resume):
