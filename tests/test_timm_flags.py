@@ -30,7 +30,8 @@ FLAGS = [
 ]
 TIMM_ONLY = ("naflex", "kd_", "distill_loss_weight", "task_loss_weight")
 # Defaults that are deliberately not timm 1.0's: the data-dependent ones (None: the digits demo's or the authors'
-# train.py's, timm 0.5.4), and those of a model that is not timm's (its input channels, drop path).
+# train.py's, timm 0.5.4), --lr-base and --lr-base-size (None: timm's, unless the digits demo's --lr applies), and those
+# of a model that is not timm's (its input channels, drop path).
 OWN_DEFAULTS = {
     "model",
     "in_chans",
@@ -40,6 +41,8 @@ OWN_DEFAULTS = {
     "opt",
     "weight_decay",
     "sched_on_updates",
+    "lr_base",
+    "lr_base_size",
     "warmup_lr",
     "min_lr",
     "epochs",
@@ -204,6 +207,16 @@ def test_start_epoch_starts_the_per_update_schedule_at_its_updates(data_root: Pa
     assert started["epoch"] == whole["epoch"] == 1
     assert started["lr"] == whole["lr"]  # epoch 1 ends at update 6 of 6, as the run from epoch 0 does
     assert read_file(tmp_path / "started" / "last.pth.tar")["num_updates"] == 6
+
+
+def test_lr_base_flags_set_the_rate_on_the_digits_demo_too(parse_train) -> None:
+    assert train_module.resolve(parse_train()).lr == 3e-3  # the demo's rate, when no --lr-base* flag asks otherwise
+    # The demo's adamw scales by the square root of its batch of 64 over --lr-base-size.
+    assert train_module.resolve(parse_train("--lr-base 0.2")).lr == pytest.approx(0.2 * (64 / 256) ** 0.5)
+    assert train_module.resolve(parse_train("--lr-base-size 64")).lr == pytest.approx(0.1)
+    assert train_module.resolve(parse_train("--lr-base-scale linear")).lr == pytest.approx(0.1 * 64 / 256)
+    assert train_module.resolve(parse_train("--lr-base 0.1 --lr 0.5")).lr == 0.5  # --lr wins, as in timm
+    assert train_module.resolve(parse_train("/d")).lr == pytest.approx(0.1 * 128 / 256)  # sgd: linear
 
 
 def test_val_interval_recovery_and_the_flags_that_cannot_matter(

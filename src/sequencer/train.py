@@ -72,7 +72,7 @@ from sequencer.runtime import (
     warn_if_emulated_bfloat16,
 )
 from sequencer.tracking import TRACKING_OPTIONS, RunTracker, check_tracking
-from sequencer.train_config import TrainConfig
+from sequencer.train_config import LR_BASE, LR_BASE_SIZE, TrainConfig
 from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
@@ -112,10 +112,19 @@ def resolve(config: TrainConfig, world_size: int = 1) -> TrainConfig:
                 "--sched plateau steps once an epoch, on the held-out metric, not every update: drop --sched-on-updates"
             )
         config = replace(config, sched_on_updates=False)
+    # The digits demo's --lr is a default like the others: a --lr-base* flag asks for the scaled rate instead.
+    scaled = config.lr is None and (
+        config.lr_base is not None or config.lr_base_size is not None or bool(config.lr_base_scale)
+    )
     config = config.with_recipe()
+    config = replace(
+        config,
+        lr_base=LR_BASE if config.lr_base is None else config.lr_base,
+        lr_base_size=LR_BASE_SIZE if config.lr_base_size is None else config.lr_base_size,
+    )
     if ours_to_choose:  # a worker count that is ours to choose stays within the cores there are (torch warns beyond)
         config = replace(config, workers=min(config.workers, usable_cpus()))
-    if config.lr is None:
+    if config.lr is None or scaled:
         ratio = config.batch_size * config.grad_accum_steps * world_size / config.lr_base_size
         adaptive = any(name in config.opt.lower() for name in ("ada", "lamb"))
         scale = config.lr_base_scale or ("sqrt" if adaptive else "linear")
