@@ -219,6 +219,23 @@ def test_lr_base_flags_set_the_rate_on_the_digits_demo_too(parse_train) -> None:
     assert train_module.resolve(parse_train("/d")).lr == pytest.approx(0.1 * 128 / 256)  # sgd: linear
 
 
+@pytest.mark.parametrize("flag", ["--pretrained-path", "--initial-checkpoint"])
+def test_head_init_applies_after_the_starting_weights_as_timm(
+    parse_train, data_root: Path, tmp_path: Path, tiny_model, flag: str
+) -> None:
+    from sequencer.checkpoint import record_of, write_weights
+
+    start = tiny_model(num_classes=3)
+    write_weights(start.state_dict(), record_of(start), tmp_path / "s.pth")
+    config = train_module.resolve(
+        parse_train(f"{data_root} {TINY} {flag} {tmp_path / 's.pth'} --head-init-scale 0 --head-init-bias 0.5")
+    )
+    model = train_module.build_training_model(config, 3)
+    head = model.get_classifier()
+    assert not head.weight.any() and torch.all(head.bias == 0.5)
+    assert torch.equal(model.stem.proj.weight, start.stem.proj.weight)  # the rest from the file
+
+
 def test_val_interval_recovery_and_the_flags_that_cannot_matter(
     run_cli, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

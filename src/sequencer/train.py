@@ -570,8 +570,11 @@ def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
         )
     except TypeError as error:  # an unknown --model-kwargs key
         raise UsageError(f"--model-kwargs: {error}; the keys are SequencerConfig's fields") from None
+    if source := config.checkpoint or config.pretrained_path:  # not with --pretrained: `check_config` refuses both
+        load_pretrained(model, source, use_ema=config.use_ema, unsafe_load=config.unsafe_load)
     if config.head_init_scale is not None or config.head_init_bias is not None:
-        # As timm's train.py: after the released weights (a head of other classes is fresh then), before a file's.
+        # As timm's train.py: after all starting weights (its create_model loads --pretrained, --pretrained-path and
+        # --initial-checkpoint), so that the flags act on the head the run starts from, fitted or fresh.
         with torch.no_grad():
             head = model.get_classifier()
             if config.head_init_scale is not None:
@@ -579,8 +582,6 @@ def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
                 head.bias.mul_(config.head_init_scale)
             if config.head_init_bias is not None:
                 head.bias.fill_(config.head_init_bias)
-    if source := config.checkpoint or config.pretrained_path:  # not with --pretrained: `check_config` refuses both
-        load_pretrained(model, source, use_ema=config.use_ema, unsafe_load=config.unsafe_load)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
