@@ -236,6 +236,18 @@ def test_head_init_applies_after_the_starting_weights_as_timm(
     assert torch.equal(model.stem.proj.weight, start.stem.proj.weight)  # the rest from the file
 
 
+def test_agc_leaves_the_head_unclipped_as_timm(run_cli, data_root: Path, tmp_path: Path) -> None:
+    # Two updates from the same weights: the zero-initialised head leaves the rest without a gradient in the first,
+    # so the head's two match those without clipping, and the rest's second is clipped.
+    base = f"{data_root} {TINY} -b 12 --epochs 1 --no-aug --smoothing 0 --opt sgd --lr 0.1 --sched none"
+    for name, flags in (("plain", ""), ("agc", "--clip-grad 0.001 --clip-mode agc")):
+        assert run_cli("train", f"{base} {flags} -o {tmp_path / name}") == 0
+    plain, agc = (read_file(tmp_path / name / "last.pth.tar")["state_dict"] for name in ("plain", "agc"))
+    for key in ("head.fc.weight", "head.fc.bias"):
+        torch.testing.assert_close(agc[key], plain[key])
+    assert not torch.allclose(agc["stem.proj.weight"], plain["stem.proj.weight"])
+
+
 def test_val_interval_recovery_and_the_flags_that_cannot_matter(
     run_cli, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -428,6 +428,7 @@ def train_one_epoch(
     desc = f"epoch {state.epoch}/{state.num_epochs - 1}"
     bar = progress_bar(loader, show=not config.no_progress and context.is_primary, desc=desc, dynamic_ncols=True)
     log = context.is_primary and bar.disable  # no bar drawn (a pipe, --no-progress): progress lines instead
+    clipped = clip_parameters(state.model, config.clip_mode)
     for batch in bar:
         # None: every image of the batch was unreadable (and counted by the dataset).
         if batch is not None and mixup is not None and len(batch[0]) % 2:
@@ -460,14 +461,14 @@ def train_one_epoch(
                 state.optimizer,
                 clip_grad=config.clip_grad,
                 clip_mode=config.clip_mode,
-                parameters=train_model.parameters(),
+                parameters=clipped,
                 need_update=update,
             )
         else:
             (loss / accum).backward()
             if update:
                 if config.clip_grad is not None:
-                    dispatch_clip_grad(train_model.parameters(), config.clip_grad, mode=config.clip_mode)
+                    dispatch_clip_grad(clipped, config.clip_grad, mode=config.clip_mode)
                 state.optimizer.step()
         steps += 1
         images_seen += len(images) * context.world_size
@@ -510,6 +511,15 @@ def train_one_epoch(
     if window:
         total_loss += read_losses(window, context, state.epoch, steps)
     return total_loss / steps
+
+
+def clip_parameters(model: nn.Module, clip_mode: str) -> list[nn.Parameter]:
+    """The parameters --clip-grad clips: all, but the classifier's with --clip-mode agc, as timm's train.py
+    (`model_parameters(model, exclude_head=True)`: adaptive clipping is not meant for the final layer)."""
+    if "agc" not in clip_mode:
+        return list(model.parameters())
+    head = {id(parameter) for parameter in model.get_classifier().parameters()}
+    return [parameter for parameter in model.parameters() if id(parameter) not in head]
 
 
 def input_dtype(config: TrainConfig) -> torch.dtype | None:
