@@ -248,6 +248,11 @@ def test_agc_leaves_the_head_unclipped_as_timm(run_cli, data_root: Path, tmp_pat
     assert not torch.allclose(agc["stem.proj.weight"], plain["stem.proj.weight"])
 
 
+def test_a_second_order_optimizer_trains(run_cli, data_root: Path, tmp_path: Path) -> None:
+    assert run_cli("train", f"{data_root} {TINY} -b 8 --epochs 1 --opt adahessian -o {tmp_path}") == 0
+    assert read_file(tmp_path / "last.pth.tar")["num_updates"] == 3
+
+
 def test_val_interval_recovery_and_the_flags_that_cannot_matter(
     run_cli, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -428,6 +428,8 @@ def train_one_epoch(
     desc = f"epoch {state.epoch}/{state.num_epochs - 1}"
     bar = progress_bar(loader, show=not config.no_progress and context.is_primary, desc=desc, dynamic_ncols=True)
     log = context.is_primary and bar.disable  # no bar drawn (a pipe, --no-progress): progress lines instead
+    # As timm's train.py: a second-order optimizer (adahessian) differentiates the gradients again.
+    second_order = getattr(state.optimizer, "is_second_order", False)
     clipped = clip_parameters(state.model, config.clip_mode)
     for batch in bar:
         # None: every image of the batch was unreadable (and counted by the dataset).
@@ -462,10 +464,11 @@ def train_one_epoch(
                 clip_grad=config.clip_grad,
                 clip_mode=config.clip_mode,
                 parameters=clipped,
+                create_graph=second_order,
                 need_update=update,
             )
         else:
-            (loss / accum).backward()
+            (loss / accum).backward(create_graph=second_order)
             if update:
                 if config.clip_grad is not None:
                     dispatch_clip_grad(clipped, config.clip_grad, mode=config.clip_mode)
