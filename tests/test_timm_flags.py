@@ -253,6 +253,21 @@ def test_a_second_order_optimizer_trains(run_cli, data_root: Path, tmp_path: Pat
     assert read_file(tmp_path / "last.pth.tar")["num_updates"] == 3
 
 
+def test_an_accumulated_group_short_of_a_skipped_batch_still_makes_its_update(
+    run_cli, make_image_tree, tmp_path: Path
+) -> None:
+    # 6 readable images, one update of all of them; then an unreadable 7th, alone in its batch (None), is skipped.
+    root = make_image_tree(tmp_path / "data", per_class=3)
+    base = f"{root} {TINY} --epochs 1 --no-aug --smoothing 0 --opt sgd --lr 0.5 --sched none"
+    assert run_cli("train", f"{base} -b 6 -o {tmp_path / 'big'}") == 0
+    (root / "train" / "class_0" / "corrupt.png").write_bytes(b"not an image")
+    assert run_cli("train", f"{base} -b 1 --grad-accum-steps 7 -o {tmp_path / 'accumulated'}") == 0
+    big, accumulated = (read_file(tmp_path / name / "last.pth.tar") for name in ("big", "accumulated"))
+    assert accumulated["num_updates"] == big["num_updates"] == 1
+    for key, value in big["state_dict"].items():
+        torch.testing.assert_close(accumulated["state_dict"][key], value, rtol=1e-4, atol=1e-6)
+
+
 def test_val_interval_recovery_and_the_flags_that_cannot_matter(
     run_cli, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -19,7 +19,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -431,15 +431,7 @@ def train_one_epoch(
     # As timm's train.py: a second-order optimizer (adahessian) differentiates the gradients again.
     second_order = getattr(state.optimizer, "is_second_order", False)
     clipped = clip_parameters(state.model, config.clip_mode)
-    for batch in bar:
-        # None: every image of the batch was unreadable (and counted by the dataset).
-        if batch is not None and mixup is not None and len(batch[0]) % 2:
-            # A skipped unreadable image left an odd batch; timm's mixup needs pairs.
-            batch = (batch[0][:-1], batch[1][:-1]) if len(batch[0]) > 1 else None
-        # All ranks skip together: one sitting a step out would leave the others waiting in the gradient all-reduce.
-        if not on_every_rank(batch is not None, context):
-            continue
-        images, targets = batch
+    for (images, targets), last in trained_batches(bar, mixup, context):
         images = images.to(device, dtype=input_dtype(config), non_blocking=True, memory_format=memory_format(config))
         targets = targets.to(device, non_blocking=True)
         if mixup is not None:
@@ -449,6 +441,14 @@ def train_one_epoch(
         position = steps % config.grad_accum_steps
         left = len(loader) - (steps - position)
         accum = min(config.grad_accum_steps, left) if left > 0 else config.grad_accum_steps
+        if last and position + 1 < accum:
+            # Skipped batches left the epoch's last group short: it still makes its update (its gradients would
+            # otherwise leak into the next epoch), the mean of the batches it has.
+            with torch.no_grad():
+                for parameter in state.model.parameters():
+                    if parameter.grad is not None:
+                        parameter.grad.mul_(accum / (position + 1))
+            accum = position + 1
         update = position + 1 == accum
         # Between updates DDP keeps the gradients local: one all-reduce per update.
         with (
@@ -514,6 +514,27 @@ def train_one_epoch(
     if window:
         total_loss += read_losses(window, context, state.epoch, steps)
     return total_loss / steps
+
+
+def trained_batches(
+    batches: Iterable[Any], mixup: Mixup | None, context: DistributedContext
+) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], bool]]:
+    """The batches a training epoch steps on, each with whether it is the epoch's last: one is read ahead, so that
+    the last accumulated group closes even when the batches after it were skipped."""
+    held = None
+    for batch in batches:
+        # None: every image of the batch was unreadable (and counted by the dataset).
+        if batch is not None and mixup is not None and len(batch[0]) % 2:
+            # A skipped unreadable image left an odd batch; timm's mixup needs pairs.
+            batch = (batch[0][:-1], batch[1][:-1]) if len(batch[0]) > 1 else None
+        # All ranks skip together: one sitting a step out would leave the others waiting in the gradient all-reduce.
+        if not on_every_rank(batch is not None, context):
+            continue
+        if held is not None:
+            yield held, False
+        held = batch
+    if held is not None:
+        yield held, True
 
 
 def clip_parameters(model: nn.Module, clip_mode: str) -> list[nn.Parameter]:
