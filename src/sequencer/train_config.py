@@ -157,7 +157,8 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     lr: float | None = SCHEDULE.option(
         "--lr",
         type=NON_NEGATIVE,  # 0 is legitimate: a run that only checks loading or evaluates
-        help=f"learning rate (default: --lr-base scaled by the global batch; digits demo: {DIGITS_RECIPE['lr']})",
+        help=f"learning rate (default: --lr-base scaled by the global batch; digits demo: {DIGITS_RECIPE['lr']} "
+        "unless an --lr-base* flag is given)",
     )
     lr_base: float | None = SCHEDULE.option(
         "--lr-base",
