@@ -31,7 +31,8 @@ FLAGS = [
 ]
 TIMM_ONLY = ("naflex", "kd_", "distill_loss_weight", "task_loss_weight")
 # Defaults that are deliberately not timm 1.0's: the data-dependent ones (None: the digits demo's or the authors'
-# train.py's, timm 0.5.4), and those of a model that is not timm's (its input channels, drop path).
+# train.py's, timm 0.5.4), --lr-base and --lr-base-size (None: timm's, unless the digits demo's --lr applies), and those
+# of a model that is not timm's (its input channels, drop path).
 OWN_DEFAULTS = {
     "model",
     "in_chans",
@@ -41,6 +42,8 @@ OWN_DEFAULTS = {
     "opt",
     "weight_decay",
     "sched_on_updates",
+    "lr_base",
+    "lr_base_size",
     "warmup_lr",
     "min_lr",
     "epochs",
@@ -172,6 +175,107 @@ def test_schedule_noise_cycles_and_plateau_reach_timm_s_scheduler(parse_train) -
     scheduler.step(1, 50.0)
     scheduler.step(2, 40.0)  # no better: patience 0 decays at once
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_plateau_steps_per_epoch_whatever_the_recipe_and_refuses_per_update_steps(parse_train) -> None:
+    try:
+        train_module.check_plateau_schedule()
+    except UsageError:  # timm 1.0.12 on torch 2.7: --sched plateau is refused anyway
+        pytest.skip("no plateau schedule on this timm and torch")
+    config = train_module.resolve(parse_train("--sched", "plateau"))  # the digits demo, whose recipe steps per update
+    assert config.sched_on_updates is False
+    optimizer = create_optimizer_v2(torch.nn.Linear(2, 2), opt="sgd", lr=0.1)
+    create_scheduler_v2(optimizer, **scheduler_kwargs(config), updates_per_epoch=10)  # timm asserts on per-update
+    with pytest.raises(UsageError, match=r"^--sched plateau steps once an epoch.*drop --sched-on-updates$"):
+        train_module.resolve(parse_train("--sched plateau --sched-on-updates"))
+    assert train_module.resolve(parse_train("--sched-on-updates")).sched_on_updates
+
+
+def test_a_resumed_plateau_schedule_goes_on_at_the_rate_it_had_reduced_to(
+    run_cli, data_root: Path, tmp_path: Path
+) -> None:
+    # A rate too small to move the held-out top-1: with patience 0 the schedule halves it after epoch 1.
+    command = (
+        f"{data_root} {TINY} -b 8 --opt sgd --lr 1e-5 --min-lr 0 --sched plateau --patience-epochs 0 --decay-rate 0.5"
+    )
+    assert run_cli("train", f"{command} --epochs 3 -o {tmp_path / 'whole'}") == 0
+    whole = (tmp_path / "whole" / "summary.csv").read_text().splitlines()
+    rates = [float(row.split(",")[5]) for row in whole[1:]]
+    assert rates[2] == pytest.approx(rates[1] / 2)
+    resume = f"--resume {tmp_path / 'whole' / 'checkpoint-1.pth.tar'}"
+    assert run_cli("train", f"{command} --epochs 3 {resume} -o {tmp_path / 'resumed'}") == 0
+    assert (tmp_path / "resumed" / "summary.csv").read_text().splitlines() == whole
+
+
+def test_start_epoch_starts_the_per_update_schedule_at_its_updates(data_root: Path, tmp_path: Path) -> None:
+    flags = dict(
+        data=str(data_root), model="sequencer2d_tiny", img_size=16, batch_size=8, workers=0, threads=1,
+        no_progress=True, warmup_epochs=0, cooldown_epochs=0, sched_on_updates=True, epochs=2,
+    )  # fmt: skip
+    whole = train_module.train(**flags, output=str(tmp_path / "whole"))
+    started = train_module.train(**flags, start_epoch=1, output=str(tmp_path / "started"))
+    assert started["epoch"] == whole["epoch"] == 1
+    assert started["lr"] == whole["lr"]  # epoch 1 ends at update 6 of 6, as the run from epoch 0 does
+    assert read_file(tmp_path / "started" / "last.pth.tar")["num_updates"] == 6
+
+
+def test_lr_base_flags_set_the_rate_on_the_digits_demo_too(parse_train) -> None:
+    assert train_module.resolve(parse_train()).lr == 3e-3  # the demo's rate, when no --lr-base* flag asks otherwise
+    # The demo's adamw scales by the square root of its batch of 64 over --lr-base-size.
+    assert train_module.resolve(parse_train("--lr-base 0.2")).lr == pytest.approx(0.2 * (64 / 256) ** 0.5)
+    assert train_module.resolve(parse_train("--lr-base-size 64")).lr == pytest.approx(0.1)
+    assert train_module.resolve(parse_train("--lr-base-scale linear")).lr == pytest.approx(0.1 * 64 / 256)
+    assert train_module.resolve(parse_train("--lr-base 0.1 --lr 0.5")).lr == 0.5  # --lr wins, as in timm
+    assert train_module.resolve(parse_train("/d")).lr == pytest.approx(0.1 * 128 / 256)  # sgd: linear
+
+
+@pytest.mark.parametrize("flag", ["--pretrained-path", "--initial-checkpoint"])
+def test_head_init_applies_after_the_starting_weights_as_timm(
+    parse_train, data_root: Path, tmp_path: Path, tiny_model, flag: str
+) -> None:
+    from sequencer.checkpoint import record_of, write_weights
+
+    start = tiny_model(num_classes=3)
+    write_weights(start.state_dict(), record_of(start), tmp_path / "s.pth")
+    config = train_module.resolve(
+        parse_train(f"{data_root} {TINY} {flag} {tmp_path / 's.pth'} --head-init-scale 0 --head-init-bias 0.5")
+    )
+    model = train_module.build_training_model(config, 3)
+    head = model.get_classifier()
+    assert not head.weight.any() and torch.all(head.bias == 0.5)
+    assert torch.equal(model.stem.proj.weight, start.stem.proj.weight)  # the rest from the file
+
+
+def test_agc_leaves_the_head_unclipped_as_timm(run_cli, data_root: Path, tmp_path: Path) -> None:
+    # Two updates from the same weights: the zero-initialised head leaves the rest without a gradient in the first,
+    # so the head's two match those without clipping, and the rest's second is clipped.
+    base = f"{data_root} {TINY} -b 12 --epochs 1 --no-aug --smoothing 0 --opt sgd --lr 0.1 --sched none"
+    for name, flags in (("plain", ""), ("agc", "--clip-grad 0.001 --clip-mode agc")):
+        assert run_cli("train", f"{base} {flags} -o {tmp_path / name}") == 0
+    plain, agc = (read_file(tmp_path / name / "last.pth.tar")["state_dict"] for name in ("plain", "agc"))
+    for key in ("head.fc.weight", "head.fc.bias"):
+        torch.testing.assert_close(agc[key], plain[key])
+    assert not torch.allclose(agc["stem.proj.weight"], plain["stem.proj.weight"])
+
+
+def test_a_second_order_optimizer_trains(run_cli, data_root: Path, tmp_path: Path) -> None:
+    assert run_cli("train", f"{data_root} {TINY} -b 8 --epochs 1 --opt adahessian -o {tmp_path}") == 0
+    assert read_file(tmp_path / "last.pth.tar")["num_updates"] == 3
+
+
+def test_an_accumulated_group_short_of_a_skipped_batch_still_makes_its_update(
+    run_cli, make_image_tree, tmp_path: Path
+) -> None:
+    # 6 readable images, one update of all of them; then an unreadable 7th, alone in its batch (None), is skipped.
+    root = make_image_tree(tmp_path / "data", per_class=3)
+    base = f"{root} {TINY} --epochs 1 --no-aug --smoothing 0 --opt sgd --lr 0.5 --sched none"
+    assert run_cli("train", f"{base} -b 6 -o {tmp_path / 'big'}") == 0
+    (root / "train" / "class_0" / "corrupt.png").write_bytes(b"not an image")
+    assert run_cli("train", f"{base} -b 1 --grad-accum-steps 7 -o {tmp_path / 'accumulated'}") == 0
+    big, accumulated = (read_file(tmp_path / name / "last.pth.tar") for name in ("big", "accumulated"))
+    assert accumulated["num_updates"] == big["num_updates"] == 1
+    for key, value in big["state_dict"].items():
+        torch.testing.assert_close(accumulated["state_dict"][key], value, rtol=1e-4, atol=1e-6)
 
 
 def test_val_interval_recovery_and_the_flags_that_cannot_matter(

@@ -18,7 +18,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,7 @@ from sequencer.runtime import (
     warn_if_emulated_bfloat16,
 )
 from sequencer.tracking import TRACKING_OPTIONS, RunTracker, check_tracking
-from sequencer.train_config import TrainConfig
+from sequencer.train_config import LR_BASE, LR_BASE_SIZE, TrainConfig
 from sequencer.validate import evaluate
 
 _logger = logging.getLogger(__name__)
@@ -104,10 +104,27 @@ def resolve(config: TrainConfig, world_size: int = 1) -> TrainConfig:
     """The data-dependent defaults filled in (digits demo or the authors'), and the learning rate from --lr-base as
     timm's train.py scales it by the global batch."""
     ours_to_choose = config.workers is None
+    if config.sched == "plateau":
+        # timm's plateau schedule steps on the held-out metric, once an epoch: a recipe's per-update stepping (the
+        # digits demo's) gives way, and only the flag itself is refused.
+        if config.sched_on_updates:
+            raise UsageError(
+                "--sched plateau steps once an epoch, on the held-out metric, not every update: drop --sched-on-updates"
+            )
+        config = replace(config, sched_on_updates=False)
+    # The digits demo's --lr is a default like the others: a --lr-base* flag asks for the scaled rate instead.
+    scaled = config.lr is None and (
+        config.lr_base is not None or config.lr_base_size is not None or bool(config.lr_base_scale)
+    )
     config = config.with_recipe()
+    config = replace(
+        config,
+        lr_base=LR_BASE if config.lr_base is None else config.lr_base,
+        lr_base_size=LR_BASE_SIZE if config.lr_base_size is None else config.lr_base_size,
+    )
     if ours_to_choose:  # a worker count that is ours to choose stays within the cores there are (torch warns beyond)
         config = replace(config, workers=min(config.workers, usable_cpus()))
-    if config.lr is None:
+    if config.lr is None or scaled:
         ratio = config.batch_size * config.grad_accum_steps * world_size / config.lr_base_size
         adaptive = any(name in config.opt.lower() for name in ("ada", "lamb"))
         scale = config.lr_base_scale or ("sqrt" if adaptive else "linear")
@@ -282,12 +299,48 @@ def checkpoint_dict(state: TrainState, args: dict[str, Any]) -> dict[str, Any]:
         RECORD_KEY: record_of(state.model).as_dict(),
     }
     if state.scheduler is not None:
-        ckpt["scheduler"] = state.scheduler.state_dict()
+        ckpt["scheduler"] = scheduler_state(state.scheduler)
     if state.scaler is not None:
         ckpt["scaler"] = state.scaler.state_dict()
     if state.ema is not None:
         ckpt["state_dict_ema"] = {k: v.detach().cpu() for k, v in state.ema.module.state_dict().items()}
     return ckpt
+
+
+# What a plateau schedule has learned besides its best metric (timm's state_dict), for a resume to go on exactly: its
+# counters, and the rate before --lr-noise's perturbation of this epoch.
+PLATEAU_COUNTERS = ("num_bad_epochs", "cooldown_counter")
+
+
+def scheduler_state(scheduler: Any) -> dict[str, Any]:
+    """The schedule's state for a checkpoint: timm's, and a plateau schedule's counters and unperturbed rate."""
+    state = scheduler.state_dict()
+    if isinstance(scheduler, PlateauLRScheduler):
+        state.update({key: getattr(scheduler.lr_scheduler, key) for key in PLATEAU_COUNTERS})
+        state["restore_lr"] = scheduler.restore_lr
+    return state
+
+
+def restore_plateau(scheduler: PlateauLRScheduler, optimizer: torch.optim.Optimizer, ckpt: dict[str, Any]) -> None:
+    """A plateau schedule as the checkpoint left it: its state, and the rate it had reduced to.
+
+    The reduced rate lives only in the optimizer's groups (timm's resume keeps it with them); it is kept relative to
+    the run's --lr, so that a changed --lr still takes effect."""
+    saved = ckpt["scheduler"]
+    scheduler.load_state_dict(saved)
+    for key in PLATEAU_COUNTERS:
+        if key in saved:
+            setattr(scheduler.lr_scheduler, key, saved[key])
+    groups = ckpt["optimizer"]["param_groups"]
+    # An unchanged --lr gives a factor of exactly 1: the checkpoint's rate bit for bit.
+    factors = [
+        group["initial_lr"] / saved_group.get("initial_lr", group["initial_lr"])
+        for group, saved_group in zip(optimizer.param_groups, groups, strict=True)
+    ]
+    for group, saved_group, factor in zip(optimizer.param_groups, groups, factors, strict=True):
+        group["lr"] = saved_group["lr"] * factor
+    if saved.get("restore_lr") is not None:
+        scheduler.restore_lr = [rate * factor for rate, factor in zip(saved["restore_lr"], factors, strict=True)]
 
 
 def read_resumed(config: TrainConfig) -> dict[str, Any]:
@@ -324,7 +377,8 @@ def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimize
     """Load the learned state of a training checkpoint (`read_resumed`) into `state`.
 
     Model, EMA, optimizer state, scaler, epoch, best metric and summary rows come from the file; the optimizer's
-    hyper-parameters and the schedule stay as this run's flags built them."""
+    hyper-parameters and the schedule stay as this run's flags built them, but for a plateau schedule's learned state
+    and the rate it reduced to (`restore_plateau`)."""
     model = state.model
     trained = (ckpt.get("model_name"), ckpt.get("num_classes"))
     if trained != (model.model_name, model.num_classes):
@@ -348,9 +402,10 @@ def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimize
             group.update(own)
         if state.scaler is not None and "scaler" in ckpt:
             state.scaler.load_state_dict(ckpt["scaler"])
-    # Other schedules are functions of the epoch, rebuilt from the flags; a plateau schedule has learned state too.
+    # Other schedules are functions of the epoch, rebuilt from the flags; a plateau schedule has learned state too,
+    # its rate among it.
     if isinstance(state.scheduler, PlateauLRScheduler) and "best" in ckpt.get("scheduler", {}):
-        state.scheduler.load_state_dict(ckpt["scheduler"])
+        restore_plateau(state.scheduler, state.optimizer, ckpt)
     state.epoch = ckpt["epoch"] + 1
     state.num_updates = ckpt["num_updates"]
     state.best_metric, state.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
@@ -402,15 +457,10 @@ def train_one_epoch(
     desc = f"epoch {state.epoch}/{state.num_epochs - 1}"
     bar = progress_bar(loader, show=not config.no_progress and context.is_primary, desc=desc, dynamic_ncols=True)
     log = context.is_primary and bar.disable  # no bar drawn (a pipe, --no-progress): progress lines instead
-    for batch in bar:
-        # None: every image of the batch was unreadable (and counted by the dataset).
-        if batch is not None and mixup is not None and len(batch[0]) % 2:
-            # A skipped unreadable image left an odd batch; timm's mixup needs pairs.
-            batch = (batch[0][:-1], batch[1][:-1]) if len(batch[0]) > 1 else None
-        # All ranks skip together: one sitting a step out would leave the others waiting in the gradient all-reduce.
-        if not on_every_rank(batch is not None, context):
-            continue
-        images, targets = batch
+    # As timm's train.py: a second-order optimizer (adahessian) differentiates the gradients again.
+    second_order = getattr(state.optimizer, "is_second_order", False)
+    clipped = clip_parameters(state.model, config.clip_mode)
+    for (images, targets), last in trained_batches(bar, mixup, context):
         images = images.to(device, dtype=input_dtype(config), non_blocking=True, memory_format=memory_format(config))
         targets = targets.to(device, non_blocking=True)
         if mixup is not None:
@@ -420,6 +470,14 @@ def train_one_epoch(
         position = steps % config.grad_accum_steps
         left = len(loader) - (steps - position)
         accum = min(config.grad_accum_steps, left) if left > 0 else config.grad_accum_steps
+        if last and position + 1 < accum:
+            # Skipped batches left the epoch's last group short: it still makes its update (its gradients would
+            # otherwise leak into the next epoch), the mean of the batches it has.
+            with torch.no_grad():
+                for parameter in state.model.parameters():
+                    if parameter.grad is not None:
+                        parameter.grad.mul_(accum / (position + 1))
+            accum = position + 1
         update = position + 1 == accum
         # Between updates DDP keeps the gradients local: one all-reduce per update.
         with (
@@ -434,14 +492,15 @@ def train_one_epoch(
                 state.optimizer,
                 clip_grad=config.clip_grad,
                 clip_mode=config.clip_mode,
-                parameters=train_model.parameters(),
+                parameters=clipped,
+                create_graph=second_order,
                 need_update=update,
             )
         else:
-            (loss / accum).backward()
+            (loss / accum).backward(create_graph=second_order)
             if update:
                 if config.clip_grad is not None:
-                    dispatch_clip_grad(train_model.parameters(), config.clip_grad, mode=config.clip_mode)
+                    dispatch_clip_grad(clipped, config.clip_grad, mode=config.clip_mode)
                 state.optimizer.step()
         steps += 1
         images_seen += len(images) * context.world_size
@@ -484,6 +543,36 @@ def train_one_epoch(
     if window:
         total_loss += read_losses(window, context, state.epoch, steps)
     return total_loss / steps
+
+
+def trained_batches(
+    batches: Iterable[Any], mixup: Mixup | None, context: DistributedContext
+) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], bool]]:
+    """The batches a training epoch steps on, each with whether it is the epoch's last: one is read ahead, so that
+    the last accumulated group closes even when the batches after it were skipped."""
+    held = None
+    for batch in batches:
+        # None: every image of the batch was unreadable (and counted by the dataset).
+        if batch is not None and mixup is not None and len(batch[0]) % 2:
+            # A skipped unreadable image left an odd batch; timm's mixup needs pairs.
+            batch = (batch[0][:-1], batch[1][:-1]) if len(batch[0]) > 1 else None
+        # All ranks skip together: one sitting a step out would leave the others waiting in the gradient all-reduce.
+        if not on_every_rank(batch is not None, context):
+            continue
+        if held is not None:
+            yield held, False
+        held = batch
+    if held is not None:
+        yield held, True
+
+
+def clip_parameters(model: nn.Module, clip_mode: str) -> list[nn.Parameter]:
+    """The parameters --clip-grad clips: all, but the classifier's with --clip-mode agc, as timm's train.py
+    (`model_parameters(model, exclude_head=True)`: adaptive clipping is not meant for the final layer)."""
+    if "agc" not in clip_mode:
+        return list(model.parameters())
+    head = {id(parameter) for parameter in model.get_classifier().parameters()}
+    return [parameter for parameter in model.parameters() if id(parameter) not in head]
 
 
 def input_dtype(config: TrainConfig) -> torch.dtype | None:
@@ -544,8 +633,11 @@ def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
         )
     except TypeError as error:  # an unknown --model-kwargs key
         raise UsageError(f"--model-kwargs: {error}; the keys are SequencerConfig's fields") from None
+    if source := config.checkpoint or config.pretrained_path:  # not with --pretrained: `check_config` refuses both
+        load_pretrained(model, source, use_ema=config.use_ema, unsafe_load=config.unsafe_load)
     if config.head_init_scale is not None or config.head_init_bias is not None:
-        # As timm's train.py: after the released weights (a head of other classes is fresh then), before a file's.
+        # As timm's train.py: after all starting weights (its create_model loads --pretrained, --pretrained-path and
+        # --initial-checkpoint), so that the flags act on the head the run starts from, fitted or fresh.
         with torch.no_grad():
             head = model.get_classifier()
             if config.head_init_scale is not None:
@@ -553,8 +645,6 @@ def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
                 head.bias.mul_(config.head_init_scale)
             if config.head_init_bias is not None:
                 head.bias.fill_(config.head_init_bias)
-    if source := config.checkpoint or config.pretrained_path:  # not with --pretrained: `check_config` refuses both
-        load_pretrained(model, source, use_ema=config.use_ema, unsafe_load=config.unsafe_load)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -991,24 +1081,27 @@ def build_state(config: TrainConfig, run_state: RunState, data: TrainingData) ->
             use_warmup=config.model_ema_warmup,
             device=torch.device("cpu") if config.model_ema_force_cpu else None,
         )
+    updates_per_epoch = math.ceil(len(data.train_loader) / config.grad_accum_steps)
     scheduler, num_epochs = create_scheduler_v2(
         optimizer,
         **scheduler_kwargs(config, decreasing_metric=config.eval_metric == "loss"),
-        updates_per_epoch=math.ceil(len(data.train_loader) / config.grad_accum_steps),
+        updates_per_epoch=updates_per_epoch,
     )
     class_names = [str(c) for c in data.train_set.classes]
     state = TrainState(model, optimizer, scheduler, scaler, ema, num_epochs, class_names=class_names)
-    set_start(config, run_state, state)
+    set_start(config, run_state, state, updates_per_epoch)
     return state
 
 
-def set_start(config: TrainConfig, run_state: RunState, state: TrainState) -> None:
+def set_start(config: TrainConfig, run_state: RunState, state: TrainState, updates_per_epoch: int) -> None:
     """Put `state` where the run starts: the resumed checkpoint's next epoch, or --start-epoch, the schedule with it."""
     resumed = run_state.resumed
     if resumed is not None:
         restore(state, resumed, config.resume, not config.no_resume_opt)
     if config.start_epoch is not None:
+        # As timm's train.py: the updates of the epochs before, for a per-update schedule and the EMA's warm-up.
         state.epoch = config.start_epoch
+        state.num_updates = config.start_epoch * updates_per_epoch
     # --resume auto leaves a run whose schedule has ended as it is, rather than refuse it: restarting a finished job
     # is no error.
     if state.epoch >= state.num_epochs and not (resumed is not None and run_state.auto_resume):

@@ -57,6 +57,10 @@ from sequencer.config import (
 )
 from sequencer.errors import UsageError
 
+# timm's --lr-base and --lr-base-size: the defaults `resolve` gives them (None: not given, so that the digits demo's
+# --lr gives way to them only when given).
+LR_BASE, LR_BASE_SIZE = 0.1, 256
+
 
 def _recipe(key: str) -> str:
     return f" (default: {TIMM_RECIPE[key]}; digits demo: {DIGITS_RECIPE[key]})"
@@ -157,13 +161,16 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     lr: float | None = SCHEDULE.option(
         "--lr",
         type=NON_NEGATIVE,  # 0 is legitimate: a run that only checks loading or evaluates
-        help=f"learning rate (default: --lr-base scaled by the global batch; digits demo: {DIGITS_RECIPE['lr']})",
+        help=f"learning rate (default: --lr-base scaled by the global batch; digits demo: {DIGITS_RECIPE['lr']} "
+        "unless an --lr-base* flag is given)",
     )
-    lr_base: float = SCHEDULE.option(
-        "--lr-base", default=0.1, type=NON_NEGATIVE, help="learning rate at --lr-base-size images per step"
+    lr_base: float | None = SCHEDULE.option(
+        "--lr-base",
+        type=NON_NEGATIVE,
+        help=f"learning rate at --lr-base-size images per step (default: {LR_BASE})",
     )
-    lr_base_size: int = SCHEDULE.option(
-        "--lr-base-size", default=256, type=POSITIVE_INT, help="global batch size of --lr-base"
+    lr_base_size: int | None = SCHEDULE.option(
+        "--lr-base-size", type=POSITIVE_INT, help=f"global batch size of --lr-base (default: {LR_BASE_SIZE})"
     )
     lr_base_scale: str = SCHEDULE.option(
         "--lr-base-scale",
