@@ -315,6 +315,11 @@ def test_class_map_grayscale_input_and_model_and_optimizer_kwargs(
     hidden, channels = ckpt["state_dict"]["stages.0.blocks.0.mlp_channels.fc1.weight"].shape
     assert hidden == 2 * channels  # --model-kwargs mlp_ratio=2, not the variant's 3
     assert record["model_args"] == {"mlp_ratio": 2}  # so readers build that architecture
+    # Fine-tuned from it, the one-channel model keeps its own statistics (they were divided by 3 again).
+    start = f"--initial-checkpoint {tmp_path / 'run' / 'last.pth.tar'} --model-kwargs mlp_ratio=2"
+    assert run_cli("train", f"{data_root} {TINY} -b 4 --epochs 1 {flags} {start} -o {tmp_path / 'tuned'}") == 0
+    tuned = read_file(tmp_path / "tuned" / "last.pth.tar")["sequencer_record"]
+    assert (tuned["mean"], tuned["std"]) == (record["mean"], record["std"]) and len(record["mean"]) == 1
     assert load_model(None, tmp_path / "run" / "last.pth.tar", in_chans=1).config.mlp_ratio == 2
     assert ckpt["optimizer"]["param_groups"][0]["nesterov"] is True
 

@@ -1020,11 +1020,11 @@ def set_transforms(data: TrainingData, model: nn.Module, config: TrainConfig) ->
     # Validation resizes with --interpolation, training with --train-interpolation.
     overrides = input_overrides(config, "interpolation")
     channels = image_channels(config.image_mode)
-    if channels != 3:  # the model's statistics are per RGB channel: their mean stands for each other channel
-        rgb = data_config(model, **overrides)
-        overrides["input_size"] = (channels, *rgb["input_size"][1:])
-        overrides["mean"] = config.mean or (sum(rgb["mean"]) / 3,) * channels
-        overrides["std"] = config.std or (sum(rgb["std"]) / 3,) * channels
+    if channels != 3:
+        model_input = data_config(model, **overrides)
+        overrides["input_size"] = (channels, *model_input["input_size"][1:])
+        overrides["mean"] = config.mean or per_channel(model_input["mean"], channels)
+        overrides["std"] = config.std or per_channel(model_input["std"], channels)
     # The loader's dataset: the training split, or its --aug-splits wrapper, which takes timm's three-part transform.
     data.train_loader.dataset.transform = create_transform(
         model,
@@ -1057,6 +1057,12 @@ def set_transforms(data: TrainingData, model: nn.Module, config: TrainConfig) ->
     model.pretrained_cfg.update(ema=False, averaged_from=[])
     if data.train_set.classes:
         model.pretrained_cfg["label_names"] = [str(c) for c in data.train_set.classes]
+
+
+def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """Statistics for `channels` channels: as given when they count that many (a grayscale model's own), else their
+    mean for each (ImageNet's RGB statistics for a grayscale input)."""
+    return tuple(values) if len(values) == channels else (sum(values) / len(values),) * channels
 
 
 def build_state(config: TrainConfig, run_state: RunState, data: TrainingData) -> TrainState:
