@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from sequencer import train as train_module
+from sequencer.average import average_checkpoints
 from sequencer.builder import create_model
-from sequencer.checkpoint import extract_state_dict, read_file, save_weights
+from sequencer.checkpoint import extract_state_dict, read_file, record_of, save_weights, write_weights
+from sequencer.errors import CheckpointError
 from sequencer.train import update_checkpoint_history
 
 TINY_RUN = (
@@ -41,6 +44,17 @@ def epoch_files(folder: Path) -> list[str]:
 def mean_of(paths: list[Path], key: str) -> dict[str, torch.Tensor]:
     dicts = [read_file(p)[key] for p in paths]
     return {k: torch.stack([d[k] for d in dicts]).mean(0) for k in dicts[0]}
+
+
+def test_ema_and_raw_weights_are_never_averaged_together(tmp_path: Path) -> None:
+    model = create_model("sequencer2d_tiny", num_classes=2)
+    write_weights(model.state_dict(), replace(record_of(model), ema=True), tmp_path / "ema.safetensors")
+    save_weights(model, tmp_path / "raw.safetensors")
+    files = [tmp_path / "ema.safetensors", tmp_path / "raw.safetensors"]
+    for use_ema in (True, False):  # in either order: the kind was read from the first file's flag only
+        for order in (files, files[::-1]):
+            with pytest.raises(CheckpointError, match="only some of the weights taken are EMA weights"):
+                average_checkpoints(order, use_ema=use_ema)
 
 
 @pytest.mark.slow

@@ -105,9 +105,10 @@ def average_checkpoints(files: list[Path], use_ema: bool = True) -> tuple[dict[s
     for path in files:
         obj = read_file(path)
         ema = use_ema and has_ema_weights(obj)
-        kinds.add("EMA" if ema else "raw")
         state_dict = from_authors_format(extract_state_dict(obj, use_ema=ema))
         own = replace(read_record(obj, state_dict, ema=ema), averaged_from=())
+        # What was taken, not what was asked: a file of EMA weights alone gives them with --no-use-ema too.
+        kinds.add("EMA" if own.ema else "raw")
         if not reference:
             reference, record = state_dict, own
             total = {k: v.double() if v.is_floating_point() else v.clone() for k, v in state_dict.items()}
@@ -121,7 +122,10 @@ def average_checkpoints(files: list[Path], use_ema: bool = True) -> tuple[dict[s
             if value.is_floating_point():
                 total[key] += value.double()
     if len(kinds) > 1:
-        raise CheckpointError("only some of the checkpoints hold EMA weights; --no-use-ema averages the raw ones")
+        raise CheckpointError(
+            "only some of the weights taken are EMA weights (--no-use-ema takes the raw ones of training checkpoints; "
+            "a file of EMA weights alone has no others): average weights of one kind"
+        )
     # Integer buffers (counters) are not averaged: the first (best) checkpoint's are kept.
     mean = {k: (v / len(files)).to(reference[k].dtype) if v.is_floating_point() else v for k, v in total.items()}
     return mean, replace(record, averaged_from=tuple(str(path) for path in files) if len(files) > 1 else ())
