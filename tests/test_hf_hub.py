@@ -157,6 +157,22 @@ def test_pretrained_true_uses_the_hub_first_then_the_release_url(
     assert fetched == [url, url]
 
 
+def test_two_urls_of_the_same_file_name_are_two_cached_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    fetched: list[str] = []
+
+    def download(address: str, destination: str, **kwargs) -> None:
+        fetched.append(address)
+        Path(destination).write_text(address)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    first, second = (f"https://example.invalid/{run}/model_best.pth.tar" for run in ("run-a", "run-b"))
+    for url in (first, second, first, second):
+        path = Path(hub.fetch(url))
+        assert path.read_text() == url and path.name.endswith("model_best.pth.tar")
+    assert fetched == [first, second]  # each downloaded once, then its own file reused
+
+
 @pytest.fixture
 def hanging_up_server() -> Iterator[tuple[str, list[int]]]:
     """http://127.0.0.1:PORT, where every request is read and its connection closed unanswered; the count of them.

@@ -7,6 +7,7 @@ huggingface_hub's cache (HF_HOME, HF_HUB_CACHE), which later loads read from, al
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import warnings
@@ -183,7 +184,9 @@ def _download_url(url: str) -> str:
     """The file at `url`, kept where torch.hub keeps downloaded checkpoints (so earlier downloads are reused)."""
     import torch.hub
 
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    # Keyed on the whole URL: two runs' model_best.pth.tar share a name, not their weights.
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / f"{digest}-{Path(urlparse(url).path).name}"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         # torch.hub writes to a temporary file and renames it, so an interrupted download leaves no partial file.
