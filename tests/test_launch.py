@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import pytest
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.elastic.rendezvous.api import RendezvousClosedError, RendezvousTimeoutError
 
 from sequencer import launch
+
+
+@pytest.fixture(autouse=True)
+def own_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """main sets the store switch in this process's environment: unset during each test and restored after it."""
+    # setenv records the value to restore (delenv of an unset variable records nothing, leaving main's value behind).
+    monkeypatch.setenv(launch.SHARED_STORE_SWITCH, "")
+    monkeypatch.delenv(launch.SHARED_STORE_SWITCH)
+
 
 FLAGS = ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "host:29400", "-m", "sequencer", "train"]
 
@@ -52,3 +62,29 @@ def test_other_failures_keep_torchruns_error(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(launch, "run", worker_failed)
     with pytest.raises(RuntimeError, match="a worker failed"):
         launch.main(FLAGS)
+
+
+def failed(*exitcodes: int) -> ChildFailedError:
+    """torchrun's error for workers of ranks 0, 1 ... ending with `exitcodes` (no error files)."""
+    failures = {rank: ProcessFailure(rank, 1000 + rank, code, "<N/A>") for rank, code in enumerate(exitcodes)}
+    return ChildFailedError("sequencer", failures)
+
+
+@pytest.mark.parametrize(
+    ("exitcodes", "code", "line"),
+    [
+        ((2,), 2, ""),  # refused: the worker printed its one line, and torchrun's traceback would follow it
+        ((2, 2), 2, ""),
+        ((2, 1), 1, "sequencer-run: error: worker rank 0 exited with code 2, rank 1 exited with code 1\n"),
+        ((-9,), 1, "sequencer-run: error: worker rank 0 was killed by SIGKILL\n"),
+    ],
+)
+def test_failed_workers_end_in_their_exit_code_without_torchruns_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, exitcodes: tuple[int, ...], code: int, line: str
+) -> None:
+    def fail(args):
+        raise failed(*exitcodes)
+
+    monkeypatch.setattr(launch, "run", fail)
+    assert launch.main(FLAGS) == code
+    assert capsys.readouterr().err == line

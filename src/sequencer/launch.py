@@ -16,18 +16,28 @@ from __future__ import annotations
 import os
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import get_args_parser, run
 
 SHARED_STORE_SWITCH = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+# The exit code of a command that refused its input (`sequencer.errors.UsageError`), after its one line.
+REFUSED = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run torchrun with `argv`; a rendezvous that fails becomes one line on stderr and exit code 2."""
+    """Run torchrun with `argv`; a rendezvous that fails becomes one line on stderr and exit code 2, and workers that
+    fail end it in their exit code without torchrun's traceback."""
     args = get_args_parser().parse_args(argv)
     os.environ.setdefault(SHARED_STORE_SWITCH, "1")
     try:
         run(args)
+    except ChildFailedError as error:
+        failures = sorted(error.failures.items())
+        if all(failure.exitcode == REFUSED for _, failure in failures):
+            return REFUSED  # each worker printed why (rank 0 only, in our commands); torchrun's traceback adds nothing
+        print(f"sequencer-run: error: {_failed_workers(failures)}", file=sys.stderr)
+        return 1
     except RendezvousError as error:
         timeout = next((item for item in args.rdzv_conf.split(",") if item.startswith("join_timeout=")), "")
         waited = f"within {timeout.partition('=')[2]} s" if timeout else "within the join timeout"
@@ -37,8 +47,19 @@ def main(argv: list[str] | None = None) -> int:
             f"--rdzv-endpoint and --nnodes ({type(error).__name__})",
             file=sys.stderr,
         )
-        return 2
+        return REFUSED
     return 0
+
+
+def _failed_workers(failures: list[tuple[int, ProcessFailure]]) -> str:
+    """'worker rank 0 exited with code 1, rank 3 was killed by SIGKILL': how each failed worker ended."""
+    ends = [
+        f"rank {rank} was killed by {failure.signal_name()}"
+        if failure.exitcode < 0
+        else f"rank {rank} exited with code {failure.exitcode}"
+        for rank, failure in failures
+    ]
+    return "worker " + ", ".join(ends)
 
 
 if __name__ == "__main__":
