@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import urllib.error
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from sequencer.builder import open_source
 from sequencer.errors import CheckpointError
 
 REPO = "timm/sequencer2d_tiny.in1k"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # conftest.write_hub_cache's
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -41,6 +44,56 @@ def test_hf_hub_weights_load_from_the_cache_offline(fill_hub_cache, tiny_model, 
     # --checkpoint takes the same path: the builder fetches the spec (the cached file) and checkpoint reads that.
     assert hub.fetch(f"hf-hub:{REPO}").startswith(str(offline_cache))
     assert open_source(f"hf-hub:{REPO}").state_dict.keys() == reference.state_dict().keys()
+
+
+# timm's config.json (save_for_hf) of a 3-class repo whose weights carry no record of ours.
+TIMM_CONFIG = {
+    "architecture": "sequencer2d_tiny",
+    "num_classes": 3,
+    "pretrained_cfg": {
+        "input_size": [3, 48, 48],
+        "crop_pct": 0.95,
+        "interpolation": "bilinear",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+    },
+    "label_names": ["cat", "dog", "fox"],
+}
+
+
+def test_a_repos_config_json_is_read_as_a_local_dir_of_the_same_files_reads_it(
+    fill_hub_cache, tiny_model, offline_cache: Path
+) -> None:
+    fill_hub_cache(offline_cache, "someone/tiny-timm", "model.safetensors", tiny_model(3).state_dict())
+    snapshot = next(offline_cache.rglob("model.safetensors")).parent
+    (snapshot / "config.json").write_text(json.dumps(TIMM_CONFIG))
+    remote = open_source("hf-hub:someone/tiny-timm").record
+    assert remote == open_source(f"local-dir:{snapshot}").record
+    assert (remote.model_name, remote.class_names, remote.mean, remote.crop_pct, remote.interpolation) == (
+        "sequencer2d_tiny",
+        ("cat", "dog", "fox"),
+        (0.5, 0.5, 0.5),
+        0.95,
+        "bilinear",
+    )
+    built = sequencer.create_model("sequencer2d_tiny", num_classes=3, pretrained="hf-hub:someone/tiny-timm")
+    assert built.pretrained_cfg["std"] == (0.25, 0.25, 0.25) and built.pretrained_cfg["label_names"][2] == "fox"
+
+
+def test_weights_cached_without_the_repos_config_json_load_with_a_warning(
+    fill_hub_cache, tiny_model, offline_cache: Path
+) -> None:
+    fill_hub_cache(offline_cache, "someone/tiny-weights-only", "model.safetensors", tiny_model(3).state_dict())
+    # Offline, the cache cannot say whether the repo has a config.json: the weights alone, with a warning.
+    with pytest.warns(UserWarning, match="config.json of someone/tiny-weights-only is not in the cache, and the Hub"):
+        assert open_source("hf-hub:someone/tiny-weights-only").record.mean is None
+    # The marker huggingface_hub leaves when the Hub said the repo has none: no warning.
+    marker = offline_cache / "models--someone--tiny-weights-only" / ".no_exist" / COMMIT / "config.json"
+    marker.parent.mkdir(parents=True)
+    marker.touch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_source("hf-hub:someone/tiny-weights-only").record.mean is None
 
 
 def test_pytorch_model_bin_is_the_fallback(fill_hub_cache, tiny_model, offline_cache: Path) -> None:
@@ -102,6 +155,22 @@ def test_pretrained_true_uses_the_hub_first_then_the_release_url(
     fill_hub_cache(offline_cache, REPO, "model.safetensors", on_hub.state_dict())
     assert_same_weights(sequencer.create_model("sequencer2d_tiny", pretrained=True), on_hub)
     assert fetched == [url, url]
+
+
+def test_two_urls_of_the_same_file_name_are_two_cached_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    fetched: list[str] = []
+
+    def download(address: str, destination: str, **kwargs) -> None:
+        fetched.append(address)
+        Path(destination).write_text(address)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    first, second = (f"https://example.invalid/{run}/model_best.pth.tar" for run in ("run-a", "run-b"))
+    for url in (first, second, first, second):
+        path = Path(hub.fetch(url))
+        assert path.read_text() == url and path.name.endswith("model_best.pth.tar")
+    assert fetched == [first, second]  # each downloaded once, then its own file reused
 
 
 @pytest.fixture

@@ -61,16 +61,26 @@ def process_group(device_name: str | None = None) -> Iterator[DistributedContext
 
 
 def check_restartable() -> None:
-    """Refuse a torchrun launch with --max-restarts whose agent shares its rendezvous store with the workers.
+    """Refuse a torchrun launch with --max-restarts whose agent shares its rendezvous store with the workers (the
+    static rendezvous always does; c10d unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1).
 
     A restarted group would read the addresses the group before it left in that store and fail or hang while
     connecting (seen here with gloo in 3 of 4 restarts; NCCL: pytorch/pytorch#135712)."""
     shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    if shared and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+    if not shared or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) <= 0:
+        return
+    problem = (
+        "torchrun --max-restarts shares its rendezvous store with the workers, and a restarted group would read the "
+        "addresses of the one before"
+    )
+    c10d = "--standalone (one node) or --rdzv-backend c10d --rdzv-endpoint HOST:PORT"
+    # c10d honours the switch; the static rendezvous (torchrun's default backend) shares its store whatever it says.
+    if os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1":
         raise UsageError(
-            "torchrun --max-restarts shares its rendezvous store with the workers, and a restarted group would read "
-            "the addresses of the one before: launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment"
+            f"{problem}: its static rendezvous shares it whatever TORCH_DISABLE_SHARE_RDZV_TCP_STORE says; "
+            f"launch it with {c10d}"
         )
+    raise UsageError(f"{problem}: launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment and {c10d}")
 
 
 def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:

@@ -7,12 +7,14 @@ huggingface_hub's cache (HF_HOME, HF_HUB_CACHE), which later loads read from, al
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from sequencer.checkpoint import WEIGHT_FILES
+from sequencer.checkpoint import HUB_CONFIG, WEIGHT_FILES
 from sequencer.errors import CheckpointError, MissingDependencyError, UsageError
 
 _logger = logging.getLogger(__name__)
@@ -37,7 +39,8 @@ def fetch(source: str) -> str:
 
 
 def download(spec: str) -> str:
-    """The local file of `hf-hub:ORG/REPO[@REVISION]`'s weights (model.safetensors, else pytorch_model.bin)."""
+    """The local copy of `hf-hub:ORG/REPO[@REVISION]`'s weights (model.safetensors, else pytorch_model.bin): the
+    snapshot folder, read as a local-dir: is, when the repo's config.json came too, else the weights file."""
     try:
         from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
@@ -54,9 +57,13 @@ def download(spec: str) -> str:
     problems = []
     for filename in WEIGHT_FILES:
         try:
-            return hf_hub_download(repo_id, filename, revision=revision or None, local_files_only=bool(unreachable))
+            weights = hf_hub_download(repo_id, filename, revision=revision or None, local_files_only=bool(unreachable))
         except (OSError, ValueError, EntryNotFoundError) as error:
             problems.append(f"{filename}: {_first_line(error)}")
+            continue
+        # timm's repos keep the input (mean, std, crop ...) and class names in config.json, not in the weights.
+        config = _repo_config(spec, repo_id, revision or None, local_only=bool(unreachable))
+        return str(Path(config).parent) if config and Path(config).parent == Path(weights).parent else weights
     if unreachable:
         raise CheckpointError(
             f"could not get {spec}: the Hugging Face Hub at {constants.ENDPOINT} cannot be reached ({unreachable}) "
@@ -67,6 +74,32 @@ def download(spec: str) -> str:
         f"could not get {spec} from the Hugging Face Hub or its cache {constants.HF_HUB_CACHE}{offline}: "
         f"{'; '.join(problems)}"
     )
+
+
+def _repo_config(spec: str, repo_id: str, revision: str | None, local_only: bool) -> str | None:
+    """The local file of the repo's config.json (downloaded unless `local_only`), None where the repo has none; None
+    with a warning where the cache lacks it and the Hub cannot be asked whether the repo has one."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(repo_id, HUB_CONFIG, revision=revision, local_files_only=local_only)
+    except LocalEntryNotFoundError:
+        # Not cached as a file; the marker huggingface_hub leaves once the Hub said the repo has none is not None.
+        if try_to_load_from_cache(repo_id, HUB_CONFIG, revision=revision) is not None:
+            return None
+    except EntryNotFoundError:  # the Hub says the repo has none
+        return None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"could not get {spec}'s {HUB_CONFIG}: {_first_line(error)}") from None
+    warnings.warn(
+        f"{HUB_CONFIG} of {repo_id} is not in the cache, and the Hub, offline or unreachable, cannot say whether the "
+        "repo has one: its weights are read without it, so their input (mean, std, crop) and class names are those "
+        f"the weights file records, else the defaults; fetch it once online (hf download {repo_id} {HUB_CONFIG})",
+        UserWarning,
+        stacklevel=2,
+    )
+    return None
 
 
 def _why_unreachable(endpoint: str, timeout: float) -> str | None:
@@ -151,7 +184,9 @@ def _download_url(url: str) -> str:
     """The file at `url`, kept where torch.hub keeps downloaded checkpoints (so earlier downloads are reused)."""
     import torch.hub
 
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    # Keyed on the whole URL: two runs' model_best.pth.tar share a name, not their weights.
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / f"{digest}-{Path(urlparse(url).path).name}"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         # torch.hub writes to a temporary file and renames it, so an interrupted download leaves no partial file.

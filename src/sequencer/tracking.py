@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sequencer.errors import MissingDependencyError, UsageError
+from sequencer.files import atomic_write
 
 # The trainer's flags (dests) that `check_tracking` and `RunTracker.open` take, by name.
 TRACKING_OPTIONS = ("log_wandb", "wandb_project", "wandb_tags", "wandb_resume_id", "log_tensorboard")
@@ -86,7 +87,9 @@ class RunTracker:
                 # timm's "must" for a named run (a wrong id fails at the start); "allow" for the folder's own run.
                 resume="must" if wandb_resume_id else "allow" if run_id else None,
             )
-            id_file.write_text(f"{wandb_run.id}\n")
+            # Whole or not at all: a crash while writing must not leave an empty id, which starts a new run on resume.
+            with atomic_write(id_file) as f:
+                f.write(f"{wandb_run.id}\n".encode())
         if log_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
