@@ -298,7 +298,7 @@ def test_val_interval_recovery_and_the_flags_that_cannot_matter(
 
 
 def test_class_map_grayscale_input_and_model_and_optimizer_kwargs(
-    run_cli, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    run_cli, assert_refused, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / "map.txt").write_text("class_2\nclass_0\n")
     flags = (
@@ -316,12 +316,22 @@ def test_class_map_grayscale_input_and_model_and_optimizer_kwargs(
     assert hidden == 2 * channels  # --model-kwargs mlp_ratio=2, not the variant's 3
     assert record["model_args"] == {"mlp_ratio": 2}  # so readers build that architecture
     # Fine-tuned from it, the one-channel model keeps its own statistics (they were divided by 3 again).
-    start = f"--initial-checkpoint {tmp_path / 'run' / 'last.pth.tar'} --model-kwargs mlp_ratio=2"
+    start = f"--initial-checkpoint {tmp_path / 'run' / 'last.pth.tar'}"
     assert run_cli("train", f"{data_root} {TINY} -b 4 --epochs 1 {flags} {start} -o {tmp_path / 'tuned'}") == 0
     tuned = read_file(tmp_path / "tuned" / "last.pth.tar")["sequencer_record"]
     assert (tuned["mean"], tuned["std"]) == (record["mean"], record["std"]) and len(record["mean"]) == 1
     assert load_model(None, tmp_path / "run" / "last.pth.tar", in_chans=1).config.mlp_ratio == 2
     assert ckpt["optimizer"]["param_groups"][0]["nesterov"] is True
+    # Resumed on the classes in another order, its head would be recorded as classes it never learned: refused.
+    (tmp_path / "other.txt").write_text("class_0\nclass_2\n")
+    other = flags.replace(str(tmp_path / "map.txt"), str(tmp_path / "other.txt"))
+    resume = f"--resume {tmp_path / 'run' / 'last.pth.tar'} --epochs 2 -o {tmp_path / 'run'}"
+    assert_refused(
+        "train",
+        f"{data_root} {TINY} -b 4 {other} {resume}",
+        match="that run's classes are class_2, class_0, this data's class_0, class_2",
+        unchanged=tmp_path / "run",
+    )
 
 
 def test_a_run_started_from_averaged_ema_weights_records_its_own_weights(

@@ -367,6 +367,11 @@ def read_resumed(config: TrainConfig) -> dict[str, Any]:
     return ckpt
 
 
+def _names(names: list[str], shown: int = 4) -> str:
+    """The first class names, in order."""
+    return ", ".join(names[:shown]) + (f" ... ({len(names)})" if len(names) > shown else "")
+
+
 def _shown(value: Any) -> str:
     if value is None:
         return "unset (the default)"
@@ -385,6 +390,14 @@ def restore(state: TrainState, ckpt: dict[str, Any], path: str, restore_optimize
         raise CheckpointError(
             f"{path} is a run of {trained[0]} with {trained[1]} classes; this run is {model.model_name} with "
             f"{model.num_classes} classes: resume with the flags of that run, or start from its weights with "
+            "--initial-checkpoint"
+        )
+    saved_names = [str(name) for name in ckpt.get("class_names") or []]
+    if saved_names and state.class_names and saved_names != state.class_names:
+        # The head's rows are that run's classes: read as others, the record would mislabel every one of them.
+        raise UsageError(
+            f"--resume {path}: that run's classes are {_names(saved_names)}, this data's {_names(state.class_names)} "
+            "(another --class-map or dataset): resume on that run's classes, or start from its weights with "
             "--initial-checkpoint"
         )
     try:
