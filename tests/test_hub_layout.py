@@ -177,6 +177,24 @@ def test_a_folder_timm_wrote_reads_its_config(tiny_model, tmp_path: Path, legacy
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
+def test_a_folder_timm_wrote_with_model_args_builds_that_architecture(tmp_path: Path) -> None:
+    """timm's save_for_hf of its sequencer2d_s built smaller (model_args, one input channel): read as that model."""
+    torch.manual_seed(0)
+    model = sequencer.create_model("sequencer2d_tiny", num_classes=3, in_chans=1, mlp_ratio=2.0).eval()
+    torch.nn.init.normal_(model.head.fc.weight, std=0.5)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    args = {"layers": [1, 1, 2, 1], "patch_sizes": [4, 2, 1, 1], "embed_dims": [64, 128, 128, 128],
+            "hidden_sizes": [16, 32, 32, 32], "mlp_ratios": [2.0] * 4, "in_chans": 1, "with_fc": True}  # fmt: skip
+    cfg = {"input_size": [3, 224, 224], "num_classes": 3}  # timm's pretrained_cfg keeps the 3-channel default
+    config = {"architecture": "sequencer2d_s", "num_classes": 3, "model_args": args, "pretrained_cfg": cfg}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_model(None, tmp_path, in_chans=1)
+    assert record_of(loaded).input_size == (1, 224, 224)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 def test_a_folder_without_the_layout_is_one_line(tmp_path: Path, data: Path, assert_refused, source) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

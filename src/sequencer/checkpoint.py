@@ -88,6 +88,12 @@ def _read_hub_folder(folder: Path, unsafe_load: bool) -> dict[str, Any]:
         "class_names": names if isinstance(names, list) else None,
         **{key: cfg[key] for key in RECORD_INPUT_KEYS if cfg.get(key) is not None},
     }
+    timm_args = config.get("model_args")
+    if isinstance(timm_args, dict) and isinstance(record["model_name"], str):
+        record["model_args"] = model_args_from_timm(record["model_name"], timm_args)
+        if isinstance(channels := timm_args.get("in_chans"), int) and record.get("input_size"):
+            # timm keeps its pretrained_cfg's 3-channel input_size whatever in_chans the model was built with.
+            record["input_size"] = [channels, *record["input_size"][1:]]
     return {"state_dict": extract_state_dict(contents), RECORD_KEY: record}
 
 
@@ -256,6 +262,11 @@ class WeightsRecord:
 NOT_MODEL_ARGS = ("num_classes", "in_chans", "drop_rate", "drop_path_rate")
 
 
+def _as_plain(value: Any) -> Any:
+    """Lists for tuples: what torch, JSON and YAML all store as it is."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def model_args_of(model: nn.Module) -> dict[str, Any]:
     """How a built model's architecture differs from its registered variant's, as plain data (lists, not tuples)."""
     config, name = getattr(model, "config", None), getattr(model, "model_name", None)
@@ -263,7 +274,21 @@ def model_args_of(model: nn.Module) -> dict[str, Any]:
     if config is None or variant is None:
         return {}
     changed = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in NOT_MODEL_ARGS}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in changed.items() if v != getattr(variant, k)}
+    return {k: _as_plain(v) for k, v in changed.items() if v != getattr(variant, k)}
+
+
+def model_args_from_timm(architecture: str, timm_args: dict[str, Any]) -> dict[str, Any]:
+    """timm's `model_args` for its Sequencer2d (config.json) as our architecture changes to the variant it names:
+    the fields of the same name, and `mlp_ratios` as our `mlp_ratio` when one ratio serves every stage."""
+    variant = VARIANTS.get(ALIASES.get(architecture, architecture))
+    if variant is None:
+        return {}
+    args = {key: value for key, value in timm_args.items() if hasattr(variant, key) and key not in NOT_MODEL_ARGS}
+    ratios = timm_args.get("mlp_ratios")
+    if isinstance(ratios, list | tuple) and len(set(ratios)) == 1:
+        args["mlp_ratio"] = ratios[0]
+    plain = {key: _as_plain(value) for key, value in args.items()}
+    return {key: value for key, value in plain.items() if value != _as_plain(getattr(variant, key))}
 
 
 def record_of(model: nn.Module) -> WeightsRecord:
