@@ -183,8 +183,18 @@ def test_a_folder_timm_wrote_with_model_args_builds_that_architecture(tmp_path: 
     model = sequencer.create_model("sequencer2d_tiny", num_classes=3, in_chans=1, mlp_ratio=2.0).eval()
     torch.nn.init.normal_(model.head.fc.weight, std=0.5)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
-    args = {"layers": [1, 1, 2, 1], "patch_sizes": [4, 2, 1, 1], "embed_dims": [64, 128, 128, 128],
-            "hidden_sizes": [16, 32, 32, 32], "mlp_ratios": [2.0] * 4, "in_chans": 1, "with_fc": True}  # fmt: skip
+    args = {
+        "layers": [1, 1, 2, 1],
+        "patch_sizes": [4, 2, 1, 1],
+        "embed_dims": [64, 128, 128, 128],
+        "hidden_sizes": [16, 32, 32, 32],
+        "mlp_ratios": [2.0] * 4,
+        "in_chans": 1,
+        "with_fc": True,
+        "num_classes": 3,
+        "global_pool": "avg",
+        "img_size": [224, 224],
+    }  # fmt: skip (newer timm writes the last)
     cfg = {"input_size": [3, 224, 224], "num_classes": 3}  # timm's pretrained_cfg keeps the 3-channel default
     config = {"architecture": "sequencer2d_s", "num_classes": 3, "model_args": args, "pretrained_cfg": cfg}
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -283,7 +283,9 @@ def model_args_from_timm(architecture: str, timm_args: dict[str, Any]) -> dict[s
     variant = VARIANTS.get(ALIASES.get(architecture, architecture))
     if variant is None:
         return {}
-    args = {key: value for key, value in timm_args.items() if hasattr(variant, key) and key not in NOT_MODEL_ARGS}
+    # timm's img_size (a pair, newer timm writes it) shapes nothing in its port: the input is pretrained_cfg's.
+    skipped = (*NOT_MODEL_ARGS, "img_size")
+    args = {key: value for key, value in timm_args.items() if hasattr(variant, key) and key not in skipped}
     ratios = timm_args.get("mlp_ratios")
     if isinstance(ratios, list | tuple) and len(set(ratios)) == 1:
         args["mlp_ratio"] = ratios[0]
