@@ -111,7 +111,7 @@ TINY = "--model sequencer2d_tiny -j 0 --device cpu"
         ("predict {data}/val --topk 0 " + TINY, "argument --topk: 0 is out of range"),
         ("validate {data} --crop-pct 1.5 " + TINY, "argument --crop-pct: 1.5 is out of range: it must be > 0 and <= 1"),
         ("validate {data} --std 0.2 0 0.2 " + TINY, "argument --std: 0 is out of range: it must be > 0"),
-        ("validate {data} --in-chans 1 " + TINY, "the input has 1 channels (--in-chans / --input-size) but images"),
+        ("validate {data} --in-chans 1 --input-img-mode RGB " + TINY, "the input has 1 channels (--in-chans / --input"),
         ("validate {data} --input-size 1 32 32 " + TINY, "the input has 1 channels (--in-chans / --input-size)"),
         ("predict {data}/val --input-size 3 32 4 " + TINY, "input 32x4 is smaller than the 8x8"),
         ("validate {data} --threads 0 " + TINY, "argument --threads: 0 is out of range: it must be >= 1"),

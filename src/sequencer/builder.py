@@ -71,7 +71,7 @@ def create_model(
     pretrained: str | os.PathLike | bool | None = None,
     num_classes: int | None = None,
     drop_path_rate: float = 0.0,
-    in_chans: int = 3,
+    in_chans: int | None = None,
     features_only: bool = False,
     out_indices: int | Sequence[int] = (0, 1, 2, 3),
     unsafe_load: bool = False,
@@ -83,7 +83,8 @@ def create_model(
     """Build a registered variant, optionally with weights (a file, an hf-hub:ORG/REPO, or True for the released);
     `name` local-dir:DIR builds the variant a folder in the Hub layout holds, with its weights and record.
 
-    `num_classes` defaults to 1000, or to the folder's head (another count re-initialises the head, as in timm).
+    `num_classes` defaults to 1000, or to the folder's head (another count re-initialises the head, as in timm);
+    `in_chans` to 3, or to the channels the folder's weights take (another count is refused).
     `overrides` replace fields of the variant's `SequencerConfig` (`img_size=392`, `drop_rate=0.1`); any other
     keyword is a TypeError, as in timm's factory. The parameters are made on `device` (the "meta" device too) and
     then cast to `dtype`. The mixers run on `rnn_impl` (see `sequencer.model.route`). A pickled checkpoint that
@@ -98,8 +99,10 @@ def create_model(
             raise UsageError(f"{name} names its weights; drop pretrained={pretrained!r}")
         name, folder = resolve_source(None, name, unsafe_load=unsafe_load)
         num_classes = folder.record.num_classes if num_classes is None else num_classes
+        in_chans = input_channels(in_chans, folder)
         overrides = {**recorded_model_args(name, folder), **overrides}
     num_classes = 1000 if num_classes is None else num_classes
+    in_chans = 3 if in_chans is None else in_chans
     variant = resolve_model_name(name)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = build(name, variant, num_classes, in_chans, rnn_impl, drop_path_rate=drop_path_rate, **overrides)
@@ -159,18 +162,37 @@ def resolve_source(
     return name or (recorded if recorded and is_registered(recorded) else DEFAULT_MODEL), checkpoint
 
 
+def recorded_channels(checkpoint: Checkpoint) -> int | None:
+    """The input channels a checkpoint's weights take: as its record says, else as its stem's weight shows."""
+    if checkpoint.record.input_size:
+        return int(checkpoint.record.input_size[0])
+    stem = checkpoint.state_dict.get("stem.proj.weight")  # files without a record: the authors', timm's
+    return int(stem.shape[1]) if stem is not None and stem.dim() == 4 else None
+
+
+def input_channels(in_chans: int | None, checkpoint: Checkpoint | None) -> int:
+    """The input channels to build a model with: `in_chans`, else those the checkpoint's weights take, else 3; a
+    `CheckpointError` when `in_chans` contradicts the checkpoint (its stem would not load)."""
+    recorded = recorded_channels(checkpoint) if checkpoint else None
+    if in_chans is not None and recorded is not None and in_chans != recorded:
+        raise CheckpointError(
+            f"{checkpoint.path} takes {recorded} input channel(s) but {in_chans} were asked for (--in-chans)"
+        )
+    return in_chans if in_chans is not None else recorded or 3
+
+
 def load_model(
     name: str | None,
     checkpoint: str | os.PathLike | Checkpoint | None = None,
     num_classes: int | None = None,
-    in_chans: int = 3,
+    in_chans: int | None = None,
     use_ema: bool = False,
     unsafe_load: bool = False,
 ) -> nn.Module:
     """A variant in eval mode with a checkpoint's weights (a source `open_source` takes, or one it opened), for
     inference: `num_classes` defaults to the file's head, whose size must then match (loading would otherwise
-    re-initialise it), and its record (class names, trained input) is kept. `name` None: the variant the checkpoint
-    records (`resolve_source`)."""
+    re-initialise it), `in_chans` to the channels its weights take (`input_channels`), and its record (class names,
+    trained input) is kept. `name` None: the variant the checkpoint records (`resolve_source`)."""
     name, checkpoint = resolve_source(name, checkpoint, use_ema, unsafe_load)
     variant = resolve_model_name(name)
     if not checkpoint:
@@ -180,7 +202,7 @@ def load_model(
             UserWarning,
             stacklevel=2,
         )
-        return build(name, variant, num_classes or 1000, in_chans, "auto").eval()
+        return build(name, variant, num_classes or 1000, 3 if in_chans is None else in_chans, "auto").eval()
     file_classes = checkpoint.record.num_classes
     if num_classes is None:
         num_classes = file_classes or 1000
@@ -188,6 +210,7 @@ def load_model(
         raise CheckpointError(
             f"{checkpoint.path} has a {file_classes}-class head but {num_classes} classes were asked for"
         )
+    in_chans = input_channels(in_chans, checkpoint)
     model = build(name, variant, num_classes, in_chans, "auto", **recorded_model_args(name, checkpoint))
     load_checkpoint(model, checkpoint)
     return model.eval()

@@ -258,9 +258,12 @@ class ModelSource(FlagFields):
 
 @dataclass(frozen=True)
 class RecordedModelSource(ModelSource):
-    """`ModelSource` of the commands that load one checkpoint: --model defaults to the one it records."""
+    """`ModelSource` of the commands that load one checkpoint: --model and --in-chans default to what it records."""
 
     model: str | None = MODEL.option("--model", help=RECORDED_MODEL_HELP)
+    in_chans: int | None = MODEL.option(
+        "--in-chans", type=POSITIVE_INT, help="input channels (default: those the --checkpoint records, else 3)"
+    )
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,21 @@ class InputOverrides(FlagFields):
         default="",
         choices=INTERPOLATIONS,
         help="resize interpolation (default: the model's, bicubic)",
+    )
+
+
+def image_mode(channels: int, input_img_mode: str | None = None) -> str:
+    """The PIL mode images are read in: `input_img_mode`, else timm's for the input's channels (RGB for 3, else L)."""
+    return input_img_mode or ("RGB" if channels == 3 else "L")
+
+
+@dataclass(frozen=True)
+class ImageInputOverrides(InputOverrides):
+    """`InputOverrides` of the commands that read image files, and --input-img-mode, the mode they are read in."""
+
+    input_img_mode: str | None = INPUT.option(
+        "--input-img-mode",
+        help="PIL mode images are read in (default: RGB for 3 input channels, else L), e.g. L with --in-chans 1",
     )
 
 

@@ -326,7 +326,7 @@ def export(
     *,
     checkpoint: str | Path | None = None,
     num_classes: int | None = None,
-    in_chans: int = 3,
+    in_chans: int | None = None,
     use_ema: bool = False,
     unsafe_load: bool = False,
     dynamic_batch: bool = True,

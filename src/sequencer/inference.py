@@ -28,8 +28,8 @@ from sequencer import deploy, recurrence
 from sequencer import model as model_module
 from sequencer.builder import load_model, resolve_model_name
 from sequencer.choices import EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
-from sequencer.config import flag_values, input_overrides
-from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config
+from sequencer.config import flag_values, image_mode, input_overrides
+from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config, image_channels
 from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages
 from sequencer.errors import CheckpointError, DatasetError, UsageError
 from sequencer.files import atomic_path
@@ -136,11 +136,13 @@ def find_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
 
 
 class ImageFiles(Dataset):
-    """Image files through a transform; a file that cannot be decoded yields its error instead of a tensor."""
+    """Image files read in PIL mode `mode` through a transform; a file that cannot be decoded yields its error instead
+    of a tensor."""
 
-    def __init__(self, files: Sequence[Path], transform: Any) -> None:
+    def __init__(self, files: Sequence[Path], transform: Any, mode: str = "RGB") -> None:
         self.files = list(files)
         self.transform = transform
+        self.mode = mode
 
     def __len__(self) -> int:
         return len(self.files)
@@ -148,7 +150,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
             with Image.open(self.files[index]) as image:
-                return index, self.transform(image.convert("RGB")), None
+                return index, self.transform(image.convert(self.mode)), None
         # What PIL raises for missing, truncated, non-image or oversized files: reported with the results, not fatal.
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             return index, None, f"{type(error).__name__}: {error}"
@@ -287,21 +289,26 @@ def onnx_classifier(
     exported: OnnxModel,
     model_name: str | None,
     num_classes: int | None,
-    in_chans: int,
+    in_chans: int | None,
     transform_overrides: dict[str, Any],
+    input_img_mode: str | None = None,
 ) -> Classifier:
-    """An exported file in onnxruntime; a --model, --num-classes, --in-chans or input size that contradicts the file
-    is refused (its graph is fixed to the size it was exported at)."""
+    """An exported file in onnxruntime; a --model, --num-classes, --in-chans, --input-img-mode or input size that
+    contradicts the file is refused (its graph is fixed to the size it was exported at)."""
     config = exported.config
     if model_name and resolve_model_name(model_name) != config.get("model_name"):  # an alias or name.tag is the same
         raise UsageError(f"{exported.path} holds {config.get('model_name')}, not --model {model_name}")
     if num_classes is not None and num_classes != exported.num_classes:
         raise UsageError(f"{exported.path} has {exported.num_classes} classes, not --num-classes {num_classes}")
     channels = config["input_size"][0]
-    if in_chans != channels:
+    if in_chans is not None and in_chans != channels:
         raise UsageError(f"{exported.path} takes {channels} input channels, not --in-chans {in_chans}")
-    if channels != 3:
-        raise UsageError(f"{exported.path} takes {channels}-channel inputs but images are read as RGB, 3 channels")
+    mode = image_mode(channels, input_img_mode)
+    if image_channels(mode) != channels:
+        raise UsageError(
+            f"{exported.path} takes {channels}-channel inputs but images are read as {mode}, "
+            f"{image_channels(mode)} channel(s) (--input-img-mode)"
+        )
     exported_size = list(config["input_size"])
     asked_size = list(data_config(config, **transform_overrides)["input_size"])
     if asked_size != exported_size:
@@ -322,7 +329,8 @@ def predict(
     topk: int = 5,
     class_map: str | Path | Sequence[str] | None = None,
     num_classes: int | None = None,
-    in_chans: int = 3,
+    in_chans: int | None = None,
+    input_img_mode: str | None = None,
     use_ema: bool = False,
     batch_size: int = 32,
     workers: int = 0,
@@ -344,6 +352,8 @@ def predict(
     makes that export only for EXPORT_PAYS_OFF_AT images or more and falls back to torch when it fails. `progress`
     shows the progress and the export on stderr.
     `threads` sets onnxruntime's intra-op threads (torch's are the process's: `torch.set_num_threads`).
+    `in_chans` defaults to the channels the checkpoint records, and `input_img_mode`, the PIL mode images are read
+    in, to the mode of the model's channels (RGB for 3, else L).
     `transform_overrides` (img_size, crop_pct, mean, ...) adjust the model's preprocessing.
     """
     if topk < 1:
@@ -366,11 +376,13 @@ def predict(
     if is_onnx_file(checkpoint):
         if use_ema:
             raise UsageError("--use-ema picks weights inside a training checkpoint; an .onnx file holds one set")
-        classifier = onnx_classifier(load_onnx(checkpoint, threads), model, num_classes, in_chans, transform_overrides)
+        exported = load_onnx(checkpoint, threads)
+        classifier = onnx_classifier(exported, model, num_classes, in_chans, transform_overrides, input_img_mode)
     else:
         if model is None or isinstance(model, str):
             model = load_model(model, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
-        check_image_input_fits(model, data_config(model, **transform_overrides)["input_size"])
+        mode = image_mode(data_config(model)["input_size"][0], input_img_mode)  # the model's own channels
+        check_image_input_fits(model, data_config(model, **transform_overrides)["input_size"], mode)
         classifier = None
         if runtime == "onnxruntime":
             try:
@@ -378,7 +390,7 @@ def predict(
                 # auto exports for a run long enough to repay the export, and otherwise runs one made before.
                 if asked_runtime != "auto" or path.is_file() or len(files) >= EXPORT_PAYS_OFF_AT:
                     exported = cached_onnx_model(model, path, transform_overrides, threads, announce=progress)
-                    classifier = onnx_classifier(exported, None, None, in_chans, transform_overrides)
+                    classifier = onnx_classifier(exported, None, None, None, transform_overrides, input_img_mode)
             except Exception as error:
                 if asked_runtime != "auto":
                     raise
@@ -392,7 +404,7 @@ def predict(
     topk = min(topk, len(names))
 
     loader = DataLoader(
-        ImageFiles(files, transform),
+        ImageFiles(files, transform, image_mode(classifier.config["input_size"][0], input_img_mode)),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,

@@ -40,9 +40,9 @@ def add_dataset_options(parser: argparse.ArgumentParser, data_help: str) -> argp
     return add_fields(parser, DatasetSource, helps={"data": data_help})["data"]
 
 
-def add_input_options(parser: argparse.ArgumentParser) -> None:
-    """`InputOverrides`'s flags."""
-    add_fields(parser, InputOverrides)
+def add_input_options(parser: argparse.ArgumentParser, overrides: type[InputOverrides] = InputOverrides) -> None:
+    """The flags of `overrides` (`ImageInputOverrides` for the commands that read image files)."""
+    add_fields(parser, overrides)
 
 
 def check_input_flags(args: argparse.Namespace) -> None:

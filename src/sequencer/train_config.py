@@ -44,12 +44,13 @@ from sequencer.config import (
     Compilation,
     DatasetSource,
     FlagGroup,
-    InputOverrides,
+    ImageInputOverrides,
     KeyValues,
     ModelSource,
     Runtime,
     add_fields,
     bounded,
+    image_mode,
     option_names,
     parser_of,
     read_config_file,
@@ -73,7 +74,7 @@ EMA, OUTPUT, BATCHNORM = FlagGroup("model EMA"), FlagGroup("output"), FlagGroup(
 
 
 @dataclass(frozen=True)
-class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSource):
+class TrainConfig(Compilation, Runtime, ImageInputOverrides, ModelSource, DatasetSource):
     """The flags of `sequencer train` (`sequencer train --help` says what each does), keyword by dest."""
 
     # The groups shared with the other commands, with train's own defaults.
@@ -290,10 +291,6 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     class_map: str = DATA.option(
         "--class-map", default="", metavar="FILE", help="class name -> index file: train on these classes"
     )
-    input_img_mode: str | None = DATA.option(
-        "--input-img-mode",
-        help="PIL mode images are read in (default: RGB for 3 input channels, L for 1), e.g. L with --in-chans 1",
-    )
     train_num_samples: int | None = DATA.option(
         "--train-num-samples", type=POSITIVE_INT, help="images of a streamed training split"
     )
@@ -480,7 +477,7 @@ class TrainConfig(Compilation, Runtime, InputOverrides, ModelSource, DatasetSour
     @property
     def image_mode(self) -> str:
         """The PIL mode images are read in: --input-img-mode, else timm's default for the input's channels."""
-        return self.input_img_mode or ("RGB" if self.input_channels == 3 else "L")
+        return image_mode(self.input_channels, self.input_img_mode)
 
     @property
     def is_digits(self) -> bool:

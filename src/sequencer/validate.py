@@ -20,13 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.datasets import ImageFolder
 
-from sequencer.builder import load_model, resolve_source
+from sequencer.builder import input_channels, load_model, resolve_source
 from sequencer.config import (
     Compilation,
-    InputOverrides,
+    ImageInputOverrides,
     RecordedModelSource,
     Runtime,
     flag_values,
+    image_mode,
     input_overrides,
     takes_groups,
 )
@@ -273,7 +274,7 @@ def check_targets_within(dataset: Dataset, valid_classes: torch.Tensor) -> None:
         )
 
 
-@takes_groups(source=RecordedModelSource, preprocess=InputOverrides, runtime=Runtime, compilation=Compilation)
+@takes_groups(source=RecordedModelSource, preprocess=ImageInputOverrides, runtime=Runtime, compilation=Compilation)
 def validate(
     *,
     data: str | os.PathLike | None = None,
@@ -282,7 +283,7 @@ def validate(
     split: str = "validation",
     dataset_download: bool = False,
     source: RecordedModelSource,
-    preprocess: InputOverrides,
+    preprocess: ImageInputOverrides,
     runtime: Runtime,
     compilation: Compilation,
     valid_labels: str = "",
@@ -294,8 +295,9 @@ def validate(
 
     The arguments are the command's flags: `data` (or `data_dir`) is a class-folder tree, `dataset` a torch/, wds/,
     hfds/ name, and neither: the built-in digits. `model` None: the one the checkpoint records, else sequencer2d_s
-    (`load_model`). `input_size`, `img_size`, `crop_pct`, `mean`, `std` and
-    `interpolation` default to what a training checkpoint records, else to the model's. `real_labels=""` scores
+    (`load_model`); `in_chans`: the channels the checkpoint records, else 3. `input_size`, `img_size`, `crop_pct`,
+    `mean`, `std` and `interpolation` default to what a training checkpoint records, else to the model's;
+    `input_img_mode` to the mode of the model's channels (RGB for 3, else L). `real_labels=""` scores
     ImageNet-ReaL with timm's packaged labels (None: not at all). `context`: the processes that share the images
     (torchrun's, from `sequencer.distributed.process_group`); none: this process alone, on `device`. `progress`
     draws a progress bar on a terminal (rank 0's).
@@ -313,7 +315,12 @@ def validate(
     # The built-in digits are upscaled straight to the input size, as `sequencer train` does: known before the model.
     trained_size = opened.record.input_size[-1] if opened and opened.record.input_size else 32
     digits_size = preprocess.input_size[-1] if preprocess.input_size else preprocess.img_size or trained_size
-    eval_set = build_dataset(name, split, data_dir=root, download=dataset_download, img_size=digits_size)
+    # The images are read in the mode of the model's channels (those its weights take), also known before the model.
+    in_chans = input_channels(source.in_chans, opened)
+    mode = image_mode(in_chans, preprocess.input_img_mode)
+    eval_set = build_dataset(
+        name, split, data_dir=root, download=dataset_download, img_size=digits_size, input_img_mode=mode
+    )
     num_classes = source.num_classes or (opened and opened.record.num_classes) or len(eval_set.classes)
     # Folders named by WordNet id (ImageNet-A, -R, -Sketch) or number (ImageNet-V2) take the model's class indices.
     eval_set = map_classes(eval_set, num_classes, opened.record.class_names if opened else None)
@@ -324,9 +331,9 @@ def validate(
         if not isinstance(eval_set, ImageFolder) or num_classes != 1000:
             raise UsageError("--real-labels needs a 1000-class model and the ImageNet val folder")
         eval_set = WithRealLabels(eval_set, load_real_labels(real_labels), num_classes)
-    network = load_model(model, opened, num_classes, source.in_chans)
+    network = load_model(model, opened, num_classes, in_chans)
     config = data_config(network, **asked)
-    check_image_input_fits(network, config["input_size"])
+    check_image_input_fits(network, config["input_size"], mode)
     eval_set.transform = create_transform(network, train=False, **asked)
     network = network.to(context.device)
     if compilation.torchcompile:

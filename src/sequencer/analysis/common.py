@@ -89,7 +89,7 @@ def build_compared_model(
     num_classes: int | None = None,
     img_size: int | None = None,
     use_ema: bool = False,
-    in_chans: int = 3,
+    in_chans: int | None = None,
     unsafe_load: bool = False,
 ) -> nn.Module:
     """A model the analyses measure or compare: one of our variants or any timm model, in eval mode, with weights from
@@ -105,7 +105,7 @@ def build_compared_model(
         return load_model(name, checkpoint, num_classes, in_chans, use_ema, unsafe_load)
     check_model_specs([(name, checkpoint)])
     cfg = timm.models.get_pretrained_cfg(name)
-    kwargs: dict[str, Any] = dict(in_chans=in_chans)
+    kwargs: dict[str, Any] = dict(in_chans=3 if in_chans is None else in_chans)
     if img_size and cfg is not None and cfg.fixed_input_size:
         kwargs["img_size"] = img_size
     if checkpoint:

@@ -223,7 +223,9 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = build_flagged_model(name, checkpoint, args, img_size)
         img_size = img_size or data_config(model)["input_size"][-1]
-        check_input_fits(model, (3, img_size, img_size), "--img-size")
+        # Random images take the model's channels; a dataset's are read as RGB.
+        channels = 3 if dataset is not None else data_config(model)["input_size"][0]
+        check_input_fits(model, (channels, img_size, img_size), "--img-size")
         if dataset is not None:
             dataset.transform = create_transform(model, img_size=img_size)
             images = dataset_images(

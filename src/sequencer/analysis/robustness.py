@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from sequencer.analysis.common import build_flagged_model, check_model_specs, evenly_spaced_subset, model_of
 from sequencer.choices import CORRUPTION_FAMILIES, CORRUPTIONS, SEVERITIES
 from sequencer.config import InputOverrides, RecordedModelSource, Runtime, flag_values, input_overrides, takes_groups
-from sequencer.data import build_dataset, create_transform, data_config, map_classes
+from sequencer.data import build_dataset, check_image_input_fits, create_transform, data_config, map_classes
 from sequencer.distributed import DistributedContext, process_group
 from sequencer.errors import MissingDependencyError, UsageError
 from sequencer.files import write_csv
@@ -322,7 +322,7 @@ def robustness(
     alexnet = ALEXNET_MEAN_ERRORS if alexnet_errors is None else alexnet_errors
     model, checkpoint = model_of(source.model, source.checkpoint, source.use_ema, source.unsafe_load)  # read once
     check_model_specs([(model, checkpoint)], need_weights=True)
-    if source.in_chans != 3:
+    if source.in_chans not in (None, 3):
         raise UsageError(f"--in-chans {source.in_chans}: the ImageNet-C corruptions are defined on RGB images")
     imagecorruptions()  # fail now, not after the clean pass, if the package is missing
     set_threads(runtime.threads)
@@ -330,6 +330,7 @@ def robustness(
     overrides = input_overrides(preprocess)
     network = build_flagged_model(model, checkpoint, source, preprocess.img_size).to(context.device)
     config = data_config(network, **overrides)
+    check_image_input_fits(network, config["input_size"])  # RGB: a model of other channels (as its file records)
     if min(config["input_size"][1:]) < 32:
         raise UsageError(f"input size {config['input_size']} is too small: imagecorruptions needs 32 px or more")
     # uint8 tensors (timm's prefetcher layout): corrupted as pixels, normalised afterwards by CorruptedImages.

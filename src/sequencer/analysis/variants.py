@@ -142,7 +142,7 @@ def variants(
     the processes that share the images (torchrun's, from `sequencer.distributed.process_group`); none: this process
     alone, on `device`. `progress` draws a progress bar per test set on a terminal (rank 0's).
     """
-    if source.in_chans != 3:
+    if source.in_chans not in (None, 3):
         raise UsageError(f"--in-chans {source.in_chans}: the ImageNet test sets are RGB images")
     set_threads(runtime.threads)
     context = context or DistributedContext(0, 1, resolve_device(runtime.device))

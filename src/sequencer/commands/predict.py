@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sequencer.choices import DEFAULT_MODEL, EXPORT_PAYS_OFF_AT, PREDICT_RUNTIMES, PREDICTION_FORMATS
-from sequencer.config import POSITIVE_INT
+from sequencer.config import POSITIVE_INT, ImageInputOverrides
 from sequencer.options import add_input_options, add_model_options, add_output_option, add_runtime_options
 
 
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         checkpoint_help="weights file (.pth, .pth.tar, .safetensors), or an .onnx file written by `sequencer export` "
         "(run by onnxruntime with the preprocessing and class names stored in it)",
     )
-    add_input_options(parser)
+    add_input_options(parser, ImageInputOverrides)
     runtime = add_runtime_options(parser)
     runtime.add_argument(
         "--runtime",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sequencer.config import ImageInputOverrides
 from sequencer.options import (
     add_compile_options,
     add_dataset_options,
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--split", default="validation", help="split to evaluate: validation (or val), test, train")
     add_model_options(parser)
-    add_input_options(parser)
+    add_input_options(parser, ImageInputOverrides)
     add_runtime_options(parser)
     add_compile_options(parser)
     add_output_option(parser, "", "JSON file to write the metrics to", "--results-file")
