@@ -102,7 +102,11 @@ def test_validate_command_prints_and_writes_results(
     labels = torch.tensor([0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
     loss = nn.functional.cross_entropy(bias.expand(12, 6), labels).item()
     assert written["loss"] == pytest.approx(loss, rel=1e-3)
-    assert "top-1 25.000  top-5 91.667" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "top-1 25.000  top-5 91.667" in out and "(12 images, 0 skipped, input 3x32x32)" in out
+    # Read at another size than the weights were trained at, the line says both.
+    assert validate.run(parse_cli("validate", f"{root} --checkpoint {tmp_path / 'tiny.pth'} --img-size 16 -j 0")) == 0
+    assert "(12 images, 0 skipped, input 3x16x16, trained at 3x32x32)" in capsys.readouterr().out
 
 
 def test_missing_dataset_is_a_clear_error(assert_refused, tmp_path: Path) -> None:

@@ -348,6 +348,7 @@ def validate(
         "split": split,
         **metrics,
         "input_size": list(config["input_size"]),
+        "trained_input_size": list(opened.record.input_size) if opened and opened.record.input_size else None,
         "crop_pct": config["crop_pct"],
         "interpolation": config["interpolation"],
         "amp": runtime.amp,
@@ -368,10 +369,15 @@ def run(args: argparse.Namespace) -> int:
     if not context.is_primary:
         return 0
     real = f"  ReaL top-1 {results['real_top1']:.3f}" if "real_top1" in results else ""
+    size, trained = results["input_size"], results["trained_input_size"]
+    # An input other than the one the weights were trained at is a choice the numbers depend on: said beside them.
+    read_at = "x".join(map(str, size)) + (
+        f", trained at {'x'.join(map(str, trained))}" if trained not in (None, size) else ""
+    )
     print(
         f"{results['model']}: top-1 {results['top1']:.3f}{real}  top-5 {results['top5']:.3f}  "
-        f"loss {results['loss']:.4f}  "
-        f"{results['images_per_sec']:.1f} images/s  ({results['count']} images, {results['num_skipped']} skipped)"
+        f"loss {results['loss']:.4f}  {results['images_per_sec']:.1f} images/s  "
+        f"({results['count']} images, {results['num_skipped']} skipped, input {read_at})"
     )
     if args.output:
         rounded = {key: round(value, 4) if key in ROUNDED else value for key, value in results.items()}
