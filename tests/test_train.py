@@ -76,6 +76,16 @@ def two_epoch_run(run_cli, data_root: Path, tmp_path_factory: pytest.TempPathFac
     return output
 
 
+def test_an_unreadable_image_counts_once_however_often_it_is_met(make_image_tree, tmp_path: Path) -> None:
+    root = make_image_tree(tmp_path / "data", classes=2, per_class=4)
+    for split in ("train", "val"):
+        (root / split / "class_0" / "broken.png").write_bytes(b"not a png")
+    # Two epochs, the held-out set read twice in each (the model and its EMA): one unreadable image in each split.
+    flags = dict(model="sequencer2d_tiny", img_size=16, batch_size=4, workers=0, no_progress=True, model_ema=True)
+    result = train_module.train(data=str(root), epochs=2, output=str(tmp_path / "run"), **flags)
+    assert result["num_skipped"] == 2
+
+
 def test_paper_command_lines_parse_verbatim(parse_cli) -> None:
     args = parse_cli("train", f"/data/imagenet {IMAGENET_RECIPE}")
     assert (args.data, args.model, args.batch_size, args.workers, args.opt, args.epochs) == (

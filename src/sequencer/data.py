@@ -112,21 +112,24 @@ IMAGE_EXTENSIONS: tuple[str, ...] = IMG_EXTENSIONS
 VAL_SPLITS = ("val", "validation", "test")
 
 
-class SkipCounter:
-    """A count of unreadable samples, shared with data-loader worker processes."""
+class SkippedSamples:
+    """Which samples were unreadable, one flag per index in memory shared with the data-loader worker processes: an
+    image met in every epoch (and by every evaluation) counts once."""
 
-    def __init__(self) -> None:
-        self._value = multiprocessing.Value("i", 0)
+    def __init__(self, size: int) -> None:
+        self._flags = multiprocessing.RawArray("B", size)  # one byte written per flag: no lock needed
 
-    def increment(self) -> None:
-        """Count one more skipped sample."""
-        with self._value.get_lock():
-            self._value.value += 1
+    def add(self, index: int) -> None:
+        """Flag sample `index` as unreadable."""
+        self._flags[index] = 1
 
     @property
-    def value(self) -> int:
-        """Samples skipped so far, in every process that shares this counter."""
-        return self._value.value
+    def mask(self) -> torch.Tensor:
+        """The flags, as a uint8 tensor over the shared memory."""
+        return torch.frombuffer(self._flags, dtype=torch.uint8) if len(self._flags) else torch.zeros(0, torch.uint8)
+
+    def __len__(self) -> int:
+        return int(self.mask.sum())
 
 
 def open_image(path: str, mode: str) -> Image.Image:
@@ -151,7 +154,7 @@ class ImageFolderDataset(ImageFolder):
         super().__init__(str(root), transform=transform)
         if input_img_mode != "RGB":  # RGB keeps torchvision's own loader, which reads RGB
             self.loader = functools.partial(open_image, mode=input_img_mode)
-        self.skip_counter = SkipCounter()
+        self.skipped = SkippedSamples(len(self.samples))
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         """The class map's classes in index order, or (none given) torchvision's sorted class folders."""
@@ -161,15 +164,15 @@ class ImageFolderDataset(ImageFolder):
 
     @property
     def num_skipped(self) -> int:
-        """Unreadable images met so far."""
-        return self.skip_counter.value
+        """Unreadable images met so far (each once)."""
+        return len(self.skipped)
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, target = self.samples[index]
         try:
             image = self.loader(path)
         except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for truncated or non-image files
-            self.skip_counter.increment()
+            self.skipped.add(index)
             _logger.warning("skipping unreadable image %s: %s", path, error)
             return None
         if self.transform is not None:
@@ -247,12 +250,12 @@ class TorchvisionDataset(Dataset):
         self.name = name
         self.transform: Callable | None = None
         self.input_img_mode: str | None = None  # None: as torchvision reads them (RGB)
-        self.skip_counter = SkipCounter()
+        self.skipped = SkippedSamples(len(base))
 
     @property
     def num_skipped(self) -> int:
-        """Unreadable images met so far."""
-        return self.skip_counter.value
+        """Unreadable images met so far (each once)."""
+        return len(self.skipped)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -261,7 +264,7 @@ class TorchvisionDataset(Dataset):
         try:
             image, target = self.base[index]
         except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for truncated or non-image files
-            self.skip_counter.increment()
+            self.skipped.add(index)
             _logger.warning("skipping unreadable image %d of %s: %s", index, self.name, error)
             return None
         if self.input_img_mode is not None and image.mode != self.input_img_mode:

@@ -101,6 +101,15 @@ def all_reduce_sum(value: int, context: DistributedContext) -> int:
     return int(total.item())
 
 
+def all_reduce_max(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """The elementwise maximum of `value` over all processes (the value itself when alone)."""
+    if not context.distributed:
+        return value
+    value = value.to(context.device, copy=True)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def on_every_rank(flag: bool, context: DistributedContext) -> bool:
     """Whether `flag` holds in every process (the flag itself when alone)."""
     return all_reduce_sum(int(flag), context) == context.world_size

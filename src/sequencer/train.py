@@ -52,6 +52,7 @@ from sequencer.data import (
 )
 from sequencer.distributed import (
     DistributedContext,
+    all_reduce_max,
     all_reduce_mean,
     all_reduce_sum,
     launched_world_size,
@@ -1154,13 +1155,19 @@ def run_epochs(config: TrainConfig, run_state: RunState, data: TrainingData, sta
             state.epoch = epoch
             train_loss, metrics = run_epoch(config, run_state, data, state, train_model)
             row = record_epoch(config, run_state, state, train_loss, metrics) or row
-    # Each process counts the images it met: their sum is the run's.
-    skipped = all_reduce_sum(
-        getattr(data.train_set, "num_skipped", 0) + getattr(data.val_set, "num_skipped", 0), context
-    )
+    skipped = sum(images_skipped(dataset, context) for dataset in (data.train_set, data.val_set))
     if skipped and context.is_primary:
         _logger.warning("%d unreadable image(s) were skipped (see the warnings above)", skipped)
     return {**row, "best_metric": state.best_metric, "best_epoch": state.best_epoch, "num_skipped": skipped}
+
+
+def images_skipped(dataset: Dataset, context: DistributedContext) -> int:
+    """The unreadable images of `dataset` that any process met, each once: a process's share of the images changes
+    from epoch to epoch, so the processes' counts would add up the same image."""
+    skipped = getattr(dataset, "skipped", None)
+    if skipped is None:  # the digits, streamed sets: their count is the processes' sum
+        return all_reduce_sum(getattr(dataset, "num_skipped", 0), context)
+    return int(all_reduce_max(skipped.mask, context).sum())
 
 
 def training_module(model: nn.Module, config: TrainConfig, context: DistributedContext) -> nn.Module:
