@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ import sequencer
 from sequencer import inference
 from sequencer.checkpoint import CheckpointError
 from sequencer.data import ImageFolderDataset
+from sequencer.deploy import load_onnx
+from sequencer.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +160,14 @@ def test_class_map_and_num_classes(tiny_model, tmp_path: Path, image_folder: Pat
     )
     assert [s.label for s in from_json.top] == [s.label for s in mapped.top]
 
+    # name -> index, the names numbers themselves (numbered class folders): read by the values, not the keys.
+    shifted = {str(i): (i + 1) % 10 for i in range(10)}  # class "9" at index 0, class "0" at index 1 ...
+    (tmp_path / "shifted.json").write_text(json.dumps(shifted))
+    [numbered] = sequencer.predict(
+        image, "sequencer2d_tiny", weights, topk=3, class_map=tmp_path / "shifted.json", runtime="torch"
+    )
+    assert [s.label for s in numbered.top] == [str((s.index - 1) % 10) for s in plain.top[:3]]
+
     (tmp_path / "short.txt").write_text("\n".join(names[:9]))
     with pytest.raises(ValueError, match="has 9 names but the model has 10 classes"):
         sequencer.predict(image, "sequencer2d_tiny", weights, class_map=tmp_path / "short.txt", runtime="torch")
@@ -203,6 +214,15 @@ def test_predict_labels_classes_by_the_names_the_checkpoint_records(
 def onnx_file(onnx_export: tuple[Path, str]) -> Path:
     """The `checkpoint` fixture's weights exported to ONNX (dynamic batch) by `sequencer export`, once a session."""
     return onnx_export[0]
+
+
+def test_an_export_of_an_alias_is_its_variant_under_either_name(onnx_file: Path) -> None:
+    exported = load_onnx(onnx_file)
+    aliased = replace(exported, config={**exported.config, "model_name": "sequencer2d_s_vertical"})
+    for name in ("sequencer2d_s_vertical", "sequencer2d_vertical"):
+        assert inference.onnx_classifier(aliased, name, None, None, {}).config["model_name"] == "sequencer2d_s_vertical"
+    with pytest.raises(UsageError, match=r"holds sequencer2d_s_vertical, not --model sequencer2d_s$"):
+        inference.onnx_classifier(aliased, "sequencer2d_s", None, None, {})
 
 
 def test_an_exported_onnx_file_predicts_the_checkpoints_top_k_in_every_output_format(

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sequencer import deploy, recurrence
 from sequencer import model as model_module
-from sequencer.builder import load_model, resolve_model_name
+from sequencer.builder import is_registered, load_model, resolve_model_name
 from sequencer.choices import EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.config import flag_values, image_mode, input_overrides
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config, image_channels
@@ -80,10 +80,11 @@ def load_class_names(path: str | Path, num_classes: int) -> list[str]:
         except json.JSONDecodeError as error:
             raise UsageError(f"class map {path} is not valid JSON: {error}") from None
         if isinstance(data, dict):
-            if all(str(key).isdigit() for key in data):
-                by_index = {int(key): str(name) for key, name in data.items()}
-            elif all(isinstance(index, int) for index in data.values()):
+            # Integer values make it name -> index whatever the names are: names may be numbers too ("0", "1", ...).
+            if all(isinstance(index, int) and not isinstance(index, bool) for index in data.values()):
                 by_index = {index: str(name) for name, index in data.items()}
+            elif all(str(key).isdigit() for key in data):
+                by_index = {int(key): str(name) for key, name in data.items()}
             else:
                 raise UsageError(f"class map {path}: a JSON dict must map indices to names or names to indices")
             if sorted(by_index) != list(range(len(by_index))):
@@ -296,8 +297,12 @@ def onnx_classifier(
     """An exported file in onnxruntime; a --model, --num-classes, --in-chans, --input-img-mode or input size that
     contradicts the file is refused (its graph is fixed to the size it was exported at)."""
     config = exported.config
-    if model_name and resolve_model_name(model_name) != config.get("model_name"):  # an alias or name.tag is the same
-        raise UsageError(f"{exported.path} holds {config.get('model_name')}, not --model {model_name}")
+    stored = config.get("model_name")
+    # An alias or name.tag, on either side, names the same variant.
+    if model_name and not (
+        is_registered(stored or "") and resolve_model_name(stored) == resolve_model_name(model_name)
+    ):
+        raise UsageError(f"{exported.path} holds {stored}, not --model {model_name}")
     if num_classes is not None and num_classes != exported.num_classes:
         raise UsageError(f"{exported.path} has {exported.num_classes} classes, not --num-classes {num_classes}")
     channels = config["input_size"][0]
