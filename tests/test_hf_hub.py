@@ -80,6 +80,18 @@ def test_a_repos_config_json_is_read_as_a_local_dir_of_the_same_files_reads_it(
     assert built.pretrained_cfg["std"] == (0.25, 0.25, 0.25) and built.pretrained_cfg["label_names"][2] == "fox"
 
 
+def test_released_weights_keep_the_variants_own_input_whatever_the_repos_config_says(
+    fill_hub_cache, tiny_model, offline_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As sequencer2d_s_392 reads timm/sequencer2d_s.in1k, whose config.json says 224: the variant's 392 must hold.
+    fill_hub_cache(offline_cache, "someone/tiny-released", "model.safetensors", tiny_model(3).state_dict())
+    snapshot = next(offline_cache.rglob("model.safetensors")).parent
+    (snapshot / "config.json").write_text(json.dumps(TIMM_CONFIG))  # 48 px, other mean and std
+    monkeypatch.setitem(hub.HUB_IDS, "sequencer2d_tiny", "someone/tiny-released")
+    released = sequencer.create_model("sequencer2d_tiny", num_classes=3, pretrained=True)
+    assert released.pretrained_cfg["input_size"] == (3, 32, 32) and released.pretrained_cfg["std"] != (0.25,) * 3
+
+
 def test_weights_cached_without_the_repos_config_json_load_with_a_warning(
     fill_hub_cache, tiny_model, offline_cache: Path
 ) -> None:

@@ -25,11 +25,12 @@ HUB_IDS = {f"sequencer2d_{size}": f"timm/sequencer2d_{size}.in1k" for size in "s
 HUB_IDS.update({f"{name}_392": repo for name, repo in HUB_IDS.items()})
 
 
-def fetch(source: str) -> str:
+def fetch(source: str, with_config: bool = True) -> str:
     """The local path of checkpoint `source`: hf-hub:ORG/REPO[@REVISION] and http(s) URLs are downloaded (into
-    huggingface_hub's and torch.hub's caches, which later calls read from); any other source is local already."""
+    huggingface_hub's and torch.hub's caches, which later calls read from); any other source is local already.
+    `with_config` False: an hf-hub: source's weights file alone (see `download`)."""
     if source.startswith(HF_HUB_PREFIX):
-        return download(source)
+        return download(source, with_config)
     if not source.startswith(("http://", "https://")):
         return source
     try:
@@ -38,9 +39,10 @@ def fetch(source: str) -> str:
         raise CheckpointError(f"could not fetch {source}: {_first_line(error)}") from None
 
 
-def download(spec: str) -> str:
+def download(spec: str, with_config: bool = True) -> str:
     """The local copy of `hf-hub:ORG/REPO[@REVISION]`'s weights (model.safetensors, else pytorch_model.bin): the
-    snapshot folder, read as a local-dir: is, when the repo's config.json came too, else the weights file."""
+    snapshot folder, read as a local-dir: is, when the repo's config.json came too (`with_config`), else the weights
+    file."""
     try:
         from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
@@ -61,6 +63,8 @@ def download(spec: str) -> str:
         except (OSError, ValueError, EntryNotFoundError) as error:
             problems.append(f"{filename}: {_first_line(error)}")
             continue
+        if not with_config:
+            return weights
         # timm's repos keep the input (mean, std, crop ...) and class names in config.json, not in the weights.
         config = _repo_config(spec, repo_id, revision or None, local_only=bool(unreachable))
         return str(Path(config).parent) if config and Path(config).parent == Path(weights).parent else weights
@@ -163,7 +167,9 @@ def released_weights(name: str, url: str) -> str:
     hub_problem = "no copy on the Hugging Face Hub"
     if repo_id:
         try:
-            return download(HF_HUB_PREFIX + repo_id)
+            # The weights alone: the variant's own config describes them (the _392 names read them at 392 px,
+            # where timm's config.json says 224).
+            return download(HF_HUB_PREFIX + repo_id, with_config=False)
         except CheckpointError as error:
             hub_problem = str(error)
             _logger.info("%s; trying %s", hub_problem, url or "nothing else")

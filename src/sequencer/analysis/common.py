@@ -109,7 +109,7 @@ def build_compared_model(
     if img_size and cfg is not None and cfg.fixed_input_size:
         kwargs["img_size"] = img_size
     if checkpoint:
-        checkpoint = fetch(checkpoint)  # timm's file overlay takes a local file
+        checkpoint = fetch(checkpoint, with_config=False)  # timm's file overlay takes a local file
         # Read as data first: an unreadable or code-bearing file is a CheckpointError here, not a traceback in timm.
         contents = read_file(checkpoint, unsafe_load=unsafe_load)
         if num_classes is None and cfg is not None and isinstance(cfg.classifier, str):
