@@ -198,11 +198,15 @@ def test_a_folder_timm_wrote_with_model_args_builds_that_architecture(tmp_path: 
     cfg = {"input_size": [3, 224, 224], "num_classes": 3}  # timm's pretrained_cfg keeps the 3-channel default
     config = {"architecture": "sequencer2d_s", "num_classes": 3, "model_args": args, "pretrained_cfg": cfg}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    loaded = load_model(None, tmp_path, in_chans=1)
+    loaded = load_model(None, tmp_path)
     assert record_of(loaded).input_size == (1, 224, 224)
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # Without model_args in_chans (older timm, or saved without them): the stem's weight tells the channels.
+    config["model_args"].pop("in_chans")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert record_of(load_model(None, tmp_path)).input_size == (1, 224, 224)
 
 
 def test_a_folder_without_the_layout_is_one_line(tmp_path: Path, data: Path, assert_refused, source) -> None:

@@ -163,11 +163,11 @@ def resolve_source(
 
 
 def recorded_channels(checkpoint: Checkpoint) -> int | None:
-    """The input channels a checkpoint's weights take: as its record says, else as its stem's weight shows."""
-    if checkpoint.record.input_size:
-        return int(checkpoint.record.input_size[0])
-    stem = checkpoint.state_dict.get("stem.proj.weight")  # files without a record: the authors', timm's
-    return int(stem.shape[1]) if stem is not None and stem.dim() == 4 else None
+    """The input channels a checkpoint's weights take: as its stem's weight shows, else as its record says."""
+    stem = checkpoint.state_dict.get("stem.proj.weight")
+    if stem is not None and stem.dim() == 4:
+        return int(stem.shape[1])
+    return int(checkpoint.record.input_size[0]) if checkpoint.record.input_size else None
 
 
 def input_channels(in_chans: int | None, checkpoint: Checkpoint | None) -> int:

@@ -91,10 +91,12 @@ def _read_hub_folder(folder: Path, unsafe_load: bool) -> dict[str, Any]:
     timm_args = config.get("model_args")
     if isinstance(timm_args, dict) and isinstance(record["model_name"], str):
         record["model_args"] = model_args_from_timm(record["model_name"], timm_args)
-        if isinstance(channels := timm_args.get("in_chans"), int) and record.get("input_size"):
-            # timm keeps its pretrained_cfg's 3-channel input_size whatever in_chans the model was built with.
-            record["input_size"] = [channels, *record["input_size"][1:]]
-    return {"state_dict": extract_state_dict(contents), RECORD_KEY: record}
+    state_dict = extract_state_dict(contents)
+    stem = state_dict.get("stem.proj.weight")
+    if record.get("input_size") and stem is not None and stem.dim() == 4:
+        # timm keeps its pretrained_cfg's 3-channel input_size whatever in_chans the model was built with.
+        record["input_size"] = [int(stem.shape[1]), *record["input_size"][1:]]
+    return {"state_dict": state_dict, RECORD_KEY: record}
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
