@@ -215,6 +215,12 @@ def test_a_resumed_plateau_schedule_goes_on_at_the_rate_it_had_reduced_to(
     resume = f"--resume {tmp_path / 'whole' / 'checkpoint-1.pth.tar'}"
     assert run_cli("train", f"{command} --epochs 3 {resume} -o {tmp_path / 'resumed'}") == 0
     assert (tmp_path / "resumed" / "summary.csv").read_text().splitlines() == whole
+    # A run at rate 0, and a resume whose optimizer groups differ (--no-resume-opt, no weight decay): resumed too.
+    zero = command.replace("--lr 1e-5", "--lr 0")
+    assert run_cli("train", f"{zero} --epochs 1 -o {tmp_path / 'zero'}") == 0
+    assert run_cli("train", f"{zero} --epochs 2 --resume {tmp_path / 'zero' / 'last.pth.tar'}") == 0
+    regrouped = f"--no-resume-opt --weight-decay 0 --resume {tmp_path / 'whole' / 'checkpoint-1.pth.tar'}"
+    assert run_cli("train", f"{command} --epochs 3 {regrouped} -o {tmp_path / 'regrouped'}") == 0
 
 
 def test_start_epoch_starts_the_per_update_schedule_at_its_updates(data_root: Path, tmp_path: Path) -> None:

@@ -333,13 +333,17 @@ def restore_plateau(scheduler: PlateauLRScheduler, optimizer: torch.optim.Optimi
         if key in saved:
             setattr(scheduler.lr_scheduler, key, saved[key])
     groups = ckpt["optimizer"]["param_groups"]
-    # An unchanged --lr gives a factor of exactly 1: the checkpoint's rate bit for bit.
+    if len(groups) != len(optimizer.param_groups):  # --no-resume-opt with another layout: this run's rates stand
+        return
+    # An unchanged --lr gives a factor of exactly 1: the checkpoint's rate bit for bit. A run at --lr 0 had nothing
+    # to reduce: this run's rate stands.
     factors = [
-        group["initial_lr"] / saved_group.get("initial_lr", group["initial_lr"])
+        group["initial_lr"] / saved_group["initial_lr"] if saved_group.get("initial_lr") else 1.0
         for group, saved_group in zip(optimizer.param_groups, groups, strict=True)
     ]
     for group, saved_group, factor in zip(optimizer.param_groups, groups, factors, strict=True):
-        group["lr"] = saved_group["lr"] * factor
+        if saved_group.get("initial_lr"):
+            group["lr"] = saved_group["lr"] * factor
     if saved.get("restore_lr") is not None:
         scheduler.restore_lr = [rate * factor for rate, factor in zip(saved["restore_lr"], factors, strict=True)]
 
