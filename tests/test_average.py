@@ -57,6 +57,14 @@ def test_ema_and_raw_weights_are_never_averaged_together(tmp_path: Path) -> None
                 average_checkpoints(order, use_ema=use_ema)
 
 
+def test_files_from_before_records_held_model_args_average_with_newer_ones(tmp_path: Path) -> None:
+    model = create_model("sequencer2d_tiny", num_classes=2, mlp_ratio=2.0)
+    write_weights(model.state_dict(), replace(record_of(model), model_args={}), tmp_path / "older.safetensors")
+    save_weights(model, tmp_path / "newer.safetensors")
+    for files in ([tmp_path / "older.safetensors", tmp_path / "newer.safetensors"], [tmp_path / "newer.safetensors"]):
+        assert average_checkpoints(files)[1].model_args == {"mlp_ratio": 2.0}
+
+
 @pytest.mark.slow
 def test_run_keeps_exactly_the_best_epochs(run_dir: Path) -> None:
     with open(run_dir / "summary.csv") as f:

@@ -114,6 +114,9 @@ def average_checkpoints(files: list[Path], use_ema: bool = True) -> tuple[dict[s
             total = {k: v.double() if v.is_floating_point() else v.clone() for k, v in state_dict.items()}
             continue
         _check_same_layout(reference, state_dict, files[0], path)
+        # Files written before records held model_args hold none: unknown, not "none" (the layout check above holds).
+        record = replace(record, model_args=record.model_args or own.model_args)
+        own = replace(own, model_args=own.model_args or record.model_args)
         if replace(own, ema=record.ema) != record:  # EMA or not: refused below, with its own message
             raise CheckpointError(
                 f"{path} and {files[0]} record {_difference(own, record)}: average checkpoints of one run"
