@@ -183,6 +183,17 @@ def test_two_urls_of_the_same_file_name_are_two_cached_files(tmp_path: Path, mon
         path = Path(hub.fetch(url))
         assert path.read_text() == url and path.name.endswith("model_best.pth.tar")
     assert fetched == [first, second]  # each downloaded once, then its own file reused
+    # Offline, a file torch.hub (or an older version of ours) cached under the bare name is used, with a warning.
+    (tmp_path / "torch-hub" / "checkpoints" / "released.pth").write_text("cached before")
+
+    def offline(address: str, destination: str, **kwargs) -> None:
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.warns(UserWarning, match="cached under its file name by an earlier download"):
+        assert Path(hub.fetch("https://example.invalid/released.pth")).read_text() == "cached before"
+    with pytest.raises(CheckpointError, match=r"could not fetch https://example\.invalid/other\.pth"):
+        hub.fetch("https://example.invalid/other.pth")
 
 
 @pytest.fixture

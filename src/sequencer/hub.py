@@ -192,11 +192,26 @@ def _download_url(url: str) -> str:
 
     # Keyed on the whole URL: two runs' model_best.pth.tar share a name, not their weights.
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    path = Path(torch.hub.get_dir()) / "checkpoints" / f"{digest}-{Path(urlparse(url).path).name}"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    name = Path(urlparse(url).path).name
+    path = Path(torch.hub.get_dir()) / "checkpoints" / f"{digest}-{name}"
+    if path.is_file():
+        return str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
         # torch.hub writes to a temporary file and renames it, so an interrupted download leaves no partial file.
         torch.hub.download_url_to_file(url, str(path), progress=False)
+    except OSError:
+        # Offline, a file cached under the bare name (torch.hub's key, and ours before) is the best there is.
+        shared = path.parent / name
+        if not shared.is_file():
+            raise
+        warnings.warn(
+            f"{url} cannot be fetched: using {shared}, cached under its file name by an earlier download (any URL "
+            "of that name shares it)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return str(shared)
     return str(path)
 
 
