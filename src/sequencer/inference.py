@@ -30,9 +30,9 @@ from sequencer.builder import load_model, resolve_model_name
 from sequencer.choices import EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.config import flag_values, image_mode, input_overrides
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config, image_channels
-from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages
+from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages, require_onnx_packages
 from sequencer.errors import CheckpointError, DatasetError, UsageError
-from sequencer.files import atomic_path
+from sequencer.files import atomic_path, atomic_write
 from sequencer.runtime import autocast, progress_bar, resolve_device, set_threads
 
 EXPORT_CACHE_FILES = 8  # ONNX exports predict keeps (Sequencer2D-S's is 110 MB), the most recently used
@@ -275,10 +275,13 @@ def torch_classifier(
     """A PyTorch module on `device` in eval mode, under autocast when `amp`."""
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     model = model.to(torch_device).eval()
+    # The images are float32; a module kept in bfloat16 or float16 takes its own dtype (its convolutions refuse any
+    # other), and predict takes the softmax of its logits in float32.
+    dtype = next(model.parameters()).dtype
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         with autocast(torch_device, amp, amp_dtype):
-            return model(batch.to(torch_device, non_blocking=True))
+            return model(batch.to(torch_device, dtype, non_blocking=True))
 
     cfg = getattr(model, "pretrained_cfg", {})
     runs = f"torch on {torch_device}{' under autocast' if amp else ''}"
@@ -373,6 +376,16 @@ def predict(
             raise UsageError("--amp is for the torch runtime; onnxruntime runs the file as exported (float32 or int8)")
         if device is not None and resolve_device(device).type != "cpu":
             raise UsageError(f"onnxruntime runs on the CPU here; --device {device} is for the torch runtime")
+        if not is_onnx_file(checkpoint):
+            if not checkpoint and not isinstance(model, nn.Module):
+                # Random weights: their export would be made and cached at every call, pushing real exports out of
+                # the cache (auto keeps torch for them, `choose_runtime`).
+                raise UsageError(
+                    "--runtime onnxruntime needs a checkpoint (its weights are exported once and cached); without "
+                    "one the weights are random: pass --checkpoint, or --runtime torch"
+                )
+            # The export, and the cache key (the exporters' versions), need all three.
+            require_onnx_packages(purpose="--runtime onnxruntime")
     if is_onnx_file(checkpoint):
         if use_ema:
             raise UsageError("--use-ema picks weights inside a training checkpoint; an .onnx file holds one set")
@@ -488,8 +501,8 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetError(f"no image could be read: {failed[0].path}: {failed[0].error}{more}")
     text = render(predictions, output_format_for(args.output, args.output_format))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text, encoding="utf-8")
+        with atomic_write(args.output) as f:  # written whole: a failure leaves earlier results as they were
+            f.write(text.encode("utf-8"))
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
