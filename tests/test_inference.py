@@ -517,3 +517,16 @@ def test_a_bfloat16_module_predicts_float32_probabilities(tiny_model, image_fold
     assert all(isinstance(score.probability, float) for score in prediction.top)
     assert abs(sum(score.probability for score in prediction.top) - 1) < 1e-5  # softmax taken in float32
     assert prediction.top[0].index == expected[0].top[0].index
+
+
+def test_an_export_that_fails_its_check_leaves_nothing_in_the_cache(
+    checkpoint: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sequencer import deploy
+
+    monkeypatch.setenv("SEQUENCER_CACHE", str(tmp_path / "cache"))
+    reload = deploy.load_exported
+    monkeypatch.setattr(deploy, "load_exported", lambda path, fmt: lambda x: reload(path, fmt)(x) + 0.01)
+    with pytest.raises(deploy.ExportCheckError):
+        sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", checkpoint, runtime="onnxruntime")
+    assert list((tmp_path / "cache" / "onnx").iterdir()) == []

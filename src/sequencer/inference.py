@@ -257,7 +257,12 @@ def cached_onnx_model(
                 file=sys.stderr,
             )
         with atomic_path(path) as temporary:  # renamed whole: no reader sees half a file
-            export(model, temporary, dynamic_batch=True, **transform_overrides)
+            try:
+                export(model, temporary, dynamic_batch=True, **transform_overrides)
+            except deploy.ExportCheckError:
+                # export keeps a failed file for inspection; here it would be a hidden file the eviction never sees.
+                deploy.failed_path(temporary).unlink(missing_ok=True)
+                raise
     except OSError as error:
         raise CheckpointError(
             f"cannot write predict's ONNX export into {folder} ({error.strerror or error}): set SEQUENCER_CACHE to a "
