@@ -127,6 +127,7 @@ def test_bad_requests_give_clear_errors(assert_refused, checkpoint: Path, tmp_pa
         (["-o", str(out / "model.pt"), "--checkpoint", str(out / "none.pth")], "checkpoint not found"),
         (["-o", str(out / "model.pt"), "--quantize", "int8"], "--quantize int8 needs the ONNX format"),
         (["-o", str(out / "m.onnx"), "--format", "torchscript", "--quantize", "int8"], "not torchscript"),
+        (["-o", str(out / "m.pt"), "--format", "onnx"], "ONNX files must be named *.onnx"),
     ):
         assert_refused(*base, *flags, match=re.escape(message), absent=[out])
     with pytest.raises(UsageError, match=r"\*\.pt2"):
@@ -147,7 +148,7 @@ def test_onnx_export_without_its_packages_names_the_extra(
         deploy.load_exported(out)
 
 
-def test_a_failed_check_keeps_the_file_and_exits_1(
+def test_a_failed_check_keeps_the_file_beside_the_output_and_exits_1(
     run_cli,
     assert_refused,
     checkpoint: Path,
@@ -156,14 +157,17 @@ def test_a_failed_check_keeps_the_file_and_exits_1(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # A written file whose logits are off by 0.01: the check fails, which is the command's answer (exit 1 and the
-    # whole report), not a refused request (exit 2).
+    # whole report), not a refused request (exit 2). The good file already at -o is left as it was.
+    path, failed = tmp_path / "tiny.pt", tmp_path / "tiny.failed.pt"
+    path.write_bytes(b"a checked export")
     reload = deploy.load_exported
     monkeypatch.setattr(deploy, "load_exported", lambda path, fmt: lambda x: reload(path, fmt)(x) + 0.01)
-    path = tmp_path / "tiny.pt"
     assert run_cli("export", "--model", "sequencer2d_tiny", "--checkpoint", str(checkpoint), "-o", str(path)) == 1
     err = capsys.readouterr().err
     assert "max |logit diff| 1.00e-02 at batch 2" in err and "FAILED" in err
-    assert f"the file was kept at {path}" in err and path.is_file()
+    assert f"the file was kept at {failed}" in err and f"{path} was not replaced" in err
+    assert path.read_bytes() == b"a checked export" and failed.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.failed.pt", "tiny.pt"]  # no temporary file left
     with pytest.raises(deploy.ExportCheckError) as raised:
         sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint)
     assert isinstance(raised.value, SequencerError)  # the API's callers catch every expected failure alike
@@ -171,6 +175,30 @@ def test_a_failed_check_keeps_the_file_and_exits_1(
     assert_refused(
         "export", "--model", "sequencer2d_tiny", "-o", path, "--tolerance", "-1", match=match, unchanged=tmp_path
     )
+
+
+def test_an_export_interrupted_during_its_check_leaves_the_output_as_it_was(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "tiny.pt"
+    path.write_bytes(b"a checked export")
+
+    def interrupted(path: Path, fmt: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deploy, "load_exported", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sequencer.export("sequencer2d_tiny", path, checkpoint=checkpoint, batch_size=1, dynamic_batch=False)
+    assert path.read_bytes() == b"a checked export"
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.pt"]  # no temporary file left
+
+
+def test_a_bfloat16_module_is_exported_as_a_float32_copy(tiny_model, tmp_path: Path) -> None:
+    model = tiny_model(num_classes=3).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="float32 copy of the bfloat16 model"):
+        result = sequencer.export(model, tmp_path / "h.pt", batch_size=1, dynamic_batch=False, img_size=16)
+    assert result.passed
+    assert next(model.parameters()).dtype == torch.bfloat16  # the caller's module is left as it was
 
 
 @pytest.mark.slow

@@ -478,3 +478,74 @@ def test_without_model_the_checkpoints_recorded_model_is_built(
     torch.save({"state_dict": model.state_dict(), "arch": "resnet50"}, tmp_path / "foreign.pth")
     match = "holds resnet50 weights; this model is sequencer2d_s"
     assert_refused("predict", image, "--checkpoint", tmp_path / "foreign.pth", "-j 0", match=match)
+
+
+def test_an_output_file_is_written_whole(
+    run_cli, checkpoint: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "top.csv"
+    out.write_text("earlier results\n")
+    # Text that fails to encode part-way: a write straight onto the file would leave it truncated.
+    monkeypatch.setattr(inference, "render", lambda predictions, output_format: "path,error\n\ud800")
+    argv = ["predict", image_folder / "a.png", "--model", "sequencer2d_tiny", "--checkpoint", checkpoint]
+    with pytest.raises(UnicodeEncodeError):
+        run_cli(*argv, "--runtime", "torch", "-j", "0", "-o", out)
+    assert out.read_text() == "earlier results\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["top.csv"]
+
+
+def test_runtime_onnxruntime_without_the_onnx_packages_names_the_extra(
+    assert_refused, checkpoint: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from importlib.metadata import PackageNotFoundError
+
+    monkeypatch.setenv("SEQUENCER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what `import` sees for a package that is not installed
+    real_version = inference.version
+
+    def version(name: str) -> str:
+        if name == "onnx":
+            raise PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(inference, "version", version)
+    match = r"error: --runtime onnxruntime needs onnx, onnxscript, onnxruntime; onnx not installed.*sequencer\[export\]"
+    argv = ["predict", image_folder / "a.png", "--model", "sequencer2d_tiny", "--checkpoint", checkpoint]
+    assert_refused(*argv, "--runtime", "onnxruntime", "-j", "0", match=match, absent=[tmp_path / "cache"])
+
+
+def test_runtime_onnxruntime_needs_a_checkpoint(
+    assert_refused, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Random weights would be exported into predict's cache at every call, pushing real exports out.
+    monkeypatch.setenv("SEQUENCER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(inference, "export", lambda *args, **kwargs: pytest.fail("exported random weights"))
+    match = re.escape("--runtime onnxruntime needs a checkpoint")
+    argv = ["predict", image_folder / "a.png", "--model", "sequencer2d_tiny", "--runtime", "onnxruntime", "-j", "0"]
+    assert_refused(*argv, match=match, absent=[tmp_path / "cache"])
+    with pytest.raises(UsageError, match=match):
+        sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", runtime="onnxruntime")
+
+
+def test_a_bfloat16_module_predicts_float32_probabilities(tiny_model, image_folder: Path) -> None:
+    model = tiny_model(num_classes=3)
+    expected = sequencer.predict(image_folder / "a.png", model=model, topk=1, runtime="torch", img_size=16)
+    [prediction] = sequencer.predict(
+        image_folder / "a.png", model=model.to(torch.bfloat16), topk=3, runtime="torch", img_size=16
+    )
+    assert all(isinstance(score.probability, float) for score in prediction.top)
+    assert abs(sum(score.probability for score in prediction.top) - 1) < 1e-5  # softmax taken in float32
+    assert prediction.top[0].index == expected[0].top[0].index
+
+
+def test_an_export_that_fails_its_check_leaves_nothing_in_the_cache(
+    checkpoint: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sequencer import deploy
+
+    monkeypatch.setenv("SEQUENCER_CACHE", str(tmp_path / "cache"))
+    reload = deploy.load_exported
+    monkeypatch.setattr(deploy, "load_exported", lambda path, fmt: lambda x: reload(path, fmt)(x) + 0.01)
+    with pytest.raises(deploy.ExportCheckError):
+        sequencer.predict(image_folder / "a.png", "sequencer2d_tiny", checkpoint, runtime="onnxruntime")
+    assert list((tmp_path / "cache" / "onnx").iterdir()) == []

@@ -9,6 +9,7 @@ import copy
 import importlib.util
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -43,7 +44,14 @@ _REQUIRED_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct
 
 
 class ExportCheckError(SequencerError, RuntimeError):
-    """The exported file's outputs differ from PyTorch's by more than the tolerance (the file is kept)."""
+    """The exported file's outputs differ from PyTorch's by more than the tolerance (the file is kept, under
+    `failed_path`'s name)."""
+
+
+def failed_path(path: str | Path) -> Path:
+    """Where an export that fails its check is kept: `<stem>.failed<suffix>` beside `path`, which it never replaces."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.failed{path.suffix}")
 
 
 def missing_onnx_packages(packages: tuple[str, ...] = ONNX_PACKAGES) -> list[str]:
@@ -341,8 +349,10 @@ def export(
 
     The example input has `batch_size` images of the model's input size (`img_size` / `input_size` override it);
     a static export is fixed to that batch, a dynamic one is checked at two more sizes. A module is copied, not
-    changed. The preprocessing config (and the class names a checkpoint recorded) is stored in the file (key / extra
-    file `sequencer_config`). Raises ExportCheckError when the reloaded file's logits differ by more than `tolerance`.
+    changed; one in another dtype (bfloat16, float16) is exported as a float32 copy, with a warning. The preprocessing
+    config (and the class names a checkpoint recorded) is stored in the file (key / extra file `sequencer_config`).
+    The file is written and checked under a temporary name, and replaces `output` only once it passes: when its logits
+    differ by more than `tolerance`, ExportCheckError, and the file is kept as `failed_path(output)`.
     `quantize="int8"` (ONNX only) then replaces the checked float32 file by `quantize_onnx`'s and reports how far its
     top-1 classes and logits are from PyTorch's on the same images.
     """
@@ -355,6 +365,9 @@ def export(
         require_onnx_packages()
     if fmt == "exported-program" and Path(output).suffix != ".pt2":
         raise UsageError(f"torch.export archives must be named *.pt2 (torch.export.load needs it), got {output}")
+    if fmt == "onnx" and Path(output).suffix.lower() != ".onnx":
+        # predict picks onnxruntime by the suffix: under another name the file would be read as TorchScript.
+        raise UsageError(f"ONNX files must be named *.onnx (predict runs them by that suffix), got {output}")
     if not tolerance >= 0:
         raise UsageError(f"--tolerance must be a non-negative number, got {tolerance}")
     unknown = set(config_overrides) - {*INPUT_KEYS, "crop_mode"}
@@ -379,8 +392,13 @@ def export(
         raise UsageError("pass either a model name with a checkpoint or a ready model, not a module and a checkpoint")
     else:
         model = copy.deepcopy(model)  # the caller's module keeps its device and RNN code path
-    # Eval mode on the CPU, on the library-RNN code path that every exporter can trace (for good: this is our copy).
-    model.cpu().eval()
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        # The exporters, the check's inputs and onnxruntime's float path all work in float32.
+        warnings.warn(f"exporting a float32 copy of the {str(dtype).removeprefix('torch.')} model", stacklevel=2)
+    # Eval mode on the CPU in float32, on the library-RNN code path that every exporter can trace (for good: this is
+    # our copy).
+    model.cpu().float().eval()
     route(model, rnn_impl="reference")
     cfg = data_config(model, **config_overrides)
     # What the file is: the model's record, with the input it is exported for (the overrides asked included).
@@ -396,23 +414,31 @@ def export(
     with _quiet_export_warnings(), torch.no_grad():
         # First, so that an input the model cannot take fails with the model's own error before any folder is made.
         references = {batch: model(x) for batch, x in inputs.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write(model, inputs[batch_size], path, fmt, dynamic_batch, json.dumps(config), opset)
-        runner = load_exported(path, fmt)
-        result = ExportResult(path, fmt, input_size, dynamic_batch, tolerance)
-        for batch, x in inputs.items():
-            result.max_abs_diff[batch] = (runner(x).float() - references[batch]).abs().max().item()
-    result.trivial = all(not ref.any() for ref in references.values())
-    if not result.passed:
-        raise ExportCheckError(f"{result.summary()}\nthe file was kept at {path} for inspection")
-    if quantize:
-        quantize_onnx(path, path)
-        quantized = load_exported(path, fmt)
-        logits = {batch: quantized(x) for batch, x in inputs.items()}
-        same = sum(int((logits[b].argmax(-1) == references[b].argmax(-1)).sum()) for b in inputs)
-        result.quantization = quantize
-        result.quantized_top1_agreement = (same, sum(batches))
-        result.quantized_max_abs_diff = max((logits[b] - references[b]).abs().max().item() for b in inputs)
+    # Written and checked under a temporary name beside `path`, which is replaced only by a file that passed: a good
+    # export already there survives a failed check or an interrupted one (predict would run whatever is at `path`).
+    with atomic_path(path) as scratch:
+        with _quiet_export_warnings(), torch.no_grad():
+            _write(model, inputs[batch_size], scratch, fmt, dynamic_batch, json.dumps(config), opset)
+            runner = load_exported(scratch, fmt)
+            result = ExportResult(path, fmt, input_size, dynamic_batch, tolerance)
+            for batch, x in inputs.items():
+                result.max_abs_diff[batch] = (runner(x).float() - references[batch]).abs().max().item()
+        result.trivial = all(not ref.any() for ref in references.values())
+        if not result.passed:
+            kept = failed_path(path)
+            os.replace(scratch, kept)  # atomic_path then finds no temporary file and leaves `path` alone
+            result.path = kept
+            raise ExportCheckError(
+                f"{result.summary()}\nthe file was kept at {kept} for inspection; {path} was not replaced"
+            )
+        if quantize:
+            quantize_onnx(scratch, scratch)
+            quantized = load_exported(scratch, fmt)
+            logits = {batch: quantized(x) for batch, x in inputs.items()}
+            same = sum(int((logits[b].argmax(-1) == references[b].argmax(-1)).sum()) for b in inputs)
+            result.quantization = quantize
+            result.quantized_top1_agreement = (same, sum(batches))
+            result.quantized_max_abs_diff = max((logits[b] - references[b]).abs().max().item() for b in inputs)
     return result
 
 

@@ -30,9 +30,9 @@ from sequencer.builder import is_registered, load_model, resolve_model_name
 from sequencer.choices import EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.config import flag_values, image_mode, input_overrides
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config, image_channels
-from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages
+from sequencer.deploy import OnnxModel, export, is_onnx_file, load_onnx, missing_onnx_packages, require_onnx_packages
 from sequencer.errors import CheckpointError, DatasetError, UsageError
-from sequencer.files import atomic_path
+from sequencer.files import atomic_path, atomic_write
 from sequencer.runtime import autocast, progress_bar, resolve_device, set_threads
 
 EXPORT_CACHE_FILES = 8  # ONNX exports predict keeps (Sequencer2D-S's is 110 MB), the most recently used
@@ -258,7 +258,12 @@ def cached_onnx_model(
                 file=sys.stderr,
             )
         with atomic_path(path) as temporary:  # renamed whole: no reader sees half a file
-            export(model, temporary, dynamic_batch=True, **transform_overrides)
+            try:
+                export(model, temporary, dynamic_batch=True, **transform_overrides)
+            except deploy.ExportCheckError:
+                # export keeps a failed file for inspection; here it would be a hidden file the eviction never sees.
+                deploy.failed_path(temporary).unlink(missing_ok=True)
+                raise
     except OSError as error:
         raise CheckpointError(
             f"cannot write predict's ONNX export into {folder} ({error.strerror or error}): set SEQUENCER_CACHE to a "
@@ -276,10 +281,13 @@ def torch_classifier(
     """A PyTorch module on `device` in eval mode, under autocast when `amp`."""
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     model = model.to(torch_device).eval()
+    # The images are float32; a module kept in bfloat16 or float16 takes its own dtype (its convolutions refuse any
+    # other), and predict takes the softmax of its logits in float32.
+    dtype = next(model.parameters()).dtype
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         with autocast(torch_device, amp, amp_dtype):
-            return model(batch.to(torch_device, non_blocking=True))
+            return model(batch.to(torch_device, dtype, non_blocking=True))
 
     cfg = getattr(model, "pretrained_cfg", {})
     runs = f"torch on {torch_device}{' under autocast' if amp else ''}"
@@ -378,6 +386,16 @@ def predict(
             raise UsageError("--amp is for the torch runtime; onnxruntime runs the file as exported (float32 or int8)")
         if device is not None and resolve_device(device).type != "cpu":
             raise UsageError(f"onnxruntime runs on the CPU here; --device {device} is for the torch runtime")
+        if not is_onnx_file(checkpoint):
+            if not checkpoint and not isinstance(model, nn.Module):
+                # Random weights: their export would be made and cached at every call, pushing real exports out of
+                # the cache (auto keeps torch for them, `choose_runtime`).
+                raise UsageError(
+                    "--runtime onnxruntime needs a checkpoint (its weights are exported once and cached); without "
+                    "one the weights are random: pass --checkpoint, or --runtime torch"
+                )
+            # The export, and the cache key (the exporters' versions), need all three.
+            require_onnx_packages(purpose="--runtime onnxruntime")
     if is_onnx_file(checkpoint):
         if use_ema:
             raise UsageError("--use-ema picks weights inside a training checkpoint; an .onnx file holds one set")
@@ -493,8 +511,8 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetError(f"no image could be read: {failed[0].path}: {failed[0].error}{more}")
     text = render(predictions, output_format_for(args.output, args.output_format))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text, encoding="utf-8")
+        with atomic_write(args.output) as f:  # written whole: a failure leaves earlier results as they were
+            f.write(text.encode("utf-8"))
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
