@@ -143,6 +143,9 @@ def test_repeated_augmentation_reads_each_image_on_consecutive_draws(parse_train
     sampler.set_epoch(0)
     order = list(sampler)
     assert len(order) == 24 and all(order[i] == order[i + 1] == order[i + 2] for i in range(0, 24, 3))
+    # timm's sampler rounds an epoch down to 256-image blocks: the digits' 1,437 images give 1,280 an epoch.
+    with process_group("cpu") as context, pytest.raises(UsageError, match="gives each process 1280 images an epoch"):
+        train_module.build_data(train_module.resolve(parse_train("--aug-repeats 3 -b 1300")), context)
 
 
 def test_schedule_noise_cycles_and_plateau_reach_timm_s_scheduler(parse_train) -> None:

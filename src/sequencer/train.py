@@ -893,7 +893,8 @@ def _stops_logged(context: DistributedContext, output: Path) -> Iterator[None]:
     except NonFiniteLossError as error:
         # The folder held no run before this one (or the resumed one): its last.pth.tar is of the epoch before.
         kept = f"the last good checkpoint is kept: {last} (epoch {error.epoch - 1})" if last.is_file() else again
-        _logger.error("stopping: %s; %s. Lower --lr, set --clip-grad, or check the data.", error, kept)
+        if context.is_primary:  # every process stops on the same loss (it is all-reduced): one line says so
+            _logger.error("stopping: %s; %s. Lower --lr, set --clip-grad, or check the data.", error, kept)
         raise
     except KeyboardInterrupt:
         if context.is_primary:
@@ -923,6 +924,13 @@ def build_data(config: TrainConfig, context: DistributedContext) -> TrainingData
         repeats=config.aug_repeats,
         **loader_options,
     )
+    if not isinstance(train_set, IterableDataset) and not len(train_loader):
+        # timm's --aug-repeats sampler gives each process a whole number of 256-image blocks, fewer than the split.
+        images = len(train_loader.sampler)
+        raise UsageError(
+            f"--aug-repeats {config.aug_repeats} gives each process {images} images an epoch, fewer than one batch of "
+            f"{config.batch_size}: lower -b/--batch-size to {images} or less"
+        )
     val_loader = create_loader(
         val_set, config.validation_batch_size, config.workers, distributed=context.distributed, **loader_options
     )
