@@ -434,7 +434,7 @@ def test_pretrained_fails_clearly_without_network(
     match = "no released weights for 'sequencer2d_tiny'"
     assert_refused("train", f"{data_root} {TINY} --pretrained --output {tmp_path}", match=match, unchanged=tmp_path)
 
-    def hub_unreachable(spec: str) -> str:
+    def hub_unreachable(spec: str, with_config: bool = True) -> str:
         raise CheckpointError(f"could not get {spec} from the Hugging Face Hub or its cache")
 
     def offline(*args, **kwargs):

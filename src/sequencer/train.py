@@ -649,7 +649,9 @@ def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
             rnn_impl=config.rnn_impl,
             **(config.model_kwargs or {}),
         )
-    except TypeError as error:  # an unknown --model-kwargs key
+    except TypeError as error:  # an unknown --model-kwargs key, or a value of the wrong type
+        if not config.model_kwargs:
+            raise
         raise UsageError(f"--model-kwargs: {error}; the keys are SequencerConfig's fields") from None
     if source := config.checkpoint or config.pretrained_path:  # not with --pretrained: `check_config` refuses both
         load_pretrained(model, source, use_ema=config.use_ema, unsafe_load=config.unsafe_load)
