@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sequencer.errors import CheckpointError
-from sequencer.files import atomic_write
+from sequencer.files import atomic_write, plain
 from sequencer.model import ALIASES, VARIANTS
 
 _logger = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class WeightsRecord:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (lists, no tuples): what torch, JSON and YAML all store as it is."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        return plain(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WeightsRecord:
@@ -264,11 +264,6 @@ class WeightsRecord:
 NOT_MODEL_ARGS = ("num_classes", "in_chans", "drop_rate", "drop_path_rate")
 
 
-def _as_plain(value: Any) -> Any:
-    """Lists for tuples: what torch, JSON and YAML all store as it is."""
-    return list(value) if isinstance(value, tuple) else value
-
-
 def model_args_of(model: nn.Module) -> dict[str, Any]:
     """How a built model's architecture differs from its registered variant's, as plain data (lists, not tuples)."""
     config, name = getattr(model, "config", None), getattr(model, "model_name", None)
@@ -276,7 +271,7 @@ def model_args_of(model: nn.Module) -> dict[str, Any]:
     if config is None or variant is None:
         return {}
     changed = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in NOT_MODEL_ARGS}
-    return {k: _as_plain(v) for k, v in changed.items() if v != getattr(variant, k)}
+    return {k: plain(v) for k, v in changed.items() if v != getattr(variant, k)}
 
 
 def model_args_from_timm(architecture: str, timm_args: dict[str, Any]) -> dict[str, Any]:
@@ -291,8 +286,7 @@ def model_args_from_timm(architecture: str, timm_args: dict[str, Any]) -> dict[s
     ratios = timm_args.get("mlp_ratios")
     if isinstance(ratios, list | tuple) and len(set(ratios)) == 1:
         args["mlp_ratio"] = ratios[0]
-    plain = {key: _as_plain(value) for key, value in args.items()}
-    return {key: value for key, value in plain.items() if value != _as_plain(getattr(variant, key))}
+    return {key: plain(value) for key, value in args.items() if plain(value) != plain(getattr(variant, key))}
 
 
 def record_of(model: nn.Module) -> WeightsRecord:

@@ -22,6 +22,7 @@ from typing import Any
 
 from sequencer.choices import AMP_DTYPES, DEFAULT_MODEL, INPUT_KEYS, INTERPOLATIONS, MAX_IMAGE_SIDE
 from sequencer.errors import UsageError
+from sequencer.files import plain
 
 
 @dataclass(frozen=True)
@@ -200,16 +201,6 @@ class FlagFields:
     def as_dict(self) -> dict[str, Any]:
         """The fields as YAML/JSON-safe values (tuples as lists): what args.yaml and a checkpoint's `args` hold."""
         return {item.name: plain(getattr(self, item.name)) for item in fields(self)}  # type: ignore[arg-type]
-
-
-def plain(value: Any) -> Any:
-    """`value` with every tuple in it a list, however deep (--model-kwargs values too): as YAML reads it back, so that
-    a config written out compares equal to the file read back."""
-    if isinstance(value, dict):
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(item) for item in value]
-    return value
 
 
 DATASET_HELP = (

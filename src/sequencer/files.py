@@ -54,3 +54,13 @@ def current_umask() -> int:
     mask = os.umask(0o077)
     os.umask(mask)
     return mask
+
+
+def plain(value: Any) -> Any:
+    """`value` with every tuple in it a list, however deep: what torch, JSON and YAML all store and read back as it
+    is, so that a config or record written out compares equal to the file read back."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
