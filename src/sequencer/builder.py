@@ -218,9 +218,12 @@ def load_model(
 
 def recorded_model_args(name: str, checkpoint: Checkpoint) -> dict[str, Any]:
     """The architecture changes the checkpoint records, when it records the variant `name` means (else none)."""
-    recorded = checkpoint.record.model_name
-    same = recorded and is_registered(recorded) and resolve_model_name(recorded) == resolve_model_name(name)
-    return dict(checkpoint.record.model_args) if same else {}
+    return dict(checkpoint.record.model_args) if same_variant(checkpoint.record.model_name, name) else {}
+
+
+def same_variant(recorded: str | None, name: str) -> bool:
+    """Whether a file's recorded model name is one of our variants and the one `name` (an alias or tag too) means."""
+    return bool(recorded) and is_registered(recorded) and resolve_model_name(recorded) == resolve_model_name(name)
 
 
 def hub_config(record: WeightsRecord, in_chans: int = 3) -> dict[str, Any]:

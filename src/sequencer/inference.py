@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sequencer import deploy, recurrence
 from sequencer import model as model_module
-from sequencer.builder import is_registered, load_model, resolve_model_name
+from sequencer.builder import load_model, same_variant
 from sequencer.choices import EXPORT_PAYS_OFF_AT, INPUT_KEYS, PREDICT_RUNTIMES, PREDICTION_FORMATS
 from sequencer.config import flag_values, image_mode, input_overrides
 from sequencer.data import IMAGE_EXTENSIONS, check_image_input_fits, create_transform, data_config, image_channels
@@ -306,10 +306,7 @@ def onnx_classifier(
     contradicts the file is refused (its graph is fixed to the size it was exported at)."""
     config = exported.config
     stored = config.get("model_name")
-    # An alias or name.tag, on either side, names the same variant.
-    if model_name and not (
-        is_registered(stored or "") and resolve_model_name(stored) == resolve_model_name(model_name)
-    ):
+    if model_name and not same_variant(stored, model_name):  # an alias or name.tag, on either side, is the same
         raise UsageError(f"{exported.path} holds {stored}, not --model {model_name}")
     if num_classes is not None and num_classes != exported.num_classes:
         raise UsageError(f"{exported.path} has {exported.num_classes} classes, not --num-classes {num_classes}")
